@@ -1,0 +1,162 @@
+"""The ``lorazip`` command line: parses options, calls the library, prints results.
+
+Progress and tables go to stderr (rich); ``--json`` prints one machine-readable report
+alone on stdout. A :class:`~lorazip.errors.LorazipError` becomes one ``error:`` line and
+exit status 1; Ctrl-C prints one line and exits 130; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import lorazip
+from lorazip.errors import LorazipError
+
+from . import report as fmt
+
+app = typer.Typer(
+    name="lorazip",
+    help="Jointly compress collections of LoRA adapters into shared bases plus small per-adapter cores.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[item]}"), console=err, transient=True, disable=not err.is_terminal,
+    )
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def compress(
+    sources: List[Path] = typer.Argument(..., help="Adapter folders, or folders of adapter folders."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact to write (.lorazip.safetensors)."),
+    rank: int = typer.Option(16, "--rank", "-r", help="Shared rank per module."),
+    method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
+    weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 | float16 | bfloat16."),
+    seed: int = typer.Option(0, help="Seed of the randomized initialisation."),
+    max_iters: int = typer.Option(500, help="Maximum solver sweeps per module."),
+    tol: float = typer.Option(1e-6, help="Stop when both bases move less than this (subspace change)."),
+    base_model: Optional[str] = typer.Option(None, help="Override the base model check."),
+    allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
+    no_extras: bool = typer.Option(False, "--no-extras", help="Do not store modules_to_save tensors."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Compress a collection of PEFT LoRA adapters into one artifact."""
+    if output.exists() and not overwrite:
+        raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    t0 = time.perf_counter()
+    coll = lorazip.load_collection([str(s) for s in sources], base_model=base_model, allow_pickle=allow_pickle)
+    t_load = time.perf_counter() - t0
+    with _progress() as bar:
+        task = bar.add_task("compressing", total=len(coll.modules), item="")
+        art = lorazip.compress(
+            coll, rank, method=method, weighting=weighting, device=device, storage_dtype=dtype, seed=seed,
+            max_iters=max_iters, tol=tol, keep_extras=not no_extras,
+            progress=lambda done, total, name: bar.update(task, completed=done, item=name),
+        )
+    t_solve = time.perf_counter() - t0 - t_load
+    art.save(output, overwrite=overwrite)
+    elapsed = time.perf_counter() - t0
+    rep = lorazip.evaluate(art)
+    rep["timing"] = {"validate_s": t_load, "compress_s": t_solve, "total_s": elapsed}
+    rep["missing_modules"] = coll.missing_modules()
+    rep["extras"] = coll.extras()
+    if as_json:
+        _emit_json(rep)
+    fmt.print_summary(err, rep, title=f"lorazip compress -> {output}")
+    fmt.print_notes(err, rep)
+
+
+@app.command("eval")
+def eval_(
+    artifact: Path = typer.Argument(..., help="Artifact file."),
+    sources: Optional[List[Path]] = typer.Argument(None, help="Original adapters: recompute errors against them."),
+    allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin sources."),
+    top: int = typer.Option(10, help="Show this many worst adapters."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Report reconstruction errors (recorded, or recomputed against SOURCES)."""
+    art = lorazip.load_artifact(artifact)
+    rep = lorazip.evaluate(art, [str(s) for s in sources] if sources else None, allow_pickle=allow_pickle)
+    if as_json:
+        _emit_json(rep)
+    fmt.print_summary(err, rep, title=f"lorazip eval {artifact}")
+    fmt.print_worst(err, rep, top)
+
+
+@app.command()
+def info(
+    artifact: Path = typer.Argument(..., help="Artifact file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
+) -> None:
+    """Describe an artifact: adapters, modules, ranks, method, bytes, ratio."""
+    art = lorazip.load_artifact(artifact)
+    desc = fmt.describe(art)
+    if as_json:
+        _emit_json(desc)
+    fmt.print_info(err, desc)
+
+
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., help="Artifact file."),
+    outdir: Path = typer.Argument(..., help="Folder to write PEFT adapter folders into."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-a", help="Adapter name (repeatable; default all)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
+    overwrite: bool = typer.Option(False, help="Replace existing adapter folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
+) -> None:
+    """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""
+    art = lorazip.load_artifact(artifact)
+    paths = lorazip.export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
+    if as_json:
+        _emit_json({"report_version": 1, "exported": [str(p) for p in paths]})
+    err.print(f"exported {len(paths)} adapter(s) to {outdir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    try:
+        rc = app(args=argv, standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except LorazipError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("interrupted")
+        return 130
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,121 @@
+"""Rich tables for the CLI: summaries of evaluation reports and artifact descriptions."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import lorazip
+from lorazip.evaluate import storage
+
+
+def _b(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
+    t = Table(title=escape(title), show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    e, st, base = rep["errors"], rep["storage"], rep["baseline"]
+    t.add_row("adapters x modules", f"{rep['n_adapters']} x {rep['n_modules']}")
+    t.add_row("method / rank", f"{rep['method']} / {rep['rank']}  (weighting {rep['weighting']}, {rep['storage_dtype']})")
+    t.add_row("rel. sq. error", f"mean {e['mean']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}")
+    sr, sm = base["svd_same_rank"], base["svd_matched_storage"]
+    t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
+    t.add_row("SVD, same storage", f"mean {sm['mean']:.4f}  max {sm['max']:.4f}  (rank {sm['rank']} per adapter)")
+    t.add_row("numbers", f"{st['original_params']:,} -> {st['compressed_params']:,}  ({st['ratio_params']:.1f}x)")
+    t.add_row("bytes", f"{_b(st['original_bytes'])} -> {_b(st['artifact_bytes'])}  ({st['ratio_bytes']:.1f}x, "
+              f"{_b(st['bytes_per_adapter'])} per adapter)")
+    if "timing" in rep:
+        t.add_row("time", f"{rep['timing']['total_s']:.2f} s")
+    if rep.get("recomputed"):
+        t.add_row("errors", "recomputed against the original adapters")
+    con.print(t)
+
+
+def print_notes(con: Console, rep: dict[str, Any]) -> None:
+    missing = rep.get("missing_modules") or {}
+    if missing:
+        con.print(f"note: {len(missing)} adapter(s) lack some modules (zero delta there), "
+                  f"e.g. {escape(next(iter(missing)))}: {len(next(iter(missing.values())))} module(s)")
+    extras = rep.get("extras") or {}
+    if extras:
+        keys = sorted({k for v in extras.values() for k in v})
+        con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, stored uncompressed: "
+                  f"{escape(', '.join(keys[:4]))}{' ...' if len(keys) > 4 else ''}")
+
+
+def print_worst(con: Console, rep: dict[str, Any], top: int) -> None:
+    if top <= 0:
+        return
+    rows = sorted(rep["adapters"], key=lambda a: -a["error"])[:top]
+    t = Table(title=f"worst {len(rows)} adapters", title_justify="left")
+    for col in ("adapter", "rel. sq. error", "SVD same rank", "missing modules"):
+        t.add_column(col)
+    for a in rows:
+        t.add_row(escape(a["name"]), f"{a['error']:.4f}", f"{a['svd_same_rank_error']:.4f}", str(len(a["missing_modules"])))
+    con.print(t)
+
+
+def describe(art: lorazip.Artifact) -> dict[str, Any]:
+    """Plain-dict description of an artifact (what ``lorazip info --json`` prints)."""
+    m = art.meta
+    return {
+        "report_version": 1,
+        "artifact": str(art.path),
+        "bytes": os.path.getsize(art.path) if art.path else None,
+        "lorazip_version": m.get("lorazip_version"),
+        "base_model": m.get("base_model"),
+        "method": m["method"],
+        "rank": m.get("rank"),
+        "weighting": m.get("weighting"),
+        "storage_dtype": m.get("storage_dtype"),
+        "solver": m.get("solver"),
+        "storage": storage(art),
+        "adapters": [
+            {"name": a["name"], "source": a["source"].get("path"), "r": a["config"].get("r"),
+             "lora_alpha": a["config"].get("lora_alpha"), "n_modules": len(a["ranks"])}
+            for a in m["adapters"]
+        ],
+        "modules": [{k: mod.get(k) for k in ("name", "d_out", "d_in", "layout", "rank", "n_clusters", "iters", "converged")}
+                    for mod in m["modules"]],
+    }
+
+
+def print_info(con: Console, d: dict[str, Any]) -> None:
+    st = d["storage"]
+    t = Table(title=escape(f"lorazip info {d['artifact']}"), show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("base model", escape(str(d["base_model"])))
+    t.add_row("method / rank", f"{d['method']} / {d['rank']}  ({d['storage_dtype']}, weighting {d['weighting']})")
+    t.add_row("adapters", str(len(d["adapters"])))
+    t.add_row("modules", str(len(d["modules"])))
+    t.add_row("bytes", f"{_b(d['bytes'] or 0)}  ({st['ratio_bytes']:.1f}x smaller than the originals)")
+    t.add_row("numbers", f"{st['compressed_params']:,}  ({st['ratio_params']:.1f}x fewer)")
+    con.print(t)
+    a = Table(title="adapters", title_justify="left")
+    for col in ("name", "r", "alpha", "modules", "source"):
+        a.add_column(col)
+    for row in d["adapters"][:50]:
+        a.add_row(escape(row["name"]), str(row["r"]), str(row["lora_alpha"]), str(row["n_modules"]), escape(str(row["source"])))
+    con.print(a)
+    if len(d["adapters"]) > 50:
+        con.print(f"... and {len(d['adapters']) - 50} more (use --json for all)")
+    mt = Table(title="modules", title_justify="left")
+    for col in ("module", "d_out x d_in", "rank", "K", "sweeps"):
+        mt.add_column(col)
+    for mod in d["modules"][:40]:
+        mt.add_row(escape(mod["name"]), f"{mod['d_out']} x {mod['d_in']}", str(mod["rank"]), str(mod["n_clusters"]), str(mod["iters"]))
+    con.print(mt)
+    if len(d["modules"]) > 40:
+        con.print(f"... and {len(d['modules']) - 40} more (use --json for all)")

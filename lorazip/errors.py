@@ -1,0 +1,36 @@
+"""The exception hierarchy of lorazip.
+
+Every error a user can cause (bad input files, bad options, bad artifacts) is a
+``LorazipError``; the CLI prints its message on one line and exits non-zero.
+Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LorazipError(Exception):
+    """Base class of every error lorazip raises on purpose."""
+
+
+class SourceError(LorazipError):
+    """A source (folder, file list, Hub repo) cannot be resolved to adapters."""
+
+
+class AdapterFormatError(LorazipError):
+    """An adapter folder or its files are not a valid plain-LoRA PEFT adapter."""
+
+
+class ValidationError(LorazipError):
+    """Adapters are individually valid but do not form one collection (base model, shapes)."""
+
+
+class ArtifactError(LorazipError):
+    """A lorazip artifact is missing, truncated, corrupt, or of an unsupported version."""
+
+
+class OptionError(LorazipError):
+    """An option has a value that cannot be honoured (rank <= 0, K > n, ...)."""
+
+
+class OutputError(LorazipError):
+    """The output cannot be written (exists without overwrite, unwritable, disk full)."""

@@ -1,0 +1,149 @@
+"""Reconstruction-error report of an artifact: recorded, or recomputed against the originals.
+
+The report (a plain dict, ``report_version`` 1, documented in docs/format.md) gives the
+exact relative squared error per (adapter, module), per adapter (energy-weighted over
+its modules) and over the collection, the per-adapter truncated-SVD baseline at the same
+rank and at the same per-adapter storage, and the compression ratio in numbers and bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .artifact import Artifact
+from .errors import ValidationError
+from .io.collection import load_collection
+from .io.peft import sha256_file
+from .metrics import per_adapter, relative, squared_errors, summary
+from .solvers.svd import truncation_errors
+
+REPORT_VERSION = 1
+
+
+def storage(artifact: Artifact) -> dict[str, Any]:
+    """Numbers and bytes: originals versus the artifact's bases and cores."""
+    n = len(artifact.names)
+    orig = 0
+    for a in artifact.meta["adapters"]:
+        for mod in artifact.modules:
+            orig += a["ranks"].get(mod["name"], 0) * (mod["d_in"] + mod["d_out"])
+    comp = 0
+    for mod in artifact.modules:
+        r, k = mod["rank"], mod.get("n_clusters", 1)
+        core = r if artifact.method in ("jd-diag", "svd") else r * r
+        comp += k * r * (mod["d_in"] + mod["d_out"]) + n * core
+    orig_bytes = sum(
+        f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
+        if not name.endswith(".json")
+    )
+    art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
+    return {
+        "original_params": orig,
+        "compressed_params": comp,
+        "ratio_params": orig / comp if comp else 0.0,
+        "original_bytes": orig_bytes,
+        "artifact_bytes": art_bytes,
+        "ratio_bytes": orig_bytes / art_bytes if art_bytes else 0.0,
+        "bytes_per_adapter": art_bytes / n if n else 0.0,
+    }
+
+
+def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool):
+    coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
+    by_name = {a.name: a for a in coll.adapters}
+    rows = [i for i, name in enumerate(artifact.names) if name in by_name]
+    if not rows:
+        raise ValidationError(f"none of the source adapters ({', '.join(coll.names[:3])}...) are in the artifact")
+    if check_hashes:
+        for i in rows:
+            meta = artifact.meta["adapters"][i]
+            for f in by_name[meta["name"]].files():
+                want = meta["source"]["files"].get(f.name, {}).get("sha256")
+                if want and sha256_file(f) != want:
+                    raise ValidationError(f"{f}: sha256 differs from the file compressed into the artifact")
+    sub = [coll.names.index(artifact.names[i]) for i in rows]
+    n_mod = len(artifact.modules)
+    sq = torch.zeros(len(rows), n_mod, dtype=torch.float64)
+    nn2 = torch.zeros_like(sq)
+    for j, mod in enumerate(artifact.modules):
+        if mod["name"] not in {m.name for m in coll.modules}:
+            continue  # no source adapter has this module: zero deltas, nothing to compare
+        fac = coll.module_factors(mod["name"], sub)
+        U, V, cores, assign = artifact.module_factors(mod["name"], rows)
+        sq[:, j], nn2[:, j] = squared_errors(fac.B, fac.A, U, V, cores, assign)
+    return rows, sq, nn2
+
+
+def evaluate(
+    artifact: Artifact,
+    sources: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+    *,
+    allow_pickle: bool = False,
+    check_hashes: bool = True,
+) -> dict[str, Any]:
+    """Error report of ``artifact``.
+
+    Without ``sources`` the errors recorded at compression are reported; with them, the
+    original adapters are re-read (after checking their sha256 against the artifact) and
+    the errors recomputed exactly from the stored, possibly rounded, factors.
+    """
+    names = artifact.names
+    if sources is None:
+        rows = list(range(len(names)))
+        sq, nn2 = artifact.stats()
+        sq, nn2 = sq.double(), nn2.double()
+    else:
+        rows, sq, nn2 = _recompute(artifact, sources, allow_pickle, check_hashes)
+    rel = relative(sq, nn2)  # (n, m)
+    adapter_err = per_adapter(sq, nn2)
+
+    # SVD baselines from the stored spectra of the originals.
+    st = storage(artifact)
+    d_sum = sum(m["d_in"] + m["d_out"] for m in artifact.modules)
+    matched_rank = int((st["compressed_params"] / max(len(names), 1)) // d_sum) if d_sum else 0
+    base_same = torch.zeros_like(sq)
+    base_matched = torch.zeros_like(sq)
+    for j, mod in enumerate(artifact.modules):
+        key = f"spectra/{mod['name']}"
+        sv = artifact.get_rows(key, rows).double()
+        base_same[:, j] = truncation_errors(sv, mod["rank"]) * nn2[:, j]
+        base_matched[:, j] = truncation_errors(sv, matched_rank) * nn2[:, j]
+
+    adapters = []
+    for k, i in enumerate(rows):
+        meta = artifact.meta["adapters"][i]
+        adapters.append(
+            {
+                "name": names[i],
+                "error": float(adapter_err[k]),
+                "svd_same_rank_error": float(per_adapter(base_same[k : k + 1], nn2[k : k + 1])[0]),
+                "missing_modules": [m["name"] for m in artifact.modules if m["name"] not in meta["ranks"]],
+            }
+        )
+    modules = []
+    for j, mod in enumerate(artifact.modules):
+        present = nn2[:, j] > 0
+        vals = rel[present, j].tolist()
+        modules.append({"name": mod["name"], "rank": mod["rank"], **{f"{k}_error": v for k, v in summary(vals).items()}})
+    return {
+        "report_version": REPORT_VERSION,
+        "artifact": str(artifact.path) if artifact.path else None,
+        "recomputed": sources is not None,
+        "method": artifact.method,
+        "rank": artifact.meta.get("rank"),
+        "weighting": artifact.meta.get("weighting"),
+        "storage_dtype": artifact.meta.get("storage_dtype"),
+        "n_adapters": len(rows),
+        "n_modules": len(artifact.modules),
+        "errors": summary(adapter_err.tolist()),
+        "baseline": {
+            "svd_same_rank": {"rank": artifact.meta.get("rank"), **summary(per_adapter(base_same, nn2).tolist())},
+            "svd_matched_storage": {"rank": matched_rank, **summary(per_adapter(base_matched, nn2).tolist())},
+        },
+        "storage": st,
+        "adapters": adapters,
+        "modules": modules,
+    }

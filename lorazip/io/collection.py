@@ -1,0 +1,228 @@
+"""A collection of LoRA adapters on one base model, read module by module.
+
+``load_collection`` resolves sources (a folder of adapter folders, one adapter folder,
+or a list of them) into :class:`Adapter` descriptions, validates that they form one
+collection (one base model, one shape per module) *before* any tensor is read, and
+returns a :class:`Collection`. Tensors stay on disk until :meth:`Collection.module_factors`
+reads the factors of one module for all adapters, so memory follows one module, not
+the whole collection.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..errors import AdapterFormatError, SourceError, ValidationError
+from .peft import CONFIG_NAME, Adapter, load_adapter
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One adapted module of the base model: name, matrix shape ``(d_out, d_in)``, layout."""
+
+    name: str
+    d_out: int
+    d_in: int
+    layout: str = "linear"
+
+
+@dataclass
+class ModuleFactors:
+    """Factors of one module for all adapters, zero-padded to the largest rank.
+
+    ``B``: (n, d_out, r_max) with the scale folded in; ``A``: (n, r_max, d_in);
+    ``ranks``: (n,) original ranks (0 where an adapter lacks the module).
+    ``M_i = B[i] @ A[i]`` exactly; padding adds zero columns/rows only.
+    """
+
+    module: ModuleInfo
+    B: torch.Tensor
+    A: torch.Tensor
+    ranks: torch.Tensor
+
+    def norms2(self) -> torch.Tensor:
+        """``||M_i||_F^2`` from r x r Grams: ``tr((B^T B)(A A^T))``, shape (n,)."""
+        gb = self.B.transpose(1, 2) @ self.B
+        ga = self.A @ self.A.transpose(1, 2)
+        return (gb * ga).sum(dim=(1, 2)).clamp_min(0)
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file()
+
+
+def find_adapter_dirs(root: Path) -> list[Path]:
+    """Adapter folders at or below ``root`` (sorted; symlink loops are not followed twice)."""
+    if _is_adapter_dir(root):
+        return [root]
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, _files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        if _is_adapter_dir(Path(dirpath)):
+            found.append(Path(dirpath))
+            dirnames[:] = []  # an adapter folder is a leaf (checkpoints inside are not adapters)
+    return found
+
+
+def _names_for(dirs: list[tuple[Path, Path]]) -> list[str]:
+    """Adapter names: folder names, or paths from above the source root joined by '--' on clashes."""
+    base = [d.name for d, _root in dirs]
+    return [
+        b if base.count(b) == 1 else "--".join(d.relative_to(root.parent).parts)
+        for (d, root), b in zip(dirs, base)
+    ]
+
+
+def resolve_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) -> list[tuple[str, Path]]:
+    """Expand sources into ``(name, adapter_dir)`` pairs, in a stable order."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    pairs: list[tuple[Path, Path]] = []
+    for src in sources:
+        root = Path(src)
+        if not root.exists():
+            raise SourceError(f"{root}: no such file or directory")
+        if not root.is_dir():
+            raise SourceError(f"{root}: not a folder (give an adapter folder or a folder of adapters)")
+        dirs = find_adapter_dirs(root)
+        if not dirs:
+            raise SourceError(f"{root}: no adapter folders (no {CONFIG_NAME} found)")
+        pairs.extend((d, root) for d in dirs)
+    names = _names_for(pairs)
+    seen: dict[str, Path] = {}
+    for name, (d, _root) in zip(names, pairs):
+        if name in seen:
+            raise SourceError(f"{d}: adapter name {name!r} is used twice (also {seen[name]})")
+        seen[name] = d
+    return [(name, d) for name, (d, _r) in zip(names, pairs)]
+
+
+class Collection:
+    """Adapters of one base model, with lazy per-module access to their factors.
+
+    Attributes
+    ----------
+    adapters : list[Adapter]
+        In collection order; ``names`` gives their names.
+    modules : list[ModuleInfo]
+        Union of the adapted modules, sorted by name.
+    base_model : str | None
+    """
+
+    def __init__(self, adapters: list[Adapter], base_model: str | None = None):
+        if not adapters:
+            raise SourceError("no adapters given")
+        self.adapters = adapters
+        self.base_model = base_model if base_model is not None else _common_base(adapters)
+        self.modules = _module_union(adapters)
+        self._index = {m.name: m for m in self.modules}
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def module(self, name: str) -> ModuleInfo:
+        return self._index[name]
+
+    def missing_modules(self) -> dict[str, list[str]]:
+        """Adapter name -> modules of the collection it does not adapt (zero delta there)."""
+        out = {}
+        for a in self.adapters:
+            miss = [m.name for m in self.modules if m.name not in a.modules]
+            if miss:
+                out[a.name] = miss
+        return out
+
+    def extras(self) -> dict[str, list[str]]:
+        """Adapter name -> non-LoRA tensors (e.g. ``modules_to_save`` heads), not compressed."""
+        return {a.name: a.extras for a in self.adapters if a.extras}
+
+    def module_factors(self, name: str, indices: Iterable[int] | None = None) -> ModuleFactors:
+        """Read the factors of module ``name`` for all adapters (or ``indices``), float64."""
+        info = self._index[name]
+        idx = list(range(len(self.adapters))) if indices is None else list(indices)
+        ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
+        r_max = max(max(ranks), 1)
+        B = torch.zeros(len(idx), info.d_out, r_max, dtype=torch.float64)
+        A = torch.zeros(len(idx), r_max, info.d_in, dtype=torch.float64)
+        for j, i in enumerate(idx):
+            if ranks[j]:
+                b, a = self.adapters[i].factors(name)
+                B[j, :, : ranks[j]] = b
+                A[j, : ranks[j], :] = a
+        return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))
+
+
+def _common_base(adapters: list[Adapter]) -> str | None:
+    bases = {}
+    for a in adapters:
+        if a.base_model:
+            bases.setdefault(a.base_model.rstrip("/"), a)
+    if len(bases) > 1:
+        (b0, a0), (b1, a1) = list(bases.items())[:2]
+        raise ValidationError(
+            f"{a1.path}: base model {b1!r} differs from {b0!r} ({a0.path}); "
+            "compress one base model at a time or pass --base-model to override"
+        )
+    return next(iter(bases), None)
+
+
+def _module_union(adapters: list[Adapter]) -> list[ModuleInfo]:
+    shapes: dict[str, tuple[ModuleInfo, Adapter]] = {}
+    for a in adapters:
+        for name, spec in a.modules.items():
+            info = ModuleInfo(name, spec.d_out, spec.d_in, spec.layout)
+            if name in shapes and shapes[name][0] != info:
+                other, first = shapes[name]
+                raise ValidationError(
+                    f"{a.weights_file}: module {name!r} is {info.layout} {info.d_out}x{info.d_in} "
+                    f"but {other.layout} {other.d_out}x{other.d_in} in {first.weights_file}"
+                )
+            shapes.setdefault(name, (info, a))
+    return [shapes[k][0] for k in sorted(shapes)]
+
+
+def load_collection(
+    sources: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    allow_pickle: bool = False,
+) -> Collection:
+    """Load adapters from local sources and validate them as one collection.
+
+    Parameters
+    ----------
+    sources
+        A folder of adapter folders, one adapter folder, or a list of them.
+    base_model
+        Override the base model (allows adapters whose configs name different bases).
+    allow_pickle
+        Load ``adapter_model.bin`` with ``torch.load(weights_only=True)``.
+
+    Raises
+    ------
+    SourceError, AdapterFormatError, ValidationError
+    """
+    adapters = []
+    for name, path in resolve_sources(sources):
+        try:
+            adapters.append(load_adapter(path, name, allow_pickle=allow_pickle))
+        except AdapterFormatError:
+            raise
+        except OSError as exc:
+            raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return Collection(adapters, base_model=base_model)

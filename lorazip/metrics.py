@@ -1,0 +1,76 @@
+"""Exact reconstruction errors from small Gram matrices, and their aggregation.
+
+For an adapter's delta ``M = B A`` and its reconstruction ``U S V^T`` (bases possibly
+rounded to fp16/bf16, so not exactly orthonormal) the squared error is
+``||M||^2 - 2 <M, U S V^T> + ||U S V^T||^2`` with every term an ``r x r`` trace:
+``tr(GB GA)``, ``sum((B^T U) S * (A V))`` and ``tr(S^T (U^T U) S (V^T V))``.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def squared_errors(
+    B: torch.Tensor,
+    A: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    cores: torch.Tensor,
+    assignment: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute squared errors ``||M_i - U_k S_i V_k^T||_F^2`` and norms ``||M_i||_F^2``.
+
+    Parameters
+    ----------
+    B : (n, d_out, r_i), A : (n, r_i, d_in)
+    U : (K, d_out, r) or (d_out, r); V : (K, d_in, r) or (d_in, r)
+    cores : (n, r, r) full or (n, r) diagonal
+    assignment : (n,) cluster index of each adapter (default: all 0)
+
+    Returns
+    -------
+    (errors2, norms2), both (n,) float64, errors clipped at 0.
+    """
+    B, A = B.double(), A.double()
+    U = (U if U.dim() == 3 else U[None]).double()
+    V = (V if V.dim() == 3 else V[None]).double()
+    S = cores.double()
+    if S.dim() == 2:
+        S = torch.diag_embed(S)
+    if assignment is None:
+        assignment = torch.zeros(B.shape[0], dtype=torch.long, device=B.device)
+    Ui, Vi = U[assignment], V[assignment]  # (n, d, r) views of K bases
+    norms2 = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+    D = B.transpose(1, 2) @ Ui  # (n, r_i, r)
+    C = A @ Vi  # (n, r_i, r)
+    inner = ((D @ S) * C).sum(dim=(1, 2))
+    GU = Ui.transpose(1, 2) @ Ui
+    GV = Vi.transpose(1, 2) @ Vi
+    recon = ((GU @ S) * (S @ GV)).sum(dim=(1, 2))
+    return (norms2 - 2 * inner + recon).clamp_min(0), norms2
+
+
+def relative(errors2: torch.Tensor, norms2: torch.Tensor) -> torch.Tensor:
+    """``errors2 / norms2``, with 0 where the original delta is zero (and reproduced as zero)."""
+    return torch.where(norms2 > 0, errors2 / norms2.clamp_min(1e-300), torch.where(errors2 > 0, 1.0, 0.0).double())
+
+
+def per_adapter(errors2: torch.Tensor, norms2: torch.Tensor) -> torch.Tensor:
+    """Energy-weighted relative error of each adapter over its modules; inputs (n, m)."""
+    return relative(errors2.sum(1), norms2.sum(1))
+
+
+def summary(values) -> dict[str, float]:
+    """mean / median / min / max of a sequence of numbers."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"mean": 0.0, "median": 0.0, "min": 0.0, "max": 0.0}
+    return {
+        "mean": statistics.fmean(vals),
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+    }
