@@ -27,10 +27,10 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from lorazip.errors import OptionError, SourceError
 
@@ -53,7 +53,8 @@ ADAPTER_PATTERNS = ("adapter_config.json", "*.safetensors")
 _IGNORE_PATTERNS = ("*/*",)
 _CONFIG_NAME = "adapter_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files of one repo fetched concurrently (an adapter repo has ~2 files; repos are the parallel unit).
+# Files of one repo fetched concurrently (an adapter repo has ~2 files: repos are the parallel unit)
+
 _FILES_PER_REPO = 2
 _MAX_BACKOFF_S = 60.0
 _MAX_RETRY_AFTER_S = 300.0
@@ -157,7 +158,9 @@ def read_ref_list(path: str | os.PathLike[str]) -> list[HubRef]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SourceError(f"repo list {str(p)!r} does not exist: check the path given to --hub-list") from None
+        raise SourceError(
+            f"repo list {str(p)!r} does not exist: check the path given to --hub-list"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"cannot read repo list {str(p)!r}: {_one_line(e)}") from e
     refs: list[HubRef] = []
@@ -174,7 +177,9 @@ def read_ref_list(path: str | os.PathLike[str]) -> list[HubRef]:
         refs.append(ref)
     refs = _dedupe(refs)
     if not refs:
-        raise SourceError(f"repo list {str(p)!r} names no repos: put one org/name[@revision] per line")
+        raise SourceError(
+            f"repo list {str(p)!r} names no repos: put one org/name[@revision] per line"
+        )
     return refs
 
 
@@ -196,7 +201,7 @@ def _hf():
 def _hf_errors():
     """``huggingface_hub.errors`` (>= 0.24), else the same names from ``huggingface_hub.utils``."""
     try:
-        import huggingface_hub.errors as errors
+        from huggingface_hub import errors
     except ImportError:  # pragma: no cover - old huggingface_hub
         import huggingface_hub.utils as errors
     return errors
@@ -244,7 +249,7 @@ def _resolve_token(token: str | None) -> str | None:
         return token
     try:
         return _hf().get_token()  # HF_TOKEN, then the token saved by `hf auth login`
-    except Exception:  # a broken token file must not break anonymous downloads
+    except Exception:  # noqa: BLE001 - a broken token file must not break anonymous downloads
         return None
 
 
@@ -275,8 +280,10 @@ def _listing_error(what: str, e: Exception, token: str | None, endpoint: str) ->
     if status == 404:
         return SourceError(f"cannot {what}: not found on {endpoint} (HTTP 404): check the name")
     if status in (401, 403):
-        hint = "the token was rejected or has no access: check HF_TOKEN / --token" if token else (
-            "it needs a token: set HF_TOKEN or pass --token"
+        hint = (
+            "the token was rejected or has no access: check HF_TOKEN / --token"
+            if token
+            else ("it needs a token: set HF_TOKEN or pass --token")
         )
         return SourceError(f"cannot {what}: HTTP {status}, {hint}")
     if status is not None:
@@ -304,7 +311,9 @@ def search_hub(
     the Hub's own order, before sorting).  Raises :class:`SourceError` when nothing matches.
     """
     if not author and not search:
-        raise SourceError("a Hub search needs an author and/or a search string (--hub-author, --hub-search)")
+        raise SourceError(
+            "a Hub search needs an author and/or a search string (--hub-author, --hub-search)"
+        )
     if limit is not None and limit < 1:
         raise OptionError(f"the Hub search limit must be >= 1, got {limit}")
     query = ", ".join(f"{k}={v!r}" for k, v in (("author", author), ("search", search)) if v)
@@ -315,7 +324,9 @@ def search_hub(
     tok = _resolve_token(token)
     api = _hf().HfApi(endpoint=ep, token=tok)
     try:
-        ids = [m.id for m in api.list_models(author=author or None, search=search or None, limit=limit)]
+        ids = [
+            m.id for m in api.list_models(author=author or None, search=search or None, limit=limit)
+        ]
     except Exception as e:  # boundary with huggingface_hub: every failure becomes one line
         raise _listing_error(what, e, tok, ep) from e
     refs = [HubRef(i) for i in sorted(set(ids)) if _split_ref(i) is not None]
@@ -327,7 +338,9 @@ def search_hub(
     return refs
 
 
-def collection_refs(slug: str, *, token: str | None = None, endpoint: str | None = None) -> list[HubRef]:
+def collection_refs(
+    slug: str, *, token: str | None = None, endpoint: str | None = None
+) -> list[HubRef]:
     """The model repos of a Hub collection, in collection order (datasets, spaces, papers skipped).
 
     ``slug`` is ``owner/title-<id>`` as in the collection URL (the full URL is accepted too).
@@ -337,8 +350,7 @@ def collection_refs(slug: str, *, token: str | None = None, endpoint: str | None
         if s.startswith(prefix):
             s = s[len(prefix) :]
             break
-    if s.startswith("collections/"):
-        s = s[len("collections/") :]
+    s = s.removeprefix("collections/")
     parts = s.split("/")
     if len(parts) != 2 or not all(parts) or any(c.isspace() for c in s):
         raise SourceError(
@@ -386,10 +398,11 @@ class DownloadReport:
 class _Job:
     endpoint: str
     cache_dir: Path
-    token: str | None
+    token: str | None = field(repr=False)  # keep tokens out of tracebacks and logs
     offline: bool
     retries: int
     retry_delay: float
+    skip_failed: bool
     cancel: threading.Event
 
 
@@ -457,6 +470,7 @@ def download_adapters(
         offline=_resolve_offline(offline),
         retries=retries,
         retry_delay=float(retry_delay),
+        skip_failed=skip_failed,
         cancel=threading.Event(),
     )
     _silent_tqdm()  # create the class once, before the worker threads need it
@@ -511,10 +525,13 @@ def _fetch_one(ref: HubRef, job: _Job) -> DownloadedAdapter:
                 delay = max(delay, min(t.retry_after, _MAX_RETRY_AFTER_S))
             if job.cancel.wait(delay):
                 raise _Cancelled() from None
-    tries = f"after {job.retries} retries" if job.retries else "(retries disabled)"
+    if job.retries == 0:
+        tries = "(retries disabled)"
+    else:
+        tries = f"after {job.retries} {'retry' if job.retries == 1 else 'retries'}"
+    hint = "" if job.skip_failed else ", or pass --skip-failed to continue without it"
     raise SourceError(
-        f"{ref}: {reason} {tries}: try again later (a rerun resumes from the cache), "
-        "or pass --skip-failed to continue without it"
+        f"{ref}: {reason} {tries}: try again later (a rerun resumes from the cache){hint}"
     )
 
 
@@ -538,7 +555,9 @@ def _attempt(ref: HubRef, job: _Job) -> DownloadedAdapter:
     folder_path = Path(folder)
     commit = folder_path.name
     if _SHA_RE.fullmatch(commit) is None:  # cache layout is snapshots/<commit sha>
-        raise SourceError(f"{ref}: unexpected snapshot folder {folder_path} (not named by a commit sha)")
+        raise SourceError(
+            f"{ref}: unexpected snapshot folder {folder_path} (not named by a commit sha)"
+        )
     expected = _expected_files(ref, commit, folder_path, job)
     _verify(ref, folder_path, expected, job)
     return DownloadedAdapter(ref=ref, commit=commit, path=folder_path)
@@ -552,7 +571,7 @@ def _root_listing(ref: HubRef, commit: str, job: _Job) -> dict[str, int] | None:
         try:
             files = get_cached(ref.repo_id, revision=commit, cache_dir=str(job.cache_dir))
             return {f.path: f.size for f in files if "/" not in f.path}
-        except Exception:  # not cached (e.g. snapshot made by an older huggingface_hub)
+        except Exception:  # noqa: BLE001, S110 - not cached (e.g. made by an older huggingface_hub)
             pass
     if job.offline:
         return None
@@ -590,9 +609,11 @@ def _expected_files(ref: HubRef, commit: str, folder: Path, job: _Job) -> dict[s
         if pickles:
             raise SourceError(
                 f"{ref}: only pickled .bin weights ({', '.join(pickles)}); lorazip loads safetensors "
-                "only: convert the adapter to safetensors, or leave this repo out (--skip-failed)"
+                "only: convert the adapter to safetensors, or leave this repo out"
             )
-        raise SourceError(f"{ref}: no .safetensors weights at the repo root: not a PEFT adapter repo")
+        raise SourceError(
+            f"{ref}: no .safetensors weights at the repo root: not a PEFT adapter repo"
+        )
     return {_CONFIG_NAME: listing[_CONFIG_NAME], **{w: listing[w] for w in weights}}
 
 
@@ -640,7 +661,9 @@ def _safetensors_problem(path: Path) -> str | None:
     if not isinstance(header, dict):
         return "invalid safetensors header"
     try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+        )
     except (KeyError, TypeError, ValueError, IndexError):
         return "invalid safetensors header"
     if 8 + n + end != size:
@@ -730,16 +753,21 @@ def _classify(ref: HubRef, e: Exception, job: _Job) -> Exception:
     repo_url = f"{job.endpoint}/{ref.repo_id}"
 
     offline_err = _find(chain, errors.OfflineModeIsEnabled)
-    if job.offline or offline_err is not None:
-        if isinstance(e, errors.LocalEntryNotFoundError) or offline_err is not None:
-            why = "offline mode is on" if job.offline else "HF_HUB_OFFLINE was set when huggingface_hub was imported"
-            incomplete = getattr(errors, "IncompleteSnapshotError", None)
-            if incomplete is not None and _find(chain, incomplete) is not None:
-                return SourceError(f"{ref}: the cached copy is incomplete and {why}: rerun online to complete it")
+    if offline_err is not None or (job.offline and isinstance(e, errors.LocalEntryNotFoundError)):
+        why = (
+            "offline mode is on"
+            if job.offline
+            else "HF_HUB_OFFLINE was set when huggingface_hub was imported"
+        )
+        incomplete = getattr(errors, "IncompleteSnapshotError", None)
+        if incomplete is not None and _find(chain, incomplete) is not None:
             return SourceError(
-                f"{ref}: not in the Hub cache ({job.cache_dir}) and {why}: download it online first "
-                "(lorazip download ...), or unset HF_HUB_OFFLINE"
+                f"{ref}: the cached copy is incomplete and {why}: rerun online to complete it"
             )
+        return SourceError(
+            f"{ref}: not in the Hub cache ({job.cache_dir}) and {why}: download it online first "
+            "(lorazip download ...), or unset HF_HUB_OFFLINE"
+        )
 
     if _find(chain, errors.RevisionNotFoundError) is not None:
         return SourceError(
@@ -787,15 +815,23 @@ def _classify(ref: HubRef, e: Exception, job: _Job) -> Exception:
                     f"{ref}: access denied (HTTP {status}): the token was rejected or has no access; "
                     "check HF_TOKEN / --token"
                 )
-            return SourceError(f"{ref}: access denied (HTTP {status}): needs a token: set HF_TOKEN or pass --token")
+            return SourceError(
+                f"{ref}: access denied (HTTP {status}): needs a token: set HF_TOKEN or pass --token"
+            )
         if status == 404:
             return SourceError(f"{ref}: not found on {job.endpoint} (HTTP 404): check the name")
-        return SourceError(f"{ref}: the Hub refused the request (HTTP {status}): {_one_line(http, 160)}")
+        return SourceError(
+            f"{ref}: the Hub refused the request (HTTP {status}): {_one_line(http, 160)}"
+        )
 
     net = _find(chain, _network_error_types())
     if net is None:
         net = next(
-            (x for x in chain if isinstance(x, ConnectionError) and not isinstance(x, errors.OfflineModeIsEnabled)),
+            (
+                x
+                for x in chain
+                if isinstance(x, ConnectionError) and not isinstance(x, errors.OfflineModeIsEnabled)
+            ),
             None,
         )
     if net is not None:
