@@ -47,9 +47,41 @@ def _emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+HUB_HELP = "Hub sources"
+_author = typer.Option(None, "--hub-author", help="Hub: every model repo of this author/org ...", rich_help_panel=HUB_HELP)
+_search = typer.Option(None, "--hub-search", help="... whose name contains this text.", rich_help_panel=HUB_HELP)
+_collection = typer.Option(None, "--hub-collection", help="Hub: the model repos of a collection (slug).", rich_help_panel=HUB_HELP)
+_list = typer.Option(None, "--hub-list", help="Text file of repo ids, one org/name[@rev] per line.", rich_help_panel=HUB_HELP)
+_token = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or saved login).", rich_help_panel=HUB_HELP)
+_skip = typer.Option(False, "--skip-failed", help="Skip repos that fail to download; list them.", rich_help_panel=HUB_HELP)
+_workers = typer.Option(8, "--workers", help="Repos downloaded in parallel.", rich_help_panel=HUB_HELP)
+_offline = typer.Option(False, "--offline", help="Use the Hub cache only (like HF_HUB_OFFLINE=1).", rich_help_panel=HUB_HELP)
+
+
+def _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline):
+    from huggingface_hub.utils import logging as hf_logging
+
+    from lorazip.io.sources import gather_sources
+
+    hf_logging.set_verbosity_error()  # lorazip reports failures itself, one line each
+    with _progress() as bar:
+        task = bar.add_task("downloading", total=None, item="")
+        got = gather_sources(
+            [str(s) for s in sources or []], hub_author=hub_author, hub_search=hub_search,
+            hub_collection=hub_collection, hub_list=hub_list, token=token, skip_failed=skip_failed,
+            max_workers=workers, offline=offline or None,
+            progress=lambda done, total: bar.update(task, completed=done, total=total, item="repos"),
+        )
+    for repo, why in got.skipped:
+        err.print(f"skipped {escape(repo)}: {escape(why)}", highlight=False)
+    return got
+
+
 @app.command()
 def compress(
-    sources: List[Path] = typer.Argument(..., help="Adapter folders, or folders of adapter folders."),
+    sources: Optional[List[str]] = typer.Argument(
+        None, help="Adapter folders, folders of adapter folders, or Hub repo ids (org/name[@rev])."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact to write (.lorazip.safetensors)."),
     rank: int = typer.Option(16, "--rank", "-r", help="Shared rank per module."),
     method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
@@ -64,12 +96,21 @@ def compress(
     no_extras: bool = typer.Option(False, "--no-extras", help="Do not store modules_to_save tensors."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    hub_author: Optional[str] = _author,
+    hub_search: Optional[str] = _search,
+    hub_collection: Optional[str] = _collection,
+    hub_list: Optional[Path] = _list,
+    token: Optional[str] = _token,
+    skip_failed: bool = _skip,
+    workers: int = _workers,
+    offline: bool = _offline,
 ) -> None:
-    """Compress a collection of PEFT LoRA adapters into one artifact."""
+    """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()
-    coll = lorazip.load_collection([str(s) for s in sources], base_model=base_model, allow_pickle=allow_pickle)
+    got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
+    coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
     with _progress() as bar:
         task = bar.add_task("compressing", total=len(coll.modules), item="")
@@ -85,6 +126,7 @@ def compress(
     rep["timing"] = {"validate_s": t_load, "compress_s": t_solve, "total_s": elapsed}
     rep["missing_modules"] = coll.missing_modules()
     rep["extras"] = coll.extras()
+    rep["skipped"] = [{"repo": r, "reason": why} for r, why in got.skipped]
     if as_json:
         _emit_json(rep)
     fmt.print_summary(err, rep, title=f"lorazip compress -> {output}")
@@ -136,6 +178,29 @@ def export(
     if as_json:
         _emit_json({"report_version": 1, "exported": [str(p) for p in paths]})
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")
+
+
+@app.command()
+def download(
+    sources: Optional[List[str]] = typer.Argument(None, help="Hub repo ids (org/name[@rev])."),
+    hub_author: Optional[str] = _author,
+    hub_search: Optional[str] = _search,
+    hub_collection: Optional[str] = _collection,
+    hub_list: Optional[Path] = _list,
+    token: Optional[str] = _token,
+    skip_failed: bool = _skip,
+    workers: int = _workers,
+    offline: bool = _offline,
+    as_json: bool = typer.Option(False, "--json", help="Print repos, commits and cache folders as JSON."),
+) -> None:
+    """Download Hub adapters into the Hugging Face cache without compressing (resumable)."""
+    got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
+    rows = [{"repo": a.ref.repo_id, "revision": a.ref.revision, "commit": a.commit, "path": str(a.path)}
+            for a in got.hub_adapters]
+    if as_json:
+        _emit_json({"report_version": 1, "downloaded": rows,
+                    "skipped": [{"repo": r, "reason": w} for r, w in got.skipped]})
+    err.print(f"{len(rows)} adapter repo(s) in the cache; {len(got.skipped)} skipped")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,21 +75,40 @@ def find_adapter_dirs(root: Path) -> list[Path]:
     return found
 
 
-def _names_for(dirs: list[tuple[Path, Path]]) -> list[str]:
-    """Adapter names: folder names, or paths from above the source root joined by '--' on clashes."""
-    base = [d.name for d, _root in dirs]
-    return [
-        b if base.count(b) == 1 else "--".join(d.relative_to(root.parent).parts)
-        for (d, root), b in zip(dirs, base)
-    ]
+def _names_for(dirs: list[tuple[Path, Path]], prov: list[dict]) -> list[str]:
+    """Adapter names: folder (or Hub repo) names; on clashes, paths from above the source
+    root (or ``org--name``) joined by '--'."""
+    base = [p["hub"]["repo_id"].split("/")[-1] if p else d.name for (d, _root), p in zip(dirs, prov)]
+    out = []
+    for (d, root), p, b in zip(dirs, prov, base):
+        if base.count(b) == 1:
+            out.append(b)
+        elif p:
+            out.append(p["hub"]["repo_id"].replace("/", "--"))
+        elif d == root:  # adapter folders given directly: add their parent folder's name
+            out.append("--".join(d.resolve().parts[-2:]))
+        else:
+            out.append("--".join(d.relative_to(root.parent).parts))
+    return out
 
 
-def resolve_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) -> list[tuple[str, Path]]:
-    """Expand sources into ``(name, adapter_dir)`` pairs, in a stable order."""
-    if isinstance(sources, (str, os.PathLike)):
+def resolve_sources(sources) -> list[tuple[str, Path, dict]]:
+    """Expand sources into ``(name, adapter_dir, provenance)`` triples, in a stable order.
+
+    A source is a local folder (an adapter, or a folder of adapters) or a
+    :class:`~lorazip.io.hub.DownloadedAdapter` (named after its repo; provenance records
+    the repo id, requested revision and resolved commit).
+    """
+    if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "commit"):
         sources = [sources]
     pairs: list[tuple[Path, Path]] = []
+    prov: list[dict] = []
     for src in sources:
+        if hasattr(src, "commit") and hasattr(src, "ref"):  # a Hub download
+            repo = src.ref.repo_id
+            pairs.append((Path(src.path), Path(src.path)))
+            prov.append({"hub": {"repo_id": repo, "revision": src.ref.revision, "commit": src.commit}})
+            continue
         root = Path(src)
         if not root.exists():
             raise SourceError(f"{root}: no such file or directory")
@@ -99,13 +118,20 @@ def resolve_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) ->
         if not dirs:
             raise SourceError(f"{root}: no adapter folders (no {CONFIG_NAME} found)")
         pairs.extend((d, root) for d in dirs)
-    names = _names_for(pairs)
+        prov.extend({} for _ in dirs)
+    real: dict[str, Path] = {}
+    for d, _root in pairs:
+        key = os.path.realpath(d)
+        if key in real:
+            raise SourceError(f"{d}: the same adapter is listed twice (also as {real[key]})")
+        real[key] = d
+    names = _names_for(pairs, prov)
     seen: dict[str, Path] = {}
     for name, (d, _root) in zip(names, pairs):
         if name in seen:
             raise SourceError(f"{d}: adapter name {name!r} is used twice (also {seen[name]})")
         seen[name] = d
-    return [(name, d) for name, (d, _r) in zip(names, pairs)]
+    return [(name, d, p) for name, (d, _r), p in zip(names, pairs, prov)]
 
 
 class Collection:
@@ -207,7 +233,8 @@ def load_collection(
     Parameters
     ----------
     sources
-        A folder of adapter folders, one adapter folder, or a list of them.
+        A folder of adapter folders, one adapter folder, a Hub download
+        (:func:`lorazip.io.hub.download_adapters`), or a list of them.
     base_model
         Override the base model (allows adapters whose configs name different bases).
     allow_pickle
@@ -218,9 +245,11 @@ def load_collection(
     SourceError, AdapterFormatError, ValidationError
     """
     adapters = []
-    for name, path in resolve_sources(sources):
+    for name, path, prov in resolve_sources(sources):
         try:
-            adapters.append(load_adapter(path, name, allow_pickle=allow_pickle))
+            adapter = load_adapter(path, name, allow_pickle=allow_pickle)
+            adapter.source.update(prov)
+            adapters.append(adapter)
         except AdapterFormatError:
             raise
         except OSError as exc:
