@@ -94,6 +94,14 @@ def compress(
     base_model: Optional[str] = typer.Option(None, help="Override the base model check."),
     allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
     no_extras: bool = typer.Option(False, "--no-extras", help="Do not store modules_to_save tensors."),
+    clusters: Optional[str] = typer.Option(
+        None, "--clusters", "-k", help="K groups with their own bases (jd-clustered), or 'auto' with --target-error/--budget."
+    ),
+    per_module_clusters: bool = typer.Option(False, help="Cluster each module separately (default: one group per adapter)."),
+    max_rounds: int = typer.Option(30, help="Maximum fit/assign rounds of jd-clustered."),
+    target_error: Optional[float] = typer.Option(None, help="With --clusters auto: smallest K whose error meets this."),
+    target_stat: str = typer.Option("mean", help="Which per-adapter error --target-error bounds: mean | max."),
+    budget: Optional[str] = typer.Option(None, help="With --clusters auto: lowest error within this size (500MB, 50x)."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     hub_author: Optional[str] = _author,
@@ -112,13 +120,36 @@ def compress(
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
     coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
-    with _progress() as bar:
-        task = bar.add_task("compressing", total=len(coll.modules), item="")
-        art = lorazip.compress(
-            coll, rank, method=method, weighting=weighting, device=device, storage_dtype=dtype, seed=seed,
-            max_iters=max_iters, tol=tol, keep_extras=not no_extras,
-            progress=lambda done, total, name: bar.update(task, completed=done, item=name),
-        )
+    settings = dict(weighting=weighting, device=device, storage_dtype=dtype, seed=seed, max_iters=max_iters,
+                    tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds)
+    curve = None
+    if clusters == "auto":
+        from lorazip.select import choose_clusters, parse_size
+
+        orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
+        with _progress() as bar:
+            task = bar.add_task("choosing K", total=None, item="")
+            art, curve, chosen = choose_clusters(
+                coll, rank, compress=lorazip.compress, target_error=target_error, stat=target_stat,
+                budget=parse_size(budget, orig) if budget else None,
+                progress=lambda K, row: bar.update(task, item=f"K={K}: {target_stat} error {row[target_stat]:.4f}"),
+                **settings,
+            )
+    else:
+        if target_error is not None or budget is not None:
+            raise lorazip.OptionError("--target-error and --budget choose K: use them with --clusters auto")
+        if clusters is not None:
+            try:
+                k = int(clusters)
+            except ValueError:
+                raise lorazip.OptionError(f"--clusters must be a number or 'auto', got {clusters!r}") from None
+            method, settings["clusters"] = "jd-clustered", k
+        with _progress() as bar:
+            task = bar.add_task("compressing", total=len(coll.modules), item="")
+            art = lorazip.compress(
+                coll, rank, method=method, **settings,
+                progress=lambda done, total, name: bar.update(task, completed=done, item=name),
+            )
     t_solve = time.perf_counter() - t0 - t_load
     art.save(output, overwrite=overwrite)
     elapsed = time.perf_counter() - t0
@@ -127,8 +158,13 @@ def compress(
     rep["missing_modules"] = coll.missing_modules()
     rep["extras"] = coll.extras()
     rep["skipped"] = [{"repo": r, "reason": why} for r, why in got.skipped]
+    if curve is not None:
+        rep["k_selection"] = {"target_error": target_error, "target_stat": target_stat, "budget": budget,
+                              "chosen": art.meta["clustering"]["n_clusters"], "curve": curve}
     if as_json:
         _emit_json(rep)
+    if curve is not None:
+        fmt.print_curve(err, rep["k_selection"])
     fmt.print_summary(err, rep, title=f"lorazip compress -> {output}")
     fmt.print_notes(err, rep)
 

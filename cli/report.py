@@ -37,6 +37,11 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
               f"{_b(st['bytes_per_adapter'])} per adapter)")
     if "timing" in rep:
         t.add_row("time", f"{rep['timing']['total_s']:.2f} s")
+    cl = rep.get("clustering")
+    if cl and cl.get("n_clusters", 1) > 1:
+        sizes = f", sizes {cl['sizes']}" if cl.get("sizes") else ""
+        t.add_row("clusters", f"K = {cl['n_clusters']}{' per module' if cl['per_module'] else ''}, "
+                  f"{cl['rounds']} round(s){'' if cl['converged'] else ' (not converged)'}{sizes}")
     if rep.get("recomputed"):
         t.add_row("errors", "recomputed against the original adapters")
     con.print(t)
@@ -119,3 +124,16 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
     con.print(mt)
     if len(d["modules"]) > 40:
         con.print(f"... and {len(d['modules']) - 40} more (use --json for all)")
+
+
+def print_curve(con: Console, sel: dict[str, Any]) -> None:
+    """Error-vs-K table of ``--clusters auto``; the chosen K is marked."""
+    goal = (f"target {sel['target_stat']} error <= {sel['target_error']}" if sel["target_error"] is not None
+            else f"budget {sel['budget']}")
+    t = Table(title=f"choosing K ({goal})", title_justify="left")
+    for col in ("K", "mean error", "median", "max error", "numbers", "bytes", ""):
+        t.add_column(col)
+    for row in sel["curve"]:
+        t.add_row(str(row["K"]), f"{row['mean']:.4f}", f"{row['median']:.4f}", f"{row['max']:.4f}",
+                  f"{row['params']:,}", _b(row["bytes"]), "<- chosen" if row["K"] == sel["chosen"] else "")
+    con.print(t)

@@ -171,15 +171,26 @@ class Artifact:
         return sum(t.numel() * t.element_size() for k, t in self.tensors().items())
 
     # -- writing ----------------------------------------------------------
+    def _serialize_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        meta = dict(self.meta)
+        meta["checksum"] = tensor_checksum(tensors)
+        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lorazip": json.dumps(meta)}
+        return tensors, header, meta
+
+    def serialized_size(self) -> int:
+        """Exact size in bytes of the file :meth:`save` would write."""
+        from safetensors.torch import save
+
+        tensors, header, _ = self._serialize_inputs()
+        return len(save(tensors, metadata=header))
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically to ``path`` (temp file in the same folder, fsync, rename)."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
-        meta = dict(self.meta)
-        meta["checksum"] = tensor_checksum(tensors)
-        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lorazip": json.dumps(meta)}
+        tensors, header, meta = self._serialize_inputs()
         with atomic_path(path, overwrite) as tmp:
             save_file(tensors, str(tmp), metadata=header)
         self.meta, self.path = meta, path

@@ -19,7 +19,8 @@ from .errors import OptionError
 from .io.collection import Collection
 from .io.peft import sha256_file
 from .metrics import squared_errors
-from .solvers import METHODS, solve_module
+from .solvers import METHODS, solve_module, spectra
+from .solvers.clustered import jd_clustered
 from .solvers._linalg import WEIGHTINGS
 
 # Config fields carried into the artifact so export can rebuild a faithful PEFT config.
@@ -59,6 +60,37 @@ class CompressOptions:
             raise OptionError("max_iters must be >= 1 and tol > 0")
 
 
+class _FactorCache:
+    """Module factors read on demand, kept (CPU float64 and on the device) while they fit."""
+
+    def __init__(self, collection: Collection, device: torch.device, limit: int):
+        self.collection, self.dev, self.limit = collection, device, limit
+        self._cpu: dict[int, object] = {}
+        self._dev: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cpu(self, j: int):
+        fac = self._cpu.get(j)
+        if fac is None:
+            fac = self.collection.module_factors(self.collection.modules[j].name)
+            used = sum(f.B.nbytes + f.A.nbytes for f in self._cpu.values())
+            if used + fac.B.nbytes + fac.A.nbytes <= self.limit:
+                self._cpu[j] = fac
+        return fac
+
+    def device(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if j in self._dev:
+            return self._dev[j]
+        fac = self.cpu(j)
+        pair = (fac.B.to(self.dev), fac.A.to(self.dev))
+        if j in self._cpu and self.dev.type != "cpu":
+            self._dev[j] = pair
+        return pair
+
+    def drop(self, j: int) -> None:
+        self._cpu.pop(j, None)
+        self._dev.pop(j, None)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,8 +124,12 @@ def compress(
     seed: int = 0,
     max_iters: int = 500,
     tol: float = 1e-6,
+    clusters: int = 1,
+    per_module_clusters: bool = False,
+    max_rounds: int = 30,
     keep_extras: bool = True,
     hash_sources: bool = True,
+    cache_bytes: int = 2 << 30,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Artifact:
     """Jointly compress every module of ``collection``.
@@ -102,12 +138,16 @@ def compress(
     ----------
     collection : Collection from :func:`lorazip.load_collection`.
     rank : shared rank r (per module, at most ``min(d_out, d_in)``).
-    method : "jd-full" (full r x r cores), "jd-diag" (diagonal cores) or "svd"
-        (per-adapter truncated SVD, the baseline).
+    method : "jd-full" (full r x r cores), "jd-diag" (diagonal cores), "jd-clustered"
+        (K groups with their own bases) or "svd" (per-adapter truncated SVD, the baseline).
+    clusters, per_module_clusters, max_rounds : for "jd-clustered": K, one assignment per
+        module instead of one per adapter, and the limit on fit/assign rounds.
     weighting : "relative" (each adapter counts equally) or "absolute".
     device : "auto", "cpu" or "cuda"; the same code runs on both.
     storage_dtype : "float32", "float16" or "bfloat16" for the stored bases and cores.
     seed, max_iters, tol : solver settings (seeded, deterministic on CPU).
+    cache_bytes : module factors are kept in memory between clustering rounds up to this size
+        (re-read from disk beyond it).
     keep_extras : store non-LoRA tensors (``modules_to_save``) so export reproduces them.
     progress : called as ``progress(done, total, module_name)`` after each module.
 
@@ -129,36 +169,51 @@ def compress(
     dev = resolve_device(device)
     sdtype = STORAGE_DTYPES[storage_dtype]
     n, n_mod = len(collection), len(collection.modules)
+    if method == "jd-clustered" and not 1 <= clusters <= n:
+        raise OptionError(f"--clusters {clusters} must be between 1 and the number of adapters ({n})")
     tensors: dict[str, torch.Tensor] = {}
     sq_error = torch.zeros(n, n_mod, dtype=torch.float64)
     norm2 = torch.zeros(n, n_mod, dtype=torch.float64)
     modules_meta = []
-    for j, info in enumerate(collection.modules):
-        fac = collection.module_factors(info.name)
-        B, A = fac.B.to(dev), fac.A.to(dev)
-        sol = solve_module(method, B, A, rank, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
-        U = sol.U.to(sdtype).cpu()
-        V = sol.V.to(sdtype).cpu()
-        cores = sol.cores.to(sdtype).cpu()
-        assign = None if sol.assignment is None else sol.assignment.to(torch.int32).cpu()
-        e2, nn2 = squared_errors(fac.B, fac.A, U, V, cores, None if assign is None else assign.long())
-        sq_error[:, j], norm2[:, j] = e2, nn2
-        tensors[f"U/{info.name}"] = U.contiguous()
-        tensors[f"V/{info.name}"] = V.contiguous()
-        tensors[f"cores/{info.name}"] = cores.contiguous()
+    cache = _FactorCache(collection, dev, cache_bytes)
+
+    def store(j: int, U, V, cores, assign, n_iters: int, converged: bool) -> None:
+        info = collection.modules[j]
+        fac = cache.cpu(j)
+        U, V, cores = U.to(sdtype).cpu().contiguous(), V.to(sdtype).cpu().contiguous(), cores.to(sdtype).cpu().contiguous()
+        assign = None if assign is None else assign.to(torch.int32).cpu()
+        sq_error[:, j], norm2[:, j] = squared_errors(fac.B, fac.A, U, V, cores, None if assign is None else assign.long())
+        tensors[f"U/{info.name}"], tensors[f"V/{info.name}"], tensors[f"cores/{info.name}"] = U, V, cores
         if assign is not None:
             tensors[f"assign/{info.name}"] = assign
-        from .solvers.svd import spectra
-
         tensors[f"spectra/{info.name}"] = spectra(fac.B, fac.A).float()
         modules_meta.append(
             {
                 "name": info.name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout,
-                "rank": rank, "n_clusters": int(U.shape[0]), "iters": sol.n_iters, "converged": sol.converged,
+                "rank": rank, "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged,
             }
         )
         if progress:
             progress(j + 1, n_mod, info.name)
+
+    if method == "jd-clustered":
+        res = jd_clustered(
+            list(range(n_mod)), cache.device, clusters, rank, weighting=weighting, per_module=per_module_clusters,
+            max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
+        )
+        for j in range(n_mod):
+            assign = res.assignment[j] if clusters > 1 else None
+            store(j, res.U[j], res.V[j], res.cores[j], assign, res.rounds, res.converged)
+            cache.drop(j)
+        clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
+                      "converged": res.converged, "objective_history": res.history}
+    else:
+        clustering = None
+        for j in range(n_mod):
+            B, A = cache.device(j)
+            sol = solve_module(method, B, A, rank, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
+            store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
+            cache.drop(j)
     tensors["stats/sq_error"] = sq_error
     tensors["stats/norm2"] = norm2
     adapters_meta = [_adapter_meta(a, hash_sources) for a in collection.adapters]
@@ -174,6 +229,7 @@ def compress(
         "weighting": weighting,
         "storage_dtype": storage_dtype,
         "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": dev.type},
+        "clustering": clustering,
         "modules": modules_meta,
         "adapters": adapters_meta,
     }

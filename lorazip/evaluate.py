@@ -112,6 +112,14 @@ def evaluate(
         base_same[:, j] = truncation_errors(sv, mod["rank"]) * nn2[:, j]
         base_matched[:, j] = truncation_errors(sv, matched_rank) * nn2[:, j]
 
+    clustering = artifact.meta.get("clustering")
+    assign = None
+    if clustering and clustering.get("n_clusters", 1) > 1:
+        clustering = dict(clustering)
+        clustering.pop("objective_history", None)
+        if not clustering.get("per_module"):
+            assign = artifact.get(f"assign/{artifact.modules[0]['name']}").long()
+            clustering["sizes"] = torch.bincount(assign, minlength=clustering["n_clusters"]).tolist()
     adapters = []
     for k, i in enumerate(rows):
         meta = artifact.meta["adapters"][i]
@@ -121,6 +129,7 @@ def evaluate(
                 "error": float(adapter_err[k]),
                 "svd_same_rank_error": float(per_adapter(base_same[k : k + 1], nn2[k : k + 1])[0]),
                 "missing_modules": [m["name"] for m in artifact.modules if m["name"] not in meta["ranks"]],
+                **({"cluster": int(assign[i])} if assign is not None else {}),
             }
         )
     modules = []
@@ -135,6 +144,7 @@ def evaluate(
         "method": artifact.method,
         "rank": artifact.meta.get("rank"),
         "weighting": artifact.meta.get("weighting"),
+        "clustering": clustering,
         "storage_dtype": artifact.meta.get("storage_dtype"),
         "n_adapters": len(rows),
         "n_modules": len(artifact.modules),

@@ -14,7 +14,7 @@ from .jd_diag import jd_diag
 from .jd_full import JDResult, jd_full
 from .svd import individual_svd, spectra, truncation_errors
 
-METHODS = ("jd-full", "jd-diag", "svd")
+METHODS = ("jd-full", "jd-diag", "jd-clustered", "svd")
 
 __all__ = [
     "METHODS", "ModuleSolution", "JDResult", "jd_full", "jd_diag", "individual_svd", "spectra",

@@ -1,0 +1,263 @@
+"""Clustered JD-Full: K groups of adapters, each with its own bases ``U_k, V_k`` per module.
+
+Objective (the same weighted error JD-Full minimises, summed over modules):
+``F = sum_i sum_m w_im (||M_im||^2 - ||U_{k(i)m}^T M_im V_{k(i)m}||^2)``, with ``w_im`` the
+module-level weights of JD-Full (``1/||M_im||^2`` for relative weighting). Alternation:
+
+1. *fit*: for every module and cluster, JD-Full on the cluster's adapters, warm-started from
+   the cluster's current bases (subspace iteration from a warm start never loses captured
+   energy, so F cannot increase);
+2. *assign*: every adapter moves to the cluster whose bases keep most of its weighted energy,
+   computed from the factors (``||U^T M V||^2 = ||(B^T U)^T (A V)||^2``); ties keep the current
+   cluster. This is an exact minimisation over assignments, so F cannot increase;
+3. empty clusters are re-seeded with the worst-fitting adapters (a single adapter's own fit is
+   at least as good as any shared one, so F still cannot increase).
+
+It stops when assignments stop changing or after ``max_rounds``. The start is one JD-Full over
+all adapters (``K = 1``) and k-means (k-means++ seeding) on the adapters' normalised cores in
+that shared basis; every cluster's first fit is warm-started from the shared bases, so the
+result is never worse than JD-Full, and ``K = 1`` gives exactly JD-Full.
+
+With ``per_module=True`` each module is clustered on its own (a separate assignment per module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ._linalg import adapter_weights
+from .jd_full import jd_full
+
+FactorSource = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ClusteredResult:
+    """``U[m]``: (K, d_out, r), ``V[m]``: (K, d_in, r), ``cores[m]``: (n, r, r),
+    ``assignment[m]``: (n,) (the same tensor for every module unless ``per_module``).
+    ``history``: the objective F / (total weighted energy) after every round (non-increasing)."""
+
+    U: list[torch.Tensor]
+    V: list[torch.Tensor]
+    cores: list[torch.Tensor]
+    assignment: list[torch.Tensor]
+    rounds: int
+    converged: bool
+    history: list[float] = field(default_factory=list)
+
+
+def kmeans(X: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 100) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding on rows of ``X`` (n, p); returns labels (n,)."""
+    n = X.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers = [X[first]]
+    d2 = (X - X[first]).square().sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:
+            idx = int(torch.randint(n, (1,), generator=generator))
+        else:
+            idx = int(torch.multinomial((d2 / total).float().cpu(), 1, generator=generator))
+        centers.append(X[idx])
+        d2 = torch.minimum(d2, (X - X[idx]).square().sum(1))
+    C = torch.stack(centers)
+    labels = torch.cdist(X, C).argmin(1)
+    for _ in range(iters):
+        for j in range(k):
+            members = labels == j
+            if members.any():
+                C[j] = X[members].mean(0)
+        new = torch.cdist(X, C).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def _captured(B, A, U, V, w) -> torch.Tensor:
+    """Weighted captured energy ``w_i ||U_k^T M_i V_k||^2`` for every adapter and cluster: (n, K)."""
+    D = torch.einsum("ndr,kds->nkrs", B, U)  # B_i^T U_k: (n, K, r_i, r)
+    C = torch.einsum("nrd,kds->nkrs", A, V)  # A_i V_k
+    S = D.transpose(2, 3) @ C  # (n, K, r, r)
+    return S.square().sum((2, 3)) * w[:, None]
+
+
+def jd_clustered(
+    modules: Sequence[int],
+    factors: FactorSource,
+    n_clusters: int,
+    rank: int,
+    *,
+    weighting: str = "relative",
+    per_module: bool = False,
+    max_rounds: int = 30,
+    max_iters: int = 500,
+    tol: float = 1e-6,
+    seed: int = 0,
+    n_init: int = 3,
+    init: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> ClusteredResult:
+    """Cluster ``n`` adapters into ``n_clusters`` groups with their own JD-Full bases.
+
+    Parameters
+    ----------
+    modules : module ids passed to ``factors``.
+    factors : ``factors(m) -> (B, A)``, ``B``: (n, d_out, r_i), ``A``: (n, r_i, d_in).
+    n_clusters : K, ``1 <= K <= n``.
+    n_init : independent k-means++ starts of the alternation; the lowest objective is kept.
+    init : optional shared ``(U, V)`` per module to start from (skips the K = 1 fit).
+    Other parameters as in :func:`~lorazip.solvers.jd_full.jd_full`.
+    """
+    if per_module:
+        parts = [
+            jd_clustered([m], factors, n_clusters, rank, weighting=weighting, max_rounds=max_rounds,
+                         max_iters=max_iters, tol=tol, seed=seed, n_init=n_init,
+                         init=None if init is None else [init[j]])
+            for j, m in enumerate(modules)
+        ]
+        return ClusteredResult(
+            [p.U[0] for p in parts], [p.V[0] for p in parts], [p.cores[0] for p in parts],
+            [p.assignment[0] for p in parts], max(p.rounds for p in parts), all(p.converged for p in parts),
+            [sum(h) / len(parts) for h in zip(*[_pad(p.history, max_rounds + 1) for p in parts])],
+        )
+
+    kw = dict(weighting=weighting, max_iters=max_iters, tol=tol, seed=seed)
+    B0, _ = factors(modules[0])
+    n = B0.shape[0]
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"number of clusters K={n_clusters} must be between 1 and the number of adapters ({n})")
+    K = n_clusters
+    gen = torch.Generator().manual_seed(seed)
+
+    # Start: one JD-Full over all adapters per module; weights and norms per module.
+    Us, Vs, weights, energy, sigs = [], [], [], [], []
+    for j, m in enumerate(modules):
+        B, A = factors(m)
+        norms2 = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+        w = adapter_weights(norms2, weighting)
+        if init is None:
+            res = jd_full(B, A, rank, weights=w, **{k: v for k, v in kw.items() if k != "weighting"})
+            U, V, cores = res.U, res.V, res.cores
+        else:
+            U, V = init[j]
+            cores = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+        Us.append(U[None].expand(K, *U.shape).clone())
+        Vs.append(V[None].expand(K, *V.shape).clone())
+        weights.append(w)
+        energy.append(w * norms2)
+        if K > 1:
+            sigs.append(_signature(B, A, w, min(K * rank, _SIG_RANK, *B.shape[1:2], A.shape[2]), seed, gen))
+    total = float(sum(e.sum() for e in energy)) or 1.0
+    E = torch.stack(energy, 1).sum(1)  # (n,) weighted energy per adapter
+
+    if K == 1:  # exactly JD-Full
+        zero = torch.zeros(n, dtype=torch.long)
+        cores = []
+        for j, m in enumerate(modules):
+            B, A = factors(m)
+            cores.append((B.transpose(1, 2) @ Us[j][0]).transpose(1, 2) @ (A @ Vs[j][0]))
+        resid = float(sum(((e - (c.square().sum((1, 2)) * w)).sum()) for e, c, w in zip(energy, cores, weights)))
+        return ClusteredResult(Us, Vs, cores, [zero] * len(modules), 0, True, [resid / total])
+    X = torch.cat(sigs, 1)
+    U_start = [u.clone() for u in Us]
+    V_start = [v.clone() for v in Vs]
+    best = None
+    for _ in range(n_init):  # independent k-means++ starts; the lowest final objective wins
+        start = kmeans(X, K, generator=gen)
+        Us = [u.clone() for u in U_start]
+        Vs = [v.clone() for v in V_start]
+        run = _alternate(modules, factors, start, Us, Vs, weights, E, total, K, rank, max_rounds, max_iters, tol, seed)
+        if best is None or run[3][-1] < best[3][-1] - 1e-12:
+            best = run
+    Us, Vs, assign, history, rounds, converged = best
+
+    cores_out = []
+    for j, m in enumerate(modules):
+        B, A = factors(m)
+        Ui, Vi = Us[j][assign], Vs[j][assign]
+        cores_out.append((B.transpose(1, 2) @ Ui).transpose(1, 2) @ (A @ Vi))
+    return ClusteredResult(Us, Vs, cores_out, [assign] * len(modules), rounds, converged, history)
+
+
+_SIG_RANK = 48  # rank of the shared basis in which adapters are compared at the start
+_SIG_DIM = 1024  # signatures of all modules are sketched to at most this many numbers
+
+
+def _signature(B, A, w, sig_rank: int, seed: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-adapter, sign- and mixing-invariant description of one module: the normalised Grams
+    ``S S^T`` and ``S^T S`` of its core in a shared basis of rank ``K r`` (which can hold every
+    cluster's subspace), randomly projected to a fixed size. Returns (n, p)."""
+    res = jd_full(B, A, sig_rank, weights=w, max_iters=30, tol=1e-4, seed=seed)
+    S = res.cores * w.sqrt().to(res.cores.dtype)[:, None, None]
+    G = torch.cat([(S @ S.transpose(1, 2)).flatten(1), (S.transpose(1, 2) @ S).flatten(1)], 1)
+    p = min(G.shape[1], _SIG_DIM // 4)
+    if p < G.shape[1]:
+        omega = torch.randn(G.shape[1], p, generator=gen, dtype=torch.float64).to(G) / p**0.5
+        G = G @ omega
+    return G
+
+
+def _alternate(modules, factors, assign, Us, Vs, weights, E, total, K, rank, max_rounds, max_iters, tol, seed):
+    """Fit / assign rounds from one start; returns (Us, Vs, assign, history, rounds, converged)."""
+    n = assign.shape[0]
+    assign, fresh = _reseed_empty(assign, K, E, torch.zeros(n, dtype=E.dtype))
+    history: list[float] = []
+    converged = False
+    rounds = 0
+    members_cache: dict = {}
+    for rounds in range(1, max_rounds + 1):
+        captured = torch.zeros(n, K, dtype=E.dtype, device=E.device)
+        for j, m in enumerate(modules):
+            B, A = factors(m)
+            for k in range(K):
+                idx = (assign == k).nonzero().flatten()
+                if len(idx) == 0:
+                    continue
+                members = tuple(idx.tolist())
+                if members_cache.get((j, k)) != members:  # refit only clusters whose membership changed
+                    # a re-seeded cluster starts from its adapter's own data, not from stale bases
+                    warm = {} if k in fresh else {"U0": Us[j][k], "V0": Vs[j][k]}
+                    res = jd_full(B[idx], A[idx], rank, weights=weights[j][idx], max_iters=max_iters,
+                                  tol=tol, seed=seed, **warm)
+                    Us[j][k], Vs[j][k] = res.U, res.V
+                    members_cache[(j, k)] = members
+            captured += _captured(B, A, Us[j], Vs[j], weights[j])
+        err = E[:, None] - captured  # (n, K) weighted residual of every adapter under every cluster
+        current = err.gather(1, assign[:, None]).squeeze(1)
+        history.append(float(current.sum()) / total)
+        best = err.argmin(1)
+        # keep the current cluster on ties (no churn between equally good clusters)
+        new = torch.where(err.gather(1, best[:, None]).squeeze(1) < current, best, assign)
+        new, fresh = _reseed_empty(new, K, E, err.gather(1, new[:, None]).squeeze(1))
+        if torch.equal(new, assign):
+            converged = True
+            break
+        assign = new
+    return Us, Vs, assign, history, rounds, converged
+
+
+def _pad(h: list[float], length: int) -> list[float]:
+    return h + [h[-1]] * (length - len(h)) if h else [0.0] * length
+
+
+def _reseed_empty(assign: torch.Tensor, K: int, E: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
+    """Give every empty cluster the worst-fitting adapter of a cluster that keeps >= 1 member.
+
+    Returns the new assignment and the re-seeded clusters (whose bases must be re-initialised).
+    """
+    assign = assign.clone()
+    fresh: set[int] = set()
+    counts = torch.bincount(assign, minlength=K)
+    order = torch.argsort(err, descending=True, stable=True).tolist()
+    for k in (counts == 0).nonzero().flatten().tolist():
+        for i in order:
+            if counts[assign[i]] > 1:
+                counts[assign[i]] -= 1
+                assign[i] = k
+                counts[k] += 1
+                fresh.add(k)
+                break
+    return assign, fresh
