@@ -16,6 +16,12 @@ from typing import List, Optional
 
 import click
 import typer
+
+try:  # newer typer vendors its own click; its exceptions are not click's
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _TyperClickException = click.exceptions.ClickException
+_TyperAbort = getattr(typer, "Abort", click.exceptions.Abort)
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -242,15 +248,15 @@ def download(
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="lorazip", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except LorazipError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, _TyperAbort):
         err.print("interrupted")
         return 130
-    except click.exceptions.ClickException as exc:
+    except (click.exceptions.ClickException, _TyperClickException) as exc:
         exc.show()
         return exc.exit_code
 

@@ -56,9 +56,9 @@ def to_peft(artifact: Artifact, name: str, *, dtype: str = "float32") -> tuple[d
             state[f"{_PREFIX}{m}.lora_B.weight"] = Bp.to(tdtype).contiguous()
         ranks[m] = mod["rank"]
     prefix = f"extras/{i}/"
-    for key in meta.get("extras", []):
-        if prefix + key in artifact._key_set():
-            state[key] = artifact.get(prefix + key)
+    kept = [k for k in meta.get("extras", []) if prefix + k in artifact._key_set()]
+    for key in kept:
+        state[key] = artifact.get(prefix + key)
 
     orig = meta.get("config", {})
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else artifact.meta.get("rank", 1)
@@ -76,7 +76,7 @@ def to_peft(artifact: Artifact, name: str, *, dtype: str = "float32") -> tuple[d
         "use_dora": False,
         "target_modules": sorted(ranks),
         "fan_in_fan_out": bool(orig.get("fan_in_fan_out", False)),
-        "modules_to_save": orig.get("modules_to_save") if meta.get("extras") else None,
+        "modules_to_save": orig.get("modules_to_save") if kept else None,
         "lora_dropout": 0.0,
         "bias": "none",
         "inference_mode": True,

@@ -38,11 +38,12 @@ PICKLE_NAME = "adapter_model.bin"
 # <module>.lora_A[.<adapter>].weight | <module>.lora_embedding_A[.<adapter>]
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-    r"(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight|\.bias)?$"
+    r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?P<suffix>\.weight|\.bias)?$"
 )
 _PREFIX = "base_model.model."
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Adapter:
             with safe_open(str(self.weights_file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as exc:  # safetensors raises several types for corrupt data
-            raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {exc}") from None
+            raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {_first_line(exc)}") from None
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B, A)`` in float64 with ``M = B @ A`` (scale folded into ``B``).
@@ -115,6 +116,11 @@ class Adapter:
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return self.read(self.extras)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -151,12 +157,13 @@ def read_config(path: Path) -> dict[str, Any]:
     alpha = cfg.get("lora_alpha", 8)  # PEFT's default
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise AdapterFormatError(f"{cfg_path}: 'lora_alpha' must be a positive number, got {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key, kinds in (("rank_pattern", (int,)), ("alpha_pattern", (int, float))):
         pat = cfg.get(key) or {}
         if not isinstance(pat, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pat.values()
+            isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in pat.values()
         ):
-            raise AdapterFormatError(f"{cfg_path}: '{key}' must map module patterns to positive numbers")
+            kind = "positive integers" if key == "rank_pattern" else "positive numbers"
+            raise AdapterFormatError(f"{cfg_path}: '{key}' must map module patterns to {kind}")
     if cfg.get("lora_bias"):
         raise AdapterFormatError(f"{cfg_path}: lora_bias adapters are not supported")
     base = cfg.get("base_model_name_or_path")
@@ -247,7 +254,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AdapterFormatError(f"{path}: cannot load pickled weights: {exc}") from None
+        raise AdapterFormatError(f"{path}: cannot load pickled weights: {_first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterFormatError(f"{path}: expected a dict of tensors")
     return state
@@ -268,7 +275,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
     state = None
     if pickled:
         state = _load_pickle(weights)
-        header = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in state.items()}
+        header = {k: {"dtype": _ST_DTYPE.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
     else:
         header = read_safetensors_header(weights)
 

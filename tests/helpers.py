@@ -1,0 +1,110 @@
+"""Write small synthetic PEFT LoRA adapter folders for tests.
+
+``write_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with random
+factors (``lora_B`` nonzero, unlike PEFT's initialisation) and returns the dense deltas
+``scale * B @ A`` (float64, ``(d_out, d_in)``) so tests can compare against them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+GPT2_LIKE = {
+    "transformer.h.0.attn.c_attn": (24, 8),
+    "transformer.h.0.mlp.c_proj": (8, 16),
+    "transformer.h.1.attn.c_attn": (24, 8),
+}
+
+
+def _pattern_value(patterns: dict[str, Any] | None, module: str, default):
+    """PEFT's get_pattern_key rule (re-implemented here on purpose, compared with PEFT in tests)."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def write_adapter(
+    path,
+    modules: dict[str, tuple[int, int]],
+    r: int = 4,
+    alpha: float = 8,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    prefix: str = "base_model.model.",
+    adapter_name_in_key: str | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    use_rslora: bool = False,
+    fan_in_fan_out: bool = False,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    base_model: str | None = "tiny-base",
+) -> dict[str, torch.Tensor]:
+    """Write a PEFT LoRA folder at ``path``; return ``{module: dense delta}`` (float64)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    mid = f".{adapter_name_in_key}" if adapter_name_in_key else ""
+    for name, (d_out, d_in) in modules.items():
+        rr = int(_pattern_value(rank_pattern, name, r))
+        aa = float(_pattern_value(alpha_pattern, name, alpha))
+        scale = aa / math.sqrt(rr) if use_rslora else aa / rr
+        A = (torch.randn(rr, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in)).to(dtype)
+        B = (torch.randn(d_out, rr, generator=gen, dtype=torch.float64) + 0.1).to(dtype)
+        tensors[f"{prefix}{name}.lora_A{mid}.weight"] = A.contiguous()
+        tensors[f"{prefix}{name}.lora_B{mid}.weight"] = B.contiguous()
+        deltas[name] = scale * (B.to(torch.float64) @ A.to(torch.float64))
+    for key, t in (extra_tensors or {}).items():
+        tensors[key] = t.contiguous()
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+    }
+    config.update(config_overrides or {})
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return deltas
+
+
+def write_collection(root, n: int = 3, modules=None, r: int = 4, alpha: float = 8, *, seed: int = 0, **kw):
+    """``n`` adapters ``root/a0 .. root/a{n-1}``; returns ``{name: deltas}``."""
+    modules = GPT2_LIKE if modules is None else modules
+    return {
+        f"a{i}": write_adapter(Path(root) / f"a{i}", modules, r, alpha, seed=seed + i, **kw) for i in range(n)
+    }
+
+
+def write_raw_safetensors(path, header: dict[str, Any], data: bytes) -> None:
+    """Hand-craft a safetensors file: 8-byte little-endian header length, JSON header, data."""
+    raw = json.dumps(header).encode("utf-8")
+    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def tree_files(root) -> set[str]:
+    """Every file and folder under ``root`` (relative paths), to check that nothing was written."""
+    root = Path(root)
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
