@@ -67,7 +67,9 @@ def to_peft(artifact: Artifact, name: str, *, dtype: str = "float32") -> tuple[d
         "peft_type": "LORA",
         "base_model_name_or_path": artifact.meta.get("base_model") or orig.get("base_model_name_or_path"),
         "revision": orig.get("revision"),
-        "task_type": orig.get("task_type"),
+        # PEFT's classification task types add their head to modules_to_save on load; if the
+        # heads were not stored (--no-extras), export a plain LoRA so PEFT does not look for them.
+        "task_type": None if meta.get("extras") and not kept else orig.get("task_type"),
         "r": r,
         "lora_alpha": r,
         "rank_pattern": pattern,
