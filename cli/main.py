@@ -93,7 +93,8 @@ def compress(
     method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
     weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 | float16 | bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Storage dtype: auto (the adapters' own) | float32 | float16 | bfloat16."),
+    compute_dtype: str = typer.Option("float64", help="Solver precision: float64 | float32 (errors always in float64)."),
     seed: int = typer.Option(0, help="Seed of the randomized initialisation."),
     max_iters: int = typer.Option(500, help="Maximum solver sweeps per module."),
     tol: float = typer.Option(1e-6, help="Stop when both bases move less than this (subspace change)."),
@@ -126,7 +127,8 @@ def compress(
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
     coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
-    settings = dict(weighting=weighting, device=device, storage_dtype=dtype, seed=seed, max_iters=max_iters,
+    settings = dict(weighting=weighting, device=device, storage_dtype=dtype, compute_dtype=compute_dtype,
+                    seed=seed, max_iters=max_iters,
                     tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds)
     curve = None
     if clusters == "auto":

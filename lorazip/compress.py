@@ -38,10 +38,11 @@ class CompressOptions:
     method: str = "jd-full"
     weighting: str = "relative"
     device: str = "auto"
-    storage_dtype: str = "float32"
+    storage_dtype: str = "auto"
     seed: int = 0
     max_iters: int = 500
     tol: float = 1e-6
+    compute_dtype: str = "float64"
 
     def check(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -50,28 +51,60 @@ class CompressOptions:
             raise OptionError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.weighting not in WEIGHTINGS:
             raise OptionError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-        if self.storage_dtype not in STORAGE_DTYPES:
+        if self.storage_dtype not in STORAGE_DTYPES and self.storage_dtype != "auto":
             raise OptionError(f"unknown dtype {self.storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise OptionError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError("device 'cuda' requested but CUDA is not available")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise OptionError(f"unknown compute dtype {self.compute_dtype!r}; choose float64 or float32")
         if self.max_iters < 1 or not self.tol > 0:
             raise OptionError("max_iters must be >= 1 and tol > 0")
 
 
-class _FactorCache:
-    """Module factors read on demand, kept (CPU float64 and on the device) while they fit."""
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_ERROR_CHUNK = 256  # adapters per chunk when measuring errors in float64
 
-    def __init__(self, collection: Collection, device: torch.device, limit: int):
-        self.collection, self.dev, self.limit = collection, device, limit
+
+def _chunked_errors(fac, U, V, cores, assign):
+    """Exact float64 errors of one module, a chunk of adapters at a time (bounded memory)."""
+    out_e, out_n = [], []
+    for s in range(0, fac.B.shape[0], _ERROR_CHUNK):
+        sl = slice(s, s + _ERROR_CHUNK)
+        e2, n2 = squared_errors(fac.B[sl], fac.A[sl], U, V, cores[sl], None if assign is None else assign[sl].long())
+        out_e.append(e2)
+        out_n.append(n2)
+    return torch.cat(out_e), torch.cat(out_n)
+
+
+class _FactorCache:
+    """Module factors read on demand (one read ahead in a thread), kept while they fit in ``limit``."""
+
+    def __init__(self, collection: Collection, device: torch.device, limit: int, dtype: torch.dtype):
+        self.collection, self.dev, self.limit, self.dtype = collection, device, limit, dtype
         self._cpu: dict[int, object] = {}
         self._dev: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, object] = {}
+        self._pool = None
+
+    def _read(self, j: int):
+        return self.collection.module_factors(self.collection.modules[j].name, dtype=self.dtype)
+
+    def prefetch(self, j: int) -> None:
+        if j in self._cpu or j in self._pending:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
+        self._pending[j] = self._pool.submit(self._read, j)
 
     def cpu(self, j: int):
         fac = self._cpu.get(j)
         if fac is None:
-            fac = self.collection.module_factors(self.collection.modules[j].name)
+            pending = self._pending.pop(j, None)
+            fac = pending.result() if pending is not None else self._read(j)
             used = sum(f.B.nbytes + f.A.nbytes for f in self._cpu.values())
             if used + fac.B.nbytes + fac.A.nbytes <= self.limit:
                 self._cpu[j] = fac
@@ -89,6 +122,12 @@ class _FactorCache:
     def drop(self, j: int) -> None:
         self._cpu.pop(j, None)
         self._dev.pop(j, None)
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            fut.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -120,7 +159,8 @@ def compress(
     method: str = "jd-full",
     weighting: str = "relative",
     device: str = "auto",
-    storage_dtype: str = "float32",
+    storage_dtype: str = "auto",
+    compute_dtype: str = "float64",
     seed: int = 0,
     max_iters: int = 500,
     tol: float = 1e-6,
@@ -144,7 +184,10 @@ def compress(
         module instead of one per adapter, and the limit on fit/assign rounds.
     weighting : "relative" (each adapter counts equally) or "absolute".
     device : "auto", "cpu" or "cuda"; the same code runs on both.
-    storage_dtype : "float32", "float16" or "bfloat16" for the stored bases and cores.
+    storage_dtype : "float32", "float16" or "bfloat16" for the stored bases and cores; "auto"
+        (default) keeps the adapters' own precision (fp16 stays fp16, anything mixed is fp32).
+    compute_dtype : "float64" (default) or "float32" for the solver; errors are always
+        measured in float64.
     seed, max_iters, tol : solver settings (seeded, deterministic on CPU).
     cache_bytes : module factors are kept in memory between clustering rounds up to this size
         (re-read from disk beyond it).
@@ -159,8 +202,10 @@ def compress(
     ------
     OptionError for invalid settings (including a rank larger than a module allows).
     """
-    opts = CompressOptions(rank, method, weighting, device, storage_dtype, seed, max_iters, tol)
+    opts = CompressOptions(rank, method, weighting, device, storage_dtype, seed, max_iters, tol, compute_dtype)
     opts.check()
+    if storage_dtype == "auto":
+        storage_dtype = collection.storage_dtype()
     for m in collection.modules:
         if rank > min(m.d_out, m.d_in):
             raise OptionError(
@@ -175,14 +220,14 @@ def compress(
     sq_error = torch.zeros(n, n_mod, dtype=torch.float64)
     norm2 = torch.zeros(n, n_mod, dtype=torch.float64)
     modules_meta = []
-    cache = _FactorCache(collection, dev, cache_bytes)
+    cache = _FactorCache(collection, dev, cache_bytes, COMPUTE_DTYPES[compute_dtype])
 
     def store(j: int, U, V, cores, assign, n_iters: int, converged: bool) -> None:
         info = collection.modules[j]
         fac = cache.cpu(j)
         U, V, cores = U.to(sdtype).cpu().contiguous(), V.to(sdtype).cpu().contiguous(), cores.to(sdtype).cpu().contiguous()
         assign = None if assign is None else assign.to(torch.int32).cpu()
-        sq_error[:, j], norm2[:, j] = squared_errors(fac.B, fac.A, U, V, cores, None if assign is None else assign.long())
+        sq_error[:, j], norm2[:, j] = _chunked_errors(fac, U, V, cores, assign)
         tensors[f"U/{info.name}"], tensors[f"V/{info.name}"], tensors[f"cores/{info.name}"] = U, V, cores
         if assign is not None:
             tensors[f"assign/{info.name}"] = assign
@@ -210,10 +255,13 @@ def compress(
     else:
         clustering = None
         for j in range(n_mod):
+            if j + 1 < n_mod:
+                cache.prefetch(j + 1)  # read the next module while this one is solved
             B, A = cache.device(j)
             sol = solve_module(method, B, A, rank, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
             store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
             cache.drop(j)
+    cache.close()
     tensors["stats/sq_error"] = sq_error
     tensors["stats/norm2"] = norm2
     adapters_meta = [_adapter_meta(a, hash_sources) for a in collection.adapters]
@@ -228,7 +276,8 @@ def compress(
         "rank": rank,
         "weighting": weighting,
         "storage_dtype": storage_dtype,
-        "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": dev.type},
+        "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": dev.type,
+                   "compute_dtype": compute_dtype},
         "clustering": clustering,
         "modules": modules_meta,
         "adapters": adapters_meta,

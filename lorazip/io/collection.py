@@ -177,17 +177,28 @@ class Collection:
         """Adapter name -> non-LoRA tensors (e.g. ``modules_to_save`` heads), not compressed."""
         return {a.name: a.extras for a in self.adapters if a.extras}
 
-    def module_factors(self, name: str, indices: Iterable[int] | None = None) -> ModuleFactors:
-        """Read the factors of module ``name`` for all adapters (or ``indices``), float64."""
+    def storage_dtype(self) -> str:
+        """The widest floating dtype of the adapters' LoRA tensors: float16, bfloat16 or float32."""
+        kinds = {k for a in self.adapters for k in a.dtype.split("/")}
+        if kinds == {"F16"}:
+            return "float16"
+        if kinds == {"BF16"}:
+            return "bfloat16"
+        return "float32"
+
+    def module_factors(
+        self, name: str, indices: Iterable[int] | None = None, dtype: torch.dtype = torch.float64
+    ) -> ModuleFactors:
+        """Read the factors of module ``name`` for all adapters (or ``indices``) in ``dtype``."""
         info = self._index[name]
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
         r_max = max(max(ranks), 1)
-        B = torch.zeros(len(idx), info.d_out, r_max, dtype=torch.float64)
-        A = torch.zeros(len(idx), r_max, info.d_in, dtype=torch.float64)
+        B = torch.zeros(len(idx), info.d_out, r_max, dtype=dtype)
+        A = torch.zeros(len(idx), r_max, info.d_in, dtype=dtype)
         for j, i in enumerate(idx):
             if ranks[j]:
-                b, a = self.adapters[i].factors(name)
+                b, a = self.adapters[i].factors(name, dtype)
                 B[j, :, : ranks[j]] = b
                 A[j, : ranks[j], :] = a
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))

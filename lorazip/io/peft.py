@@ -99,14 +99,14 @@ class Adapter:
         except Exception as exc:  # safetensors raises several types for corrupt data
             raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {_first_line(exc)}") from None
 
-    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(B, A)`` in float64 with ``M = B @ A`` (scale folded into ``B``).
+    def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(B, A)`` in ``dtype`` with ``M = B @ A`` (scale folded into ``B``).
 
         ``B``: (d_out, r_i), ``A``: (r_i, d_in). Raises on NaN/Inf.
         """
         spec = self.modules[module]
         t = self.read([spec.key_A, spec.key_B])
-        a, b = t[spec.key_A].to(torch.float64), t[spec.key_B].to(torch.float64)
+        a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
         for key, x in ((spec.key_A, a), (spec.key_B, b)):
             if not torch.isfinite(x).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
