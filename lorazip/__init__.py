@@ -28,10 +28,12 @@ from .errors import (  # noqa: E402
 )
 from .evaluate import evaluate  # noqa: E402
 from .export import export, to_peft  # noqa: E402
+from .verify import verify  # noqa: E402
 from .io.collection import Collection, load_collection  # noqa: E402
+from .serve import apply  # noqa: E402  (lorazip.serve: use_adapters, detach, ...)
 
 __all__ = [
     "__version__", "Artifact", "Collection", "load_artifact", "load_collection", "compress", "evaluate",
-    "export", "to_peft", "LorazipError", "AdapterFormatError", "ArtifactError", "OptionError", "OutputError",
+    "export", "to_peft", "apply", "LorazipError", "AdapterFormatError", "ArtifactError", "OptionError", "OutputError",
     "SourceError", "ValidationError",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections import Counter
@@ -20,11 +21,12 @@ from typing import Any, Sequence
 
 import torch
 
-from .artifact import STORAGE_DTYPES, Artifact
-from .errors import OptionError, OutputError
+from .artifact import STORAGE_DTYPES, Artifact, current_umask, save_safetensors
+from .errors import ArtifactError, OptionError, OutputError
+from .io.peft import short
 
 _PREFIX = "base_model.model."
-_SAFE_NAME = re.compile(r"^[^/\\\x00]+$")
+_SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]+$")  # no path separators, NUL or control characters
 
 
 def to_peft(artifact: Artifact, name: str, *, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -88,8 +90,11 @@ def to_peft(artifact: Artifact, name: str, *, dtype: str = "float32") -> tuple[d
 
 
 def _check_name(name: str) -> None:
-    if not _SAFE_NAME.match(name) or name in (".", "..") or name.startswith(".."):
-        raise OptionError(f"adapter name {name!r} cannot be used as a folder name")
+    """Adapter names come from the artifact (a file from a stranger): one plain folder name only."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", "..") or name.startswith(".."):
+        raise ArtifactError(
+            f"adapter name {short(name)} cannot be used as a folder name (it could write outside the output folder)"
+        )
 
 
 def export(
@@ -105,9 +110,7 @@ def export(
     Each folder is written to a temporary folder and renamed into place, so a folder
     under its final name is always complete. Returns the folders written.
     """
-    from safetensors.torch import save_file
-
-    names = list(artifact.names if names is None else names)
+    names = list(dict.fromkeys(artifact.names if names is None else names))  # each adapter once
     for name in names:
         artifact.index(name)
         _check_name(name)
@@ -119,8 +122,8 @@ def export(
     written = []
     for name in names:
         final = out / name
-        if final.resolve().parent != out.resolve():
-            raise OptionError(f"adapter name {name!r} would be written outside {out}")
+        if final.is_symlink() or final.resolve().parent != out.resolve():
+            raise OutputError(f"{final}: is a symbolic link or leads outside {out}; refusing to replace it")
         if final.exists() and not overwrite:
             raise OutputError(f"{final}: already exists (pass --overwrite to replace it)")
         state, config = to_peft(artifact, name, dtype=dtype)
@@ -128,18 +131,30 @@ def export(
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out))
         except OSError as exc:
             raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+        aside = None
         try:
-            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            save_safetensors(state, tmp / "adapter_model.safetensors", {"format": "pt"}, final)
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            mask = current_umask()
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~mask)  # safetensors writes 0600 files
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders; give the usual modes
             if final.exists():
-                shutil.rmtree(final)
+                # Move the old folder aside and the new one in: two renames, so a folder under the
+                # final name is always complete (old or new); the old one is deleted afterwards.
+                aside = out / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.old"
+                os.replace(final, aside)
             os.replace(tmp, final)
         except OSError as exc:
             raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
         finally:
+            if aside is not None and aside.exists():
+                if final.exists():
+                    shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
+                else:  # interrupted between the renames: put the old folder back
+                    os.replace(aside, final)
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         written.append(final)

@@ -41,9 +41,24 @@ _LORA_KEY = re.compile(
     r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?P<suffix>\.weight|\.bias)?$"
 )
 _PREFIX = "base_model.model."
+_MAX_NORM2 = 1e150  # bound on ||B||^2 ||A||^2 of one module (real adapters: below 1e6)
+_MAX_NORM2_F32 = 1e30  # the same with float32 compute (float32 overflows at 3.4e38)
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-_ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_MAX_CONFIG = 16 * 1024 * 1024  # a PEFT config is a few KB; refuse absurd ones before parsing them
+# Every safetensors dtype lorazip reads, with its torch dtype (bytes per element from torch).
+ST_TORCH: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("I64", "int64"), ("I32", "int32"),
+        ("I16", "int16"), ("I8", "int8"), ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
+        ("U8", "uint8"), ("BOOL", "bool"),
+    )
+    if hasattr(torch, attr)
+}
+_DTYPES = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_TORCH.items()}  # bytes per element
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what LoRA factors may be stored as
+_ST_DTYPE = {v: k for k, v in ST_TORCH.items()}
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,9 @@ class Adapter:
             return {k: self._state[k] for k in keys}
         from safetensors import safe_open
 
+        if not utf8_path(self.weights_file):  # safetensors only opens UTF-8 paths
+            with SafetensorsReader(self.weights_file) as f:
+                return {k: f.get_tensor(k) for k in keys}
         try:
             with safe_open(str(self.weights_file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
@@ -112,10 +130,23 @@ class Adapter:
                 raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
         if spec.layout == "embedding":  # delta = (B_e A_e)^T = A_e^T B_e^T
             a, b = b.T, a.T
-        return b * spec.scale, a
+        b = b * spec.scale
+        # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
+        # which would turn norms, weights and errors into inf/NaN downstream.
+        bound = float(b.double().square().sum()) * float(a.double().square().sum())
+        if not math.isfinite(bound) or bound > (_MAX_NORM2 if dtype == torch.float64 else _MAX_NORM2_F32):
+            raise AdapterFormatError(
+                f"{self.weights_file}: module {module!r}: values too large (|B|^2 |A|^2 = {bound:.3g} overflows)"
+            )
+        return b, a
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
-        return self.read(self.extras)
+        """The non-LoRA tensors (``modules_to_save`` heads), as stored; refuses NaN/Inf in them."""
+        tensors = self.read(self.extras)
+        for key, x in tensors.items():
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise AdapterFormatError(f"{self.weights_file}: tensor {short(key)} has NaN or Inf values")
+        return tensors
 
 
 def _first_line(exc: BaseException) -> str:
@@ -131,49 +162,151 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters (hostile files can hold megabyte-long values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def utf8_path(path: Path) -> bool:
+    """True when ``path`` can be handed to safetensors (which accepts UTF-8 paths only)."""
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes in a folder name (surrogate escapes)
+        return False
+
+
+def _duplicate_keys_refused(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {short(k)}")
+        out[k] = v
+    return out
+
+
+def parse_json(text: str | bytes, *, unique_keys: bool = False) -> Any:
+    """``json.loads`` that raises ``ValueError`` (with a short reason) on any invalid input.
+
+    Deeply nested documents (which make the parser raise ``RecursionError``) and, with
+    ``unique_keys``, objects that repeat a key are invalid.
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_duplicate_keys_refused if unique_keys else None)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# Config fields lorazip reads (beyond r, lora_alpha, peft_type and the patterns): allowed types.
+_CONFIG_TYPES = (
+    ("use_rslora", _is_bool, "true or false"),
+    ("use_dora", _is_bool, "true or false"),
+    ("lora_bias", _is_bool, "true or false"),
+    ("fan_in_fan_out", _is_bool, "true or false"),
+    ("base_model_name_or_path", lambda v: isinstance(v, str), "a string"),
+    ("revision", lambda v: isinstance(v, str), "a string"),
+    ("task_type", lambda v: isinstance(v, str), "a string"),
+    ("target_modules", lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    ("modules_to_save", _is_str_list, "a list of strings"),
+)
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """Parse and check ``adapter_config.json``; refuse anything that is not plain LoRA."""
+    """Parse and check ``adapter_config.json``; refuse anything that is not plain LoRA.
+
+    Every field lorazip reads or carries into the artifact is type-checked (``null`` is
+    allowed where PEFT allows it), so nothing downstream meets a value of the wrong type.
+    """
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterFormatError(f"{path}: no {CONFIG_NAME}")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(cfg_path, "rb") as f:
+            raw = f.read(_MAX_CONFIG + 1)
+    except OSError as exc:
+        raise AdapterFormatError(f"{cfg_path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > _MAX_CONFIG:
+        raise AdapterFormatError(f"{cfg_path}: larger than {_MAX_CONFIG // 2**20} MiB; not a PEFT adapter config")
+    try:
+        cfg = parse_json(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{cfg_path}: invalid JSON (not UTF-8 text)") from None
+    except ValueError as exc:
         raise AdapterFormatError(f"{cfg_path}: invalid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{cfg_path}: expected a JSON object")
     peft_type = cfg.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise AdapterFormatError(
-            f"{cfg_path}: peft_type {peft_type!r} is not supported; lorazip compresses plain LoRA"
+            f"{cfg_path}: peft_type {short(peft_type)} is not supported; lorazip compresses plain LoRA"
         )
+    for key, ok, kind in _CONFIG_TYPES:
+        value = cfg.get(key)
+        if value is not None and not ok(value):
+            raise AdapterFormatError(f"{cfg_path}: '{key}' must be {kind}, got {short(value)}")
     if cfg.get("use_dora"):
         raise AdapterFormatError(f"{cfg_path}: DoRA adapters (use_dora) are not supported")
     if "r" not in cfg:
         raise AdapterFormatError(f"{cfg_path}: missing 'r' (the LoRA rank)")
     r = cfg["r"]
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterFormatError(f"{cfg_path}: 'r' must be a positive integer, got {r!r}")
+        raise AdapterFormatError(f"{cfg_path}: 'r' must be a positive integer, got {short(r)}")
     alpha = cfg.get("lora_alpha", 8)  # PEFT's default
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterFormatError(f"{cfg_path}: 'lora_alpha' must be a positive number, got {alpha!r}")
+        raise AdapterFormatError(f"{cfg_path}: 'lora_alpha' must be a positive number, got {short(alpha)}")
     for key, kinds in (("rank_pattern", (int,)), ("alpha_pattern", (int, float))):
         pat = cfg.get(key) or {}
         if not isinstance(pat, dict) or not all(
-            isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in pat.values()
+            isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in pat.values()
         ):
             kind = "positive integers" if key == "rank_pattern" else "positive numbers"
             raise AdapterFormatError(f"{cfg_path}: '{key}' must map module patterns to {kind}")
+        for pattern in pat:
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError):
+                raise AdapterFormatError(
+                    f"{cfg_path}: '{key}' key {short(pattern)} is not a valid regular expression"
+                ) from None
     if cfg.get("lora_bias"):
         raise AdapterFormatError(f"{cfg_path}: lora_bias adapters are not supported")
-    base = cfg.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise AdapterFormatError(f"{cfg_path}: 'base_model_name_or_path' must be a string")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError):
+            raise AdapterFormatError(f"{cfg_path}: 'target_modules' {short(targets)} is not a valid regular expression") from None
     return cfg
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Parse a safetensors header and check it against the file size (no tensor data read)."""
+def _targeted(targets: str | list[str], module: str) -> bool:
+    """PEFT's ``check_target_module_exists`` for ``target_modules`` (a regex or a list of names)."""
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return module in targets or any(module.endswith(f".{t}") for t in targets)
+
+
+def parse_safetensors(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """Parse and check a safetensors header against the file (no tensor data is read).
+
+    Returns ``(tensors, metadata, data_start)``: the tensor entries (``dtype``, ``shape``,
+    ``data_offsets``), the ``__metadata__`` string map, and the file offset of the data.
+    Checks what safetensors itself checks before trusting a header: a known dtype for
+    every tensor, shapes that match byte sizes exactly, offsets that tile the data
+    without gaps or overlaps, and a data section that ends at the end of the file, so
+    no claim in the header can cause an allocation larger than the file.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -183,36 +316,139 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
                 raise AdapterFormatError(f"{path}: corrupt safetensors header (length {n} > file size)")
-            header = json.loads(f.read(n).decode("utf-8"))
+            text = f.read(n)
+        header = parse_json(text.decode("utf-8"), unique_keys=True)
     except OSError as exc:
-        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFormatError(f"{path}: corrupt safetensors header (not JSON)") from None
+        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (not JSON: not UTF-8 text)") from None
+    except ValueError as exc:
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: corrupt safetensors header")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterFormatError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_len = size - 8 - n
     spans = []
     for key, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = math.prod(int(s) for s in shape)
-            ok = all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= start <= end <= data_len
+            ok = (
+                isinstance(shape, list)
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end))
+                and 0 <= start <= end <= data_len
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise AdapterFormatError(f"{path}: corrupt safetensors entry for {key!r} (offsets/shape)")
-        width = _DTYPES.get(dtype)
-        if width is not None and end - start != numel * width:
-            raise AdapterFormatError(f"{path}: tensor {key!r}: shape {shape} does not match its byte size")
+            raise AdapterFormatError(f"{path}: corrupt safetensors entry for {short(key)} (offsets/shape)")
+        width = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if width is None:
+            raise AdapterFormatError(f"{path}: tensor {short(key)} has unsupported dtype {short(dtype)}")
+        if end - start != math.prod(shape) * width:
+            raise AdapterFormatError(f"{path}: tensor {short(key)}: shape {short(shape)} does not match its byte size")
         spans.append((start, end, key))
     spans.sort()
-    for (s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise AdapterFormatError(f"{path}: tensors {k0!r} and {k1!r} overlap")
-    if spans and spans[-1][1] != data_len:
+    pos = 0
+    for s0, e0, k0 in spans:
+        if s0 < pos:
+            raise AdapterFormatError(f"{path}: tensors {short(k0)} and another overlap")
+        if s0 > pos:
+            raise AdapterFormatError(f"{path}: corrupt safetensors file (gap in the data before {short(k0)})")
+        pos = e0
+    if pos != data_len:
         raise AdapterFormatError(f"{path}: truncated or padded safetensors file (data size mismatch)")
-    return header
+    return header, meta, 8 + n
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries of a safetensors header, checked against the file (see :func:`parse_safetensors`)."""
+    return parse_safetensors(path)[0]
+
+
+class SafetensorsReader:
+    """A small safetensors reader on plain file reads (no mmap), over a header checked by
+    :func:`parse_safetensors`. Used where safetensors cannot open the path (not UTF-8) and to
+    hash an artifact's tensor bytes without building tensors. Same interface as the parts of
+    ``safetensors.safe_open`` lorazip uses: ``keys``, ``metadata``, ``get_tensor``, ``get_slice``.
+    """
+
+    def __init__(self, path: Path, error: type[Exception] = AdapterFormatError):
+        self.path, self.error = Path(path), error
+        try:
+            self.header, self._meta, self._start = parse_safetensors(self.path)
+        except AdapterFormatError as exc:
+            raise error(str(exc)) from None
+        self._f = None
+
+    def __enter__(self) -> "SafetensorsReader":
+        try:
+            self._f = open(self.path, "rb")
+        except OSError as exc:
+            raise self.error(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def keys(self) -> list[str]:
+        return sorted(self.header)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def read_bytes(self, key: str, first: int = 0, count: int | None = None) -> bytearray:
+        """Raw bytes of tensor ``key`` (``count`` bytes from byte ``first``; all by default)."""
+        start, end = self.header[key]["data_offsets"]
+        count = end - start - first if count is None else count
+        buf = bytearray(count)
+        try:
+            self._f.seek(self._start + start + first)
+            got = self._f.readinto(buf)
+        except OSError as exc:
+            raise self.error(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        if got != count:
+            raise self.error(f"{self.path}: truncated while reading tensor {short(key)}")
+        return buf
+
+    def _tensor(self, key: str, buf: bytearray, shape: list[int]) -> torch.Tensor:
+        dtype = ST_TORCH[self.header[key]["dtype"]]
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        if key not in self.header:
+            raise self.error(f"{self.path}: no tensor named {short(key)}")
+        return self._tensor(key, self.read_bytes(key), self.header[key]["shape"])
+
+    def get_slice(self, key: str) -> "_RowSlice":
+        if key not in self.header:
+            raise self.error(f"{self.path}: no tensor named {short(key)}")
+        return _RowSlice(self, key)
+
+
+class _RowSlice:
+    """``reader.get_slice(key)[a:b]``: rows ``a..b`` of dim 0, reading only their bytes."""
+
+    def __init__(self, reader: SafetensorsReader, key: str):
+        self.reader, self.key = reader, key
+        self.shape = reader.header[key]["shape"]
+
+    def __getitem__(self, item) -> torch.Tensor:
+        if not isinstance(item, slice) or item.step not in (None, 1) or not self.shape:
+            raise TypeError("only row slices [a:b] are supported")
+        a, b, _ = item.indices(self.shape[0])
+        b = max(a, b)
+        row = math.prod(self.shape[1:]) * _DTYPES[self.reader.header[self.key]["dtype"]]
+        buf = self.reader.read_bytes(self.key, a * row, (b - a) * row)
+        return self.reader._tensor(self.key, buf, [b - a, *self.shape[1:]])
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> float:
@@ -285,18 +521,23 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
     for key, info in header.items():
         m = _LORA_KEY.match(key)
         if "lora_magnitude_vector" in key:
-            raise AdapterFormatError(f"{weights}: DoRA magnitude vector {key!r}; DoRA is not supported")
+            raise AdapterFormatError(f"{weights}: DoRA magnitude vector {short(key)}; DoRA is not supported")
         if m is None:
             if ".lora_" in key:
-                raise AdapterFormatError(f"{weights}: unsupported LoRA tensor {key!r}")
+                raise AdapterFormatError(f"{weights}: unsupported LoRA tensor {short(key)}")
             extras.append(key)
             continue
         if m["suffix"] == ".bias":
-            raise AdapterFormatError(f"{weights}: LoRA bias tensor {key!r} is not supported")
+            raise AdapterFormatError(f"{weights}: LoRA bias tensor {short(key)} is not supported")
         kind = m["kind"]
         slot = pairs.setdefault(_module_name(m["module"]), {})
         if kind[-1] in slot:
-            raise AdapterFormatError(f"{weights}: module {m['module']!r} has two {kind} tensors")
+            raise AdapterFormatError(f"{weights}: module {short(m['module'])} has two {kind} tensors")
+        if info["dtype"] not in FLOAT_DTYPES:
+            raise AdapterFormatError(
+                f"{weights}: LoRA tensor {short(key)} has dtype {short(info['dtype'])}; "
+                f"only {', '.join(FLOAT_DTYPES)} factors are supported"
+            )
         slot[kind[-1]] = key
         slot["layout"] = "embedding" if "embedding" in kind else "linear"
         dtypes.add(info["dtype"])
@@ -307,24 +548,34 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
     for mod, slot in sorted(pairs.items()):
         if "A" not in slot or "B" not in slot:
             missing = "lora_B" if "B" not in slot else "lora_A"
-            raise AdapterFormatError(f"{weights}: module {mod!r} has no {missing} tensor")
+            raise AdapterFormatError(f"{weights}: module {short(mod)} has no {missing} tensor")
         sa, sb = header[slot["A"]]["shape"], header[slot["B"]]["shape"]
         if len(sa) != 2 or len(sb) != 2:
             raise AdapterFormatError(
-                f"{weights}: module {mod!r}: only 2-D LoRA factors are supported (got {sa}, {sb}; conv LoRA?)"
+                f"{weights}: module {short(mod)}: only 2-D LoRA factors are supported "
+                f"(got {short(sa)}, {short(sb)}; conv LoRA?)"
             )
         if slot["layout"] == "embedding":  # A_e: (r, num_embeddings), B_e: (dim, r)
             rank, d_out, d_in, r_b = sa[0], sa[1], sb[0], sb[1]
         else:  # A: (r, d_in), B: (d_out, r)
             rank, d_in, d_out, r_b = sa[0], sa[1], sb[0], sb[1]
-        if rank != r_b or rank == 0:
-            raise AdapterFormatError(f"{weights}: module {mod!r}: lora_A {sa} and lora_B {sb} ranks differ")
+        if rank == 0 or r_b == 0:
+            raise AdapterFormatError(f"{weights}: module {short(mod)}: rank 0 (lora_A {sa}, lora_B {sb})")
+        if rank != r_b:
+            raise AdapterFormatError(f"{weights}: module {short(mod)}: lora_A {sa} and lora_B {sb} ranks differ")
         r_cfg, alpha, scale = module_scale(cfg, mod)
         if r_cfg != rank:
             raise AdapterFormatError(
-                f"{weights}: module {mod!r} has rank {rank} but the config (r / rank_pattern) says {r_cfg}"
+                f"{weights}: module {short(mod)} has rank {rank} but the config (r / rank_pattern) says {short(r_cfg)}"
             )
         modules[mod] = LoraModule(mod, slot["A"], slot["B"], rank, d_out, d_in, alpha, scale, slot["layout"])
+    targets = cfg.get("target_modules")
+    if targets and not any(_targeted(targets, mod) for mod in modules):
+        # PEFT would wrap other modules and ignore every tensor of the file: the adapter would load as a no-op.
+        raise AdapterFormatError(
+            f"{path / CONFIG_NAME}: target_modules {short(targets)} match none of the modules adapted in "
+            f"{weights.name} (e.g. {short(next(iter(modules)))})"
+        )
 
     return Adapter(
         name=name or path.resolve().name,

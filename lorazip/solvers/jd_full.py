@@ -12,7 +12,8 @@ Each step does Rayleigh-Ritz on ``span([U, G U])``, so the objective never
 decreases. Cost per sweep is ``O(n r_i r (d_in + d_out))``. Both bases start from
 randomized subspace iteration on ``sum_i w_i M_i M_i^T`` and ``sum_i w_i M_i^T M_i``
 (data-driven, seeded). Iteration stops when both subspaces move less than ``tol``
-(``||U - U_old U_old^T U||_F / ||U||_F``) or after ``max_iters`` sweeps.
+(``||U - U_old U_old^T U||_F / ||U||_F``), when a sweep improves the objective by less than
+``tol`` (relative), or after ``max_iters`` sweeps.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def jd_full(
     seed: int = 0,
     U0: torch.Tensor | None = None,
     V0: torch.Tensor | None = None,
+    tol_scale: float = 1.0,
 ) -> JDResult:
     """Fit shared bases and full cores to ``M_i = B[i] @ A[i]``.
 
@@ -88,7 +90,10 @@ def jd_full(
     B : (n, d_out, r_i) tensor, scale folded in; A : (n, r_i, d_in) tensor.
     rank : shared rank r, ``1 <= r <= min(d_out, d_in)``.
     weights : (n,) tensor, optional; overrides ``weighting`` ("relative" or "absolute").
-    max_iters, tol : sweep limit and subspace-change tolerance.
+    max_iters, tol : sweep limit and tolerance. Iteration stops when both subspaces move less
+        than ``tol`` or a sweep raises the captured fraction by less than ``tol * tol_scale``
+        (relative): the error has then converged even where near-degenerate directions
+        still rotate (flat spectra converge slowly in subspace, not in error).
     seed : seeds the randomized initialisation.
     U0, V0 : warm start (orthonormal columns); the randomized init is skipped.
 
@@ -124,7 +129,8 @@ def jd_full(
         P = _flat(Bw @ (A @ V))  # (d_out, n r)
         U = subspace_iteration_step(U, lambda X: P @ (P.T @ X), rank)
         history.append(float((U.T @ P).square().sum()) / total if total else 1.0)
-        if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol:
+        gain = history[-1] - history[-2]
+        if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol or gain <= tol * tol_scale * history[-1]:
             converged = True
             break
     cores = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)

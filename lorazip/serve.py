@@ -1,0 +1,515 @@
+"""Serve a compressed collection: one forward pass, a different adapter on every batch row.
+
+With shared bases a request's adapter costs ``x -> V_k^T x`` (shared by every adapter of
+cluster ``k``), ``S_a`` (an ``r x r`` core per adapter) and ``U_k`` (shared), instead of a full
+``A_a, B_a`` pair per adapter. :class:`BatchedLoraLinear` wraps a base linear layer
+(``nn.Linear`` or transformers' GPT-2 ``Conv1D``, whose weight is ``(d_in, d_out)``) and computes
+
+    y = base(x) + U_k (S_a (V_k^T x))
+
+for a batch whose rows use different adapters: one projection per cluster present in the
+batch (a single matmul for the whole batch when K = 1), the cores gathered per row into a
+``(batch, r, r)`` batched product (an elementwise product for diagonal cores), then ``U_k``.
+Adapter id ``-1`` means no adapter (delta 0). Bases and cores are buffers: they follow the
+base layer's device and move with ``.to()``.
+
+Typical use with a transformers model::
+
+    import lorazip
+    from lorazip.serve import use_adapters, detach
+
+    lorazip.apply(model, "demo.lorazip.safetensors", adapters=["en-art", "de-witze"])
+    with use_adapters(model, ["en-art", "de-witze", None]):   # one entry per batch row
+        logits = model(input_ids).logits                         # input_ids: (3, seq)
+    detach(model)                                                # original modules back
+
+Integer ids are positions in the list of loaded adapters (:func:`adapter_names`); they equal
+the artifact's indices when all adapters are loaded. Not thread-safe: the adapter choice is
+stored on the model, so serve one batch per model at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .artifact import Artifact, load_artifact
+from .errors import OptionError, ValidationError
+
+__all__ = [
+    "apply", "detach", "use_adapters", "set_adapters", "adapter_names", "is_applied",
+    "BatchedLoraLinear", "BatchedLoraEmbedding",
+]
+
+_ATTR = "_lorazip_serving"
+_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+_tokens = itertools.count()
+
+AdapterId = Union[str, int, None]
+AdapterIds = Union[AdapterId, Sequence[AdapterId], torch.Tensor]
+
+
+# -- the adapter choice of one batch ------------------------------------------------------------
+class _Batch:
+    """Adapter ids of one batch: host copy (validated), per-device copies, cluster groups cache key."""
+
+    __slots__ = ("ids", "broadcast", "active", "token", "_dev")
+
+    def __init__(self, ids: torch.Tensor, broadcast: bool, device_ids: torch.Tensor | None = None):
+        self.ids = ids  # (L,) int64 on CPU; L = 1 when broadcast
+        self.broadcast = broadcast
+        self.active = bool((ids >= 0).any())
+        self.token = next(_tokens)
+        self._dev: dict[torch.device, torch.Tensor] = {}
+        if device_ids is not None:
+            self._dev[device_ids.device] = device_ids
+
+    def rows(self, batch: int, where: str) -> torch.Tensor:
+        """Host ids for a batch of ``batch`` rows."""
+        if self.broadcast:
+            return self.ids.expand(batch)
+        if self.ids.shape[0] != batch:
+            raise OptionError(
+                f"{where}: {self.ids.shape[0]} adapter ids were given for a batch of {batch} rows "
+                "(give one id per row, or a single name/index for the whole batch)"
+            )
+        return self.ids
+
+    def on(self, device: torch.device, batch: int) -> torch.Tensor:
+        t = self._dev.get(device)
+        if t is None:
+            t = self._dev[device] = self.ids.to(device, non_blocking=True)
+        return t.expand(batch) if self.broadcast else t
+
+
+def _resolve(ids: AdapterIds, names: Sequence[str] | None, n: int, all_names: Sequence[str] | None = None) -> _Batch | None:
+    """Names / indices / None / -1 (or an integer tensor) -> a validated :class:`_Batch`.
+
+    ``names`` are the loaded adapters (None for a bare layer: indices only), ``n`` their number.
+    """
+    if ids is None:
+        return None
+    device_ids = None
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise OptionError(f"adapter ids must be an integer tensor, got {ids.dtype}")
+        broadcast = ids.dim() == 0
+        if ids.dim() > 1:
+            raise OptionError(f"adapter ids must have shape (batch,), got {tuple(ids.shape)}")
+        flat = ids.reshape(-1).long()
+        if flat.device.type != "cpu":
+            device_ids = flat
+        host = flat.detach().cpu()
+    else:
+        broadcast = isinstance(ids, (str, int))
+        seq = [ids] if broadcast else list(ids)
+        index = {name: i for i, name in enumerate(names or [])}
+        out = []
+        for v in seq:
+            if v is None:
+                out.append(-1)
+            elif isinstance(v, str):
+                if names is None:
+                    raise OptionError(f"adapter {v!r}: names need lorazip.apply; pass indices to a bare layer")
+                if v not in index:
+                    if all_names is not None and v in all_names:
+                        raise OptionError(
+                            f"adapter {v!r} is in the artifact but was not loaded; "
+                            "pass it in apply(..., adapters=[...])"
+                        )
+                    shown = ", ".join(repr(x) for x in names[:8]) + (", ..." if n > 8 else "")
+                    raise OptionError(f"unknown adapter {v!r}; loaded adapters: {shown}")
+                out.append(index[v])
+            elif isinstance(v, int) and not isinstance(v, bool):
+                out.append(v)
+            elif isinstance(v, torch.Tensor) and v.dim() == 0 and not v.dtype.is_floating_point:
+                out.append(int(v))
+            else:
+                raise OptionError(f"an adapter id must be a name, an integer index or None, got {v!r}")
+        host = torch.tensor(out, dtype=torch.long)
+    bad = (host < -1) | (host >= n)
+    if bool(bad.any()):
+        raise OptionError(
+            f"adapter index {int(host[bad][0])} out of range: {n} adapters are loaded (use -1 or None for none)"
+        )
+    return _Batch(host, broadcast, device_ids)
+
+
+class _Serving:
+    """What :func:`apply` attached to a model: adapter names, wrapped layers, current batch."""
+
+    def __init__(self, names: list[str], all_names: list[str], source: str):
+        self.names = names
+        self.all_names = all_names
+        self.source = source
+        self.layers: dict[str, tuple[nn.Module, nn.Module]] = {}  # name -> (wrapper, original)
+        self.batch: _Batch | None = None
+
+
+# -- the layers -----------------------------------------------------------------------------------
+class _BatchedLora(nn.Module):
+    """Shared state of the batched layers: bases, cores (with a zero row for id -1), assignment."""
+
+    layout = "linear"
+
+    def __init__(self, base: nn.Module, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor,
+                 assign: torch.Tensor | None = None, *, name: str = "", dtype: torch.dtype | None = None):
+        super().__init__()
+        if U.dim() != 3 or V.dim() != 3 or U.shape[0] != V.shape[0] or U.shape[2] != V.shape[2]:
+            raise OptionError(f"{name or 'layer'}: bases must be (K, d_out, r) and (K, d_in, r)")
+        K, _, r = U.shape
+        n = cores.shape[0]
+        if cores.shape[1:] not in ((r, r), (r,)):
+            raise OptionError(f"{name or 'layer'}: cores must be (n, {r}, {r}) or (n, {r}), got {tuple(cores.shape)}")
+        assign = torch.zeros(n, dtype=torch.long) if assign is None else assign.reshape(-1).long().cpu()
+        if assign.shape[0] != n or (n and (int(assign.min()) < 0 or int(assign.max()) >= K)):
+            raise OptionError(f"{name or 'layer'}: assignment must be ({n},) with values in [0, {K})")
+        self.base = base
+        self.name = name
+        self.n_adapters, self.n_clusters, self.rank = n, K, r
+        self.diagonal = cores.dim() == 2
+        ref = _reference_tensor(base)
+        dtype = dtype or (ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32)
+        device = ref.device if ref is not None else torch.device("cpu")
+        zero = torch.zeros((1,) + tuple(cores.shape[1:]), dtype=cores.dtype)
+        # Non-persistent buffers: they move with .to() / .half() but do not change the model's state_dict.
+        self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
+        self.register_buffer("V", V.to(device=device, dtype=dtype).contiguous(), persistent=False)
+        # Row n is all zeros, so id -1 (Python's last row) gathers a zero core.
+        self.register_buffer("cores", torch.cat([cores.cpu(), zero]).to(device=device, dtype=dtype), persistent=False)
+        # Host copy of the assignment (row n = -1: rows without an adapter join no cluster).
+        self._assign = torch.cat([assign, torch.tensor([-1])])
+        self._serving: _Serving | None = None
+        self._groups_key: Any = None
+        self._groups: list[tuple[int, torch.Tensor | None]] = []
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects module.weight (dtype, tying) sees the base's
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    def adapter_bytes(self) -> int:
+        """Bytes of adapter parameters resident in this layer (bases + cores)."""
+        return sum(t.numel() * t.element_size() for t in (self.U, self.V, self.cores))
+
+    def extra_repr(self) -> str:
+        kind = "diag" if self.diagonal else "full"
+        return f"name={self.name!r}, adapters={self.n_adapters}, clusters={self.n_clusters}, rank={self.rank}, cores={kind}"
+
+    # ids of this call: explicit argument, else what use_adapters / set_adapters chose
+    def _batch(self, adapter_ids) -> _Batch | None:
+        if adapter_ids is not None:
+            if isinstance(adapter_ids, _Batch):
+                return adapter_ids
+            st = self._serving
+            return _resolve(adapter_ids, st.names if st else None, self.n_adapters, st.all_names if st else None)
+        return self._serving.batch if self._serving is not None else None
+
+    def _cluster_groups(self, batch: _Batch, rows: torch.Tensor, device: torch.device):
+        """[(k, row indices on device or None for all rows)] for the clusters present (host-side, no sync)."""
+        key = (batch.token, device, rows.shape[0])
+        if self._groups_key != key:
+            k_rows = self._assign[rows]
+            present = [int(k) for k in torch.unique(k_rows) if int(k) >= 0]
+            if len(present) == 1:  # rows without an adapter have zero cores: computing them is harmless
+                groups = [(present[0], None)]
+            else:
+                groups = [(k, (k_rows == k).nonzero().flatten().to(device, non_blocking=True)) for k in present]
+            self._groups_key, self._groups = key, groups
+        return self._groups
+
+    def _core_product(self, h: torch.Tensor, S: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """Row-wise ``h_b S_b^T`` (or ``h_b S_b``): h (b, T, r), S (b, r, r) or diagonals (b, r)."""
+        if self.diagonal:
+            return h * S.unsqueeze(1)
+        return torch.bmm(h, S.transpose(1, 2) if transpose else S)
+
+
+class BatchedLoraLinear(_BatchedLora):
+    """``y = base(x) + U_k S_a V_k^T x`` with adapter ``a`` (cluster ``k``) chosen per batch row.
+
+    Parameters
+    ----------
+    base : ``nn.Linear`` (weight ``(d_out, d_in)``) or transformers ``Conv1D`` (weight ``(d_in, d_out)``).
+    U, V : ``(K, d_out, r)`` and ``(K, d_in, r)`` bases.
+    cores : ``(n, r, r)`` full or ``(n, r)`` diagonal cores.
+    assign : ``(n,)`` cluster of each adapter (all 0 when omitted).
+    dtype : dtype of the stored bases/cores and of the adapter computation (default: the base's).
+
+    ``forward(x, adapter_ids=None)``: ``x`` is ``(batch, ..., d_in)``; ``adapter_ids`` is ``(batch,)``
+    (indices, ``-1`` = none), broadcast over the other dimensions; without it, the ids chosen with
+    :func:`use_adapters` / :func:`set_adapters` are used (none: the base layer alone).
+    """
+
+    def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None):
+        d_out, d_in = linear_shape(base, name)
+        if U.shape[1] != d_out or V.shape[1] != d_in:
+            raise ValidationError(
+                f"{name or 'layer'}: the model's layer is {d_out} x {d_in} (d_out x d_in) but the adapters are "
+                f"{U.shape[1]} x {V.shape[1]}"
+            )
+        super().__init__(base, U, V, cores, assign, name=name, dtype=dtype)
+        self.in_features, self.out_features = d_in, d_out
+
+    def forward(self, x: torch.Tensor, adapter_ids: AdapterIds | None = None) -> torch.Tensor:
+        y = self.base(x)
+        batch = self._batch(adapter_ids)
+        if batch is None or not batch.active:
+            return y
+        return y + self.delta(x, batch).to(y.dtype)
+
+    def delta(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """``U_k S_a V_k^T x`` per row, shape of ``x`` with the last dimension ``d_out``."""
+        if x.dim() < 2:
+            raise OptionError(f"{self.name or 'layer'}: input must be (batch, ..., d_in), got {tuple(x.shape)}")
+        b = x.shape[0]
+        host = batch.rows(b, self.name or "layer")
+        ids = batch.on(self.cores.device, b)
+        x3 = x.reshape(b, -1, x.shape[-1]).to(self.U.dtype)  # (b, T, d_in)
+        S = self.cores[ids]  # (b, r, r) or (b, r); zero rows for id -1
+        if self.n_clusters == 1:
+            h = x3 @ self.V[0]  # one matmul for the whole batch: (b, T, r)
+            out = self._core_product(h, S, transpose=True) @ self.U[0].T  # (b, T, d_out)
+        else:
+            out = x3.new_zeros(b, x3.shape[1], self.out_features)
+            for k, rows in self._cluster_groups(batch, host, x3.device):
+                if rows is None:  # every row with an adapter is in cluster k
+                    out = self._core_product(x3 @ self.V[k], S, transpose=True) @ self.U[k].T
+                    continue
+                h = x3.index_select(0, rows) @ self.V[k]
+                out.index_copy_(0, rows, self._core_product(h, S.index_select(0, rows), transpose=True) @ self.U[k].T)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class BatchedLoraEmbedding(_BatchedLora):
+    """Embedding counterpart (artifact layout ``embedding``): table row ``t`` gets ``U_k[t] S_a V_k^T``."""
+
+    layout = "embedding"
+
+    def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None):
+        if not isinstance(base, nn.Embedding):
+            raise ValidationError(f"{name or 'layer'}: the artifact adapts an embedding but the model has {type(base).__name__}")
+        if (U.shape[1], V.shape[1]) != (base.num_embeddings, base.embedding_dim):
+            raise ValidationError(
+                f"{name or 'layer'}: the model's embedding is {base.num_embeddings} x {base.embedding_dim} but the "
+                f"adapters are {U.shape[1]} x {V.shape[1]}"
+            )
+        super().__init__(base, U, V, cores, assign, name=name, dtype=dtype)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+
+    def forward(self, idx: torch.Tensor, adapter_ids: AdapterIds | None = None) -> torch.Tensor:
+        y = self.base(idx)
+        batch = self._batch(adapter_ids)
+        if batch is None or not batch.active:
+            return y
+        return y + self.delta(idx, batch).to(y.dtype)
+
+    def delta(self, idx: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        if idx.dim() < 1:
+            raise OptionError(f"{self.name or 'layer'}: input must be (batch, ...) token ids")
+        b = idx.shape[0]
+        host = batch.rows(b, self.name or "layer")
+        ids = batch.on(self.cores.device, b)
+        i2 = idx.reshape(b, -1)
+        S = self.cores[ids]
+        if self.n_clusters == 1:
+            u = nn.functional.embedding(i2, self.U[0])  # (b, T, r)
+            out = self._core_product(u, S, transpose=False) @ self.V[0].T
+        else:
+            out = self.U.new_zeros(b, i2.shape[1], self.embedding_dim)
+            for k, rows in self._cluster_groups(batch, host, i2.device):
+                if rows is None:
+                    out = self._core_product(nn.functional.embedding(i2, self.U[k]), S, transpose=False) @ self.V[k].T
+                    continue
+                u = nn.functional.embedding(i2.index_select(0, rows), self.U[k])
+                out.index_copy_(0, rows, self._core_product(u, S.index_select(0, rows), transpose=False) @ self.V[k].T)
+        return out.reshape(*idx.shape, self.embedding_dim)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w
+    return next(itertools.chain(module.parameters(), module.buffers()), None)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (weight ``(d_in, d_out)``), without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_shape(module: nn.Module, name: str = "") -> tuple[int, int]:
+    """``(d_out, d_in)`` of a supported linear layer; ValidationError for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if _is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return int(d_out), int(d_in)
+    raise ValidationError(
+        f"{name or 'module'}: cannot attach adapters to {type(module).__name__} "
+        "(supported: torch.nn.Linear, transformers Conv1D, torch.nn.Embedding)"
+    )
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise OptionError(f"dtype must be a floating point type, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.replace("torch.", "")]
+    raise OptionError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+
+
+def _serving(model: nn.Module) -> _Serving:
+    st = getattr(model, _ATTR, None)
+    if not isinstance(st, _Serving):
+        raise OptionError("no lorazip collection is attached to this model (call lorazip.apply first)")
+    return st
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+# -- public API ------------------------------------------------------------------------------------
+def apply(
+    model: nn.Module,
+    artifact: Artifact | str | os.PathLike,
+    adapters: Sequence[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> nn.Module:
+    """Attach a compressed collection to ``model`` (in place) and return the model.
+
+    Every module recorded in the artifact (e.g. ``model.layers.0.self_attn.q_proj``) is replaced
+    by a :class:`BatchedLoraLinear` (or :class:`BatchedLoraEmbedding`) wrapping it. Only the bases
+    and the cores of ``adapters`` (default: all, in artifact order) are read; the cores are read
+    with :meth:`Artifact.get_rows`, so other adapters' bytes are not touched. ``dtype`` (a torch
+    dtype or ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"float64"``) is the dtype bases and
+    cores are kept in; default each base layer's dtype. They are placed on each layer's device.
+
+    Modules an adapter did not adapt get a zero core (delta 0), as in :func:`lorazip.export`.
+    Non-LoRA tensors stored with the adapters (``modules_to_save`` heads) are not served.
+
+    Raises
+    ------
+    ArtifactError : unknown adapter name or unreadable artifact.
+    ValidationError : a module of the artifact is missing in the model, has another type or shape.
+    OptionError : bad ``adapters`` / ``dtype``, or a collection is already attached.
+    """
+    if isinstance(artifact, (str, os.PathLike)):
+        artifact = load_artifact(artifact)
+    if getattr(model, _ATTR, None) is not None:
+        raise OptionError("a lorazip collection is already attached to this model; call lorazip.serve.detach first")
+    tdtype = _resolve_dtype(dtype)
+    if isinstance(adapters, str):
+        adapters = [adapters]
+    names = list(artifact.names if adapters is None else adapters)
+    if not names:
+        raise OptionError("no adapters requested")
+    rows = [artifact.index(n) for n in names]  # ArtifactError for unknown names
+    if len(set(rows)) != len(rows):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise OptionError(f"adapter {dup!r} requested twice")
+
+    # Resolve and check every target before reading tensors or changing the model.
+    targets: list[tuple[dict, nn.Module]] = []
+    for mod in artifact.modules:
+        m = mod["name"]
+        try:
+            sub = model.get_submodule(m)
+        except AttributeError:
+            raise ValidationError(
+                f"module {m!r} of the artifact is not in the model ({type(model).__name__}); "
+                f"the artifact was made for base model {artifact.meta.get('base_model')!r}"
+            ) from None
+        layout = mod.get("layout", "linear")
+        if layout == "embedding":
+            if not isinstance(sub, nn.Embedding):
+                raise ValidationError(f"{m}: the artifact adapts an embedding but the model has {type(sub).__name__}")
+            shape = (sub.num_embeddings, sub.embedding_dim)
+        else:
+            shape = linear_shape(sub, m)
+        if shape != (mod["d_out"], mod["d_in"]):
+            raise ValidationError(
+                f"{m}: the model's layer is {shape[0]} x {shape[1]} (d_out x d_in) but the artifact's is "
+                f"{mod['d_out']} x {mod['d_in']}; the artifact was made for base model {artifact.meta.get('base_model')!r}"
+            )
+        targets.append((mod, sub))
+
+    serving = _Serving(names, artifact.names, str(artifact.path or "<in memory>"))
+    metas = [artifact.meta["adapters"][i] for i in rows]
+    wrappers: dict[str, tuple[nn.Module, nn.Module]] = {}
+    for mod, sub in targets:
+        m = mod["name"]
+        U, V, cores, assign = artifact.module_factors(m, rows)
+        missing = [j for j, a in enumerate(metas) if "ranks" in a and m not in a["ranks"]]
+        if missing:  # the original adapter did not adapt this module: its delta is zero
+            cores = cores.clone()
+            cores[missing] = 0
+        cls = BatchedLoraEmbedding if mod.get("layout", "linear") == "embedding" else BatchedLoraLinear
+        layer = cls(sub, U, V, cores, assign, name=m, dtype=tdtype)
+        layer._serving = serving
+        wrappers[m] = (layer, sub)
+    for m, (layer, _) in wrappers.items():
+        _set_submodule(model, m, layer)
+    serving.layers = wrappers
+    setattr(model, _ATTR, serving)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Put the original modules back (the very objects :func:`apply` wrapped) and forget the collection."""
+    st = _serving(model)
+    for m, (_layer, original) in st.layers.items():
+        _set_submodule(model, m, original)
+    st.layers, st.batch = {}, None
+    delattr(model, _ATTR)
+    return model
+
+
+def is_applied(model: nn.Module) -> bool:
+    """True when :func:`apply` attached a collection to ``model``."""
+    return isinstance(getattr(model, _ATTR, None), _Serving)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the loaded adapters; integer adapter ids index this list."""
+    return list(_serving(model).names)
+
+
+def set_adapters(model: nn.Module, ids: AdapterIds) -> None:
+    """Choose the adapter of every batch row for the following forward passes.
+
+    ``ids``: one entry per batch row (names, indices into :func:`adapter_names`, ``None`` or ``-1``
+    for the base model), an integer tensor of shape ``(batch,)`` (may live on the model's device),
+    or a single name / index for the whole batch. ``None`` (not in a list) clears the choice: the
+    model then runs without adapters.
+    """
+    st = _serving(model)
+    st.batch = _resolve(ids, st.names, len(st.names), st.all_names)
+
+
+@contextmanager
+def use_adapters(model: nn.Module, ids: AdapterIds) -> Iterator[None]:
+    """Context manager form of :func:`set_adapters`; the previous choice is restored on exit."""
+    st = _serving(model)
+    batch = _resolve(ids, st.names, len(st.names), st.all_names)
+    prev, st.batch = st.batch, batch
+    try:
+        yield
+    finally:
+        st.batch = prev
