@@ -106,9 +106,15 @@ def compress(
     ),
     per_module_clusters: bool = typer.Option(False, help="Cluster each module separately (default: one group per adapter)."),
     max_rounds: int = typer.Option(30, help="Maximum fit/assign rounds of jd-clustered."),
-    target_error: Optional[float] = typer.Option(None, help="With --clusters auto: smallest K whose error meets this."),
+    target_error: Optional[float] = typer.Option(
+        None, help="Mean per-adapter error to reach with the least storage (ranks, or K with --clusters auto)."
+    ),
     target_stat: str = typer.Option("mean", help="Which per-adapter error --target-error bounds: mean | max."),
-    budget: Optional[str] = typer.Option(None, help="With --clusters auto: lowest error within this size (500MB, 50x)."),
+    budget: Optional[str] = typer.Option(
+        None, help="Artifact size limit (500MB, 2GiB, or a ratio like 50x): ranks (or K with --clusters auto) are chosen to fit."
+    ),
+    max_rank: int = typer.Option(64, help="Largest rank considered by --budget / --target-error."),
+    uniform_rank: bool = typer.Option(False, help="With --budget / --target-error: one rank for all modules."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     hub_author: Optional[str] = _author,
@@ -130,7 +136,7 @@ def compress(
     settings = dict(weighting=weighting, device=device, storage_dtype=dtype, compute_dtype=compute_dtype,
                     seed=seed, max_iters=max_iters,
                     tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds)
-    curve = None
+    curve = allocation = None
     if clusters == "auto":
         from lorazip.select import choose_clusters, parse_size
 
@@ -143,9 +149,22 @@ def compress(
                 progress=lambda K, row: bar.update(task, item=f"K={K}: {target_stat} error {row[target_stat]:.4f}"),
                 **settings,
             )
+    elif target_error is not None or budget is not None:
+        from lorazip.ranks import compress_to
+        from lorazip.select import parse_size
+
+        if clusters is not None:
+            raise lorazip.OptionError("--budget / --target-error with --clusters choose K: pass --clusters auto")
+        orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
+        with _progress() as bar:
+            task = bar.add_task("rank curves", total=len(coll.modules), item="")
+            art, allocation = compress_to(
+                coll, compress=lorazip.compress, budget=parse_size(budget, orig) if budget else None,
+                target_error=target_error, max_rank=max_rank, uniform=uniform_rank, method=method,
+                progress=lambda done, total, name: bar.update(task, completed=done, item=name),
+                **{k: v for k, v in settings.items() if k not in ("per_module_clusters", "max_rounds")},
+            )
     else:
-        if target_error is not None or budget is not None:
-            raise lorazip.OptionError("--target-error and --budget choose K: use them with --clusters auto")
         if clusters is not None:
             try:
                 k = int(clusters)
@@ -169,15 +188,19 @@ def compress(
     if curve is not None:
         rep["k_selection"] = {"target_error": target_error, "target_stat": target_stat, "budget": budget,
                               "chosen": art.meta["clustering"]["n_clusters"], "curve": curve}
+    if allocation is not None:
+        rep["rank_allocation"] = allocation
     if as_json:
         _emit_json(rep)
     if curve is not None:
         fmt.print_curve(err, rep["k_selection"])
+    if allocation is not None:
+        fmt.print_allocation(err, allocation)
     fmt.print_summary(err, rep, title=f"lorazip compress -> {output}")
     fmt.print_notes(err, rep)
 
 
-TASK_HELP = "Task-level evaluation (needs lorazip[eval])"
+TASK_HELP = "Task-level evaluation (needs the eval extra: transformers, peft)"
 
 
 def _task_eval(art, base_model, data, originals, max_texts, max_length, batch_size, device, allow_pickle, as_json):

@@ -137,3 +137,14 @@ def print_curve(con: Console, sel: dict[str, Any]) -> None:
         t.add_row(str(row["K"]), f"{row['mean']:.4f}", f"{row['median']:.4f}", f"{row['max']:.4f}",
                   f"{row['params']:,}", _b(row["bytes"]), "<- chosen" if row["K"] == sel["chosen"] else "")
     con.print(t)
+
+
+def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
+    """Ranks chosen by --budget / --target-error, summarised per rank."""
+    from collections import Counter
+
+    counts = Counter(alloc["ranks"].values())
+    goal = f"budget {alloc['budget_bytes']:,} bytes" if alloc["budget_bytes"] else f"target mean error {alloc['target_error']}"
+    con.print(f"{alloc['mode']} ranks for {goal}: "
+              + ", ".join(f"rank {r} x {c}" for r, c in sorted(counts.items()))
+              + f"; artifact {_b(alloc['artifact_bytes'])}")

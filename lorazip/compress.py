@@ -9,6 +9,7 @@ factors are in memory at a time.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -180,6 +181,7 @@ def compress(
     seed: int = 0,
     max_iters: int = 500,
     tol: float = 1e-4,
+    ranks: dict[str, int] | None = None,
     clusters: int = 1,
     per_module_clusters: bool = False,
     max_rounds: int = 30,
@@ -195,6 +197,8 @@ def compress(
     ----------
     collection : Collection from :func:`lorazip.load_collection`.
     rank : shared rank r (per module, at most ``min(d_out, d_in)``).
+    ranks : optional rank per module name (overrides ``rank`` there); see
+        :func:`lorazip.ranks.compress_to` to choose them from a budget or an error target.
     method : "jd-full" (full r x r cores), "jd-diag" (diagonal cores), "jd-clustered"
         (K groups with their own bases) or "svd" (per-adapter truncated SVD, the baseline).
     clusters, per_module_clusters, max_rounds : for "jd-clustered": K, one assignment per
@@ -225,10 +229,19 @@ def compress(
     opts.check()
     if storage_dtype == "auto":
         storage_dtype = collection.storage_dtype()
+    ranks = dict(ranks or {})
+    unknown = set(ranks) - {m.name for m in collection.modules}
+    if unknown:
+        raise OptionError(f"ranks given for modules not in the collection: {', '.join(sorted(unknown)[:3])}")
+    if ranks and method == "jd-clustered":
+        raise OptionError("per-module ranks are not supported with jd-clustered yet; use one --rank")
     for m in collection.modules:
-        if rank > min(m.d_out, m.d_in):
+        r_m = ranks.setdefault(m.name, rank)
+        if isinstance(r_m, bool) or not isinstance(r_m, int) or r_m <= 0:
+            raise OptionError(f"rank of module {m.name} must be a positive integer, got {r_m!r}")
+        if r_m > min(m.d_out, m.d_in):
             raise OptionError(
-                f"rank {rank} is larger than module {m.name} allows (min(d_out, d_in) = {min(m.d_out, m.d_in)})"
+                f"rank {r_m} is larger than module {m.name} allows (min(d_out, d_in) = {min(m.d_out, m.d_in)})"
             )
     dev = resolve_device(device)
     sdtype = STORAGE_DTYPES[storage_dtype]
@@ -261,7 +274,7 @@ def compress(
         modules_meta.append(
             {
                 "name": info.name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout,
-                "rank": rank, "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged,
+                "rank": int(U.shape[2]), "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged,
             }
         )
         if progress:
@@ -288,7 +301,8 @@ def compress(
             t0 = time.perf_counter()
             B, A = cache.device(j)
             t1 = time.perf_counter()
-            sol = solve_module(method, B, A, rank, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
+            r_j = ranks[collection.modules[j].name]
+            sol = solve_module(method, B, A, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
             clock["read_s"] += t1 - t0
             clock["solve_s"] += time.perf_counter() - t1
             store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
@@ -305,7 +319,8 @@ def compress(
         "lorazip_version": __version__,
         "base_model": collection.base_model,
         "method": method,
-        "rank": rank,
+        "rank": Counter(ranks.values()).most_common(1)[0][0] if ranks else rank,
+        "per_module_ranks": len(set(ranks.values())) > 1,
         "weighting": weighting,
         "storage_dtype": storage_dtype,
         "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": dev.type,

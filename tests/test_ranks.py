@@ -1,0 +1,119 @@
+"""Ranks from a budget or an error target: exact bytes, target met, per-module >= uniform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorazip
+from lorazip.ranks import allocate, compress_to, rank_curves
+from lorazip.solvers import jd_full
+
+
+def _write(folder: Path, state: dict, r: int) -> None:
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": r, "base_model_name_or_path": "tiny", "target_modules": ["easy", "hard"]}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Module 'easy' lies in a shared rank-2 space; module 'hard' is iid rank 4: ranks should differ."""
+    root = tmp_path_factory.mktemp("uneven")
+    g = torch.Generator().manual_seed(0)
+    d = 24
+    Ue, Ve = torch.linalg.qr(torch.randn(d, 2, generator=g))[0], torch.linalg.qr(torch.randn(d, 2, generator=g))[0]
+    for i in range(6):
+        st = {}
+        Be = torch.cat([Ue @ torch.randn(2, 2, generator=g), torch.zeros(d, 2)], 1)
+        Ae = torch.cat([torch.randn(2, 2, generator=g) @ Ve.T, torch.zeros(2, d)], 0)
+        for name, (B, A) in {
+            "easy": (Be, Ae),
+            "hard": (torch.randn(d, 4, generator=g), torch.randn(4, d, generator=g)),
+        }.items():
+            st[f"base_model.model.{name}.lora_A.weight"] = A
+            st[f"base_model.model.{name}.lora_B.weight"] = B
+        _write(root / f"a{i}", st, 4)
+    return lorazip.load_collection(root)
+
+
+def test_rank_curves_match_jd_full_and_decrease(uneven):
+    curves = rank_curves(uneven, 8)
+    for c in curves.contribution():  # per adapter errors may trade; the weighted mean may not rise
+        assert bool((c[1:] <= c[:-1] + 1e-9).all())
+    for j, m in enumerate(curves.modules):
+        e = curves.errors[j]
+        fac = uneven.module_factors(m)
+        ref = jd_full(fac.B, fac.A, 8, tol=1e-10)
+        rel = (e[:, -1] / curves.norms2[:, j]).mean()
+        assert abs(float(rel) - (1 - ref.objective)) < 1e-3
+    easy = curves.modules.index("easy")
+    assert float((curves.errors[easy][:, 1] / curves.norms2[:, easy]).max()) < 1e-6  # rank 2 is exact there
+
+
+def test_budget_is_respected_exactly(uneven, tmp_path):
+    for budget in (12_000, 20_000, 40_000):
+        art, rep = compress_to(uneven, compress=lorazip.compress, budget=budget, storage_dtype="float32", hash_sources=False)
+        path = art.save(tmp_path / f"b{budget}.lorazip.safetensors")
+        assert path.stat().st_size <= budget
+        assert path.stat().st_size == rep["artifact_bytes"]
+    with pytest.raises(lorazip.OptionError, match="cannot hold"):
+        compress_to(uneven, compress=lorazip.compress, budget=2_000, hash_sources=False)
+
+
+def test_target_error_is_met_with_fewer_numbers_than_uniform(uneven):
+    art, rep = compress_to(uneven, compress=lorazip.compress, target_error=0.3, storage_dtype="float32", hash_sources=False)
+    mean = lorazip.evaluate(art)["errors"]["mean"]
+    assert mean <= 0.3 * 1.01
+    uni, rep_u = compress_to(uneven, compress=lorazip.compress, target_error=0.3, uniform=True,
+                             storage_dtype="float32", hash_sources=False)
+    assert lorazip.evaluate(uni)["errors"]["mean"] <= 0.3 * 1.01
+    params = lambda a: lorazip.evaluate(a)["storage"]["compressed_params"]  # noqa: E731
+    assert params(art) <= params(uni)
+    assert rep["ranks"]["easy"] <= 2 < rep["ranks"]["hard"]
+
+
+@pytest.mark.parametrize("uniform_rank", [2, 3, 5])
+def test_per_module_never_worse_than_uniform_at_equal_bytes(uneven, uniform_rank):
+    uni = lorazip.compress(uneven, uniform_rank, storage_dtype="float32", hash_sources=False)
+    budget = uni.serialized_size()
+    per, _ = compress_to(uneven, compress=lorazip.compress, budget=budget, storage_dtype="float32", hash_sources=False)
+    assert per.serialized_size() <= budget
+    assert lorazip.evaluate(per)["errors"]["mean"] <= lorazip.evaluate(uni)["errors"]["mean"] + 1e-9
+
+
+def test_allocate_greedy_prefers_steep_curves(uneven):
+    curves = rank_curves(uneven, 6)
+    ranks = allocate(curves, len(uneven), target_error=1e-6)
+    assert ranks["easy"] == 2
+
+
+def test_per_module_ranks_round_trip_through_artifact_and_export(uneven, tmp_path):
+    art = lorazip.compress(uneven, 2, ranks={"hard": 5}, storage_dtype="float32", hash_sources=False)
+    path = art.save(tmp_path / "r.lorazip.safetensors")
+    back = lorazip.load_artifact(path)
+    assert {m["name"]: m["rank"] for m in back.modules} == {"easy": 2, "hard": 5}
+    state, cfg = lorazip.to_peft(back, back.names[0])
+    assert cfg["r"] in (2, 5) and len(cfg["rank_pattern"]) == 1
+    assert state["base_model.model.hard.lora_A.weight"].shape == (5, 24)
+    with pytest.raises(lorazip.OptionError, match="larger than module"):
+        lorazip.compress(uneven, 2, ranks={"hard": 99})
+
+
+def test_cli_budget_json(uneven, tmp_path, capsys):
+    from lorazip.cli.main import main
+
+    src = uneven.adapters[0].path.parent
+    out = tmp_path / "c.lorazip.safetensors"
+    rc = main(["compress", str(src), "-o", str(out), "--budget", "20KB", "--dtype", "float32", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert out.stat().st_size <= 20_000 and rep["rank_allocation"]["mode"] == "per-module"
+    rc = main(["compress", str(src), "-o", str(tmp_path / "d.safetensors"), "--budget", "2x"])
+    assert rc == 0 and (tmp_path / "d.safetensors").stat().st_size <= sum(
+        a.weights_file.stat().st_size for a in uneven.adapters) / 2
