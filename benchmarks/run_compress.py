@@ -72,6 +72,19 @@ def child_compress(args) -> dict:
     }
 
 
+def record_row(doc: Path, heading: str, row: str) -> None:
+    """Insert ``row`` at the end of the first table under ``heading`` (other sections untouched)."""
+    lines = doc.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    at = start + 1
+    while at < len(lines) and not lines[at].startswith("|"):
+        at += 1
+    while at < len(lines) and lines[at].startswith("|"):
+        at += 1
+    lines.insert(at, row)
+    doc.write_text("".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
@@ -115,8 +128,7 @@ def main() -> None:
                f"{comp['total_s']:.1f} s (read wait {comp['read_s']:.1f}, solve {comp['solve_s']:.1f}, "
                f"errors {comp['error_s']:.1f}, write {comp['write_s']:.1f}) | {comp['peak_rss_mb']:.0f} MB | "
                f"{e['mean']:.4f} / {e['max']:.4f} | {st['ratio_bytes']:.1f}x | {comp['threads']} |\n")
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(row)
+        record_row(ROOT / "docs" / "benchmarks.md", "## Compression scaling", row)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def compress(
     method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
     weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    backend: str = typer.Option("torch", help="Array library of the jd-full solver: torch | numpy | cupy."),
     dtype: str = typer.Option("auto", "--dtype", help="Storage dtype: auto (the adapters' own) | float32 | float16 | bfloat16."),
     compute_dtype: str = typer.Option("float32", help="Solver precision: float32 | float64 (errors always in float64)."),
     seed: int = typer.Option(0, help="Seed of the randomized initialisation."),
@@ -133,7 +134,7 @@ def compress(
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
     coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
-    settings = dict(weighting=weighting, device=device, storage_dtype=dtype, compute_dtype=compute_dtype,
+    settings = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype, compute_dtype=compute_dtype,
                     seed=seed, max_iters=max_iters,
                     tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds)
     curve = allocation = None
@@ -229,6 +230,7 @@ def eval_(
     allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin sources."),
     top: int = typer.Option(10, help="Show this many worst adapters."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the error distribution (adapters, modules); needs lorazip[plot]."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Task eval: base model folder (with --data).", rich_help_panel=TASK_HELP),
     data: Optional[Path] = typer.Option(None, "--data", help="Task eval: folder of <adapter>.jsonl held-out texts.", rich_help_panel=TASK_HELP),
     originals: Optional[List[Path]] = typer.Option(None, "--originals", help="Task eval: original adapter folders (default: SOURCES, else the recorded paths).", rich_help_panel=TASK_HELP),
@@ -241,14 +243,22 @@ def eval_(
     --data, held-out loss of base / original / compressed adapters and retention (docs/task_eval.md)."""
     art = lorazip.load_artifact(artifact)
     if base_model is not None or data is not None:
+        if plot is not None:
+            raise lorazip.OptionError("--plot draws reconstruction errors; it cannot be combined with --base-model/--data")
         _task_eval(art, base_model, data, originals or sources, max_texts, max_length, batch_size, device,
                    allow_pickle, as_json)
         return
     rep = lorazip.evaluate(art, [str(s) for s in sources] if sources else None, allow_pickle=allow_pickle)
+    if plot is not None:
+        from lorazip.analyze import plot_eval
+
+        plot_eval(art, plot, [str(s) for s in sources] if sources else None, allow_pickle=allow_pickle)
     if as_json:
         _emit_json(rep)
     fmt.print_summary(err, rep, title=f"lorazip eval {artifact}")
     fmt.print_worst(err, rep, top)
+    if plot is not None:
+        err.print(f"plot written to {escape(str(plot))}")
 
 
 @app.command()
@@ -317,13 +327,136 @@ def verify(
     if as_json:
         _emit_json(rep)
     for line in rep["problems"]:
-        err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(_printable(line))}", highlight=False, soft_wrap=True)
     if rep["problems"]:
         raise typer.Exit(1)
     n_files = len(rep["files"])
     err.print(f"ok: tensor checksum matches{f'; {n_files} source file(s) match' if sources else ''}")
     if rep["not_checked"]:
         err.print(f"note: {len(rep['not_checked'])} adapter(s) of the artifact had no source to check")
+
+
+@app.command()
+def add(
+    artifact: Path = typer.Argument(..., help="Artifact file to grow."),
+    sources: List[str] = typer.Argument(..., help="New adapter folders, folders of adapters, or Hub repo ids."),
+    threshold: float = typer.Option(0.6, help="Warn about added adapters whose relative squared error is above this."),
+    refit: bool = typer.Option(False, help="Refit the bases on all adapters (re-reads the originals recorded in the artifact)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of updating ARTIFACT in place."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    name: Optional[List[str]] = typer.Option(None, "--name", help="Name of each new adapter (repeatable; default: folder names)."),
+    base_model: Optional[str] = typer.Option(None, help="Accept adapters of another base model name."),
+    allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Add adapters to an artifact: project them onto its bases (or --refit) and report their errors."""
+    import warnings
+
+    from lorazip.update import add_adapters
+
+    out = _update_target(artifact, output, overwrite)
+    art = lorazip.load_artifact(artifact)
+    got = _gather(sources, None, None, None, None, None, False, 8, False)
+    with _progress() as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report's warnings are printed below
+        task = bar.add_task("refitting" if refit else "projecting", total=len(art.modules), item="")
+        new, rep = add_adapters(
+            art, got.sources, threshold=threshold, refit=refit, names=name or None, base_model=base_model,
+            allow_pickle=allow_pickle, progress=lambda done, total, item: bar.update(task, completed=done, item=item),
+        )
+    new.save(out, overwrite=True)
+    rep["output"] = str(out)
+    if as_json:
+        _emit_json(rep)
+    fmt.print_added(err, rep)
+    for line in rep["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def remove(
+    artifact: Path = typer.Argument(..., help="Artifact file."),
+    names: List[str] = typer.Argument(..., help="Names of the adapters to drop."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of updating ARTIFACT in place."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Remove adapters from an artifact (bases unchanged)."""
+    from lorazip.update import remove_adapters
+
+    out = _update_target(artifact, output, overwrite)
+    new, rep = remove_adapters(lorazip.load_artifact(artifact), names)
+    new.save(out, overwrite=True)
+    rep["output"] = str(out)
+    if as_json:
+        _emit_json(rep)
+    err.print(f"removed {len(rep['removed'])} adapter(s); {escape(str(out))} holds {rep['n_adapters']} "
+              f"(mean error {rep['errors']['mean']:.4f})", highlight=False)
+
+
+def _update_target(artifact: Path, output: Optional[Path], overwrite: bool) -> Path:
+    """Where add/remove write: ARTIFACT itself (atomically replaced) or -o OUTPUT."""
+    if output is None or output.resolve() == artifact.resolve():
+        return artifact
+    if output.exists() and not overwrite:
+        raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    return output
+
+
+@app.command()
+def analyze(
+    sources: Optional[List[str]] = typer.Argument(
+        None, help="Adapter folders, folders of adapter folders, or Hub repo ids (org/name[@rev])."
+    ),
+    ranks: str = typer.Option("1,2,4,8,16,32", help="Shared ranks to try (comma-separated)."),
+    clusters: str = typer.Option("1,2,4", help="Numbers of clusters K to try (comma-separated)."),
+    cluster_ranks: Optional[str] = typer.Option(None, help="Ranks at which K is varied (default: --ranks)."),
+    target_error: Optional[float] = typer.Option(None, help="Pick the rank and K of least storage meeting this mean error."),
+    weighting: str = typer.Option("relative", help="relative | absolute."),
+    max_iters: int = typer.Option(50, help="Solver sweeps per fit (loose: an estimate)."),
+    tol: float = typer.Option(1e-3, help="Solver tolerance (loose: an estimate)."),
+    base_model: Optional[str] = typer.Option(None, help="Override the base model check."),
+    allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: spectra, error vs rank, error vs K (needs lorazip[plot])."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout."),
+    hub_author: Optional[str] = _author,
+    hub_search: Optional[str] = _search,
+    hub_collection: Optional[str] = _collection,
+    hub_list: Optional[Path] = _list,
+    token: Optional[str] = _token,
+    skip_failed: bool = _skip,
+    workers: int = _workers,
+    offline: bool = _offline,
+) -> None:
+    """Before compressing: spectra, shared-basis vs per-adapter SVD error by rank, error by K, and a pick."""
+    from lorazip.analyze import analyze as run_analysis
+    from lorazip.analyze import parse_int_list, plot_analysis
+
+    rank_list = parse_int_list(ranks, "--ranks")
+    k_list = parse_int_list(clusters, "--clusters")
+    crank_list = parse_int_list(cluster_ranks, "--cluster-ranks") if cluster_ranks else None
+    got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
+    coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
+    with _progress() as bar:
+        task = bar.add_task("analyzing", total=None, item="")
+        rep = run_analysis(
+            coll, rank_list, k_list, target_error=target_error, cluster_ranks=crank_list, weighting=weighting,
+            max_iters=max_iters, tol=tol,
+            progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item),
+        )
+    if plot is not None:
+        plot_analysis(rep, plot)
+    if as_json:
+        _emit_json(rep)
+    fmt.print_analysis(err, rep)
+    if plot is not None:
+        err.print(f"plot written to {escape(str(plot))}")
+
+
+def _printable(text: str) -> str:
+    """One line, no terminal control sequences: names and paths in messages come from strangers'
+    files and folders (newlines, ESC sequences, undecodable bytes are shown escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,30 +468,38 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    terminated: list[int] = []
+    caught: list[int] = []
 
-    def _on_term(signum, _frame):
-        terminated.append(signum)
+    def _on_signal(signum, _frame):
+        caught.append(signum)
         raise KeyboardInterrupt
 
-    previous = None
+    def _stopped() -> int:
+        term = signal.SIGTERM in caught
+        err.print("terminated" if term else "interrupted")
+        return 143 if term else 130
+
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_term)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # leave an ignored SIGINT ignored
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
     try:
         rc = app(args=argv, prog_name="lorazip", standalone_mode=False)
+        if rc == 130 or caught:  # newer typer turns KeyboardInterrupt into a silent exit code 130
+            return _stopped()
         return rc if isinstance(rc, int) else 0
     except LorazipError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(_printable(str(exc)))}", highlight=False, soft_wrap=True)
         return 1
     except (KeyboardInterrupt, click.exceptions.Abort, _TyperAbort):
-        err.print("terminated" if terminated else "interrupted")
-        return 143 if terminated else 130
+        return _stopped()
     except (click.exceptions.ClickException, _TyperClickException) as exc:
         exc.show()
         return exc.exit_code
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def entry() -> None:

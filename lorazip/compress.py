@@ -17,6 +17,7 @@ import torch
 
 from . import __version__
 from .artifact import STORAGE_DTYPES, Artifact
+from .backend import BACKENDS, to_backend, to_torch
 from .errors import OptionError
 from .io.collection import Collection
 from .io.peft import sha256_file
@@ -182,6 +183,7 @@ def compress(
     max_iters: int = 500,
     tol: float = 1e-4,
     ranks: dict[str, int] | None = None,
+    backend: str = "torch",
     clusters: int = 1,
     per_module_clusters: bool = False,
     max_rounds: int = 30,
@@ -205,6 +207,8 @@ def compress(
         module instead of one per adapter, and the limit on fit/assign rounds.
     weighting : "relative" (each adapter counts equally) or "absolute".
     device : "auto", "cpu" or "cuda"; the same code runs on both.
+    backend : "torch" (default), "numpy" or "cupy": the array library the JD-Full solver runs
+        on (:mod:`lorazip.backend`; cupy runs on the GPU without a CUDA build of torch).
     storage_dtype : "float32", "float16" or "bfloat16" for the stored bases and cores; "auto"
         (default) keeps the adapters' own precision (fp16 stays fp16, anything mixed is fp32).
     compute_dtype : "float32" (default) or "float64" for the solver; errors are always
@@ -233,6 +237,10 @@ def compress(
     unknown = set(ranks) - {m.name for m in collection.modules}
     if unknown:
         raise OptionError(f"ranks given for modules not in the collection: {', '.join(sorted(unknown)[:3])}")
+    if backend not in BACKENDS:
+        raise OptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend != "torch" and method != "jd-full":
+        raise OptionError(f"--backend {backend} runs jd-full only; use the torch backend for {method}")
     if ranks and method == "jd-clustered":
         raise OptionError("per-module ranks are not supported with jd-clustered yet; use one --rank")
     for m in collection.modules:
@@ -302,7 +310,11 @@ def compress(
             B, A = cache.device(j)
             t1 = time.perf_counter()
             r_j = ranks[collection.modules[j].name]
+            if backend != "torch":
+                B, A = to_backend(B, backend), to_backend(A, backend)
             sol = solve_module(method, B, A, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
+            if backend != "torch":
+                sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
             clock["read_s"] += t1 - t0
             clock["solve_s"] += time.perf_counter() - t1
             store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)

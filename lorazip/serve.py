@@ -58,21 +58,25 @@ AdapterIds = Union[AdapterId, Sequence[AdapterId], torch.Tensor]
 
 # -- the adapter choice of one batch ------------------------------------------------------------
 class _Batch:
-    """Adapter ids of one batch: host copy (validated), per-device copies, cluster groups cache key."""
+    """Adapter ids of one batch: validated host copy, per-device copies, a token for caches.
+
+    Ids are stored as gather indices: adapter ``a`` -> ``a``, no adapter (-1) -> ``n``, the
+    all-zero core row every layer appends, so a plain ``index_select`` serves all rows.
+    """
 
     __slots__ = ("ids", "broadcast", "active", "token", "_dev")
 
-    def __init__(self, ids: torch.Tensor, broadcast: bool, device_ids: torch.Tensor | None = None):
-        self.ids = ids  # (L,) int64 on CPU; L = 1 when broadcast
+    def __init__(self, ids: torch.Tensor, n: int, broadcast: bool, device_ids: torch.Tensor | None = None):
+        self.ids = torch.where(ids < 0, n, ids)  # (L,) int64 on CPU; L = 1 when broadcast
         self.broadcast = broadcast
         self.active = bool((ids >= 0).any())
         self.token = next(_tokens)
         self._dev: dict[torch.device, torch.Tensor] = {}
         if device_ids is not None:
-            self._dev[device_ids.device] = device_ids
+            self._dev[device_ids.device] = torch.where(device_ids < 0, n, device_ids)
 
     def rows(self, batch: int, where: str) -> torch.Tensor:
-        """Host ids for a batch of ``batch`` rows."""
+        """Host gather indices for a batch of ``batch`` rows."""
         if self.broadcast:
             return self.ids.expand(batch)
         if self.ids.shape[0] != batch:
@@ -83,6 +87,7 @@ class _Batch:
         return self.ids
 
     def on(self, device: torch.device, batch: int) -> torch.Tensor:
+        """Gather indices on ``device`` (copied once per batch and device)."""
         t = self._dev.get(device)
         if t is None:
             t = self._dev[device] = self.ids.to(device, non_blocking=True)
@@ -139,7 +144,7 @@ def _resolve(ids: AdapterIds, names: Sequence[str] | None, n: int, all_names: Se
         raise OptionError(
             f"adapter index {int(host[bad][0])} out of range: {n} adapters are loaded (use -1 or None for none)"
         )
-    return _Batch(host, broadcast, device_ids)
+    return _Batch(host, n, broadcast, device_ids)
 
 
 class _Serving:
@@ -182,7 +187,7 @@ class _BatchedLora(nn.Module):
         # Non-persistent buffers: they move with .to() / .half() but do not change the model's state_dict.
         self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
         self.register_buffer("V", V.to(device=device, dtype=dtype).contiguous(), persistent=False)
-        # Row n is all zeros, so id -1 (Python's last row) gathers a zero core.
+        # Row n is all zeros: rows without an adapter (id -1, gather index n) get a zero core.
         self.register_buffer("cores", torch.cat([cores.cpu(), zero]).to(device=device, dtype=dtype), persistent=False)
         # Host copy of the assignment (row n = -1: rows without an adapter join no cluster).
         self._assign = torch.cat([assign, torch.tensor([-1])])
@@ -228,11 +233,49 @@ class _BatchedLora(nn.Module):
             self._groups_key, self._groups = key, groups
         return self._groups
 
-    def _core_product(self, h: torch.Tensor, S: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """Row-wise ``h_b S_b^T`` (or ``h_b S_b``): h (b, T, r), S (b, r, r) or diagonals (b, r)."""
+    def _core_product(self, h: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        """Row-wise core product: h (b, T, r) times S (b, r, r), or diagonals (b, r) elementwise."""
         if self.diagonal:
             return h * S.unsqueeze(1)
-        return torch.bmm(h, S.transpose(1, 2) if transpose else S)
+        return torch.bmm(h, S.transpose(1, 2) if self._transpose_core else S)
+
+    # Subclasses: the input-side projection (b', T, r) of cluster k and the output basis (r, d_out).
+    _transpose_core = True
+
+    def _project(self, inp: torch.Tensor, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _out_basis(self, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_delta(self, y: torch.Tensor, inp: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """``y`` plus every row's delta; ``inp`` is (b, T, ...) (features or token ids)."""
+        b = inp.shape[0]
+        host = batch.rows(b, self.name or "layer")
+        S = self.cores.index_select(0, batch.on(self.cores.device, b))  # (b, r, r) or (b, r); zero rows for id -1
+        if self.n_clusters == 1:
+            groups: list[tuple[int, torch.Tensor | None]] = [(0, None)]
+        else:
+            groups = self._cluster_groups(batch, host, inp.device)
+        d_out = y.shape[-1]
+        # Accumulate into the base output itself when nothing needs it unchanged (no autograd, same dtype).
+        inplace = y.dtype == self.U.dtype and y.is_contiguous() and not (torch.is_grad_enabled() and y.requires_grad)
+        acc = y.view(b, -1, d_out) if inplace else None
+        for k, rows in groups:
+            if rows is None:  # all rows (those without an adapter have zero cores)
+                z = self._core_product(self._project(inp, k), S)  # (b, T, r)
+                if acc is None:
+                    acc = z @ self._out_basis(k)
+                else:
+                    acc.view(-1, d_out).addmm_(z.reshape(-1, z.shape[-1]), self._out_basis(k))
+            else:
+                z = self._core_product(self._project(inp.index_select(0, rows), k), S.index_select(0, rows))
+                if acc is None:
+                    acc = z.new_zeros(b, z.shape[1], d_out)
+                acc.index_add_(0, rows, z @ self._out_basis(k))
+        if inplace:
+            return y
+        return y + acc.reshape(y.shape).to(y.dtype)
 
 
 class BatchedLoraLinear(_BatchedLora):
@@ -249,6 +292,9 @@ class BatchedLoraLinear(_BatchedLora):
     ``forward(x, adapter_ids=None)``: ``x`` is ``(batch, ..., d_in)``; ``adapter_ids`` is ``(batch,)``
     (indices, ``-1`` = none), broadcast over the other dimensions; without it, the ids chosen with
     :func:`use_adapters` / :func:`set_adapters` are used (none: the base layer alone).
+
+    Cost per batch: one ``(b T, d_in) x (d_in, r)`` matmul per cluster present, a ``(b, r, r)``
+    batched product, one ``(b T, r) x (r, d_out)`` matmul per cluster accumulated into the base output.
     """
 
     def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None):
@@ -266,35 +312,23 @@ class BatchedLoraLinear(_BatchedLora):
         batch = self._batch(adapter_ids)
         if batch is None or not batch.active:
             return y
-        return y + self.delta(x, batch).to(y.dtype)
-
-    def delta(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """``U_k S_a V_k^T x`` per row, shape of ``x`` with the last dimension ``d_out``."""
         if x.dim() < 2:
             raise OptionError(f"{self.name or 'layer'}: input must be (batch, ..., d_in), got {tuple(x.shape)}")
-        b = x.shape[0]
-        host = batch.rows(b, self.name or "layer")
-        ids = batch.on(self.cores.device, b)
-        x3 = x.reshape(b, -1, x.shape[-1]).to(self.U.dtype)  # (b, T, d_in)
-        S = self.cores[ids]  # (b, r, r) or (b, r); zero rows for id -1
-        if self.n_clusters == 1:
-            h = x3 @ self.V[0]  # one matmul for the whole batch: (b, T, r)
-            out = self._core_product(h, S, transpose=True) @ self.U[0].T  # (b, T, d_out)
-        else:
-            out = x3.new_zeros(b, x3.shape[1], self.out_features)
-            for k, rows in self._cluster_groups(batch, host, x3.device):
-                if rows is None:  # every row with an adapter is in cluster k
-                    out = self._core_product(x3 @ self.V[k], S, transpose=True) @ self.U[k].T
-                    continue
-                h = x3.index_select(0, rows) @ self.V[k]
-                out.index_copy_(0, rows, self._core_product(h, S.index_select(0, rows), transpose=True) @ self.U[k].T)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self._add_delta(y, x.reshape(x.shape[0], -1, x.shape[-1]).to(self.U.dtype), batch)
+
+    def _project(self, inp: torch.Tensor, k: int) -> torch.Tensor:
+        b, T, d_in = inp.shape  # one (b T, d_in) x (d_in, r) matmul over all rows and tokens
+        return torch.mm(inp.reshape(b * T, d_in), self.V[k]).view(b, T, -1)
+
+    def _out_basis(self, k: int) -> torch.Tensor:
+        return self.U[k].T
 
 
 class BatchedLoraEmbedding(_BatchedLora):
     """Embedding counterpart (artifact layout ``embedding``): table row ``t`` gets ``U_k[t] S_a V_k^T``."""
 
     layout = "embedding"
+    _transpose_core = False
 
     def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None):
         if not isinstance(base, nn.Embedding):
@@ -312,28 +346,15 @@ class BatchedLoraEmbedding(_BatchedLora):
         batch = self._batch(adapter_ids)
         if batch is None or not batch.active:
             return y
-        return y + self.delta(idx, batch).to(y.dtype)
-
-    def delta(self, idx: torch.Tensor, batch: _Batch) -> torch.Tensor:
         if idx.dim() < 1:
             raise OptionError(f"{self.name or 'layer'}: input must be (batch, ...) token ids")
-        b = idx.shape[0]
-        host = batch.rows(b, self.name or "layer")
-        ids = batch.on(self.cores.device, b)
-        i2 = idx.reshape(b, -1)
-        S = self.cores[ids]
-        if self.n_clusters == 1:
-            u = nn.functional.embedding(i2, self.U[0])  # (b, T, r)
-            out = self._core_product(u, S, transpose=False) @ self.V[0].T
-        else:
-            out = self.U.new_zeros(b, i2.shape[1], self.embedding_dim)
-            for k, rows in self._cluster_groups(batch, host, i2.device):
-                if rows is None:
-                    out = self._core_product(nn.functional.embedding(i2, self.U[k]), S, transpose=False) @ self.V[k].T
-                    continue
-                u = nn.functional.embedding(i2.index_select(0, rows), self.U[k])
-                out.index_copy_(0, rows, self._core_product(u, S.index_select(0, rows), transpose=False) @ self.V[k].T)
-        return out.reshape(*idx.shape, self.embedding_dim)
+        return self._add_delta(y, idx.reshape(idx.shape[0], -1), batch)
+
+    def _project(self, inp: torch.Tensor, k: int) -> torch.Tensor:
+        return nn.functional.embedding(inp, self.U[k])  # rows U_k[t]: (b, T, r)
+
+    def _out_basis(self, k: int) -> torch.Tensor:
+        return self.V[k].T
 
 
 # -- helpers ---------------------------------------------------------------------------------------

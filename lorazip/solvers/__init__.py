@@ -42,4 +42,4 @@ def solve_module(method: str, B: torch.Tensor, A: torch.Tensor, rank: int, **kw)
         return ModuleSolution(res.U, res.V, res.S, torch.arange(n), 1, True)
     solver = {"jd-full": jd_full, "jd-diag": jd_diag}[method]
     res = solver(B, A, rank, **kw)
-    return ModuleSolution(res.U[None], res.V[None], res.cores, None, res.n_iters, res.converged)
+    return ModuleSolution(res.U[None, ...], res.V[None, ...], res.cores, None, res.n_iters, res.converged)

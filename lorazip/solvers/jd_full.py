@@ -22,7 +22,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..backend import mT, namespace
 from ._linalg import adapter_weights, randomized_top_subspace, subspace_change, subspace_iteration_step
+
+
+def _like(x, ref):
+    """``x`` on ``ref``'s backend, device and dtype."""
+    if isinstance(ref, torch.Tensor):
+        return torch.as_tensor(x).to(device=ref.device, dtype=ref.dtype)
+    xp = namespace(ref)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return xp.asarray(x, dtype=ref.dtype)
 
 
 @dataclass
@@ -42,30 +53,30 @@ class JDResult:
     history: list[float] = field(default_factory=list)
 
 
-def _flat(X: torch.Tensor) -> torch.Tensor:
+def _flat(X):
     """(n, d, r) -> (d, n r)."""
+    xp = namespace(X)
     n, d, r = X.shape
-    return X.permute(1, 0, 2).reshape(d, n * r)
+    return xp.reshape(xp.permute_dims(X, (1, 0, 2)), (d, n * r))
 
 
 def init_bases(
     B: torch.Tensor, A: torch.Tensor, w: torch.Tensor, rank: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenvectors of ``sum w_i M_i M_i^T`` and ``sum w_i M_i^T M_i`` from factors."""
-    sw = w.sqrt().to(B.dtype)[:, None, None]
-    Bw = B * sw
-    GB = Bw.transpose(1, 2) @ Bw  # (n, R, R)
-    GA = A @ A.transpose(1, 2)  # (n, R, R)
+    xp = namespace(B)
+    Bw = B * xp.sqrt(w)[:, None, None]
+    GB = mT(Bw) @ Bw  # (n, R, R)
+    GA = A @ mT(A)  # (n, R, R)
 
     def apply_right(X):  # sum_i A_i^T GB_i A_i X
-        return (A.transpose(1, 2) @ (GB @ (A @ X))).sum(0)
+        return xp.sum(mT(A) @ (GB @ (A @ X)), axis=0)
 
     def apply_left(X):  # sum_i Bw_i GA_i Bw_i^T X
-        return (Bw @ (GA @ (Bw.transpose(1, 2) @ X))).sum(0)
+        return xp.sum(Bw @ (GA @ (mT(Bw) @ X)), axis=0)
 
-    kw = dict(generator=generator, dtype=B.dtype, device=B.device)
-    V = randomized_top_subspace(apply_right, A.shape[2], rank, **kw)
-    U = randomized_top_subspace(apply_left, B.shape[1], rank, **kw)
+    V = randomized_top_subspace(apply_right, B, A.shape[2], rank, generator=generator)
+    U = randomized_top_subspace(apply_left, B, B.shape[1], rank, generator=generator)
     return U, V
 
 
@@ -87,7 +98,8 @@ def jd_full(
 
     Parameters
     ----------
-    B : (n, d_out, r_i) tensor, scale folded in; A : (n, r_i, d_in) tensor.
+    B : (n, d_out, r_i) array, scale folded in; A : (n, r_i, d_in) array. torch tensors (CPU or
+        CUDA), NumPy or CuPy arrays: the same code runs on each (:mod:`lorazip.backend`).
     rank : shared rank r, ``1 <= r <= min(d_out, d_in)``.
     weights : (n,) tensor, optional; overrides ``weighting`` ("relative" or "absolute").
     max_iters, tol : sweep limit and tolerance. Iteration stops when both subspaces move less
@@ -105,33 +117,33 @@ def jd_full(
     d_in = A.shape[2]
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank {rank} must be between 1 and min(d_out, d_in) = {min(d_out, d_in)}")
-    norms2 = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
-    w = adapter_weights(norms2, weighting) if weights is None else weights.to(B.dtype)
-    total = float((w * norms2).sum())
-    sw = w.sqrt().to(B.dtype)[:, None, None]
-    Bw = B * sw
+    xp = namespace(B, A)
+    norms2 = xp.sum((mT(B) @ B) * (A @ mT(A)), axis=(1, 2))
+    w = adapter_weights(norms2, weighting) if weights is None else _like(weights, B)
+    total = float(xp.sum(w * norms2))
+    Bw = B * xp.sqrt(w)[:, None, None]
     gen = torch.Generator().manual_seed(seed)
     if U0 is None or V0 is None:
         U, V = init_bases(B, A, w, rank, gen)
     else:
-        U, V = U0.to(B), V0.to(B)
+        U, V = _like(U0, B), _like(V0, B)
 
     def objective(U, V):
-        return float(((Bw.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)).square().sum()) / total if total else 1.0
+        return float(xp.sum((mT(mT(Bw) @ U) @ (A @ V)) ** 2)) / total if total else 1.0
 
     history = [objective(U, V)]
     converged = False
     it = 0
     for it in range(1, max_iters + 1):
         U_old, V_old = U, V
-        Q = _flat(A.transpose(1, 2) @ (Bw.transpose(1, 2) @ U))  # (d_in, n r)
-        V = subspace_iteration_step(V, lambda X: Q @ (Q.T @ X), rank)
+        Q = _flat(mT(A) @ (mT(Bw) @ U))  # (d_in, n r)
+        V = subspace_iteration_step(V, lambda X: Q @ (mT(Q) @ X), rank)
         P = _flat(Bw @ (A @ V))  # (d_out, n r)
-        U = subspace_iteration_step(U, lambda X: P @ (P.T @ X), rank)
-        history.append(float((U.T @ P).square().sum()) / total if total else 1.0)
+        U = subspace_iteration_step(U, lambda X: P @ (mT(P) @ X), rank)
+        history.append(float(xp.sum((mT(U) @ P) ** 2)) / total if total else 1.0)
         gain = history[-1] - history[-2]
         if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol or gain <= tol * tol_scale * history[-1]:
             converged = True
             break
-    cores = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+    cores = mT(mT(B) @ U) @ (A @ V)
     return JDResult(U, V, cores, it, converged, history[-1], history)
