@@ -31,7 +31,6 @@ from .export import export, to_peft  # noqa: E402
 from .verify import verify  # noqa: E402
 from .io.collection import Collection, load_collection  # noqa: E402
 from .serve import apply  # noqa: E402  (lorazip.serve: use_adapters, detach, ...)
-from .update import add_adapters, remove_adapters; from .analyze import analyze  # noqa: E402,E702
 
 __all__ = [
     "__version__", "Artifact", "Collection", "load_artifact", "load_collection", "compress", "evaluate",
