@@ -148,3 +148,62 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
     con.print(f"{alloc['mode']} ranks for {goal}: "
               + ", ".join(f"rank {r} x {c}" for r, c in sorted(counts.items()))
               + f"; artifact {_b(alloc['artifact_bytes'])}")
+
+
+def print_added(con: Console, rep: dict[str, Any]) -> None:
+    """Errors of the adapters ``lorazip add`` appended (flagged above the threshold)."""
+    how = "refit on all adapters" if rep["refit"] else "projected onto the existing bases"
+    con.print(f"{escape(str(rep.get('output')))}: added {len(rep['added'])} adapter(s), {how}", highlight=False)
+    t = Table()
+    for col in ("adapter", "rel. sq. error", "projection", "cluster", ""):
+        t.add_column(col)
+    for a in rep["added"]:
+        t.add_row(escape(a["name"]), f"{a['error']:.4f}", f"{a['projection_error']:.4f}", str(a.get("cluster", "-")),
+                  f"[red]> {rep['threshold']:g}[/red]" if a["above_threshold"] else "")
+    con.print(t)
+    obj, e = rep["objective"], rep["errors"]
+    line = f"{rep['n_adapters']} adapters: mean error {e['mean']:.4f}, max {e['max']:.4f}; weighted objective {obj['projection']:.4f}"
+    if obj.get("refit") is not None:
+        line += f" (projection) -> {obj['refit']:.4f} (refit)"
+    con.print(line)
+
+
+def print_analysis(con: Console, rep: dict[str, Any]) -> None:
+    """Tables of ``lorazip analyze``: error vs rank, error vs K, module types, and the pick."""
+    t = Table(title=f"error vs rank: {rep['n_adapters']} adapters x {rep['n_modules']} modules "
+                    f"({rep['original_params']:,} numbers)", title_justify="left")
+    for col in ("rank", "shared mean", "shared max", "SVD mean", "kept shared / SVD", "numbers", "ratio"):
+        t.add_column(col)
+    for row in rep["rank_curve"]:
+        kept = row["kept_shared"] / row["kept_svd"] if row["kept_svd"] > 0 else 1.0
+        t.add_row(str(row["rank"]), f"{row['shared']['mean']:.4f}", f"{row['shared']['max']:.4f}",
+                  f"{row['svd']['mean']:.4f}", f"{kept:.3f}", f"{row['params']:,}", f"{row['ratio_params']:.1f}x")
+    con.print(t)
+    if any(row["K"] > 1 for row in rep["cluster_curve"]):
+        ks = sorted({row["K"] for row in rep["cluster_curve"]})
+        cell = {(row["rank"], row["K"]): row for row in rep["cluster_curve"]}
+        c = Table(title="mean error vs clusters K (jd-clustered)", title_justify="left")
+        c.add_column("rank")
+        for k in ks:
+            c.add_column(f"K={k}")
+        for r in sorted({row["rank"] for row in rep["cluster_curve"]}):
+            c.add_row(str(r), *(f"{cell[(r, k)]['mean']:.4f}" if (r, k) in cell else "-" for k in ks))
+        con.print(c)
+    m = Table(title="shared / per-adapter SVD mean error by module type", title_justify="left")
+    m.add_column("type")
+    m.add_column("modules")
+    for r in rep["ranks"]:
+        m.add_column(f"r={r}")
+    for name, info in sorted(rep["module_types"].items()):
+        m.add_row(escape(name), str(info["n_modules"]),
+                  *(f"{s:.3f} / {v:.3f}" for s, v in zip(info["shared"], info["svd"])))
+    con.print(m)
+    if rep.get("target_error") is not None:
+        p, ps = rep.get("pick"), rep.get("pick_svd")
+        if p:
+            con.print(f"pick for mean error <= {rep['target_error']}: rank {p['rank']}, K = {p['K']} "
+                      f"(mean {p['mean']:.4f}, {p['params']:,} numbers, {p['ratio_params']:.1f}x smaller)")
+        else:
+            con.print(f"no rank / K tried meets mean error <= {rep['target_error']}: try larger --ranks or --clusters")
+        if ps:
+            con.print(f"per-adapter SVD would need rank {ps['rank']} ({ps['params']:,} numbers)")

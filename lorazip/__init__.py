@@ -31,9 +31,11 @@ from .export import export, to_peft  # noqa: E402
 from .verify import verify  # noqa: E402
 from .io.collection import Collection, load_collection  # noqa: E402
 from .serve import apply  # noqa: E402  (lorazip.serve: use_adapters, detach, ...)
+from .update import add_adapters, remove_adapters  # noqa: E402
+from .analyze import analyze  # noqa: E402
 
 __all__ = [
     "__version__", "Artifact", "Collection", "load_artifact", "load_collection", "compress", "evaluate",
-    "export", "to_peft", "apply", "LorazipError", "AdapterFormatError", "ArtifactError", "OptionError", "OutputError",
+    "export", "to_peft", "apply", "verify", "add_adapters", "remove_adapters", "analyze", "LorazipError", "AdapterFormatError", "ArtifactError", "OptionError", "OutputError",
     "SourceError", "ValidationError",
 ]

@@ -1,0 +1,456 @@
+"""Before compressing: how compressible is a collection, and at which rank / number of clusters?
+
+:func:`analyze` reads each module once and measures, from the factors only:
+
+* the spectra (singular values) of every adapter's delta;
+* the error of a shared JD-Full basis of rank ``r`` for every ``r`` in ``ranks`` versus each
+  adapter's own truncated SVD at the same rank (the best any method can do per adapter).
+  The ranks are fitted as a chain: rank ``r'`` starts from rank ``r``'s bases completed with
+  data-driven directions, so the weighted objective cannot increase with rank. The solver runs
+  with a loose tolerance (``tol=1e-3``, ``max_iters=50``): analysis, not the final artifact;
+* the error of ``jd-clustered`` with ``K`` clusters (``lorazip.compress(..., clusters=K)``) for
+  every ``K`` in ``clusters`` at every rank of ``cluster_ranks`` (default: ``ranks``);
+* with ``target_error``, the configuration (rank, K) of the smallest storage whose mean
+  per-adapter error meets it, and the per-adapter SVD rank that would.
+
+Errors are relative squared Frobenius errors, energy-weighted over an adapter's modules and
+averaged over adapters, exactly as ``lorazip eval`` reports them (see docs/format.md).
+
+:func:`plot_analysis` and :func:`plot_eval` draw figures with matplotlib (optional extra
+``lorazip[plot]``, Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import OptionError, OutputError
+from .io.collection import Collection
+from .metrics import per_adapter, relative, squared_errors, summary
+from .solvers import jd_full, spectra
+from .solvers._linalg import WEIGHTINGS, adapter_weights, orth
+from .solvers.jd_full import init_bases
+from .solvers.svd import truncation_errors
+
+REPORT_VERSION = 1
+DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
+DEFAULT_CLUSTERS = (1, 2, 4)
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def module_type(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``q_proj`` (what the spectra panel groups by)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _check_list(values, what: str, low: int = 1) -> list[int]:
+    try:
+        out = sorted({int(v) for v in values})
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} must be whole numbers, got {values!r}") from None
+    if not out or any(isinstance(v, bool) for v in values) or out[0] < low:
+        raise OptionError(f"{what} must be positive whole numbers, got {list(values)!r}")
+    return out
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (CLI helper); one clear OptionError otherwise."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise OptionError(f"{what} must be a comma-separated list of positive whole numbers, got {text!r}")
+    return _check_list(parts, what)
+
+
+def _stats_rows(values: torch.Tensor) -> dict[str, list[float]]:
+    """median / min / max over rows of (n, w) -> lists of length w."""
+    if values.shape[0] == 0:
+        return {"median": [], "min": [], "max": []}
+    return {
+        "median": values.median(0).values.tolist(),
+        "min": values.min(0).values.tolist(),
+        "max": values.max(0).values.tolist(),
+    }
+
+
+def _mean_present(rel: torch.Tensor, present: torch.Tensor) -> float:
+    return float(rel[present].mean()) if bool(present.any()) else 0.0
+
+
+def _shared_chain(B, A, norms2, ranks, weighting, max_iters, tol, seed, cdtype):
+    """Absolute squared errors (n, len(ranks)) of shared JD-Full bases at each rank (a warm chain)."""
+    n = B.shape[0]
+    d_out, d_in = B.shape[1], A.shape[2]
+    w = adapter_weights(norms2, weighting)
+    out = torch.zeros(n, len(ranks), dtype=torch.float64)
+    if float((w * norms2).sum()) <= 0:
+        return out, [0] * len(ranks)
+    Bc, Ac, wc = B.to(cdtype), A.to(cdtype), w.to(cdtype)
+    gen = torch.Generator().manual_seed(seed)
+    U = V = None
+    iters = []
+    prev_r = 0
+    for c, r in enumerate(ranks):
+        rr = min(r, d_out, d_in)
+        if rr == prev_r:
+            out[:, c] = out[:, c - 1]
+            iters.append(0)
+            continue
+        warm = {}
+        if U is not None:  # keep the previous span and add data-driven directions: the objective can only grow
+            Ui, Vi = init_bases(Bc, Ac, wc, rr, gen)
+            warm = {"U0": orth(torch.cat([U.to(cdtype), Ui], 1))[:, :rr],
+                    "V0": orth(torch.cat([V.to(cdtype), Vi], 1))[:, :rr]}
+        res = jd_full(Bc, Ac, rr, weights=wc, max_iters=max_iters, tol=tol, seed=seed, **warm)
+        U, V = orth(res.U.double()), orth(res.V.double())
+        S = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+        out[:, c] = squared_errors(B, A, U, V, S)[0]
+        iters.append(res.n_iters)
+        prev_r = rr
+    return out, iters
+
+
+def analyze(
+    collection: Collection,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    clusters: Sequence[int] = DEFAULT_CLUSTERS,
+    *,
+    target_error: float | None = None,
+    cluster_ranks: Sequence[int] | None = None,
+    weighting: str = "relative",
+    max_iters: int = 50,
+    tol: float = 1e-3,
+    max_rounds: int = 10,
+    seed: int = 0,
+    compute_dtype: str = "float32",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Compressibility report of ``collection`` (a plain dict, ``report_version`` 1).
+
+    Parameters
+    ----------
+    ranks : shared ranks to try (a module's rank is capped at ``min(d_out, d_in)``).
+    clusters : numbers of clusters K to try with ``jd-clustered`` (K = 1 is the shared curve;
+        K larger than the number of adapters is skipped).
+    cluster_ranks : ranks at which K is varied (default ``ranks``; ranks above what a module
+        allows are skipped).
+    target_error : pick the (rank, K) of least storage whose mean per-adapter error is at most this.
+    weighting, seed, compute_dtype : as for :func:`lorazip.compress`.
+    max_iters, tol, max_rounds : solver settings (loose by default: this is an estimate).
+    progress : ``progress(done, total, item)`` after each module and each clustered run.
+
+    Returns
+    -------
+    dict with ``ranks``, ``clusters``, ``rank_curve`` (per rank: shared and per-adapter SVD
+    error statistics, numbers stored), ``cluster_curve`` (per rank and K), ``modules`` (per
+    module: spectra median/min/max across adapters, mean error per rank shared and SVD),
+    ``module_types`` (the same grouped by module type, spectra normalised to unit norm),
+    ``pick`` and ``pick_svd`` (with ``target_error``), sizes and timing.
+    """
+    t0 = time.perf_counter()
+    ranks = _check_list(ranks, "ranks")
+    clusters = _check_list(clusters, "clusters")
+    cranks = ranks if cluster_ranks is None else _check_list(cluster_ranks, "cluster ranks")
+    if weighting not in WEIGHTINGS:
+        raise OptionError(f"unknown weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+    if compute_dtype not in ("float32", "float64"):
+        raise OptionError(f"unknown compute dtype {compute_dtype!r}; choose float64 or float32")
+    if target_error is not None and not 0 <= target_error <= 1:
+        raise OptionError(f"--target-error must be between 0 and 1, got {target_error}")
+    if max_iters < 1 or not tol > 0:
+        raise OptionError("max_iters must be >= 1 and tol > 0")
+    cdtype = torch.float32 if compute_dtype == "float32" else torch.float64
+    n, mods = len(collection), collection.modules
+    n_mod = len(mods)
+    sq_shared = torch.zeros(n, n_mod, len(ranks), dtype=torch.float64)
+    sq_svd = torch.zeros_like(sq_shared)
+    norms = torch.zeros(n, n_mod, dtype=torch.float64)
+    mod_rows: list[dict[str, Any]] = []
+    by_type: dict[str, list[torch.Tensor]] = {}
+    orig_params = 0
+    steps = n_mod + sum(1 for r in cranks for K in clusters if 1 < K <= n)
+    for j, info in enumerate(mods):
+        fac = collection.module_factors(info.name, dtype=torch.float64)
+        B, A = fac.B, fac.A
+        norms2 = fac.norms2()
+        norms[:, j] = norms2
+        orig_params += int(fac.ranks.sum()) * (info.d_in + info.d_out)
+        sv = spectra(B, A)
+        present = norms2 > 0
+        chain, iters = _shared_chain(B, A, norms2, ranks, weighting, max_iters, tol, seed, cdtype)
+        sq_shared[:, j] = chain
+        for c, r in enumerate(ranks):
+            sq_svd[:, j, c] = truncation_errors(sv, min(r, info.d_out, info.d_in)) * norms2
+        svp = sv[present].float()
+        unit = svp / torch.linalg.norm(svp, dim=1, keepdim=True).clamp_min(1e-30)
+        by_type.setdefault(module_type(info.name), []).append(unit)
+        mod_rows.append({
+            "name": info.name,
+            "type": module_type(info.name),
+            "d_out": info.d_out,
+            "d_in": info.d_in,
+            "n_adapters": int(present.sum()),
+            "ranks": [min(r, info.d_out, info.d_in) for r in ranks],
+            "spectra": _stats_rows(svp),
+            "shared": [_mean_present(relative(chain[:, c], norms2), present) for c in range(len(ranks))],
+            "svd": [_mean_present(relative(sq_svd[:, j, c], norms2), present) for c in range(len(ranks))],
+            "sweeps": iters,
+        })
+        if progress:
+            progress(j + 1, steps, info.name)
+
+    dims = [(m.d_in + m.d_out, min(m.d_in, m.d_out)) for m in mods]
+    nbytes = _BYTES.get(collection.storage_dtype(), 4)
+
+    def params(r: int, K: int) -> int:
+        return sum(K * min(r, cap) * d + n * min(r, cap) ** 2 for d, cap in dims)
+
+    def svd_params(r: int) -> int:
+        return sum(n * min(r, cap) * d for d, cap in dims)
+
+    rank_curve = []
+    for c, r in enumerate(ranks):
+        sh = per_adapter(sq_shared[:, :, c], norms)
+        sd = per_adapter(sq_svd[:, :, c], norms)
+        p = params(r, 1)
+        rank_curve.append({
+            "rank": r,
+            "shared": summary(sh.tolist()),
+            "svd": summary(sd.tolist()),
+            "kept_shared": 1 - float(sh.mean()),
+            "kept_svd": 1 - float(sd.mean()),
+            "params": p,
+            "bytes": p * nbytes,
+            "ratio_params": orig_params / p if p else 0.0,
+            "svd_params": svd_params(r),
+        })
+
+    cluster_curve = []
+    max_cluster_rank = min(cap for _, cap in dims) if dims else 0
+    done = n_mod
+    for r in cranks:
+        for K in clusters:
+            if K > n:
+                continue
+            if K == 1:
+                if r in ranks:
+                    row = rank_curve[ranks.index(r)]
+                    cluster_curve.append({"rank": r, "K": 1, **{k: row["shared"][k] for k in ("mean", "median", "max")},
+                                          "params": row["params"], "bytes": row["bytes"]})
+                continue
+            if r > max_cluster_rank:
+                continue
+            from .compress import compress
+
+            art = compress(collection, r, method="jd-clustered", clusters=K, weighting=weighting, seed=seed,
+                           max_iters=max_iters, tol=tol, max_rounds=max_rounds, compute_dtype=compute_dtype,
+                           device="cpu", hash_sources=False, keep_extras=False)
+            sq, nn = art.stats()
+            err = per_adapter(sq.double(), nn.double())
+            p = params(r, K)
+            cluster_curve.append({"rank": r, "K": K, **{k: v for k, v in summary(err.tolist()).items() if k != "min"},
+                                  "params": p, "bytes": p * nbytes})
+            done += 1
+            if progress:
+                progress(done, steps, f"rank {r}, K={K}")
+
+    pick = pick_svd = None
+    if target_error is not None:
+        have = {(row["rank"], row["K"]) for row in cluster_curve}
+        rows = cluster_curve + [
+            {"rank": row["rank"], "K": 1, **{k: row["shared"][k] for k in ("mean", "median", "max")},
+             "params": row["params"], "bytes": row["bytes"]}
+            for row in rank_curve if (row["rank"], 1) not in have
+        ]
+        ok = [row for row in rows if row["mean"] <= target_error]
+        if ok:
+            best = min(ok, key=lambda row: (row["params"], row["mean"], row["K"]))
+            pick = {**best, "ratio_params": orig_params / best["params"] if best["params"] else 0.0}
+        svd_ok = [row for row in rank_curve if row["svd"]["mean"] <= target_error]
+        if svd_ok:
+            row = min(svd_ok, key=lambda row: row["rank"])
+            pick_svd = {"rank": row["rank"], "mean": row["svd"]["mean"], "params": row["svd_params"]}
+
+    types = {}
+    for t, units in by_type.items():
+        width = max(u.shape[1] for u in units)
+        stack = torch.cat([torch.nn.functional.pad(u, (0, width - u.shape[1])) for u in units])
+        members = [row for row in mod_rows if row["type"] == t]
+        types[t] = {
+            "n_modules": len(members),
+            "spectra": _stats_rows(stack),
+            "shared": [statistics.fmean(row["shared"][c] for row in members) for c in range(len(ranks))],
+            "svd": [statistics.fmean(row["svd"][c] for row in members) for c in range(len(ranks))],
+        }
+    return {
+        "report_version": REPORT_VERSION,
+        "base_model": collection.base_model,
+        "n_adapters": n,
+        "n_modules": n_mod,
+        "weighting": weighting,
+        "storage_dtype": collection.storage_dtype(),
+        "original_params": orig_params,
+        "ranks": ranks,
+        "clusters": clusters,
+        "cluster_ranks": cranks,
+        "solver": {"max_iters": max_iters, "tol": tol, "max_rounds": max_rounds, "seed": seed,
+                   "compute_dtype": compute_dtype},
+        "rank_curve": rank_curve,
+        "cluster_curve": cluster_curve,
+        "target_error": target_error,
+        "pick": pick,
+        "pick_svd": pick_svd,
+        "module_types": types,
+        "modules": mod_rows,
+        "timing_s": time.perf_counter() - t0,
+    }
+
+
+# -- figures -------------------------------------------------------------------------------
+
+def _figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 4.0):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise OptionError("--plot needs matplotlib: pip install 'lorazip[plot]'") from None
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg: no display, no pyplot state
+    return fig
+
+
+def _int_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write the figure as PNG atomically (temp file + rename)."""
+    from .artifact import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        try:
+            fig.savefig(tmp, format="png", dpi=110)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def plot_analysis(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Three panels: spectra per module type (median and range across adapters), error versus
+    rank (shared basis versus per-adapter SVD), error versus K (one line per rank)."""
+    fig = _figure(3)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    for t, info in sorted(report["module_types"].items()):
+        sp = info["spectra"]
+        if not sp["median"]:
+            continue
+        x = range(1, len(sp["median"]) + 1)
+        line = ax1.plot(x, sp["median"], marker=".", label=f"{t} ({info['n_modules']})")[0]
+        ax1.fill_between(x, [max(v, 1e-12) for v in sp["min"]], sp["max"], color=line.get_color(), alpha=0.2)
+    ax1.set_yscale("log")
+    ax1.xaxis.set_major_locator(_int_locator())
+    ax1.set_xlabel("singular value index")
+    ax1.set_ylabel("sigma_k / ||sigma|| (median, range)")
+    ax1.set_title("spectra per module type")
+    if report["module_types"]:
+        ax1.legend(fontsize="small")
+
+    ranks = [row["rank"] for row in report["rank_curve"]]
+    ax2.plot(ranks, [row["shared"]["mean"] for row in report["rank_curve"]], marker="o", label="shared basis (mean)")
+    ax2.plot(ranks, [row["shared"]["max"] for row in report["rank_curve"]], ls=":", color="C0",
+             label="shared basis (max)")
+    ax2.plot(ranks, [row["svd"]["mean"] for row in report["rank_curve"]], marker="s", label="per-adapter SVD (mean)")
+    if report.get("target_error") is not None:
+        ax2.axhline(report["target_error"], color="grey", ls="--", label="target")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("rank")
+    ax2.set_ylabel("relative squared error")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("error vs rank")
+    ax2.legend(fontsize="small")
+
+    by_rank: dict[int, list[tuple[int, float]]] = {}
+    for row in report["cluster_curve"]:
+        by_rank.setdefault(row["rank"], []).append((row["K"], row["mean"]))
+    for r, pts in sorted(by_rank.items()):
+        pts.sort()
+        ax3.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"rank {r}")
+    if report.get("pick"):
+        ax3.plot([report["pick"]["K"]], [report["pick"]["mean"]], marker="*", ms=14, color="k", ls="",
+                 label=f"pick: rank {report['pick']['rank']}, K={report['pick']['K']}")
+    ks = sorted({row["K"] for row in report["cluster_curve"]})
+    if ks:
+        ax3.set_xticks(ks)
+    ax3.set_xlabel("clusters K")
+    ax3.set_ylabel("mean relative squared error")
+    ax3.set_ylim(bottom=0)
+    ax3.set_title("error vs K (jd-clustered)")
+    if by_rank:
+        ax3.legend(fontsize="small")
+    fig.suptitle(f"lorazip analyze: {report['n_adapters']} adapters, {report['n_modules']} modules")
+    return _save(fig, path)
+
+
+def error_matrix(artifact, sources=None, *, allow_pickle: bool = False):
+    """``(adapter names, module names, relative errors (n, M), per-adapter errors (n,), present (n, M))``,
+    recorded at compression, or recomputed against ``sources``."""
+    if sources is None:
+        rows = list(range(len(artifact.names)))
+        sq, nn = artifact.stats()
+    else:
+        from .evaluate import _recompute
+
+        rows, sq, nn = _recompute(artifact, sources, allow_pickle, True)
+    sq, nn = sq.double(), nn.double()
+    names = [artifact.names[i] for i in rows]
+    return names, [m["name"] for m in artifact.modules], relative(sq, nn), per_adapter(sq, nn), nn > 0
+
+
+def plot_eval(artifact, path: str | os.PathLike, sources=None, *, allow_pickle: bool = False) -> Path:
+    """Distribution of errors: histogram over adapters, heat map adapters x modules, box plot per
+    module type."""
+    names, modules, rel, err, present = error_matrix(artifact, sources, allow_pickle=allow_pickle)
+    fig = _figure(3)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    vals = err.tolist()
+    ax1.hist(vals, bins=min(40, max(5, len(vals))), color="C0")
+    if vals:
+        ax1.axvline(statistics.fmean(vals), color="k", ls="--", label=f"mean {statistics.fmean(vals):.3f}")
+        ax1.legend(fontsize="small")
+    ax1.set_xlabel("relative squared error (per adapter)")
+    ax1.set_ylabel("adapters")
+    ax1.set_title("errors across adapters")
+
+    shown = torch.where(present, rel, torch.full_like(rel, float("nan"))).float().numpy()
+    im = ax2.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
+    fig.colorbar(im, ax=ax2, label="relative squared error")
+    ax2.xaxis.set_major_locator(_int_locator())
+    ax2.yaxis.set_major_locator(_int_locator())
+    ax2.set_xlabel(f"modules ({len(modules)}, in artifact order)")
+    ax2.set_ylabel(f"adapters ({len(names)})")
+    if len(names) <= 40:
+        ax2.set_yticks(range(len(names)), names, fontsize="x-small")
+    ax2.set_title("adapters x modules")
+
+    groups: dict[str, list[float]] = {}
+    for j, m in enumerate(modules):
+        groups.setdefault(module_type(m), []).extend(rel[present[:, j], j].tolist())
+    labels = sorted(groups)
+    ax3.boxplot([groups[t] or [0.0] for t in labels])
+    ax3.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize="small")
+    ax3.set_ylabel("relative squared error (adapter, module)")
+    ax3.set_title("per module type")
+    fig.suptitle(f"lorazip eval: {artifact.path or 'artifact'}")
+    return _save(fig, path)
+
+
+__all__ = ["analyze", "plot_analysis", "plot_eval", "error_matrix", "parse_int_list", "module_type",
+           "DEFAULT_RANKS", "DEFAULT_CLUSTERS"]

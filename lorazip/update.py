@@ -1,0 +1,555 @@
+"""Grow or shrink a compressed collection without recompressing it.
+
+:func:`add_adapters` projects new adapters onto an artifact's existing bases: for every module
+the core of adapter ``i`` in cluster ``k`` is the least-squares fit for the *stored* bases,
+``S = (U_k^T U_k)^+ U_k^T M_i V_k (V_k^T V_k)^+`` (which is ``U_k^T M_i V_k`` for orthonormal
+bases), computed from the factors; with ``K > 1`` clusters each new adapter joins the cluster
+that keeps most of its weighted energy summed over modules (per module for per-module
+clusterings). Its exact errors are measured from the rounded stored tensors, and its cores,
+statistics, spectra, extras and metadata are appended; bases and every other adapter's rows
+stay bit for bit. ``refit=True`` then reruns JD-Full on *all* adapters, warm-started from the
+current bases (per cluster on its members), re-reading the original adapters from the paths
+recorded in the artifact (sha256-checked); a module (or cluster) keeps the projection wherever
+the refit would not lower its weighted objective, so a refit is never worse.
+
+:func:`remove_adapters` drops adapters (cores, statistics, assignments, spectra, extras,
+metadata); the shared bases are unchanged.
+
+Both return a new in-memory :class:`~lorazip.artifact.Artifact` (format v1) and a report;
+``Artifact.save`` writes it atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import __version__
+from .artifact import Artifact, load_artifact
+from .errors import ArtifactError, OptionError, SourceError, ValidationError
+from .io.collection import Collection, load_collection
+from .io.peft import Adapter, load_adapter, sha256_file, short
+from .metrics import per_adapter, squared_errors, summary
+from .solvers import jd_diag, jd_full, spectra
+from .solvers._linalg import adapter_weights, orth
+from .solvers.svd import individual_svd
+
+REPORT_VERSION = 1
+DEFAULT_THRESHOLD = 0.6  # error above which an added adapter is flagged (the paper's figure)
+_COMPUTE = {"float64": torch.float64, "float32": torch.float32}
+
+
+class UpdateWarning(UserWarning):
+    """An added adapter is poorly represented by the artifact's bases (error above the threshold)."""
+
+
+def _open(artifact: Artifact | str | os.PathLike) -> Artifact:
+    return artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+
+
+def _label(art: Artifact) -> str:
+    return str(art.path) if art.path else "artifact"
+
+
+def _weights(norms2: torch.Tensor, weighting: str) -> torch.Tensor:
+    return adapter_weights(norms2.double(), weighting if weighting in ("relative", "absolute") else "relative")
+
+
+def project_cores(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """Least-squares cores of ``M_i = B[i] @ A[i]`` for fixed bases ``U`` (d_out, r), ``V`` (d_in, r).
+
+    Full cores: ``(U^T U)^+ U^T M V (V^T V)^+`` (n, r, r); diagonal cores: the solution of
+    ``((U^T U) * (V^T V)) s = diag(U^T M V)`` (n, r). All in float64; never forms ``M``.
+    """
+    B, A, U, V = B.double(), A.double(), U.double(), V.double()
+    X = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)  # U^T M V: (n, r, r)
+    GU, GV = U.T @ U, V.T @ V
+    if diagonal:
+        G = GU * GV
+        return torch.diagonal(X, dim1=1, dim2=2) @ torch.linalg.pinv(G, hermitian=True)
+    return torch.linalg.pinv(GU, hermitian=True) @ X @ torch.linalg.pinv(GV, hermitian=True)
+
+
+# -- sources --------------------------------------------------------------------------------
+
+def _check_compatible(art: Artifact, coll: Collection, base_model: str | None) -> None:
+    """Same base model (unless overridden) and every new module present with the same shape."""
+    mine = (art.meta.get("base_model") or "").rstrip("/")
+    if base_model is None and mine:
+        for a in coll.adapters:
+            theirs = (a.base_model or "").rstrip("/")
+            if theirs and theirs != mine:
+                raise ValidationError(
+                    f"{a.path}: base model {theirs!r} differs from the artifact's {mine!r} "
+                    "(pass --base-model to override)"
+                )
+    mods = {m["name"]: m for m in art.modules}
+    for info in coll.modules:
+        who = next(a for a in coll.adapters if info.name in a.modules)
+        have = mods.get(info.name)
+        if have is None:
+            raise ValidationError(
+                f"{who.weights_file}: module {info.name!r} is not in the artifact {_label(art)} "
+                f"(it has bases for {len(mods)} modules); recompress to add modules"
+            )
+        want = (have.get("layout", "linear"), have["d_out"], have["d_in"])
+        if (info.layout, info.d_out, info.d_in) != want:
+            raise ValidationError(
+                f"{who.weights_file}: module {info.name!r} is {info.layout} {info.d_out}x{info.d_in} "
+                f"but {want[0]} {want[1]}x{want[2]} in the artifact"
+            )
+
+
+def original_adapters(art: Artifact, *, allow_pickle: bool = False) -> list[Adapter]:
+    """Re-open the artifact's adapters from the source paths recorded in it, after checking
+    every recorded file's sha256 (``--refit`` needs the exact originals)."""
+    out = []
+    for a in art.meta["adapters"]:
+        name, src = a["name"], a["source"]
+        path = src.get("path")
+        if not path:
+            raise SourceError(f"adapter {name!r}: no source path recorded in the artifact; --refit needs the originals")
+        folder = Path(path)
+        if not folder.is_dir():
+            raise SourceError(
+                f"{folder}: original of adapter {name!r} is missing; --refit re-reads every original adapter "
+                "(restore it, or add without --refit)"
+            )
+        for fname, rec in sorted(src.get("files", {}).items()):
+            f = folder / fname
+            if not f.is_file():
+                raise SourceError(f"{f}: missing (recorded for adapter {name!r}); --refit needs the original files")
+            want = rec.get("sha256")
+            if want and sha256_file(f) != want:
+                raise ValidationError(
+                    f"{f}: sha256 differs from the file compressed into the artifact (adapter {name!r}); "
+                    "--refit needs the original files"
+                )
+        adapter = load_adapter(folder, name, allow_pickle=allow_pickle)
+        adapter.source.update({k: v for k, v in src.items() if k not in ("path", "files")})
+        out.append(adapter)
+    return out
+
+
+def _rename(coll: Collection, names: Sequence[str] | None) -> None:
+    if names is None:
+        return
+    names = list(names)
+    if len(names) != len(coll.adapters):
+        raise OptionError(f"{len(names)} name(s) given for {len(coll.adapters)} new adapter(s)")
+    for a, n in zip(coll.adapters, names):
+        if not isinstance(n, str) or not n.strip():
+            raise OptionError(f"adapter names must be non-empty strings, got {short(n)}")
+        a.name = n
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise OptionError(f"adapter name {sorted(dup)[0]!r} is given twice")
+
+
+# -- add ---------------------------------------------------------------------------------------
+
+def add_adapters(
+    artifact: Artifact | str | os.PathLike,
+    sources,
+    threshold: float = DEFAULT_THRESHOLD,
+    refit: bool = False,
+    *,
+    names: Sequence[str] | None = None,
+    base_model: str | None = None,
+    allow_pickle: bool = False,
+    keep_extras: bool = True,
+    hash_sources: bool = True,
+    max_iters: int | None = None,
+    tol: float | None = None,
+    compute_dtype: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[Artifact, dict[str, Any]]:
+    """Add adapters to a compressed collection.
+
+    Parameters
+    ----------
+    artifact : an :class:`Artifact` or the path of one.
+    sources : new adapters, as for :func:`lorazip.load_collection` (folders, Hub downloads).
+    threshold : an added adapter whose relative squared error exceeds this is flagged
+        (``report["warnings"]`` and an :class:`UpdateWarning`).
+    refit : rerun JD-Full on all adapters warm-started from the current bases (needs the
+        original adapters at the paths recorded in the artifact, checked by sha256).
+    names : names for the new adapters (default: their folder / repo names).
+    base_model : accept adapters whose config names another base model.
+    max_iters, tol, compute_dtype : refit solver settings (default: the artifact's).
+
+    Returns
+    -------
+    ``(artifact, report)``: a new in-memory artifact (same format, storage dtype, bases unless
+    refit) and a dict (``report_version`` 1) with ``added[]`` (name, source, error,
+    projection_error, above_threshold, cluster, missing_modules), ``warnings``, ``objective``
+    (weighted residual fraction after projection and after refit) and ``errors`` (summary over
+    all adapters).
+
+    Raises
+    ------
+    SourceError, AdapterFormatError, ValidationError (base model, modules, shapes, a name
+    already in the artifact, changed or missing originals with ``refit``), OptionError.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise OptionError(f"--threshold must be a number >= 0, got {threshold!r}")
+    art = _open(artifact)
+    meta = copy.deepcopy(art.meta)
+    meta.pop("checksum", None)
+    coll = load_collection(sources, base_model=base_model, allow_pickle=allow_pickle)
+    _rename(coll, names)
+    existing = set(art.names)
+    for a in coll.adapters:
+        if a.name in existing:
+            raise ValidationError(
+                f"{a.path}: adapter name {a.name!r} is already in the artifact {_label(art)} "
+                "(remove it first, or give another name)"
+            )
+    _check_compatible(art, coll, base_model)
+    warn: list[str] = []
+    _same_files(art, coll, warn)
+
+    n_old, n_new = len(art.names), len(coll)
+    weighting = meta.get("weighting", "relative")
+    clustering = meta.get("clustering") or {}
+    shared_assign = not clustering.get("per_module", False)
+    old = art.tensors()
+    tensors: dict[str, torch.Tensor] = dict(old)
+    mods = meta["modules"]
+    n_mod = len(mods)
+    coll_mods = {m.name for m in coll.modules}
+
+    # 1. candidate cores and errors of every new adapter under every cluster of every module
+    cand: list[tuple[torch.Tensor, torch.Tensor]] = []  # per module: cores (n_new, K, ...), errors (n_new, K)
+    norm_new = torch.zeros(n_new, n_mod, dtype=torch.float64)
+    new_spectra = []
+    facs = []
+    for j, mod in enumerate(mods):
+        name = mod["name"]
+        B, A = _factors(coll, name, mod, coll_mods)
+        facs.append((B, A))
+        U, V, cores_old = old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"]
+        diagonal = cores_old.dim() == 2
+        norm_new[:, j] = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+        new_spectra.append(spectra(B, A).float())
+        if progress:
+            progress(j + 1, n_mod, name)
+        if art.method == "svd":
+            cand.append((None, None))
+            continue
+        cs, es = [], []
+        for k in range(U.shape[0]):
+            S = project_cores(B, A, U[k], V[k], diagonal).to(cores_old.dtype)
+            e, _ = squared_errors(B, A, U[k], V[k], S)
+            cs.append(S)
+            es.append(e)
+        cand.append((torch.stack(cs, 1), torch.stack(es, 1)))
+
+    # 2. cluster choice: most weighted energy kept (summed over modules unless per-module clusters)
+    choice: list[torch.Tensor | None] = [None] * n_mod
+    Ks = {int(old[f"U/{m['name']}"].shape[0]) for m in mods}
+    if art.method != "svd":
+        if shared_assign and len(Ks) == 1 and next(iter(Ks)) > 1:
+            total = torch.zeros(n_new, next(iter(Ks)), dtype=torch.float64)
+            for j in range(n_mod):
+                total += _weights(norm_new[:, j], weighting)[:, None] * cand[j][1]
+            pick = total.argmin(1)
+            choice = [pick] * n_mod
+        else:
+            choice = [c[1].argmin(1) for c in cand]
+
+    # 3. append rows
+    sq_new = torch.zeros(n_new, n_mod, dtype=torch.float64)
+    for j, mod in enumerate(mods):
+        name = mod["name"]
+        cores_old = old[f"cores/{name}"]
+        akey = f"assign/{name}"
+        if art.method == "svd":
+            B, A = facs[j]
+            U, V = old[f"U/{name}"], old[f"V/{name}"]
+            res = individual_svd(B, A, U.shape[-1])
+            Un, Vn = res.U.to(U.dtype), res.V.to(V.dtype)
+            Sn = torch.stack([project_cores(B[i : i + 1], A[i : i + 1], Un[i], Vn[i], True)[0] for i in range(n_new)])
+            Sn = Sn.to(cores_old.dtype)
+            sq_new[:, j] = squared_errors(B, A, Un, Vn, Sn, torch.arange(n_new))[0]
+            tensors[f"U/{name}"] = torch.cat([U, Un]).contiguous()
+            tensors[f"V/{name}"] = torch.cat([V, Vn]).contiguous()
+            tensors[f"cores/{name}"] = torch.cat([cores_old, Sn]).contiguous()
+            tensors[akey] = torch.arange(n_old + n_new, dtype=torch.int32)
+            mod["n_clusters"] = n_old + n_new
+            continue
+        cs, es = cand[j]
+        k = choice[j]
+        rows = torch.arange(n_new)
+        tensors[f"cores/{name}"] = torch.cat([cores_old, cs[rows, k]]).contiguous()
+        sq_new[:, j] = es[rows, k]
+        if akey in old or int(old[f"U/{name}"].shape[0]) > 1:
+            prev = old[akey] if akey in old else torch.zeros(n_old, dtype=torch.int32)
+            tensors[akey] = torch.cat([prev, k.to(prev.dtype)]).contiguous()
+    for j, mod in enumerate(mods):
+        key = f"spectra/{mod['name']}"
+        tensors[key] = _cat_padded(old[key], new_spectra[j])
+    sq_old, nn_old = old["stats/sq_error"], old["stats/norm2"]
+    tensors["stats/sq_error"] = torch.cat([sq_old, sq_new.to(sq_old.dtype)])
+    tensors["stats/norm2"] = torch.cat([nn_old, norm_new.to(nn_old.dtype)])
+    from .compress import _adapter_meta  # the same metadata compress records
+
+    for j, a in enumerate(coll.adapters):
+        meta["adapters"].append(_adapter_meta(a, hash_sources))
+        if keep_extras and a.extras:
+            for key, t in a.extra_tensors().items():
+                tensors[f"extras/{n_old + j}/{key}"] = t.contiguous()
+    proj_err = per_adapter(sq_new, norm_new)
+    objective = {"projection": _objective(tensors, weighting), "refit": None}
+    meta.setdefault("updates", []).append(
+        {"op": "add", "adapters": coll.names, "refit": bool(refit), "lorazip_version": __version__}
+    )
+    out = Artifact(meta, tensors=tensors)
+
+    refit_info = None
+    if refit:
+        out, refit_info = _refit(out, art, coll, weighting, allow_pickle, max_iters, tol, compute_dtype, progress)
+        objective["refit"] = _objective(out.tensors(), weighting)
+
+    sq_all, nn_all = out.stats()
+    err_all = per_adapter(sq_all.double(), nn_all.double())
+    added = []
+    for j, a in enumerate(coll.adapters):
+        i = n_old + j
+        row = {
+            "name": a.name,
+            "source": meta["adapters"][i]["source"].get("path"),
+            "error": float(err_all[i]),
+            "projection_error": float(proj_err[j]),
+            "above_threshold": bool(err_all[i] > threshold),
+            "missing_modules": [m["name"] for m in mods if m["name"] not in a.modules],
+        }
+        if art.method != "svd" and choice[0] is not None and shared_assign and len(Ks) == 1 and next(iter(Ks)) > 1:
+            row["cluster"] = int(choice[0][j])
+        added.append(row)
+        if row["above_threshold"]:
+            warn.append(
+                f"adapter {a.name!r}: relative squared error {row['error']:.4f} is above the threshold "
+                f"{threshold:g}: the shared bases do not represent it well"
+                + ("" if refit else " (try --refit, or recompress the collection)")
+            )
+    for w in warn:
+        warnings.warn(w, UpdateWarning, stacklevel=2)
+    report = {
+        "report_version": REPORT_VERSION,
+        "operation": "add",
+        "artifact": str(art.path) if art.path else None,
+        "method": art.method,
+        "threshold": threshold,
+        "refit": bool(refit),
+        "n_adapters": len(out.names),
+        "added": added,
+        "warnings": warn,
+        "objective": objective,
+        "errors": summary(err_all.tolist()),
+    }
+    if refit_info is not None:
+        report["refit_modules"] = refit_info
+    return out, report
+
+
+def _factors(coll: Collection, name: str, mod: dict[str, Any], coll_mods: set[str]):
+    """float64 factors of module ``name`` for the new adapters; zeros where none adapts it."""
+    if name in coll_mods:
+        fac = coll.module_factors(name, dtype=torch.float64)
+        return fac.B, fac.A
+    n = len(coll)
+    return torch.zeros(n, mod["d_out"], 1, dtype=torch.float64), torch.zeros(n, 1, mod["d_in"], dtype=torch.float64)
+
+
+def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Stack (n1, w1) and (n2, w2) spectra, zero-padding to the wider one (zeros are exact)."""
+    w = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, w - t.shape[1])) if t.shape[1] < w else t  # noqa: E731
+    return torch.cat([pad(a), pad(b).to(a.dtype)]).contiguous()
+
+
+def _objective(tensors: dict[str, torch.Tensor], weighting: str) -> float:
+    """Weighted residual fraction ``sum w_im e_im / sum w_im ||M_im||^2`` (the solvers' objective)."""
+    sq, nn = tensors["stats/sq_error"].double(), tensors["stats/norm2"].double()
+    w = _weights(nn, weighting)
+    total = float((w * nn).sum())
+    return float((w * sq).sum()) / total if total else 0.0
+
+
+def _same_files(art: Artifact, coll: Collection, warn: list[str]) -> None:
+    """Warn when a new adapter's weights are byte-identical to an adapter already stored."""
+    by_hash = {}
+    for a in art.meta["adapters"]:
+        for fname, rec in a["source"].get("files", {}).items():
+            if not fname.endswith(".json") and rec.get("sha256"):
+                by_hash[rec["sha256"]] = a["name"]
+    if not by_hash:
+        return
+    for a in coll.adapters:
+        try:
+            h = sha256_file(a.weights_file)
+        except OSError:
+            continue
+        if h in by_hash:
+            warn.append(f"adapter {a.name!r} has the same weights as {by_hash[h]!r}, already in the artifact")
+
+
+# -- refit -------------------------------------------------------------------------------------
+
+def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow_pickle: bool,
+           max_iters: int | None, tol: float | None, compute_dtype: str | None, progress) -> tuple[Artifact, dict]:
+    """JD-Full (per cluster on its members) on all adapters, warm-started from the current bases."""
+    solver = out.meta.get("solver") or {}
+    max_iters = int(max_iters or solver.get("max_iters") or 500)
+    tol = float(tol or solver.get("tol") or 1e-4)
+    cdtype = _COMPUTE.get(compute_dtype or solver.get("compute_dtype") or "float32")
+    if cdtype is None:
+        raise OptionError(f"unknown compute dtype {compute_dtype!r}; choose float64 or float32")
+    olds = original_adapters(art, allow_pickle=allow_pickle)
+    full = Collection(olds + list(coll.adapters), base_model=out.meta.get("base_model") or coll.base_model or "")
+    names_full = {m.name for m in full.modules}
+    tensors = dict(out.tensors())
+    info = {"refit": 0, "kept_projection": 0, "skipped": 0}
+    method = out.method
+    n_mod = len(out.modules)
+    for j, mod in enumerate(out.modules):
+        name = mod["name"]
+        if progress:
+            progress(j, n_mod, name)
+        if method == "svd" or name not in names_full:
+            info["skipped"] += 1  # per-adapter SVD is already optimal; nobody adapts the module
+            continue
+        fac = full.module_factors(name, dtype=torch.float64)
+        B, A = fac.B, fac.A
+        U_all, V_all = tensors[f"U/{name}"].clone(), tensors[f"V/{name}"].clone()
+        cores = tensors[f"cores/{name}"].clone()
+        akey = f"assign/{name}"
+        assign = tensors[akey].long() if akey in tensors else torch.zeros(B.shape[0], dtype=torch.long)
+        norms2 = fac.norms2()
+        sq, _ = squared_errors(B, A, U_all, V_all, cores, assign)  # the projection's exact errors
+        r = U_all.shape[-1]
+        diagonal = cores.dim() == 2
+        changed, iters, conv = False, 0, True
+        for k in range(U_all.shape[0]):
+            idx = (assign == k).nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            w = _weights(norms2[idx], weighting)
+            if float((w * norms2[idx]).sum()) <= 0:
+                continue
+            Bk, Ak = B[idx], A[idx]
+            if method == "jd-diag":
+                res = jd_diag(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=max_iters, tol=tol,
+                              seed=int(solver.get("seed") or 0))
+                Un = res.U.double() / torch.linalg.norm(res.U.double(), dim=0).clamp_min(1e-300)
+                Vn = res.V.double() / torch.linalg.norm(res.V.double(), dim=0).clamp_min(1e-300)
+            else:
+                U0, V0 = orth(U_all[k].double()).to(cdtype), orth(V_all[k].double()).to(cdtype)
+                res = jd_full(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=max_iters, tol=tol,
+                              U0=U0, V0=V0)
+                Un, Vn = orth(res.U.double()), orth(res.V.double())
+            Un, Vn = Un.to(U_all.dtype), Vn.to(V_all.dtype)
+            Sn = project_cores(Bk, Ak, Un, Vn, diagonal).to(cores.dtype)
+            e_new, _ = squared_errors(Bk, Ak, Un, Vn, Sn)
+            if float((w * e_new).sum()) < float((w * sq[idx]).sum()):
+                U_all[k], V_all[k] = Un, Vn
+                cores[idx] = Sn
+                sq[idx] = e_new
+                changed = True
+                iters, conv = max(iters, res.n_iters), conv and res.converged
+                info["refit"] += 1
+            else:
+                info["kept_projection"] += 1
+        tensors[f"U/{name}"], tensors[f"V/{name}"] = U_all.contiguous(), V_all.contiguous()
+        tensors[f"cores/{name}"] = cores.contiguous()
+        stats_sq = tensors["stats/sq_error"].clone()
+        stats_nn = tensors["stats/norm2"].clone()
+        stats_sq[:, j] = sq.to(stats_sq.dtype)
+        stats_nn[:, j] = norms2.to(stats_nn.dtype)
+        tensors["stats/sq_error"], tensors["stats/norm2"] = stats_sq, stats_nn
+        if changed:
+            mod["iters"], mod["converged"] = iters, conv
+    if progress:
+        progress(n_mod, n_mod, "")
+    return Artifact(out.meta, tensors=tensors), info
+
+
+# -- remove ------------------------------------------------------------------------------------
+
+def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]) -> tuple[Artifact, dict[str, Any]]:
+    """Drop the named adapters: their cores, statistics, assignments, spectra, extras and metadata.
+
+    The shared bases are unchanged (for the ``svd`` baseline, whose bases are per adapter,
+    the removed adapters' bases go too). Returns ``(artifact, report)``.
+
+    Raises
+    ------
+    ArtifactError for a name not in the artifact; OptionError for a name given twice or
+    for removing every adapter.
+    """
+    art = _open(artifact)
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise OptionError("no adapter names given to remove")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise OptionError(f"adapter {n!r} is named twice")
+        seen.add(n)
+    have = art.names
+    for n in names:
+        if n not in have:
+            near = ", ".join(have[:5]) + (" ..." if len(have) > 5 else "")
+            raise ArtifactError(f"{_label(art)}: no adapter named {n!r} (it has: {near})")
+    if len(names) == len(have):
+        raise OptionError("cannot remove every adapter: an artifact holds at least one")
+    drop = {have.index(n) for n in names}
+    keep = [i for i in range(len(have)) if i not in drop]
+    new_index = {old: new for new, old in enumerate(keep)}
+    idx = torch.tensor(keep, dtype=torch.long)
+    meta = copy.deepcopy(art.meta)
+    meta.pop("checksum", None)
+    old = art.tensors()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in old.items():
+        if key.startswith("extras/"):
+            _, i, rest = key.split("/", 2)
+            if int(i) in new_index:
+                tensors[f"extras/{new_index[int(i)]}/{rest}"] = t
+        elif key.startswith(("cores/", "spectra/", "stats/")):
+            tensors[key] = t[idx].contiguous()
+        elif key.startswith("assign/"):
+            tensors[key] = (torch.arange(len(keep), dtype=t.dtype) if art.method == "svd" else t[idx]).contiguous()
+        elif art.method == "svd" and key.startswith(("U/", "V/")):
+            tensors[key] = t[idx].contiguous()
+        else:
+            tensors[key] = t
+    if art.method == "svd":
+        for mod in meta["modules"]:
+            mod["n_clusters"] = len(keep)
+    meta["adapters"] = [a for i, a in enumerate(meta["adapters"]) if i not in drop]
+    meta.setdefault("updates", []).append({"op": "remove", "adapters": names, "lorazip_version": __version__})
+    out = Artifact(meta, tensors=tensors)
+    sq, nn = out.stats()
+    report = {
+        "report_version": REPORT_VERSION,
+        "operation": "remove",
+        "artifact": str(art.path) if art.path else None,
+        "removed": names,
+        "n_adapters": len(keep),
+        "errors": summary(per_adapter(sq.double(), nn.double()).tolist()),
+    }
+    return out, report
+
+
+__all__ = [
+    "add_adapters", "remove_adapters", "project_cores", "original_adapters", "UpdateWarning", "DEFAULT_THRESHOLD",
+]
