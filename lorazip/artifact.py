@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +28,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import AdapterFormatError, ArtifactError, OutputError
+from .errors import ArtifactError, OutputError
 from .io.peft import FLOAT_DTYPES, ST_TORCH, SafetensorsReader, parse_json, short, utf8_path
+
+_TORCH_ST = {v: k for k, v in ST_TORCH.items()}
 
 FORMAT_NAME = "lorazip"
 FORMAT_VERSION = 1
@@ -114,22 +117,43 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The header bytes (length prefix + JSON, space-padded to 8 bytes) of a safetensors file and
+    the order of the tensors' data, laid out as safetensors does it (wider dtypes first, then by
+    name) but deterministic: ``__metadata__`` keys sorted (safetensors' own writer emits them in
+    hash-map order, which differs from run to run)."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+    pos = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in _TORCH_ST:
+            raise OutputError(f"tensor {short(key)}: dtype {t.dtype} cannot be stored in safetensors")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file with plain file I/O (streamed, any path, byte-for-byte deterministic)."""
+    head, order = safetensors_header(tensors, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for key in order:
+            t = tensors[key].detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str], final: Path) -> None:
-    """``safetensors.torch.save_file`` with its errors (disk full, file too large) as :class:`OutputError`."""
-    import re
-
-    from safetensors.torch import save_file
-
+    """:func:`write_safetensors` with write errors (disk full, file too large) as :class:`OutputError` on ``final``."""
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write_safetensors(tensors, tmp, metadata)
     except OSError as exc:
         raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
-    except Exception as exc:  # safetensors' SafetensorError wraps the I/O error's text
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        text = _first_line(exc)
-        m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
-        raise OutputError(f"{final}: cannot write ({m.group(1) if m else text})") from None
 
 
 class Artifact:
@@ -244,11 +268,10 @@ class Artifact:
         return tensors, header, meta
 
     def serialized_size(self) -> int:
-        """Exact size in bytes of the file :meth:`save` would write."""
-        from safetensors.torch import save
-
+        """Exact size in bytes of the file :meth:`save` would write (no data is serialized)."""
         tensors, header, _ = self._serialize_inputs()
-        return len(save(tensors, metadata=header))
+        head, _order = safetensors_header(tensors, header)
+        return len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically to ``path`` (temp file in the same folder, fsync, rename).
@@ -354,7 +377,8 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
         if not isinstance(cl, dict) or not _is_int(cl.get("n_clusters", 1), 1):
             raise bad("'clustering' must be an object with a positive 'n_clusters'")
         if cl.get("n_clusters", 1) > 1 and not (
-            isinstance(cl.get("per_module"), bool) and _is_int(cl.get("rounds")) and isinstance(cl.get("converged"), bool)
+            isinstance(cl.get("per_module"), bool) and _is_int(cl.get("rounds"))
+            and isinstance(cl.get("converged"), bool)
         ):
             raise bad("'clustering' needs 'per_module', 'rounds' and 'converged'")
 
@@ -394,6 +418,8 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
         if not isinstance(files, dict) or not _opt(src.get("path"), str):
             raise bad(f"adapters[{i}].source must hold 'path' and 'files'")
         for fname, f in files.items():
+            if fname in ("", ".", "..") or "/" in fname or "\\" in fname or "\x00" in fname:
+                raise bad(f"adapters[{i}].source.files names {short(fname)}, not a plain file name")
             if not isinstance(f, dict) or not _is_int(f.get("bytes")) or not _opt(f.get("sha256"), str):
                 raise bad(f"adapters[{i}].source.files[{short(fname)}] must hold 'bytes' and 'sha256'")
         if not isinstance(a.get("config", {}), dict):
@@ -410,7 +436,9 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
             want = " or ".join(str(tuple(s)) for s in shapes)
             raise ArtifactError(f"{path}: tensor {short(key)} missing or not of shape {want}")
         if info["dtype"] not in dtypes:
-            raise ArtifactError(f"{path}: tensor {short(key)} has dtype {info['dtype']}, expected {' or '.join(dtypes)}")
+            raise ArtifactError(
+                f"{path}: tensor {short(key)} has dtype {info['dtype']}, expected {' or '.join(dtypes)}"
+            )
 
     ints = ("I32", "I64", "I16", "I8", "U8", "U16", "U32", "U64")
     for mod in modules:

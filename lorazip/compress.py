@@ -288,38 +288,40 @@ def compress(
         if progress:
             progress(j + 1, n_mod, info.name)
 
-    if method == "jd-clustered":
-        t0 = time.perf_counter()
-        res = jd_clustered(
-            list(range(n_mod)), cache.device, clusters, rank, weighting=weighting, per_module=per_module_clusters,
-            max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
-        )
-        clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
-        for j in range(n_mod):
-            assign = res.assignment[j] if clusters > 1 else None
-            store(j, res.U[j], res.V[j], res.cores[j], assign, res.rounds, res.converged)
-            cache.drop(j)
-        clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
-                      "converged": res.converged, "objective_history": res.history}
-    else:
-        clustering = None
-        for j in range(n_mod):
-            if j + 1 < n_mod:
-                cache.prefetch(j + 1)  # read the next module while this one is solved
+    try:
+        if method == "jd-clustered":
             t0 = time.perf_counter()
-            B, A = cache.device(j)
-            t1 = time.perf_counter()
-            r_j = ranks[collection.modules[j].name]
-            if backend != "torch":
-                B, A = to_backend(B, backend), to_backend(A, backend)
-            sol = solve_module(method, B, A, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
-            if backend != "torch":
-                sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
-            clock["read_s"] += t1 - t0
-            clock["solve_s"] += time.perf_counter() - t1
-            store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
-            cache.drop(j)
-    cache.close()
+            res = jd_clustered(
+                list(range(n_mod)), cache.device, clusters, rank, weighting=weighting, per_module=per_module_clusters,
+                max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
+            )
+            clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
+            for j in range(n_mod):
+                assign = res.assignment[j] if clusters > 1 else None
+                store(j, res.U[j], res.V[j], res.cores[j], assign, res.rounds, res.converged)
+                cache.drop(j)
+            clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
+                          "converged": res.converged, "objective_history": res.history}
+        else:
+            clustering = None
+            for j in range(n_mod):
+                if j + 1 < n_mod:
+                    cache.prefetch(j + 1)  # read the next module while this one is solved
+                t0 = time.perf_counter()
+                B, A = cache.device(j)
+                t1 = time.perf_counter()
+                r_j = ranks[collection.modules[j].name]
+                if backend != "torch":
+                    B, A = to_backend(B, backend), to_backend(A, backend)
+                sol = solve_module(method, B, A, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
+                if backend != "torch":
+                    sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
+                clock["read_s"] += t1 - t0
+                clock["solve_s"] += time.perf_counter() - t1
+                store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
+                cache.drop(j)
+    finally:
+        cache.close()  # stop the read-ahead thread, also when a module fails
     tensors["stats/sq_error"] = sq_error
     tensors["stats/norm2"] = norm2
     adapters_meta = [_adapter_meta(a, hash_sources) for a in collection.adapters]

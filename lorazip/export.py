@@ -50,6 +50,12 @@ def to_peft(artifact: Artifact, name: str, *, dtype: str = "float32") -> tuple[d
         Uk, Vk, S = U[k].double(), V[k].double(), cores[0].double()
         Bp = Uk * S if S.dim() == 1 else Uk @ S  # (d_out, r)
         Ap = Vk.T  # (r, d_in)
+        finfo = torch.finfo(tdtype)
+        if not (Bp.abs().max() <= finfo.max and Ap.abs().max() <= finfo.max):  # also False for NaN
+            raise ArtifactError(
+                f"{artifact.path or 'artifact'}: adapter {short(name)}, module {short(m)}: "
+                f"the exported factors overflow {dtype} (damaged or hostile artifact)"
+            )
         if mod.get("layout", "linear") == "embedding":
             state[f"{_PREFIX}{m}.lora_embedding_A"] = Bp.T.to(tdtype).contiguous()
             state[f"{_PREFIX}{m}.lora_embedding_B"] = Ap.T.to(tdtype).contiguous()

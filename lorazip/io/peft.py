@@ -124,10 +124,10 @@ class Adapter:
         """
         spec = self.modules[module]
         t = self.read([spec.key_A, spec.key_B])
-        a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
-        for key, x in ((spec.key_A, a), (spec.key_B, b)):
-            if not torch.isfinite(x).all():
+        for key in (spec.key_A, spec.key_B):  # checked as stored (a cast to float32 may overflow to inf)
+            if not torch.isfinite(t[key]).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
+        a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
         if spec.layout == "embedding":  # delta = (B_e A_e)^T = A_e^T B_e^T
             a, b = b.T, a.T
         b = b * spec.scale
@@ -136,15 +136,16 @@ class Adapter:
         bound = float(b.double().square().sum()) * float(a.double().square().sum())
         if not math.isfinite(bound) or bound > (_MAX_NORM2 if dtype == torch.float64 else _MAX_NORM2_F32):
             raise AdapterFormatError(
-                f"{self.weights_file}: module {module!r}: values too large (|B|^2 |A|^2 = {bound:.3g} overflows)"
+                f"{self.weights_file}: module {short(module)}: values too large "
+                f"(|B|^2 |A|^2 = {bound:.3g} overflows {str(dtype).replace('torch.', '')})"
             )
         return b, a
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """The non-LoRA tensors (``modules_to_save`` heads), as stored; refuses NaN/Inf in them."""
         tensors = self.read(self.extras)
-        for key, x in tensors.items():
-            if x.is_floating_point() and not torch.isfinite(x).all():
+        for key, x in tensors.items():  # (float8 has no isfinite: checked as float32)
+            if x.is_floating_point() and not torch.isfinite(x if x.element_size() > 1 else x.float()).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {short(key)} has NaN or Inf values")
         return tensors
 
@@ -286,7 +287,9 @@ def read_config(path: Path) -> dict[str, Any]:
         try:
             re.compile(targets)
         except (re.error, RecursionError, OverflowError):
-            raise AdapterFormatError(f"{cfg_path}: 'target_modules' {short(targets)} is not a valid regular expression") from None
+            raise AdapterFormatError(
+                f"{cfg_path}: 'target_modules' {short(targets)} is not a valid regular expression"
+            ) from None
     return cfg
 
 
@@ -535,7 +538,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
             raise AdapterFormatError(f"{weights}: module {short(m['module'])} has two {kind} tensors")
         if info["dtype"] not in FLOAT_DTYPES:
             raise AdapterFormatError(
-                f"{weights}: LoRA tensor {short(key)} has dtype {short(info['dtype'])}; "
+                f"{weights}: LoRA tensor {short(key)} has dtype {info['dtype']}; "
                 f"only {', '.join(FLOAT_DTYPES)} factors are supported"
             )
         slot[kind[-1]] = key
