@@ -9,6 +9,7 @@ its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -479,6 +480,15 @@ def main(argv: list[str] | None = None) -> int:
         err.print("terminated" if term else "interrupted")
         return 143 if term else 130
 
+    threads = os.environ.get("LORAZIP_THREADS")
+    if threads:  # on a shared machine one thread avoids torch's spinning thread pool
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, int(threads)))
+        except ValueError:
+            err.print(f"[red]error:[/red] LORAZIP_THREADS must be a number, got {escape(threads)!s}")
+            return 1
     previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_signal)
