@@ -650,3 +650,40 @@ def test_cache_blob_layout_is_standard(hub):
     assert hashlib.sha256(files["adapter_model.safetensors"]).hexdigest() in blobs
     assert (hub.cache / "models--org--lora-0" / "refs" / "main").read_text() == a.commit
     assert os.path.islink(a.path / "adapter_model.safetensors") or os.name == "nt"
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the CLI against the loopback Hub
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_compress_from_author_search_compresses_every_listed_adapter(hub, tmp_path, monkeypatch, capsys):
+    import lorazip
+    from lorazip.cli.main import main
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    wanted = add_adapters(hub, 5, org="Lots-of-LoRAs", prefix="Mistral-7B-Instruct-v0.2-4b-r16-task")
+    add_adapters(hub, 2, org="Lots-of-LoRAs", prefix="Llama-2-7b-task")
+    out = tmp_path / "lol.lorazip.safetensors"
+    rc = main(["compress", "--hub-author", "Lots-of-LoRAs", "--hub-search", "Mistral-7B-Instruct-v0.2-4b-r16",
+               "-o", str(out), "--rank", "4", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["n_adapters"] == 5
+    art = lorazip.load_artifact(out)
+    recorded = {a["source"]["hub"]["repo_id"]: a["source"]["hub"]["commit"] for a in art.meta["adapters"]}
+    assert set(recorded) == {r.repo_id for r in wanted}
+    for repo_id, commit in recorded.items():
+        assert commit in hub.repos[repo_id].commits  # the resolved commit is recorded
+    # a rerun from the cache downloads nothing and gives the same artifact bytes
+    fetched = len(hub.requests("cdn")) + len(hub.requests("resolve"))
+    assert fetched > 0
+    out2 = tmp_path / "again.lorazip.safetensors"
+    assert main(["compress", "--hub-author", "Lots-of-LoRAs", "--hub-search", "Mistral-7B-Instruct-v0.2-4b-r16",
+                 "-o", str(out2), "--rank", "4"]) == 0
+    assert len(hub.requests("cdn")) + len(hub.requests("resolve")) == fetched
+    assert out2.read_bytes() == out.read_bytes()
+    # a missing repo named on the command line: one clear line, exit 1, no artifact
+    rc = main(["compress", "Lots-of-LoRAs/nope", "-o", str(tmp_path / "x.safetensors")])
+    assert rc == 1 and not (tmp_path / "x.safetensors").exists()
+    assert "Lots-of-LoRAs/nope" in capsys.readouterr().err
