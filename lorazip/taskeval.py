@@ -505,19 +505,21 @@ def table(rep: dict[str, Any], title: str | None = None):
         return "-" if v is None else fmt.format(v)
 
     t = Table(title=escape(title or f"task evaluation: {rep['artifact']}"), title_justify="left")
-    for col in ("adapter", "texts", "base loss", "original loss", "compressed loss", "retention", "rec. error"):
-        t.add_column(col, justify="left" if col == "adapter" else "right")
+    t.add_column("adapter", no_wrap=True)
+    for col in ("texts", "base", "original", "compressed", "retention", "rec. err"):
+        t.add_column(col, justify="right", no_wrap=True)
     for a in rep["adapters"]:
         t.add_row(escape(a["name"]), str(a["n_texts"]), f(a["loss_base"]), f(a["loss_original"]),
                   f(a["loss_compressed"]), f(a["retention"], "{:.3f}"), f(a["error"]))
     s = rep["summary"]
+    head = "losses: mean token NLL (nats) of the base model, original and compressed adapter"
     if s["retention"]:
         r = s["retention"]
-        t.caption = (f"retention mean {r['mean']:.3f}, median {r['median']:.3f}, min {r['min']:.3f}; "
+        t.caption = head + (f"\nretention mean {r['mean']:.3f}, median {r['median']:.3f}, min {r['min']:.3f}; "
                      f">= 0.99: {s['n_retention_ge_0.99']}/{s['n_with_retention']}, "
                      f">= 0.9: {s['n_retention_ge_0.9']}/{s['n_with_retention']}")
     else:
-        t.caption = "no originals found: retention needs --originals (or the recorded source folders)"
+        t.caption = head + "\nno originals found: retention needs --originals (or the recorded source folders)"
     t.caption_justify = "left"
     return t
 
@@ -526,11 +528,17 @@ def _load_model(transformers, ident: str, dtype: torch.dtype):
     p = Path(ident)
     if not p.exists() and (ident.startswith((".", "/", "~")) or ident.count("/") != 1):
         raise SourceError(f"{ident}: no such base model folder")
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # lorazip reports progress itself
     try:
         with _quiet():
             return transformers.AutoModelForCausalLM.from_pretrained(ident, **{_dtype_kwarg(transformers): dtype})
     except Exception as exc:
         raise SourceError(f"{ident}: cannot load the base model ({_first_line(exc)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _dtype_kwarg(transformers) -> str:
