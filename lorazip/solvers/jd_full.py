@@ -104,7 +104,7 @@ def jd_full(
     weights : (n,) tensor, optional; overrides ``weighting`` ("relative" or "absolute").
     max_iters, tol : sweep limit and tolerance. Iteration stops when both subspaces move less
         than ``tol`` or a sweep raises the captured fraction by less than ``tol * tol_scale``
-        (relative): the error has then converged even where near-degenerate directions
+        times the larger of the captured and the lost fraction: the error has then converged even where near-degenerate directions
         still rotate (flat spectra converge slowly in subspace, not in error).
     seed : seeds the randomized initialisation.
     U0, V0 : warm start (orthonormal columns); the randomized init is skipped.
@@ -142,7 +142,10 @@ def jd_full(
         U = subspace_iteration_step(U, lambda X: P @ (mT(P) @ X), rank)
         history.append(float(xp.sum((mT(U) @ P) ** 2)) / total if total else 1.0)
         gain = history[-1] - history[-2]
-        if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol or gain <= tol * tol_scale * history[-1]:
+        # relative to the larger of captured and lost energy: when little can be captured (flat
+        # spectra), the error is what must be accurate, not the small captured fraction
+        scale = max(history[-1], 1.0 - history[-1])
+        if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol or gain <= tol * tol_scale * scale:
             converged = True
             break
     cores = mT(mT(B) @ U) @ (A @ V)
