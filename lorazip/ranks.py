@@ -75,11 +75,17 @@ def rank_curves(
         outside = (n2 - S.square().sum((1, 2))).clamp_min(0)  # energy outside span(U) x span(V)
         eye = torch.eye(r_cap, dtype=torch.float64).expand_as(S)
         e = torch.empty(len(n2), r_cap, dtype=torch.float64)
+        # Warm starts: the HOSVD order of the cores (eigenvectors of sum w S S^T and sum w S^T S)
+        # puts each nested fit next to its optimum, so a few sweeps suffice.
+        ww = w.double()[:, None, None]
+        W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
+        Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
         for r in range(1, r_cap + 1):
             if r == r_cap:
                 kept = S.square().sum((1, 2))
             else:
-                sub = jd_full(S, eye, r, weights=w, seed=seed, tol=tol, max_iters=max_iters)
+                sub = jd_full(S, eye, r, weights=w, seed=seed, tol=tol, max_iters=max_iters,
+                              U0=W[:, :r], V0=Z[:, :r])
                 kept = sub.cores.square().sum((1, 2))
             e[:, r - 1] = outside + (S.square().sum((1, 2)) - kept).clamp_min(0)
         errors.append(e)
