@@ -70,7 +70,7 @@ COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _ERROR_CHUNK = 256  # adapters per chunk when measuring errors in float64
 
 
-def _refine(fac, U, V, assign, method: str):
+def _refine(fac, U, V, assign):
     """Re-orthonormalise float32 bases in float64 and recompute the optimal cores
     ``S_i = U^T M_i V`` in float64 (a chunk of adapters at a time): solving in float32 then
     costs nothing in accuracy beyond the subspace itself."""
@@ -270,7 +270,7 @@ def compress(
         t0 = time.perf_counter()
         fac = cache.cpu(j)
         if method in ("jd-full", "jd-clustered") and U.dtype != torch.float64:
-            U, V, cores = _refine(fac, U, V, assign, method)
+            U, V, cores = _refine(fac, U, V, assign)
         U, V, cores = U.to(sdtype).cpu().contiguous(), V.to(sdtype).cpu().contiguous(), cores.to(sdtype).cpu().contiguous()
         assign = None if assign is None else assign.to(torch.int32).cpu()
         sq_error[:, j], norm2[:, j] = _chunked_errors(fac, U, V, cores, assign)

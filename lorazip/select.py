@@ -41,16 +41,14 @@ def parse_size(text: str, original_bytes: int | None = None) -> int:
 
 
 def candidate_ks(n: int) -> list[int]:
-    ks, k = [], 1
-    base = [1, 2, 3, 4, 6, 8, 12]
-    ks = [b for b in base if b <= n]
+    """K values tried by ``--clusters auto``: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... and n."""
+    ks = {k for k in (1, 2, 3, 4, 6, 8, 12) if k <= n}
     k = 16
     while k <= n:
-        ks += [k] + ([k * 3 // 2] if k * 3 // 2 <= n else [])
+        ks.update(x for x in (k, k * 3 // 2) if x <= n)
         k *= 2
-    if n not in ks:
-        ks.append(n)
-    return sorted(set(ks))
+    ks.add(n)
+    return sorted(ks)
 
 
 def choose_clusters(
