@@ -108,3 +108,23 @@ def tree_files(root) -> set[str]:
     """Every file and folder under ``root`` (relative paths), to check that nothing was written."""
     root = Path(root)
     return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process; return (rc, stdout, stderr)."""
+    from lorazip.cli.main import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_one_error_line(err: str, *parts) -> None:
+    """stderr is exactly one ``error:`` line (no traceback) containing every part."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for p in parts:
+        assert str(p) in lines[0], (p, lines[0])

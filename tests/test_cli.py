@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import GPT2_LIKE, write_collection
+from helpers import GPT2_LIKE, assert_one_error_line, run_cli as run, write_collection
 from safetensors.torch import load_file, save_file
 
 import lorazip
@@ -18,21 +18,6 @@ from lorazip.cli.main import main
 RANK = "4"
 
 
-def run(capsys, *args):
-    """Run the CLI in-process; return (rc, stdout, stderr)."""
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_one_error_line(err: str, *parts):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for p in parts:
-        assert str(p) in lines[0], (p, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GPT2_LIKE, write_adapter, write_collection
+from helpers import GPT2_LIKE, assert_one_error_line, run_cli as run, write_adapter, write_collection
 from safetensors.torch import load_file, save_file
 
 import lorazip
@@ -22,19 +22,6 @@ RANK = 4
 PREFIX = "base_model.model."
 
 
-def run(capsys, *args):
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_one_error_line(err: str, *parts):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for p in parts:
-        assert str(p) in lines[0], (p, lines[0])
 
 
 def _build(root: Path, n: int = 3, **kw) -> Path:
