@@ -12,6 +12,8 @@ import statistics
 
 import torch
 
+from .solvers._linalg import factor_norms2
+
 
 def squared_errors(
     B: torch.Tensor,
@@ -43,7 +45,7 @@ def squared_errors(
     if assignment is None:
         assignment = torch.zeros(B.shape[0], dtype=torch.long, device=B.device)
     Ui, Vi = U[assignment], V[assignment]  # (n, d, r) views of K bases
-    norms2 = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+    norms2 = factor_norms2(B, A)
     D = B.transpose(1, 2) @ Ui  # (n, r_i, r)
     C = A @ Vi  # (n, r_i, r)
     inner = ((D @ S) * C).sum(dim=(1, 2))

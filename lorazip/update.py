@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact, load_artifact
+from .solvers._linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
 from .io.collection import Collection, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
@@ -235,7 +236,7 @@ def add_adapters(
         facs.append((B, A))
         U, V, cores_old = old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"]
         diagonal = cores_old.dim() == 2
-        norm_new[:, j] = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+        norm_new[:, j] = factor_norms2(B, A)
         new_spectra.append(spectra(B, A).float())
         if progress:
             progress(j + 1, n_mod, name)

@@ -47,9 +47,9 @@ class ModuleFactors:
 
     def norms2(self) -> torch.Tensor:
         """``||M_i||_F^2`` from r x r Grams: ``tr((B^T B)(A A^T))``, shape (n,)."""
-        gb = self.B.transpose(1, 2) @ self.B
-        ga = self.A @ self.A.transpose(1, 2)
-        return (gb * ga).sum(dim=(1, 2)).clamp_min(0)
+        from ..solvers._linalg import factor_norms2
+
+        return factor_norms2(self.B, self.A).clamp_min(0)
 
 
 def _is_adapter_dir(path: Path) -> bool:

@@ -29,6 +29,12 @@ def adapter_weights(norms2, weighting: str):
     raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
 
 
+def factor_norms2(B, A):
+    """``||B_i A_i||_F^2 = tr((B_i^T B_i)(A_i A_i^T))`` for stacked factors, shape (n,)."""
+    xp = namespace(B, A)
+    return xp.sum((mT(B) @ B) * (A @ mT(A)), axis=(1, 2))
+
+
 def orth(X):
     """Orthonormal basis of the columns of ``X`` (thin QR, signs fixed for determinism)."""
     xp = namespace(X)

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._linalg import adapter_weights
+from ._linalg import adapter_weights, factor_norms2
 from .jd_full import jd_full
 
 FactorSource = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -136,7 +136,7 @@ def jd_clustered(
     Us, Vs, weights, energy, sigs = [], [], [], [], []
     for j, m in enumerate(modules):
         B, A = factors(m)
-        norms2 = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+        norms2 = factor_norms2(B, A)
         w = adapter_weights(norms2, weighting)
         if init is None:
             res = jd_full(B, A, rank, weights=w, **{k: v for k, v in kw.items() if k != "weighting"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import adapter_weights
+from ._linalg import adapter_weights, factor_norms2
 from .jd_full import JDResult, jd_full
 
 _RIDGE = 1e-12
@@ -54,7 +54,7 @@ def jd_diag(
     Parameters are those of :func:`jd_full`; ``tol`` bounds the relative decrease of
     the weighted error between sweeps. ``objective`` is the weighted captured fraction.
     """
-    norms2 = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum(dim=(1, 2))
+    norms2 = factor_norms2(B, A)
     w = adapter_weights(norms2, weighting) if weights is None else weights.to(B.dtype)
     total = float((w * norms2).sum()) or 1.0
     start = jd_full(B, A, rank, weights=w, max_iters=max_iters, tol=max(tol, 1e-4), seed=seed)

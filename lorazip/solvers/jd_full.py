@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backend import mT, namespace
-from ._linalg import adapter_weights, randomized_top_subspace, subspace_change, subspace_iteration_step
+from ._linalg import adapter_weights, factor_norms2, randomized_top_subspace, subspace_change, subspace_iteration_step
 
 
 def _like(x, ref):
@@ -118,7 +118,7 @@ def jd_full(
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank {rank} must be between 1 and min(d_out, d_in) = {min(d_out, d_in)}")
     xp = namespace(B, A)
-    norms2 = xp.sum((mT(B) @ B) * (A @ mT(A)), axis=(1, 2))
+    norms2 = factor_norms2(B, A)
     w = adapter_weights(norms2, weighting) if weights is None else _like(weights, B)
     total = float(xp.sum(w * norms2))
     Bw = B * xp.sqrt(w)[:, None, None]
