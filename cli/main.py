@@ -117,6 +117,10 @@ def compress(
     ),
     max_rank: int = typer.Option(64, help="Largest rank considered by --budget / --target-error."),
     uniform_rank: bool = typer.Option(False, help="With --budget / --target-error: one rank for all modules."),
+    memory_limit: Optional[str] = typer.Option(
+        None, help="Memory for module factors (e.g. 4GB): a module needing more than a third streams from disk "
+        "in chunks of adapters (jd-full, jd-diag)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     hub_author: Optional[str] = _author,
@@ -131,16 +135,23 @@ def compress(
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    from lorazip.select import parse_size
+
+    limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
+    if limit is not None and (target_error is not None or budget is not None):
+        raise lorazip.OptionError("--memory-limit cannot be combined with --budget / --target-error yet "
+                                  "(their rank curves hold each module in memory)")
     t0 = time.perf_counter()
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
     coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
     settings = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype, compute_dtype=compute_dtype,
                     seed=seed, max_iters=max_iters,
-                    tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds)
+                    tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
+                    memory_limit=limit)
     curve = allocation = None
     if clusters == "auto":
-        from lorazip.select import choose_clusters, parse_size
+        from lorazip.select import choose_clusters
 
         orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
         with _progress() as bar:
@@ -153,7 +164,6 @@ def compress(
             )
     elif target_error is not None or budget is not None:
         from lorazip.ranks import compress_to
-        from lorazip.select import parse_size
 
         if clusters is not None:
             raise lorazip.OptionError("--budget / --target-error with --clusters choose K: pass --clusters auto")
@@ -164,7 +174,7 @@ def compress(
                 coll, compress=lorazip.compress, budget=parse_size(budget, orig) if budget else None,
                 target_error=target_error, max_rank=max_rank, uniform=uniform_rank, method=method,
                 progress=lambda done, total, name: bar.update(task, completed=done, item=name),
-                **{k: v for k, v in settings.items() if k not in ("per_module_clusters", "max_rounds")},
+                **{k: v for k, v in settings.items() if k not in ("per_module_clusters", "max_rounds", "memory_limit")},
             )
     else:
         if clusters is not None:

@@ -22,8 +22,10 @@ from .errors import OptionError
 from .io.collection import Collection
 from .io.peft import sha256_file
 from .metrics import squared_errors
-from .solvers import METHODS, solve_module, spectra
+from .solvers import METHODS, solve_factors
 from .solvers.clustered import jd_clustered
+from .solvers.factors import Factors
+from .solvers.svd import spectra_from_grams
 from .solvers._linalg import WEIGHTINGS, orth
 
 # Config fields carried into the artifact so export can rebuild a faithful PEFT config.
@@ -70,30 +72,99 @@ COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _ERROR_CHUNK = 256  # adapters per chunk when measuring errors in float64
 
 
-def _refine(fac, U, V, assign):
-    """Re-orthonormalise float32 bases in float64 and recompute the optimal cores
-    ``S_i = U^T M_i V`` in float64 (a chunk of adapters at a time): solving in float32 then
-    costs nothing in accuracy beyond the subspace itself."""
-    U = orth(U.double().cpu())
-    V = orth(V.double().cpu())
-    cores = []
-    for s in range(0, fac.B.shape[0], _ERROR_CHUNK):
-        sl = slice(s, s + _ERROR_CHUNK)
-        k = torch.zeros(fac.B[sl].shape[0], dtype=torch.long) if assign is None else assign[sl].long().cpu()
-        B, A = fac.B[sl].double(), fac.A[sl].double()
-        cores.append((B.transpose(1, 2) @ U[k]).transpose(1, 2) @ (A @ V[k]))
-    return U, V, torch.cat(cores)
+def _optimal_cores(B, A, U, V, assign):
+    """``S_i = U_k^T M_i V_k`` for every adapter (``U``, ``V``: (K, d, r)), one basis per cluster."""
+    if assign is None or U.shape[0] == 1:
+        return (B.transpose(1, 2) @ U[0]).transpose(1, 2) @ (A @ V[0])
+    out = torch.empty(B.shape[0], U.shape[2], U.shape[2], dtype=B.dtype)
+    for k in torch.unique(assign):
+        idx = assign == k
+        out[idx] = (B[idx].transpose(1, 2) @ U[k]).transpose(1, 2) @ (A[idx] @ V[k])
+    return out
 
 
-def _chunked_errors(fac, U, V, cores, assign):
-    """Exact float64 errors of one module, a chunk of adapters at a time (bounded memory)."""
-    out_e, out_n = [], []
-    for s in range(0, fac.B.shape[0], _ERROR_CHUNK):
-        sl = slice(s, s + _ERROR_CHUNK)
-        e2, n2 = squared_errors(fac.B[sl], fac.A[sl], U, V, cores[sl], None if assign is None else assign[sl].long())
-        out_e.append(e2)
-        out_n.append(n2)
-    return torch.cat(out_e), torch.cat(out_n)
+def _finish(fac: Factors, U, V, cores, assign, refine: bool, sdtype: torch.dtype, chunk: int):
+    """Round a module's solution to the storage dtype and measure it, in one float64 pass over
+    the adapters (``chunk`` at a time): with ``refine`` (JD bases solved in float32), the bases
+    are re-orthonormalised and the optimal cores recomputed in float64, so solving in float32
+    costs nothing beyond the subspace itself; then the exact errors of what is stored (from
+    Grams of the rounded factors) and the spectra, from the same Grams.
+
+    Returns ``(U, V, cores, errors2, norms2, spectra)`` with ``U``, ``V``, ``cores`` in ``sdtype``.
+    """
+    if refine:
+        U, V = orth(U.double().cpu()), orth(V.double().cpu())
+    Ur, Vr = U.to(sdtype).cpu().contiguous(), V.to(sdtype).cpu().contiguous()
+    U64, V64 = U.double().cpu(), V.double().cpu()
+    assign = None if assign is None else assign.long().cpu()
+    out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
+    for ch in fac.split(chunk):
+        B, A = ch.B.cpu().double(), ch.A.cpu().double()
+        k = None if assign is None else assign[ch.start : ch.stop]
+        c = _optimal_cores(B, A, U64, V64, k) if refine else cores[ch.start : ch.stop].cpu()
+        c = c.to(sdtype)
+        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+        n2 = (GB * GA).sum(dim=(1, 2))
+        e2, _ = squared_errors(B, A, Ur, Vr, c, k, norms2=n2)
+        for key, x in zip("cens", (c, e2, n2, spectra_from_grams(GB, GA))):
+            out[key].append(x)
+    c, e2, n2, sv = (torch.cat(out[key]) for key in "cens")
+    return Ur, Vr, c.contiguous(), e2, n2, sv
+
+
+_IN_MEMORY_FACTOR = 3  # a module solved in memory: its factors, a transposed copy, float64 error chunks
+_STREAM_FACTOR = 4  # a streamed chunk: the chunk, its transposed copy, its float64 copy in the error pass
+
+
+@dataclass
+class MemoryPlan:
+    """Which modules are solved in memory and which stream from disk in chunks of adapters.
+
+    Under ``limit`` (bytes for module factors and their working copies), a module whose factors
+    need more than ``limit / 3`` is streamed: every solver pass reads it again, ``chunk[j]``
+    adapters at a time, so memory no longer grows with the number of adapters.
+    """
+
+    limit: int | None
+    module_bytes: list[int]
+    chunk: dict[int, int]
+
+    @classmethod
+    def make(cls, collection: Collection, itemsize: int, limit: int | None, method: str) -> "MemoryPlan":
+        n = len(collection)
+        sizes = [n * collection.max_rank(m.name) * (m.d_in + m.d_out) * itemsize for m in collection.modules]
+        chunk: dict[int, int] = {}
+        if limit is None:
+            return cls(None, sizes, chunk)
+        if limit <= 0:
+            raise OptionError(f"memory limit must be positive, got {limit} bytes")
+        for j, size in enumerate(sizes):
+            if _IN_MEMORY_FACTOR * size <= limit:
+                continue
+            name = collection.modules[j].name
+            if method in ("svd", "jd-clustered"):
+                raise OptionError(
+                    f"{method} keeps a module's factors in memory: module {name} needs "
+                    f"{_IN_MEMORY_FACTOR * size / 2**20:.0f} MiB and the memory limit is {limit / 2**20:.0f} MiB; "
+                    "raise the limit or use jd-full or jd-diag, which stream a module in chunks"
+                )
+            per_adapter = _STREAM_FACTOR * (size // n)
+            if per_adapter > limit:
+                raise OptionError(
+                    f"memory limit {limit / 2**20:.1f} MiB is below what one adapter of module {name} needs "
+                    f"({per_adapter / 2**20:.1f} MiB)"
+                )
+            chunk[j] = limit // per_adapter
+        return cls(limit, sizes, chunk)
+
+    def prefetch(self, j: int) -> bool:
+        """Whether module ``j + 1`` may be read while ``j`` is solved."""
+        if j + 1 >= len(self.module_bytes) or j + 1 in self.chunk:
+            return False
+        return self.limit is None or _IN_MEMORY_FACTOR * self.module_bytes[j] + self.module_bytes[j + 1] <= self.limit
+
+    def cache_bytes(self, default: int) -> int:
+        return default if self.limit is None else min(default, self.limit // 2)
 
 
 class _FactorCache:
@@ -190,6 +261,7 @@ def compress(
     keep_extras: bool = True,
     hash_sources: bool = True,
     cache_bytes: int = 2 << 30,
+    memory_limit: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     timings: dict[str, float] | None = None,
 ) -> Artifact:
@@ -216,6 +288,9 @@ def compress(
     seed, max_iters, tol : solver settings (seeded, deterministic on CPU).
     cache_bytes : module factors are kept in memory between clustering rounds up to this size
         (re-read from disk beyond it).
+    memory_limit : bytes for module factors and their working copies (default: no limit). A module
+        needing more than a third of it is streamed from disk in chunks of adapters on every
+        solver pass (jd-full and jd-diag; slower, bounded memory); see :class:`MemoryPlan`.
     keep_extras : store non-LoRA tensors (``modules_to_save``) so export reproduces them.
     progress : called as ``progress(done, total, module_name)`` after each module.
     timings : if given, filled with seconds spent waiting for reads (``read_s``), solving
@@ -260,24 +335,23 @@ def compress(
     sq_error = torch.zeros(n, n_mod, dtype=torch.float64)
     norm2 = torch.zeros(n, n_mod, dtype=torch.float64)
     modules_meta = []
-    cache = _FactorCache(collection, dev, cache_bytes, COMPUTE_DTYPES[compute_dtype])
+    cdtype = COMPUTE_DTYPES[compute_dtype]
+    plan = MemoryPlan.make(collection, cdtype.itemsize, memory_limit, method)
+    cache = _FactorCache(collection, dev, plan.cache_bytes(cache_bytes), cdtype)
     clock = timings if timings is not None else {}
     for key in ("read_s", "solve_s", "error_s"):
         clock.setdefault(key, 0.0)
 
-    def store(j: int, U, V, cores, assign, n_iters: int, converged: bool) -> None:
+    def store(j: int, fac: Factors, U, V, cores, assign, n_iters: int, converged: bool) -> None:
         info = collection.modules[j]
         t0 = time.perf_counter()
-        fac = cache.cpu(j)
-        if method in ("jd-full", "jd-clustered") and U.dtype != torch.float64:
-            U, V, cores = _refine(fac, U, V, assign)
-        U, V, cores = U.to(sdtype).cpu().contiguous(), V.to(sdtype).cpu().contiguous(), cores.to(sdtype).cpu().contiguous()
-        assign = None if assign is None else assign.to(torch.int32).cpu()
-        sq_error[:, j], norm2[:, j] = _chunked_errors(fac, U, V, cores, assign)
+        refine = method in ("jd-full", "jd-clustered") and U.dtype != torch.float64
+        U, V, cores, sq_error[:, j], norm2[:, j], sv = _finish(
+            fac, U, V, cores, assign, refine, sdtype, min(_ERROR_CHUNK, fac.chunk))
         tensors[f"U/{info.name}"], tensors[f"V/{info.name}"], tensors[f"cores/{info.name}"] = U, V, cores
         if assign is not None:
-            tensors[f"assign/{info.name}"] = assign
-        tensors[f"spectra/{info.name}"] = spectra(fac.B, fac.A).float()
+            tensors[f"assign/{info.name}"] = assign.to(torch.int32).cpu()
+        tensors[f"spectra/{info.name}"] = sv.float()
         clock["error_s"] += time.perf_counter() - t0
         modules_meta.append(
             {
@@ -288,6 +362,20 @@ def compress(
         if progress:
             progress(j + 1, n_mod, info.name)
 
+    def streamed(j: int, chunk: int, to) -> Factors:
+        """Module ``j`` read ``chunk`` adapters at a time on every pass (converted by ``to``)."""
+        info = collection.modules[j]
+        width = collection.max_rank(info.name)
+        checked: set[int] = set()
+
+        def read(start: int, stop: int):
+            f = collection.module_factors(info.name, range(start, stop), cdtype, width=width, check=start not in checked)
+            checked.add(start)
+            return to(f.B.to(dev)), to(f.A.to(dev))
+
+        return Factors.from_reader(n, info.d_out, info.d_in, read, chunk, like=to(torch.empty(0, dtype=cdtype, device=dev)))
+
+    to_solver = (lambda t: t) if backend == "torch" else (lambda t: to_backend(t, backend))
     try:
         if method == "jd-clustered":
             t0 = time.perf_counter()
@@ -298,27 +386,33 @@ def compress(
             clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
             for j in range(n_mod):
                 assign = res.assignment[j] if clusters > 1 else None
-                store(j, res.U[j], res.V[j], res.cores[j], assign, res.rounds, res.converged)
+                fac = cache.cpu(j)
+                store(j, Factors.stacked(fac.B, fac.A), res.U[j], res.V[j], res.cores[j], assign, res.rounds,
+                      res.converged)
                 cache.drop(j)
             clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
                           "converged": res.converged, "objective_history": res.history}
         else:
             clustering = None
             for j in range(n_mod):
-                if j + 1 < n_mod:
-                    cache.prefetch(j + 1)  # read the next module while this one is solved
-                t0 = time.perf_counter()
-                B, A = cache.device(j)
-                t1 = time.perf_counter()
                 r_j = ranks[collection.modules[j].name]
-                if backend != "torch":
-                    B, A = to_backend(B, backend), to_backend(A, backend)
-                sol = solve_module(method, B, A, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
+                t0 = time.perf_counter()
+                if j in plan.chunk:  # larger than the memory limit: every pass reads chunks from disk
+                    fac = streamed(j, plan.chunk[j], to_solver)
+                    fac_t = fac if backend == "torch" else streamed(j, plan.chunk[j], lambda t: t)
+                else:
+                    if j + 1 < n_mod and plan.prefetch(j):
+                        cache.prefetch(j + 1)  # read the next module while this one is solved
+                    B, A = cache.device(j)
+                    fac_t = Factors.stacked(B, A)
+                    fac = fac_t if backend == "torch" else Factors.stacked(to_solver(B), to_solver(A))
+                t1 = time.perf_counter()
+                sol = solve_factors(method, fac, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
                 if backend != "torch":
                     sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
                 clock["read_s"] += t1 - t0
                 clock["solve_s"] += time.perf_counter() - t1
-                store(j, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
+                store(j, fac_t, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
                 cache.drop(j)
     finally:
         cache.close()  # stop the read-ahead thread, also when a module fails

@@ -22,6 +22,7 @@ def squared_errors(
     V: torch.Tensor,
     cores: torch.Tensor,
     assignment: torch.Tensor | None = None,
+    norms2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute squared errors ``||M_i - U_k S_i V_k^T||_F^2`` and norms ``||M_i||_F^2``.
 
@@ -31,6 +32,7 @@ def squared_errors(
     U : (K, d_out, r) or (d_out, r); V : (K, d_in, r) or (d_in, r)
     cores : (n, r, r) full or (n, r) diagonal
     assignment : (n,) cluster index of each adapter (default: all 0)
+    norms2 : (n,) ``||M_i||_F^2`` if already known (computed from Grams otherwise)
 
     Returns
     -------
@@ -42,16 +44,22 @@ def squared_errors(
     S = cores.double()
     if S.dim() == 2:
         S = torch.diag_embed(S)
-    if assignment is None:
-        assignment = torch.zeros(B.shape[0], dtype=torch.long, device=B.device)
-    Ui, Vi = U[assignment], V[assignment]  # (n, d, r) views of K bases
-    norms2 = factor_norms2(B, A)
-    D = B.transpose(1, 2) @ Ui  # (n, r_i, r)
-    C = A @ Vi  # (n, r_i, r)
-    inner = ((D @ S) * C).sum(dim=(1, 2))
-    GU = Ui.transpose(1, 2) @ Ui
-    GV = Vi.transpose(1, 2) @ Vi
-    recon = ((GU @ S) * (S @ GV)).sum(dim=(1, 2))
+    norms2 = factor_norms2(B, A) if norms2 is None else norms2.double()
+    inner = torch.empty_like(norms2)
+    recon = torch.empty_like(norms2)
+    if assignment is not None and U.shape[0] > 8:  # many bases (per-adapter SVD): gather them
+        Ui, Vi = U[assignment], V[assignment]
+        inner = (((B.transpose(1, 2) @ Ui) @ S) * (A @ Vi)).sum(dim=(1, 2))
+        recon = (((Ui.transpose(1, 2) @ Ui) @ S) * (S @ (Vi.transpose(1, 2) @ Vi))).sum(dim=(1, 2))
+        return (norms2 - 2 * inner + recon).clamp_min(0), norms2
+    groups = [(0, slice(None))] if assignment is None or U.shape[0] == 1 else \
+        [(int(k), assignment == k) for k in torch.unique(assignment)]
+    for k, idx in groups:  # one basis per cluster, broadcast: no per-adapter copy of U_k
+        Uk, Vk, Sk = U[k], V[k], S[idx]
+        D = B[idx].transpose(1, 2) @ Uk  # (m, r_i, r)
+        C = A[idx] @ Vk  # (m, r_i, r)
+        inner[idx] = ((D @ Sk) * C).sum(dim=(1, 2))
+        recon[idx] = (((Uk.T @ Uk) @ Sk) * (Sk @ (Vk.T @ Vk))).sum(dim=(1, 2))
     return (norms2 - 2 * inner + recon).clamp_min(0), norms2
 
 

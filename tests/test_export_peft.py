@@ -301,4 +301,4 @@ def test_real_gpt2_fixtures_export(fixtures_dir, tmp_path):
             want = spec.scale * (orig_st[spec.key_B].double() @ orig_st[spec.key_A].double())
             B, A = exp.factors(m)
             assert B.shape == (2304, 12) and A.shape == (12, 768)
-            assert float((B @ A - want).norm() / want.norm()) < 1e-6
+            assert float((B @ A - want).norm() / want.norm()) < 5e-6  # float32 solve, fp32 storage

@@ -186,19 +186,26 @@ class Collection:
             return "bfloat16"
         return "float32"
 
+    def max_rank(self, name: str) -> int:
+        """The largest rank any adapter has in module ``name``."""
+        return max((a.modules[name].rank for a in self.adapters if name in a.modules), default=1)
+
     def module_factors(
-        self, name: str, indices: Iterable[int] | None = None, dtype: torch.dtype = torch.float64
+        self, name: str, indices: Iterable[int] | None = None, dtype: torch.dtype = torch.float64,
+        width: int | None = None, check: bool = True,
     ) -> ModuleFactors:
-        """Read the factors of module ``name`` for all adapters (or ``indices``) in ``dtype``."""
+        """Read the factors of module ``name`` for all adapters (or ``indices``) in ``dtype``,
+        zero-padded to the largest rank among them (or to ``width``, if larger). ``check=False``
+        skips the value checks on re-reads of factors already read once."""
         info = self._index[name]
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
-        r_max = max(max(ranks), 1)
+        r_max = max(max(ranks, default=0), width or 0, 1)
         B = torch.zeros(len(idx), info.d_out, r_max, dtype=dtype)
         A = torch.zeros(len(idx), r_max, info.d_in, dtype=dtype)
         for j, i in enumerate(idx):
             if ranks[j]:
-                b, a = self.adapters[i].factors(name, dtype)
+                b, a = self.adapters[i].factors(name, dtype, check)
                 B[j, :, : ranks[j]] = b
                 A[j, : ranks[j], :] = a
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))

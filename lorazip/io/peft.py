@@ -117,20 +117,25 @@ class Adapter:
         except Exception as exc:  # safetensors raises several types for corrupt data
             raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {_first_line(exc)}") from None
 
-    def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(
+        self, module: str, dtype: torch.dtype = torch.float64, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B, A)`` in ``dtype`` with ``M = B @ A`` (scale folded into ``B``).
 
-        ``B``: (d_out, r_i), ``A``: (r_i, d_in). Raises on NaN/Inf.
+        ``B``: (d_out, r_i), ``A``: (r_i, d_in). Raises on NaN/Inf and on values whose squares
+        overflow, unless ``check`` is False (a re-read of values already checked).
         """
         spec = self.modules[module]
         t = self.read([spec.key_A, spec.key_B])
-        for key in (spec.key_A, spec.key_B):  # checked as stored (a cast to float32 may overflow to inf)
+        for key in (spec.key_A, spec.key_B) if check else ():  # as stored (a cast to float32 may overflow)
             if not torch.isfinite(t[key]).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
         a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
         if spec.layout == "embedding":  # delta = (B_e A_e)^T = A_e^T B_e^T
             a, b = b.T, a.T
         b = b * spec.scale
+        if not check:
+            return b, a
         # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
         # which would turn norms, weights and errors into inf/NaN downstream.
         bound = float(b.double().square().sum()) * float(a.double().square().sum())

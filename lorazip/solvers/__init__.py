@@ -10,15 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .jd_diag import jd_diag
-from .jd_full import JDResult, jd_full
+from .factors import Factors
+from .jd_diag import jd_diag, jd_diag_factors
+from .jd_full import JDResult, jd_full, jd_full_factors
 from .svd import individual_svd, spectra, truncation_errors
 
 METHODS = ("jd-full", "jd-diag", "jd-clustered", "svd")
 
 __all__ = [
-    "METHODS", "ModuleSolution", "JDResult", "jd_full", "jd_diag", "individual_svd", "spectra",
-    "truncation_errors", "solve_module",
+    "METHODS", "ModuleSolution", "JDResult", "Factors", "jd_full", "jd_diag", "individual_svd", "spectra",
+    "truncation_errors", "solve_module", "solve_factors",
 ]
 
 
@@ -36,10 +37,17 @@ class ModuleSolution:
 
 def solve_module(method: str, B: torch.Tensor, A: torch.Tensor, rank: int, **kw) -> ModuleSolution:
     """Run ``method`` on one module's factors ``B`` (n, d_out, r_i), ``A`` (n, r_i, d_in)."""
+    return solve_factors(method, Factors.stacked(B, A), rank, **kw)
+
+
+def solve_factors(method: str, fac: Factors, rank: int, **kw) -> ModuleSolution:
+    """Run ``method`` on one module's :class:`Factors` (in memory, or streamed for jd-full and jd-diag)."""
     if method == "svd":
-        res = individual_svd(B, A, rank)
-        n = B.shape[0]
-        return ModuleSolution(res.U, res.V, res.S, torch.arange(n), 1, True)
-    solver = {"jd-full": jd_full, "jd-diag": jd_diag}[method]
-    res = solver(B, A, rank, **kw)
+        if not fac.in_memory:
+            raise ValueError("svd needs the module's factors in memory")
+        ch = next(iter(fac))
+        res = individual_svd(ch.B, ch.A, rank)
+        return ModuleSolution(res.U, res.V, res.S, torch.arange(fac.n), 1, True)
+    solver = {"jd-full": jd_full_factors, "jd-diag": jd_diag_factors}[method]
+    res = solver(fac, rank, **kw)
     return ModuleSolution(res.U[None, ...], res.V[None, ...], res.cores, None, res.n_iters, res.converged)

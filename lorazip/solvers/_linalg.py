@@ -1,19 +1,12 @@
 """Small linear-algebra pieces shared by the solvers, written against the Array API (see
 :mod:`lorazip.backend`), so torch (CPU/CUDA), NumPy and CuPy run the same code.
 
-The solvers never form a ``d x d`` matrix: every operator here is given as a function
-that applies it to a thin block of vectors.
+The solvers never form a ``d x d`` matrix: operators are applied to thin blocks of vectors.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch
-
-from ..backend import diagonal, finfo_tiny, mT, namespace, randn
-
-Operator = Callable[[Any], Any]
+from ..backend import diagonal, finfo_tiny, mT, namespace
 
 WEIGHTINGS = ("relative", "absolute")
 
@@ -44,45 +37,19 @@ def orth(X):
     return Q * xp.expand_dims(sign, axis=-2)
 
 
-def top_subspace(Q, apply: Operator, r: int):
-    """Rayleigh-Ritz: the best ``r``-dimensional subspace of span(Q) for the PSD operator.
-
-    Returns ``(U, eigenvalues)`` with ``U = Q @ (top-r eigenvectors of Q^T G Q)``.
-    """
-    xp = namespace(Q)
-    T = mT(Q) @ apply(Q)
+def top_eigvecs(T, r: int):
+    """Top-``r`` eigenpairs of the symmetric ``T``: ``(W, eigenvalues)``, descending, each
+    eigenvector's sign fixed (largest-magnitude entry positive) so runs are reproducible."""
+    xp = namespace(T)
     T = 0.5 * (T + mT(T))
     evals, evecs = xp.linalg.eigh(T)
     order = xp.argsort(evals, descending=True, stable=True)[:r]
     W = xp.take(evecs, order, axis=1)
-    # Fix each eigenvector's sign (largest-magnitude entry positive) so runs are reproducible.
     idx = xp.argmax(xp.abs(W), axis=0)
     pick = xp.take_along_axis(W, xp.expand_dims(idx, axis=0), axis=0)[0] if hasattr(xp, "take_along_axis") \
         else xp.stack([W[int(i), j] for j, i in enumerate(idx)])
     W = W * xp.where(pick < 0, -xp.ones_like(pick), xp.ones_like(pick))
-    return orth(Q @ W), xp.take(evals, order)
-
-
-def subspace_iteration_step(U, apply: Operator, r: int):
-    """One block step: Rayleigh-Ritz on span([U, G U]). Never decreases tr(U^T G U) for PSD G."""
-    xp = namespace(U)
-    Q = orth(xp.concat([U, apply(U)], axis=1))  # (d, min(d, 2r))
-    return top_subspace(Q, apply, r)[0]
-
-
-def randomized_top_subspace(
-    apply: Operator, like, d: int, r: int, *, generator: torch.Generator, n_power: int = 4, oversample: int = 8
-):
-    """Top-``r`` eigenvectors of a PSD operator by randomized subspace iteration (data-driven init).
-
-    ``like`` fixes the backend, device and dtype of the result.
-    """
-    xp = namespace(like)
-    k = min(d, r + oversample)
-    Q = orth(apply(randn(xp, like, (d, k), generator)))
-    for _ in range(n_power):
-        Q = orth(apply(Q))
-    return top_subspace(Q, apply, r)[0]
+    return W, xp.take(evals, order)
 
 
 def subspace_change(U_old, U) -> float:

@@ -133,7 +133,7 @@ def jd_clustered(
     gen = torch.Generator().manual_seed(seed)
 
     # Start: one JD-Full over all adapters per module; weights and norms per module.
-    Us, Vs, weights, energy, sigs = [], [], [], [], []
+    Us, Vs, weights, energy, sigs, cores0 = [], [], [], [], [], []
     for j, m in enumerate(modules):
         B, A = factors(m)
         norms2 = factor_norms2(B, A)
@@ -144,6 +144,8 @@ def jd_clustered(
         else:
             U, V = init[j]
             cores = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+        if K == 1:
+            cores0.append(cores)
         Us.append(U[None].expand(K, *U.shape).clone())
         Vs.append(V[None].expand(K, *V.shape).clone())
         weights.append(w)
@@ -155,10 +157,7 @@ def jd_clustered(
 
     if K == 1:  # exactly JD-Full
         zero = torch.zeros(n, dtype=torch.long)
-        cores = []
-        for j, m in enumerate(modules):
-            B, A = factors(m)
-            cores.append((B.transpose(1, 2) @ Us[j][0]).transpose(1, 2) @ (A @ Vs[j][0]))
+        cores = cores0
         resid = float(sum(((e - (c.square().sum((1, 2)) * w)).sum()) for e, c, w in zip(energy, cores, weights)))
         return ClusteredResult(Us, Vs, cores, [zero] * len(modules), 0, True, [resid / total])
     X = torch.cat(sigs, 1)

@@ -8,15 +8,16 @@ decomposition of the stack of ``M_i``), as in the paper's code, from the factors
 
 It starts from the JD-Full bases of the same rank (their cores' diagonals), so it begins
 from a good point; each ALS step is an exact block minimisation, so the weighted error
-never increases. A tiny ridge keeps the r x r solves well posed.
+never increases. A tiny ridge keeps the r x r solves well posed. Every step is a sum over
+adapters, computed chunk by chunk (:class:`~lorazip.solvers.factors.Factors`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._linalg import adapter_weights, factor_norms2
-from .jd_full import JDResult, jd_full
+from .factors import Factors
+from .jd_full import JDResult, jd_full_factors, norms_and_weights
 
 _RIDGE = 1e-12
 
@@ -30,17 +31,35 @@ def _solve_sym(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(G, rhs.transpose(-1, -2)).transpose(-1, -2)
 
 
-def diag_objective(B, A, U, V, sigma, w, norms2) -> float:
+def _diag_proj(fac: Factors, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``diag(U^T M_i V)`` for every adapter, (n, r): one pass."""
+    return torch.cat([((ch.B.transpose(1, 2) @ U) * (ch.A @ V)).sum(1) for ch in fac])
+
+
+def _objective(proj, U, V, sigma, w, norms2) -> float:
     """Weighted squared error ``sum_i w_i ||M_i - U diag(sigma_i) V^T||^2`` from Grams."""
-    proj = ((B.transpose(1, 2) @ U) * (A @ V).conj()).sum(1)  # diag(U^T M_i V): (n, r)
     G = (U.T @ U) * (V.T @ V)
     fit = norms2 - 2 * (sigma * proj).sum(1) + ((sigma @ G) * sigma).sum(1)
     return float((w * fit.clamp_min(0)).sum())
 
 
-def jd_diag(
-    B: torch.Tensor,
-    A: torch.Tensor,
+def diag_objective(B, A, U, V, sigma, w, norms2) -> float:
+    """Weighted squared error ``sum_i w_i ||M_i - U diag(sigma_i) V^T||^2`` from Grams."""
+    return _objective(_diag_proj(Factors.stacked(B, A), U, V), U, V, sigma, w, norms2)
+
+
+def jd_diag(B: torch.Tensor, A: torch.Tensor, rank: int, **kw) -> JDResult:
+    """Fit ``M_i ~ U diag(sigma_i) V^T``; returns cores of shape (n, r).
+
+    Parameters are those of :func:`~lorazip.solvers.jd_full.jd_full`; ``tol`` bounds the
+    relative decrease of the weighted error between sweeps. ``objective`` is the weighted
+    captured fraction.
+    """
+    return jd_diag_factors(Factors.stacked(B, A), rank, **kw)
+
+
+def jd_diag_factors(
+    fac: Factors,
     rank: int,
     *,
     weights: torch.Tensor | None = None,
@@ -49,33 +68,29 @@ def jd_diag(
     tol: float = 1e-6,
     seed: int = 0,
 ) -> JDResult:
-    """Fit ``M_i ~ U diag(sigma_i) V^T``; returns cores of shape (n, r).
-
-    Parameters are those of :func:`jd_full`; ``tol`` bounds the relative decrease of
-    the weighted error between sweeps. ``objective`` is the weighted captured fraction.
-    """
-    norms2 = factor_norms2(B, A)
-    w = adapter_weights(norms2, weighting) if weights is None else weights.to(B.dtype)
+    """:func:`jd_diag` on :class:`~lorazip.solvers.factors.Factors` (in memory or streamed)."""
+    norms2, w = norms_and_weights(fac, weighting, weights)
     total = float((w * norms2).sum()) or 1.0
-    start = jd_full(B, A, rank, weights=w, max_iters=max_iters, tol=max(tol, 1e-4), seed=seed)
+    start = jd_full_factors(fac, rank, weights=w, max_iters=max_iters, tol=max(tol, 1e-4), seed=seed)
     U, V = start.U.clone(), start.V.clone()
     sigma = torch.diagonal(start.cores, dim1=1, dim2=2).clone()
-    err = diag_objective(B, A, U, V, sigma, w, norms2)
+    err = _objective(_diag_proj(fac, U, V), U, V, sigma, w, norms2)
     history = [1 - err / total]
     converged, it = False, 0
     for it in range(1, max_iters + 1):
         ws = sigma * w[:, None]
-        # U-step: sum_i w_i B_i (A_i V) diag(sigma_i)
-        rhs = (B @ ((A @ V) * ws[:, None, :])).sum(0)
+        # U-step: sum_i w_i B_i (A_i V) diag(sigma_i) as one product per chunk
+        rhs = sum(ch.Bt2.T @ ((ch.A @ V) * ws[ch.start : ch.stop, None, :]).reshape(-1, rank) for ch in fac)
         U = _solve_sym((V.T @ V) * (sigma.T @ ws), rhs)
-        rhs = (A.transpose(1, 2) @ ((B.transpose(1, 2) @ U) * ws[:, None, :])).sum(0)
+        rhs = sum(ch.A2.T @ ((ch.B.transpose(1, 2) @ U) * ws[ch.start : ch.stop, None, :]).reshape(-1, rank)
+                  for ch in fac)
         V = _solve_sym((U.T @ U) * (sigma.T @ ws), rhs)
         # normalise columns, then the optimal sigma for these bases
         U = U / torch.linalg.norm(U, dim=0).clamp_min(1e-300)
         V = V / torch.linalg.norm(V, dim=0).clamp_min(1e-300)
-        proj = ((B.transpose(1, 2) @ U) * (A @ V)).sum(1)
+        proj = _diag_proj(fac, U, V)
         sigma = _solve_sym((U.T @ U) * (V.T @ V), proj)
-        new = diag_objective(B, A, U, V, sigma, w, norms2)
+        new = _objective(proj, U, V, sigma, w, norms2)
         history.append(1 - new / total)
         if err - new <= tol * max(err, 1e-300):
             converged = True

@@ -2,16 +2,21 @@
 
 Solves ``max_{U,V} sum_i w_i ||U^T M_i V||_F^2`` (the optimal cores are
 ``S_i = U^T M_i V``) by alternating block subspace iteration with Rayleigh-Ritz
-(an inexact HOOI / Tucker-2 sweep), working only on the factors ``M_i = B_i A_i``:
+(an inexact HOOI / Tucker-2 sweep), working only on the factors ``M_i = B_i A_i``.
+Both steps apply an operator of one form, a sum over adapters of ``F_i^T C_i F_i``:
 
-* V-step, for fixed U: the operator ``sum_i w_i M_i^T U U^T M_i`` is applied as
-  ``Q Q^T x`` with ``Q = [sqrt(w_i) A_i^T (B_i^T U)]_i`` (d_in x n r);
-* U-step, for fixed V: ``P = [sqrt(w_i) B_i (A_i V)]_i`` (d_out x n r).
+* V-step, for fixed U: ``G_V = sum_i w_i M_i^T U U^T M_i = sum_i A_i^T C_i A_i`` with the
+  ``r_i x r_i`` coefficient ``C_i = w_i K_i K_i^T``, ``K_i = B_i^T U``;
+* U-step, for fixed V: ``G_U = sum_i B_i D_i B_i^T`` with ``D_i = w_i L_i L_i^T``, ``L_i = A_i V``.
 
-Each step does Rayleigh-Ritz on ``span([U, G U])``, so the objective never
-decreases. Cost per sweep is ``O(n r_i r (d_in + d_out))``. Both bases start from
-randomized subspace iteration on ``sum_i w_i M_i M_i^T`` and ``sum_i w_i M_i^T M_i``
-(data-driven, seeded). Iteration stops when both subspaces move less than ``tol``
+Stacking the ``F_i`` as one ``(n r_i, d)`` matrix makes each application two matrix
+products. A step does Rayleigh-Ritz on ``span([V, G_V V])``, so the objective never
+decreases; ``G_V V = A^T (C L)`` reuses ``L``, and the projected ``2r x 2r`` matrix is
+``Z^T C Z`` with ``Z = A Q``, whose columns also give the next ``L``: a sweep costs three
+products with each factor, ``O(n r_i r (d_in + d_out))``. Every pass is a sum over chunks
+of adapters (:class:`~lorazip.solvers.factors.Factors`), so the same code runs in memory or
+streams a module larger than memory. Both bases start from randomized subspace iteration on
+``sum_i w_i M_i^T M_i`` and ``sum_i w_i M_i M_i^T`` (data-driven, seeded). Iteration stops when both subspaces move less than ``tol``
 (``||U - U_old U_old^T U||_F / ||U||_F``), when a sweep improves the objective by less than
 ``tol`` (relative), or after ``max_iters`` sweeps.
 """
@@ -23,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backend import mT, namespace
-from ._linalg import adapter_weights, factor_norms2, randomized_top_subspace, subspace_change, subspace_iteration_step
+from ..backend import randn
+from ._linalg import adapter_weights, factor_norms2, orth, subspace_change, top_eigvecs
+from .factors import Factors
 
 
 def _like(x, ref):
@@ -53,30 +60,103 @@ class JDResult:
     history: list[float] = field(default_factory=list)
 
 
-def _flat(X):
-    """(n, d, r) -> (d, n r)."""
-    xp = namespace(X)
-    n, d, r = X.shape
-    return xp.reshape(xp.permute_dims(X, (1, 0, 2)), (d, n * r))
+def _F2(ch, side: str):
+    return ch.A2 if side == "A" else ch.Bt2
+
+
+def _blocks(P, c: int, r: int):
+    """(c r, k) -> (c, r, k)."""
+    return namespace(P).reshape(P, (c, r, P.shape[-1]))
+
+
+def _coefficients(projections, w_chunks):
+    """``C_i = w_i P_i P_i^T`` per chunk, from the other side's projections ``P_i`` (r_i x r)."""
+    return [wc[:, None, None] * (P @ mT(P)) for P, wc in zip(projections, w_chunks)]
+
+
+def _apply(fac: Factors, side: str, C, X):
+    """``sum_i F_i^T C_i F_i X``: one pass over the chunks."""
+    xp, out = namespace(X), None
+    for ch, Cc in zip(fac, C):
+        F2 = _F2(ch, side)
+        Y = mT(F2) @ xp.reshape(Cc @ _blocks(F2 @ X, *Cc.shape[:2]), (F2.shape[0], X.shape[1]))
+        out = Y if out is None else out + Y
+    return out
+
+
+def _backproject(fac: Factors, side: str, C, P):
+    """``sum_i F_i^T C_i P_i`` for known projections ``P_i = F_i X``: ``G X`` without ``F X``."""
+    xp, out = namespace(fac.like), None
+    for ch, Cc, Pc in zip(fac, C, P):
+        F2 = _F2(ch, side)
+        Y = mT(F2) @ xp.reshape(Cc @ Pc, (F2.shape[0], Pc.shape[2]))
+        out = Y if out is None else out + Y
+    return out
+
+
+def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int):
+    """Best ``r``-dimensional subspace of span(Q) (orthonormal) for ``G = sum_i F_i^T C_i F_i``.
+
+    Returns ``(X, P, captured)``: the basis ``X = Q W``, its projections ``P_i = F_i X`` per
+    chunk and ``tr(X^T G X)``. One pass: ``Q^T G Q = sum_i Z_i^T C_i Z_i`` with ``Z_i = F_i Q``.
+    """
+    xp = namespace(Q)
+    Z, T = [], None
+    for ch, Cc in zip(fac, C):
+        Zc = _blocks(_F2(ch, side) @ Q, *Cc.shape[:2])
+        Tc = xp.sum(mT(Zc) @ (Cc @ Zc), axis=0)
+        T = Tc if T is None else T + Tc
+        Z.append(Zc)
+    W, evals = top_eigvecs(T, r)
+    return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
+
+
+def _project(fac: Factors, side: str, X):
+    """Projections ``F_i X`` per chunk, each (c, r_i, k)."""
+    return [_blocks(_F2(ch, side) @ X, ch.B.shape[0], ch.rank) for ch in fac]
+
+
+def _chunk_weights(fac: Factors, w):
+    """``w`` split like the chunks of ``fac`` (without reading them)."""
+    return [w] if fac.in_memory else [w[s : s + fac.chunk] for s in range(0, fac.n, fac.chunk)]
+
+
+def _grams(fac: Factors, side: str, w_chunks):
+    """``w_i F_i F_i^T`` per chunk (the coefficients of ``sum_i w_i M_i^T M_i`` on the other side)."""
+    out = []
+    for ch, wc in zip(fac, w_chunks):
+        F = ch.A if side == "A" else mT(ch.B)  # (c, r_i, d)
+        out.append(wc[:, None, None] * (F @ mT(F)))
+    return out
+
+
+def _init_side(fac: Factors, side: str, C, d: int, r: int, generator, n_power: int, oversample: int = 8):
+    """Randomized subspace iteration for the top-``r`` eigenvectors of ``sum_i F_i^T C_i F_i``."""
+    xp = namespace(fac.like)
+    k = min(d, r + oversample)
+    Q = orth(_apply(fac, side, C, randn(xp, fac.like, (d, k), generator)))
+    for _ in range(n_power):
+        Q = orth(_apply(fac, side, C, Q))
+    return _rayleigh_ritz(fac, side, C, Q, r)
+
+
+def norms_and_weights(fac: Factors, weighting: str, weights=None):
+    """``(||M_i||^2, w_i)`` for every adapter, one pass."""
+    xp = namespace(fac.like)
+    parts = [factor_norms2(ch.B, ch.A) for ch in fac]
+    norms2 = parts[0] if len(parts) == 1 else xp.concat(parts)
+    w = adapter_weights(norms2, weighting) if weights is None else _like(weights, fac.like)
+    return norms2, w
 
 
 def init_bases(
-    B: torch.Tensor, A: torch.Tensor, w: torch.Tensor, rank: int, generator: torch.Generator
+    B: torch.Tensor, A: torch.Tensor, w: torch.Tensor, rank: int, generator: torch.Generator, n_power: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenvectors of ``sum w_i M_i M_i^T`` and ``sum w_i M_i^T M_i`` from factors."""
-    xp = namespace(B)
-    Bw = B * xp.sqrt(w)[:, None, None]
-    GB = mT(Bw) @ Bw  # (n, R, R)
-    GA = A @ mT(A)  # (n, R, R)
-
-    def apply_right(X):  # sum_i A_i^T GB_i A_i X
-        return xp.sum(mT(A) @ (GB @ (A @ X)), axis=0)
-
-    def apply_left(X):  # sum_i Bw_i GA_i Bw_i^T X
-        return xp.sum(Bw @ (GA @ (mT(Bw) @ X)), axis=0)
-
-    V = randomized_top_subspace(apply_right, B, A.shape[2], rank, generator=generator)
-    U = randomized_top_subspace(apply_left, B, B.shape[1], rank, generator=generator)
+    fac = Factors.stacked(B, A)
+    wc = [w]
+    V = _init_side(fac, "A", _grams(fac, "B", wc), fac.d_in, rank, generator, n_power)[0]
+    U = _init_side(fac, "B", _grams(fac, "A", wc), fac.d_out, rank, generator, n_power)[0]
     return U, V
 
 
@@ -84,15 +164,7 @@ def jd_full(
     B: torch.Tensor,
     A: torch.Tensor,
     rank: int,
-    *,
-    weights: torch.Tensor | None = None,
-    weighting: str = "relative",
-    max_iters: int = 500,
-    tol: float = 1e-6,
-    seed: int = 0,
-    U0: torch.Tensor | None = None,
-    V0: torch.Tensor | None = None,
-    tol_scale: float = 1.0,
+    **kw,
 ) -> JDResult:
     """Fit shared bases and full cores to ``M_i = B[i] @ A[i]``.
 
@@ -104,8 +176,9 @@ def jd_full(
     weights : (n,) tensor, optional; overrides ``weighting`` ("relative" or "absolute").
     max_iters, tol : sweep limit and tolerance. Iteration stops when both subspaces move less
         than ``tol`` or a sweep raises the captured fraction by less than ``tol * tol_scale``
-        times the larger of the captured and the lost fraction: the error has then converged even where near-degenerate directions
-        still rotate (flat spectra converge slowly in subspace, not in error).
+        times the larger of the captured and the lost fraction: the error has then converged
+        even where near-degenerate directions still rotate (flat spectra converge slowly in
+        subspace, not in error).
     seed : seeds the randomized initialisation.
     U0, V0 : warm start (orthonormal columns); the randomized init is skipped.
 
@@ -113,34 +186,53 @@ def jd_full(
     -------
     JDResult with cores ``S_i = U^T M_i V`` of shape (n, r, r).
     """
-    n, d_out, _ = B.shape
-    d_in = A.shape[2]
+    return jd_full_factors(Factors.stacked(B, A), rank, **kw)
+
+
+def jd_full_factors(
+    fac: Factors,
+    rank: int,
+    *,
+    weights=None,
+    weighting: str = "relative",
+    max_iters: int = 500,
+    tol: float = 1e-6,
+    seed: int = 0,
+    U0=None,
+    V0=None,
+    tol_scale: float = 1.0,
+    n_power: int = 2,
+) -> JDResult:
+    """:func:`jd_full` on :class:`~lorazip.solvers.factors.Factors`: in memory or streamed
+    chunk by chunk (each sweep reads every chunk four times)."""
+    d_out, d_in = fac.d_out, fac.d_in
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank {rank} must be between 1 and min(d_out, d_in) = {min(d_out, d_in)}")
-    xp = namespace(B, A)
-    norms2 = factor_norms2(B, A)
-    w = adapter_weights(norms2, weighting) if weights is None else _like(weights, B)
+    xp = namespace(fac.like)
+    norms2, w = norms_and_weights(fac, weighting, weights)
     total = float(xp.sum(w * norms2))
-    Bw = B * xp.sqrt(w)[:, None, None]
-    gen = torch.Generator().manual_seed(seed)
+    wc = _chunk_weights(fac, w)
     if U0 is None or V0 is None:
-        U, V = init_bases(B, A, w, rank, gen)
+        gen = torch.Generator().manual_seed(seed)
+        V, L, _ = _init_side(fac, "A", _grams(fac, "B", wc), d_in, rank, gen, n_power)
+        U, K, _ = _init_side(fac, "B", _grams(fac, "A", wc), d_out, rank, gen, n_power)
     else:
-        U, V = _like(U0, B), _like(V0, B)
+        U, V = _like(U0, fac.like), _like(V0, fac.like)
+        K, L = _project(fac, "B", U), _project(fac, "A", V)
 
-    def objective(U, V):
-        return float(xp.sum((mT(mT(Bw) @ U) @ (A @ V)) ** 2)) / total if total else 1.0
+    def captured(K, L):
+        return sum(float(xp.sum(wi[:, None, None] * (mT(Ki) @ Li) ** 2)) for Ki, Li, wi in zip(K, L, wc))
 
-    history = [objective(U, V)]
+    history = [captured(K, L) / total if total else 1.0]
     converged = False
     it = 0
     for it in range(1, max_iters + 1):
         U_old, V_old = U, V
-        Q = _flat(mT(A) @ (mT(Bw) @ U))  # (d_in, n r)
-        V = subspace_iteration_step(V, lambda X: Q @ (mT(Q) @ X), rank)
-        P = _flat(Bw @ (A @ V))  # (d_out, n r)
-        U = subspace_iteration_step(U, lambda X: P @ (mT(P) @ X), rank)
-        history.append(float(xp.sum((mT(U) @ P) ** 2)) / total if total else 1.0)
+        C = _coefficients(K, wc)  # V-step: G_V = sum_i A_i^T C_i A_i
+        V, L, _ = _rayleigh_ritz(fac, "A", C, orth(xp.concat([V, _backproject(fac, "A", C, L)], axis=1)), rank)
+        D = _coefficients(L, wc)  # U-step: G_U = sum_i B_i D_i B_i^T
+        U, K, cap = _rayleigh_ritz(fac, "B", D, orth(xp.concat([U, _backproject(fac, "B", D, K)], axis=1)), rank)
+        history.append(cap / total if total else 1.0)
         gain = history[-1] - history[-2]
         # relative to the larger of captured and lost energy: when little can be captured (flat
         # spectra), the error is what must be accurate, not the small captured fraction
@@ -148,5 +240,6 @@ def jd_full(
         if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol or gain <= tol * tol_scale * scale:
             converged = True
             break
-    cores = mT(mT(B) @ U) @ (A @ V)
+    parts = [mT(Ki) @ Li for Ki, Li in zip(K, L)]
+    cores = parts[0] if len(parts) == 1 else xp.concat(parts)
     return JDResult(U, V, cores, it, converged, history[-1], history)

@@ -32,6 +32,15 @@ def spectra(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(RB @ RA.transpose(1, 2))
 
 
+def spectra_from_grams(GB: torch.Tensor, GA: torch.Tensor) -> torch.Tensor:
+    """Singular values of every ``M_i = B_i A_i`` from ``GB_i = B_i^T B_i`` and ``GA_i = A_i A_i^T``
+    (n, r, r), descending: the square roots of the eigenvalues of ``GB^1/2 GA GB^1/2``. In
+    float64 the squared values are exact to ``eps ||M_i||^2``, all that truncation errors need."""
+    evals, Q = torch.linalg.eigh(GB)
+    H = (Q * evals.clamp_min(0).sqrt()[:, None, :]) @ Q.transpose(1, 2)
+    return torch.linalg.eigvalsh(H @ GA @ H).clamp_min(0).sqrt().flip(-1)
+
+
 def truncation_errors(sv: torch.Tensor, k: int) -> torch.Tensor:
     """Relative squared error of the best rank-``k`` approximation, from spectra (n, r_max)."""
     e = sv.square()
