@@ -48,6 +48,7 @@ def child_compress(args) -> dict:
     import torch
 
     import lorazip
+    from lorazip.select import parse_size
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,7 +58,8 @@ def child_compress(args) -> dict:
     timings: dict = {}
     t1 = time.perf_counter()
     art = lorazip.compress(coll, args.rank, method=args.method, compute_dtype=args.compute_dtype,
-                           device=args.device, hash_sources=not args.no_hash, timings=timings)
+                           device=args.device, hash_sources=not args.no_hash, timings=timings,
+                           memory_limit=parse_size(args.memory_limit, what="memory limit") if args.memory_limit else None)
     t_compress = time.perf_counter() - t1
     t2 = time.perf_counter()
     out = Path(args.out)
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-hash", action="store_true", help="skip sha256 of the sources")
+    ap.add_argument("--memory-limit", help="passed to lorazip.compress (e.g. 64MB): stream larger modules")
     ap.add_argument("--out", default="/tmp/bench.lorazip.safetensors")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--child", choices=["io", "compress"])
@@ -126,7 +129,7 @@ def main() -> None:
         row = (f"| {result['date']} | `{result['command']}` | {comp['n_adapters']} x {comp['n_modules']} | "
                f"{io['bytes'] / 1e9:.2f} GB, {io['seconds']:.1f} s{'' if io['cold_cache'] else ' (warm)'} | "
                f"{comp['total_s']:.1f} s (read wait {comp['read_s']:.1f}, solve {comp['solve_s']:.1f}, "
-               f"errors {comp['error_s']:.1f}, write {comp['write_s']:.1f}) | {comp['peak_rss_mb']:.0f} MB | "
+               f"errors {comp['error_s']:.1f}, sha256 {comp.get('hash_s', 0):.1f}, write {comp['write_s']:.1f}) | {comp['peak_rss_mb']:.0f} MB | "
                f"{e['mean']:.4f} / {e['max']:.4f} | {st['ratio_bytes']:.1f}x | {comp['threads']} |\n")
         record_row(ROOT / "docs" / "benchmarks.md", "## Compression scaling", row)
 

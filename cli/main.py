@@ -138,9 +138,6 @@ def compress(
     from lorazip.select import parse_size
 
     limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
-    if limit is not None and (target_error is not None or budget is not None):
-        raise lorazip.OptionError("--memory-limit cannot be combined with --budget / --target-error yet "
-                                  "(their rank curves hold each module in memory)")
     t0 = time.perf_counter()
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
     coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
@@ -174,7 +171,7 @@ def compress(
                 coll, compress=lorazip.compress, budget=parse_size(budget, orig) if budget else None,
                 target_error=target_error, max_rank=max_rank, uniform=uniform_rank, method=method,
                 progress=lambda done, total, name: bar.update(task, completed=done, item=name),
-                **{k: v for k, v in settings.items() if k not in ("per_module_clusters", "max_rounds", "memory_limit")},
+                **{k: v for k, v in settings.items() if k not in ("per_module_clusters", "max_rounds")},
             )
     else:
         if clusters is not None:

@@ -26,8 +26,10 @@ import torch
 from .artifact import STORAGE_DTYPES, Artifact
 from .errors import OptionError
 from .io.collection import Collection
-from .solvers import jd_full
-from .solvers._linalg import adapter_weights
+from .solvers import Factors, jd_full
+from .solvers._linalg import adapter_weights, factor_norms2
+from .solvers.jd_full import jd_full_factors
+from .streaming import MemoryPlan, streamed_factors
 
 
 @dataclass
@@ -59,19 +61,29 @@ def rank_curves(
     seed: int = 0,
     tol: float = 1e-4,
     max_iters: int = 500,
+    memory_limit: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> RankCurves:
-    """Error of every adapter at every rank 1..max_rank, for every module (one pass over modules)."""
+    """Error of every adapter at every rank 1..max_rank, for every module (one pass over modules).
+
+    ``memory_limit`` (bytes) streams modules larger than a third of it, as in :func:`lorazip.compress`.
+    """
     errors, norms, dims = [], [], []
+    plan = MemoryPlan.make(collection, 4, memory_limit, "jd-full")
     for j, info in enumerate(collection.modules):
-        fac = collection.module_factors(info.name, dtype=torch.float32)
+        if j in plan.chunk:
+            fac = streamed_factors(collection, info.name, plan.chunk[j], torch.float32)
+        else:
+            f = collection.module_factors(info.name, dtype=torch.float32)
+            fac = Factors.stacked(f.B, f.A)
         r_cap = min(max_rank, info.d_out, info.d_in)
-        n2 = fac.norms2().double()
+        n2 = torch.cat([factor_norms2(ch.B, ch.A).clamp_min(0) for ch in fac]).double()
         w = adapter_weights(n2, weighting)
-        top = jd_full(fac.B, fac.A, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
+        top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
         # Cores in float64; the nested fits see M_i through its projection S_i = U^T M_i V.
         U, V = top.U.double(), top.V.double()
-        S = (fac.B.double().transpose(1, 2) @ U).transpose(1, 2) @ (fac.A.double() @ V)
+        S = torch.cat([(ch.B.double().transpose(1, 2) @ U).transpose(1, 2) @ (ch.A.double() @ V)
+                       for ch in fac.split(256)])
         outside = (n2 - S.square().sum((1, 2))).clamp_min(0)  # energy outside span(U) x span(V)
         eye = torch.eye(r_cap, dtype=torch.float64).expand_as(S)
         e = torch.empty(len(n2), r_cap, dtype=torch.float64)
@@ -213,7 +225,7 @@ def compress_to(
     n = len(collection)
     diag = method == "jd-diag"
     curves = rank_curves(collection, max_rank, weighting=kw.get("weighting", "relative"), seed=kw.get("seed", 0),
-                         progress=progress)
+                         memory_limit=kw.get("memory_limit"), progress=progress)
     common = dict(method=method, storage_dtype=storage_dtype, **kw)
     if budget is None:
         ranks = allocate(curves, n, target_error=target_error, uniform=uniform, diag=diag)

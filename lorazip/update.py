@@ -298,10 +298,14 @@ def add_adapters(
     sq_old, nn_old = old["stats/sq_error"], old["stats/norm2"]
     tensors["stats/sq_error"] = torch.cat([sq_old, sq_new.to(sq_old.dtype)])
     tensors["stats/norm2"] = torch.cat([nn_old, norm_new.to(nn_old.dtype)])
-    from .compress import _adapter_meta  # the same metadata compress records
+    from .compress import _adapter_meta, _SourceHashes  # the same metadata compress records
 
+    hashes = _SourceHashes(coll, hash_sources)
+    try:
+        meta["adapters"].extend(_adapter_meta(a, hashes) for a in coll.adapters)
+    finally:
+        hashes.close()
     for j, a in enumerate(coll.adapters):
-        meta["adapters"].append(_adapter_meta(a, hash_sources))
         if keep_extras and a.extras:
             for key, t in a.extra_tensors().items():
                 tensors[f"extras/{n_old + j}/{key}"] = t.contiguous()

@@ -287,6 +287,9 @@ def test_embedding_layout(tmp_path):
     assert (spec.layout, spec.rank, spec.d_out, spec.d_in) == ("embedding", 4, 20, 6)
     B, A = ad.factors("model.embed_tokens")
     assert _close(B @ A, 2.0 * (eb.double() @ ea.double()).T)  # (num_embeddings, dim) like the weight
+    for m in ("model.embed_tokens", "model.layers.0.q_proj"):  # one-factor re-reads of streamed modules
+        B, A = ad.factors(m, torch.float32)
+        assert torch.equal(ad.factor(m, "B", torch.float32), B) and torch.equal(ad.factor(m, "A", torch.float32), A)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -192,11 +192,10 @@ class Collection:
 
     def module_factors(
         self, name: str, indices: Iterable[int] | None = None, dtype: torch.dtype = torch.float64,
-        width: int | None = None, check: bool = True,
+        width: int | None = None,
     ) -> ModuleFactors:
         """Read the factors of module ``name`` for all adapters (or ``indices``) in ``dtype``,
-        zero-padded to the largest rank among them (or to ``width``, if larger). ``check=False``
-        skips the value checks on re-reads of factors already read once."""
+        zero-padded to the largest rank among them (or to ``width``, if larger)."""
         info = self._index[name]
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
@@ -205,10 +204,29 @@ class Collection:
         A = torch.zeros(len(idx), r_max, info.d_in, dtype=dtype)
         for j, i in enumerate(idx):
             if ranks[j]:
-                b, a = self.adapters[i].factors(name, dtype, check)
+                b, a = self.adapters[i].factors(name, dtype)
                 B[j, :, : ranks[j]] = b
                 A[j, : ranks[j], :] = a
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))
+
+    def module_factor(
+        self, name: str, indices: Iterable[int], part: str, dtype: torch.dtype, width: int
+    ) -> torch.Tensor:
+        """One factor (``part`` "B" or "A") of module ``name`` for ``indices``, zero-padded to
+        rank ``width``, read without value checks (:meth:`module_factors` checks on first read)."""
+        info = self._index[name]
+        idx = list(indices)
+        shape = (len(idx), info.d_out, width) if part == "B" else (len(idx), width, info.d_in)
+        out = torch.zeros(shape, dtype=dtype)
+        for j, i in enumerate(idx):
+            ad = self.adapters[i]
+            if name in ad.modules:
+                x = ad.factor(name, part, dtype)
+                if part == "B":
+                    out[j, :, : x.shape[1]] = x
+                else:
+                    out[j, : x.shape[0], :] = x
+        return out
 
 
 def _common_base(adapters: list[Adapter]) -> str | None:

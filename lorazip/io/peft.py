@@ -117,25 +117,20 @@ class Adapter:
         except Exception as exc:  # safetensors raises several types for corrupt data
             raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {_first_line(exc)}") from None
 
-    def factors(
-        self, module: str, dtype: torch.dtype = torch.float64, check: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B, A)`` in ``dtype`` with ``M = B @ A`` (scale folded into ``B``).
 
-        ``B``: (d_out, r_i), ``A``: (r_i, d_in). Raises on NaN/Inf and on values whose squares
-        overflow, unless ``check`` is False (a re-read of values already checked).
+        ``B``: (d_out, r_i), ``A``: (r_i, d_in). Raises on NaN/Inf and on values whose squares overflow.
         """
         spec = self.modules[module]
         t = self.read([spec.key_A, spec.key_B])
-        for key in (spec.key_A, spec.key_B) if check else ():  # as stored (a cast to float32 may overflow)
+        for key in (spec.key_A, spec.key_B):  # checked as stored (a cast to float32 may overflow to inf)
             if not torch.isfinite(t[key]).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
         a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
         if spec.layout == "embedding":  # delta = (B_e A_e)^T = A_e^T B_e^T
             a, b = b.T, a.T
         b = b * spec.scale
-        if not check:
-            return b, a
         # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
         # which would turn norms, weights and errors into inf/NaN downstream.
         bound = float(b.double().square().sum()) * float(a.double().square().sum())
@@ -145,6 +140,17 @@ class Adapter:
                 f"(|B|^2 |A|^2 = {bound:.3g} overflows {str(dtype).replace('torch.', '')})"
             )
         return b, a
+
+    def factor(self, module: str, part: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """One factor of :meth:`factors` (``part`` "B" or "A"), reading only its tensor and
+        without the value checks: for re-reads of a module already read once."""
+        spec = self.modules[module]
+        embedding = spec.layout == "embedding"  # delta = (B_e A_e)^T: A = B_e^T, B = A_e^T
+        key = {"A": spec.key_B if embedding else spec.key_A, "B": spec.key_A if embedding else spec.key_B}[part]
+        x = self.read([key])[key].to(dtype)
+        if embedding:
+            x = x.T
+        return x * spec.scale if part == "B" else x
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """The non-LoRA tensors (``modules_to_save`` heads), as stored; refuses NaN/Inf in them."""

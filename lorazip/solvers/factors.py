@@ -12,40 +12,49 @@ from typing import Any, Callable, Iterator
 
 from ..backend import mT, namespace
 
-Reader = Callable[[int, int], tuple[Any, Any]]
+Reader = Callable[[int, int, str], Any]
 
 
 class Chunk:
-    """Factors of adapters ``start .. start + c``: ``B`` (c, d_out, r), ``A`` (c, r, d_in).
+    """Factors of adapters ``start .. start + size``: ``B`` (size, d_out, rank), ``A`` (size, rank, d_in).
 
-    ``A2`` and ``Bt2`` are the same numbers as ``(c r, d)`` matrices (row ``i r + k`` is
+    ``A2`` and ``Bt2`` are the same numbers as ``(size rank, d)`` matrices (row ``i rank + k`` is
     ``A_i[k]`` or ``B_i[:, k]``), the layout in which a sum over adapters is one matrix product.
+    A streamed chunk reads ``A`` or ``B`` on first use, so a pass that needs one factor reads one.
     """
 
-    __slots__ = ("start", "B", "A", "_Bt2")
+    __slots__ = ("start", "size", "rank", "_B", "_A", "_Bt2", "_load")
 
-    def __init__(self, start: int, B, A):
-        self.start, self.B, self.A = start, B, A
-        self._Bt2 = None
+    def __init__(self, start: int, B=None, A=None, *, size: int = 0, rank: int = 0,
+                 load: Callable[[str], Any] | None = None):
+        self.start, self._B, self._A, self._Bt2, self._load = start, B, A, None, load
+        self.size = B.shape[0] if B is not None else size
+        self.rank = B.shape[2] if B is not None else rank
 
     @property
     def stop(self) -> int:
-        return self.start + self.B.shape[0]
+        return self.start + self.size
 
     @property
-    def rank(self) -> int:
-        return self.B.shape[2]
+    def B(self):
+        if self._B is None:
+            self._B = self._load("B")
+        return self._B
+
+    @property
+    def A(self):
+        if self._A is None:
+            self._A = self._load("A")
+        return self._A
 
     @property
     def A2(self):
-        c, r, d_in = self.A.shape
-        return namespace(self.A).reshape(self.A, (c * r, d_in))
+        return namespace(self.A).reshape(self.A, (self.size * self.rank, self.A.shape[2]))
 
     @property
     def Bt2(self):
         if self._Bt2 is None:  # one transposed copy per chunk, kept while the chunk lives
-            c, d_out, r = self.B.shape
-            self._Bt2 = namespace(self.B).reshape(mT(self.B), (c * r, d_out))
+            self._Bt2 = namespace(self.B).reshape(mT(self.B), (self.size * self.rank, self.B.shape[1]))
         return self._Bt2
 
 
@@ -53,28 +62,29 @@ class Factors:
     """The factors of one module for ``n`` adapters; iterate to visit them chunk by chunk.
 
     Build with :meth:`stacked` (arrays in memory, one chunk) or :meth:`from_reader`
-    (``read(start, stop) -> (B, A)`` called on every pass, ``chunk`` adapters at a time).
+    (``read(start, stop, part)`` called on every pass, ``chunk`` adapters at a time).
     """
 
     def __init__(self, n: int, d_out: int, d_in: int, *, read: Reader | None = None, chunk: int = 0,
-                 stacked: Chunk | None = None, like=None):
-        self.n, self.d_out, self.d_in = n, d_out, d_in
+                 rank: int = 0, stacked: Chunk | None = None, like=None):
+        self.n, self.d_out, self.d_in, self.rank = n, d_out, d_in, rank
         self._read, self.chunk, self._stacked = read, chunk, stacked
         self.like = stacked.B if stacked is not None else like  # fixes backend, device and dtype
 
     @classmethod
     def stacked(cls, B, A) -> "Factors":
         """All adapters in memory: ``B`` (n, d_out, r), ``A`` (n, r, d_in)."""
-        n, d_out, _ = B.shape
-        return cls(n, d_out, A.shape[2], chunk=n, stacked=Chunk(0, B, A))
+        n, d_out, r = B.shape
+        return cls(n, d_out, A.shape[2], chunk=n, rank=r, stacked=Chunk(0, B, A))
 
     @classmethod
-    def from_reader(cls, n: int, d_out: int, d_in: int, read: Reader, chunk: int, like) -> "Factors":
-        """Adapters read ``chunk`` at a time by ``read(start, stop)`` on every pass; ``like`` is an
-        array of the dtype and device that ``read`` returns."""
+    def from_reader(cls, n: int, d_out: int, d_in: int, rank: int, read: Reader, chunk: int, like) -> "Factors":
+        """Adapters read ``chunk`` at a time on every pass: ``read(start, stop, part)`` returns ``B``
+        (stop - start, d_out, rank) for part ``"B"`` and ``A`` (stop - start, rank, d_in) for ``"A"``;
+        ``like`` is an array of the dtype and device it returns."""
         if chunk < 1:
             raise ValueError("chunk must be >= 1")
-        return cls(n, d_out, d_in, read=read, chunk=chunk, like=like)
+        return cls(n, d_out, d_in, read=read, chunk=chunk, rank=rank, like=like)
 
     @property
     def in_memory(self) -> bool:
@@ -85,14 +95,14 @@ class Factors:
             yield self._stacked
             return
         for s in range(0, self.n, self.chunk):
-            B, A = self._read(s, min(self.n, s + self.chunk))
-            yield Chunk(s, B, A)
+            e = min(self.n, s + self.chunk)
+            yield Chunk(s, size=e - s, rank=self.rank, load=lambda part, s=s, e=e: self._read(s, e, part))
 
     def split(self, size: int) -> Iterator[Chunk]:
         """Visit the adapters in chunks of at most ``size`` (views when in memory)."""
         for ch in self:
-            for s in range(0, ch.B.shape[0], size):
-                if s == 0 and ch.B.shape[0] <= size:
-                    yield ch
-                else:
-                    yield Chunk(ch.start + s, ch.B[s : s + size], ch.A[s : s + size])
+            if ch.size <= size:
+                yield ch
+                continue
+            for s in range(0, ch.size, size):
+                yield Chunk(ch.start + s, ch.B[s : s + size], ch.A[s : s + size])

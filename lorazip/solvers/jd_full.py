@@ -113,7 +113,7 @@ def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int):
 
 def _project(fac: Factors, side: str, X):
     """Projections ``F_i X`` per chunk, each (c, r_i, k)."""
-    return [_blocks(_F2(ch, side) @ X, ch.B.shape[0], ch.rank) for ch in fac]
+    return [_blocks(_F2(ch, side) @ X, ch.size, ch.rank) for ch in fac]
 
 
 def _chunk_weights(fac: Factors, w):
