@@ -200,13 +200,15 @@ class Collection:
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
         r_max = max(max(ranks, default=0), width or 0, 1)
-        B = torch.zeros(len(idx), info.d_out, r_max, dtype=dtype)
-        A = torch.zeros(len(idx), r_max, info.d_in, dtype=dtype)
+        B = torch.empty(len(idx), info.d_out, r_max, dtype=dtype)  # written once; only padding is zeroed
+        A = torch.empty(len(idx), r_max, info.d_in, dtype=dtype)
         for j, i in enumerate(idx):
             if ranks[j]:
                 b, a = self.adapters[i].factors(name, dtype)
                 B[j, :, : ranks[j]] = b
                 A[j, : ranks[j], :] = a
+            B[j, :, ranks[j] :] = 0
+            A[j, ranks[j] :, :] = 0
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))
 
     def module_factor(

@@ -124,16 +124,23 @@ class Adapter:
         """
         spec = self.modules[module]
         t = self.read([spec.key_A, spec.key_B])
-        for key in (spec.key_A, spec.key_B):  # checked as stored (a cast to float32 may overflow to inf)
-            if not torch.isfinite(t[key]).all():
-                raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
+        # Sums of squares of the stored values in float64 (an exact conversion): one pass that NaN or
+        # Inf would make non-finite; isfinite runs only then, to name the problem.
+        ss = [float(t[key].double().square().sum()) for key in (spec.key_A, spec.key_B)]
+        if not all(map(math.isfinite, ss)):
+            for key in (spec.key_A, spec.key_B):
+                if not torch.isfinite(t[key].float() if t[key].element_size() == 1 else t[key]).all():
+                    raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
         a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
         if spec.layout == "embedding":  # delta = (B_e A_e)^T = A_e^T B_e^T
             a, b = b.T, a.T
         b = b * spec.scale
         # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
         # which would turn norms, weights and errors into inf/NaN downstream.
-        bound = float(b.double().square().sum()) * float(a.double().square().sum())
+        bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)  # (inf, not OverflowError)
+        narrowed = any(t[k].element_size() > torch.empty(0, dtype=dtype).element_size() for k in (spec.key_A, spec.key_B))
+        if narrowed and math.isfinite(bound):  # a cast to a narrower dtype may overflow on its own
+            bound = float(b.double().square().sum()) * float(a.double().square().sum())
         if not math.isfinite(bound) or bound > (_MAX_NORM2 if dtype == torch.float64 else _MAX_NORM2_F32):
             raise AdapterFormatError(
                 f"{self.weights_file}: module {short(module)}: values too large "
