@@ -27,7 +27,7 @@ from .solvers.clustered import jd_clustered
 from .solvers.factors import Factors
 from .solvers.svd import spectra_from_grams
 from .solvers._linalg import WEIGHTINGS, orth
-from .streaming import MemoryPlan, streamed_factors
+from .streaming import MemoryPlan, release_freed_memory, streamed_factors
 
 # Config fields carried into the artifact so export can rebuild a faithful PEFT config.
 _CONFIG_FIELDS = (
@@ -109,6 +109,7 @@ def _finish(fac: Factors, U, V, cores, assign, refine: bool, sdtype: torch.dtype
         e2, _ = squared_errors(B, A, Ur, Vr, c, k, norms2=n2)
         for key, x in zip("cens", (c, e2, n2, spectra_from_grams(GB, GA))):
             out[key].append(x)
+        del ch, B, A  # a streamed chunk is freed before the next one is read
     c, e2, n2, sv = (torch.cat(out[key]) for key in "cens")
     return Ur, Vr, c.contiguous(), e2, n2, sv
 
@@ -369,6 +370,9 @@ def compress(
                 clock["solve_s"] += time.perf_counter() - t1
                 store(j, fac_t, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
                 cache.drop(j)
+                del fac, fac_t, sol
+                if plan.limit is not None:
+                    release_freed_memory()
     except BaseException:
         hashes.close()
         raise

@@ -7,6 +7,8 @@ on every pass. :class:`MemoryPlan` decides, per module, from the limit.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -102,3 +104,19 @@ def streamed_factors(
 
     like = to(torch.empty(0, dtype=dtype, device=device))
     return Factors.from_reader(len(collection), info.d_out, info.d_in, width, read, chunk, like=like)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last module back to the OS (glibc ``malloc_trim``), so the
+    resident size follows the working set instead of the largest module seen; a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

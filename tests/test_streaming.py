@@ -174,3 +174,14 @@ def test_budget_under_a_memory_limit_streams_the_rank_curves(tmp_path, monkeypat
     art, alloc = compress_to(coll, compress=lorazip.compress, budget=40_000, memory_limit=limit,
                                            hash_sources=False)
     assert art.serialized_size() <= 40_000
+
+
+def test_a_streamed_chunk_holds_one_copy_of_b():
+    """Once the transposed copy exists, a chunk read from disk keeps B only as a view of it."""
+    B, A = random_factors(5, 12, 10, 3, seed=9)
+    for ch in chunked(B, A, 2):
+        Bt2 = ch.Bt2
+        assert torch.equal(ch.B, B[ch.start : ch.stop]) and ch.B.data_ptr() == Bt2.data_ptr()
+    ch = next(iter(Factors.stacked(B, A)))
+    ch.Bt2
+    assert ch.B is B  # in memory the caller's array stays as it is

@@ -54,7 +54,10 @@ class Chunk:
     @property
     def Bt2(self):
         if self._Bt2 is None:  # one transposed copy per chunk, kept while the chunk lives
-            self._Bt2 = namespace(self.B).reshape(mT(self.B), (self.size * self.rank, self.B.shape[1]))
+            xp, d_out = namespace(self.B), self.B.shape[1]
+            self._Bt2 = xp.reshape(mT(self.B), (self.size * self.rank, d_out))
+            if self._load is not None:  # a chunk read from disk: B becomes a view of the copy
+                self._B = mT(xp.reshape(self._Bt2, (self.size, self.rank, d_out)))
         return self._Bt2
 
 

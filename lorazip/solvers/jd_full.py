@@ -81,6 +81,7 @@ def _apply(fac: Factors, side: str, C, X):
         F2 = _F2(ch, side)
         Y = mT(F2) @ xp.reshape(Cc @ _blocks(F2 @ X, *Cc.shape[:2]), (F2.shape[0], X.shape[1]))
         out = Y if out is None else out + Y
+        del ch, F2  # a streamed chunk is freed before the next one is read
     return out
 
 
@@ -91,6 +92,7 @@ def _backproject(fac: Factors, side: str, C, P):
         F2 = _F2(ch, side)
         Y = mT(F2) @ xp.reshape(Cc @ Pc, (F2.shape[0], Pc.shape[2]))
         out = Y if out is None else out + Y
+        del ch, F2  # a streamed chunk is freed before the next one is read
     return out
 
 
@@ -107,6 +109,7 @@ def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int):
         Tc = xp.sum(mT(Zc) @ (Cc @ Zc), axis=0)
         T = Tc if T is None else T + Tc
         Z.append(Zc)
+        del ch
     W, evals = top_eigvecs(T, r)
     return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
 
@@ -127,6 +130,7 @@ def _grams(fac: Factors, side: str, w_chunks):
     for ch, wc in zip(fac, w_chunks):
         F = ch.A if side == "A" else mT(ch.B)  # (c, r_i, d)
         out.append(wc[:, None, None] * (F @ mT(F)))
+        del ch, F
     return out
 
 
