@@ -117,3 +117,31 @@ def test_cli_budget_json(uneven, tmp_path, capsys):
     rc = main(["compress", str(src), "-o", str(tmp_path / "d.safetensors"), "--budget", "2x"])
     assert rc == 0 and (tmp_path / "d.safetensors").stat().st_size <= sum(
         a.weights_file.stat().st_size for a in uneven.adapters) / 2
+
+
+def test_nested_fit_of_small_cores_matches_jd_full():
+    """The rank curves' nested fits (exact alternating eigen-steps on R x R operators) reach the
+    JD-Full optimum of the same small cores, never lose to their warm start, and recover exact
+    low-rank structure."""
+    from lorazip.ranks import nested_kept
+
+    g = torch.Generator().manual_seed(4)
+    n, R = 12, 10
+    S = torch.randn(n, R, R, generator=g, dtype=torch.float64)
+    w = 1 / S.square().sum((1, 2))
+    eye = torch.eye(R, dtype=torch.float64).expand_as(S)
+    X0 = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))[0]
+    ww = w[:, None, None]  # the warm start rank_curves uses: the HOSVD order of the cores
+    W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
+    Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
+    for r in (1, 3, 6):
+        kept = nested_kept(S, w, W[:, :r], Z[:, :r], tol=1e-12, max_iters=5000)
+        ref = jd_full(S, eye, r, weights=w, tol=1e-12, max_iters=5000)
+        total = float((w * S.square().sum((1, 2))).sum())
+        assert float((w * kept).sum()) / total >= ref.objective * 0.99
+        start = float((w * (W[:, :r].T @ S @ Z[:, :r]).square().sum((1, 2))).sum())
+        assert float((w * kept).sum()) >= start
+    Ub = torch.linalg.qr(torch.randn(R, 3, generator=g, dtype=torch.float64))[0]
+    planted = Ub @ torch.randn(n, 3, 3, generator=g, dtype=torch.float64) @ Ub.T
+    kept = nested_kept(planted, torch.ones(n, dtype=torch.float64), X0[:, :3], X0[:, :3], tol=1e-14)
+    assert torch.allclose(kept, planted.square().sum((1, 2)), rtol=1e-10)
