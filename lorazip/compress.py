@@ -349,6 +349,7 @@ def compress(
                           "converged": res.converged, "objective_history": res.history}
         else:
             clustering = None
+            B = A = None
             for j in range(n_mod):
                 r_j = ranks[collection.modules[j].name]
                 t0 = time.perf_counter()
@@ -371,6 +372,7 @@ def compress(
                 store(j, fac_t, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
                 cache.drop(j)
                 del fac, fac_t, sol
+                B = A = None  # this module is freed before the next one is read ahead
                 if plan.limit is not None:
                     release_freed_memory()
     except BaseException:
