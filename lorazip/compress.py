@@ -373,8 +373,7 @@ def compress(
                 cache.drop(j)
                 del fac, fac_t, sol
                 B = A = None  # this module is freed before the next one is read ahead
-                if plan.limit is not None:
-                    release_freed_memory()
+                release_freed_memory()
     except BaseException:
         hashes.close()
         raise
