@@ -86,7 +86,7 @@ def streamed_factors(
     """
     to = to or (lambda t: t)
     width = collection.max_rank(name)
-    info = next(m for m in collection.modules if m.name == name)
+    info = collection.module(name)
     checked: set[int] = set()
     held: dict[tuple[int, str], torch.Tensor] = {}
 

@@ -128,3 +128,15 @@ def assert_one_error_line(err: str, *parts) -> None:
     assert "Traceback" not in err
     for p in parts:
         assert str(p) in lines[0], (p, lines[0])
+
+
+def edit_config(folder, **changes) -> None:
+    """Change fields of ``folder/adapter_config.json`` (a value of ``...`` removes the field)."""
+    path = Path(folder) / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is ...:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    path.write_text(json.dumps(cfg))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tree_files, write_adapter, write_collection, write_raw_safetensors
+from helpers import edit_config, tree_files, write_adapter, write_collection, write_raw_safetensors
 from safetensors.torch import load_file, save_file
 
 import lorazip
@@ -43,17 +43,6 @@ def expect(exc_type, fn, *parts, root=None, one_line=True):
     if root is not None:
         assert tree_files(root) == before, "something was written"
     return msg
-
-
-def edit_config(folder: Path, **changes):
-    cfg_path = folder / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    for k, v in changes.items():
-        if v is ...:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    cfg_path.write_text(json.dumps(cfg))
 
 
 def edit_tensors(folder: Path, fn):

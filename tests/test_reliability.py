@@ -37,7 +37,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import write_adapter, write_collection, write_raw_safetensors  # noqa: E402
+from helpers import edit_config, write_adapter, write_collection, write_raw_safetensors  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -96,17 +96,6 @@ def _max_rss() -> int:
 # ----------------------------------------------------------------------------------------------
 # File editing helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def edit_config(folder: Path, **changes) -> None:
-    path = folder / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    for k, v in changes.items():
-        if v is ...:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    path.write_text(json.dumps(cfg))
 
 
 def edit_tensors(folder: Path, fn) -> None:

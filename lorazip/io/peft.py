@@ -131,10 +131,7 @@ class Adapter:
             for key in (spec.key_A, spec.key_B):
                 if not torch.isfinite(t[key].float() if t[key].element_size() == 1 else t[key]).all():
                     raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
-        a, b = t[spec.key_A].to(dtype), t[spec.key_B].to(dtype)
-        if spec.layout == "embedding":  # delta = (B_e A_e)^T = A_e^T B_e^T
-            a, b = b.T, a.T
-        b = b * spec.scale
+        a, b = (_oriented(spec, part, t[_stored_key(spec, part)].to(dtype)) for part in "AB")
         # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
         # which would turn norms, weights and errors into inf/NaN downstream.
         bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)  # (inf, not OverflowError)
@@ -152,12 +149,8 @@ class Adapter:
         """One factor of :meth:`factors` (``part`` "B" or "A"), reading only its tensor and
         without the value checks: for re-reads of a module already read once."""
         spec = self.modules[module]
-        embedding = spec.layout == "embedding"  # delta = (B_e A_e)^T: A = B_e^T, B = A_e^T
-        key = {"A": spec.key_B if embedding else spec.key_A, "B": spec.key_A if embedding else spec.key_B}[part]
-        x = self.read([key])[key].to(dtype)
-        if embedding:
-            x = x.T
-        return x * spec.scale if part == "B" else x
+        key = _stored_key(spec, part)
+        return _oriented(spec, part, self.read([key])[key].to(dtype))
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """The non-LoRA tensors (``modules_to_save`` heads), as stored; refuses NaN/Inf in them."""
@@ -171,6 +164,21 @@ class Adapter:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def _stored_key(spec, part: str) -> str:
+    """The tensor holding factor ``part`` ("A" or "B") of ``M = B A``: embedding LoRA stores
+    ``delta = (B_e A_e)^T``, so there ``A = B_e^T`` and ``B = A_e^T``."""
+    if spec.layout == "embedding":
+        return spec.key_B if part == "A" else spec.key_A
+    return spec.key_A if part == "A" else spec.key_B
+
+
+def _oriented(spec, part: str, x: torch.Tensor) -> torch.Tensor:
+    """The stored tensor of factor ``part`` as ``A`` (r, d_in) or ``B`` (d_out, r), scale folded into ``B``."""
+    if spec.layout == "embedding":
+        x = x.T
+    return x * spec.scale if part == "B" else x
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

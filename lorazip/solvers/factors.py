@@ -93,12 +93,15 @@ class Factors:
     def in_memory(self) -> bool:
         return self._stacked is not None
 
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every chunk, without reading it."""
+        return [(s, min(self.n, s + self.chunk)) for s in range(0, self.n, self.chunk)]
+
     def __iter__(self) -> Iterator[Chunk]:
         if self._stacked is not None:
             yield self._stacked
             return
-        for s in range(0, self.n, self.chunk):
-            e = min(self.n, s + self.chunk)
+        for s, e in self.spans():
             yield Chunk(s, size=e - s, rank=self.rank, load=lambda part, s=s, e=e: self._read(s, e, part))
 
     def split(self, size: int) -> Iterator[Chunk]:

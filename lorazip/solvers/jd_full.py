@@ -121,7 +121,7 @@ def _project(fac: Factors, side: str, X):
 
 def _chunk_weights(fac: Factors, w):
     """``w`` split like the chunks of ``fac`` (without reading them)."""
-    return [w] if fac.in_memory else [w[s : s + fac.chunk] for s in range(0, fac.n, fac.chunk)]
+    return [w[s:e] for s, e in fac.spans()]
 
 
 def _grams(fac: Factors, side: str, w_chunks):
@@ -157,11 +157,15 @@ def init_bases(
     B: torch.Tensor, A: torch.Tensor, w: torch.Tensor, rank: int, generator: torch.Generator, n_power: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenvectors of ``sum w_i M_i M_i^T`` and ``sum w_i M_i^T M_i`` from factors."""
-    fac = Factors.stacked(B, A)
-    wc = [w]
-    V = _init_side(fac, "A", _grams(fac, "B", wc), fac.d_in, rank, generator, n_power)[0]
-    U = _init_side(fac, "B", _grams(fac, "A", wc), fac.d_out, rank, generator, n_power)[0]
+    U, _, V, _ = _init(Factors.stacked(B, A), [w], rank, generator, n_power)
     return U, V
+
+
+def _init(fac: Factors, wc, rank: int, generator, n_power: int):
+    """``(U, K, V, L)``: both bases from the data, with their projections ``K_i = B_i^T U``, ``L_i = A_i V``."""
+    V, L, _ = _init_side(fac, "A", _grams(fac, "B", wc), fac.d_in, rank, generator, n_power)
+    U, K, _ = _init_side(fac, "B", _grams(fac, "A", wc), fac.d_out, rank, generator, n_power)
+    return U, K, V, L
 
 
 def jd_full(
@@ -217,9 +221,7 @@ def jd_full_factors(
     total = float(xp.sum(w * norms2))
     wc = _chunk_weights(fac, w)
     if U0 is None or V0 is None:
-        gen = torch.Generator().manual_seed(seed)
-        V, L, _ = _init_side(fac, "A", _grams(fac, "B", wc), d_in, rank, gen, n_power)
-        U, K, _ = _init_side(fac, "B", _grams(fac, "A", wc), d_out, rank, gen, n_power)
+        U, K, V, L = _init(fac, wc, rank, torch.Generator().manual_seed(seed), n_power)
     else:
         U, V = _like(U0, fac.like), _like(V0, fac.like)
         K, L = _project(fac, "B", U), _project(fac, "A", V)
