@@ -48,7 +48,7 @@ def child_compress(args) -> dict:
     import torch
 
     import lorazip
-    from lorazip.select import parse_size
+    from lorazip.cli.parse import parse_size
 
     if args.threads:
         torch.set_num_threads(args.threads)

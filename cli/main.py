@@ -4,6 +4,9 @@ Progress and tables go to stderr (rich); ``--json`` prints one machine-readable 
 alone on stdout. A :class:`~lorazip.errors.LorazipError` becomes one ``error:`` line and
 exit status 1; Ctrl-C prints one line and exits 130; anything else is a bug and keeps
 its traceback.
+
+Importing this module loads typer, click and rich only: each command imports the parts of
+lorazip it runs, so ``--help``, usage errors, ``info`` and ``verify`` never load torch (or numpy).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-import lorazip
+import lorazip  # cheap: its public names are imported on first use
 from lorazip.errors import LorazipError
 
 from . import report as fmt
@@ -40,6 +43,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+_threads: int | None = None  # LORAZIP_THREADS, read by main()
+
+
+def _torch_threads() -> None:
+    """Apply LORAZIP_THREADS to torch; the commands that compute call this after their imports
+    (which load torch), the others never load torch at all."""
+    if _threads is not None and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_threads)
 
 
 def _progress() -> Progress:
@@ -135,68 +146,43 @@ def compress(
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
-    from lorazip.select import parse_size
+    from lorazip.compress import compress as run_compress
+    from lorazip.evaluate import evaluate
+    from lorazip.io.collection import load_collection
 
+    from .parse import parse_size
+
+    _torch_threads()
     limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
     t0 = time.perf_counter()
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
-    coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
+    coll = load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
-    settings = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype, compute_dtype=compute_dtype,
-                    seed=seed, max_iters=max_iters,
-                    tol=tol, keep_extras=not no_extras, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
-                    memory_limit=limit)
-    curve = allocation = None
-    if clusters == "auto":
-        from lorazip.select import choose_clusters
-
-        orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
-        with _progress() as bar:
-            task = bar.add_task("choosing K", total=None, item="")
-            art, curve, chosen = choose_clusters(
-                coll, rank, compress=lorazip.compress, target_error=target_error, stat=target_stat,
-                budget=parse_size(budget, orig) if budget else None,
-                progress=lambda K, row: bar.update(task, item=f"K={K}: {target_stat} error {row[target_stat]:.4f}"),
-                **settings,
-            )
-    elif target_error is not None or budget is not None:
-        from lorazip.ranks import compress_to
-
-        if clusters is not None:
-            raise lorazip.OptionError("--budget / --target-error with --clusters choose K: pass --clusters auto")
-        orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
-        with _progress() as bar:
-            task = bar.add_task("rank curves", total=len(coll.modules), item="")
-            art, allocation = compress_to(
-                coll, compress=lorazip.compress, budget=parse_size(budget, orig) if budget else None,
-                target_error=target_error, max_rank=max_rank, uniform=uniform_rank, method=method,
-                progress=lambda done, total, name: bar.update(task, completed=done, item=name),
-                **{k: v for k, v in settings.items() if k not in ("per_module_clusters", "max_rounds")},
-            )
-    else:
-        if clusters is not None:
-            try:
-                k = int(clusters)
-            except ValueError:
-                raise lorazip.OptionError(f"--clusters must be a number or 'auto', got {clusters!r}") from None
-            method, settings["clusters"] = "jd-clustered", k
-        with _progress() as bar:
-            task = bar.add_task("compressing", total=len(coll.modules), item="")
-            art = lorazip.compress(
-                coll, rank, method=method, **settings,
-                progress=lambda done, total, name: bar.update(task, completed=done, item=name),
-            )
+    orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
+    options = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype,
+                   compute_dtype=compute_dtype, seed=seed, max_iters=max_iters, tol=tol, keep_extras=not no_extras,
+                   per_module_clusters=per_module_clusters, max_rounds=max_rounds, memory_limit=limit)
+    what = "choosing K" if clusters == "auto" else "allocating" if budget or target_error is not None \
+        else "compressing"
+    with _progress() as bar:
+        task = bar.add_task(what, total=None, item="")
+        art = run_compress(
+            coll, rank, budget=parse_size(budget, orig) if budget else None, target_error=target_error,
+            target_stat=target_stat, clusters=clusters if clusters is not None else 1, method=method,
+            uniform_rank=uniform_rank, max_rank=max_rank,
+            progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item), **options,
+        )
+    curve, allocation = art.cluster_choice, art.allocation
     t_solve = time.perf_counter() - t0 - t_load
     art.save(output, overwrite=overwrite)
     elapsed = time.perf_counter() - t0
-    rep = lorazip.evaluate(art)
+    rep = evaluate(art)
     rep["timing"] = {"validate_s": t_load, "compress_s": t_solve, "total_s": elapsed}
     rep["missing_modules"] = coll.missing_modules()
     rep["extras"] = coll.extras()
     rep["skipped"] = [{"repo": r, "reason": why} for r, why in got.skipped]
     if curve is not None:
-        rep["k_selection"] = {"target_error": target_error, "target_stat": target_stat, "budget": budget,
-                              "chosen": art.meta["clustering"]["n_clusters"], "curve": curve}
+        rep["k_selection"] = {**curve, "budget": budget}
     if allocation is not None:
         rep["rank_allocation"] = allocation
     if as_json:
@@ -249,14 +235,18 @@ def eval_(
 ) -> None:
     """Report reconstruction errors (recorded, or recomputed against SOURCES); with --base-model and
     --data, held-out loss of base / original / compressed adapters and retention (docs/task_eval.md)."""
-    art = lorazip.load_artifact(artifact)
+    from lorazip.artifact import load_artifact
+    from lorazip.evaluate import evaluate
+
+    _torch_threads()
+    art = load_artifact(artifact)
     if base_model is not None or data is not None:
         if plot is not None:
             raise lorazip.OptionError("--plot draws reconstruction errors; it cannot be combined with --base-model/--data")
         _task_eval(art, base_model, data, originals or sources, max_texts, max_length, batch_size, device,
                    allow_pickle, as_json)
         return
-    rep = lorazip.evaluate(art, [str(s) for s in sources] if sources else None, allow_pickle=allow_pickle)
+    rep = evaluate(art, [str(s) for s in sources] if sources else None, allow_pickle=allow_pickle)
     if plot is not None:
         from lorazip.analyze import plot_eval
 
@@ -275,7 +265,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
 ) -> None:
     """Describe an artifact: adapters, modules, ranks, method, bytes, ratio."""
-    art = lorazip.load_artifact(artifact)
+    from lorazip.artifact import load_artifact  # the header only: no torch
+
+    art = load_artifact(artifact)
     desc = fmt.describe(art)
     if as_json:
         _emit_json(desc)
@@ -292,8 +284,12 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
 ) -> None:
     """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""
-    art = lorazip.load_artifact(artifact)
-    paths = lorazip.export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
+    from lorazip.artifact import load_artifact
+    from lorazip.export import export as run_export
+
+    _torch_threads()
+    art = load_artifact(artifact)
+    paths = run_export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
     if as_json:
         _emit_json({"report_version": 1, "exported": [str(p) for p in paths]})
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")
@@ -331,7 +327,9 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print the verification report as JSON on stdout."),
 ) -> None:
     """Check an artifact's tensor checksum and, given SOURCES, the original files' sha256."""
-    rep = lorazip.verify(artifact, [str(s) for s in sources] if sources else None)
+    from lorazip.verify import verify as run_verify  # header and file hashes only: no torch
+
+    rep = run_verify(artifact, [str(s) for s in sources] if sources else None)
     if as_json:
         _emit_json(rep)
     for line in rep["problems"]:
@@ -360,10 +358,12 @@ def add(
     """Add adapters to an artifact: project them onto its bases (or --refit) and report their errors."""
     import warnings
 
+    from lorazip.artifact import load_artifact
     from lorazip.update import add_adapters
 
+    _torch_threads()
     out = _update_target(artifact, output, overwrite)
-    art = lorazip.load_artifact(artifact)
+    art = load_artifact(artifact)
     got = _gather(sources, None, None, None, None, None, False, 8, False)
     with _progress() as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report's warnings are printed below
@@ -390,10 +390,12 @@ def remove(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Remove adapters from an artifact (bases unchanged)."""
+    from lorazip.artifact import load_artifact
     from lorazip.update import remove_adapters
 
+    _torch_threads()
     out = _update_target(artifact, output, overwrite)
-    new, rep = remove_adapters(lorazip.load_artifact(artifact), names)
+    new, rep = remove_adapters(load_artifact(artifact), names)
     new.save(out, overwrite=True)
     rep["output"] = str(out)
     if as_json:
@@ -438,13 +440,17 @@ def analyze(
 ) -> None:
     """Before compressing: spectra, shared-basis vs per-adapter SVD error by rank, error by K, and a pick."""
     from lorazip.analyze import analyze as run_analysis
-    from lorazip.analyze import parse_int_list, plot_analysis
+    from lorazip.analyze import plot_analysis
 
+    from .parse import parse_int_list
+    from lorazip.io.collection import load_collection
+
+    _torch_threads()
     rank_list = parse_int_list(ranks, "--ranks")
     k_list = parse_int_list(clusters, "--clusters")
     crank_list = parse_int_list(cluster_ranks, "--cluster-ranks") if cluster_ranks else None
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
-    coll = lorazip.load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
+    coll = load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     with _progress() as bar:
         task = bar.add_task("analyzing", total=None, item="")
         rep = run_analysis(
@@ -487,15 +493,16 @@ def main(argv: list[str] | None = None) -> int:
         err.print("terminated" if term else "interrupted")
         return 143 if term else 130
 
+    global _threads
     threads = os.environ.get("LORAZIP_THREADS")
+    _threads = None
     if threads:  # on a shared machine one thread avoids torch's spinning thread pool
         try:
-            import torch
-
-            torch.set_num_threads(max(1, int(threads)))
+            _threads = max(1, int(threads))
         except ValueError:
             err.print(f"[red]error:[/red] LORAZIP_THREADS must be a number, got {escape(threads)!s}")
             return 1
+        _torch_threads()  # torch already loaded (in-process callers); else each computing command applies it
     previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_signal)

@@ -10,7 +10,6 @@ from rich.markup import escape
 from rich.table import Table
 
 import lorazip
-from lorazip.evaluate import storage
 
 
 def _b(n: float) -> str:
@@ -21,17 +20,38 @@ def _b(n: float) -> str:
     return str(n)
 
 
+def _span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    if lo == hi:
+        return str(lo)
+    return f"{lo}-{hi} (median {sorted(values)[len(values) // 2]})"
+
+
+def rank_summary(rep: dict[str, Any]) -> str:
+    """Shared ranks over modules as one number or a range, plus residual ranks where present."""
+    mods = rep.get("modules") or []
+    if not mods:
+        return str(rep.get("rank"))
+    text = _span([m["rank"] for m in mods])
+    resid = [m["residual"]["max_rank"] for m in mods if m.get("residual")]
+    if resid:
+        text = f"shared {text}, residual up to {max(resid)} in {len(resid)} module(s)"
+    return text
+
+
 def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t = Table(title=escape(title), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     e, st, base = rep["errors"], rep["storage"], rep["baseline"]
     t.add_row("adapters x modules", f"{rep['n_adapters']} x {rep['n_modules']}")
-    t.add_row("method / rank", f"{rep['method']} / {rep['rank']}  (weighting {rep['weighting']}, {rep['storage_dtype']})")
+    t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, "
+              f"{rep['storage_dtype']})")
     t.add_row("rel. sq. error", f"mean {e['mean']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}")
     sr, sm = base["svd_same_rank"], base["svd_matched_storage"]
     t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
-    t.add_row("SVD, same storage", f"mean {sm['mean']:.4f}  max {sm['max']:.4f}  (rank {sm['rank']} per adapter)")
+    how = f"greedy ranks over {sm['pairs']} adapter x module pairs" if "pairs" in sm else f"rank {sm['rank']} per adapter"
+    t.add_row("SVD, same storage", f"mean {sm['mean']:.4f}  max {sm['max']:.4f}  ({how})")
     t.add_row("numbers", f"{st['original_params']:,} -> {st['compressed_params']:,}  ({st['ratio_params']:.1f}x)")
     t.add_row("bytes", f"{_b(st['original_bytes'])} -> {_b(st['artifact_bytes'])}  ({st['ratio_bytes']:.1f}x, "
               f"{_b(st['bytes_per_adapter'])} per adapter)")
@@ -48,6 +68,13 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
 
 
 def print_notes(con: Console, rep: dict[str, Any]) -> None:
+    capped = [m for m in rep.get("modules", []) if "rank_capped" in m]
+    if capped:
+        parts = [f"{escape(m['name'])} {m['rank_capped']['requested']} -> "
+                 + (f"{m['rank_out']} x {m['rank']}" if "rank_out" in m else str(m["rank"]))
+                 + f" ({m['rank_capped']['reason']})" for m in capped[:3]]
+        con.print(f"note: rank capped in {len(capped)} module(s) that allow less: {'; '.join(parts)}"
+                  f"{' ...' if len(capped) > 3 else ''}")
     missing = rep.get("missing_modules") or {}
     if missing:
         con.print(f"note: {len(missing)} adapter(s) lack some modules (zero delta there), "
@@ -71,9 +98,56 @@ def print_worst(con: Console, rep: dict[str, Any], top: int) -> None:
     con.print(t)
 
 
+def storage(artifact: lorazip.Artifact) -> dict[str, Any]:
+    """:func:`lorazip.evaluate.storage` from the metadata alone, without importing torch (which
+    lorazip.evaluate does): ``lorazip info`` reads only the artifact's header. Keep the two in
+    step; tests/test_cli_startup.py compares them."""
+    n = len(artifact.names)
+    orig = 0
+    for a in artifact.meta["adapters"]:
+        for mod in artifact.modules:
+            orig += a["ranks"].get(mod["name"], 0) * (mod["d_in"] + mod["d_out"])
+    comp = 0
+    for mod in artifact.modules:
+        r, k = mod["rank"], mod.get("n_clusters", 1)
+        r_out = mod.get("rank_out", r)  # a head kept whole on its small side: rectangular cores
+        core = r if artifact.method in ("jd-diag", "svd") else r_out * r
+        comp += k * (r * mod["d_in"] + r_out * mod["d_out"]) + n * core
+        comp += (mod.get("residual") or {}).get("total_rank", 0) * (mod["d_in"] + mod["d_out"])  # b_i, a_i (v2)
+    orig_bytes = sum(
+        f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
+        if not name.endswith(".json")
+    )
+    art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
+    return {
+        "original_params": orig,
+        "compressed_params": comp,
+        "ratio_params": orig / comp if comp else 0.0,
+        "original_bytes": orig_bytes,
+        "artifact_bytes": art_bytes,
+        "ratio_bytes": orig_bytes / art_bytes if art_bytes else 0.0,
+        "bytes_per_adapter": art_bytes / n if n else 0.0,
+    }
+
+
+def _residual_ranges(art: lorazip.Artifact) -> dict[str, tuple[int, int]]:
+    """``{module: (min k_i, max k_i)}`` for the modules with residual parts (format v2); reads only
+    the small ``resid_ranks/<m>`` tensors (with plain file reads: no torch for a file)."""
+    mods = [mod["name"] for mod in art.modules if mod.get("residual")]
+    if not mods:
+        return {}
+    if art.path is None or art._tensors is not None:
+        return {name: (int(t.min()), int(t.max())) for name in mods for t in [art.get(f"resid_ranks/{name}")]}
+    from lorazip.artifact import HeaderReader
+
+    with HeaderReader(art.path) as f:
+        return {name: (min(ks), max(ks)) for name in mods for ks in [f.read_ints(f"resid_ranks/{name}")]}
+
+
 def describe(art: lorazip.Artifact) -> dict[str, Any]:
     """Plain-dict description of an artifact (what ``lorazip info --json`` prints)."""
     m = art.meta
+    res = _residual_ranges(art)
     return {
         "report_version": 1,
         "artifact": str(art.path),
@@ -87,11 +161,13 @@ def describe(art: lorazip.Artifact) -> dict[str, Any]:
         "solver": m.get("solver"),
         "storage": storage(art),
         "adapters": [
-            {"name": a["name"], "source": a["source"].get("path"), "r": a["config"].get("r"),
-             "lora_alpha": a["config"].get("lora_alpha"), "n_modules": len(a["ranks"])}
+            {"name": a["name"], "source": a["source"].get("path"), "r": a.get("config", {}).get("r"),
+             "lora_alpha": a.get("config", {}).get("lora_alpha"), "n_modules": len(a["ranks"])}
             for a in m["adapters"]
         ],
-        "modules": [{k: mod.get(k) for k in ("name", "d_out", "d_in", "layout", "rank", "n_clusters", "iters", "converged")}
+        "modules": [{**{k: mod.get(k) for k in ("name", "d_out", "d_in", "layout", "rank", "n_clusters", "iters", "converged")},
+                     **({"residual": {"min_rank": res[mod["name"]][0], "max_rank": res[mod["name"]][1],
+                                      "total_rank": mod["residual"]["total_rank"]}} if mod["name"] in res else {})}
                     for mod in m["modules"]],
     }
 
@@ -120,7 +196,9 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
     for col in ("module", "d_out x d_in", "rank", "K", "sweeps"):
         mt.add_column(col)
     for mod in d["modules"][:40]:
-        mt.add_row(escape(mod["name"]), f"{mod['d_out']} x {mod['d_in']}", str(mod["rank"]), str(mod["n_clusters"]), str(mod["iters"]))
+        res = mod.get("residual")  # format v2: per-adapter residual ranks k_i
+        rank = str(mod["rank"]) + (f", res {res['min_rank']}-{res['max_rank']}" if res else "")
+        mt.add_row(escape(mod["name"]), f"{mod['d_out']} x {mod['d_in']}", rank, str(mod["n_clusters"]), str(mod["iters"]))
     con.print(mt)
     if len(d["modules"]) > 40:
         con.print(f"... and {len(d['modules']) - 40} more (use --json for all)")
@@ -140,14 +218,21 @@ def print_curve(con: Console, sel: dict[str, Any]) -> None:
 
 
 def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
-    """Ranks chosen by --budget / --target-error, summarised per rank."""
+    """What --budget / --target-error chose and why: shared ranks as a histogram, residual ranks."""
     from collections import Counter
 
     counts = Counter(alloc["ranks"].values())
-    goal = f"budget {alloc['budget_bytes']:,} bytes" if alloc["budget_bytes"] else f"target mean error {alloc['target_error']}"
-    con.print(f"{alloc['mode']} ranks for {goal}: "
-              + ", ".join(f"rank {r} x {c}" for r, c in sorted(counts.items()))
-              + f"; artifact {_b(alloc['artifact_bytes'])}")
+    goal = f"budget {alloc['budget_bytes']:,} bytes" if alloc.get("budget_bytes") else \
+        f"target {alloc.get('target_stat', 'mean')} error {alloc['target_error']}"
+    shared = ", ".join(f"rank {r} x {c}" for r, c in sorted(counts.items()))
+    line = f"{alloc['mode']} allocation for {goal}: shared {shared}"
+    if alloc.get("residual_ranks"):
+        total = sum(v["total"] for v in alloc["residual_ranks"].values())
+        top = max((v["max"] for v in alloc["residual_ranks"].values()), default=0)
+        line += f"; residual rank {total:,} in all (up to {top} per adapter and module)"
+    con.print(line + f"; artifact {_b(alloc['artifact_bytes'])}")
+    if alloc.get("chosen"):
+        con.print(f"chose {alloc['chosen']}: {alloc['why']}")
 
 
 def print_added(con: Console, rep: dict[str, Any]) -> None:

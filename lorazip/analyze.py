@@ -59,14 +59,6 @@ def _check_list(values, what: str, low: int = 1) -> list[int]:
     return out
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]`` (CLI helper); one clear OptionError otherwise."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise OptionError(f"{what} must be a comma-separated list of positive whole numbers, got {text!r}")
-    return _check_list(parts, what)
-
-
 def _stats_rows(values: torch.Tensor) -> dict[str, list[float]]:
     """median / min / max over rows of (n, w) -> lists of length w."""
     if values.shape[0] == 0:
@@ -245,7 +237,7 @@ def analyze(
                 continue
             if r > max_cluster_rank:
                 continue
-            from .compress import compress
+            from .compress.pipeline import compress_modules as compress
 
             art = compress(collection, r, method="jd-clustered", clusters=K, weighting=weighting, seed=seed,
                            max_iters=max_iters, tol=tol, max_rounds=max_rounds, compute_dtype=compute_dtype,
@@ -325,7 +317,10 @@ def _figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 4.0)
 
 
 def _int_locator():
-    from matplotlib.ticker import MaxNLocator
+    try:
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise OptionError("--plot needs matplotlib: pip install 'lorazip[plot]'") from None
 
     return MaxNLocator(integer=True)
 
@@ -452,5 +447,5 @@ def plot_eval(artifact, path: str | os.PathLike, sources=None, *, allow_pickle: 
     return _save(fig, path)
 
 
-__all__ = ["analyze", "plot_analysis", "plot_eval", "error_matrix", "parse_int_list", "module_type",
+__all__ = ["analyze", "plot_analysis", "plot_eval", "error_matrix", "module_type",
            "DEFAULT_RANKS", "DEFAULT_CLUSTERS"]

@@ -1,4 +1,4 @@
-"""The lorazip artifact, format v1: one safetensors file of bases, cores and metadata.
+"""The lorazip artifact, format v2: one safetensors file of bases, cores and metadata.
 
 Tensors (``<m>`` is a module name such as ``model.layers.0.self_attn.q_proj``):
 
@@ -8,7 +8,11 @@ Tensors (``<m>`` is a module name such as ``model.layers.0.self_attn.q_proj``):
 * ``stats/sq_error``, ``stats/norm2``: (n, m) float64, per (adapter, module) squared
   error at compression time and ``||M_i||^2`` (module order of the metadata);
 * ``spectra/<m>``: (n, r_max) float32 singular values of each original delta;
-* ``extras/<i>/<key>``: non-LoRA tensors of adapter i (``modules_to_save`` heads), as-is.
+* ``extras/<i>/<key>``: non-LoRA tensors of adapter i (``modules_to_save`` heads), as-is;
+* format v2: ``resid_ranks/<m>`` (n,) int32 ``k_i``, ``resid_B/<m>`` (sum k_i, d_out) and
+  ``resid_A/<m>`` (sum k_i, d_in): per-adapter residual parts ``b_i a_i`` added to
+  ``U S_i V^T`` (rows ``o_i .. o_i + k_i - 1`` hold ``b_i^T`` / ``a_i``), only in modules with
+  ``sum k_i > 0``; a module's shared rank may be 0 (empty U, V, cores). v1 files are read too.
 
 The header metadata holds ``format = "lorazip"``, ``format_version`` and ``lorazip``,
 a JSON document (see docs/format.md). The module never knows which solver produced
@@ -19,29 +23,192 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError
-from .io.peft import FLOAT_DTYPES, ST_TORCH, SafetensorsReader, parse_json, short, utf8_path
 
-_TORCH_ST = {v: k for k, v in ST_TORCH.items()}
+if TYPE_CHECKING:
+    import torch
+
+# Reading an artifact's header (load_artifact, file_checksum, ``lorazip info`` / ``verify``) needs
+# neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 1
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMAT_VERSION = 2  # 2: per-adapter residual parts (resid_*), rank-0 modules; v1 files are still read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
-_CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/")  # float tensors that must hold finite values
+_CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/")  # float tensors that must be finite
+
+
+def __getattr__(name: str) -> Any:
+    if name == "STORAGE_DTYPES":  # torch dtypes: built on first use, so importing this module stays cheap
+        import torch
+
+        value = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- the safetensors header, without torch ----------------------------------------------------------
+# The same checks and messages as lorazip.io.peft.parse_safetensors / SafetensorsReader (raised as
+# ArtifactError); tests/test_cli_startup.py holds the two to the same answers.
+
+# safetensors dtype -> (bytes per element, the torch dtype's name, which tensor_checksum hashes)
+ST_DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "torch.float64"), "F32": (4, "torch.float32"), "F16": (2, "torch.float16"),
+    "BF16": (2, "torch.bfloat16"), "F8_E4M3": (1, "torch.float8_e4m3fn"), "F8_E5M2": (1, "torch.float8_e5m2"),
+    "I64": (8, "torch.int64"), "I32": (4, "torch.int32"), "I16": (2, "torch.int16"), "I8": (1, "torch.int8"),
+    "U64": (8, "torch.uint64"), "U32": (4, "torch.uint32"), "U16": (2, "torch.uint16"), "U8": (1, "torch.uint8"),
+    "BOOL": (1, "torch.bool"),
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what bases, cores and statistics may be stored as
+_INT_FORMATS = {"I8": "b", "I16": "h", "I32": "i", "I64": "q", "U8": "B", "U16": "H", "U32": "I", "U64": "Q"}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters (hostile files can hold megabyte-long values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {short(k)}")
+        out[k] = v
+    return out
+
+
+def parse_json(text: str | bytes, *, unique_keys: bool = False) -> Any:
+    """``json.loads`` that raises ``ValueError`` (with a short reason) on any invalid input
+    (also for documents nested too deeply and, with ``unique_keys``, repeated keys)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """Parse and check the header of the safetensors file ``path`` against the file (no tensor
+    data is read): ``(tensors, metadata, data_start)``. A known dtype for every tensor, shapes
+    that match byte sizes, offsets that tile the data exactly to the end of the file; anything
+    else is an :class:`ArtifactError`."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ArtifactError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ArtifactError(f"{path}: corrupt safetensors header (length {n} > file size)")
+            text = f.read(n)
+        header = parse_json(text.decode("utf-8"), unique_keys=True)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: corrupt safetensors header (not JSON: not UTF-8 text)") from None
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: corrupt safetensors header")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ArtifactError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (
+                isinstance(shape, list)
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end))
+                and 0 <= start <= end <= data_len
+            )
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ArtifactError(f"{path}: corrupt safetensors entry for {short(key)} (offsets/shape)")
+        width = ST_DTYPES[dtype][0] if isinstance(dtype, str) and dtype in ST_DTYPES else None
+        if width is None:
+            raise ArtifactError(f"{path}: tensor {short(key)} has unsupported dtype {short(dtype)}")
+        if end - start != math.prod(shape) * width:
+            raise ArtifactError(f"{path}: tensor {short(key)}: shape {short(shape)} does not match its byte size")
+        spans.append((start, end, key))
+    spans.sort()
+    pos = 0
+    for s0, e0, k0 in spans:
+        if s0 < pos:
+            raise ArtifactError(f"{path}: tensors {short(k0)} and another overlap")
+        if s0 > pos:
+            raise ArtifactError(f"{path}: corrupt safetensors file (gap in the data before {short(k0)})")
+        pos = e0
+    if pos != data_len:
+        raise ArtifactError(f"{path}: truncated or padded safetensors file (data size mismatch)")
+    return header, meta, 8 + n
+
+
+class HeaderReader:
+    """An artifact file's checked header plus raw reads of its tensors' bytes (plain file I/O,
+    no torch): what :func:`load_artifact`, :func:`file_checksum` and :func:`lorazip.verify` need."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header, self._meta, self._start = read_header(self.path)
+        self._f = None
+
+    def __enter__(self) -> "HeaderReader":
+        try:
+            self._f = open(self.path, "rb")
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def read_bytes(self, key: str, first: int = 0, count: int | None = None) -> bytearray:
+        """Raw bytes of tensor ``key`` (``count`` bytes from byte ``first``; all by default)."""
+        start, end = self.header[key]["data_offsets"]
+        count = end - start - first if count is None else count
+        buf = bytearray(count)
+        try:
+            self._f.seek(self._start + start + first)
+            got = self._f.readinto(buf)
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        if got != count:
+            raise ArtifactError(f"{self.path}: truncated while reading tensor {short(key)}")
+        return buf
+
+    def read_ints(self, key: str) -> tuple[int, ...]:
+        """The values of an integer tensor (little-endian, as safetensors stores them)."""
+        info = self.header[key]
+        return struct.unpack(f"<{math.prod(info['shape'])}{_INT_FORMATS[info['dtype']]}", self.read_bytes(key))
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous()
@@ -53,11 +220,11 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
 def file_checksum(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     """:func:`tensor_checksum` of the tensors stored in a safetensors file, computed from the raw
     bytes on disk (streamed; no tensor is built), so it costs one sequential read of the file."""
-    with SafetensorsReader(Path(path), ArtifactError) as f:
+    with HeaderReader(Path(path)) as f:
         h = hashlib.sha256()
         for key in sorted(f.header):
             info = f.header[key]
-            h.update(f"{key}|{ST_TORCH[info['dtype']]}|{tuple(info['shape'])}|".encode())
+            h.update(f"{key}|{ST_DTYPES[info['dtype']][1]}|{tuple(info['shape'])}|".encode())
             start, end = info["data_offsets"]
             for first in range(0, end - start, chunk):
                 h.update(f.read_bytes(key, first, min(chunk, end - start - first)))
@@ -122,15 +289,18 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     the order of the tensors' data, laid out as safetensors does it (wider dtypes first, then by
     name) but deterministic: ``__metadata__`` keys sorted (safetensors' own writer emits them in
     hash-map order, which differs from run to run)."""
+    from .io.peft import ST_TORCH
+
+    torch_st = {v: k for k, v in ST_TORCH.items()}
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
     pos = 0
     for key in order:
         t = tensors[key]
-        if t.dtype not in _TORCH_ST:
+        if t.dtype not in torch_st:
             raise OutputError(f"tensor {short(key)}: dtype {t.dtype} cannot be stored in safetensors")
         n = t.numel() * t.element_size()
-        header[key] = {"dtype": _TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        header[key] = {"dtype": torch_st[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode("ascii")
     raw += b" " * (-len(raw) % 8)
@@ -139,6 +309,8 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file with plain file I/O (streamed, any path, byte-for-byte deterministic)."""
+    import torch
+
     head, order = safetensors_header(tensors, metadata)
     with open(path, "wb") as f:
         f.write(head)
@@ -166,6 +338,9 @@ class Artifact:
         self.meta = meta
         self.path = path
         self._tensors = tensors
+        self.allocation: dict[str, Any] | None = None  # what a budget / target chose (not saved)
+        self.cluster_choice: dict[str, Any] | None = None  # the error-vs-K curve of clusters="auto" (not saved)
+        self._handle = None  # the open file while in a ``with artifact.reader():`` block
 
     # -- metadata views -------------------------------------------------
     @property
@@ -197,6 +372,17 @@ class Artifact:
     def _open(self):
         from safetensors import safe_open
 
+        from .io.peft import SafetensorsReader, utf8_path
+
+        held = getattr(self, "_handle", None)
+        if held is not None:  # inside reader(): reuse the open file
+            try:
+                yield held
+            except ArtifactError:
+                raise
+            except Exception as exc:
+                raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+            return
         if not utf8_path(self.path):  # safetensors opens UTF-8 paths only
             with SafetensorsReader(self.path, ArtifactError) as f:
                 yield f
@@ -209,8 +395,43 @@ class Artifact:
         except Exception as exc:
             raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
 
+    @contextmanager
+    def reader(self) -> Iterator["Artifact"]:
+        """Keep the artifact file open for the reads in the block: :meth:`get`, :meth:`get_rows`,
+        :meth:`module_factors` and :meth:`module_residuals` then share one handle instead of
+        opening the file for every tensor. Nests; a no-op for in-memory artifacts."""
+        if self._tensors is not None or getattr(self, "_handle", None) is not None:
+            yield self
+            return
+        from contextlib import ExitStack
+
+        from safetensors import safe_open
+
+        from .io.peft import SafetensorsReader, utf8_path
+
+        stack = ExitStack()
+        try:
+            if utf8_path(self.path):
+                handle = stack.enter_context(safe_open(str(self.path), framework="pt"))
+            else:  # safetensors opens UTF-8 paths only
+                handle = stack.enter_context(SafetensorsReader(self.path, ArtifactError))
+        except ArtifactError:
+            stack.close()
+            raise
+        except Exception as exc:
+            stack.close()
+            raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+        self._handle = handle
+        try:
+            yield self
+        finally:
+            self._handle = None
+            stack.close()
+
     def _finite(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Refuse NaN/Inf in bases, cores and statistics read from a file (a hostile or damaged artifact)."""
+        import torch
+
         if key.startswith(_CHECKED) and t.is_floating_point() and not torch.isfinite(t).all():
             raise ArtifactError(f"{self.path}: tensor {short(key)} has NaN or Inf values")
         return t
@@ -223,11 +444,39 @@ class Artifact:
 
     def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
         """Rows of a tensor along dim 0 without reading the others (safetensors slicing)."""
+        import torch
+
         if self._tensors is not None:
             return self._tensors[key][rows]
-        with self._open() as f:
-            sl = f.get_slice(key)
-            return self._finite(key, torch.stack([sl[i : i + 1][0] for i in rows])) if rows else torch.empty(0)
+        if not len(rows):
+            return torch.empty(0)
+        blocks = self._read_spans(key, [(int(i), int(i) + 1) for i in rows])
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _read_spans(self, key: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Row blocks ``t[a:b]`` (dim 0) of tensor ``key`` for each ``(a, b)`` in ``spans`` (b > a),
+        reading adjacent blocks with one slice and nothing outside them."""
+        runs: list[list[int]] = []
+        where: list[tuple[int, int]] = []  # (run, offset in the run) of each span
+        for a, b in spans:
+            if a < 0 or b <= a:
+                raise IndexError(f"tensor {short(key)}: bad row range {a}..{b}")
+            if runs and runs[-1][1] == a:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b])
+            where.append((len(runs) - 1, a - runs[-1][0]))
+        if self._tensors is not None:
+            t = self._tensors[key]
+            read = [t[a:b] for a, b in runs]
+        else:
+            with self._open() as f:
+                sl = f.get_slice(key)
+                read = [self._finite(key, sl[a:b]) for a, b in runs]
+        for (a, b), t in zip(runs, read):
+            if t.shape[0] != b - a:
+                raise IndexError(f"tensor {short(key)}: rows {a}..{b - 1} out of range")
+        return [read[j][o : o + b - a] for (j, o), (a, b) in zip(where, spans)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is not None:
@@ -237,6 +486,8 @@ class Artifact:
 
     def module_factors(self, module: str, rows: list[int] | None = None):
         """``(U, V, cores, assignment)`` of a module; cores and assignment for ``rows`` only."""
+        import torch
+
         n = len(self.names)
         rows = list(range(n)) if rows is None else rows
         U, V = self.get(f"U/{module}"), self.get(f"V/{module}")
@@ -246,6 +497,54 @@ class Artifact:
         else:
             assign = torch.zeros(len(rows), dtype=torch.long)
         return U, V, cores, assign
+
+    def _module(self, module: str) -> dict[str, Any]:
+        for mod in self.modules:
+            if mod["name"] == module:
+                return mod
+        raise ArtifactError(f"{self.path or 'artifact'}: no module named {short(module)}")
+
+    def module_residuals(self, module: str, rows: list[int] | None = None):
+        """``(b, a, ranks)``: the per-adapter residual parts of a module (format v2) for ``rows``
+        (default: all adapters), zero-padded to the largest rank ``k_max`` among them:
+        ``b`` (len(rows), d_out, k_max), ``a`` (len(rows), k_max, d_in), ``ranks`` (len(rows),) int64
+        (``k_i``); the reconstruction is ``U S_i V^T + b[j] @ a[j]``. ``k_max`` is 0 when the module
+        (or these rows) has none. Reads the ranks and the row blocks of ``rows`` only."""
+        import torch
+
+        mod = self._module(module)
+        n = len(self.names)
+        rows = list(range(n)) if rows is None else [int(i) for i in rows]
+        d_out, d_in = mod["d_out"], mod["d_in"]
+        kr, kb, ka = f"resid_ranks/{module}", f"resid_B/{module}", f"resid_A/{module}"
+
+        def none(ks: torch.Tensor):
+            dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+            dtype = dtypes.get(self.meta.get("storage_dtype"), torch.float32)
+            return torch.zeros(len(rows), d_out, 0, dtype=dtype), torch.zeros(len(rows), 0, d_in, dtype=dtype), ks
+
+        if kr not in self._key_set() or not rows:
+            return none(torch.zeros(len(rows), dtype=torch.long))
+        with self.reader():
+            k_all = self.get(kr).long().reshape(-1)
+            if any(not 0 <= i < n for i in rows):
+                raise IndexError(f"module {short(module)}: adapter rows out of range 0..{n - 1}")
+            offs = (torch.cumsum(k_all, 0) - k_all).tolist()
+            ks = k_all[rows]
+            spans = [(offs[i], offs[i] + int(k_all[i])) for i in rows if int(k_all[i]) > 0]
+            if not spans:
+                return none(ks)
+            bs, as_ = self._read_spans(kb, spans), self._read_spans(ka, spans)
+        k_max = int(ks.max())
+        b = torch.zeros(len(rows), d_out, k_max, dtype=bs[0].dtype)
+        a = torch.zeros(len(rows), k_max, d_in, dtype=as_[0].dtype)
+        it = iter(zip(bs, as_))
+        for j, k in enumerate(ks.tolist()):
+            if k > 0:
+                bj, aj = next(it)
+                b[j, :, :k] = bj.T
+                a[j, :k] = aj
+        return b, a, ks
 
     def _key_set(self) -> set[str]:
         if not hasattr(self, "_keys_cache"):
@@ -309,7 +608,7 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
         raise ArtifactError(f"{path}: no such artifact file")
     if not path.is_file():
         raise ArtifactError(f"{path}: not a file")
-    with SafetensorsReader(path, ArtifactError) as reader:
+    with HeaderReader(path) as reader:
         header, meta_raw = reader.header, reader.metadata()
         if meta_raw.get("format") != FORMAT_NAME:
             raise ArtifactError(f"{path}: not a lorazip artifact (no 'format: lorazip' in the header)")
@@ -365,8 +664,12 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
         raise bad("not a JSON object")
     if not isinstance(meta.get("method"), str):
         raise bad("'method' must be a string")
-    if not _is_int(meta.get("rank"), 1):
-        raise bad("'rank' must be a positive integer")
+    mods_raw = meta.get("modules")
+    v2_parts = isinstance(mods_raw, list) and any(  # rank-0 modules or residual parts (format v2)
+        isinstance(m, dict) and (m.get("rank") == 0 or m.get("residual") is not None) for m in mods_raw
+    )
+    if not (_is_int(meta.get("rank"), 1) or (_is_int(meta.get("rank")) and v2_parts)):
+        raise bad("'rank' must be a positive integer (0 only with rank-0 modules or residual parts)")
     for key in ("lorazip_version", "base_model", "weighting", "storage_dtype", "checksum"):
         if not _opt(meta.get(key), str):
             raise bad(f"'{key}' must be a string")
@@ -395,9 +698,17 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
         if not isinstance(name, str) or not name or name in seen:
             raise bad(f"modules[{j}].name must be a unique non-empty string")
         seen.add(name)
-        for key in ("d_out", "d_in", "rank"):
+        for key in ("d_out", "d_in"):
             if not _is_int(mod.get(key), 1):
                 raise bad(f"modules[{j}].{key} must be a positive integer")
+        if not _is_int(mod.get("rank")):
+            raise bad(f"modules[{j}].rank must be a non-negative integer")
+        res = mod.get("residual")
+        if res is not None and not (
+            isinstance(res, dict) and _is_int(res.get("max_rank"), 1) and _is_int(res.get("total_rank"), 1)
+            and res["max_rank"] <= res["total_rank"]
+        ):
+            raise bad(f"modules[{j}].residual must be an object with positive 'max_rank' <= 'total_rank'")
         if not _is_int(mod.get("n_clusters", 1), 1):
             raise bad(f"modules[{j}].n_clusters must be a positive integer")
         if mod.get("layout", "linear") not in ("linear", "embedding"):
@@ -443,28 +754,48 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
     ints = ("I32", "I64", "I16", "I8", "U8", "U16", "U32", "U64")
     for mod in modules:
         name, r, k = mod["name"], mod["rank"], mod.get("n_clusters", 1)
-        tensor(f"U/{name}", [[k, mod["d_out"], r]], FLOAT_DTYPES)
+        r_out = mod.get("rank_out", r)
+        if not _is_int(r_out):
+            raise bad(f"module {short(name)}: rank_out must be a non-negative integer")
+        tensor(f"U/{name}", [[k, mod["d_out"], r_out]], FLOAT_DTYPES)
         tensor(f"V/{name}", [[k, mod["d_in"], r]], FLOAT_DTYPES)
-        tensor(f"cores/{name}", [[n, r, r], [n, r]], FLOAT_DTYPES)
+        tensor(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []), FLOAT_DTYPES)
         spectra = header.get(f"spectra/{name}")
         if spectra is None or len(spectra["shape"]) != 2 or spectra["shape"][0] != n:
             raise ArtifactError(f"{path}: tensor {short(f'spectra/{name}')} missing or not of shape ({n}, r_max)")
         tensor(f"spectra/{name}", [spectra["shape"]], FLOAT_DTYPES)
         if f"assign/{name}" in header or k > 1:
             tensor(f"assign/{name}", [[n]], ints)
+        rkeys = (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}")
+        res = mod.get("residual")
+        if res is None and any(key in header for key in rkeys):
+            raise bad(f"module {short(name)}: residual tensors without 'residual' metadata")
+        if res is not None:  # format v2: b_i^T / a_i row blocks, k_i rows each (sum: total_rank)
+            tensor(rkeys[0], [[n]], ints)
+            tensor(rkeys[1], [[res["total_rank"], mod["d_out"]]], FLOAT_DTYPES)
+            tensor(rkeys[2], [[res["total_rank"], mod["d_in"]]], FLOAT_DTYPES)
     for key in ("stats/sq_error", "stats/norm2"):
         tensor(key, [[n, len(modules)]], FLOAT_DTYPES)
 
 
-def _check_assignments(reader: SafetensorsReader, meta: dict[str, Any], path: Path) -> None:
-    """Cluster indices must name one of the module's K bases (read: n small integers per module)."""
+def _check_assignments(reader: HeaderReader, meta: dict[str, Any], path: Path) -> None:
+    """Cluster indices must name one of the module's K bases, and residual ranks must be >= 0 and
+    add up to the module's ``residual`` metadata (read: n small integers per module)."""
     for mod in meta["modules"]:
         key = f"assign/{mod['name']}"
         if key in reader.header:
-            a = reader.get_tensor(key).long()
+            a = reader.read_ints(key)
             k = mod.get("n_clusters", 1)
-            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= k):
+            if a and (min(a) < 0 or max(a) >= k):
                 raise ArtifactError(f"{path}: tensor {short(key)} has cluster indices outside 0..{k - 1}")
+        key = f"resid_ranks/{mod['name']}"
+        if key in reader.header:
+            ks, res = reader.read_ints(key), mod["residual"]
+            if min(ks) < 0 or sum(ks) != res["total_rank"] or max(ks) != res["max_rank"]:
+                raise ArtifactError(
+                    f"{path}: tensor {short(key)} does not match the module's residual metadata (ranks >= 0 "
+                    f"adding up to total_rank {res['total_rank']}, the largest max_rank {res['max_rank']})"
+                )
 
 
 def verify_checksum(artifact: Artifact) -> bool:

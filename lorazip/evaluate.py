@@ -20,7 +20,41 @@ from .io.peft import sha256_file
 from .metrics import per_adapter, relative, squared_errors, summary
 from .solvers.svd import truncation_errors
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: svd_matched_storage is the greedy per-adapter SVD frontier (was one rank for all)
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def _itemsize(storage_dtype: str | None) -> int:
+    return _ITEMSIZE.get(storage_dtype or "float32", 4)
+
+
+def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: torch.Tensor, numbers: int
+                        ) -> dict[str, Any]:
+    """The simplest alternative at equal storage: every adapter kept separately, each of the
+    modules it really has truncated by SVD, ranks spread greedily over all (adapter, module)
+    pairs by error removed per stored number (a rank step of a module costs ``d_in + d_out``).
+
+    spectra : per module (n, r_max) singular values of the original deltas; dims : ``d_in + d_out``
+    per module; norms2 : (n, M) ``||M_im||^2``; numbers : the budget in stored numbers.
+    Returns the per-adapter error summary plus ``numbers``, ``pairs`` and ``mean_rank``.
+    """
+    n = norms2.shape[0]
+    E = norms2.sum(1).clamp_min(1e-300)
+    gains, costs, who = [], [], []
+    for sv, dim in zip(spectra, dims):
+        g = sv.square() / E[:, None]  # (n, r_max): error removed from adapter i's relative error
+        gains.append(g.flatten())
+        costs.append(torch.full((g.numel(),), float(dim), dtype=torch.float64))
+        who.append(torch.arange(n).repeat_interleave(g.shape[1]))
+    g, c, w = torch.cat(gains), torch.cat(costs), torch.cat(who)
+    order = torch.argsort(g / c, descending=True, stable=True)  # within a pair, singular values descend
+    take = order[torch.cumsum(c[order], 0) <= numbers]
+    kept = torch.zeros(n, dtype=torch.float64).index_add_(0, w[take], g[take])
+    err = torch.where(norms2.sum(1) > 0, (1 - kept).clamp_min(0), torch.zeros_like(kept))
+    pairs = int((norms2 > 0).sum())
+    return {**summary(err.tolist()), "numbers": int(c[take].sum()), "pairs": pairs,
+            "mean_rank": float(len(take) / max(pairs, 1))}
 
 
 def storage(artifact: Artifact) -> dict[str, Any]:
@@ -33,8 +67,10 @@ def storage(artifact: Artifact) -> dict[str, Any]:
     comp = 0
     for mod in artifact.modules:
         r, k = mod["rank"], mod.get("n_clusters", 1)
-        core = r if artifact.method in ("jd-diag", "svd") else r * r
-        comp += k * r * (mod["d_in"] + mod["d_out"]) + n * core
+        r_out = mod.get("rank_out", r)  # a head kept whole on its small side: rectangular cores
+        core = r if artifact.method in ("jd-diag", "svd") else r_out * r
+        comp += k * (r * mod["d_in"] + r_out * mod["d_out"]) + n * core
+        comp += (mod.get("residual") or {}).get("total_rank", 0) * (mod["d_in"] + mod["d_out"])  # b_i, a_i (v2)
     orig_bytes = sum(
         f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
         if not name.endswith(".json")
@@ -68,12 +104,14 @@ def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bo
     n_mod = len(artifact.modules)
     sq = torch.zeros(len(rows), n_mod, dtype=torch.float64)
     nn2 = torch.zeros_like(sq)
-    for j, mod in enumerate(artifact.modules):
-        if mod["name"] not in {m.name for m in coll.modules}:
-            continue  # no source adapter has this module: zero deltas, nothing to compare
-        fac = coll.module_factors(mod["name"], sub)
-        U, V, cores, assign = artifact.module_factors(mod["name"], rows)
-        sq[:, j], nn2[:, j] = squared_errors(fac.B, fac.A, U, V, cores, assign)
+    with artifact.reader():  # one open file for all the reads
+        for j, mod in enumerate(artifact.modules):
+            if mod["name"] not in {m.name for m in coll.modules}:
+                continue  # no source adapter has this module: zero deltas, nothing to compare
+            fac = coll.module_factors(mod["name"], sub)
+            U, V, cores, assign = artifact.module_factors(mod["name"], rows)
+            b, a, _ks = artifact.module_residuals(mod["name"], rows)  # format v2 (k = 0: none)
+            sq[:, j], nn2[:, j] = squared_errors(fac.B, fac.A, U, V, cores, assign, residual=(b, a))
     return rows, sq, nn2
 
 
@@ -102,15 +140,17 @@ def evaluate(
 
     # SVD baselines from the stored spectra of the originals.
     st = storage(artifact)
-    d_sum = sum(m["d_in"] + m["d_out"] for m in artifact.modules)
-    matched_rank = int((st["compressed_params"] / max(len(names), 1)) // d_sum) if d_sum else 0
     base_same = torch.zeros_like(sq)
-    base_matched = torch.zeros_like(sq)
+    spectra = []
     for j, mod in enumerate(artifact.modules):
         key = f"spectra/{mod['name']}"
         sv = artifact.get_rows(key, rows).double()
         base_same[:, j] = truncation_errors(sv, mod["rank"]) * nn2[:, j]
-        base_matched[:, j] = truncation_errors(sv, matched_rank) * nn2[:, j]
+        spectra.append(sv)
+    # numbers of the compressed parts of these adapters (all of them unless recomputing a subset)
+    numbers = int(st["compressed_params"] * len(rows) / max(len(names), 1))
+    matched = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers)
+    matched["bytes"] = numbers * _itemsize(artifact.meta.get("storage_dtype"))
 
     clustering = artifact.meta.get("clustering")
     assign = None
@@ -136,7 +176,11 @@ def evaluate(
     for j, mod in enumerate(artifact.modules):
         present = nn2[:, j] > 0
         vals = rel[present, j].tolist()
-        modules.append({"name": mod["name"], "rank": mod["rank"], **{f"{k}_error": v for k, v in summary(vals).items()}})
+        modules.append({"name": mod["name"], "rank": mod["rank"],
+                        **({"rank_out": mod["rank_out"]} if "rank_out" in mod else {}),
+                        **({"rank_capped": mod["rank_capped"]} if "rank_capped" in mod else {}),
+                        **({"residual": mod["residual"]} if "residual" in mod else {}),
+                        **{f"{k}_error": v for k, v in summary(vals).items()}})
     return {
         "report_version": REPORT_VERSION,
         "artifact": str(artifact.path) if artifact.path else None,
@@ -151,7 +195,7 @@ def evaluate(
         "errors": summary(adapter_err.tolist()),
         "baseline": {
             "svd_same_rank": {"rank": artifact.meta.get("rank"), **summary(per_adapter(base_same, nn2).tolist())},
-            "svd_matched_storage": {"rank": matched_rank, **summary(per_adapter(base_matched, nn2).tolist())},
+            "svd_matched_storage": matched,
         },
         "storage": st,
         "adapters": adapters,

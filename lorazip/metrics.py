@@ -23,8 +23,9 @@ def squared_errors(
     cores: torch.Tensor,
     assignment: torch.Tensor | None = None,
     norms2: torch.Tensor | None = None,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute squared errors ``||M_i - U_k S_i V_k^T||_F^2`` and norms ``||M_i||_F^2``.
+    """Absolute squared errors ``||M_i - U_k S_i V_k^T - b_i a_i||_F^2`` and norms ``||M_i||_F^2``.
 
     Parameters
     ----------
@@ -33,6 +34,8 @@ def squared_errors(
     cores : (n, r, r) full or (n, r) diagonal
     assignment : (n,) cluster index of each adapter (default: all 0)
     norms2 : (n,) ``||M_i||_F^2`` if already known (computed from Grams otherwise)
+    residual : optional per-adapter residual parts ``(b, a)``: b (n, d_out, k), a (n, k, d_in),
+        zero-padded to the largest k (format v2); the error is then that of the sum.
 
     Returns
     -------
@@ -47,19 +50,31 @@ def squared_errors(
     norms2 = factor_norms2(B, A) if norms2 is None else norms2.double()
     inner = torch.empty_like(norms2)
     recon = torch.empty_like(norms2)
+    b = a = None
+    if residual is not None and residual[0].shape[2] > 0:
+        b, a = residual[0].double(), residual[1].double()
+        # <M, b a> and ||b a||^2: traces of k x k and r_i x k products
+        inner_r = ((B.transpose(1, 2) @ b) * (A @ a.transpose(1, 2))).sum(dim=(1, 2))
+        recon_r = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
     if assignment is not None and U.shape[0] > 8:  # many bases (per-adapter SVD): gather them
         Ui, Vi = U[assignment], V[assignment]
         inner = (((B.transpose(1, 2) @ Ui) @ S) * (A @ Vi)).sum(dim=(1, 2))
         recon = (((Ui.transpose(1, 2) @ Ui) @ S) * (S @ (Vi.transpose(1, 2) @ Vi))).sum(dim=(1, 2))
-        return (norms2 - 2 * inner + recon).clamp_min(0), norms2
-    groups = [(0, slice(None))] if assignment is None or U.shape[0] == 1 else \
-        [(int(k), assignment == k) for k in torch.unique(assignment)]
-    for k, idx in groups:  # one basis per cluster, broadcast: no per-adapter copy of U_k
-        Uk, Vk, Sk = U[k], V[k], S[idx]
-        D = B[idx].transpose(1, 2) @ Uk  # (m, r_i, r)
-        C = A[idx] @ Vk  # (m, r_i, r)
-        inner[idx] = ((D @ Sk) * C).sum(dim=(1, 2))
-        recon[idx] = (((Uk.T @ Uk) @ Sk) * (Sk @ (Vk.T @ Vk))).sum(dim=(1, 2))
+        if b is not None:
+            recon = recon + 2 * (S * ((Ui.transpose(1, 2) @ b) @ (a @ Vi))).sum(dim=(1, 2))
+    else:
+        groups = [(0, slice(None))] if assignment is None or U.shape[0] == 1 else \
+            [(int(k), assignment == k) for k in torch.unique(assignment)]
+        for k, idx in groups:  # one basis per cluster, broadcast: no per-adapter copy of U_k
+            Uk, Vk, Sk = U[k], V[k], S[idx]
+            D = B[idx].transpose(1, 2) @ Uk  # (m, r_i, r)
+            C = A[idx] @ Vk  # (m, r_i, r)
+            inner[idx] = ((D @ Sk) * C).sum(dim=(1, 2))
+            recon[idx] = (((Uk.T @ Uk) @ Sk) * (Sk @ (Vk.T @ Vk))).sum(dim=(1, 2))
+            if b is not None:  # cross term <U S V^T, b a> = <S, (U^T b)(a V)>
+                recon[idx] += 2 * (Sk * ((Uk.T @ b[idx]) @ (a[idx] @ Vk))).sum(dim=(1, 2))
+    if b is not None:
+        inner, recon = inner + inner_r, recon + recon_r
     return (norms2 - 2 * inner + recon).clamp_min(0), norms2
 
 

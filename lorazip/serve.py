@@ -10,6 +10,8 @@ cluster ``k``), ``S_a`` (an ``r x r`` core per adapter) and ``U_k`` (shared), in
 for a batch whose rows use different adapters: one projection per cluster present in the
 batch (a single matmul for the whole batch when K = 1), the cores gathered per row into a
 ``(batch, r, r)`` batched product (an elementwise product for diagonal cores), then ``U_k``.
+Format-v2 residual parts add ``b_a (a_a x)`` per row: two batched products over the rows'
+zero-padded ``(k, d_in)`` / ``(d_out, k)`` factors, gathered by adapter id (Punica / S-LoRA style).
 Adapter id ``-1`` means no adapter (delta 0). Bases and cores are buffers: they follow the
 base layer's device and move with ``.to()``.
 
@@ -165,14 +167,16 @@ class _BatchedLora(nn.Module):
     layout = "linear"
 
     def __init__(self, base: nn.Module, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor,
-                 assign: torch.Tensor | None = None, *, name: str = "", dtype: torch.dtype | None = None):
+                 assign: torch.Tensor | None = None, *, name: str = "", dtype: torch.dtype | None = None,
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        if U.dim() != 3 or V.dim() != 3 or U.shape[0] != V.shape[0] or U.shape[2] != V.shape[2]:
-            raise OptionError(f"{name or 'layer'}: bases must be (K, d_out, r) and (K, d_in, r)")
-        K, _, r = U.shape
+        if U.dim() != 3 or V.dim() != 3 or U.shape[0] != V.shape[0]:
+            raise OptionError(f"{name or 'layer'}: bases must be (K, d_out, r_out) and (K, d_in, r)")
+        K, _, r_out = U.shape
+        r = V.shape[2]
         n = cores.shape[0]
-        if cores.shape[1:] not in ((r, r), (r,)):
-            raise OptionError(f"{name or 'layer'}: cores must be (n, {r}, {r}) or (n, {r}), got {tuple(cores.shape)}")
+        if cores.shape[1:] not in ((r_out, r),) + (((r,),) if r_out == r else ()):
+            raise OptionError(f"{name or 'layer'}: cores must be (n, {r_out}, {r}) or (n, {r}), got {tuple(cores.shape)}")
         assign = torch.zeros(n, dtype=torch.long) if assign is None else assign.reshape(-1).long().cpu()
         if assign.shape[0] != n or (n and (int(assign.min()) < 0 or int(assign.max()) >= K)):
             raise OptionError(f"{name or 'layer'}: assignment must be ({n},) with values in [0, {K})")
@@ -191,6 +195,26 @@ class _BatchedLora(nn.Module):
         self.register_buffer("cores", torch.cat([cores.cpu(), zero]).to(device=device, dtype=dtype), persistent=False)
         # Host copy of the assignment (row n = -1: rows without an adapter join no cluster).
         self._assign = torch.cat([assign, torch.tensor([-1])])
+        self.shared = r > 0 and r_out > 0  # rank-0 modules (format v2) have no shared part
+        # Per-adapter residual parts b_a a_a (format v2), zero-padded to the largest rank k, with a
+        # zero row n for id -1; kept in the orientation the layer multiplies in (_residual_buffers).
+        self.residual_rank = 0
+        res_in = res_out = None
+        if residual is not None and residual[0].shape[-1] > 0:
+            b, a = residual
+            if (b.dim() != 3 or a.dim() != 3 or b.shape[0] != n or a.shape[0] != n or b.shape[2] != a.shape[1]
+                    or b.shape[1] != U.shape[1] or a.shape[2] != V.shape[1]):
+                raise OptionError(
+                    f"{name or 'layer'}: residual parts must be (n, {U.shape[1]}, k) and (n, k, {V.shape[1]}), "
+                    f"got {tuple(b.shape)} and {tuple(a.shape)}"
+                )
+            k = b.shape[2]
+            b = torch.cat([b.cpu(), b.new_zeros((1,) + tuple(b.shape[1:])).cpu()])
+            a = torch.cat([a.cpu(), a.new_zeros((1,) + tuple(a.shape[1:])).cpu()])
+            res_in, res_out = (t.to(device=device, dtype=dtype).contiguous() for t in self._residual_buffers(b, a))
+            self.residual_rank = k
+        self.register_buffer("res_in", res_in, persistent=False)
+        self.register_buffer("res_out", res_out, persistent=False)
         self._serving: _Serving | None = None
         self._groups_key: Any = None
         self._groups: list[tuple[int, torch.Tensor | None]] = []
@@ -204,12 +228,15 @@ class _BatchedLora(nn.Module):
         return getattr(self.base, "bias", None)
 
     def adapter_bytes(self) -> int:
-        """Bytes of adapter parameters resident in this layer (bases + cores)."""
-        return sum(t.numel() * t.element_size() for t in (self.U, self.V, self.cores))
+        """Bytes of adapter parameters resident in this layer (bases + cores + residual parts)."""
+        parts = (self.U, self.V, self.cores, self.res_in, self.res_out)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def extra_repr(self) -> str:
         kind = "diag" if self.diagonal else "full"
-        return f"name={self.name!r}, adapters={self.n_adapters}, clusters={self.n_clusters}, rank={self.rank}, cores={kind}"
+        res = f", residual={self.residual_rank}" if self.residual_rank else ""
+        return (f"name={self.name!r}, adapters={self.n_adapters}, clusters={self.n_clusters}, rank={self.rank}, "
+                f"cores={kind}{res}")
 
     # ids of this call: explicit argument, else what use_adapters / set_adapters chose
     def _batch(self, adapter_ids) -> _Batch | None:
@@ -248,6 +275,14 @@ class _BatchedLora(nn.Module):
     def _out_basis(self, k: int) -> torch.Tensor:
         raise NotImplementedError
 
+    # Subclasses: residual buffers from b (n+1, d_out, k), a (n+1, k, d_in), and the input side
+    # (b', T, k) of the rows' residual parts (gather indices ``idx`` on the device).
+    def _residual_buffers(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _residual_project(self, inp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _add_delta(self, y: torch.Tensor, inp: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """``y`` plus every row's delta; ``inp`` is (b, T, ...) (features or token ids)."""
         b = inp.shape[0]
@@ -261,7 +296,7 @@ class _BatchedLora(nn.Module):
         # Accumulate into the base output itself when nothing needs it unchanged (no autograd, same dtype).
         inplace = y.dtype == self.U.dtype and y.is_contiguous() and not (torch.is_grad_enabled() and y.requires_grad)
         acc = y.view(b, -1, d_out) if inplace else None
-        for k, rows in groups:
+        for k, rows in groups if self.shared else ():
             if rows is None:  # all rows (those without an adapter have zero cores)
                 z = self._core_product(self._project(inp, k), S)  # (b, T, r)
                 if acc is None:
@@ -273,7 +308,19 @@ class _BatchedLora(nn.Module):
                 if acc is None:
                     acc = z.new_zeros(b, z.shape[1], d_out)
                 acc.index_add_(0, rows, z @ self._out_basis(k))
-        if inplace:
+        if self.res_in is not None:
+            # Residual parts, gathered per row (zero-padded to k; row n is zero for id -1), as
+            # Punica / S-LoRA serve mixed ranks: y += b_a (a_a x) as two batched products.
+            idx = batch.on(self.res_in.device, b)
+            h = self._residual_project(inp, idx)  # (b, T, k)
+            R = self.res_out.index_select(0, idx)  # (b, k, d_out)
+            if acc is None:
+                acc = torch.bmm(h, R)
+            elif inplace:
+                acc.baddbmm_(h, R)
+            else:
+                acc = acc + torch.bmm(h, R)
+        if inplace or acc is None:
             return y
         return y + acc.reshape(y.shape).to(y.dtype)
 
@@ -297,14 +344,14 @@ class BatchedLoraLinear(_BatchedLora):
     batched product, one ``(b T, r) x (r, d_out)`` matmul per cluster accumulated into the base output.
     """
 
-    def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None):
+    def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None, residual=None):
         d_out, d_in = linear_shape(base, name)
         if U.shape[1] != d_out or V.shape[1] != d_in:
             raise ValidationError(
                 f"{name or 'layer'}: the model's layer is {d_out} x {d_in} (d_out x d_in) but the adapters are "
                 f"{U.shape[1]} x {V.shape[1]}"
             )
-        super().__init__(base, U, V, cores, assign, name=name, dtype=dtype)
+        super().__init__(base, U, V, cores, assign, name=name, dtype=dtype, residual=residual)
         self.in_features, self.out_features = d_in, d_out
 
     def forward(self, x: torch.Tensor, adapter_ids: AdapterIds | None = None) -> torch.Tensor:
@@ -323,6 +370,12 @@ class BatchedLoraLinear(_BatchedLora):
     def _out_basis(self, k: int) -> torch.Tensor:
         return self.U[k].T
 
+    def _residual_buffers(self, b, a):
+        return a.transpose(1, 2), b.transpose(1, 2)  # a^T (n+1, d_in, k), b^T (n+1, k, d_out)
+
+    def _residual_project(self, inp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(inp, self.res_in.index_select(0, idx))  # (b, T, d_in) x (b, d_in, k)
+
 
 class BatchedLoraEmbedding(_BatchedLora):
     """Embedding counterpart (artifact layout ``embedding``): table row ``t`` gets ``U_k[t] S_a V_k^T``."""
@@ -330,7 +383,7 @@ class BatchedLoraEmbedding(_BatchedLora):
     layout = "embedding"
     _transpose_core = False
 
-    def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None):
+    def __init__(self, base: nn.Module, U, V, cores, assign=None, *, name: str = "", dtype=None, residual=None):
         if not isinstance(base, nn.Embedding):
             raise ValidationError(f"{name or 'layer'}: the artifact adapts an embedding but the model has {type(base).__name__}")
         if (U.shape[1], V.shape[1]) != (base.num_embeddings, base.embedding_dim):
@@ -338,7 +391,7 @@ class BatchedLoraEmbedding(_BatchedLora):
                 f"{name or 'layer'}: the model's embedding is {base.num_embeddings} x {base.embedding_dim} but the "
                 f"adapters are {U.shape[1]} x {V.shape[1]}"
             )
-        super().__init__(base, U, V, cores, assign, name=name, dtype=dtype)
+        super().__init__(base, U, V, cores, assign, name=name, dtype=dtype, residual=residual)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
 
     def forward(self, idx: torch.Tensor, adapter_ids: AdapterIds | None = None) -> torch.Tensor:
@@ -355,6 +408,13 @@ class BatchedLoraEmbedding(_BatchedLora):
 
     def _out_basis(self, k: int) -> torch.Tensor:
         return self.V[k].T
+
+    def _residual_buffers(self, b, a):
+        return b, a  # rows b_a[t] (n+1, num_embeddings, k) are looked up; a (n+1, k, dim)
+
+    def _residual_project(self, inp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        vocab, k = self.res_in.shape[1], self.res_in.shape[2]
+        return nn.functional.embedding(inp + idx[:, None] * vocab, self.res_in.view(-1, k))  # (b, T, k)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -474,17 +534,22 @@ def apply(
     serving = _Serving(names, artifact.names, str(artifact.path or "<in memory>"))
     metas = [artifact.meta["adapters"][i] for i in rows]
     wrappers: dict[str, tuple[nn.Module, nn.Module]] = {}
-    for mod, sub in targets:
-        m = mod["name"]
-        U, V, cores, assign = artifact.module_factors(m, rows)
-        missing = [j for j, a in enumerate(metas) if "ranks" in a and m not in a["ranks"]]
-        if missing:  # the original adapter did not adapt this module: its delta is zero
-            cores = cores.clone()
-            cores[missing] = 0
-        cls = BatchedLoraEmbedding if mod.get("layout", "linear") == "embedding" else BatchedLoraLinear
-        layer = cls(sub, U, V, cores, assign, name=m, dtype=tdtype)
-        layer._serving = serving
-        wrappers[m] = (layer, sub)
+    with artifact.reader():  # one open file for all the reads
+        for mod, sub in targets:
+            m = mod["name"]
+            U, V, cores, assign = artifact.module_factors(m, rows)
+            b, a, _ks = artifact.module_residuals(m, rows)  # k_max = 0 (nothing read) without residual parts
+            missing = [j for j, ad in enumerate(metas) if "ranks" in ad and m not in ad["ranks"]]
+            if missing:  # the original adapter did not adapt this module: its delta is zero
+                cores = cores.clone()
+                cores[missing] = 0
+                if b.shape[2]:
+                    b, a = b.clone(), a.clone()
+                    b[missing], a[missing] = 0, 0
+            cls = BatchedLoraEmbedding if mod.get("layout", "linear") == "embedding" else BatchedLoraLinear
+            layer = cls(sub, U, V, cores, assign, name=m, dtype=tdtype, residual=(b, a) if b.shape[2] else None)
+            layer._serving = serving
+            wrappers[m] = (layer, sub)
     for m, (layer, _) in wrappers.items():
         _set_submodule(model, m, layer)
     serving.layers = wrappers

@@ -10,12 +10,16 @@ statistics, spectra, extras and metadata are appended; bases and every other ada
 stay bit for bit. ``refit=True`` then reruns JD-Full on *all* adapters, warm-started from the
 current bases (per cluster on its members), re-reading the original adapters from the paths
 recorded in the artifact (sha256-checked); a module (or cluster) keeps the projection wherever
-the refit would not lower its weighted objective, so a refit is never worse.
+the refit would not lower its weighted objective, so a refit is never worse than the projection
+of the shared part. Format-v2 residual parts: added adapters get residual rank 0 (their
+``resid_ranks`` entries are 0, the residual rows of the others stay); a refit drops the residual
+parts of every module it refits (the fixed ``b_i a_i`` belong to the old bases), rank-0 modules
+are not refit and keep theirs.
 
 :func:`remove_adapters` drops adapters (cores, statistics, assignments, spectra, extras,
-metadata); the shared bases are unchanged.
+metadata, residual row blocks); the shared bases are unchanged.
 
-Both return a new in-memory :class:`~lorazip.artifact.Artifact` (format v1) and a report;
+Both return a new in-memory :class:`~lorazip.artifact.Artifact` (current format) and a report;
 ``Artifact.save`` writes it atomically.
 """
 
@@ -33,6 +37,7 @@ from . import __version__
 from .artifact import Artifact, load_artifact
 from .solvers._linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
+from .io.base_models import same_base_model
 from .io.collection import Collection, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
@@ -84,7 +89,7 @@ def _check_compatible(art: Artifact, coll: Collection, base_model: str | None) -
     if base_model is None and mine:
         for a in coll.adapters:
             theirs = (a.base_model or "").rstrip("/")
-            if theirs and theirs != mine:
+            if theirs and not same_base_model(theirs, mine):
                 raise ValidationError(
                     f"{a.path}: base model {theirs!r} differs from the artifact's {mine!r} "
                     "(pass --base-model to override)"
@@ -179,7 +184,10 @@ def add_adapters(
     threshold : an added adapter whose relative squared error exceeds this is flagged
         (``report["warnings"]`` and an :class:`UpdateWarning`).
     refit : rerun JD-Full on all adapters warm-started from the current bases (needs the
-        original adapters at the paths recorded in the artifact, checked by sha256).
+        original adapters at the paths recorded in the artifact, checked by sha256). A refit
+        drops the per-adapter residual parts (format v2) of every module it refits; their
+        errors are then those of the shared part alone. Without refit, added adapters get
+        residual rank 0.
     names : names for the new adapters (default: their folder / repo names).
     base_model : accept adapters whose config names another base model.
     max_iters, tol, compute_dtype : refit solver settings (default: the artifact's).
@@ -295,14 +303,17 @@ def add_adapters(
     for j, mod in enumerate(mods):
         key = f"spectra/{mod['name']}"
         tensors[key] = _cat_padded(old[key], new_spectra[j])
+        rkey = f"resid_ranks/{mod['name']}"
+        if rkey in old:  # format v2: the new adapters have no residual part (rank 0, no rows)
+            tensors[rkey] = torch.cat([old[rkey], torch.zeros(n_new, dtype=old[rkey].dtype)]).contiguous()
     sq_old, nn_old = old["stats/sq_error"], old["stats/norm2"]
     tensors["stats/sq_error"] = torch.cat([sq_old, sq_new.to(sq_old.dtype)])
     tensors["stats/norm2"] = torch.cat([nn_old, norm_new.to(nn_old.dtype)])
-    from .compress import _adapter_meta, _SourceHashes  # the same metadata compress records
+    from .compress.provenance import SourceHashes, adapter_meta  # the same metadata compress records
 
-    hashes = _SourceHashes(coll, hash_sources)
+    hashes = SourceHashes(coll, hash_sources)
     try:
-        meta["adapters"].extend(_adapter_meta(a, hashes) for a in coll.adapters)
+        meta["adapters"].extend(adapter_meta(a, hashes) for a in coll.adapters)
     finally:
         hashes.close()
     for j, a in enumerate(coll.adapters):
@@ -427,9 +438,12 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
         name = mod["name"]
         if progress:
             progress(j, n_mod, name)
-        if method == "svd" or name not in names_full:
-            info["skipped"] += 1  # per-adapter SVD is already optimal; nobody adapts the module
+        if method == "svd" or name not in names_full or mod["rank"] == 0:
+            info["skipped"] += 1  # per-adapter SVD is already optimal; nobody adapts the module; no shared part
             continue
+        for key in (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}"):
+            tensors.pop(key, None)  # residual parts fit the old bases: a refit drops them
+        mod.pop("residual", None)
         fac = full.module_factors(name, dtype=torch.float64)
         B, A = fac.B, fac.A
         U_all, V_all = tensors[f"U/{name}"].clone(), tensors[f"V/{name}"].clone()
@@ -488,7 +502,8 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
 # -- remove ------------------------------------------------------------------------------------
 
 def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]) -> tuple[Artifact, dict[str, Any]]:
-    """Drop the named adapters: their cores, statistics, assignments, spectra, extras and metadata.
+    """Drop the named adapters: their cores, statistics, assignments, spectra, extras, residual
+    row blocks (format v2) and metadata.
 
     The shared bases are unchanged (for the ``svd`` baseline, whose bases are per adapter,
     the removed adapters' bases go too). Returns ``(artifact, report)``.
@@ -524,7 +539,25 @@ def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]
     meta.pop("checksum", None)
     old = art.tensors()
     tensors: dict[str, torch.Tensor] = {}
+    for mod in meta["modules"]:  # format v2 residual parts: keep the row blocks of the kept adapters
+        name = mod["name"]
+        rkey, bkey, akey = f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}"
+        if rkey not in old:
+            continue
+        ks = old[rkey].long()
+        offs = (torch.cumsum(ks, 0) - ks).tolist()
+        blocks = [(offs[i], offs[i] + int(ks[i])) for i in keep if int(ks[i]) > 0]
+        if not blocks:  # no kept adapter has a residual part here
+            mod.pop("residual", None)
+            continue
+        rows = torch.cat([torch.arange(a, b) for a, b in blocks])
+        tensors[rkey] = old[rkey][idx].contiguous()
+        tensors[bkey] = old[bkey][rows].contiguous()
+        tensors[akey] = old[akey][rows].contiguous()
+        mod["residual"] = {"max_rank": int(ks[idx].max()), "total_rank": int(rows.numel())}
     for key, t in old.items():
+        if key.startswith("resid_"):
+            continue  # above
         if key.startswith("extras/"):
             _, i, rest = key.split("/", 2)
             if int(i) in new_index:

@@ -389,9 +389,13 @@ def test_rank_not_positive(coll, rank):
     expect(OptionError, lambda: lorazip.compress(coll, rank, device="cpu"), "rank must be a positive integer")
 
 
-def test_rank_above_module_dims(coll):
-    expect(OptionError, lambda: lorazip.compress(coll, 9, device="cpu"), "rank 9", "transformer.h.0.attn.c_attn",
-           "min(d_out, d_in) = 8")
+def test_rank_above_module_dims_is_capped_not_refused(coll):
+    art = lorazip.compress(coll, 9, device="cpu")  # "rank 9" means "at most 9"
+    mods = {m["name"]: m for m in art.modules}
+    assert mods["transformer.h.0.attn.c_attn"]["rank"] == 8  # sum of the two adapters' ranks 4 + 4
+    assert mods["transformer.h.0.attn.c_attn"]["rank_capped"] == {
+        "requested": 9, "rank": 8, "reason": "min(d_out, d_in) = 8"}
+    assert float(art.stats()[0].max()) < 1e-8  # stored at its limit, hence exact
     assert lorazip.compress(coll, 8, device="cpu", max_iters=5).meta["rank"] == 8  # the limit itself is fine
 
 
@@ -500,7 +504,7 @@ def _resave(src: Path, dst: Path, meta_edit=None, tensor_edit=None):
 
 
 def test_newer_format_version(tmp_path, artifact_file):
-    f = _resave(artifact_file, tmp_path / "v2.safetensors", lambda m: m.__setitem__("format_version", "2"))
+    f = _resave(artifact_file, tmp_path / "v3.safetensors", lambda m: m.__setitem__("format_version", "3"))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "newer", "upgrade")
 
 

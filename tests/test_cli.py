@@ -52,7 +52,7 @@ def test_compress_json(tmp_path, capsys):
                              "--device", "cpu")
     assert rc == 0, stderr
     rep = json.loads(stdout)  # stdout holds the JSON document alone
-    assert rep["report_version"] == 1
+    assert rep["report_version"] == 2
     for k in ("mean", "median", "max"):
         assert isinstance(rep["errors"][k], float) and 0 <= rep["errors"][k] <= 1
     assert rep["errors"]["median"] <= rep["errors"]["max"]
@@ -288,7 +288,7 @@ def test_console_script_subprocess(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
-    assert rep["report_version"] == 1 and rep["n_adapters"] == 3
+    assert rep["report_version"] == 2 and rep["n_adapters"] == 3
     assert lorazip.load_artifact(out).names == ["a0", "a1", "a2"]
     res = subprocess.run([exe, "compress", str(tmp_path / "src"), "-o", str(out)], capture_output=True, text=True,
                          timeout=60, env=env)

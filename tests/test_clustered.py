@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import lorazip
 from lorazip.metrics import relative, squared_errors
-from lorazip.select import candidate_ks, choose_clusters, parse_size
+from lorazip.cli.parse import parse_size
+from lorazip.compress.clusters import candidate_ks, choose_clusters
 from lorazip.solvers import jd_full
 from lorazip.solvers._linalg import orth
 from lorazip.solvers.clustered import jd_clustered, kmeans
@@ -190,13 +191,13 @@ def test_real_fixtures_clustered_artifact_roundtrip(tmp_path, fixtures_dir):
 
 def test_choose_k_by_target_and_budget(fixtures_dir):
     coll = lorazip.load_collection(fixtures_dir / "gpt2")
-    art, curve, K = choose_clusters(coll, 4, compress=lorazip.compress, target_error=0.15, hash_sources=False)
+    art, curve, K = choose_clusters(coll, 4, target_error=0.15, hash_sources=False)
     assert curve[-1]["mean"] <= 0.15 and all(r["mean"] > 0.15 for r in curve[:-1]) and K == curve[-1]["K"]
     budget = curve[1]["bytes"]  # K = 2 fits, K = 3 does not
-    art, curve2, K2 = choose_clusters(coll, 4, compress=lorazip.compress, budget=budget, hash_sources=False)
+    art, curve2, K2 = choose_clusters(coll, 4, budget=budget, hash_sources=False)
     assert K2 == 2 and art.serialized_size() <= budget
     with pytest.raises(lorazip.OptionError, match="no K fits"):
-        choose_clusters(coll, 4, compress=lorazip.compress, budget=1000, hash_sources=False)
+        choose_clusters(coll, 4, budget=1000, hash_sources=False)
 
 
 def test_cli_clusters_auto_json(tmp_path, fixtures_dir, capsys):

@@ -162,7 +162,8 @@ def test_mixed_batch_matches_peft(zoos, kind, method):
     zoo = zoos[kind]
     art = _artifact(zoo, method)
     assert {m["n_clusters"] for m in art.modules} == ({2} if method == "clustered" else {1})
-    assert {m["rank"] for m in art.modules} == ({1, 2, 3} if method == "module-ranks" else {3})
+    uncapped = {m["rank"] for m in art.modules if "rank_capped" not in m}  # a cap: sum of adapter ranks < 3
+    assert uncapped == ({1, 2, 3} if method == "module-ranks" else {3})
     ref = _reference(zoo, method)
     model = lorazip.apply(copy.deepcopy(zoo.base), art)
     n = zoo.names

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import AdapterFormatError, SourceError, ValidationError
+from .base_models import canonical_base_model
 from .peft import CONFIG_NAME, Adapter, load_adapter
 
 
@@ -186,6 +187,20 @@ class Collection:
             return "bfloat16"
         return "float32"
 
+    def shared_ranks(self, name: str, rank: int) -> tuple[int, int]:
+        """``(r_out, r_in)`` of a shared basis pair for a requested ``rank``: each side at most
+        ``min(rank, its dimension, sum of adapter ranks)``; square unless ``rank`` exceeds the
+        module's small side, which is then kept whole (exact; see :mod:`lorazip.solvers.one_side`)."""
+        info = self._index[name]
+        total = sum(a.modules[name].rank for a in self.adapters if name in a.modules)
+        r = max(min(rank, total), 1)
+        small = min(info.d_out, info.d_in)
+        if r <= small:
+            return r, r
+        # the other side spans the stacked updates: rank <= (adapters with the module) x small side
+        r = min(r, small * sum(name in a.modules for a in self.adapters))
+        return min(r, info.d_out), min(r, info.d_in)
+
     def max_rank(self, name: str) -> int:
         """The largest rank any adapter has in module ``name``."""
         return max((a.modules[name].rank for a in self.adapters if name in a.modules), default=1)
@@ -232,17 +247,28 @@ class Collection:
 
 
 def _common_base(adapters: list[Adapter]) -> str | None:
-    bases = {}
+    """The one base model the adapters' configs name (``None`` if none names one).
+
+    Ids that the Hub treats as one model count as one (``gpt2`` and ``openai-community/gpt2``,
+    see :mod:`lorazip.io.base_models`): if every adapter spells it the same way, that spelling
+    is kept; if spellings differ, the canonical (organisation-prefixed) id is used.
+    """
+    bases: dict[str, tuple[str, Adapter]] = {}  # canonical id -> (first spelling, its adapter)
+    spellings: set[str] = set()
     for a in adapters:
         if a.base_model:
-            bases.setdefault(a.base_model.rstrip("/"), a)
+            name = a.base_model.rstrip("/")
+            spellings.add(name)
+            bases.setdefault(canonical_base_model(name), (name, a))
     if len(bases) > 1:
-        (b0, a0), (b1, a1) = list(bases.items())[:2]
+        (b0, a0), (b1, a1) = list(bases.values())[:2]
         raise ValidationError(
             f"{a1.path}: base model {b1!r} differs from {b0!r} ({a0.path}); "
             "compress one base model at a time or pass --base-model to override"
         )
-    return next(iter(bases), None)
+    if not bases:
+        return None
+    return spellings.pop() if len(spellings) == 1 else next(iter(bases))
 
 
 def _module_union(adapters: list[Adapter]) -> list[ModuleInfo]:

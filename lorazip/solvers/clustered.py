@@ -89,7 +89,7 @@ def jd_clustered(
     modules: Sequence[int],
     factors: FactorSource,
     n_clusters: int,
-    rank: int,
+    rank: int | Sequence[int],
     *,
     weighting: str = "relative",
     per_module: bool = False,
@@ -107,13 +107,15 @@ def jd_clustered(
     modules : module ids passed to ``factors``.
     factors : ``factors(m) -> (B, A)``, ``B``: (n, d_out, r_i), ``A``: (n, r_i, d_in).
     n_clusters : K, ``1 <= K <= n``.
+    rank : the shared rank, one for all modules or one per module (in ``modules`` order).
     n_init : independent k-means++ starts of the alternation; the lowest objective is kept.
     init : optional shared ``(U, V)`` per module to start from (skips the K = 1 fit).
     Other parameters as in :func:`~lorazip.solvers.jd_full.jd_full`.
     """
+    ranks = [rank] * len(modules) if isinstance(rank, int) else list(rank)
     if per_module:
         parts = [
-            jd_clustered([m], factors, n_clusters, rank, weighting=weighting, max_rounds=max_rounds,
+            jd_clustered([m], factors, n_clusters, ranks[j], weighting=weighting, max_rounds=max_rounds,
                          max_iters=max_iters, tol=tol, seed=seed, n_init=n_init,
                          init=None if init is None else [init[j]])
             for j, m in enumerate(modules)
@@ -139,7 +141,7 @@ def jd_clustered(
         norms2 = factor_norms2(B, A)
         w = adapter_weights(norms2, weighting)
         if init is None:
-            res = jd_full(B, A, rank, weights=w, **{k: v for k, v in kw.items() if k != "weighting"})
+            res = jd_full(B, A, ranks[j], weights=w, **{k: v for k, v in kw.items() if k != "weighting"})
             U, V, cores = res.U, res.V, res.cores
         else:
             U, V = init[j]
@@ -151,7 +153,7 @@ def jd_clustered(
         weights.append(w)
         energy.append(w * norms2)
         if K > 1:
-            sigs.append(_signature(B, A, w, min(K * rank, _SIG_RANK, *B.shape[1:2], A.shape[2]), seed, gen))
+            sigs.append(_signature(B, A, w, min(K * ranks[j], _SIG_RANK, *B.shape[1:2], A.shape[2]), seed, gen))
     total = float(sum(e.sum() for e in energy)) or 1.0
     E = torch.stack(energy, 1).sum(1)  # (n,) weighted energy per adapter
 
@@ -168,7 +170,7 @@ def jd_clustered(
         start = kmeans(X, K, generator=gen)
         Us = [u.clone() for u in U_start]
         Vs = [v.clone() for v in V_start]
-        run = _alternate(modules, factors, start, Us, Vs, weights, E, total, K, rank, max_rounds, max_iters, tol, seed)
+        run = _alternate(modules, factors, start, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed)
         if best is None or run[3][-1] < best[3][-1] - 1e-12:
             best = run
     Us, Vs, assign, history, rounds, converged = best
@@ -199,7 +201,7 @@ def _signature(B, A, w, sig_rank: int, seed: int, gen: torch.Generator) -> torch
     return G
 
 
-def _alternate(modules, factors, assign, Us, Vs, weights, E, total, K, rank, max_rounds, max_iters, tol, seed):
+def _alternate(modules, factors, assign, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed):
     """Fit / assign rounds from one start; returns (Us, Vs, assign, history, rounds, converged)."""
     n = assign.shape[0]
     assign, fresh = _reseed_empty(assign, K, E, torch.zeros(n, dtype=E.dtype))
@@ -219,7 +221,7 @@ def _alternate(modules, factors, assign, Us, Vs, weights, E, total, K, rank, max
                 if members_cache.get((j, k)) != members:  # refit only clusters whose membership changed
                     # a re-seeded cluster starts from its adapter's own data, not from stale bases
                     warm = {} if k in fresh else {"U0": Us[j][k], "V0": Vs[j][k]}
-                    res = jd_full(B[idx], A[idx], rank, weights=weights[j][idx], max_iters=max_iters,
+                    res = jd_full(B[idx], A[idx], ranks[j], weights=weights[j][idx], max_iters=max_iters,
                                   tol=tol, seed=seed, **warm)
                     Us[j][k], Vs[j][k] = res.U, res.V
                     members_cache[(j, k)] = members

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import torch
 
-from .artifact import STORAGE_DTYPES, Artifact
-from .errors import OptionError
-from .io.collection import Collection
-from .solvers import Factors
-from .solvers._linalg import adapter_weights, factor_norms2
-from .solvers.jd_full import jd_full_factors
+from ..artifact import STORAGE_DTYPES, Artifact
+from ..errors import OptionError
+from ..io.collection import Collection
+from ..solvers import Factors
+from ..solvers._linalg import adapter_weights, factor_norms2
+from ..solvers.jd_full import jd_full_factors
 from .streaming import MemoryPlan, streamed_factors
 
 
@@ -76,7 +76,7 @@ def rank_curves(
         else:
             f = collection.module_factors(info.name, dtype=torch.float32)
             fac = Factors.stacked(f.B, f.A)
-        r_cap = min(max_rank, info.d_out, info.d_in)
+        r_cap = min(collection.shared_ranks(info.name, max_rank))  # square cores: the smaller side
         n2 = torch.cat([factor_norms2(ch.B, ch.A).clamp_min(0) for ch in fac]).double()
         w = adapter_weights(n2, weighting)
         top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
@@ -112,6 +112,34 @@ def nested_kept(S: torch.Tensor, w: torch.Tensor, X: torch.Tensor, Y: torch.Tens
     ``X, Y``: each step maximises over one side, so the objective never decreases. Stops when a
     sweep gains less than ``tol`` times the larger of the kept and the lost weighted energy.
     """
+    X, Y = _nested_xy(S, w, X, Y, tol=tol, max_iters=max_iters)
+    return (X.T @ S @ Y).square().sum((1, 2))
+
+
+def nested_fit(S: torch.Tensor, w: torch.Tensor, R: int, *, tol: float = 1e-4, max_iters: int = 500,
+               refine: set[int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Nested bases inside a rank-``R`` fit: ``{r: (X_r, Y_r)}`` for r = 0..R, (R, r) orthonormal,
+    maximising ``sum_i w_i ||X^T S_i Y||^2`` for the cores ``S`` (n, R, R) (alternating exact
+    eigen-steps from the HOSVD order, as :func:`nested_kept`). With ``refine``, only those ranks
+    are refined; the others keep the HOSVD truncation (a valid basis, its error exact, slightly
+    above the refined one)."""
+    eye = torch.eye(R, dtype=S.dtype)
+    out = {0: (eye[:, :0], eye[:, :0])}
+    if R == 0:
+        return out
+    ww = w.double()[:, None, None]
+    W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
+    Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
+    for r in range(1, R):
+        if refine is None or r in refine:
+            out[r] = _nested_xy(S, w.double(), W[:, :r], Z[:, :r], tol=tol, max_iters=max_iters)
+        else:
+            out[r] = (W[:, :r], Z[:, :r])
+    out[R] = (eye, eye)
+    return out
+
+
+def _nested_xy(S, w, X, Y, *, tol, max_iters):
     r = X.shape[1]
     total = float((w * S.square().sum((1, 2))).sum())
     prev = -1.0
@@ -124,7 +152,7 @@ def nested_kept(S: torch.Tensor, w: torch.Tensor, X: torch.Tensor, Y: torch.Tens
         if kept - prev <= tol * max(kept, total - kept, 1e-300):
             break
         prev = kept
-    return (X.T @ S @ Y).square().sum((1, 2))
+    return X, Y
 
 
 def _step_cost(dim: int, n: int, r: int, diag: bool) -> int:
@@ -220,7 +248,6 @@ def _numbers(dim: int, n: int, r: int, diag: bool) -> int:
 def compress_to(
     collection: Collection,
     *,
-    compress: Callable[..., Artifact],
     budget: int | None = None,
     target_error: float | None = None,
     max_rank: int = 64,
@@ -231,7 +258,10 @@ def compress_to(
     **kw: Any,
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with ranks chosen for a byte ``budget`` (of the artifact file) or a mean
-    ``target_error``; returns the artifact and a report of the allocation."""
+    ``target_error``; returns the artifact and a report of the allocation. Shared parts only
+    (no residuals): used for jd-diag, ``uniform=True`` and streamed modules."""
+    from .pipeline import compress_modules as compress
+
     if (budget is None) == (target_error is None):
         raise OptionError("give exactly one of --budget or --target-error")
     if method not in ("jd-full", "jd-diag"):

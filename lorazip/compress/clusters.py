@@ -11,37 +11,12 @@ returns the chosen artifact with the error-vs-K curve that led to the choice:
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
-from .artifact import Artifact
-from .errors import OptionError
-from .evaluate import evaluate, storage
-from .io.collection import Collection
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str, original_bytes: int | None = None, what: str = "budget") -> int:
-    """Bytes from ``"500MB"``, ``"1.5GiB"``, ``"123456"`` or a ratio ``"50x"`` of ``original_bytes``
-    (``what`` names the quantity in error messages)."""
-    t = text.strip().upper().replace(" ", "")
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)X", t)
-    if m:
-        if not original_bytes:
-            raise OptionError(f"{what} {text!r} is a ratio but the original size is unknown")
-        ratio = float(m.group(1))
-        if ratio <= 0:
-            raise OptionError(f"{what} ratio must be positive, got {text!r}")
-        return int(original_bytes / ratio)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]I?B|B)?", t)
-    if not m:
-        raise OptionError(
-            f"cannot read {what} {text!r}: use bytes like 500MB / 2GiB" + (", or a ratio like 50x" if original_bytes else "")
-        )
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
+from ..artifact import Artifact
+from ..errors import OptionError
+from ..evaluate import evaluate, storage
+from ..io.collection import Collection
 
 def candidate_ks(n: int) -> list[int]:
     """K values tried by ``--clusters auto``: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... and n."""
@@ -58,15 +33,16 @@ def choose_clusters(
     collection: Collection,
     rank: int,
     *,
-    compress: Callable[..., Artifact],
     target_error: float | None = None,
     stat: str = "mean",
     budget: int | None = None,
     candidates: list[int] | None = None,
-    progress: Callable[[int, dict[str, Any]], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
     **kw,
 ) -> tuple[Artifact, list[dict[str, Any]], int]:
     """Return ``(artifact, curve, chosen_K)``; ``curve`` rows are ``{K, mean, median, max, params, bytes}``."""
+    from .pipeline import compress_modules as compress
+
     if (target_error is None) == (budget is None):
         raise OptionError("choosing K needs exactly one of --target-error or --budget")
     if stat not in ("mean", "max"):
@@ -76,14 +52,14 @@ def choose_clusters(
     ks = candidates or candidate_ks(len(collection))
     curve: list[dict[str, Any]] = []
     chosen: tuple[dict[str, Any], Artifact] | None = None
-    for K in ks:
+    for step, K in enumerate(ks):
         art = compress(collection, rank, method="jd-clustered", clusters=K, **kw)
         rep = evaluate(art)
         row = {"K": K, **{s: rep["errors"][s] for s in ("mean", "median", "max")},
                "params": storage(art)["compressed_params"], "bytes": art.serialized_size()}
         curve.append(row)
         if progress:
-            progress(K, row)
+            progress(step + 1, len(ks), f"K={K}: {stat} error {row[stat]:.4f}")
         if budget is not None:
             if row["bytes"] > budget:
                 break  # storage grows with K: no larger K fits either

@@ -15,26 +15,20 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
-from .artifact import STORAGE_DTYPES, Artifact
-from .backend import BACKENDS, to_backend, to_torch
-from .errors import OptionError
-from .io.collection import Collection
-from .io.peft import sha256_file
-from .metrics import squared_errors
-from .solvers import METHODS, solve_factors
-from .solvers.clustered import jd_clustered
-from .solvers.factors import Factors
-from .solvers.svd import spectra_from_grams
-from .solvers._linalg import WEIGHTINGS, orth
+from .. import __version__
+from ..artifact import STORAGE_DTYPES, Artifact
+from ..backend import BACKENDS, to_backend, to_torch
+from ..errors import OptionError
+from ..io.collection import Collection
+from ..metrics import squared_errors
+from ..solvers import METHODS, solve_factors
+from ..solvers.clustered import jd_clustered
+from ..solvers.factors import Factors
+from ..solvers.svd import spectra_from_grams
+from ..solvers._linalg import WEIGHTINGS, adapter_weights, factor_norms2, orth
+from ..solvers.one_side import one_side_bases
+from .provenance import SourceHashes, adapter_meta
 from .streaming import MemoryPlan, release_freed_memory, streamed_factors
-
-# Config fields carried into the artifact so export can rebuild a faithful PEFT config.
-_CONFIG_FIELDS = (
-    "base_model_name_or_path", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-    "target_modules", "fan_in_fan_out", "task_type", "modules_to_save", "revision",
-)
-
 
 @dataclass(frozen=True)
 class CompressOptions:
@@ -73,11 +67,29 @@ COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _ERROR_CHUNK = 16  # adapters per chunk when measuring errors in float64 (kept in cache: 1.7x faster than 256)
 
 
+def _cap_record(m, requested: int, r_out: int, r_in: int) -> dict[str, Any]:
+    """What was stored instead of the requested rank, and why (recorded per module)."""
+    if r_out != r_in:
+        side = f"d_out = {m.d_out}" if r_out == m.d_out else f"d_in = {m.d_in}"
+        why = f"{side}: that side kept whole, the other at rank {max(r_out, r_in)}"
+        return {"requested": requested, "rank": r_in, "rank_out": r_out, "reason": why}
+    dims = min(m.d_out, m.d_in)
+    why = f"min(d_out, d_in) = {dims}" if r_in == dims else f"sum of adapter ranks = {r_in}"
+    return {"requested": requested, "rank": r_in, "reason": why}
+
+
+def _one_side_solution(fac, r_out: int, r_in: int, weighting: str, K: int):
+    """Bases of a module whose small side is kept whole (exact optimum), as (K, d, r) copies."""
+    B, A = fac.B.double().cpu(), fac.A.double().cpu()
+    U, V = one_side_bases(B, A, r_out, r_in, adapter_weights(factor_norms2(B, A), weighting))
+    return U[None].expand(K, *U.shape).contiguous(), V[None].expand(K, *V.shape).contiguous()
+
+
 def _optimal_cores(B, A, U, V, assign):
     """``S_i = U_k^T M_i V_k`` for every adapter (``U``, ``V``: (K, d, r)), one basis per cluster."""
     if assign is None or U.shape[0] == 1:
         return (B.transpose(1, 2) @ U[0]).transpose(1, 2) @ (A @ V[0])
-    out = torch.empty(B.shape[0], U.shape[2], U.shape[2], dtype=B.dtype)
+    out = torch.empty(B.shape[0], U.shape[2], V.shape[2], dtype=B.dtype)
     for k in torch.unique(assign):
         idx = assign == k
         out[idx] = (B[idx].transpose(1, 2) @ U[k]).transpose(1, 2) @ (A[idx] @ V[k])
@@ -172,42 +184,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class _SourceHashes:
-    """sha256 of every source file, computed in a background thread while modules are solved
-    (hashlib releases the GIL), so the extra read of the sources overlaps the solve."""
-
-    def __init__(self, collection: Collection, enabled: bool):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-hash") if enabled else None
-        self._jobs = {f: self._pool.submit(sha256_file, f) for a in collection.adapters for f in a.files()} \
-            if self._pool else {}
-
-    def get(self, path) -> str | None:
-        return self._jobs[path].result() if self._pool else None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _adapter_meta(adapter, hashes: _SourceHashes) -> dict[str, Any]:
-    files = {}
-    for f in adapter.files():
-        files[f.name] = {"sha256": hashes.get(f), "bytes": f.stat().st_size}
-    src = {"path": str(adapter.path.resolve()), "files": files}
-    src.update(adapter.source)  # e.g. Hub repo id and commit
-    return {
-        "name": adapter.name,
-        "source": src,
-        "config": {k: adapter.config[k] for k in _CONFIG_FIELDS if k in adapter.config},
-        "dtype": adapter.dtype,
-        "ranks": {m: spec.rank for m, spec in adapter.modules.items()},
-        "extras": adapter.extras,
-    }
-
-
-def compress(
+def compress_modules(
     collection: Collection,
     rank: int = 16,
     *,
@@ -231,14 +208,15 @@ def compress(
     progress: Callable[[int, int, str], None] | None = None,
     timings: dict[str, float] | None = None,
 ) -> Artifact:
-    """Jointly compress every module of ``collection``.
+    """Jointly compress every module of ``collection`` at given ranks (the module loop behind
+    :func:`lorazip.compress`).
 
     Parameters
     ----------
     collection : Collection from :func:`lorazip.load_collection`.
     rank : shared rank r (per module, at most ``min(d_out, d_in)``).
     ranks : optional rank per module name (overrides ``rank`` there); see
-        :func:`lorazip.ranks.compress_to` to choose them from a budget or an error target.
+        :func:`lorazip.compress.allocate.compress_to` to choose them from a budget or an error target.
     method : "jd-full" (full r x r cores), "jd-diag" (diagonal cores), "jd-clustered"
         (K groups with their own bases) or "svd" (per-adapter truncated SVD, the baseline).
     clusters, per_module_clusters, max_rounds : for "jd-clustered": K, one assignment per
@@ -269,7 +247,9 @@ def compress(
 
     Raises
     ------
-    OptionError for invalid settings (including a rank larger than a module allows).
+    OptionError for invalid settings. A rank larger than a module allows is not an error: the
+    module is stored at ``min(rank, d_out, d_in, sum of its adapters' ranks)``, which is exact
+    there, and ``meta["modules"][j]["rank_capped"]`` records it.
     """
     opts = CompressOptions(rank, method, weighting, device, storage_dtype, seed, max_iters, tol, compute_dtype)
     opts.check()
@@ -285,14 +265,20 @@ def compress(
         raise OptionError(f"--backend {backend} runs jd-full only; use the torch backend for {method}")
     if ranks and method == "jd-clustered":
         raise OptionError("per-module ranks are not supported with jd-clustered yet; use one --rank")
+    capped: dict[str, dict[str, Any]] = {}
+    one_side: dict[str, tuple[int, int]] = {}  # modules whose small side is kept whole
     for m in collection.modules:
         r_m = ranks.setdefault(m.name, rank)
         if isinstance(r_m, bool) or not isinstance(r_m, int) or r_m <= 0:
             raise OptionError(f"rank of module {m.name} must be a positive integer, got {r_m!r}")
-        if r_m > min(m.d_out, m.d_in):
-            raise OptionError(
-                f"rank {r_m} is larger than module {m.name} allows (min(d_out, d_in) = {min(m.d_out, m.d_in)})"
-            )
+        r_out, r_in = collection.shared_ranks(m.name, r_m)
+        if method not in ("jd-full", "jd-clustered"):  # diagonal or per-adapter cores are square
+            r_out = r_in = min(r_out, r_in)
+        if (r_out, r_in) != (r_m, r_m):  # a rank means "at most": store the module at its limit
+            ranks[m.name] = min(r_out, r_in)
+            capped[m.name] = _cap_record(m, r_m, r_out, r_in)
+            if r_out != r_in:
+                one_side[m.name] = (r_out, r_in)
     dev = resolve_device(device)
     sdtype = STORAGE_DTYPES[storage_dtype]
     n, n_mod = len(collection), len(collection.modules)
@@ -305,7 +291,7 @@ def compress(
     cdtype = COMPUTE_DTYPES[compute_dtype]
     plan = MemoryPlan.make(collection, cdtype.itemsize, memory_limit, method)
     cache = _FactorCache(collection, dev, plan.cache_bytes(cache_bytes), cdtype)
-    hashes = _SourceHashes(collection, hash_sources)
+    hashes = SourceHashes(collection, hash_sources)
     clock = timings if timings is not None else {}
     for key in ("read_s", "solve_s", "error_s"):
         clock.setdefault(key, 0.0)
@@ -313,7 +299,7 @@ def compress(
     def store(j: int, fac: Factors, U, V, cores, assign, n_iters: int, converged: bool) -> None:
         info = collection.modules[j]
         t0 = time.perf_counter()
-        refine = method in ("jd-full", "jd-clustered") and U.dtype != torch.float64
+        refine = (method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
         U, V, cores, sq_error[:, j], norm2[:, j], sv = _finish(
             fac, U, V, cores, assign, refine, sdtype, min(_ERROR_CHUNK, fac.chunk))
         tensors[f"U/{info.name}"], tensors[f"V/{info.name}"], tensors[f"cores/{info.name}"] = U, V, cores
@@ -324,7 +310,9 @@ def compress(
         modules_meta.append(
             {
                 "name": info.name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout,
-                "rank": int(U.shape[2]), "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged,
+                "rank": int(V.shape[2]), **({"rank_out": int(U.shape[2])} if U.shape[2] != V.shape[2] else {}),
+                "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged,
+                **({"rank_capped": capped[info.name]} if info.name in capped else {}),
             }
         )
         if progress:
@@ -335,15 +323,18 @@ def compress(
         if method == "jd-clustered":
             t0 = time.perf_counter()
             res = jd_clustered(
-                list(range(n_mod)), cache.device, clusters, rank, weighting=weighting, per_module=per_module_clusters,
+                list(range(n_mod)), cache.device, clusters, [ranks[m.name] for m in collection.modules], weighting=weighting, per_module=per_module_clusters,
                 max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
             )
             clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
             for j in range(n_mod):
                 assign = res.assignment[j] if clusters > 1 else None
                 fac = cache.cpu(j)
-                store(j, Factors.stacked(fac.B, fac.A), res.U[j], res.V[j], res.cores[j], assign, res.rounds,
-                      res.converged)
+                U, V, cores = res.U[j], res.V[j], res.cores[j]
+                if collection.modules[j].name in one_side:
+                    U, V = _one_side_solution(fac, *one_side[collection.modules[j].name], weighting, clusters)
+                    cores = None
+                store(j, Factors.stacked(fac.B, fac.A), U, V, cores, assign, res.rounds, res.converged)
                 cache.drop(j)
             clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
                           "converged": res.converged, "objective_history": res.history}
@@ -353,6 +344,13 @@ def compress(
             for j in range(n_mod):
                 r_j = ranks[collection.modules[j].name]
                 t0 = time.perf_counter()
+                if collection.modules[j].name in one_side:  # exact in one step; small by construction
+                    fac = cache.cpu(j)
+                    U, V = _one_side_solution(fac, *one_side[collection.modules[j].name], weighting, 1)
+                    clock["read_s"] += time.perf_counter() - t0
+                    store(j, Factors.stacked(fac.B, fac.A), U, V, None, None, 0, True)
+                    cache.drop(j)
+                    continue
                 if j in plan.chunk:  # larger than the memory limit: every pass reads chunks from disk
                     name, chunk = collection.modules[j].name, plan.chunk[j]
                     fac = streamed_factors(collection, name, chunk, cdtype, dev, to_solver)
@@ -379,21 +377,8 @@ def compress(
         raise
     finally:
         cache.close()  # stop the read-ahead thread, also when a module fails
-    tensors["stats/sq_error"] = sq_error
-    tensors["stats/norm2"] = norm2
     t0 = time.perf_counter()
-    try:
-        adapters_meta = [_adapter_meta(a, hashes) for a in collection.adapters]
-    finally:
-        hashes.close()
-    clock["hash_s"] = time.perf_counter() - t0
-    if keep_extras:
-        for i, a in enumerate(collection.adapters):
-            for key, t in (a.extra_tensors() if a.extras else {}).items():
-                tensors[f"extras/{i}/{key}"] = t.contiguous()
     meta = {
-        "lorazip_version": __version__,
-        "base_model": collection.base_model,
         "method": method,
         "rank": Counter(ranks.values()).most_common(1)[0][0] if ranks else rank,
         "per_module_ranks": len(set(ranks.values())) > 1,
@@ -402,7 +387,26 @@ def compress(
         "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": dev.type,
                    "compute_dtype": compute_dtype},
         "clustering": clustering,
-        "modules": modules_meta,
-        "adapters": adapters_meta,
     }
+    art = assemble(collection, meta, modules_meta, tensors, sq_error, norm2, hashes, keep_extras)
+    clock["hash_s"] = time.perf_counter() - t0
+    return art
+
+
+def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, tensors: dict[str, torch.Tensor],
+             sq_error: torch.Tensor, norm2: torch.Tensor, hashes: SourceHashes, keep_extras: bool) -> Artifact:
+    """The artifact of solved modules: statistics, provenance (waits for the source hashes),
+    kept non-LoRA tensors, and ``meta`` (method, ranks, solver settings) completed."""
+    tensors["stats/sq_error"] = sq_error
+    tensors["stats/norm2"] = norm2
+    try:
+        adapters_meta = [adapter_meta(a, hashes) for a in collection.adapters]
+    finally:
+        hashes.close()
+    if keep_extras:
+        for i, a in enumerate(collection.adapters):
+            for key, t in (a.extra_tensors() if a.extras else {}).items():
+                tensors[f"extras/{i}/{key}"] = t.contiguous()
+    meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
+            "modules": modules_meta, "adapters": adapters_meta}
     return Artifact(meta, tensors=tensors)

@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from .errors import OptionError
-from .io.collection import Collection
-from .solvers.factors import Factors
+from ..errors import OptionError
+from ..io.collection import Collection
+from ..solvers.factors import Factors
 
 _IN_MEMORY_FACTOR = 3  # a module solved in memory: its factors, a transposed copy, float64 error chunks
 _STREAM_FACTOR = 4  # a streamed chunk: the chunk, its transposed copy, its float64 copy in the error pass

@@ -1,0 +1,129 @@
+"""Compression: a :class:`~lorazip.io.collection.Collection` in, an :class:`~lorazip.artifact.Artifact` out.
+
+* :mod:`.pipeline`: the module loop (read-ahead, streaming, backend conversion, exact errors);
+* :mod:`.allocate`: ranks under a byte budget or an error target;
+* :mod:`.clusters`: the number of clusters K for a budget or a target;
+* :mod:`.streaming`: the memory plan for modules larger than memory;
+* :mod:`.provenance`: source hashes and adapter metadata.
+
+``lorazip.compress`` is both this package and, called, :func:`compress`.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+from typing import Any, Callable
+
+from ..artifact import Artifact
+from ..errors import OptionError
+from ..io.collection import Collection
+from .pipeline import COMPUTE_DTYPES, CompressOptions, compress_modules
+
+__all__ = ["compress", "compress_modules", "CompressOptions", "COMPUTE_DTYPES"]
+
+
+def compress(
+    collection: Collection,
+    rank: int = 16,
+    *,
+    budget: int | None = None,
+    target_error: float | None = None,
+    target_stat: str = "mean",
+    clusters: int | str = 1,
+    method: str = "jd-full",
+    uniform_rank: bool = False,
+    max_rank: int = 64,
+    progress: Callable[[int, int, str], None] | None = None,
+    **options: Any,
+) -> Artifact:
+    """Compress ``collection`` into one artifact.
+
+    Parameters
+    ----------
+    collection : from :func:`lorazip.load_collection`.
+    rank : shared rank per module (at most; a module allowing less is stored at its limit).
+        Shared parts only, no per-adapter residuals.
+    budget : bytes of the artifact file. With ``target_error`` (0..1) instead: the fewest bytes
+        whose per-adapter error statistic ``target_stat`` ("mean" or "max") meets it. Either one
+        lets the allocator choose, per module, a shared rank and per-adapter residual ranks
+        (:mod:`lorazip.compress.mixed`), never worse than per-adapter SVD, uniform JD-Full or
+        per-module JD at the same bytes. With ``method="jd-diag"``, ``uniform_rank=True`` or a
+        ``memory_limit`` it allocates shared ranks only (:func:`~lorazip.compress.allocate.compress_to`).
+    clusters : K groups of adapters with their own bases ("jd-clustered"), or "auto" to choose K
+        for ``budget`` / ``target_error`` at ``rank``.
+    method : "jd-full", "jd-diag", "jd-clustered" or "svd" (per-adapter truncated SVD).
+    max_rank : largest shared rank the allocator considers.
+    progress : called as ``progress(done, total, what)``.
+    options : settings of :func:`~lorazip.compress.pipeline.compress_modules` (weighting, device,
+        backend, storage_dtype, compute_dtype, seed, max_iters, tol, keep_extras, hash_sources,
+        memory_limit, per_module_clusters, max_rounds, ...).
+
+    Returns
+    -------
+    Artifact in memory (``.save(path)`` writes it). After a budget or target, its attribute
+    ``allocation`` (or ``cluster_choice`` for clusters="auto") reports what was chosen and why
+    (in memory only; the file records a summary in ``meta["allocation"]``).
+    """
+    if target_stat not in ("mean", "max"):
+        raise OptionError(f"target statistic must be mean or max, got {target_stat!r}")
+    if budget is not None and target_error is not None:
+        raise OptionError("give a budget or a target error, not both")
+    if clusters == "auto":
+        from .clusters import choose_clusters
+
+        art, curve, K = choose_clusters(collection, rank, target_error=target_error, stat=target_stat, budget=budget,
+                                        progress=progress, **options)
+        art.cluster_choice = {"target_error": target_error, "target_stat": target_stat, "budget": budget,
+                              "chosen": K, "curve": curve}
+        return art
+    if isinstance(clusters, str):
+        try:
+            clusters = int(clusters)
+        except ValueError:
+            raise OptionError(f"clusters must be a number or 'auto', got {clusters!r}") from None
+    if budget is not None or target_error is not None:
+        if clusters != 1:
+            raise OptionError("a budget or a target error with clusters chooses K: pass clusters='auto'")
+        if method not in ("jd-full", "jd-diag"):
+            raise OptionError(f"a budget or a target error allocates jd-full or jd-diag parts, not {method}")
+        if method == "jd-diag" or uniform_rank or options.get("memory_limit") is not None \
+                or options.get("backend", "torch") != "torch":
+            from .allocate import compress_to
+
+            kw = {k: v for k, v in options.items() if k not in ("per_module_clusters", "max_rounds")}
+            art, report = compress_to(collection, budget=budget, target_error=target_error, max_rank=max_rank,
+                                      uniform=uniform_rank, method=method, progress=progress, **kw)
+        else:
+            from .mixed import compress_mixed
+
+            unknown = set(options) - _MIXED_OPTIONS
+            if unknown:
+                raise OptionError(f"option(s) {', '.join(sorted(unknown))} do not apply to a budget or target")
+            art, report = compress_mixed(collection, budget=budget, target_error=target_error, stat=target_stat,
+                                         max_rank=max_rank, progress=progress,
+                                         **{k: v for k, v in options.items() if k in _MIXED_PASSED})
+        art.allocation = report
+        return art
+    if clusters != 1:
+        if method not in ("jd-full", "jd-clustered"):
+            raise OptionError(f"clusters need method jd-clustered (jd-full per cluster), not {method}")
+        method, options["clusters"] = "jd-clustered", clusters
+    return compress_modules(collection, rank, method=method, progress=progress, **options)
+
+
+# options of compress_modules that a budget or target run takes (the rest would be ignored)
+_MIXED_PASSED = {"weighting", "storage_dtype", "seed", "tol", "max_iters", "keep_extras", "hash_sources"}
+_MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_clusters", "max_rounds", "backend",
+                                  "memory_limit", "cache_bytes", "timings"}
+
+
+class _CallableModule(types.ModuleType):
+    """``lorazip.compress(...)`` works whether the name is bound to the function or the package."""
+
+    def __call__(self, *args, **kwargs):
+        return compress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

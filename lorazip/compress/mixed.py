@@ -1,0 +1,551 @@
+"""One allocator over shared and per-adapter parts, for ``--budget`` and ``--target-error``.
+
+Per module ``m`` the artifact may hold a shared part (JD-Full bases ``U``, ``V`` at rank
+``r_m >= 0`` with cores ``S_i``) plus, per adapter, a residual part: the truncated SVD of
+``M_i - U S_i V^T`` at rank ``k_im >= 0``. ``r_m = 0`` is per-adapter truncated SVD, ``k = 0``
+is plain JD-Full. Which mix is best depends on the collection: shared bases win when many
+adapters share directions, per-adapter parts win on small or diverse collections.
+
+Pass 1 fits, per module, one JD-Full at the largest shared rank ``R`` and nested bases inside
+it for every ``r <= R`` (:func:`~lorazip.compress.allocate.nested_fit`), which gives the exact
+shared-only error curve, and, on a grid of ``r``, the exact residual spectra of every adapter
+(:func:`~lorazip.solvers.residual.nested_residual_spectra`). From these curves the error of any
+choice ``(r_m, k_im)`` is known exactly before anything is stored.
+
+The allocation minimises the reported statistic (mean or max of the per-adapter
+energy-weighted relative error) under a byte budget: for the mean, a Lagrangian search over
+the price of a byte picks ``r_m`` per module, then the leftover bytes go greedily to the
+residual steps that remove most error per byte; for the max, residual bytes go to the worst
+adapter first. The result is then compared with per-adapter SVD alone, uniform JD-Full and
+per-module JD (all from the same curves) and the best is kept, so it is never worse than any
+of them. A target error is met with the fewest bytes by bisection on the budget.
+
+Pass 2 re-reads each module once, builds the chosen parts from the factors (never a ``d x d``
+matrix), rounds them to the storage dtype and measures the exact error of what is stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..artifact import STORAGE_DTYPES, Artifact
+from ..errors import OptionError
+from ..io.collection import Collection
+from ..metrics import squared_errors
+from ..solvers import Factors
+from ..solvers._linalg import adapter_weights, factor_norms2
+from ..solvers.jd_full import jd_full_factors
+from ..solvers.residual import nested_residual_spectra, residual_factors
+from ..solvers.svd import spectra_from_grams
+from .allocate import nested_fit
+from .provenance import SourceHashes
+
+GRID = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # shared ranks whose residual spectra are measured
+_FLOOR = 1e-10  # a step removing less of the (relative) error than this only stores solver noise
+STATS = ("mean", "max")
+
+
+@dataclass
+class ModuleFit:
+    """Pass 1 of one module: nested bases and exact error curves.
+
+    ``shared[r]``: (n,) squared error of the shared part alone at rank r (0..R);
+    ``spectra[r]``: (n, m) squared residual singular values (descending) for r in the grid.
+    """
+
+    name: str
+    d_out: int
+    d_in: int
+    U: torch.Tensor  # (d_out, R) float64
+    V: torch.Tensor  # (d_in, R)
+    XY: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    shared: dict[int, torch.Tensor]
+    spectra: dict[int, torch.Tensor]
+    norms2: torch.Tensor
+    iters: int = 0
+    converged: bool = True
+
+    @property
+    def dim(self) -> int:
+        return self.d_in + self.d_out
+
+    def residual_cap(self, r: int) -> int:
+        return min(self.spectra[r].shape[1], self.d_out, self.d_in)
+
+
+def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting: str, seed: int, tol: float,
+               max_iters: int, grid: tuple[int, ...] = GRID) -> ModuleFit:
+    """Pass 1 on one module's factors ``B`` (n, d_out, r_i), ``A`` (n, r_i, d_in)."""
+    B64, A64 = B.double(), A.double()
+    d_out, d_in = B.shape[1], A.shape[2]
+    n2 = factor_norms2(B64, A64).clamp_min(0)
+    w = adapter_weights(n2, weighting)
+    if R > 0:
+        top = jd_full_factors(Factors.stacked(B.float(), A.float()), R, weights=w.float(), seed=seed, tol=tol,
+                              max_iters=max_iters)
+        U, V = torch.linalg.qr(top.U.double())[0], torch.linalg.qr(top.V.double())[0]
+        iters, conv = top.n_iters, top.converged
+    else:
+        U, V = B64.new_zeros(d_out, 0), B64.new_zeros(d_in, 0)
+        iters, conv = 0, True
+    S = (B64.transpose(1, 2) @ U).transpose(1, 2) @ (A64 @ V)
+    XY = nested_fit(S, w, R, tol=tol, max_iters=max_iters, refine=set(grid))
+    shared = {r: (n2 - (X.T @ S @ Y).square().sum((1, 2))).clamp_min(0) for r, (X, Y) in XY.items()}
+    on_grid = {r: XY[r] for r in grid if r <= R}
+    spectra = nested_residual_spectra(B64, A64, U, V, S, on_grid)
+    return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv)
+
+
+# -- allocation ---------------------------------------------------------------------------------
+
+@dataclass
+class Allocation:
+    """Shared rank per module and residual rank per (adapter, module); ``predicted``: the statistic."""
+
+    ranks: dict[str, int]
+    residual: dict[str, np.ndarray]
+    numbers: int
+    predicted: float
+    kind: str
+    errors: np.ndarray = field(default=None, repr=False)  # (n,) predicted per-adapter error
+    alternatives: dict[str, float] = field(default_factory=dict)  # predicted statistic of each candidate
+
+
+def _shared_numbers(fit: ModuleFit, r: int, n: int) -> int:
+    return r * fit.dim + n * r * r
+
+
+def _errors(fits: list[ModuleFit], ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
+    """Predicted per-adapter error (n,) of a choice, exact from the curves."""
+    tot = np.zeros_like(E)
+    for fit, r, k in zip(fits, ranks, resid):
+        if r in fit.spectra:
+            sp = fit.spectra[r].numpy()
+            cum = np.concatenate([np.zeros((sp.shape[0], 1)), np.cumsum(sp, 1)], 1)
+            kept = cum[np.arange(sp.shape[0]), np.minimum(k, sp.shape[1])]
+            tot += np.maximum(sp.sum(1) - kept, 0)
+        else:  # off the grid: shared part only
+            tot += fit.shared[r].numpy()
+    return np.where(E > 0, tot / np.maximum(E, 1e-300), 0.0)
+
+
+def _numbers(fits, ranks, resid, n) -> int:
+    return int(sum(_shared_numbers(f, r, n) + int(k.sum()) * f.dim for f, r, k in zip(fits, ranks, resid)))
+
+
+class _Curves:
+    """Per module and grid rank: residual gains sorted for the Lagrangian and the greedy fill."""
+
+    def __init__(self, fits: list[ModuleFit], E: np.ndarray):
+        n = len(E)
+        c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)  # contribution to the mean
+        self.fits, self.n, self.c = fits, n, c
+        self.opts: list[list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]]] = []
+        for fit in fits:
+            rows = []
+            for r, sp in fit.spectra.items():
+                cap = fit.residual_cap(r)
+                g = c[:, None] * sp.numpy()[:, :cap]
+                base = float(g.sum()) + float((c * (sp.numpy()[:, cap:].sum(1))).sum())
+                flat = g.ravel()
+                order = np.argsort(-flat, kind="stable")
+                gains = flat[order]
+                who = np.repeat(np.arange(n), cap)[order]
+                rows.append((r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who))
+            self.opts.append(rows)
+
+    def lagrangian(self, lam: float) -> tuple[list[int], list[int]]:
+        """Per module the grid rank and residual step count minimising error + lam * numbers."""
+        ranks, counts = [], []
+        for fit, rows in zip(self.fits, self.opts):
+            best = None
+            for r, base, gains, cums, _ in rows:
+                cnt = int(np.searchsorted(-gains, -lam * fit.dim, side="left"))
+                val = base - cums[cnt] + lam * (_shared_numbers(fit, r, self.n) + cnt * fit.dim)
+                if best is None or val < best[0] - 1e-18:
+                    best = (val, r, cnt)
+            ranks.append(best[1])
+            counts.append(best[2])
+        return ranks, counts
+
+    def resid_from_counts(self, j: int, r: int, cnt: int) -> np.ndarray:
+        who = next(row[4] for row in self.opts[j] if row[0] == r)
+        return np.bincount(who[:cnt], minlength=self.n)
+
+    def fill_mean(self, ranks: list[int], counts: list[int], numbers: int) -> list[np.ndarray]:
+        """Greedy: spend what is left of ``numbers`` on residual steps by error removed per number."""
+        rows = [next(row for row in self.opts[j] if row[0] == r) for j, r in enumerate(ranks)]
+        used = sum(_shared_numbers(f, r, self.n) + c * f.dim for f, r, c in zip(self.fits, ranks, counts))
+        heap = [(-row[2][c] / f.dim, j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
+                if c < len(row[2]) and row[2][c] > _FLOOR]
+        heapq.heapify(heap)
+        counts = list(counts)
+        while heap:
+            _, j = heapq.heappop(heap)
+            f = self.fits[j]
+            if used + f.dim > numbers:
+                continue
+            used += f.dim
+            counts[j] += 1
+            gains = rows[j][2]
+            if counts[j] < len(gains) and gains[counts[j]] > _FLOOR:
+                heapq.heappush(heap, (-gains[counts[j]] / f.dim, j))
+        return [self.resid_from_counts(j, r, c) for j, (r, c) in enumerate(zip(ranks, counts))]
+
+    def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
+        """Greedy on the max: the worst adapter gets its best next step per number, until the
+        worst cannot improve within the budget."""
+        n, fits = self.n, self.fits
+        resid = [np.zeros(n, dtype=np.int64) for _ in fits]
+        used = sum(_shared_numbers(f, r, n) for f, r in zip(fits, ranks))
+        sp = [f.spectra[r].numpy() for f, r in zip(fits, ranks)]
+        caps = [f.residual_cap(r) for f, r in zip(fits, ranks)]
+        err = _errors(fits, ranks, resid, E)
+        inv = np.where(E > 0, 1.0 / np.maximum(E, 1e-300), 0.0)
+        steps = []  # per adapter: heap of (-gain per number, module)
+        for i in range(n):
+            h = [(-sp[j][i, 0] * inv[i] / f.dim, j) for j, f in enumerate(fits)
+                 if caps[j] > 0 and sp[j][i, 0] * inv[i] > _FLOOR]
+            heapq.heapify(h)
+            steps.append(h)
+        worst = [(-err[i], i) for i in range(n)]
+        heapq.heapify(worst)
+        while worst:
+            e, i = heapq.heappop(worst)
+            moved = False
+            while steps[i]:
+                _, j = heapq.heappop(steps[i])
+                if used + fits[j].dim > numbers:
+                    continue
+                k = resid[j][i]
+                used += fits[j].dim
+                gain = sp[j][i, k] * inv[i]
+                resid[j][i] = k + 1
+                if k + 1 < caps[j] and sp[j][i, k + 1] * inv[i] > _FLOOR:
+                    heapq.heappush(steps[i], (-sp[j][i, k + 1] * inv[i] / fits[j].dim, j))
+                heapq.heappush(worst, (e + gain, i))
+                moved = True
+                break
+            if not moved:
+                break  # the worst adapter cannot improve: the max is final
+        return resid
+
+
+def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None = None,
+                   target_error: float | None = None, stat: str = "mean") -> Allocation:
+    """Shared ranks and residual ranks for a budget of ``numbers`` stored values (lowest
+    ``stat``), or the fewest numbers meeting ``target_error`` on ``stat``."""
+    if stat not in STATS:
+        raise OptionError(f"target statistic must be mean or max, got {stat!r}")
+    if target_error is not None:
+        return _for_target(fits, E, target_error, stat)
+    n = len(E)
+    curves = _Curves(fits, E)
+    score = (lambda e: float(e.mean())) if stat == "mean" else (lambda e: float(e.max()))
+    cands: list[Allocation] = []
+
+    def add(kind, ranks, resid):
+        size = _numbers(fits, ranks, resid, n)
+        if size <= numbers:
+            e = _errors(fits, ranks, resid, E)
+            cands.append(Allocation({f.name: r for f, r in zip(fits, ranks)},
+                                    {f.name: k for f, k in zip(fits, resid)}, size, score(e), kind, e))
+
+    zeros = [0] * len(fits)
+    # the mix: Lagrangian price per number, bisected to the budget, then greedy fill
+    hi = max((row[2][0] / f.dim for f, rows in zip(fits, curves.opts) for row in rows if len(row[2])),
+             default=1.0) * 2 + 1e-30
+    lo = 0.0
+    seen_ranks = []
+    for _ in range(60):
+        lam = (lo + hi) / 2 if lo > 0 else hi / 2 ** 10 if _ == 0 else (lo + hi) / 2
+        ranks, counts = curves.lagrangian(lam)
+        size = sum(_shared_numbers(f, r, n) + c * f.dim for f, r, c in zip(fits, ranks, counts))
+        if size > numbers:
+            lo = lam
+        else:
+            hi = lam
+            if ranks not in seen_ranks:
+                seen_ranks.append(ranks)
+        if hi - lo <= 1e-9 * hi:
+            break
+    ranks, counts = curves.lagrangian(hi)
+    if stat == "mean":
+        add("mix", ranks, curves.fill_mean(ranks, counts, numbers))
+        add("per-adapter SVD", zeros, curves.fill_mean(zeros, [0] * len(fits), numbers))
+    else:
+        for rk in seen_ranks[-6:] + [ranks, zeros]:
+            add("mix" if any(rk) else "per-adapter SVD", rk, curves.fill_max(rk, numbers, E))
+    # shared-only baselines on the full rank curves: uniform JD-Full and per-module JD
+    none = [np.zeros(n, dtype=np.int64) for _ in fits]
+    R = max(max(f.shared) for f in fits)
+    uniform = None
+    for r in range(1, R + 1):  # the best uniform rank that fits; of equal errors, the smallest
+        rk = [min(r, max(f.shared)) for f in fits]
+        if _numbers(fits, rk, none, n) > numbers:
+            break
+        e = score(_errors(fits, rk, none, E))
+        if uniform is None or e < uniform[0] - max(_FLOOR, 1e-6 * e):
+            uniform = (e, rk)
+    if uniform is not None:
+        add("uniform JD-Full", uniform[1], none)
+    add("per-module JD", _per_module_shared(fits, numbers, n, E, stat), none)
+    if not cands:
+        raise OptionError("the budget is too small for any part: raise it")
+    best = min(a.predicted for a in cands)
+    near = [a for a in cands if a.predicted <= best + max(1e-9, 1e-6 * best)]  # ties: the fewest numbers
+    chosen = min(near, key=lambda a: (a.numbers, a.predicted))
+    for a in cands:
+        chosen.alternatives[a.kind] = min(a.predicted, chosen.alternatives.get(a.kind, float("inf")))
+    return chosen
+
+
+def _per_module_shared(fits, numbers, n, E, stat) -> list[int]:
+    """Shared ranks only (no residual), greedy on error removed per number (the v1 allocator)."""
+    c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)
+    ranks = [0] * len(fits)
+    used = 0
+    curve = [np.array([float((c * f.shared[r].numpy()).sum()) for r in range(max(f.shared) + 1)]) for f in fits]
+    heap = []
+    for j, f in enumerate(fits):
+        if len(curve[j]) > 1 and curve[j][0] - curve[j][1] > _FLOOR:
+            heap.append((-(curve[j][0] - curve[j][1]) / _shared_numbers(f, 1, n), j))
+    heapq.heapify(heap)
+    while heap:
+        _, j = heapq.heappop(heap)
+        f, r = fits[j], ranks[j]
+        cost = _shared_numbers(f, r + 1, n) - _shared_numbers(f, r, n)
+        if used + cost > numbers:
+            continue
+        used += cost
+        ranks[j] = r + 1
+        if r + 2 < len(curve[j]) and curve[j][r + 1] - curve[j][r + 2] > _FLOOR:
+            nxt = _shared_numbers(f, r + 2, n) - _shared_numbers(f, r + 1, n)
+            heapq.heappush(heap, (-(curve[j][r + 1] - curve[j][r + 2]) / nxt, j))
+    return ranks
+
+
+def _for_target(fits, E, target, stat) -> Allocation:
+    if not 0 <= target <= 1:
+        raise OptionError(f"target error must be between 0 and 1, got {target}")
+    n = len(E)
+    full = [np.array([f.residual_cap(0)] * n) for f in fits]
+    hi = max(_numbers(fits, [0] * len(fits), full, n), 1)
+    best = allocate_mixed(fits, E, numbers=hi, stat=stat)
+    lo = 0
+    while hi - lo > max(1, hi // 2000):
+        mid = (lo + hi) // 2
+        try:
+            got = allocate_mixed(fits, E, numbers=mid, stat=stat)
+        except OptionError:
+            lo = mid
+            continue
+        if got.predicted <= target:
+            hi, best = mid, got
+        else:
+            lo = mid
+    return best
+
+
+# -- pass 1, allocation, pass 2 -------------------------------------------------------------------
+
+def compress_mixed(
+    collection: Collection,
+    *,
+    budget: int | None = None,
+    target_error: float | None = None,
+    stat: str = "mean",
+    max_rank: int = 64,
+    weighting: str = "relative",
+    storage_dtype: str = "auto",
+    seed: int = 0,
+    tol: float = 1e-4,
+    max_iters: int = 500,
+    keep_extras: bool = True,
+    hash_sources: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[Artifact, dict[str, Any]]:
+    """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
+    file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
+    the allocation report."""
+    from .pipeline import assemble
+
+    if (budget is None) == (target_error is None):
+        raise OptionError("give exactly one of a budget or a target error")
+    if storage_dtype == "auto":
+        storage_dtype = collection.storage_dtype()
+    if storage_dtype not in STORAGE_DTYPES:
+        raise OptionError(f"unknown dtype {storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    sdtype = STORAGE_DTYPES[storage_dtype]
+    itemsize = torch.empty(0, dtype=sdtype).element_size()
+    hashes = SourceHashes(collection, hash_sources)
+    t0 = time.perf_counter()
+    try:
+        fits = []
+        n_mod = len(collection.modules)
+        top = _affordable_rank(collection, budget // itemsize, max_rank) if budget is not None else max_rank
+        for j, info in enumerate(collection.modules):
+            f = collection.module_factors(info.name, dtype=torch.float64)
+            R = min(top, min(collection.shared_ranks(info.name, max_rank)))
+            fits.append(fit_module(f.B, f.A, info.name, R, weighting=weighting, seed=seed, tol=tol,
+                                   max_iters=max_iters))
+            if progress:
+                progress(j + 1, 2 * n_mod, info.name)
+        E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+        t_fit = time.perf_counter() - t0
+        overhead = _overhead_bytes(collection, fits, keep_extras)
+        if budget is not None:
+            numbers = max((budget - overhead) // itemsize, 0)  # a first guess; the dry assembly measures
+        alloc = best = None
+        for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
+            alloc = allocate_mixed(fits, E, numbers=numbers if budget is not None else None,
+                                   target_error=target_error, stat=stat)
+            if budget is None:
+                break
+            size = _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol, max_iters, hashes,
+                          keep_extras, None, target_error, stat, budget, dry=True).serialized_size()
+            exact = (budget - _SLACK - (size - itemsize * alloc.numbers)) // itemsize  # numbers that fit
+            if size <= budget - _SLACK:
+                if best is None or alloc.predicted < best.predicted:
+                    best = alloc
+                if exact - alloc.numbers <= min(f.dim for f in fits):
+                    break  # the estimate of the overhead left less than one step unused
+                numbers = exact
+            else:
+                numbers = min(numbers - 1, exact)
+            if numbers < 0:
+                raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
+                                  f"statistics ({size - itemsize * alloc.numbers:,} bytes)")
+        alloc = best if budget is not None and best is not None else alloc
+        art = _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol, max_iters, hashes,
+                     keep_extras, progress, target_error, stat, budget)
+        if budget is not None and art.serialized_size() > budget:
+            raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
+    finally:
+        hashes.close()
+    errs = alloc.errors
+    report = {
+        "mode": "mixed",
+        "chosen": alloc.kind,
+        "why": f"predicted {stat} error " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(
+            alloc.alternatives.items(), key=lambda kv: kv[1])) + " at these bytes",
+        "alternatives": alloc.alternatives,
+        "budget_bytes": budget,
+        "target_error": target_error,
+        "target_stat": stat,
+        "ranks": alloc.ranks,
+        "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
+                           for m, k in alloc.residual.items()},
+        "predicted_mean_error": float(errs.mean()),
+        "predicted_max_error": float(errs.max()),
+        "artifact_bytes": art.serialized_size(),
+        "fit_s": t_fit,
+    }
+    return art, report
+
+
+def _affordable_rank(collection: Collection, numbers: int, max_rank: int) -> int:
+    """The largest shared rank worth fitting under a budget: twice the largest uniform rank whose
+    bases and cores fit (a module may take more than the uniform share, hardly more than twice)."""
+    n = len(collection)
+    dims = [m.d_in + m.d_out for m in collection.modules]
+    r = 0
+    while r < max_rank and sum((r + 1) * d + n * (r + 1) ** 2 for d in dims) <= numbers:
+        r += 1
+    return min(max_rank, max(2 * r, 1))
+
+
+def _overhead_bytes(collection: Collection, fits: list[ModuleFit], keep_extras: bool) -> int:
+    """Bytes besides bases, cores and residual factors: statistics, spectra, residual ranks,
+    extras and a generous estimate of the JSON header."""
+    n, M = len(collection), len(fits)
+    size = 2 * 8 * n * M + sum(4 * n * max(1, min(f.d_out, f.d_in, f.spectra[0].shape[1])) for f in fits)
+    size += 4 * n * M  # resid_ranks
+    if keep_extras:
+        size += sum(p.stat().st_size for a in collection.adapters if a.extras for p in [a.weights_file]) // 4
+    meta = [{"name": a.name, "config": a.config, "ranks": {m: s.rank for m, s in a.modules.items()},
+             "path": str(a.path.resolve()), "extras": a.extras} for a in collection.adapters]
+    size += len(json.dumps(meta)) + n * 200 + M * 600
+    return size
+
+
+_SLACK = 16  # bytes kept free in case a header field differs between the dry and the real assembly
+
+
+def _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
+           progress, target_error, stat, budget, dry: bool = False) -> Artifact:
+    """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
+    builds the same tensors' shapes without computing them, to measure the file size exactly."""
+    from .pipeline import assemble
+
+    n, n_mod = len(collection), len(fits)
+    tensors: dict[str, torch.Tensor] = {}
+    sq = torch.zeros(n, n_mod, dtype=torch.float64)
+    nn2 = torch.zeros(n, n_mod, dtype=torch.float64)
+    modules_meta = []
+    for j, (info, fit) in enumerate(zip(collection.modules, fits)):
+        name = info.name
+        r = alloc.ranks[fit.name]
+        k = torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64))
+        if dry:
+            r_max = collection.max_rank(name)
+            tensors[f"U/{name}"] = torch.empty(1, info.d_out, r, dtype=sdtype)
+            tensors[f"V/{name}"] = torch.empty(1, info.d_in, r, dtype=sdtype)
+            tensors[f"cores/{name}"] = torch.empty(n, r, r, dtype=sdtype)
+            tensors[f"spectra/{name}"] = torch.empty(n, r_max, dtype=torch.float32)
+            total = int(k.sum())
+            b = torch.empty(total, info.d_out, dtype=sdtype)
+            a = torch.empty(total, info.d_in, dtype=sdtype)
+        else:
+            f = collection.module_factors(name, dtype=torch.float64)
+            B, A = f.B, f.A
+            X, Y = fit.XY[r]
+            U = (fit.U @ X).to(sdtype)
+            V = (fit.V @ Y).to(sdtype)
+            U64, V64 = U.double(), V.double()
+            S = ((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64)).to(sdtype)
+            # the residual of what is stored (rounded shared part), then rounded itself
+            bp, ap = residual_factors(B, A, U64, V64, S.double(), k)
+            bp, ap = bp.to(sdtype), ap.to(sdtype)
+            GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+            n2 = (GB * GA).sum((1, 2))
+            sq[:, j], nn2[:, j] = squared_errors(B, A, U64, V64, S, None, norms2=n2,
+                                                 residual=(bp.double(), ap.double()))
+            tensors[f"U/{name}"], tensors[f"V/{name}"] = U[None].contiguous(), V[None].contiguous()
+            tensors[f"cores/{name}"] = S.contiguous()
+            tensors[f"spectra/{name}"] = spectra_from_grams(GB, GA).float()
+            b = torch.cat([bp[i, :, : k[i]].T for i in range(n)])
+            a = torch.cat([ap[i, : k[i], :] for i in range(n)])
+        entry = {"name": name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout, "rank": r,
+                 "n_clusters": 1, "iters": fit.iters, "converged": fit.converged}
+        if int(k.sum()) > 0:
+            tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
+            tensors[f"resid_B/{name}"] = b.contiguous()
+            tensors[f"resid_A/{name}"] = a.contiguous()
+            entry["residual"] = {"max_rank": int(k.max()), "total_rank": int(k.sum())}
+        modules_meta.append(entry)
+        if progress:
+            progress(n_mod + j + 1, 2 * n_mod, name)
+    ranks = list(alloc.ranks.values())
+    meta = {
+        "method": "jd-full",
+        "rank": max(set(ranks), key=ranks.count),
+        "per_module_ranks": len(set(ranks)) > 1,
+        "weighting": weighting,
+        "storage_dtype": storage_dtype,
+        "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": "cpu", "compute_dtype": "float32"},
+        "clustering": None,
+        "allocation": {
+            "mode": "mixed", "chosen": alloc.kind, "budget_bytes": budget, "target_error": target_error,
+            "target_stat": stat, "predicted_mean_error": float(alloc.errors.mean()),
+            "predicted_max_error": float(alloc.errors.max()),
+        },
+    }
+    return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras)
