@@ -106,7 +106,10 @@ def compress(
     weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     backend: str = typer.Option("torch", help="Array library of the jd-full solver: torch | numpy | cupy."),
-    dtype: str = typer.Option("auto", "--dtype", help="Storage dtype: auto (the adapters' own) | float32 | float16 | bfloat16."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Storage dtype: auto (the adapters' own) | float32 | float16 | bfloat16 | int8 "
+        "(per-row int8 with one scale per row: about half the bytes of float16)."
+    ),
     compute_dtype: str = typer.Option("float32", help="Solver precision: float32 | float64 (errors always in float64)."),
     seed: int = typer.Option(0, help="Seed of the randomized initialisation."),
     max_iters: int = typer.Option(500, help="Maximum solver sweeps per module."),
@@ -114,6 +117,10 @@ def compress(
     base_model: Optional[str] = typer.Option(None, help="Override the base model check."),
     allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
     no_extras: bool = typer.Option(False, "--no-extras", help="Do not store modules_to_save tensors."),
+    extras_dtype: str = typer.Option(
+        "auto", "--extras-dtype", help="modules_to_save tensors (2+ dims): auto (stored as they came) | float32 | "
+        "float16 | bfloat16 | int8; their error is reported apart."
+    ),
     clusters: Optional[str] = typer.Option(
         None, "--clusters", "-k", help="K groups with their own bases (jd-clustered), or 'auto' with --target-error/--budget."
     ),
@@ -161,7 +168,8 @@ def compress(
     orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
     options = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype,
                    compute_dtype=compute_dtype, seed=seed, max_iters=max_iters, tol=tol, keep_extras=not no_extras,
-                   per_module_clusters=per_module_clusters, max_rounds=max_rounds, memory_limit=limit)
+                   extras_dtype=extras_dtype, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
+                   memory_limit=limit)
     what = "choosing K" if clusters == "auto" else "allocating" if budget or target_error is not None \
         else "compressing"
     with _progress() as bar:
@@ -427,7 +435,12 @@ def analyze(
     tol: float = typer.Option(1e-3, help="Solver tolerance (loose: an estimate)."),
     base_model: Optional[str] = typer.Option(None, help="Override the base model check."),
     allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: spectra, error vs rank, error vs K (needs lorazip[plot])."),
+    frontier: bool = typer.Option(True, "--frontier/--no-frontier",
+                                  help="Bytes-vs-error frontier: shared only, per-adapter SVD only, the --budget mix."),
+    frontier_max_rank: int = typer.Option(
+        64, help="Largest shared rank per module for the frontier (as compress --max-rank)."
+    ),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: spectra, error vs rank, error vs K, frontier (needs lorazip[plot])."),
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout."),
     hub_author: Optional[str] = _author,
     hub_search: Optional[str] = _search,
@@ -438,7 +451,7 @@ def analyze(
     workers: int = _workers,
     offline: bool = _offline,
 ) -> None:
-    """Before compressing: spectra, shared-basis vs per-adapter SVD error by rank, error by K, and a pick."""
+    """Before compressing: spectra, shared vs per-adapter SVD error by rank, error by K, a pick, bytes-vs-error frontier."""
     from lorazip.analyze import analyze as run_analysis
     from lorazip.analyze import plot_analysis
 
@@ -455,7 +468,7 @@ def analyze(
         task = bar.add_task("analyzing", total=None, item="")
         rep = run_analysis(
             coll, rank_list, k_list, target_error=target_error, cluster_ranks=crank_list, weighting=weighting,
-            max_iters=max_iters, tol=tol,
+            max_iters=max_iters, tol=tol, frontier=frontier, frontier_max_rank=frontier_max_rank,
             progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item),
         )
     if plot is not None:

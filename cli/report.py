@@ -48,6 +48,10 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, "
               f"{rep['storage_dtype']})")
     t.add_row("rel. sq. error", f"mean {e['mean']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}")
+    ex = rep.get("extras_error")
+    if ex:  # extras converted by --extras-dtype: their error, apart from the LoRA error
+        t.add_row("extras error", f"mean {ex['mean']:.3g}  max {ex['max']:.3g}  ({ex['dtype']}, "
+                  f"{ex['n_adapters']} adapter(s))")
     sr, sm = base["svd_same_rank"], base["svd_matched_storage"]
     t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
     how = f"greedy ranks over {sm['pairs']} adapter x module pairs" if "pairs" in sm else f"rank {sm['rank']} per adapter"
@@ -82,7 +86,9 @@ def print_notes(con: Console, rep: dict[str, Any]) -> None:
     extras = rep.get("extras") or {}
     if extras:
         keys = sorted({k for v in extras.values() for k in v})
-        con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, stored uncompressed: "
+        ex = rep.get("extras_error")
+        how = f"stored as {ex['dtype']}" if ex else "stored uncompressed (--extras-dtype int8 shrinks them)"
+        con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, {how}: "
                   f"{escape(', '.join(keys[:4]))}{' ...' if len(keys) > 4 else ''}")
 
 
@@ -292,3 +298,13 @@ def print_analysis(con: Console, rep: dict[str, Any]) -> None:
             con.print(f"no rank / K tried meets mean error <= {rep['target_error']}: try larger --ranks or --clusters")
         if ps:
             con.print(f"per-adapter SVD would need rank {ps['rank']} ({ps['params']:,} numbers)")
+    if rep.get("frontier"):
+        orig = rep["original_params"] or 1
+        f = Table(title="mean error vs bytes (shared only, per-adapter SVD only, --budget mix)",
+                  title_justify="left")
+        for col in ("numbers", "bytes", "% orig.", "shared", "per-adapter", "mix"):
+            f.add_column(col)
+        for row in rep["frontier"]:
+            f.add_row(f"{row['numbers']:,}", f"{row['bytes']:,}", f"{100 * row['numbers'] / orig:.1f}%",
+                      *(f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("shared_only", "per_adapter", "mix")))
+        con.print(f)

@@ -11,7 +11,12 @@
 * the error of ``jd-clustered`` with ``K`` clusters (``lorazip.compress(..., clusters=K)``) for
   every ``K`` in ``clusters`` at every rank of ``cluster_ranks`` (default: ``ranks``);
 * with ``target_error``, the configuration (rank, K) of the smallest storage whose mean
-  per-adapter error meets it, and the per-adapter SVD rank that would.
+  per-adapter error meets it, and the per-adapter SVD rank that would;
+* the bytes-vs-error ``frontier`` of three representations, from one set of exact curves per
+  module (pass 1 of :mod:`lorazip.compress.mixed`): shared parts only (the better of uniform
+  JD-Full and per-module JD), per-adapter truncated SVD only (ranks spread greedily over
+  adapter x module pairs), and the mix of shared and per-adapter residual parts that
+  ``lorazip compress --budget`` chooses.
 
 Errors are relative squared Frobenius errors, energy-weighted over an adapter's modules and
 averaged over adapters, exactly as ``lorazip eval`` reports them (see docs/format.md).
@@ -25,9 +30,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import OptionError, OutputError
@@ -41,6 +48,7 @@ from .solvers.svd import truncation_errors
 REPORT_VERSION = 1
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
 DEFAULT_CLUSTERS = (1, 2, 4)
+FRONTIER_POINTS = 12  # log-spaced budgets from 1% to 100% of the originals' numbers
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -107,6 +115,51 @@ def _shared_chain(B, A, norms2, ranks, weighting, max_iters, tol, seed, cdtype):
     return out, iters
 
 
+def _frontier_fit(collection, name, B, A, max_rank, weighting, seed, tol, max_iters):
+    """Pass 1 of ``compress --budget`` on one module: exact shared and residual curves. Only the
+    curves are kept (the bases are not needed to predict errors)."""
+    from .compress.mixed import fit_module
+
+    R = min(max_rank, min(collection.shared_ranks(name, max_rank)))
+    fit = fit_module(B, A, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters)
+    fit.U, fit.V, fit.XY = fit.U.new_zeros(fit.d_out, 0), fit.V.new_zeros(fit.d_in, 0), {}  # frees the bases
+    return fit
+
+
+def _frontier(fits, orig_params: int, nbytes: int, points: int = FRONTIER_POINTS) -> list[dict[str, Any]]:
+    """Mean error against stored numbers (and bytes) of the mix, shared parts only and per-adapter
+    SVD only, at ``points`` log-spaced budgets from 1% to 100% of the originals' numbers.
+
+    Every point comes from the same pass-1 curves (:func:`~lorazip.compress.mixed.allocate_mixed`
+    at that budget). A line is the lower envelope: what fits a budget fits every larger one, so
+    each value is the best at that budget or any smaller one. A representation that fits no
+    budget up to a point is ``None`` there."""
+    from .compress.mixed import allocate_mixed
+
+    if not fits or orig_params <= 0:
+        return []
+    E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+    budgets = sorted({max(int(round(v)), 1) for v in np.geomspace(0.01, 1.0, points) * orig_params})
+    rows: list[dict[str, Any]] = []
+    best = {"mix": None, "shared_only": None, "per_adapter": None}
+    for numbers in budgets:
+        try:
+            alloc = allocate_mixed(fits, E, numbers=numbers, stat="mean")
+        except OptionError:  # too small for any part
+            continue
+        alt = alloc.alternatives
+        shared = [alt[k] for k in ("uniform JD-Full", "per-module JD") if k in alt]
+        # .predicted is the chosen candidate, of near-ties the one of fewest numbers: take the lowest
+        got = {"mix": float(min(alloc.predicted, *alt.values())),
+               "shared_only": float(min(shared)) if shared else None,
+               "per_adapter": float(alt["per-adapter SVD"]) if "per-adapter SVD" in alt else None}
+        for k, v in got.items():
+            if v is not None and (best[k] is None or v < best[k]):
+                best[k] = v
+        rows.append({"numbers": numbers, "bytes": numbers * nbytes, **best})
+    return rows
+
+
 def analyze(
     collection: Collection,
     ranks: Sequence[int] = DEFAULT_RANKS,
@@ -120,6 +173,8 @@ def analyze(
     max_rounds: int = 10,
     seed: int = 0,
     compute_dtype: str = "float32",
+    frontier: bool = True,
+    frontier_max_rank: int = 64,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Compressibility report of ``collection`` (a plain dict, ``report_version`` 1).
@@ -134,6 +189,9 @@ def analyze(
     target_error : pick the (rank, K) of least storage whose mean per-adapter error is at most this.
     weighting, seed, compute_dtype : as for :func:`lorazip.compress`.
     max_iters, tol, max_rounds : solver settings (loose by default: this is an estimate).
+    frontier : also compute the bytes-vs-error frontier (shared only, per-adapter SVD only, the
+        mix of ``compress --budget``); ``frontier_max_rank``: its largest shared rank per module
+        (``--max-rank`` of ``compress``).
     progress : ``progress(done, total, item)`` after each module and each clustered run.
 
     Returns
@@ -142,7 +200,8 @@ def analyze(
     error statistics, numbers stored), ``cluster_curve`` (per rank and K), ``modules`` (per
     module: spectra median/min/max across adapters, mean error per rank shared and SVD),
     ``module_types`` (the same grouped by module type, spectra normalised to unit norm),
-    ``pick`` and ``pick_svd`` (with ``target_error``), sizes and timing.
+    ``pick`` and ``pick_svd`` (with ``target_error``), ``frontier`` (rows ``{numbers, bytes, mix,
+    shared_only, per_adapter}``, or ``None`` without ``frontier``), sizes and timing.
     """
     t0 = time.perf_counter()
     ranks = _check_list(ranks, "ranks")
@@ -156,6 +215,9 @@ def analyze(
         raise OptionError(f"--target-error must be between 0 and 1, got {target_error}")
     if max_iters < 1 or not tol > 0:
         raise OptionError("max_iters must be >= 1 and tol > 0")
+    if frontier and (isinstance(frontier_max_rank, bool) or not isinstance(frontier_max_rank, Integral)
+                     or frontier_max_rank < 1):
+        raise OptionError(f"the frontier's max rank must be a positive whole number, got {frontier_max_rank!r}")
     cdtype = torch.float32 if compute_dtype == "float32" else torch.float64
     n, mods = len(collection), collection.modules
     n_mod = len(mods)
@@ -165,6 +227,7 @@ def analyze(
     mod_rows: list[dict[str, Any]] = []
     by_type: dict[str, list[torch.Tensor]] = {}
     orig_params = 0
+    fits = []  # pass-1 curves of lorazip.compress.mixed, one per module, for the frontier
     steps = n_mod + sum(1 for r in cranks for K in clusters if 1 < K <= n)
     for j, info in enumerate(mods):
         fac = collection.module_factors(info.name, dtype=torch.float64)
@@ -178,6 +241,9 @@ def analyze(
         sq_shared[:, j] = chain
         for c, r in enumerate(ranks):
             sq_svd[:, j, c] = truncation_errors(sv, min(r, info.d_out, info.d_in)) * norms2
+        if frontier:
+            fits.append(_frontier_fit(collection, info.name, B, A, int(frontier_max_rank), weighting, seed, tol,
+                                      max_iters))
         svp = sv[present].float()
         unit = svp / torch.linalg.norm(svp, dim=1, keepdim=True).clamp_min(1e-30)
         by_type.setdefault(module_type(info.name), []).append(unit)
@@ -291,12 +357,14 @@ def analyze(
         "clusters": clusters,
         "cluster_ranks": cranks,
         "solver": {"max_iters": max_iters, "tol": tol, "max_rounds": max_rounds, "seed": seed,
-                   "compute_dtype": compute_dtype},
+                   "compute_dtype": compute_dtype,
+                   **({"frontier_max_rank": int(frontier_max_rank)} if frontier else {})},
         "rank_curve": rank_curve,
         "cluster_curve": cluster_curve,
         "target_error": target_error,
         "pick": pick,
         "pick_svd": pick_svd,
+        "frontier": _frontier(fits, orig_params, nbytes) if frontier else None,
         "module_types": types,
         "modules": mod_rows,
         "timing_s": time.perf_counter() - t0,
@@ -340,9 +408,11 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 def plot_analysis(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Three panels: spectra per module type (median and range across adapters), error versus
-    rank (shared basis versus per-adapter SVD), error versus K (one line per rank)."""
-    fig = _figure(3)
-    ax1, ax2, ax3 = fig.subplots(1, 3)
+    rank (shared basis versus per-adapter SVD), error versus K (one line per rank); a fourth,
+    the bytes-vs-error frontier (log-log), when the report has one."""
+    front = report.get("frontier") or []
+    fig = _figure(4 if front else 3)
+    ax1, ax2, ax3, *ax4 = fig.subplots(1, 4 if front else 3)
     for t, info in sorted(report["module_types"].items()):
         sp = info["spectra"]
         if not sp["median"]:
@@ -390,8 +460,26 @@ def plot_analysis(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax3.set_title("error vs K (jd-clustered)")
     if by_rank:
         ax3.legend(fontsize="small")
+    if front:
+        _plot_frontier(ax4[0], front)
     fig.suptitle(f"lorazip analyze: {report['n_adapters']} adapters, {report['n_modules']} modules")
     return _save(fig, path)
+
+
+def _plot_frontier(ax, rows: list[dict[str, Any]]) -> None:
+    """Mean error against bytes, log-log, one line per representation (an error below 1e-9, exact
+    up to rounding, is not drawn: it would only stretch the log axis)."""
+    for key, label, style in (("shared_only", "shared only (JD-Full)", {"marker": "o"}),
+                              ("per_adapter", "per-adapter SVD only", {"marker": "s"}),
+                              ("mix", "mix (compress --budget)", {"marker": "*", "ms": 9, "color": "k"})):
+        pts = [(row["bytes"], row[key]) for row in rows if row.get(key) is not None and row[key] > 1e-9]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes stored (bases, cores, residual parts)")
+    ax.set_ylabel("mean relative squared error")
+    ax.set_title("bytes vs error frontier")
+    ax.legend(fontsize="small")
 
 
 def error_matrix(artifact, sources=None, *, allow_pickle: bool = False):

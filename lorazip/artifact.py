@@ -8,7 +8,11 @@ Tensors (``<m>`` is a module name such as ``model.layers.0.self_attn.q_proj``):
 * ``stats/sq_error``, ``stats/norm2``: (n, m) float64, per (adapter, module) squared
   error at compression time and ``||M_i||^2`` (module order of the metadata);
 * ``spectra/<m>``: (n, r_max) float32 singular values of each original delta;
-* ``extras/<i>/<key>``: non-LoRA tensors of adapter i (``modules_to_save`` heads), as-is;
+* ``extras/<i>/<key>``: non-LoRA tensors of adapter i (``modules_to_save`` heads), as-is or
+  converted by ``extras_dtype`` (``stats/extras_sq_error``, ``stats/extras_norm2``: (n,) their error);
+* int8 storage (``storage_dtype = "int8"``, or int8 extras): ``<key>`` int8 plus ``qscale/<key>``,
+  one float16/float32 scale per row (last axis); :meth:`Artifact.get` and the other readers
+  return the dequantised float32 values (:mod:`lorazip.quantize`);
 * format v2: ``resid_ranks/<m>`` (n,) int32 ``k_i``, ``resid_B/<m>`` (sum k_i, d_out) and
   ``resid_A/<m>`` (sum k_i, d_in): per-adapter residual parts ``b_i a_i`` added to
   ``U S_i V^T`` (rows ``o_i .. o_i + k_i - 1`` hold ``b_i^T`` / ``a_i``), only in modules with
@@ -42,14 +46,18 @@ if TYPE_CHECKING:
 FORMAT_NAME = "lorazip"
 FORMAT_VERSION = 2  # 2: per-adapter residual parts (resid_*), rank-0 modules; v1 files are still read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
-_CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/")  # float tensors that must be finite
+# float tensors that must be finite
+_CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
+QSCALE = "qscale/"  # int8 storage: ``qscale/<key>``, the row scales of the int8 tensor ``<key>`` (lorazip.quantize)
+_QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
+EXTRAS_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")  # original dtypes of converted extras
 
 
 def __getattr__(name: str) -> Any:
     if name == "STORAGE_DTYPES":  # torch dtypes: built on first use, so importing this module stays cheap
         import torch
 
-        value = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        value = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -436,18 +444,50 @@ class Artifact:
             raise ArtifactError(f"{self.path}: tensor {short(key)} has NaN or Inf values")
         return t
 
+    def _has(self, key: str) -> bool:
+        return key in self._tensors if self._tensors is not None else key in self._key_set()
+
+    def _quantised(self, key: str) -> bool:
+        """An int8 tensor with row scales ``qscale/<key>`` (format: docs/format.md, int8 storage)."""
+        return not key.startswith(QSCALE) and self._has(QSCALE + key)
+
+    def _dequantised(self, key: str, t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """float32 values of the int8 rows ``t`` with their ``scale``; an empty int8 base, core or
+        residual tensor (stored without scales) as an empty float32 one; anything else as is."""
+        import torch
+
+        from .quantize import dequantize_rows
+
+        if scale is not None:
+            if tuple(scale.shape) != tuple(t.shape[:-1]):
+                raise ArtifactError(
+                    f"{self.path or 'artifact'}: tensor {short(QSCALE + key)} does not match {short(key)}")
+            return dequantize_rows(t, scale)
+        if t.numel() == 0 and t.dtype == torch.int8 and key.startswith(_QUANTISABLE[:-1]):
+            return t.float()
+        return t
+
     def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``; int8 tensors with row scales come back dequantised, in float32
+        (:meth:`tensors` gives the stored form)."""
         if self._tensors is not None:
-            return self._tensors[key]
-        with self._open() as f:
-            return self._finite(key, f.get_tensor(key))
+            t = self._tensors[key]
+        else:
+            with self._open() as f:
+                t = self._finite(key, f.get_tensor(key))
+        scale = None
+        if self._quantised(key):
+            scale = self.get(QSCALE + key)
+        return self._dequantised(key, t, scale)
 
     def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
-        """Rows of a tensor along dim 0 without reading the others (safetensors slicing)."""
+        """Rows of a tensor along dim 0 without reading the others (safetensors slicing); int8
+        rows dequantised as in :meth:`get`."""
         import torch
 
         if self._tensors is not None:
-            return self._tensors[key][rows]
+            t = self._tensors[key][rows]
+            return self._dequantised(key, t, self._tensors[QSCALE + key][rows] if self._quantised(key) else None)
         if not len(rows):
             return torch.empty(0)
         blocks = self._read_spans(key, [(int(i), int(i) + 1) for i in rows])
@@ -455,7 +495,15 @@ class Artifact:
 
     def _read_spans(self, key: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Row blocks ``t[a:b]`` (dim 0) of tensor ``key`` for each ``(a, b)`` in ``spans`` (b > a),
-        reading adjacent blocks with one slice and nothing outside them."""
+        reading adjacent blocks with one slice and nothing outside them; int8 blocks dequantised
+        with the same rows of their scales."""
+        blocks = self._read_raw_spans(key, spans)
+        if self._quantised(key):
+            scales = self._read_raw_spans(QSCALE + key, spans)
+            return [self._dequantised(key, t, s) for t, s in zip(blocks, scales)]
+        return [self._dequantised(key, t, None) for t in blocks]
+
+    def _read_raw_spans(self, key: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         runs: list[list[int]] = []
         where: list[tuple[int, int]] = []  # (run, offset in the run) of each span
         for a, b in spans:
@@ -479,6 +527,7 @@ class Artifact:
         return [read[j][o : o + b - a] for (j, o), (a, b) in zip(where, spans)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor in its stored form (int8 tensors and their ``qscale/`` scales as written)."""
         if self._tensors is not None:
             return self._tensors
         with self._open() as f:
@@ -519,7 +568,7 @@ class Artifact:
         kr, kb, ka = f"resid_ranks/{module}", f"resid_B/{module}", f"resid_A/{module}"
 
         def none(ks: torch.Tensor):
-            dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+            dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # int8: float32, as get() returns
             dtype = dtypes.get(self.meta.get("storage_dtype"), torch.float32)
             return torch.zeros(len(rows), d_out, 0, dtype=dtype), torch.zeros(len(rows), 0, d_in, dtype=dtype), ks
 
@@ -670,7 +719,7 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
     )
     if not (_is_int(meta.get("rank"), 1) or (_is_int(meta.get("rank")) and v2_parts)):
         raise bad("'rank' must be a positive integer (0 only with rank-0 modules or residual parts)")
-    for key in ("lorazip_version", "base_model", "weighting", "storage_dtype", "checksum"):
+    for key in ("lorazip_version", "base_model", "weighting", "storage_dtype", "extras_dtype", "checksum"):
         if not _opt(meta.get(key), str):
             raise bad(f"'{key}' must be a string")
     if not _opt(meta.get("solver"), dict):
@@ -738,6 +787,9 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
         extras = a.get("extras", [])
         if not isinstance(extras, list) or not all(isinstance(x, str) for x in extras):
             raise bad(f"adapters[{i}].extras must be a list of strings")
+        orig = a.get("extras_dtypes", {})
+        if not isinstance(orig, dict) or not all(v in EXTRAS_DTYPE_NAMES for v in orig.values()):
+            raise bad(f"adapters[{i}].extras_dtypes must map extras to {', '.join(EXTRAS_DTYPE_NAMES)}")
 
     n = len(adapters)
 
@@ -751,15 +803,33 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
                 f"{path}: tensor {short(key)} has dtype {info['dtype']}, expected {' or '.join(dtypes)}"
             )
 
+    def stored(key: str, shapes: list[list[Any]]) -> None:
+        """A float tensor, or (int8 storage) an int8 one whose ``qscale/`` companion has its shape
+        less the last axis (no companion for an empty tensor)."""
+        info = header.get(key)
+        if info is None or info["dtype"] != "I8":
+            return tensor(key, shapes, FLOAT_DTYPES)
+        tensor(key, shapes, ("I8",))
+        if QSCALE + key in header or math.prod(info["shape"]):
+            tensor(QSCALE + key, [info["shape"][:-1]], ("F16", "F32"))
+
     ints = ("I32", "I64", "I16", "I8", "U8", "U16", "U32", "U64")
+    for key, info in header.items():  # row scales belong to an int8 base, core, residual or extras tensor
+        if key.startswith(QSCALE):
+            base = header.get(key[len(QSCALE):])
+            if not key[len(QSCALE):].startswith(_QUANTISABLE) or base is None or base["dtype"] != "I8":
+                raise ArtifactError(
+                    f"{path}: tensor {short(key)} has no int8 tensor {short(key[len(QSCALE):])} to scale")
+            if key[len(QSCALE):].startswith("extras/"):
+                stored(key[len(QSCALE):], [base["shape"]])
     for mod in modules:
         name, r, k = mod["name"], mod["rank"], mod.get("n_clusters", 1)
         r_out = mod.get("rank_out", r)
         if not _is_int(r_out):
             raise bad(f"module {short(name)}: rank_out must be a non-negative integer")
-        tensor(f"U/{name}", [[k, mod["d_out"], r_out]], FLOAT_DTYPES)
-        tensor(f"V/{name}", [[k, mod["d_in"], r]], FLOAT_DTYPES)
-        tensor(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []), FLOAT_DTYPES)
+        stored(f"U/{name}", [[k, mod["d_out"], r_out]])
+        stored(f"V/{name}", [[k, mod["d_in"], r]])
+        stored(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []))
         spectra = header.get(f"spectra/{name}")
         if spectra is None or len(spectra["shape"]) != 2 or spectra["shape"][0] != n:
             raise ArtifactError(f"{path}: tensor {short(f'spectra/{name}')} missing or not of shape ({n}, r_max)")
@@ -772,10 +842,13 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
             raise bad(f"module {short(name)}: residual tensors without 'residual' metadata")
         if res is not None:  # format v2: b_i^T / a_i row blocks, k_i rows each (sum: total_rank)
             tensor(rkeys[0], [[n]], ints)
-            tensor(rkeys[1], [[res["total_rank"], mod["d_out"]]], FLOAT_DTYPES)
-            tensor(rkeys[2], [[res["total_rank"], mod["d_in"]]], FLOAT_DTYPES)
+            stored(rkeys[1], [[res["total_rank"], mod["d_out"]]])
+            stored(rkeys[2], [[res["total_rank"], mod["d_in"]]])
     for key in ("stats/sq_error", "stats/norm2"):
         tensor(key, [[n, len(modules)]], FLOAT_DTYPES)
+    for key in ("stats/extras_sq_error", "stats/extras_norm2"):  # extras converted by extras_dtype
+        if key in header:
+            tensor(key, [[n]], FLOAT_DTYPES)
 
 
 def _check_assignments(reader: HeaderReader, meta: dict[str, Any], path: Path) -> None:

@@ -87,6 +87,21 @@ def storage(artifact: Artifact) -> dict[str, Any]:
     }
 
 
+def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str, Any] | None:
+    """Relative squared error of the non-LoRA tensors (``extras``) converted at compression by
+    ``extras_dtype``, apart from the LoRA error: per adapter ``sum ||X - X_hat||^2 / sum ||X||^2``
+    over its extras, summarised (mean, median, min, max) over the adapters that have extras, plus
+    ``dtype``. None when the extras were stored as they came (or there are none)."""
+    if not artifact._has("stats/extras_sq_error"):
+        return None
+    sq, n2 = artifact.get("stats/extras_sq_error").double(), artifact.get("stats/extras_norm2").double()
+    if rows is not None:
+        sq, n2 = sq[rows], n2[rows]
+    have = n2 > 0
+    return {"dtype": artifact.meta.get("extras_dtype"), "n_adapters": int(have.sum()),
+            **summary(relative(sq[have], n2[have]).tolist())}
+
+
 def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool):
     coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
     by_name = {a.name: a for a in coll.adapters}
@@ -184,6 +199,7 @@ def evaluate(
     return {
         "report_version": REPORT_VERSION,
         "artifact": str(artifact.path) if artifact.path else None,
+        "extras_error": extras_error(artifact, rows),
         "recomputed": sources is not None,
         "method": artifact.method,
         "rank": artifact.meta.get("rank"),

@@ -32,8 +32,9 @@ _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]+$")  # no path separators, NUL or con
 
 
 def _dtype(dtype: str) -> torch.dtype:
-    if dtype not in STORAGE_DTYPES:
-        raise OptionError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    floats = [d for d in STORAGE_DTYPES if d != "int8"]  # PEFT loads float LoRA factors only
+    if dtype not in floats:
+        raise OptionError(f"unknown dtype {dtype!r} for export; choose from {', '.join(floats)}")
     return STORAGE_DTYPES[dtype]
 
 
@@ -96,9 +97,11 @@ def _peft_parts(
                 ranks[m] = r + k
         for j, i in enumerate(rows):
             prefix = f"extras/{i}/"
+            orig = metas[j].get("extras_dtypes", {})  # extras converted at compression (--extras-dtype)
             for key in metas[j].get("extras", []):
                 if prefix + key in artifact._key_set():
-                    parts[j][0][key] = artifact.get(prefix + key)
+                    t = artifact.get(prefix + key)  # int8 extras: dequantised
+                    parts[j][0][key] = t.to(getattr(torch, orig[key])) if key in orig else t
     return parts
 
 

@@ -41,6 +41,7 @@ from .io.base_models import same_base_model
 from .io.collection import Collection, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
+from .quantize import QSCALE, dequantized, requantized, round_to_storage, store_extras
 from .solvers import jd_diag, jd_full, spectra
 from .solvers._linalg import adapter_weights, orth
 from .solvers.svd import individual_svd
@@ -56,6 +57,14 @@ class UpdateWarning(UserWarning):
 
 def _open(artifact: Artifact | str | os.PathLike) -> Artifact:
     return artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+
+
+def _rounded(t: torch.Tensor, like: torch.Tensor, storage_dtype: str | None) -> torch.Tensor:
+    """New bases or cores as they will be stored: in ``like``'s dtype, or (int8 storage, where
+    ``like`` holds dequantised float32 values) quantised per row and dequantised again."""
+    if storage_dtype == "int8":
+        return round_to_storage(t, "int8").to(like.dtype)
+    return t.to(like.dtype)
 
 
 def _label(art: Artifact) -> str:
@@ -227,7 +236,9 @@ def add_adapters(
     weighting = meta.get("weighting", "relative")
     clustering = meta.get("clustering") or {}
     shared_assign = not clustering.get("per_module", False)
-    old = art.tensors()
+    sd = meta.get("storage_dtype")
+    raw = art.tensors()
+    old = dequantized(raw)  # int8 storage: computed on float32 values, stored again at the end
     tensors: dict[str, torch.Tensor] = dict(old)
     mods = meta["modules"]
     n_mod = len(mods)
@@ -253,7 +264,7 @@ def add_adapters(
             continue
         cs, es = [], []
         for k in range(U.shape[0]):
-            S = project_cores(B, A, U[k], V[k], diagonal).to(cores_old.dtype)
+            S = _rounded(project_cores(B, A, U[k], V[k], diagonal), cores_old, sd)
             e, _ = squared_errors(B, A, U[k], V[k], S)
             cs.append(S)
             es.append(e)
@@ -282,9 +293,9 @@ def add_adapters(
             B, A = facs[j]
             U, V = old[f"U/{name}"], old[f"V/{name}"]
             res = individual_svd(B, A, U.shape[-1])
-            Un, Vn = res.U.to(U.dtype), res.V.to(V.dtype)
+            Un, Vn = _rounded(res.U, U, sd), _rounded(res.V, V, sd)
             Sn = torch.stack([project_cores(B[i : i + 1], A[i : i + 1], Un[i], Vn[i], True)[0] for i in range(n_new)])
-            Sn = Sn.to(cores_old.dtype)
+            Sn = _rounded(Sn, cores_old, sd)
             sq_new[:, j] = squared_errors(B, A, Un, Vn, Sn, torch.arange(n_new))[0]
             tensors[f"U/{name}"] = torch.cat([U, Un]).contiguous()
             tensors[f"V/{name}"] = torch.cat([V, Vn]).contiguous()
@@ -316,10 +327,16 @@ def add_adapters(
         meta["adapters"].extend(adapter_meta(a, hashes) for a in coll.adapters)
     finally:
         hashes.close()
+    ex_sq, ex_n2 = torch.zeros(n_new, dtype=torch.float64), torch.zeros(n_new, dtype=torch.float64)
     for j, a in enumerate(coll.adapters):
-        if keep_extras and a.extras:
-            for key, t in a.extra_tensors().items():
-                tensors[f"extras/{n_old + j}/{key}"] = t.contiguous()
+        if keep_extras and a.extras:  # converted as the artifact's extras were (extras_dtype)
+            ex_sq[j], ex_n2[j], orig = store_extras(tensors, n_old + j, a.extra_tensors(),
+                                                     meta.get("extras_dtype") or "auto")
+            if orig:
+                meta["adapters"][n_old + j]["extras_dtypes"] = orig
+    for key, new in (("stats/extras_sq_error", ex_sq), ("stats/extras_norm2", ex_n2)):
+        if key in old:
+            tensors[key] = torch.cat([old[key], new.to(old[key].dtype)])
     proj_err = per_adapter(sq_new, norm_new)
     objective = {"projection": _objective(tensors, weighting), "refit": None}
     meta.setdefault("updates", []).append(
@@ -331,6 +348,8 @@ def add_adapters(
     if refit:
         out, refit_info = _refit(out, art, coll, weighting, allow_pickle, max_iters, tol, compute_dtype, progress)
         objective["refit"] = _objective(out.tensors(), weighting)
+    if sd == "int8":  # store the bases and cores again as int8 (unchanged ones bit for bit)
+        out = Artifact(out.meta, tensors=requantized(out.tensors(), old, raw, sd))
 
     sq_all, nn_all = out.stats()
     err_all = per_adapter(sq_all.double(), nn_all.double())
@@ -427,6 +446,7 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
     cdtype = _COMPUTE.get(compute_dtype or solver.get("compute_dtype") or "float32")
     if cdtype is None:
         raise OptionError(f"unknown compute dtype {compute_dtype!r}; choose float64 or float32")
+    sd = out.meta.get("storage_dtype")
     olds = original_adapters(art, allow_pickle=allow_pickle)
     full = Collection(olds + list(coll.adapters), base_model=out.meta.get("base_model") or coll.base_model or "")
     names_full = {m.name for m in full.modules}
@@ -473,8 +493,8 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
                 res = jd_full(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=max_iters, tol=tol,
                               U0=U0, V0=V0)
                 Un, Vn = orth(res.U.double()), orth(res.V.double())
-            Un, Vn = Un.to(U_all.dtype), Vn.to(V_all.dtype)
-            Sn = project_cores(Bk, Ak, Un, Vn, diagonal).to(cores.dtype)
+            Un, Vn = _rounded(Un, U_all, sd), _rounded(Vn, V_all, sd)
+            Sn = _rounded(project_cores(Bk, Ak, Un, Vn, diagonal), cores, sd)
             e_new, _ = squared_errors(Bk, Ak, Un, Vn, Sn)
             if float((w * e_new).sum()) < float((w * sq[idx]).sum()):
                 U_all[k], V_all[k] = Un, Vn
@@ -552,21 +572,24 @@ def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]
             continue
         rows = torch.cat([torch.arange(a, b) for a, b in blocks])
         tensors[rkey] = old[rkey][idx].contiguous()
-        tensors[bkey] = old[bkey][rows].contiguous()
-        tensors[akey] = old[akey][rows].contiguous()
+        for key in (bkey, akey, QSCALE + bkey, QSCALE + akey):  # int8 storage: the rows' scales too
+            if key in old:
+                tensors[key] = old[key][rows].contiguous()
         mod["residual"] = {"max_rank": int(ks[idx].max()), "total_rank": int(rows.numel())}
     for key, t in old.items():
-        if key.startswith("resid_"):
+        q = QSCALE if key.startswith(QSCALE) else ""  # int8 row scales follow their tensor's rows
+        base = key[len(q):]
+        if base.startswith("resid_"):
             continue  # above
-        if key.startswith("extras/"):
-            _, i, rest = key.split("/", 2)
+        if base.startswith("extras/"):
+            _, i, rest = base.split("/", 2)
             if int(i) in new_index:
-                tensors[f"extras/{new_index[int(i)]}/{rest}"] = t
-        elif key.startswith(("cores/", "spectra/", "stats/")):
+                tensors[f"{q}extras/{new_index[int(i)]}/{rest}"] = t
+        elif base.startswith(("cores/", "spectra/", "stats/")):
             tensors[key] = t[idx].contiguous()
-        elif key.startswith("assign/"):
+        elif base.startswith("assign/"):
             tensors[key] = (torch.arange(len(keep), dtype=t.dtype) if art.method == "svd" else t[idx]).contiguous()
-        elif art.method == "svd" and key.startswith(("U/", "V/")):
+        elif art.method == "svd" and base.startswith(("U/", "V/")):
             tensors[key] = t[idx].contiguous()
         else:
             tensors[key] = t

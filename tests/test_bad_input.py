@@ -402,7 +402,7 @@ def test_rank_above_module_dims_is_capped_not_refused(coll):
 @pytest.mark.parametrize(
     "kw,part",
     [({"method": "pca"}, "unknown method"), ({"weighting": "x"}, "unknown weighting"),
-     ({"storage_dtype": "int8"}, "unknown dtype"), ({"device": "tpu"}, "unknown device")],
+     ({"storage_dtype": "int4"}, "unknown dtype"), ({"device": "tpu"}, "unknown device")],
 )
 def test_bad_options(coll, kw, part):
     expect(OptionError, lambda: lorazip.compress(coll, 2, **kw), part)

@@ -179,7 +179,8 @@ def test_header_dtypes_match_torch():
     assert set(peft.ST_TORCH) <= set(artifact.ST_DTYPES)
     for name, dtype in peft.ST_TORCH.items():
         assert artifact.ST_DTYPES[name] == (peft._DTYPES[name], str(dtype)), name
-    assert artifact.STORAGE_DTYPES == {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    assert artifact.STORAGE_DTYPES == {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                                      "int8": torch.int8}
 
 
 def _bad_files(tmp: Path) -> list[Path]:

@@ -57,8 +57,9 @@ def compress(
     max_rank : largest shared rank the allocator considers.
     progress : called as ``progress(done, total, what)``.
     options : settings of :func:`~lorazip.compress.pipeline.compress_modules` (weighting, device,
-        backend, storage_dtype, compute_dtype, seed, max_iters, tol, keep_extras, hash_sources,
-        memory_limit, per_module_clusters, max_rounds, ...).
+        backend, storage_dtype ("int8": per-row int8, :mod:`lorazip.quantize`), compute_dtype, seed,
+        max_iters, tol, keep_extras, extras_dtype, hash_sources, memory_limit, per_module_clusters,
+        max_rounds, ...).
 
     Returns
     -------
@@ -114,7 +115,8 @@ def compress(
 
 
 # options of compress_modules that a budget or target run takes (the rest would be ignored)
-_MIXED_PASSED = {"weighting", "storage_dtype", "seed", "tol", "max_iters", "keep_extras", "hash_sources"}
+_MIXED_PASSED = {"weighting", "storage_dtype", "seed", "tol", "max_iters", "keep_extras", "extras_dtype",
+                 "hash_sources"}
 _MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_clusters", "max_rounds", "backend",
                                   "memory_limit", "cache_bytes", "timings"}
 

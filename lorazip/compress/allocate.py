@@ -270,6 +270,8 @@ def compress_to(
         raise OptionError(f"--target-error must be between 0 and 1, got {target_error}")
     if storage_dtype == "auto":
         storage_dtype = collection.storage_dtype()
+    # bytes per stored number: 1 for int8, whose row scales are overhead (measured on the probe below,
+    # and the shrink loop takes back rank steps if the file is still over)
     itemsize = torch.tensor([], dtype=STORAGE_DTYPES[storage_dtype]).element_size()
     n = len(collection)
     diag = method == "jd-diag"

@@ -39,6 +39,7 @@ from ..artifact import STORAGE_DTYPES, Artifact
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import squared_errors
+from ..quantize import QSCALE, dry_storage, to_storage
 from ..solvers import Factors
 from ..solvers._linalg import adapter_weights, factor_norms2
 from ..solvers.jd_full import jd_full_factors
@@ -369,13 +370,15 @@ def compress_mixed(
     tol: float = 1e-4,
     max_iters: int = 500,
     keep_extras: bool = True,
+    extras_dtype: str = "auto",
     hash_sources: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
     file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
-    the allocation report."""
-    from .pipeline import assemble
+    the allocation report. With ``storage_dtype="int8"`` a stored number is one byte; the row
+    scales are overhead that the dry assembly measures."""
+    from .pipeline import check_extras_dtype
 
     if (budget is None) == (target_error is None):
         raise OptionError("give exactly one of a budget or a target error")
@@ -383,8 +386,9 @@ def compress_mixed(
         storage_dtype = collection.storage_dtype()
     if storage_dtype not in STORAGE_DTYPES:
         raise OptionError(f"unknown dtype {storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    check_extras_dtype(extras_dtype)
     sdtype = STORAGE_DTYPES[storage_dtype]
-    itemsize = torch.empty(0, dtype=sdtype).element_size()
+    itemsize = torch.empty(0, dtype=sdtype).element_size()  # 1 for int8
     hashes = SourceHashes(collection, hash_sources)
     t0 = time.perf_counter()
     try:
@@ -409,9 +413,13 @@ def compress_mixed(
                                    target_error=target_error, stat=stat)
             if budget is None:
                 break
-            size = _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                          keep_extras, None, target_error, stat, budget, dry=True).serialized_size()
-            exact = (budget - _SLACK - (size - itemsize * alloc.numbers)) // itemsize  # numbers that fit
+            dry = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
+                         keep_extras, None, target_error, stat, budget, extras_dtype, dry=True)
+            size = dry.serialized_size()
+            # int8: the row scales grow with the parts, so they are priced per stored number
+            scales = sum(t.numel() * t.element_size() for key, t in dry.tensors().items() if key.startswith(QSCALE))
+            fixed = size - itemsize * alloc.numbers - scales
+            exact = int((budget - _SLACK - fixed) // (itemsize + scales / max(alloc.numbers, 1)))  # numbers that fit
             if size <= budget - _SLACK:
                 if best is None or alloc.predicted < best.predicted:
                     best = alloc
@@ -422,10 +430,10 @@ def compress_mixed(
                 numbers = min(numbers - 1, exact)
             if numbers < 0:
                 raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
-                                  f"statistics ({size - itemsize * alloc.numbers:,} bytes)")
+                                  f"statistics ({fixed:,} bytes)")
         alloc = best if budget is not None and best is not None else alloc
-        art = _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                     keep_extras, progress, target_error, stat, budget)
+        art = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
+                     keep_extras, progress, target_error, stat, budget, extras_dtype)
         if budget is not None and art.serialized_size() > budget:
             raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
     finally:
@@ -479,10 +487,20 @@ def _overhead_bytes(collection: Collection, fits: list[ModuleFit], keep_extras: 
 _SLACK = 16  # bytes kept free in case a header field differs between the dry and the real assembly
 
 
-def _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
-           progress, target_error, stat, budget, dry: bool = False) -> Artifact:
+def _core_scales(fit: ModuleFit) -> torch.dtype:
+    """Scale dtype of a module's int8 cores, the same in the dry and the real assembly: float16
+    unless a core could exceed float16's range (|S_i| <= ||M_i|| for orthonormal bases; twice that
+    covers the int8 rounding of the bases)."""
+    top = float(fit.norms2.max().sqrt()) if fit.norms2.numel() else 0.0
+    return torch.float32 if 2 * top / 127 > torch.finfo(torch.float16).max else torch.float16
+
+
+def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
+           progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False) -> Artifact:
     """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
-    builds the same tensors' shapes without computing them, to measure the file size exactly."""
+    builds the same tensors' shapes and dtypes without computing them, to measure the file size
+    exactly. The shared part is rounded first (int8: quantised, then dequantised), the residual
+    is taken against what is stored of it, then rounded itself; errors are those of the stored values."""
     from .pipeline import assemble
 
     n, n_mod = len(collection), len(fits)
@@ -494,42 +512,49 @@ def _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol,
         name = info.name
         r = alloc.ranks[fit.name]
         k = torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64))
+        total = int(k.sum())
+        core_scales = _core_scales(fit)
         if dry:
             r_max = collection.max_rank(name)
-            tensors[f"U/{name}"] = torch.empty(1, info.d_out, r, dtype=sdtype)
-            tensors[f"V/{name}"] = torch.empty(1, info.d_in, r, dtype=sdtype)
-            tensors[f"cores/{name}"] = torch.empty(n, r, r, dtype=sdtype)
+            Us = dry_storage((1, info.d_out, r), storage_dtype)
+            Vs = dry_storage((1, info.d_in, r), storage_dtype)
+            Ss = dry_storage((n, r, r), storage_dtype, core_scales)
             tensors[f"spectra/{name}"] = torch.empty(n, r_max, dtype=torch.float32)
-            total = int(k.sum())
-            b = torch.empty(total, info.d_out, dtype=sdtype)
-            a = torch.empty(total, info.d_in, dtype=sdtype)
+            bs = dry_storage((total, info.d_out), storage_dtype, torch.float32)
+            as_ = dry_storage((total, info.d_in), storage_dtype, torch.float32)
         else:
             f = collection.module_factors(name, dtype=torch.float64)
             B, A = f.B, f.A
             X, Y = fit.XY[r]
-            U = (fit.U @ X).to(sdtype)
-            V = (fit.V @ Y).to(sdtype)
-            U64, V64 = U.double(), V.double()
-            S = ((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64)).to(sdtype)
+            Us = to_storage((fit.U @ X)[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
+            Vs = to_storage((fit.V @ Y)[None], storage_dtype, torch.float16)
+            U64, V64 = Us.values[0].double(), Vs.values[0].double()
+            Ss = to_storage((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64), storage_dtype, core_scales)
+            S64 = Ss.values.double()
             # the residual of what is stored (rounded shared part), then rounded itself
-            bp, ap = residual_factors(B, A, U64, V64, S.double(), k)
-            bp, ap = bp.to(sdtype), ap.to(sdtype)
+            bp, ap = residual_factors(B, A, U64, V64, S64, k)
+            offs = (torch.cumsum(k, 0) - k).tolist()
+            bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
+            as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
+            bh, ah = bs.values.double(), as_.values.double()
+            bp, ap = torch.zeros_like(bp), torch.zeros_like(ap)  # the stored residual rows, padded again
+            for i in range(n):
+                bp[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
+                ap[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
             GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
             n2 = (GB * GA).sum((1, 2))
-            sq[:, j], nn2[:, j] = squared_errors(B, A, U64, V64, S, None, norms2=n2,
-                                                 residual=(bp.double(), ap.double()))
-            tensors[f"U/{name}"], tensors[f"V/{name}"] = U[None].contiguous(), V[None].contiguous()
-            tensors[f"cores/{name}"] = S.contiguous()
+            sq[:, j], nn2[:, j] = squared_errors(B, A, U64, V64, S64, None, norms2=n2, residual=(bp, ap))
             tensors[f"spectra/{name}"] = spectra_from_grams(GB, GA).float()
-            b = torch.cat([bp[i, :, : k[i]].T for i in range(n)])
-            a = torch.cat([ap[i, : k[i], :] for i in range(n)])
+        Us.put(tensors, f"U/{name}")
+        Vs.put(tensors, f"V/{name}")
+        Ss.put(tensors, f"cores/{name}")
         entry = {"name": name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout, "rank": r,
                  "n_clusters": 1, "iters": fit.iters, "converged": fit.converged}
-        if int(k.sum()) > 0:
+        if total > 0:
             tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
-            tensors[f"resid_B/{name}"] = b.contiguous()
-            tensors[f"resid_A/{name}"] = a.contiguous()
-            entry["residual"] = {"max_rank": int(k.max()), "total_rank": int(k.sum())}
+            bs.put(tensors, f"resid_B/{name}")
+            as_.put(tensors, f"resid_A/{name}")
+            entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
         modules_meta.append(entry)
         if progress:
             progress(n_mod + j + 1, 2 * n_mod, name)
@@ -548,4 +573,4 @@ def _build(collection, fits, alloc, sdtype, storage_dtype, weighting, seed, tol,
             "predicted_max_error": float(alloc.errors.max()),
         },
     }
-    return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras)
+    return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras, extras_dtype)

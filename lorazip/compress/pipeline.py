@@ -21,6 +21,7 @@ from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import squared_errors
+from ..quantize import EXTRAS_DTYPES, cat_stored, store_extras, to_storage
 from ..solvers import METHODS, solve_factors
 from ..solvers.clustered import jd_clustered
 from ..solvers.factors import Factors
@@ -43,6 +44,7 @@ class CompressOptions:
     max_iters: int = 500
     tol: float = 1e-4
     compute_dtype: str = "float32"
+    extras_dtype: str = "auto"
 
     def check(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -61,6 +63,12 @@ class CompressOptions:
             raise OptionError(f"unknown compute dtype {self.compute_dtype!r}; choose float64 or float32")
         if self.max_iters < 1 or not self.tol > 0:
             raise OptionError("max_iters must be >= 1 and tol > 0")
+        check_extras_dtype(self.extras_dtype)
+
+
+def check_extras_dtype(extras_dtype: str) -> None:
+    if extras_dtype not in EXTRAS_DTYPES:
+        raise OptionError(f"unknown extras dtype {extras_dtype!r}; choose from {', '.join(EXTRAS_DTYPES)}")
 
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -96,18 +104,20 @@ def _optimal_cores(B, A, U, V, assign):
     return out
 
 
-def _finish(fac: Factors, U, V, cores, assign, refine: bool, sdtype: torch.dtype, chunk: int):
+def _finish(fac: Factors, U, V, cores, assign, refine: bool, storage_dtype: str, chunk: int):
     """Round a module's solution to the storage dtype and measure it, in one float64 pass over
     the adapters (``chunk`` at a time): with ``refine`` (JD bases solved in float32), the bases
     are re-orthonormalised and the optimal cores recomputed in float64, so solving in float32
     costs nothing beyond the subspace itself; then the exact errors of what is stored (from
-    Grams of the rounded factors) and the spectra, from the same Grams.
+    Grams of the rounded, for int8 the dequantised, factors) and the spectra, from the same Grams.
 
-    Returns ``(U, V, cores, errors2, norms2, spectra)`` with ``U``, ``V``, ``cores`` in ``sdtype``.
+    Returns ``(U, V, cores, errors2, norms2, spectra)`` with ``U``, ``V``, ``cores``
+    :class:`~lorazip.quantize.Stored` in ``storage_dtype`` (int8: data and row scales).
     """
     if refine:
         U, V = orth(U.double().cpu()), orth(V.double().cpu())
-    Ur, Vr = U.to(sdtype).cpu().contiguous(), V.to(sdtype).cpu().contiguous()
+    Us, Vs = to_storage(U.cpu(), storage_dtype), to_storage(V.cpu(), storage_dtype)
+    Ur, Vr = Us.values, Vs.values
     U64, V64 = U.double().cpu(), V.double().cpu()
     assign = None if assign is None else assign.long().cpu()
     out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
@@ -115,15 +125,15 @@ def _finish(fac: Factors, U, V, cores, assign, refine: bool, sdtype: torch.dtype
         B, A = ch.B.cpu().double(), ch.A.cpu().double()
         k = None if assign is None else assign[ch.start : ch.stop]
         c = _optimal_cores(B, A, U64, V64, k) if refine else cores[ch.start : ch.stop].cpu()
-        c = c.to(sdtype)
+        c = to_storage(c, storage_dtype)
         GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
         n2 = (GB * GA).sum(dim=(1, 2))
-        e2, _ = squared_errors(B, A, Ur, Vr, c, k, norms2=n2)
+        e2, _ = squared_errors(B, A, Ur, Vr, c.values, k, norms2=n2)
         for key, x in zip("cens", (c, e2, n2, spectra_from_grams(GB, GA))):
             out[key].append(x)
         del ch, B, A  # a streamed chunk is freed before the next one is read
-    c, e2, n2, sv = (torch.cat(out[key]) for key in "cens")
-    return Ur, Vr, c.contiguous(), e2, n2, sv
+    e2, n2, sv = (torch.cat(out[key]) for key in "ens")
+    return Us, Vs, cat_stored(out["c"]), e2, n2, sv
 
 
 class _FactorCache:
@@ -202,6 +212,7 @@ def compress_modules(
     per_module_clusters: bool = False,
     max_rounds: int = 30,
     keep_extras: bool = True,
+    extras_dtype: str = "auto",
     hash_sources: bool = True,
     cache_bytes: int = 2 << 30,
     memory_limit: int | None = None,
@@ -225,8 +236,10 @@ def compress_modules(
     device : "auto", "cpu" or "cuda"; the same code runs on both.
     backend : "torch" (default), "numpy" or "cupy": the array library the JD-Full solver runs
         on (:mod:`lorazip.backend`; cupy runs on the GPU without a CUDA build of torch).
-    storage_dtype : "float32", "float16" or "bfloat16" for the stored bases and cores; "auto"
-        (default) keeps the adapters' own precision (fp16 stays fp16, anything mixed is fp32).
+    storage_dtype : "float32", "float16", "bfloat16" or "int8" (symmetric per-row int8 with one
+        scale per row, :mod:`lorazip.quantize`) for the stored bases and cores; "auto" (default)
+        keeps the adapters' own precision (fp16 stays fp16, anything mixed is fp32). Errors are
+        always measured on the stored (rounded, dequantised) values.
     compute_dtype : "float32" (default) or "float64" for the solver; errors are always
         measured in float64.
     seed, max_iters, tol : solver settings (seeded, deterministic on CPU).
@@ -236,6 +249,10 @@ def compress_modules(
         needing more than a third of it is streamed from disk in chunks of adapters on every
         solver pass (jd-full and jd-diag; slower, bounded memory); see :class:`MemoryPlan`.
     keep_extras : store non-LoRA tensors (``modules_to_save``) so export reproduces them.
+    extras_dtype : "auto" (default: extras stored exactly as they came), "float32", "float16",
+        "bfloat16" or "int8", applied to floating extras of 2+ dims (1-D ones only for float16 /
+        bfloat16); their error is recorded apart (``stats/extras_*``) and export restores the
+        original dtypes.
     progress : called as ``progress(done, total, module_name)`` after each module.
     timings : if given, filled with seconds spent waiting for reads (``read_s``), solving
         (``solve_s``; streamed modules read inside it), measuring errors (``error_s``) and
@@ -251,7 +268,8 @@ def compress_modules(
     module is stored at ``min(rank, d_out, d_in, sum of its adapters' ranks)``, which is exact
     there, and ``meta["modules"][j]["rank_capped"]`` records it.
     """
-    opts = CompressOptions(rank, method, weighting, device, storage_dtype, seed, max_iters, tol, compute_dtype)
+    opts = CompressOptions(rank, method, weighting, device, storage_dtype, seed, max_iters, tol, compute_dtype,
+                           extras_dtype)
     opts.check()
     if storage_dtype == "auto":
         storage_dtype = collection.storage_dtype()
@@ -280,7 +298,6 @@ def compress_modules(
             if r_out != r_in:
                 one_side[m.name] = (r_out, r_in)
     dev = resolve_device(device)
-    sdtype = STORAGE_DTYPES[storage_dtype]
     n, n_mod = len(collection), len(collection.modules)
     if method == "jd-clustered" and not 1 <= clusters <= n:
         raise OptionError(f"--clusters {clusters} must be between 1 and the number of adapters ({n})")
@@ -301,8 +318,10 @@ def compress_modules(
         t0 = time.perf_counter()
         refine = (method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
         U, V, cores, sq_error[:, j], norm2[:, j], sv = _finish(
-            fac, U, V, cores, assign, refine, sdtype, min(_ERROR_CHUNK, fac.chunk))
-        tensors[f"U/{info.name}"], tensors[f"V/{info.name}"], tensors[f"cores/{info.name}"] = U, V, cores
+            fac, U, V, cores, assign, refine, storage_dtype, min(_ERROR_CHUNK, fac.chunk))
+        U.put(tensors, f"U/{info.name}")
+        V.put(tensors, f"V/{info.name}")
+        cores.put(tensors, f"cores/{info.name}")
         if assign is not None:
             tensors[f"assign/{info.name}"] = assign.to(torch.int32).cpu()
         tensors[f"spectra/{info.name}"] = sv.float()
@@ -388,15 +407,18 @@ def compress_modules(
                    "compute_dtype": compute_dtype},
         "clustering": clustering,
     }
-    art = assemble(collection, meta, modules_meta, tensors, sq_error, norm2, hashes, keep_extras)
+    art = assemble(collection, meta, modules_meta, tensors, sq_error, norm2, hashes, keep_extras, extras_dtype)
     clock["hash_s"] = time.perf_counter() - t0
     return art
 
 
 def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, tensors: dict[str, torch.Tensor],
-             sq_error: torch.Tensor, norm2: torch.Tensor, hashes: SourceHashes, keep_extras: bool) -> Artifact:
+             sq_error: torch.Tensor, norm2: torch.Tensor, hashes: SourceHashes, keep_extras: bool,
+             extras_dtype: str = "auto") -> Artifact:
     """The artifact of solved modules: statistics, provenance (waits for the source hashes),
-    kept non-LoRA tensors, and ``meta`` (method, ranks, solver settings) completed."""
+    kept non-LoRA tensors (converted to ``extras_dtype`` unless "auto", their error recorded in
+    ``stats/extras_sq_error`` / ``stats/extras_norm2``), and ``meta`` (method, ranks, solver
+    settings) completed."""
     tensors["stats/sq_error"] = sq_error
     tensors["stats/norm2"] = norm2
     try:
@@ -404,9 +426,15 @@ def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, t
     finally:
         hashes.close()
     if keep_extras:
+        n = len(collection.adapters)
+        ex_sq, ex_n2 = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         for i, a in enumerate(collection.adapters):
-            for key, t in (a.extra_tensors() if a.extras else {}).items():
-                tensors[f"extras/{i}/{key}"] = t.contiguous()
+            ex_sq[i], ex_n2[i], orig = store_extras(tensors, i, a.extra_tensors() if a.extras else {}, extras_dtype)
+            if orig:
+                adapters_meta[i]["extras_dtypes"] = orig
+        if extras_dtype != "auto" and any(a.extras for a in collection.adapters):
+            tensors["stats/extras_sq_error"], tensors["stats/extras_norm2"] = ex_sq, ex_n2
+            meta = {**meta, "extras_dtype": extras_dtype}
     meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
             "modules": modules_meta, "adapters": adapters_meta}
     return Artifact(meta, tensors=tensors)

@@ -8,8 +8,8 @@ truncated SVD.
 
 For the allocator, :func:`nested_residual_spectra` gives the residual spectra at many shared
 ranks ``r`` of nested bases ``U_R X_r``, ``V_R Y_r`` at once: each adapter's residual lives in
-``span([B_i, U_R]) x span([A_i^T, V_R])`` for every ``r``, so one pair of QRs per adapter
-serves all ranks, and each rank costs one small SVD per adapter.
+``span([B_i, U_R]) x span([A_i^T, V_R])`` for every ``r``, so one pair of small Grams per
+adapter serves all ranks, and each rank costs one small symmetric eigenproblem per adapter.
 """
 
 from __future__ import annotations
@@ -48,41 +48,59 @@ def residual_factors(B, A, U, V, S, ranks: torch.Tensor):
     n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
     if k_max == 0:
         return B.new_zeros(n, d_out, 0), A.new_zeros(n, 0, d_in)
-    P, s, Q = residual_svd(B, A, U, V, S)
+    rows = torch.nonzero(ranks > 0).flatten()  # only adapters that keep a residual
+    pick = (lambda X: X[rows]) if _per_adapter(U) else (lambda X: X)
+    P, s, Q = residual_svd(B[rows], A[rows], pick(U), pick(V), S[rows])
     k_max = min(k_max, s.shape[1])
-    keep = (torch.arange(k_max)[None, :] < ranks[:, None]).to(s.dtype)
+    keep = (torch.arange(k_max)[None, :] < ranks[rows][:, None]).to(s.dtype)
     root = s[:, :k_max].clamp_min(0).sqrt() * keep
-    return P[:, :, :k_max] * root[:, None, :], (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
+    b = B.new_zeros(n, d_out, k_max)
+    a = A.new_zeros(n, k_max, d_in)
+    b[rows] = P[:, :, :k_max] * root[:, None, :]
+    a[rows] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
+    return b, a
+
+
+def _per_adapter(U) -> bool:
+    return U.dim() == 3
+
+
+def _psd_sqrt(G):
+    """Symmetric square root of PSD matrices (n, m, m) (eigenvalues clipped at 0)."""
+    evals, Q = torch.linalg.eigh(G)
+    return (Q * evals.clamp_min(0).sqrt()[:, None, :]) @ Q.transpose(1, 2)
 
 
 def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-    """Residual singular values at several nested shared ranks.
+    """Residual squared singular values at several nested shared ranks, from small Grams.
 
     B, A : one module's factors (n, d_out, r_i), (n, r_i, d_in), float64; U_R (d_out, R), V_R
-    (d_in, R) the top-rank bases, S_R (n, R, R) = U_R^T M_i V_R; ``XY[r] = (X_r, Y_r)`` (R, r)
-    orthonormal, defining the rank-r bases ``U_R X_r``, ``V_R Y_r`` (optimal cores
-    ``X_r^T S_R Y_r``). Returns ``{r: (n, r_i + R) squared singular values, descending}`` and,
-    for ``r = 0``, those of ``M_i`` itself.
+    (d_in, R) orthonormal top-rank bases, S_R (n, R, R) = U_R^T M_i V_R; ``XY[r] = (X_r, Y_r)``
+    (R, r) orthonormal, defining the rank-r bases ``U_R X_r``, ``V_R Y_r`` with optimal cores
+    ``X_r^T S_R Y_r``. Returns ``{r: (n, r_i + R)}`` squared singular values, descending
+    (``r = 0``: those of ``M_i`` itself).
+
+    With ``L = [B_i, U_R]`` and ``T = [A_i^T, V_R]`` every residual is ``L C_r T^T`` with the
+    small ``C_r = diag(I, -X X^T S_R Y Y^T)``, so its squared singular values are the
+    eigenvalues of ``G_T^1/2 C^T G_L C G_T^1/2`` (Grams ``G_L = L^T L``, ``G_T = T^T T``, made of
+    ``B^T B``, ``B^T U_R``, ``A A^T``, ``A V_R``): nothing of size ``d`` beyond those products.
     """
-    n = B.shape[0]
+    n, _, r_i = B.shape
     R = U_R.shape[1]
-    Ub = U_R.expand(n, *U_R.shape)
-    Vb = V_R.expand(n, *V_R.shape)
-    Q1, R1 = torch.linalg.qr(torch.cat([B, Ub], 2))  # span([B_i, U_R]) for every r
-    Q2, R2 = torch.linalg.qr(torch.cat([A.transpose(1, 2), Vb], 2))
-    r_i = B.shape[2]
-    # coordinates in (Q1, Q2): M_i -> R1[:, :, :r_i] R2[:, :, :r_i]^T; U_R -> R1[:, :, r_i:]; V_R -> R2[:, :, r_i:]
-    Mc = R1[:, :, :r_i] @ R2[:, :, :r_i].transpose(1, 2)
-    Uc, Vc = R1[:, :, r_i:], R2[:, :, r_i:]
+    BU = B.transpose(1, 2) @ U_R  # (n, r_i, R)
+    AV = A @ V_R  # (n, r_i, R)
+    eye = torch.eye(R, dtype=B.dtype).expand(n, R, R)
+    GL = torch.cat([torch.cat([B.transpose(1, 2) @ B, BU], 2), torch.cat([BU.transpose(1, 2), eye], 2)], 1)
+    GT = torch.cat([torch.cat([A @ A.transpose(1, 2), AV], 2), torch.cat([AV.transpose(1, 2), eye], 2)], 1)
+    HT = _psd_sqrt(GT)
+    m = r_i + R
     out = {}
     for r, (X, Y) in XY.items():
-        if r == 0:
-            core = Mc
-        else:
-            P = X @ X.T
-            Qp = Y @ Y.T
-            core = Mc - Uc @ (P @ S_R @ Qp) @ Vc.transpose(1, 2)
-        # squared singular values = eigenvalues of the Gram (float64: exact to eps ||M_i||^2)
-        out[r] = torch.linalg.eigvalsh(core @ core.transpose(1, 2)).flip(-1).clamp_min(0)
-    del R
+        C = torch.zeros(n, m, m, dtype=B.dtype)
+        C[:, :r_i, :r_i] = torch.eye(r_i, dtype=B.dtype)
+        if r > 0:
+            C[:, r_i:, r_i:] = -((X @ X.T) @ S_R @ (Y @ Y.T))
+        CH = C @ HT
+        K = CH.transpose(1, 2) @ GL @ CH
+        out[r] = torch.linalg.eigvalsh(0.5 * (K + K.transpose(1, 2))).flip(-1).clamp_min(0)
     return out

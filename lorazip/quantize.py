@@ -1,0 +1,210 @@
+"""Symmetric per-row int8 storage (``--dtype int8``, ``--extras-dtype int8``).
+
+A float tensor ``<key>`` of shape (..., L) is stored as ``<key>``, int8 of the same shape, and
+``qscale/<key>``, shape (...,): one scale per row (the last axis) ``s = max|row| / 127`` (0 for a
+zero row), rounded *up* to the scale's dtype so that ``|x / s| <= 127``; the stored values are
+``q = round(x / s)`` and a reader gets ``q * s`` (computed in float32: exact for float16 scales).
+Every value is then within ``s / 2`` of the original.
+
+Scales are float16 unless one would exceed float16's range (rows with values above ~8.3e6),
+then float32; writers may ask for float32 (residual rows and extras, whose rows are long, so
+the two extra bytes are nothing and small magnitudes keep full precision). A tensor with no
+elements is stored as an empty int8 tensor without ``qscale``.
+
+The solvers round through :func:`to_storage` / :func:`round_to_storage` and measure their
+errors on the dequantised values, so recorded errors are exact for what a reader gets.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+QSCALE = "qscale/"  # prefix of the scale tensor of an int8 tensor
+QUANTISED = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
+FLOAT_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXTRAS_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+_F16_MAX = float(torch.finfo(torch.float16).max)
+_INT = {torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def _round_up(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``s`` (float64, >= 0) in ``dtype``, rounded up to the next representable value where the
+    conversion rounded down (so ``x / scale`` never exceeds 127)."""
+    out = s.to(dtype)
+    low = out.double() < s
+    if bool(low.any()):  # positive finite numbers: the next one up is the next bit pattern
+        bumped = (out.view(_INT[dtype]) + 1).view(dtype)
+        out = torch.where(low, bumped, out)
+    return out
+
+
+def quantize_rows(t: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)``: ``q`` int8 of ``t``'s shape, ``scale`` of shape ``t.shape[:-1]`` (float16, or
+    float32 when a scale would overflow float16; or ``scale_dtype``), with ``t ~ q * scale[..., None]``."""
+    x = t.detach().to("cpu", torch.float64)
+    if x.dim() == 0:
+        raise ValueError("int8 storage needs at least one dimension (rows along the last axis)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("cannot quantise NaN or Inf values")
+    amax = x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
+    s = amax / 127
+    big = float(s.max()) > _F16_MAX if s.numel() else False
+    if scale_dtype is None:
+        scale_dtype = torch.float32 if big else torch.float16
+    elif scale_dtype == torch.float16 and big:
+        raise ValueError("row scales overflow float16; quantise with float32 scales")
+    if scale_dtype not in _INT:
+        raise ValueError(f"scales are float16 or float32, not {scale_dtype}")
+    scale = _round_up(s, scale_dtype)
+    sc = scale.double()[..., None]
+    q = torch.where(sc > 0, x / torch.where(sc > 0, sc, 1.0), 0.0).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``q * scale[..., None]`` (what every reader of an int8 tensor gets)."""
+    return q.float() * scale.float()[..., None]
+
+
+class Stored(NamedTuple):
+    """A tensor as stored: ``data`` (storage dtype, or int8) and, for int8, its row ``scale``."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """What a reader gets: ``data`` itself for float storage, the float32 dequantised values for int8."""
+        if self.data.dtype != torch.int8:
+            return self.data
+        return self.data.float() if self.scale is None else dequantize_rows(self.data, self.scale)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def put(self, tensors: dict[str, torch.Tensor], key: str) -> None:
+        """Add ``key`` (and ``qscale/<key>`` for int8) to ``tensors``."""
+        tensors[key] = self.data.contiguous()
+        if self.scale is not None:
+            tensors[QSCALE + key] = self.scale.contiguous()
+
+
+def to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | None = None) -> Stored:
+    """``t`` in ``storage_dtype`` ("float32", "float16", "bfloat16" or "int8"; ``scale_dtype``: int8 only)."""
+    if storage_dtype == "int8":
+        if t.numel() == 0:
+            return Stored(torch.empty(t.shape, dtype=torch.int8))
+        return Stored(*quantize_rows(t, scale_dtype))
+    if storage_dtype not in FLOAT_STORAGE:
+        raise ValueError(f"unknown storage dtype {storage_dtype!r}")
+    return Stored(t.detach().to(FLOAT_STORAGE[storage_dtype]).cpu())
+
+
+def dry_storage(shape, storage_dtype: str, scale_dtype: torch.dtype = torch.float16) -> Stored:
+    """Empty tensors of the shapes and dtypes :func:`to_storage` gives (to measure a file's size)."""
+    shape = tuple(int(d) for d in shape)
+    if storage_dtype != "int8":
+        return Stored(torch.empty(shape, dtype=FLOAT_STORAGE[storage_dtype]))
+    data = torch.empty(shape, dtype=torch.int8)
+    return Stored(data, torch.empty(shape[:-1], dtype=scale_dtype) if data.numel() else None)
+
+
+def cat_stored(parts: list[Stored]) -> Stored:
+    """Concatenate stored chunks along dim 0 (int8 scales widened to float32 if the chunks differ)."""
+    data = torch.cat([p.data for p in parts])
+    scales = [p.scale for p in parts if p.scale is not None]
+    if not scales:
+        return Stored(data)
+    dtype = torch.float32 if any(s.dtype == torch.float32 for s in scales) else torch.float16
+    return Stored(data, torch.cat([s.to(dtype) for s in scales]))
+
+
+def round_to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The values a reader gets back after storing ``t`` in ``storage_dtype``, as float64."""
+    return to_storage(t, storage_dtype, scale_dtype).values.double()
+
+
+def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every int8 tensor that has a ``qscale/`` companion replaced by its float32
+    values, the companions dropped (the view :mod:`lorazip.update` computes on)."""
+    out = {}
+    for key, t in tensors.items():
+        if key.startswith(QSCALE):
+            continue
+        scale = tensors.get(QSCALE + key)
+        if scale is not None:
+            out[key] = dequantize_rows(t, scale)
+        elif t.dtype == torch.int8 and t.numel() == 0 and key.startswith(QUANTISED[:-1]):
+            out[key] = t.float()
+        else:
+            out[key] = t
+    return out
+
+
+def requantized(tensors: dict[str, torch.Tensor], view: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
+                storage_dtype: str) -> dict[str, torch.Tensor]:
+    """Store again what was computed on the :func:`dequantized` ``view`` of ``raw``: tensors still the
+    view's objects get their raw int8 data and scales back (bit for bit); changed bases and cores
+    are quantised (per row: rows that were already stored come back unchanged). Tensors already
+    in stored form (``qscale/`` keys and their int8 data) pass through."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key in out:
+            continue
+        if key.startswith(QSCALE):
+            out[key] = t
+        elif key in view and t is view[key] and key in raw and raw[key] is not t:
+            out[key] = raw[key]
+            if QSCALE + key in raw:
+                out[QSCALE + key] = raw[QSCALE + key]
+        elif storage_dtype == "int8" and key.startswith(QUANTISED[:-1]) and t.is_floating_point():
+            to_storage(t, "int8", torch.float32 if key.startswith("resid_") else None).put(out, key)
+        else:
+            out[key] = t
+    return out
+
+
+# -- extras (modules_to_save heads) ---------------------------------------------------------------
+
+def _converts(t: torch.Tensor, extras_dtype: str) -> bool:
+    """Whether ``--extras-dtype`` applies to ``t``: floating tensors of 2+ dims; 1-D ones for
+    float16 / bfloat16 only; never a no-op (same dtype) nor int8 of a 1-byte float."""
+    if extras_dtype == "auto" or not t.is_floating_point() or t.dim() == 0:
+        return False
+    if t.dim() == 1 and extras_dtype not in ("float16", "bfloat16"):
+        return False
+    if extras_dtype == "int8":
+        return t.element_size() > 1 and t.numel() > 0
+    return t.dtype != FLOAT_STORAGE[extras_dtype]
+
+
+def store_extras(tensors: dict[str, torch.Tensor], i: int, extras: dict[str, torch.Tensor], extras_dtype: str
+                 ) -> tuple[float, float, dict[str, str]]:
+    """Put adapter ``i``'s non-LoRA tensors into ``tensors`` as ``extras/<i>/<key>``, converted to
+    ``extras_dtype`` (see :func:`_converts`; "auto" keeps them as they came). Returns the squared
+    error ``sum ||X - X_hat||^2`` and ``sum ||X||^2`` over the adapter's extras (float64) and the
+    original dtypes of the converted tensors (``{key: "float32"}``, for export)."""
+    from .errors import OptionError
+
+    sq = n2 = 0.0
+    orig: dict[str, str] = {}
+    for key, t in extras.items():
+        name = f"extras/{i}/{key}"
+        if not _converts(t, extras_dtype):
+            tensors[name] = t.contiguous()
+            if t.is_floating_point():
+                n2 += float(t.double().square().sum())
+            continue
+        x = t.double()
+        if extras_dtype == "float16" and float(x.abs().max()) > _F16_MAX:
+            raise OptionError(f"extras tensor {key} of adapter {i} overflows float16: use --extras-dtype "
+                              "bfloat16 or int8")
+        st = to_storage(t, extras_dtype, torch.float32)
+        st.put(tensors, name)
+        sq += float((x - st.values.double()).square().sum())
+        n2 += float(x.square().sum())
+        orig[key] = str(t.dtype).replace("torch.", "")
+    return sq, n2, orig
