@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import lorazip
+from lorazip.artifact import storage_summary as storage  # no torch: `lorazip info` reads the header only
 
 
 def _b(n: float) -> str:
@@ -102,38 +103,6 @@ def print_worst(con: Console, rep: dict[str, Any], top: int) -> None:
     for a in rows:
         t.add_row(escape(a["name"]), f"{a['error']:.4f}", f"{a['svd_same_rank_error']:.4f}", str(len(a["missing_modules"])))
     con.print(t)
-
-
-def storage(artifact: lorazip.Artifact) -> dict[str, Any]:
-    """:func:`lorazip.evaluate.storage` from the metadata alone, without importing torch (which
-    lorazip.evaluate does): ``lorazip info`` reads only the artifact's header. Keep the two in
-    step; tests/test_cli_startup.py compares them."""
-    n = len(artifact.names)
-    orig = 0
-    for a in artifact.meta["adapters"]:
-        for mod in artifact.modules:
-            orig += a["ranks"].get(mod["name"], 0) * (mod["d_in"] + mod["d_out"])
-    comp = 0
-    for mod in artifact.modules:
-        r, k = mod["rank"], mod.get("n_clusters", 1)
-        r_out = mod.get("rank_out", r)  # a head kept whole on its small side: rectangular cores
-        core = r if artifact.method in ("jd-diag", "svd") else r_out * r
-        comp += k * (r * mod["d_in"] + r_out * mod["d_out"]) + n * core
-        comp += (mod.get("residual") or {}).get("total_rank", 0) * (mod["d_in"] + mod["d_out"])  # b_i, a_i (v2)
-    orig_bytes = sum(
-        f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
-        if not name.endswith(".json")
-    )
-    art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
-    return {
-        "original_params": orig,
-        "compressed_params": comp,
-        "ratio_params": orig / comp if comp else 0.0,
-        "original_bytes": orig_bytes,
-        "artifact_bytes": art_bytes,
-        "ratio_bytes": orig_bytes / art_bytes if art_bytes else 0.0,
-        "bytes_per_adapter": art_bytes / n if n else 0.0,
-    }
 
 
 def _residual_ranges(art: lorazip.Artifact) -> dict[str, tuple[int, int]]:

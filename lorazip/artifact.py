@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError
+from .io.safetensors_header import FLOAT_DTYPES, ST_DTYPES, RawReader, parse_header, parse_json, short
 
 if TYPE_CHECKING:
     import torch
@@ -64,46 +65,7 @@ def __getattr__(name: str) -> Any:
 
 
 # -- the safetensors header, without torch ----------------------------------------------------------
-# The same checks and messages as lorazip.io.peft.parse_safetensors / SafetensorsReader (raised as
-# ArtifactError); tests/test_cli_startup.py holds the two to the same answers.
-
-# safetensors dtype -> (bytes per element, the torch dtype's name, which tensor_checksum hashes)
-ST_DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "torch.float64"), "F32": (4, "torch.float32"), "F16": (2, "torch.float16"),
-    "BF16": (2, "torch.bfloat16"), "F8_E4M3": (1, "torch.float8_e4m3fn"), "F8_E5M2": (1, "torch.float8_e5m2"),
-    "I64": (8, "torch.int64"), "I32": (4, "torch.int32"), "I16": (2, "torch.int16"), "I8": (1, "torch.int8"),
-    "U64": (8, "torch.uint64"), "U32": (4, "torch.uint32"), "U16": (2, "torch.uint16"), "U8": (1, "torch.uint8"),
-    "BOOL": (1, "torch.bool"),
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what bases, cores and statistics may be stored as
-_INT_FORMATS = {"I8": "b", "I16": "h", "I32": "i", "I64": "q", "U8": "B", "U16": "H", "U32": "I", "U64": "Q"}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-def short(value: Any, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit`` characters (hostile files can hold megabyte-long values)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {short(k)}")
-        out[k] = v
-    return out
-
-
-def parse_json(text: str | bytes, *, unique_keys: bool = False) -> Any:
-    """``json.loads`` that raises ``ValueError`` (with a short reason) on any invalid input
-    (also for documents nested too deeply and, with ``unique_keys``, repeated keys)."""
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(str(exc)) from None
+# One parser with lorazip.io.peft.parse_safetensors (lorazip.io.safetensors_header), raising ArtifactError.
 
 
 def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
@@ -111,106 +73,15 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
     data is read): ``(tensors, metadata, data_start)``. A known dtype for every tensor, shapes
     that match byte sizes, offsets that tile the data exactly to the end of the file; anything
     else is an :class:`ArtifactError`."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ArtifactError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ArtifactError(f"{path}: corrupt safetensors header (length {n} > file size)")
-            text = f.read(n)
-        header = parse_json(text.decode("utf-8"), unique_keys=True)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{path}: corrupt safetensors header (not JSON: not UTF-8 text)") from None
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{path}: corrupt safetensors header")
-    meta = header.pop("__metadata__", None)
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ArtifactError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    data_len = size - 8 - n
-    spans = []
-    for key, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (
-                isinstance(shape, list)
-                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end))
-                and 0 <= start <= end <= data_len
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ArtifactError(f"{path}: corrupt safetensors entry for {short(key)} (offsets/shape)")
-        width = ST_DTYPES[dtype][0] if isinstance(dtype, str) and dtype in ST_DTYPES else None
-        if width is None:
-            raise ArtifactError(f"{path}: tensor {short(key)} has unsupported dtype {short(dtype)}")
-        if end - start != math.prod(shape) * width:
-            raise ArtifactError(f"{path}: tensor {short(key)}: shape {short(shape)} does not match its byte size")
-        spans.append((start, end, key))
-    spans.sort()
-    pos = 0
-    for s0, e0, k0 in spans:
-        if s0 < pos:
-            raise ArtifactError(f"{path}: tensors {short(k0)} and another overlap")
-        if s0 > pos:
-            raise ArtifactError(f"{path}: corrupt safetensors file (gap in the data before {short(k0)})")
-        pos = e0
-    if pos != data_len:
-        raise ArtifactError(f"{path}: truncated or padded safetensors file (data size mismatch)")
-    return header, meta, 8 + n
+    return parse_header(path, ArtifactError)
 
 
-class HeaderReader:
+class HeaderReader(RawReader):
     """An artifact file's checked header plus raw reads of its tensors' bytes (plain file I/O,
     no torch): what :func:`load_artifact`, :func:`file_checksum` and :func:`lorazip.verify` need."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.header, self._meta, self._start = read_header(self.path)
-        self._f = None
-
-    def __enter__(self) -> "HeaderReader":
-        try:
-            self._f = open(self.path, "rb")
-        except OSError as exc:
-            raise ArtifactError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._meta)
-
-    def read_bytes(self, key: str, first: int = 0, count: int | None = None) -> bytearray:
-        """Raw bytes of tensor ``key`` (``count`` bytes from byte ``first``; all by default)."""
-        start, end = self.header[key]["data_offsets"]
-        count = end - start - first if count is None else count
-        buf = bytearray(count)
-        try:
-            self._f.seek(self._start + start + first)
-            got = self._f.readinto(buf)
-        except OSError as exc:
-            raise ArtifactError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
-        if got != count:
-            raise ArtifactError(f"{self.path}: truncated while reading tensor {short(key)}")
-        return buf
-
-    def read_ints(self, key: str) -> tuple[int, ...]:
-        """The values of an integer tensor (little-endian, as safetensors stores them)."""
-        info = self.header[key]
-        return struct.unpack(f"<{math.prod(info['shape'])}{_INT_FORMATS[info['dtype']]}", self.read_bytes(key))
+        super().__init__(path, ArtifactError)
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -237,6 +108,37 @@ def file_checksum(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
             for first in range(0, end - start, chunk):
                 h.update(f.read_bytes(key, first, min(chunk, end - start - first)))
         return h.hexdigest()
+
+
+def storage_summary(artifact: "Artifact") -> dict[str, Any]:
+    """Numbers and bytes: originals versus the artifact's bases and cores. Reads the metadata
+    alone (no tensor, no torch), so ``lorazip info`` can report it; ``lorazip.evaluate.storage``."""
+    n = len(artifact.names)
+    orig = 0
+    for a in artifact.meta["adapters"]:
+        for mod in artifact.modules:
+            orig += a["ranks"].get(mod["name"], 0) * (mod["d_in"] + mod["d_out"])
+    comp = 0
+    for mod in artifact.modules:
+        r, k = mod["rank"], mod.get("n_clusters", 1)
+        r_out = mod.get("rank_out", r)  # a head kept whole on its small side: rectangular cores
+        core = r if artifact.method in ("jd-diag", "svd") else r_out * r
+        comp += k * (r * mod["d_in"] + r_out * mod["d_out"]) + n * core
+        comp += (mod.get("residual") or {}).get("total_rank", 0) * (mod["d_in"] + mod["d_out"])  # b_i, a_i (v2)
+    orig_bytes = sum(
+        f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
+        if not name.endswith(".json")
+    )
+    art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
+    return {
+        "original_params": orig,
+        "compressed_params": comp,
+        "ratio_params": orig / comp if comp else 0.0,
+        "original_bytes": orig_bytes,
+        "artifact_bytes": art_bytes,
+        "ratio_bytes": orig_bytes / art_bytes if art_bytes else 0.0,
+        "bytes_per_adapter": art_bytes / n if n else 0.0,
+    }
 
 
 def current_umask() -> int:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .artifact import Artifact
+from .artifact import storage_summary as storage  # noqa: F401 (lorazip.evaluate.storage)
 from .errors import ValidationError
 from .io.collection import load_collection
 from .io.peft import sha256_file
@@ -55,36 +56,6 @@ def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: to
     pairs = int((norms2 > 0).sum())
     return {**summary(err.tolist()), "numbers": int(c[take].sum()), "pairs": pairs,
             "mean_rank": float(len(take) / max(pairs, 1))}
-
-
-def storage(artifact: Artifact) -> dict[str, Any]:
-    """Numbers and bytes: originals versus the artifact's bases and cores."""
-    n = len(artifact.names)
-    orig = 0
-    for a in artifact.meta["adapters"]:
-        for mod in artifact.modules:
-            orig += a["ranks"].get(mod["name"], 0) * (mod["d_in"] + mod["d_out"])
-    comp = 0
-    for mod in artifact.modules:
-        r, k = mod["rank"], mod.get("n_clusters", 1)
-        r_out = mod.get("rank_out", r)  # a head kept whole on its small side: rectangular cores
-        core = r if artifact.method in ("jd-diag", "svd") else r_out * r
-        comp += k * (r * mod["d_in"] + r_out * mod["d_out"]) + n * core
-        comp += (mod.get("residual") or {}).get("total_rank", 0) * (mod["d_in"] + mod["d_out"])  # b_i, a_i (v2)
-    orig_bytes = sum(
-        f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
-        if not name.endswith(".json")
-    )
-    art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
-    return {
-        "original_params": orig,
-        "compressed_params": comp,
-        "ratio_params": orig / comp if comp else 0.0,
-        "original_bytes": orig_bytes,
-        "artifact_bytes": art_bytes,
-        "ratio_bytes": orig_bytes / art_bytes if art_bytes else 0.0,
-        "bytes_per_adapter": art_bytes / n if n else 0.0,
-    }
 
 
 def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str, Any] | None:

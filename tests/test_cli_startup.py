@@ -2,8 +2,9 @@
 
 Each run is a fresh interpreter (``sys.executable -c``) that calls ``lorazip.cli.main.main`` and
 then reports what ``sys.modules`` holds. The artifacts are made here, in the test process, with
-the library. The pure-Python pieces that the torch-free paths repeat (safetensors header checks,
-source naming, storage numbers) are compared with the originals they stand in for.
+the library. The pure-Python pieces the torch-free paths need (safetensors header checks, source
+naming, storage numbers) live in torch-free modules that the torch-side code imports too; they are
+checked here on their own.
 """
 
 from __future__ import annotations
@@ -155,30 +156,63 @@ def test_public_names_are_the_same_objects_as_their_modules():
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch-free copies agree with what they stand in for
+# The torch-free pieces: one copy, shared by the torch-free paths and the library
 # ----------------------------------------------------------------------------------------------
 
 
-def test_info_storage_is_evaluate_storage(made):
+def test_torch_free_modules_import_without_torch():
+    got = _child(
+        """
+        import json, sys
+        import lorazip.artifact, lorazip.verify, lorazip.io.files, lorazip.io.safetensors_header
+        import lorazip.cli.report
+        print(json.dumps({"loaded": [m for m in ("torch", "numpy") if m in sys.modules]}))
+        """
+    )
+    assert got == {"loaded": []}
+
+
+def test_storage_numbers(made):
+    from lorazip.artifact import storage_summary
     from lorazip.cli.report import describe, storage
     from lorazip.evaluate import storage as eval_storage
 
+    assert storage is eval_storage is storage_summary  # one function for `lorazip info` and evaluate
     coll = lorazip.load_collection(made["src"])
+    orig_params = sum(a.modules[m].rank * (a.modules[m].d_in + a.modules[m].d_out)
+                      for a in coll.adapters for m in a.modules)
+    orig_bytes = sum(a.weights_file.stat().st_size for a in coll.adapters)
     for art in (lorazip.load_artifact(made["art"]), lorazip.load_artifact(made["clustered"]),
                 lorazip.compress(coll, 2, method="svd", device="cpu"),  # in memory: no path
                 lorazip.compress(coll, 2, method="jd-diag", device="cpu", max_iters=5)):
-        assert storage(art) == eval_storage(art)
-    assert describe(lorazip.load_artifact(made["art"]))["storage"] == eval_storage(lorazip.load_artifact(made["art"]))
+        st = storage(art)
+        n = len(art.names)
+        art_bytes = art.path.stat().st_size if art.path else art.nbytes_tensors()
+        assert st["original_params"] == orig_params and st["original_bytes"] == orig_bytes
+        assert st["artifact_bytes"] == art_bytes and st["bytes_per_adapter"] == art_bytes / n
+        assert st["ratio_params"] == orig_params / st["compressed_params"]
+        assert st["ratio_bytes"] == orig_bytes / art_bytes
+        k = {m["name"]: m.get("n_clusters", 1) for m in art.modules}
+        core = 2 if art.method in ("jd-diag", "svd") else 4
+        assert st["compressed_params"] == sum(k[m["name"]] * 2 * (m["d_in"] + m["d_out"]) + n * core
+                                              for m in art.modules)
+    assert describe(lorazip.load_artifact(made["art"]))["storage"] == storage(lorazip.load_artifact(made["art"]))
 
 
 def test_header_dtypes_match_torch():
     from lorazip import artifact
-    from lorazip.io import peft
+    from lorazip.io import peft, safetensors_header
 
-    assert artifact.FLOAT_DTYPES == peft.FLOAT_DTYPES
+    assert artifact.FLOAT_DTYPES is peft.FLOAT_DTYPES is safetensors_header.FLOAT_DTYPES
+    assert artifact.ST_DTYPES is peft.ST_DTYPES is safetensors_header.ST_DTYPES
     assert set(peft.ST_TORCH) <= set(artifact.ST_DTYPES)
-    for name, dtype in peft.ST_TORCH.items():
-        assert artifact.ST_DTYPES[name] == (peft._DTYPES[name], str(dtype)), name
+    for name, (width, torch_name) in artifact.ST_DTYPES.items():
+        dtype = getattr(torch, torch_name.removeprefix("torch."), None)
+        if dtype is None:  # an older torch: adapters in that dtype are refused
+            assert name not in peft.ST_TORCH and name not in peft._DTYPES, name
+            continue
+        assert peft.ST_TORCH[name] is dtype and str(dtype) == torch_name, name
+        assert torch.empty(0, dtype=dtype).element_size() == width == peft._DTYPES[name], name
     assert artifact.STORAGE_DTYPES == {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                                       "int8": torch.int8}
 
@@ -226,50 +260,106 @@ def _bad_files(tmp: Path) -> list[Path]:
     return out
 
 
-def test_header_reader_agrees_with_the_adapter_reader(tmp_path):
-    from lorazip.artifact import read_header
-    from lorazip.io.peft import parse_safetensors
+# what each file of _bad_files gives: the header's tensor count, or the error message after "<path>: "
+_HEADER_OUTCOMES = {
+    "good": 1,
+    "empty": 0,
+    "meta not strings": "corrupt safetensors header (__metadata__ must map strings to strings)",
+    "not an object": "corrupt safetensors header",
+    "bad dtype": "tensor 'x' has unsupported dtype 'F128'",
+    "dtype not a string": "tensor 'x' has unsupported dtype ['F32']",
+    "bad shape": "corrupt safetensors entry for 'x' (offsets/shape)",
+    "negative offset": "corrupt safetensors entry for 'x' (offsets/shape)",
+    "no offsets": "corrupt safetensors entry for 'x' (offsets/shape)",
+    "size mismatch": "tensor 'x': shape [3] does not match its byte size",
+    "gap": "corrupt safetensors file (gap in the data before 'x')",
+    "overlap": "tensors 'y' and another overlap",
+    "padded": "truncated or padded safetensors file (data size mismatch)",
+    "past the end": "corrupt safetensors entry for 'x' (offsets/shape)",
+    "short": "truncated safetensors file (no header)",
+    "huge length": "corrupt safetensors header (length 1099511627776 > file size)",
+    "not utf-8": "corrupt safetensors header (not JSON: not UTF-8 text)",
+    "not json": "corrupt safetensors header (not JSON: Expecting property name enclosed in double quotes",
+    "duplicate keys": "corrupt safetensors header (not JSON: duplicate key 'a')",
+    "nested": "corrupt safetensors header (not JSON: nested too deeply)",
+    "missing": "cannot read (",
+    "a folder": "cannot read (",
+}
 
-    outcomes = set()
-    for path in _bad_files(tmp_path):
-        try:
-            want = ("ok", parse_safetensors(path))
-        except AdapterFormatError as exc:
-            want = ("error", str(exc))
-        try:
-            got = ("ok", read_header(path))
-        except ArtifactError as exc:
-            got = ("error", str(exc))
-        assert got == want, path.name
-        outcomes.add(want[0] if want[0] == "ok" else want[1].replace(str(path), "").split("(")[0])
-    assert len(outcomes) >= 12, outcomes  # the cases reach many different checks
+
+def test_header_checks_raise_each_readers_error(tmp_path):
+    from lorazip.artifact import HeaderReader, read_header
+    from lorazip.io.peft import SafetensorsReader, parse_safetensors
+
+    readers = [(read_header, ArtifactError), (parse_safetensors, AdapterFormatError),
+               (lambda p: HeaderReader(p).header, ArtifactError),
+               (lambda p: SafetensorsReader(p).header, AdapterFormatError),
+               (lambda p: SafetensorsReader(p, ArtifactError).header, ArtifactError)]
+    paths = _bad_files(tmp_path)
+    assert sorted(p.name.removesuffix(".safetensors") for p in paths) == sorted(_HEADER_OUTCOMES)
+    for path in paths:
+        want = _HEADER_OUTCOMES[path.name.removesuffix(".safetensors")]
+        for read, error in readers:
+            if isinstance(want, int):
+                got = read(path)
+                header = got[0] if isinstance(got, tuple) else got
+                assert len(header) == want, path.name
+                continue
+            with pytest.raises(error) as info:
+                read(path)
+            assert type(info.value) is error, path.name
+            assert str(info.value).startswith(f"{path}: {want}"), (path.name, str(info.value))
+    header, meta, start = read_header(tmp_path / "good.safetensors")
+    assert (header, meta) == ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, {"a": "b"})
+    assert start == (tmp_path / "good.safetensors").stat().st_size - 8
+    assert parse_safetensors(tmp_path / "good.safetensors") == (header, meta, start)
 
 
 def test_verify_names_sources_as_load_collection_does(tmp_path):
     from lorazip.io.collection import resolve_sources
-    from lorazip.verify import _resolve_sources
+    from lorazip.io.files import resolve_sources as plain_resolve_sources
 
+    assert resolve_sources is plain_resolve_sources  # lorazip.verify names sources with this one too
     mod = {"q": (4, 4)}
     for rel in ("one/a", "one/b", "two/a", "two/deep/b", "solo", "x/ckpt/inner"):
         write_adapter(tmp_path / rel, mod, r=2, seed=len(rel))
     (tmp_path / "two" / "loop").symlink_to(tmp_path / "two")
+    t = tmp_path
     cases = [
-        tmp_path / "solo", [tmp_path / "one", tmp_path / "two"], [tmp_path / "one" / "a", tmp_path / "two" / "a"],
-        str(tmp_path / "x"), [tmp_path / "one", tmp_path / "one" / "a"], [tmp_path / "nope"],
-        [tmp_path / "solo" / "adapter_config.json"], [tmp_path / "one" / "a", tmp_path / "one" / "a"],
-        [tmp_path / "one", tmp_path / "two" / "deep"],
+        (t / "solo", [("solo", "solo")]),
+        ([t / "one", t / "two"], [("one--a", "one/a"), ("one--b", "one/b"), ("two--a", "two/a"),
+                                  ("two--deep--b", "two/deep/b")]),
+        ([t / "one" / "a", t / "two" / "a"], [("one--a", "one/a"), ("two--a", "two/a")]),
+        (str(t / "x"), [("inner", "x/ckpt/inner")]),
+        ([t / "one", t / "one" / "a"], f"{t}/one/a: the same adapter is listed twice (also as {t}/one/a)"),
+        ([t / "nope"], f"{t}/nope: no such file or directory"),
+        ([t / "solo" / "adapter_config.json"],
+         f"{t}/solo/adapter_config.json: not a folder (give an adapter folder or a folder of adapters)"),
+        ([t / "one" / "a", t / "one" / "a"], f"{t}/one/a: the same adapter is listed twice (also as {t}/one/a)"),
+        ([t / "one", t / "two" / "deep"], [("a", "one/a"), ("one--b", "one/b"), ("deep--b", "two/deep/b")]),
     ]
-    for sources in cases:
+    for sources, want in cases:
         try:
-            want = [(name, d) for name, d, _prov in resolve_sources(sources)]
-        except SourceError as exc:
-            want = str(exc)
-        try:
-            got = _resolve_sources(sources)
+            got = [(name, str(d.relative_to(t))) for name, d, prov in resolve_sources(sources) if prov == {}]
         except SourceError as exc:
             got = str(exc)
         assert got == want, sources
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SourceError, match="no adapter folders"):
-        _resolve_sources(empty)
+        resolve_sources(empty)
+
+
+def test_verify_checks_source_files_by_name(made, tmp_path):
+    import shutil
+
+    rep = lorazip.verify(made["art"], made["src"])
+    assert rep["ok"] and rep["problems"] == [] and rep["not_checked"] == []
+    assert {f["adapter"] for f in rep["files"]} == set(lorazip.load_artifact(made["art"]).names)
+    copy = tmp_path / "src"
+    shutil.copytree(made["src"], copy)
+    name = sorted(p.name for p in copy.iterdir())[0]
+    (copy / name / "adapter_model.safetensors").write_bytes(b"changed")
+    rep = lorazip.verify(made["art"], copy / name)
+    assert not rep["ok"] and len(rep["problems"]) == 1
+    assert rep["problems"][0].endswith("adapter_model.safetensors: sha256 differs from the file compressed into the artifact")

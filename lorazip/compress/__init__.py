@@ -1,18 +1,17 @@
 """Compression: a :class:`~lorazip.io.collection.Collection` in, an :class:`~lorazip.artifact.Artifact` out.
 
 * :mod:`.pipeline`: the module loop (read-ahead, streaming, backend conversion, exact errors);
-* :mod:`.allocate`: ranks under a byte budget or an error target;
+* :mod:`.mixed`: shared and per-adapter residual parts under a byte budget or an error target;
+* :mod:`.allocate`: shared ranks only under a budget or a target (jd-diag, uniform, streamed);
 * :mod:`.clusters`: the number of clusters K for a budget or a target;
 * :mod:`.streaming`: the memory plan for modules larger than memory;
 * :mod:`.provenance`: source hashes and adapter metadata.
 
-``lorazip.compress`` is both this package and, called, :func:`compress`.
+``lorazip.compress`` is the function :func:`compress` (the package keeps the name bound to it,
+see ``lorazip/__init__.py``); this package is ``sys.modules["lorazip.compress"]``.
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 from typing import Any, Callable
 
@@ -121,11 +120,3 @@ _MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_cluster
                                   "memory_limit", "cache_bytes", "timings"}
 
 
-class _CallableModule(types.ModuleType):
-    """``lorazip.compress(...)`` works whether the name is bound to the function or the package."""
-
-    def __call__(self, *args, **kwargs):
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -19,7 +19,8 @@ import torch
 
 from ..errors import AdapterFormatError, SourceError, ValidationError
 from .base_models import canonical_base_model
-from .peft import CONFIG_NAME, Adapter, load_adapter
+from .files import find_adapter_dirs, resolve_sources  # noqa: F401 (find_adapter_dirs: imported from here too)
+from .peft import Adapter, load_adapter
 
 
 @dataclass(frozen=True)
@@ -51,88 +52,6 @@ class ModuleFactors:
         from ..solvers._linalg import factor_norms2
 
         return factor_norms2(self.B, self.A).clamp_min(0)
-
-
-def _is_adapter_dir(path: Path) -> bool:
-    return (path / CONFIG_NAME).is_file()
-
-
-def find_adapter_dirs(root: Path) -> list[Path]:
-    """Adapter folders at or below ``root`` (sorted; symlink loops are not followed twice)."""
-    if _is_adapter_dir(root):
-        return [root]
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, _files in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames.sort()
-        if _is_adapter_dir(Path(dirpath)):
-            found.append(Path(dirpath))
-            dirnames[:] = []  # an adapter folder is a leaf (checkpoints inside are not adapters)
-    return found
-
-
-def _names_for(dirs: list[tuple[Path, Path]], prov: list[dict]) -> list[str]:
-    """Adapter names: folder (or Hub repo) names; on clashes, paths from above the source
-    root (or ``org--name``) joined by '--'."""
-    base = [p["hub"]["repo_id"].split("/")[-1] if p else d.name for (d, _root), p in zip(dirs, prov)]
-    out = []
-    for (d, root), p, b in zip(dirs, prov, base):
-        if base.count(b) == 1:
-            out.append(b)
-        elif p:
-            out.append(p["hub"]["repo_id"].replace("/", "--"))
-        elif d == root:  # adapter folders given directly: add their parent folder's name
-            out.append("--".join(d.resolve().parts[-2:]))
-        else:
-            out.append("--".join(d.relative_to(root.parent).parts))
-    return out
-
-
-def resolve_sources(sources) -> list[tuple[str, Path, dict]]:
-    """Expand sources into ``(name, adapter_dir, provenance)`` triples, in a stable order.
-
-    A source is a local folder (an adapter, or a folder of adapters) or a
-    :class:`~lorazip.io.hub.DownloadedAdapter` (named after its repo; provenance records
-    the repo id, requested revision and resolved commit).
-    """
-    if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "commit"):
-        sources = [sources]
-    pairs: list[tuple[Path, Path]] = []
-    prov: list[dict] = []
-    for src in sources:
-        if hasattr(src, "commit") and hasattr(src, "ref"):  # a Hub download
-            repo = src.ref.repo_id
-            pairs.append((Path(src.path), Path(src.path)))
-            prov.append({"hub": {"repo_id": repo, "revision": src.ref.revision, "commit": src.commit}})
-            continue
-        root = Path(src)
-        if not root.exists():
-            raise SourceError(f"{root}: no such file or directory")
-        if not root.is_dir():
-            raise SourceError(f"{root}: not a folder (give an adapter folder or a folder of adapters)")
-        dirs = find_adapter_dirs(root)
-        if not dirs:
-            raise SourceError(f"{root}: no adapter folders (no {CONFIG_NAME} found)")
-        pairs.extend((d, root) for d in dirs)
-        prov.extend({} for _ in dirs)
-    real: dict[str, Path] = {}
-    for d, _root in pairs:
-        key = os.path.realpath(d)
-        if key in real:
-            raise SourceError(f"{d}: the same adapter is listed twice (also as {real[key]})")
-        real[key] = d
-    names = _names_for(pairs, prov)
-    seen: dict[str, Path] = {}
-    for name, (d, _root) in zip(names, pairs):
-        if name in seen:
-            raise SourceError(f"{d}: adapter name {name!r} is used twice (also {seen[name]})")
-        seen[name] = d
-    return [(name, d, p) for name, (d, _r), p in zip(names, pairs, prov)]
 
 
 class Collection:

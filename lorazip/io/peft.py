@@ -17,12 +17,9 @@ so only the flag is recorded (and written back on export).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,11 @@ from typing import Any
 import torch
 
 from ..errors import AdapterFormatError
+from .files import CONFIG_NAME, sha256_file  # noqa: F401 (sha256_file: imported from here too)
+from .safetensors_header import (  # noqa: F401 (parse_json: imported from here too)
+    FLOAT_DTYPES, ST_DTYPES, RawReader, decode_json, parse_header, parse_json, short,
+)
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
@@ -43,21 +43,14 @@ _LORA_KEY = re.compile(
 _PREFIX = "base_model.model."
 _MAX_NORM2 = 1e150  # bound on ||B||^2 ||A||^2 of one module (real adapters: below 1e6)
 _MAX_NORM2_F32 = 1e30  # the same with float32 compute (float32 overflows at 3.4e38)
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _MAX_CONFIG = 16 * 1024 * 1024  # a PEFT config is a few KB; refuse absurd ones before parsing them
-# Every safetensors dtype lorazip reads, with its torch dtype (bytes per element from torch).
+# Every safetensors dtype lorazip reads that this torch has, with its torch dtype (ST_DTYPES names it).
 ST_TORCH: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in (
-        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("I64", "int64"), ("I32", "int32"),
-        ("I16", "int16"), ("I8", "int8"), ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
-        ("U8", "uint8"), ("BOOL", "bool"),
-    )
-    if hasattr(torch, attr)
+    name: getattr(torch, attr.removeprefix("torch."))
+    for name, (_width, attr) in ST_DTYPES.items()
+    if hasattr(torch, attr.removeprefix("torch."))
 }
-_DTYPES = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_TORCH.items()}  # bytes per element
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what LoRA factors may be stored as
+_DTYPES = {k: ST_DTYPES[k][0] for k in ST_TORCH}  # bytes per element
 _ST_DTYPE = {v: k for k, v in ST_TORCH.items()}
 
 
@@ -181,20 +174,6 @@ def _oriented(spec, part: str, x: torch.Tensor) -> torch.Tensor:
     return x * spec.scale if part == "B" else x
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def short(value: Any, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit`` characters (hostile files can hold megabyte-long values)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def utf8_path(path: Path) -> bool:
     """True when ``path`` can be handed to safetensors (which accepts UTF-8 paths only)."""
     try:
@@ -202,29 +181,6 @@ def utf8_path(path: Path) -> bool:
         return True
     except UnicodeEncodeError:  # undecodable bytes in a folder name (surrogate escapes)
         return False
-
-
-def _duplicate_keys_refused(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {short(k)}")
-        out[k] = v
-    return out
-
-
-def parse_json(text: str | bytes, *, unique_keys: bool = False) -> Any:
-    """``json.loads`` that raises ``ValueError`` (with a short reason) on any invalid input.
-
-    Deeply nested documents (which make the parser raise ``RecursionError``) and, with
-    ``unique_keys``, objects that repeat a key are invalid.
-    """
-    try:
-        return json.loads(text, object_pairs_hook=_duplicate_keys_refused if unique_keys else None)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def _is_bool(v: Any) -> bool:
@@ -265,12 +221,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{cfg_path}: cannot read ({exc.strerror or exc})") from None
     if len(raw) > _MAX_CONFIG:
         raise AdapterFormatError(f"{cfg_path}: larger than {_MAX_CONFIG // 2**20} MiB; not a PEFT adapter config")
-    try:
-        cfg = parse_json(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise AdapterFormatError(f"{cfg_path}: invalid JSON (not UTF-8 text)") from None
-    except ValueError as exc:
-        raise AdapterFormatError(f"{cfg_path}: invalid JSON ({exc})") from None
+    cfg = decode_json(raw, lambda why: AdapterFormatError(f"{cfg_path}: invalid JSON ({why})"), encoding="utf-8-sig")
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{cfg_path}: expected a JSON object")
     peft_type = cfg.get("peft_type", "LORA")
@@ -334,64 +285,10 @@ def parse_safetensors(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     Checks what safetensors itself checks before trusting a header: a known dtype for
     every tensor, shapes that match byte sizes exactly, offsets that tile the data
     without gaps or overlaps, and a data section that ends at the end of the file, so
-    no claim in the header can cause an allocation larger than the file.
+    no claim in the header can cause an allocation larger than the file
+    (:func:`lorazip.io.safetensors_header.parse_header`, raising :class:`AdapterFormatError`).
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise AdapterFormatError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise AdapterFormatError(f"{path}: corrupt safetensors header (length {n} > file size)")
-            text = f.read(n)
-        header = parse_json(text.decode("utf-8"), unique_keys=True)
-    except OSError as exc:
-        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise AdapterFormatError(f"{path}: corrupt safetensors header (not JSON: not UTF-8 text)") from None
-    except ValueError as exc:
-        raise AdapterFormatError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path}: corrupt safetensors header")
-    meta = header.pop("__metadata__", None)
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise AdapterFormatError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    data_len = size - 8 - n
-    spans = []
-    for key, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (
-                isinstance(shape, list)
-                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end))
-                and 0 <= start <= end <= data_len
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise AdapterFormatError(f"{path}: corrupt safetensors entry for {short(key)} (offsets/shape)")
-        width = _DTYPES.get(dtype) if isinstance(dtype, str) else None
-        if width is None:
-            raise AdapterFormatError(f"{path}: tensor {short(key)} has unsupported dtype {short(dtype)}")
-        if end - start != math.prod(shape) * width:
-            raise AdapterFormatError(f"{path}: tensor {short(key)}: shape {short(shape)} does not match its byte size")
-        spans.append((start, end, key))
-    spans.sort()
-    pos = 0
-    for s0, e0, k0 in spans:
-        if s0 < pos:
-            raise AdapterFormatError(f"{path}: tensors {short(k0)} and another overlap")
-        if s0 > pos:
-            raise AdapterFormatError(f"{path}: corrupt safetensors file (gap in the data before {short(k0)})")
-        pos = e0
-    if pos != data_len:
-        raise AdapterFormatError(f"{path}: truncated or padded safetensors file (data size mismatch)")
-    return header, meta, 8 + n
+    return parse_header(path, AdapterFormatError, _DTYPES)
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -399,7 +296,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return parse_safetensors(path)[0]
 
 
-class SafetensorsReader:
+class SafetensorsReader(RawReader):
     """A small safetensors reader on plain file reads (no mmap), over a header checked by
     :func:`parse_safetensors`. Used where safetensors cannot open the path (not UTF-8) and to
     hash an artifact's tensor bytes without building tensors. Same interface as the parts of
@@ -407,44 +304,10 @@ class SafetensorsReader:
     """
 
     def __init__(self, path: Path, error: type[Exception] = AdapterFormatError):
-        self.path, self.error = Path(path), error
-        try:
-            self.header, self._meta, self._start = parse_safetensors(self.path)
-        except AdapterFormatError as exc:
-            raise error(str(exc)) from None
-        self._f = None
-
-    def __enter__(self) -> "SafetensorsReader":
-        try:
-            self._f = open(self.path, "rb")
-        except OSError as exc:
-            raise self.error(f"{self.path}: cannot read ({exc.strerror or exc})") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        super().__init__(path, error, _DTYPES)
 
     def keys(self) -> list[str]:
         return sorted(self.header)
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._meta)
-
-    def read_bytes(self, key: str, first: int = 0, count: int | None = None) -> bytearray:
-        """Raw bytes of tensor ``key`` (``count`` bytes from byte ``first``; all by default)."""
-        start, end = self.header[key]["data_offsets"]
-        count = end - start - first if count is None else count
-        buf = bytearray(count)
-        try:
-            self._f.seek(self._start + start + first)
-            got = self._f.readinto(buf)
-        except OSError as exc:
-            raise self.error(f"{self.path}: cannot read ({exc.strerror or exc})") from None
-        if got != count:
-            raise self.error(f"{self.path}: truncated while reading tensor {short(key)}")
-        return buf
 
     def _tensor(self, key: str, buf: bytearray, shape: list[int]) -> torch.Tensor:
         dtype = ST_TORCH[self.header[key]["dtype"]]
