@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -180,3 +181,13 @@ def test_budget_runs_are_deterministic(tmp_path):
     assert a.tensors().keys() == b.tensors().keys()
     for key, t in a.tensors().items():
         assert torch.equal(t, b.tensors()[key]), key
+
+
+def test_a_budget_below_the_kept_heads_says_so(tmp_path):
+    heads = {"base_model.model.classifier.modules_to_save.default.weight": torch.randn(64, 64)}
+    write_collection(tmp_path / "c", n=2, modules=MODULES, r=4, seed=1, extra_tensors=heads)
+    coll = lorazip.load_collection(tmp_path / "c")
+    with pytest.raises(lorazip.OptionError, match="modules_to_save"):
+        compress_mixed(coll, budget=20_000, hash_sources=False)
+    art, _ = compress_mixed(coll, budget=20_000, keep_extras=False, hash_sources=False)
+    assert art.serialized_size() <= 20_000

@@ -429,8 +429,12 @@ def compress_mixed(
             else:
                 numbers = min(numbers - 1, exact)
             if numbers < 0:
+                extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items()
+                             if k.startswith("extras/"))
+                hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
+                        "store them in int8 or leave them out") if extras else ""
                 raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
-                                  f"statistics ({fixed:,} bytes)")
+                                  f"statistics ({fixed:,} bytes{hint})")
         alloc = best if budget is not None and best is not None else alloc
         art = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
                      keep_extras, progress, target_error, stat, budget, extras_dtype)
