@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -263,10 +264,10 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     # the mix: Lagrangian price per number, bisected to the budget, then greedy fill
     hi = max((row[2][0] / f.dim for f, rows in zip(fits, curves.opts) for row in rows if len(row[2])),
              default=1.0) * 2 + 1e-30
-    lo = 0.0
+    lo = hi * 1e-15  # prices span orders of magnitude: bisect in log space
     seen_ranks = []
-    for _ in range(60):
-        lam = (lo + hi) / 2 if lo > 0 else hi / 2 ** 10 if _ == 0 else (lo + hi) / 2
+    for _ in range(80):
+        lam = math.sqrt(lo * hi)
         ranks, counts = curves.lagrangian(lam)
         size = sum(_shared_numbers(f, r, n) + c * f.dim for f, r, c in zip(fits, ranks, counts))
         if size > numbers:
@@ -275,7 +276,7 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
             hi = lam
             if ranks not in seen_ranks:
                 seen_ranks.append(ranks)
-        if hi - lo <= 1e-9 * hi:
+        if hi <= lo * (1 + 1e-9):
             break
     ranks, counts = curves.lagrangian(hi)
     if stat == "mean":
