@@ -200,6 +200,17 @@ def test_choose_k_by_target_and_budget(fixtures_dir):
         choose_clusters(coll, 4, budget=1000, hash_sources=False)
 
 
+def test_clusters_auto_with_a_budget_keeps_the_better_of_k_and_the_mix(fixtures_dir):
+    coll = lorazip.load_collection(fixtures_dir / "gpt2")
+    budget = 600_000
+    art = lorazip.compress(coll, 4, clusters="auto", budget=budget, hash_sources=False)
+    sel = art.cluster_choice
+    fits = [row for row in sel["curve"] if row["bytes"] <= budget]
+    best = min(fits, key=lambda row: row["mean"])
+    assert sel["chosen"] == best["K"] and art.serialized_size() <= budget
+    assert lorazip.evaluate(art)["errors"]["mean"] == pytest.approx(best["mean"])
+
+
 def test_cli_clusters_auto_json(tmp_path, fixtures_dir, capsys):
     from lorazip.cli.main import main
 
@@ -209,6 +220,13 @@ def test_cli_clusters_auto_json(tmp_path, fixtures_dir, capsys):
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     sel = rep["k_selection"]
-    assert sel["chosen"] == rep["clustering"]["n_clusters"] and sel["curve"][-1]["mean"] <= 0.25
+    rows = {row["K"]: row for row in sel["curve"]}
+    assert "mix" in rows  # one shared basis with per-adapter residual parts is a candidate too
+    chosen = rows[sel["chosen"]]
+    assert chosen["mean"] <= 0.25 and rep["errors"]["mean"] == pytest.approx(chosen["mean"])
+    meeting = [row for row in sel["curve"] if row["mean"] <= 0.25]
+    assert chosen["bytes"] == min(row["bytes"] for row in meeting)  # the least storage meeting the target
+    if sel["chosen"] != "mix":
+        assert sel["chosen"] == rep["clustering"]["n_clusters"]
     rc = main(["compress", str(fixtures_dir / "gpt2"), "-o", str(tmp_path / "b.safetensors"), "--clusters", "9"])
     assert rc == 1 and "between 1 and the number of adapters" in capsys.readouterr().err

@@ -71,13 +71,8 @@ def compress(
     if budget is not None and target_error is not None:
         raise OptionError("give a budget or a target error, not both")
     if clusters == "auto":
-        from .clusters import choose_clusters
-
-        art, curve, K = choose_clusters(collection, rank, target_error=target_error, stat=target_stat, budget=budget,
-                                        progress=progress, **options)
-        art.cluster_choice = {"target_error": target_error, "target_stat": target_stat, "budget": budget,
-                              "chosen": K, "curve": curve}
-        return art
+        return _choose_clusters_or_mix(collection, rank, budget, target_error, target_stat, method, max_rank,
+                                       progress, options)
     if isinstance(clusters, str):
         try:
             clusters = int(clusters)
@@ -120,3 +115,52 @@ _MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_cluster
                                   "memory_limit", "cache_bytes", "timings"}
 
 
+
+
+def _choose_clusters_or_mix(collection, rank, budget, target_error, target_stat, method, max_rank, progress,
+                            options) -> Artifact:
+    """clusters="auto": K groups of shared bases at ``rank`` (error-vs-K curve), or, when it
+    does better for the budget or target, one shared basis with per-adapter residual parts."""
+    from ..evaluate import evaluate
+    from .clusters import choose_clusters
+
+    try:
+        art, curve, K = choose_clusters(collection, rank, target_error=target_error, stat=target_stat,
+                                        budget=budget, progress=progress, **options)
+    except OptionError:
+        if budget is None:
+            raise
+        art, curve, K = None, [], None  # no K fits the budget at this rank; the mix may
+    mixable = method == "jd-full" and options.get("memory_limit") is None and options.get("backend", "torch") == "torch"
+    if mixable:
+        kw = {k: v for k, v in options.items() if k in _MIXED_PASSED}
+        from .mixed import compress_mixed
+
+        try:
+            mix, report = compress_mixed(collection, budget=budget, target_error=target_error, stat=target_stat,
+                                         max_rank=max_rank, **kw)
+        except OptionError:
+            mix = None
+        if mix is not None:
+            mix.allocation = report
+            rep = evaluate(mix)
+            row = {"K": "mix", **{s: rep["errors"][s] for s in ("mean", "median", "max")},
+                   "params": rep["storage"]["compressed_params"], "bytes": mix.serialized_size()}
+            curve.append(row)
+            better = art is None or (
+                (row[target_stat], row["bytes"]) < (_stat_of(curve, K, target_stat), art.serialized_size())
+                if budget is not None else
+                row[target_stat] <= target_error and (row["bytes"] < art.serialized_size()
+                                                      or _stat_of(curve, K, target_stat) > target_error))
+            if better:
+                art, K = mix, "mix"
+    if art is None:
+        raise OptionError(f"nothing fits the budget of {budget:,} bytes: neither K clusters at rank {rank} "
+                          "nor shared and per-adapter parts")
+    art.cluster_choice = {"target_error": target_error, "target_stat": target_stat, "budget": budget,
+                          "chosen": K, "curve": curve}
+    return art
+
+
+def _stat_of(curve, K, stat) -> float:
+    return next(row[stat] for row in curve if row["K"] == K)
