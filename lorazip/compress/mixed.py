@@ -396,11 +396,13 @@ def compress_mixed(
         fits = []
         n_mod = len(collection.modules)
         top = _affordable_rank(collection, budget // itemsize, max_rank) if budget is not None else max_rank
+        reads = _Reads(collection)
         for j, info in enumerate(collection.modules):
-            f = collection.module_factors(info.name, dtype=torch.float64)
+            f = reads.get(j)
             R = min(top, min(collection.shared_ranks(info.name, max_rank)))
             fits.append(fit_module(f.B, f.A, info.name, R, weighting=weighting, seed=seed, tol=tol,
                                    max_iters=max_iters))
+            del f
             if progress:
                 progress(j + 1, 2 * n_mod, info.name)
         E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
@@ -500,6 +502,34 @@ def _core_scales(fit: ModuleFit) -> torch.dtype:
     return torch.float32 if 2 * top / 127 > torch.finfo(torch.float16).max else torch.float16
 
 
+class _Reads:
+    """Module factors in float32, module by module, the next one read in a thread meanwhile
+    (torch and the safetensors reads release the GIL), each module freed once taken."""
+
+    def __init__(self, collection: Collection):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.collection = collection
+        self.names = [m.name for m in collection.modules]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
+        self._next = {}
+
+    def _submit(self, j: int) -> None:
+        if j < len(self.names) and j not in self._next:
+            self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
+
+    def get(self, j: int):
+        self._submit(j)
+        f = self._next.pop(j).result()
+        self._submit(j + 1)
+        if j + 1 >= len(self.names):
+            self._pool.shutdown(wait=False)
+        return f
+
+    def __del__(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
            progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False) -> Artifact:
     """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
@@ -513,6 +543,7 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
     sq = torch.zeros(n, n_mod, dtype=torch.float64)
     nn2 = torch.zeros(n, n_mod, dtype=torch.float64)
     modules_meta = []
+    reads = None if dry else _Reads(collection)
     for j, (info, fit) in enumerate(zip(collection.modules, fits)):
         name = info.name
         r = alloc.ranks[fit.name]
@@ -528,8 +559,8 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
             bs = dry_storage((total, info.d_out), storage_dtype, torch.float32)
             as_ = dry_storage((total, info.d_in), storage_dtype, torch.float32)
         else:
-            f = collection.module_factors(name, dtype=torch.float64)
-            B, A = f.B, f.A
+            f = reads.get(j)
+            B, A = f.B.double(), f.A.double()
             X, Y = fit.XY[r]
             Us = to_storage((fit.U @ X)[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
             Vs = to_storage((fit.V @ Y)[None], storage_dtype, torch.float16)
