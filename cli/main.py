@@ -47,10 +47,27 @@ _threads: int | None = None  # LORAZIP_THREADS, read by main()
 
 
 def _torch_threads() -> None:
-    """Apply LORAZIP_THREADS to torch; the commands that compute call this after their imports
-    (which load torch), the others never load torch at all."""
+    """Apply LORAZIP_THREADS to torch if it is loaded."""
     if _threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(_threads)
+
+
+def _load_torch() -> None:
+    """Import torch (first thing in each command that computes; the others never load it) with
+    SIGINT and SIGTERM held back: a KeyboardInterrupt raised inside torch's C++ start-up aborts
+    the process (pybind11 ``terminate``) instead of exiting 130 with one line. A signal that
+    arrives meanwhile is delivered as soon as the import is done. Then applies LORAZIP_THREADS."""
+    import signal
+
+    if "torch" not in sys.modules:
+        held = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            import torch  # noqa: F401
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    _torch_threads()
 
 
 def _progress() -> Progress:
@@ -153,13 +170,13 @@ def compress(
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    _load_torch()
     from lorazip.compress import compress as run_compress
     from lorazip.evaluate import evaluate
     from lorazip.io.collection import load_collection
 
     from .parse import parse_size
 
-    _torch_threads()
     limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
     t0 = time.perf_counter()
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
@@ -243,10 +260,10 @@ def eval_(
 ) -> None:
     """Report reconstruction errors (recorded, or recomputed against SOURCES); with --base-model and
     --data, held-out loss of base / original / compressed adapters and retention (docs/task_eval.md)."""
+    _load_torch()
     from lorazip.artifact import load_artifact
     from lorazip.evaluate import evaluate
 
-    _torch_threads()
     art = load_artifact(artifact)
     if base_model is not None or data is not None:
         if plot is not None:
@@ -292,10 +309,10 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
 ) -> None:
     """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""
+    _load_torch()
     from lorazip.artifact import load_artifact
     from lorazip.export import export as run_export
 
-    _torch_threads()
     art = load_artifact(artifact)
     paths = run_export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
     if as_json:
@@ -364,12 +381,12 @@ def add(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Add adapters to an artifact: project them onto its bases (or --refit) and report their errors."""
+    _load_torch()
     import warnings
 
     from lorazip.artifact import load_artifact
     from lorazip.update import add_adapters
 
-    _torch_threads()
     out = _update_target(artifact, output, overwrite)
     art = load_artifact(artifact)
     got = _gather(sources, None, None, None, None, None, False, 8, False)
@@ -398,10 +415,10 @@ def remove(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Remove adapters from an artifact (bases unchanged)."""
+    _load_torch()
     from lorazip.artifact import load_artifact
     from lorazip.update import remove_adapters
 
-    _torch_threads()
     out = _update_target(artifact, output, overwrite)
     new, rep = remove_adapters(load_artifact(artifact), names)
     new.save(out, overwrite=True)
@@ -452,13 +469,13 @@ def analyze(
     offline: bool = _offline,
 ) -> None:
     """Before compressing: spectra, shared vs per-adapter SVD error by rank, error by K, a pick, bytes-vs-error frontier."""
+    _load_torch()
     from lorazip.analyze import analyze as run_analysis
     from lorazip.analyze import plot_analysis
 
     from .parse import parse_int_list
     from lorazip.io.collection import load_collection
 
-    _torch_threads()
     rank_list = parse_int_list(ranks, "--ranks")
     k_list = parse_int_list(clusters, "--clusters")
     crank_list = parse_int_list(cluster_ranks, "--cluster-ranks") if cluster_ranks else None
@@ -527,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stopped()
         return rc if isinstance(rc, int) else 0
     except LorazipError as exc:
+        if caught:  # the interrupt surfaced inside a native read as a failed read: it is the interrupt
+            return _stopped()
         err.print(f"[red]error:[/red] {escape(_printable(str(exc)))}", highlight=False, soft_wrap=True)
         return 1
     except (KeyboardInterrupt, click.exceptions.Abort, _TyperAbort):

@@ -363,3 +363,27 @@ def test_verify_checks_source_files_by_name(made, tmp_path):
     rep = lorazip.verify(made["art"], copy / name)
     assert not rep["ok"] and len(rep["problems"]) == 1
     assert rep["problems"][0].endswith("adapter_model.safetensors: sha256 differs from the file compressed into the artifact")
+
+
+def test_a_signal_during_the_torch_import_waits_for_it():
+    """SIGINT arriving while a command imports torch is held until the import is done (raised
+    inside torch's C++ start-up it aborted the process: pybind11 terminate, exit -6)."""
+    code = textwrap.dedent(
+        """
+        import builtins, os, signal, sys
+        from lorazip.cli.main import _load_torch
+        real = builtins.__import__
+        def importing(name, *args, **kw):
+            if name == "torch" and "torch" not in sys.modules:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives just as the import starts
+            return real(name, *args, **kw)
+        builtins.__import__ = importing
+        try:
+            _load_torch()
+        except KeyboardInterrupt:
+            print("interrupted after import:", "torch" in sys.modules and hasattr(sys.modules["torch"], "Tensor"))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "interrupted after import: True", (res.stdout, res.stderr)

@@ -486,8 +486,12 @@ def test_persistent_server_error_gives_up_with_clear_error(hub):
         r"^org/lora-0: Hub server error \(HTTP 500\) after 2 retries: try again later .*--skip-failed"
     ):
         download(hub, ["org/lora-0"], retries=2, retry_delay=0.05)
-    assert len(hub.requests("info", "org/lora-0")) == 3
     assert time.monotonic() - t0 >= 0.05 + 0.1  # exponential backoff: 0.05 then 0.1 s
+    # the server thread logs a request after answering it: give the last entry a moment to land
+    deadline = time.monotonic() + 5
+    while len(hub.requests("info", "org/lora-0")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(hub.requests("info", "org/lora-0")) == 3
 
 
 def test_connection_dropped_mid_file_is_retried(hub):

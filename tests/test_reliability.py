@@ -1468,8 +1468,11 @@ class Run:
         else:
             assert temps == [], temps
         if self.command == "compress":
-            # The previous artifact is intact, byte for byte: nothing partial has the final name.
-            assert self.target.read_bytes() == self.old
+            # Nothing partial has the final name: the previous artifact intact, byte for byte, or (a
+            # signal after the atomic rename, while the report was computed) the new one, complete.
+            if self.target.read_bytes() != self.old:
+                assert self.delay is not None, "the final name changed while the write was in progress"
+                lorazip.load_artifact(self.target, verify=True)
         else:
             # Every folder under a final name is complete: the old export or the new one, never a mix.
             art = lorazip.load_artifact(self.heavy / "old.lorazip.safetensors")
