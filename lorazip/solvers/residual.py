@@ -49,8 +49,9 @@ def residual_factors(B, A, U, V, S, ranks: torch.Tensor):
     if k_max == 0:
         return B.new_zeros(n, d_out, 0), A.new_zeros(n, 0, d_in)
     rows = torch.nonzero(ranks > 0).flatten()  # only adapters that keep a residual
-    pick = (lambda X: X[rows]) if _per_adapter(U) else (lambda X: X)
-    P, s, Q = residual_svd(B[rows], A[rows], pick(U), pick(V), S[rows])
+    if U.dim() == 3:  # per-adapter (gathered cluster) bases
+        U, V = U[rows], V[rows]
+    P, s, Q = residual_svd(B[rows], A[rows], U, V, S[rows])
     k_max = min(k_max, s.shape[1])
     keep = (torch.arange(k_max)[None, :] < ranks[rows][:, None]).to(s.dtype)
     root = s[:, :k_max].clamp_min(0).sqrt() * keep
@@ -60,9 +61,6 @@ def residual_factors(B, A, U, V, S, ranks: torch.Tensor):
     a[rows] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
     return b, a
 
-
-def _per_adapter(U) -> bool:
-    return U.dim() == 3
 
 
 def _psd_sqrt(G):
