@@ -113,10 +113,11 @@ def _residual_ranges(art: lorazip.Artifact) -> dict[str, tuple[int, int]]:
         return {}
     if art.path is None or art._tensors is not None:
         return {name: (int(t.min()), int(t.max())) for name in mods for t in [art.get(f"resid_ranks/{name}")]}
-    from lorazip.artifact import HeaderReader
+    from lorazip.artifact import HeaderReader, residual_ranks
 
     with HeaderReader(art.path) as f:
-        return {name: (min(ks), max(ks)) for name in mods for ks in [f.read_ints(f"resid_ranks/{name}")]}
+        table = residual_ranks(f, art.meta, art._layout)
+    return {name: (min(table[name]), max(table[name])) for name in mods}
 
 
 def describe(art: lorazip.Artifact) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The lorazip artifact, format v2: one safetensors file of bases, cores and metadata.
+"""The lorazip artifact, format v3: one safetensors file of bases, cores and metadata.
 
 Tensors (``<m>`` is a module name such as ``model.layers.0.self_attn.q_proj``):
 
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError
+from .layout import Layout
 from .io.safetensors_header import FLOAT_DTYPES, ST_DTYPES, RawReader, parse_header, parse_json, short
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 # neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 2  # 2: per-adapter residual parts (resid_*), rank-0 modules; v1 files are still read
+FORMAT_VERSION = 3  # 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
 _CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
@@ -251,6 +252,7 @@ class Artifact:
         self.allocation: dict[str, Any] | None = None  # what a budget / target chose (not saved)
         self.cluster_choice: dict[str, Any] | None = None  # the error-vs-K curve of clusters="auto" (not saved)
         self._handle = None  # the open file while in a ``with artifact.reader():`` block
+        self._layout = None  # format v3 file: where the logical tensors are (lorazip.layout.Layout)
 
     # -- metadata views -------------------------------------------------
     @property
@@ -273,10 +275,19 @@ class Artifact:
 
     # -- tensors ----------------------------------------------------------
     def keys(self) -> list[str]:
+        """The logical tensor keys (format v3 packs some of them; see :mod:`lorazip.layout`)."""
         if self._tensors is not None:
             return list(self._tensors)
+        if self._layout is not None:
+            return self._layout.keys()
         with self._open() as f:
             return list(f.keys())
+
+    def _read(self, f, key: str) -> torch.Tensor:
+        """Logical tensor ``key`` in its stored form from the open file ``f``."""
+        if self._layout is not None and key in self._layout.virtual:
+            return self._finite(key, self._layout.read(key, f))
+        return self._finite(key, f.get_tensor(key))
 
     @contextmanager
     def _open(self):
@@ -376,7 +387,7 @@ class Artifact:
             t = self._tensors[key]
         else:
             with self._open() as f:
-                t = self._finite(key, f.get_tensor(key))
+                t = self._read(f, key)
         scale = None
         if self._quantised(key):
             scale = self.get(QSCALE + key)
@@ -419,6 +430,9 @@ class Artifact:
         if self._tensors is not None:
             t = self._tensors[key]
             read = [t[a:b] for a, b in runs]
+        elif self._layout is not None and key in self._layout.virtual:
+            t = self.get(key) if not key.startswith(QSCALE) else None
+            read = [t[a:b] for a, b in runs]
         else:
             with self._open() as f:
                 sl = f.get_slice(key)
@@ -433,7 +447,7 @@ class Artifact:
         if self._tensors is not None:
             return self._tensors
         with self._open() as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: self._read(f, k) for k in self.keys()}
 
     def module_factors(self, module: str, rows: list[int] | None = None):
         """``(U, V, cores, assignment)`` of a module; cores and assignment for ``rows`` only."""
@@ -507,14 +521,20 @@ class Artifact:
         return self.get("stats/sq_error"), self.get("stats/norm2")
 
     def nbytes_tensors(self) -> int:
-        return sum(t.numel() * t.element_size() for k, t in self.tensors().items())
+        """Bytes of tensor data as written (the packed layout of format v3)."""
+        from .layout import pack
+
+        return sum(t.numel() * t.element_size() for t in pack(self.tensors(), self.meta).values())
 
     # -- writing ----------------------------------------------------------
     def _serialize_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
-        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        """The physical tensors (:func:`lorazip.layout.pack`), header metadata and metadata of the file."""
+        from .layout import encode_meta, pack
+
+        tensors = {k: v.contiguous() for k, v in pack(self.tensors(), self.meta).items()}
         meta = dict(self.meta)
         meta["checksum"] = tensor_checksum(tensors)
-        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lorazip": json.dumps(meta)}
+        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lorazip_z": encode_meta(meta)}
         return tensors, header, meta
 
     def serialized_size(self) -> int:
@@ -571,14 +591,16 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
             raise ArtifactError(
                 f"{path}: format version {version} is newer than this lorazip reads ({FORMAT_VERSION}); upgrade lorazip"
             )
-        if "lorazip" not in meta_raw:
-            raise ArtifactError(f"{path}: corrupt lorazip metadata (no 'lorazip' document)")
-        try:
-            meta = parse_json(meta_raw["lorazip"])
-        except ValueError as exc:
-            raise ArtifactError(f"{path}: corrupt lorazip metadata ({exc})") from None
-        check_meta(meta, header, path)
-        _check_assignments(reader, meta, path)
+        meta = read_meta(meta_raw, path, version)
+        layout = None
+        if version >= 3:
+            check_meta(meta, {}, path, schema_only=True)
+            try:
+                layout = Layout(header, meta)
+            except ValueError as exc:
+                raise ArtifactError(f"{path}: {exc}") from None
+        check_meta(meta, layout.logical_header(header) if layout else header, path)
+        _check_assignments(reader, meta, path, layout)
     data_bytes = sum(e - s for s, e in (h["data_offsets"] for h in header.values()))
     if verify or (verify is None and data_bytes <= VERIFY_AUTO_BYTES):
         want = meta.get("checksum")
@@ -590,7 +612,22 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
                 f"{path}: checksum mismatch: the tensors were changed after the artifact was written "
                 "(damaged or edited file)"
             )
-    return Artifact(meta, path=path)
+    art = Artifact(meta, path=path)
+    art._layout = layout
+    return art
+
+
+def read_meta(meta_raw: dict[str, str], path: Path | str, version: int) -> Any:
+    """The ``lorazip`` metadata document of a header: plain JSON (v1, v2) or ``lorazip_z`` (v3)."""
+    from .layout import META_Z, decode_meta
+
+    key = META_Z if version >= 3 else "lorazip"
+    if key not in meta_raw:
+        raise ArtifactError(f"{path}: corrupt lorazip metadata (no '{key}' document)")
+    try:
+        return parse_json(decode_meta(meta_raw[key]) if key == META_Z else meta_raw[key])
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: corrupt lorazip metadata ({exc})") from None
 
 
 # -- metadata schema ------------------------------------------------------------------------
@@ -603,10 +640,12 @@ def _opt(v: Any, kind) -> bool:
     return v is None or isinstance(v, kind)
 
 
-def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = "artifact") -> None:
+def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = "artifact", *,
+               schema_only: bool = False) -> None:
     """Check the ``lorazip`` metadata document (types of every field lorazip reads) and that the
-    tensors it describes exist with the right shapes and dtypes. Raises :class:`ArtifactError`
-    naming the first bad field, so nothing downstream meets a KeyError or TypeError."""
+    tensors it describes exist with the right shapes and dtypes in ``header`` (the logical
+    entries; not checked with ``schema_only``). Raises :class:`ArtifactError` naming the first
+    bad field, so nothing downstream meets a KeyError or TypeError."""
 
     def bad(what: str) -> ArtifactError:
         return ArtifactError(f"{path}: corrupt lorazip metadata ({what})")
@@ -694,6 +733,8 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
             raise bad(f"adapters[{i}].extras_dtypes must map extras to {', '.join(EXTRAS_DTYPE_NAMES)}")
 
     n = len(adapters)
+    if schema_only:
+        return
 
     def tensor(key: str, shapes: list[list[Any]], dtypes: tuple[str, ...]) -> None:
         info = header.get(key)
@@ -753,9 +794,18 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
             tensor(key, [[n]], FLOAT_DTYPES)
 
 
-def _check_assignments(reader: HeaderReader, meta: dict[str, Any], path: Path) -> None:
+def residual_ranks(reader: HeaderReader, meta: dict[str, Any], layout=None) -> dict[str, list[int]]:
+    """``{module: [k_i]}`` for the modules with residual parts, read without torch (v2 or v3 layout)."""
+    if layout is not None:
+        return layout.read_ranks(reader)
+    return {mod["name"]: list(reader.read_ints(f"resid_ranks/{mod['name']}")) for mod in meta["modules"]
+            if f"resid_ranks/{mod['name']}" in reader.header}
+
+
+def _check_assignments(reader: HeaderReader, meta: dict[str, Any], path: Path, layout=None) -> None:
     """Cluster indices must name one of the module's K bases, and residual ranks must be >= 0 and
     add up to the module's ``residual`` metadata (read: n small integers per module)."""
+    resid = residual_ranks(reader, meta, layout)
     for mod in meta["modules"]:
         key = f"assign/{mod['name']}"
         if key in reader.header:
@@ -764,8 +814,12 @@ def _check_assignments(reader: HeaderReader, meta: dict[str, Any], path: Path) -
             if a and (min(a) < 0 or max(a) >= k):
                 raise ArtifactError(f"{path}: tensor {short(key)} has cluster indices outside 0..{k - 1}")
         key = f"resid_ranks/{mod['name']}"
-        if key in reader.header:
-            ks, res = reader.read_ints(key), mod["residual"]
+        if mod["name"] in resid and not mod.get("residual"):
+            if any(resid[mod["name"]]):
+                raise ArtifactError(f"{path}: tensor 'resid_ranks' gives residual ranks to module "
+                                    f"{short(mod['name'])}, which has no 'residual' metadata")
+        elif mod["name"] in resid:
+            ks, res = resid[mod["name"]], mod["residual"]
             if min(ks) < 0 or sum(ks) != res["total_rank"] or max(ks) != res["max_rank"]:
                 raise ArtifactError(
                     f"{path}: tensor {short(key)} does not match the module's residual metadata (ranks >= 0 "
@@ -780,4 +834,6 @@ def verify_checksum(artifact: Artifact) -> bool:
         return False
     if artifact._tensors is None and artifact.path is not None:
         return file_checksum(artifact.path) == want
-    return tensor_checksum(artifact.tensors()) == want
+    from .layout import pack
+
+    return tensor_checksum(pack(artifact.tensors(), artifact.meta)) == want

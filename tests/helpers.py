@@ -140,3 +140,28 @@ def edit_config(folder, **changes) -> None:
         else:
             cfg[k] = v
     path.write_text(json.dumps(cfg))
+
+
+def read_doc(header_meta: dict[str, str]) -> dict[str, Any]:
+    """The ``lorazip`` metadata document of an artifact header (v3: ``lorazip_z``; v1/v2: ``lorazip``)."""
+    from lorazip.layout import META_Z, decode_meta
+
+    if META_Z in header_meta:
+        return json.loads(decode_meta(header_meta[META_Z]))
+    return json.loads(header_meta["lorazip"])
+
+
+def write_doc(header_meta: dict[str, str], doc: Any) -> None:
+    """Store ``doc`` (a dict, or raw text as is) back under the key it came from."""
+    from lorazip.layout import META_Z, encode_meta
+
+    if META_Z in header_meta:
+        if isinstance(doc, str):  # raw (possibly invalid) text: compress it as given
+            import base64
+            import zlib
+
+            header_meta[META_Z] = base64.b64encode(zlib.compress(doc.encode("utf-8"))).decode("ascii")
+        else:
+            header_meta[META_Z] = encode_meta(doc)
+    else:
+        header_meta["lorazip"] = doc if isinstance(doc, str) else json.dumps(doc)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import edit_config, tree_files, write_adapter, write_collection, write_raw_safetensors
+from helpers import edit_config, tree_files, write_doc, write_adapter, write_collection, write_raw_safetensors
 from safetensors.torch import load_file, save_file
 
 import lorazip
@@ -504,20 +504,36 @@ def _resave(src: Path, dst: Path, meta_edit=None, tensor_edit=None):
 
 
 def test_newer_format_version(tmp_path, artifact_file):
-    f = _resave(artifact_file, tmp_path / "v3.safetensors", lambda m: m.__setitem__("format_version", "3"))
+    f = _resave(artifact_file, tmp_path / "v4.safetensors", lambda m: m.__setitem__("format_version", "4"))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "newer", "upgrade")
 
 
 def test_bad_format_version_and_metadata(tmp_path, artifact_file):
     f = _resave(artifact_file, tmp_path / "vx.safetensors", lambda m: m.__setitem__("format_version", "one"))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "format_version")
-    f = _resave(artifact_file, tmp_path / "meta.safetensors", lambda m: m.__setitem__("lorazip", "{broken"))
+    f = _resave(artifact_file, tmp_path / "meta.safetensors", lambda m: write_doc(m, "{broken"))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "corrupt lorazip metadata")
+    f = _resave(artifact_file, tmp_path / "b64.safetensors", lambda m: m.__setitem__("lorazip_z", "{broken"))
+    expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "corrupt lorazip metadata", "base64")
+
+
+def test_metadata_zlib_bomb_refused(tmp_path, artifact_file):
+    import base64
+    import zlib
+
+    from lorazip.layout import MAX_META
+
+    bomb = base64.b64encode(zlib.compress(b" " * (MAX_META + 1), 9)).decode("ascii")  # ~260 KB compressed
+    f = _resave(artifact_file, tmp_path / "bomb.safetensors", lambda m: m.__setitem__("lorazip_z", bomb))
+    expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "corrupt lorazip metadata", "larger than")
 
 
 def test_artifact_missing_tensor(tmp_path, artifact_file):
     f = _resave(artifact_file, tmp_path / "missing.safetensors",
                 tensor_edit=lambda t: t.pop("cores/transformer.h.0.attn.c_attn"))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "cores/transformer.h.0.attn.c_attn")
-    f = _resave(artifact_file, tmp_path / "stats.safetensors", tensor_edit=lambda t: t.pop("stats/norm2"))
-    expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "stats/norm2")
+    f = _resave(artifact_file, tmp_path / "stats.safetensors", tensor_edit=lambda t: t.pop("stats"))  # packed (v3)
+    expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "stats/sq_error")
+    f = _resave(artifact_file, tmp_path / "stats2.safetensors",
+                tensor_edit=lambda t: t.update(stats=t["stats"][:, 1:].clone()))
+    expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "tensor 'stats' not of shape")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GPT2_LIKE, run_cli, write_adapter, write_collection
+from helpers import GPT2_LIKE, read_doc, run_cli, write_adapter, write_collection, write_doc
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -120,11 +120,18 @@ def small(tmp_path_factory):
 def test_header_and_metadata(small):
     art = small["art"]
     with safe_open(str(small["path"]), framework="pt") as f:
-        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "2"
+        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
         keys = set(f.keys())
-    assert {k for k in keys if k.startswith("resid_")} == {
-        f"{p}/{m}" for p in ("resid_ranks", "resid_B", "resid_A") for m in small["ks"]
+    # format v3 packs the residual ranks into one (n, M) table and all spectra into one tensor
+    assert {k for k in keys if k.startswith("resid_")} == {"resid_ranks"} | {
+        f"{p}/{m}" for p in ("resid_B", "resid_A") for m in small["ks"]
     }
+    assert "spectra" in keys and not any(k.startswith("spectra/") for k in keys)
+    assert not any(k.endswith("/transformer.h.0.mlp.c_proj") and k.startswith(("U/", "V/", "cores/")) for k in keys)
+    logical = set(art.keys())  # what the library sees: the v2 keys
+    assert {f"resid_ranks/{m}" for m in small["ks"]} <= logical and "resid_ranks" not in logical
+    assert {f"spectra/{m['name']}" for m in art.modules} <= logical and "spectra" not in logical
+    assert "U/transformer.h.0.mlp.c_proj" in logical
     mods = {m["name"]: m for m in art.modules}
     assert mods["transformer.h.0.mlp.c_proj"]["rank"] == 0
     assert mods["transformer.h.0.attn.c_attn"]["residual"] == {"max_rank": 3, "total_rank": 6}
@@ -192,7 +199,8 @@ def test_reads_only_the_needed_row_blocks(small, monkeypatch):
 
             class S:
                 def __getitem__(s, item):
-                    sliced.append((key, item.start, item.stop))
+                    if isinstance(item, slice):
+                        sliced.append((key, item.start, item.stop))
                     return sl[item]
 
             return S()
@@ -200,11 +208,12 @@ def test_reads_only_the_needed_row_blocks(small, monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", Spy)
     m = "transformer.h.0.attn.c_attn"
     art.module_residuals(m, [3, 1])  # ks = [1, 3, 0, 2]: offsets 0, 1, 4, 4
-    assert sorted(sliced) == sorted([(f"resid_B/{m}", 4, 6), (f"resid_B/{m}", 1, 4),
-                                     (f"resid_A/{m}", 4, 6), (f"resid_A/{m}", 1, 4)])
+    parts = lambda: sorted(x for x in sliced if x[0].startswith(("resid_B/", "resid_A/")))  # noqa: E731
+    assert parts() == sorted([(f"resid_B/{m}", 4, 6), (f"resid_B/{m}", 1, 4),
+                              (f"resid_A/{m}", 4, 6), (f"resid_A/{m}", 1, 4)])
     sliced.clear()
     art.module_residuals(m, [0, 1])  # adjacent blocks: one slice each
-    assert sorted(sliced) == [(f"resid_A/{m}", 0, 4), (f"resid_B/{m}", 0, 4)]
+    assert parts() == [(f"resid_A/{m}", 0, 4), (f"resid_B/{m}", 0, 4)]
     opened.clear()
     with art.reader():
         for mod in art.modules:
@@ -213,34 +222,57 @@ def test_reads_only_the_needed_row_blocks(small, monkeypatch):
     assert len(opened) == 1  # one open file for all the reads
 
 
+def _write_unpacked(art, path: Path, version: str) -> dict:
+    """``art`` as a v1/v2 file: every logical tensor under its own key, plain JSON metadata."""
+    from lorazip.artifact import tensor_checksum
+
+    tensors = {k: v.contiguous() for k, v in art.tensors().items()}
+    doc = {k: v for k, v in art.meta.items() if k != "checksum"}
+    doc["checksum"] = tensor_checksum(tensors)
+    meta = {"format": "lorazip", "format_version": version, "lorazip": json.dumps(doc)}
+    save_file(tensors, str(path), metadata=meta)
+    return meta
+
+
 def test_v1_files_still_read(small, tmp_path):
-    src = small["root"] / "v1.lorazip.safetensors"
-    small["v1"].save(src)
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["format_version"] = "1"
-    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    meta = _write_unpacked(small["v1"], tmp_path / "old.safetensors", "1")
     art = load_artifact(tmp_path / "old.safetensors", verify=True)
     b, a, k = art.module_residuals("transformer.h.0.attn.c_attn")
     assert b.shape[2] == 0 and k.tolist() == [0] * 4
     meta["format_version"] = str(FORMAT_VERSION + 1)
-    save_file(tensors, str(tmp_path / "new.safetensors"), metadata=meta)
+    save_file(load_artifact(tmp_path / "old.safetensors").tensors(), str(tmp_path / "new.safetensors"), metadata=meta)
     with pytest.raises(ArtifactError, match="newer"):
         load_artifact(tmp_path / "new.safetensors")
+
+
+def test_v2_files_still_read_and_match_v3(small, tmp_path):
+    v3 = small["art"]
+    _write_unpacked(v3, tmp_path / "v2.safetensors", "2")
+    v2 = load_artifact(tmp_path / "v2.safetensors", verify=True)
+    assert set(v2.keys()) == set(v3.keys())
+    for key in v3.keys():
+        assert torch.equal(v2.get(key), v3.get(key)), key
+    assert lorazip.evaluate(v2)["errors"] == lorazip.evaluate(v3)["errors"]
+    assert lorazip.verify(tmp_path / "v2.safetensors")["ok"]
+    # saved again, a v2 artifact becomes v3 with the same logical tensors and a smaller file
+    again = v2.save(tmp_path / "again.lorazip.safetensors")
+    assert again.stat().st_size < (tmp_path / "v2.safetensors").stat().st_size
+    back = load_artifact(again, verify=True)
+    for key in v3.keys():
+        assert torch.equal(back.get(key), v3.get(key)), key
 
 
 def _resave(path: Path, dst: Path, *, meta_edit=None, tensor_edit=None) -> Path:
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    doc = json.loads(meta["lorazip"])
+    doc = read_doc(meta)
     doc.pop("checksum", None)
     if meta_edit:
         meta_edit(doc)
     if tensor_edit:
         tensor_edit(tensors)
-    meta["lorazip"] = json.dumps(doc)
+    write_doc(meta, doc)
     save_file(tensors, str(dst), metadata=meta)
     return dst
 
@@ -260,13 +292,16 @@ def _mod(doc, name=M0):
     ("residual meta not an object", dict(meta_edit=lambda d: _mod(d).update(residual=[1])),
      "modules[0].residual must be an object"),
     ("residual meta removed", dict(meta_edit=lambda d: _mod(d).pop("residual")), "residual tensors without"),
-    ("ranks sum", dict(tensor_edit=lambda t: t[f"resid_ranks/{M0}"].copy_(torch.tensor([1, 3, 1, 2]))),
+    # format v3: the ranks are column j of the (n, M) table "resid_ranks" (M0 is modules[0])
+    ("ranks sum", dict(tensor_edit=lambda t: t["resid_ranks"][:, 0].copy_(torch.tensor([1, 3, 1, 2]))),
      "does not match the module's residual metadata"),
-    ("negative rank", dict(tensor_edit=lambda t: t[f"resid_ranks/{M0}"].copy_(torch.tensor([-1, 3, 2, 2]))),
+    ("negative rank", dict(tensor_edit=lambda t: t["resid_ranks"][:, 0].copy_(torch.tensor([-1, 3, 2, 2]))),
      "does not match the module's residual metadata"),
-    ("ranks missing", dict(tensor_edit=lambda t: t.pop(f"resid_ranks/{M0}")), "missing or not of shape (4,)"),
-    ("ranks float", dict(tensor_edit=lambda t: t.update({f"resid_ranks/{M0}": t[f"resid_ranks/{M0}"].float()})),
-     "expected I32"),
+    ("ranks missing", dict(tensor_edit=lambda t: t.pop("resid_ranks")), "'resid_ranks' missing or not of shape (4, 3)"),
+    ("ranks float", dict(tensor_edit=lambda t: t.update({"resid_ranks": t["resid_ranks"].float()})),
+     "int16/int32"),
+    ("ranks of a module without residual", dict(tensor_edit=lambda t: t["resid_ranks"][:, 2].fill_(1)),
+     "which has no 'residual' metadata"),
     ("A rows", dict(tensor_edit=lambda t: t.update({f"resid_A/{M0}": t[f"resid_A/{M0}"][:5].clone()})),
      f"resid_A/{M0}' missing or not of shape (6, 8)"),
     ("B width", dict(tensor_edit=lambda t: t.update({f"resid_B/{M0}": torch.zeros(6, 23)})),

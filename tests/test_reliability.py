@@ -37,7 +37,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import edit_config, write_adapter, write_collection, write_raw_safetensors  # noqa: E402
+from helpers import edit_config, read_doc, write_adapter, write_doc, write_collection, write_raw_safetensors  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -133,14 +133,14 @@ def resave_artifact(src: Path, dst: Path, meta_edit=None, tensor_edit=None, fix_
     With ``fix_checksum`` the recorded checksum is recomputed (a hostile but self-consistent file).
     """
     header, tensors = read_artifact_file(src)
-    doc = json.loads(header["lorazip"])
+    doc = read_doc(header)
     if tensor_edit:
         tensor_edit(tensors)
         if fix_checksum:
             doc["checksum"] = tensor_checksum(tensors)
     if meta_edit:
         doc = meta_edit(doc) or doc
-    header["lorazip"] = doc if isinstance(doc, str) else json.dumps(doc)
+    write_doc(header, doc)
     save_file(tensors, str(dst), metadata=header)
     return dst
 
@@ -703,7 +703,7 @@ case("art-version-int", "format_version is a JSON number, not a string", "artifa
 case("art-version-newer", "format_version 99 (a newer writer)", "artifact", ArtifactError, "newer", "upgrade lorazip")(
     _header_meta_edit(lambda m: m.__setitem__("format_version", "99")))
 case("art-no-document", "the 'lorazip' metadata document is missing", "artifact", ArtifactError,
-     "no 'lorazip' document")(_header_meta_edit(lambda m: m.pop("lorazip")))
+     "no 'lorazip_z' document")(_header_meta_edit(lambda m: m.pop("lorazip_z")))
 
 
 def _claim_huge(tmp: Path) -> Path:
@@ -722,9 +722,14 @@ def _wrong_dtype(tmp: Path) -> Path:
 
 case("art-bases-int", "bases stored as int32 (same byte size)", "artifact", ArtifactError, "has dtype I32")(_wrong_dtype)
 
-case("art-missing-spectra", "a spectra tensor is missing", "artifact", ArtifactError, "spectra/model.layers.0.q_proj")(
+case("art-missing-spectra", "the packed spectra tensor is missing", "artifact", ArtifactError,
+     "tensor 'spectra' missing")(
     lambda tmp: resave_artifact(base_artifact(tmp), tmp / "bad.lorazip.safetensors",
-                                tensor_edit=lambda t: t.pop("spectra/model.layers.0.q_proj")))
+                                tensor_edit=lambda t: t.pop("spectra")))
+case("art-short-spectra", "the packed spectra tensor is one value short", "artifact", ArtifactError,
+     "tensor 'spectra' missing or not of shape")(
+    lambda tmp: resave_artifact(base_artifact(tmp), tmp / "bad.lorazip.safetensors",
+                                tensor_edit=lambda t: t.update(spectra=t["spectra"][:-1].clone())))
 
 case("art-assign-out-of-range", "cluster index 5 for a module with one basis", "artifact", ArtifactError,
      "cluster indices outside 0..0")(
@@ -758,7 +763,7 @@ case("art-nan-cores", "NaN in a core, checksum recomputed (hostile but consisten
 case("art-inf-stats", "Inf in the recorded errors, checksum recomputed", "artifact", ArtifactError,
      "stats/sq_error", "NaN or Inf")(
     lambda tmp: resave_artifact(base_artifact(tmp), tmp / "bad.lorazip.safetensors",
-                                tensor_edit=lambda t: t["stats/sq_error"].fill_(float("inf"))))
+                                tensor_edit=lambda t: t["stats"][0].fill_(float("inf"))))  # packed (v3): row 0
 
 
 def _overflow_export(tmp: Path) -> Path:
@@ -1042,8 +1047,8 @@ def mutate_file(data: bytes, draw, *, safetensors: bool, meta_doc: bool = False)
         key = draw(st.sampled_from(tensors))
         header[key] = mutate_json(header[key], draw)
     else:
-        doc = json.loads(header["__metadata__"]["lorazip"])
-        header["__metadata__"]["lorazip"] = json.dumps(mutate_json(doc, draw))
+        doc = read_doc(header["__metadata__"])
+        write_doc(header["__metadata__"], mutate_json(doc, draw))
     return join_safetensors(header, body), kind
 
 
@@ -1191,7 +1196,7 @@ def test_checksum_file_and_memory_agree(tmp_path):
     from lorazip.artifact import file_checksum, verify_checksum
 
     header, tensors = read_artifact_file(path)
-    assert file_checksum(path) == tensor_checksum(tensors) == json.loads(header["lorazip"])["checksum"]
+    assert file_checksum(path) == tensor_checksum(tensors) == read_doc(header)["checksum"]
     assert verify_checksum(lorazip.load_artifact(path))
 
 

@@ -478,16 +478,17 @@ def _affordable_rank(collection: Collection, numbers: int, max_rank: int) -> int
 
 
 def _overhead_bytes(collection: Collection, fits: list[ModuleFit], keep_extras: bool) -> int:
-    """Bytes besides bases, cores and residual factors: statistics, spectra, residual ranks,
-    extras and a generous estimate of the JSON header."""
+    """A first guess at the bytes besides bases, cores and residual factors (the dry assembly
+    measures them): statistics, packed spectra and residual ranks (format v3), extras, and the
+    header with its compressed metadata."""
     n, M = len(collection), len(fits)
-    size = 2 * 8 * n * M + sum(4 * n * max(1, min(f.d_out, f.d_in, f.spectra[0].shape[1])) for f in fits)
-    size += 4 * n * M  # resid_ranks
+    size = 2 * 8 * n * M + 4 * sum(s.rank for a in collection.adapters for s in a.modules.values())
+    size += 2 * n * M  # resid_ranks
     if keep_extras:
         size += sum(p.stat().st_size for a in collection.adapters if a.extras for p in [a.weights_file]) // 4
     meta = [{"name": a.name, "config": a.config, "ranks": {m: s.rank for m, s in a.modules.items()},
              "path": str(a.path.resolve()), "extras": a.extras} for a in collection.adapters]
-    size += len(json.dumps(meta)) + n * 200 + M * 600
+    size += len(json.dumps(meta)) // 8 + n * 100 + M * 300
     return size
 
 

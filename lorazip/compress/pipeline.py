@@ -17,6 +17,7 @@ import torch
 
 from .. import __version__
 from ..artifact import STORAGE_DTYPES, Artifact
+from ..layout import trim_spectra
 from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
@@ -437,4 +438,5 @@ def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, t
             meta = {**meta, "extras_dtype": extras_dtype}
     meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
             "modules": modules_meta, "adapters": adapters_meta}
+    trim_spectra(tensors, meta)
     return Artifact(meta, tensors=tensors)

@@ -1,0 +1,238 @@
+"""Format v3 on disk: the artifact's logical tensors packed into few physical ones.
+
+:class:`~lorazip.artifact.Artifact` and everything built on it see *logical* tensors
+(``spectra/<m>``, ``resid_ranks/<m>``, ``U/<m>`` ... as in format v2). A v3 file stores them
+with less fixed overhead, which matters for small budgets and small collections:
+
+* the ``lorazip`` metadata document is zlib-compressed and base64-encoded under ``lorazip_z``
+  (JSON of many adapters' configs and ranks compresses 20x);
+* ``spectra``: one 1-D float32 tensor holding, module by module (metadata order) and adapter by
+  adapter, the first ``r_im`` singular values of each delta, ``r_im`` the adapter's LoRA rank
+  there (``adapters[i].ranks``; 0 where it lacks the module). The rest of a logical
+  ``(n, r_max)`` row is zero by construction. A module whose spectra do not have that shape is
+  stored as its own ``spectra/<m>`` tensor, as in v2;
+* ``resid_ranks``: one ``(n, M)`` int16 (int32 when needed) table of the residual ranks ``k_i``
+  of every module (0 where none); the logical ``resid_ranks/<m>`` (n,) int32 tensors exist for
+  the modules with ``residual`` metadata;
+* ``stats``: one ``(2, P)`` float64 tensor, ``stats/sq_error`` and ``stats/norm2`` at the ``P``
+  (adapter, module) pairs where the adapter has the module (``r_im > 0``), module by module and
+  adapter by adapter; both are zero elsewhere (a missing module is a zero delta, stored as zero).
+  Statistics that are not zero there stay as the two (n, M) tensors of v2;
+* the empty ``U``, ``V`` and ``cores`` of rank-0 modules are not stored.
+
+Nothing here needs torch to plan a read: :class:`Layout` maps a logical key to the physical
+bytes, and :func:`pack` (torch) turns logical tensors into physical ones for writing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import zlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+META_Z = "lorazip_z"
+SPECTRA = "spectra"
+RANKS = "resid_ranks"
+STATS = "stats"
+STAT_KEYS = ("stats/sq_error", "stats/norm2")
+MAX_META = 256 * 2**20  # decompressed metadata larger than this is refused (a zlib bomb)
+_EMPTY_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
+
+
+def encode_meta(meta: dict[str, Any]) -> str:
+    """The metadata document as stored under ``lorazip_z``: base64 of zlib (level 9) of its JSON."""
+    raw = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def decode_meta(text: str) -> str:
+    """The JSON text of a ``lorazip_z`` value; ``ValueError`` (short reason) when it is not one."""
+    try:
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+        d = zlib.decompressobj()
+        raw = d.decompress(packed, MAX_META)
+        if d.unconsumed_tail:
+            raise ValueError(f"larger than {MAX_META >> 20} MiB")
+        if not d.eof:
+            raise ValueError("truncated zlib stream")
+        return raw.decode("utf-8")
+    except (UnicodeError, binascii.Error, zlib.error) as exc:
+        raise ValueError(f"not base64 of zlib-compressed UTF-8 ({exc})") from None
+
+
+def lora_ranks(meta: dict[str, Any]) -> list[list[int]]:
+    """``r[j][i]``: adapter i's LoRA rank in module j (0 where it lacks it)."""
+    return [[a["ranks"].get(mod["name"], 0) for a in meta["adapters"]] for mod in meta["modules"]]
+
+
+def _empty_shapes(mod: dict[str, Any], n: int) -> dict[str, list[int]]:
+    name, k = mod["name"], mod.get("n_clusters", 1)
+    return {f"U/{name}": [k, mod["d_out"], 0], f"V/{name}": [k, mod["d_in"], 0], f"cores/{name}": [n, 0, 0]}
+
+
+class Layout:
+    """Where a v3 file keeps each logical tensor: ``virtual`` maps the logical keys that are not
+    physical tensors to how they are read (``("spectra", start, ranks, width)``,
+    ``("ranks", column)`` or ``("empty", dtype)``); ``entries`` are their logical header entries
+    (dtype, shape), for :func:`lorazip.artifact.check_meta`."""
+
+    def __init__(self, header: dict[str, dict[str, Any]], meta: dict[str, Any]):
+        n, mods = len(meta["adapters"]), meta["modules"]
+        self.virtual: dict[str, tuple] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        ranks = lora_ranks(meta)
+        pos = 0
+        for j, mod in enumerate(mods):
+            key = f"spectra/{mod['name']}"
+            if key in header:
+                continue
+            rs = ranks[j]
+            self.virtual[key] = ("spectra", pos, rs, max(rs, default=0))
+            self.entries[key] = {"dtype": "F32", "shape": [n, max(rs, default=0)]}
+            pos += sum(rs)
+        self.spectra_len = pos
+        if pos and (SPECTRA not in header or header[SPECTRA]["dtype"] != "F32"
+                    or header[SPECTRA]["shape"] != [pos]):
+            raise ValueError(f"tensor 'spectra' missing or not of shape ({pos},) float32")
+        if any(mod.get("residual") for mod in mods):
+            info = header.get(RANKS)
+            if info is None or info["shape"] != [n, len(mods)] or info["dtype"] not in ("I16", "I32"):
+                raise ValueError(f"tensor 'resid_ranks' missing or not of shape ({n}, {len(mods)}) int16/int32")
+            for j, mod in enumerate(mods):
+                if mod.get("residual"):
+                    key = f"resid_ranks/{mod['name']}"
+                    self.virtual[key] = ("ranks", j)
+                    self.entries[key] = {"dtype": "I32", "shape": [n]}
+        if STATS in header:
+            pairs = sum(r > 0 for rs in ranks for r in rs)
+            if header[STATS]["shape"] != [2, pairs] or header[STATS]["dtype"] != "F64":
+                raise ValueError(f"tensor 'stats' not of shape (2, {pairs}) float64")
+            for row, key in enumerate(STAT_KEYS):
+                if key in header:
+                    raise ValueError(f"tensor {key!r} stored twice (also in 'stats')")
+                self.virtual[key] = ("stats", row, ranks)
+                self.entries[key] = {"dtype": "F64", "shape": [n, len(mods)]}
+        dtype = _EMPTY_DTYPES.get(meta.get("storage_dtype"), "F32")
+        for mod in mods:
+            if mod["rank"] == 0:
+                for key, shape in _empty_shapes(mod, n).items():
+                    if key not in header:
+                        self.virtual[key] = ("empty", dtype, shape)
+                        self.entries[key] = {"dtype": dtype, "shape": shape}
+        self.physical = set(header)
+        self.modules = mods
+
+    def logical_header(self, header: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out = {k: v for k, v in header.items() if k not in (SPECTRA, RANKS, STATS)}
+        out.update(self.entries)
+        return out
+
+    def keys(self) -> list[str]:
+        return sorted((self.physical - {SPECTRA, RANKS, STATS}) | set(self.virtual))
+
+    def read(self, key: str, handle) -> "torch.Tensor":
+        """Logical tensor ``key`` from an open safetensors handle (``get_slice``: reads its bytes only)."""
+        import torch
+
+        how = self.virtual[key]
+        if how[0] == "spectra":
+            _, start, rs, width = how
+            out = torch.zeros(len(rs), width, dtype=torch.float32)
+            total = sum(rs)
+            if total:
+                flat = handle.get_slice(SPECTRA)[start : start + total]
+                pos = 0
+                for i, r in enumerate(rs):
+                    out[i, :r] = flat[pos : pos + r]
+                    pos += r
+            return out
+        if how[0] == "ranks":
+            return handle.get_slice(RANKS)[:, how[1]].reshape(-1).to(torch.int32)
+        if how[0] == "stats":
+            _, row, ranks = how
+            mask = torch.tensor(ranks).T > 0  # (n, M): module-major order of the pairs is mask.T's
+            out = torch.zeros(mask.shape, dtype=torch.float64)
+            out.T[mask.T] = handle.get_slice(STATS)[row : row + 1].reshape(-1)
+            return out
+        from .io.peft import ST_TORCH
+
+        return torch.empty(how[2], dtype=ST_TORCH[how[1]])
+
+    def read_ranks(self, reader) -> dict[str, list[int]]:
+        """``{module: [k_i]}`` of every module (the columns of ``resid_ranks``, metadata order), from
+        a :class:`~lorazip.io.safetensors_header.RawReader` (no torch); ``{}`` when none has any."""
+        if RANKS not in reader.header:
+            return {}
+        table = reader.read_ints(RANKS)
+        n, m = reader.header[RANKS]["shape"]
+        return {mod["name"]: list(table[j::m]) for j, mod in enumerate(self.modules)}
+
+
+def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """Physical tensors of a v3 file for the logical ``tensors`` of an artifact with ``meta``.
+
+    Spectra whose row ``i`` is longer than adapter ``i``'s rank keep only their first ``r_im``
+    values (the rest are zero; :func:`trim_spectra` zeroes them when an artifact is built)."""
+    import torch
+
+    n, mods = len(meta["adapters"]), meta["modules"]
+    out = dict(tensors)
+    ranks = lora_ranks(meta)
+    parts = []
+    for j, mod in enumerate(mods):
+        key = f"spectra/{mod['name']}"
+        t = tensors.get(key)
+        rs = ranks[j]
+        if t is None or t.dtype != torch.float32 or tuple(t.shape) != (n, max(rs, default=0)):
+            continue  # kept as its own tensor
+        parts.extend(t[i, :r] for i, r in enumerate(rs) if r)
+        del out[key]
+    if parts:
+        out[SPECTRA] = torch.cat(parts).contiguous()
+    if any(mod.get("residual") for mod in mods):
+        table = torch.zeros(n, len(mods), dtype=torch.int64)
+        for j, mod in enumerate(mods):
+            key = f"resid_ranks/{mod['name']}"
+            if mod.get("residual") and key in out:
+                table[:, j] = out.pop(key).reshape(-1).long()
+        big = bool(table.numel()) and int(table.abs().max()) >= 2**15
+        out[RANKS] = table.to(torch.int32 if big else torch.int16)
+    if all(k in out for k in STAT_KEYS) and ranks:
+        mask = torch.tensor(ranks).T > 0  # (n, M)
+        sq, n2 = out[STAT_KEYS[0]], out[STAT_KEYS[1]]
+        if all(t.dtype == torch.float64 and t.shape == mask.shape and not t[~mask].any() for t in (sq, n2)):
+            out[STATS] = torch.stack([sq.T[mask.T], n2.T[mask.T]]).contiguous()
+            del out[STAT_KEYS[0]], out[STAT_KEYS[1]]
+    for mod in mods:
+        if mod["rank"] == 0:
+            for key, shape in _empty_shapes(mod, n).items():
+                t = out.get(key)
+                if t is not None and list(t.shape) == shape and _dtype_name(t) == _EMPTY_DTYPES.get(
+                        meta.get("storage_dtype"), "F32"):
+                    del out[key]
+    return out
+
+
+def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
+    """Zero each logical spectrum beyond its adapter's LoRA rank (round-off of a padded factor),
+    in place: an artifact in memory then equals what its file reads back."""
+    import torch
+
+    n = len(meta["adapters"])
+    for j, mod in enumerate(meta["modules"]):
+        t = tensors.get(f"spectra/{mod['name']}")
+        if t is None or t.shape[0] != n:
+            continue
+        rs = torch.tensor([a["ranks"].get(mod["name"], 0) for a in meta["adapters"]])
+        t[torch.arange(t.shape[1])[None, :] >= rs[:, None]] = 0
+
+
+def _dtype_name(t: "torch.Tensor") -> str:
+    from .io.peft import ST_TORCH
+
+    return {v: k for k, v in ST_TORCH.items()}.get(t.dtype, "")
