@@ -268,7 +268,6 @@ def peer_reconstructions(kind: str, out: Path, names: list[str]) -> list[dict]:
 
 def lorazip_reconstructions(art) -> list[dict]:
     """The artifact's factors as ``[{module: (A', B')}]``, scale included (for the helper cross-check)."""
-    import torch
 
     recon = [dict() for _ in art.names]
     for mod in art.modules:

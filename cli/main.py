@@ -91,6 +91,12 @@ _token = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or sav
 _skip = typer.Option(False, "--skip-failed", help="Skip repos that fail to download; list them.", rich_help_panel=HUB_HELP)
 _workers = typer.Option(8, "--workers", help="Repos downloaded in parallel.", rich_help_panel=HUB_HELP)
 _offline = typer.Option(False, "--offline", help="Use the Hub cache only (like HF_HUB_OFFLINE=1).", rich_help_panel=HUB_HELP)
+RAY_HELP = "Ray cluster (needs lorazip[ray])"
+_compress_workers = typer.Option(
+    None, "--workers", help="Hub repos downloaded in parallel (default 8); with --ray, also the local Ray "
+    "instance's CPUs (default: the cores), or with --ray-address at most this many module tasks at once.",
+    rich_help_panel=RAY_HELP,
+)
 
 
 def _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline):
@@ -156,6 +162,13 @@ def compress(
         None, help="Memory for module factors (e.g. 4GB): a module needing more than a third streams from disk "
         "in chunks of adapters (jd-full, jd-diag)."
     ),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Statistics from `lorazip calibrate`: minimise the error of each module's outputs "
+        "on the calibration inputs instead of its weights (--budget / --target-error then bound that error)."
+    ),
+    calibration_lambda: Optional[float] = typer.Option(
+        None, "--calibration-lambda", help="Regulariser of the statistics, C + lambda mean(diag C) I (default 0.01)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     hub_author: Optional[str] = _author,
@@ -164,8 +177,13 @@ def compress(
     hub_list: Optional[Path] = _list,
     token: Optional[str] = _token,
     skip_failed: bool = _skip,
-    workers: int = _workers,
+    workers: Optional[int] = _compress_workers,
     offline: bool = _offline,
+    ray: bool = typer.Option(False, "--ray", help="One Ray task per module (a local instance unless --ray-address); "
+                             "the workers read the adapters from a shared filesystem or HF cache.",
+                             rich_help_panel=RAY_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running cluster: auto | HOST:PORT "
+                                              "(implies --ray).", rich_help_panel=RAY_HELP),
 ) -> None:
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
@@ -179,24 +197,37 @@ def compress(
 
     limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
     t0 = time.perf_counter()
-    got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers, offline)
+    if workers is not None and workers < 1:
+        raise lorazip.OptionError(f"--workers must be at least 1, got {workers}")
+    executor = None
+    if ray or ray_address is not None:
+        from lorazip.compress.executor import RayExecutor
+
+        executor = RayExecutor(address=ray_address, workers=workers)
+    got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers or 8,
+                  offline)
     coll = load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
     orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
     options = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype,
                    compute_dtype=compute_dtype, seed=seed, max_iters=max_iters, tol=tol, keep_extras=not no_extras,
                    extras_dtype=extras_dtype, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
-                   memory_limit=limit)
+                   memory_limit=limit, **({"executor": executor.start()} if executor is not None else {}))
     what = "choosing K" if clusters == "auto" else "allocating" if budget or target_error is not None \
         else "compressing"
-    with _progress() as bar:
-        task = bar.add_task(what, total=None, item="")
-        art = run_compress(
-            coll, rank, budget=parse_size(budget, orig) if budget else None, target_error=target_error,
-            target_stat=target_stat, clusters=clusters if clusters is not None else 1, method=method,
-            uniform_rank=uniform_rank, max_rank=max_rank,
-            progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item), **options,
-        )
+    try:
+        with _progress() as bar:
+            task = bar.add_task(what, total=None, item="")
+            art = run_compress(
+                coll, rank, budget=parse_size(budget, orig) if budget else None, target_error=target_error,
+                target_stat=target_stat, clusters=clusters if clusters is not None else 1, method=method,
+                uniform_rank=uniform_rank, max_rank=max_rank,
+                calibration=str(calibration) if calibration is not None else None, calibration_lambda=calibration_lambda,
+                progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item), **options,
+            )
+    finally:
+        if executor is not None:
+            executor.close()  # a local Ray instance stops here, also on an error or an interrupt
     curve, allocation = art.cluster_choice, art.allocation
     t_solve = time.perf_counter() - t0 - t_load
     art.save(output, overwrite=overwrite)
@@ -210,6 +241,8 @@ def compress(
         rep["k_selection"] = {**curve, "budget": budget}
     if allocation is not None:
         rep["rank_allocation"] = allocation
+    if executor is not None:
+        rep["ray"] = executor.report()
     if as_json:
         _emit_json(rep)
     if curve is not None:
@@ -218,6 +251,57 @@ def compress(
         fmt.print_allocation(err, allocation)
     fmt.print_summary(err, rep, title=f"lorazip compress -> {output}")
     fmt.print_notes(err, rep)
+    if executor is not None:
+        fmt.print_ray(err, rep["ray"])
+
+
+@app.command()
+def calibrate(
+    base_model: str = typer.Argument(..., help="Base model: a transformers folder (save_pretrained) or a Hub id."),
+    data: List[Path] = typer.Option(
+        ..., "--data", help="Calibration text: a .txt file, a .jsonl file ({\"text\": ...} per line) or a folder "
+        "of them (repeatable). Not the held-out text you evaluate on."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Statistics file to write (.safetensors)."),
+    adapters: Optional[List[str]] = typer.Option(
+        None, "--adapters", help="Adapters whose modules to calibrate (folders, as for compress; repeatable). "
+        "Default: every Linear, Conv1D and Embedding module of the base model."
+    ),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many tokens (default: all)."),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per window (documents are cut into windows)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    allow_pickle: bool = typer.Option(False, help="Also read adapter_model.bin adapters (their module names only)."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON on stdout."),
+) -> None:
+    """Input statistics of the base model's modules on calibration text, for compress --calibration
+    (docs/calibration.md; needs the eval extra: transformers)."""
+    if output.exists() and not overwrite:
+        raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    _load_torch()
+    from lorazip.calibrate import calibrate as run_calibrate
+
+    t0 = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("calibrating", total=None, item="")
+        stats = run_calibrate(
+            base_model, [str(d) for d in data], adapters=list(adapters) if adapters else None, max_tokens=max_tokens,
+            max_length=max_length, batch_size=batch_size, device=device, allow_pickle=allow_pickle,
+            progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item),
+        )
+    path = stats.save(output, overwrite=overwrite)
+    meta = stats.meta
+    n_tensors = len({e["tensor"] for e in meta["modules"].values()})
+    summary = {"report_version": 1, "output": str(path), "bytes": path.stat().st_size, "sha256": stats.sha256,
+               "base_model": meta["base_model"], "n_modules": len(meta["modules"]), "n_tensors": n_tensors,
+               "n_documents": meta["n_documents"], "n_windows": meta["n_windows"], "n_tokens": meta["n_tokens"],
+               "seconds": time.perf_counter() - t0}
+    if as_json:
+        _emit_json(summary)
+    err.print(f"calibrated {summary['n_modules']} module(s) ({n_tensors} distinct input(s)) on {meta['n_tokens']:,} "
+              f"tokens of {meta['n_documents']:,} document(s) in {summary['seconds']:.1f} s -> {escape(str(path))} "
+              f"({summary['bytes'] / 1e6:.1f} MB)", highlight=False)
 
 
 TASK_HELP = "Task-level evaluation (needs the eval extra: transformers, peft)"

@@ -48,7 +48,12 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t.add_row("adapters x modules", f"{rep['n_adapters']} x {rep['n_modules']}")
     t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, "
               f"{rep['storage_dtype']})")
-    t.add_row("rel. sq. error", f"mean {e['mean']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}")
+    we = rep.get("weight_errors")
+    label = "activation error" if rep.get("metric") == "activation" else "rel. sq. error"
+    t.add_row(label + (" (optimised)" if we else ""),
+              f"mean {e['mean']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}")
+    if we:  # calibration: the error of the outputs on the calibration inputs, and the weight error
+        t.add_row("weight error", f"mean {we['mean']:.4f}  median {we['median']:.4f}  max {we['max']:.4f}")
     ex = rep.get("extras_error")
     if ex:  # extras converted by --extras-dtype: their error, apart from the LoRA error
         t.add_row("extras error", f"mean {ex['mean']:.3g}  max {ex['max']:.3g}  ({ex['dtype']}, "
@@ -278,3 +283,11 @@ def print_analysis(con: Console, rep: dict[str, Any]) -> None:
             f.add_row(f"{row['numbers']:,}", f"{row['bytes']:,}", f"{100 * row['numbers'] / orig:.1f}%",
                       *(f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("shared_only", "per_adapter", "mix")))
         con.print(f)
+
+
+def print_ray(con: Console, ray: dict[str, Any]) -> None:
+    """One line per Ray worker: tasks and busy seconds (``--json``: ``ray.workers``)."""
+    con.print(f"ray ({escape(str(ray['address']))}, {ray['cluster_cpus']} CPUs): {ray['tasks']} tasks, "
+              f"{ray['busy_s']:.1f} s busy on {len(ray['workers'])} worker(s)", highlight=False)
+    for w in ray["workers"]:
+        con.print(f"  {escape(w['worker'])}: {w['tasks']} tasks, {w['busy_s']:.1f} s", highlight=False)

@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     AdapterFormatError,
     ArtifactError,
+    ClusterError,
     LorazipError,
     OptionError,
     OutputError,
@@ -49,12 +50,15 @@ _LAZY = {
     "add_adapters": "update",
     "remove_adapters": "update",
     "analyze": "analyze",
+    "calibrate": "calibrate",  # lorazip.calibrate: input statistics for compress(..., calibration=)
+    "load_calibration": "calibrate",
+    "RayExecutor": "compress.executor",
 }
 
 __all__ = [
     "__version__", "Artifact", "Collection", "load_artifact", "load_collection", "compress", "evaluate",
     "export", "to_peft", "apply", "verify", "add_adapters", "remove_adapters", "analyze", "LorazipError", "AdapterFormatError", "ArtifactError", "OptionError", "OutputError",
-    "SourceError", "ValidationError",
+    "SourceError", "ValidationError", "ClusterError", "RayExecutor", "calibrate", "load_calibration",
 ]
 
 
@@ -75,9 +79,9 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps ``lorazip.compress`` (and evaluate, export, verify, analyze) the function.
+    """Keeps ``lorazip.compress`` (and evaluate, export, verify, analyze, calibrate) the function.
 
-    Importing a submodule binds it on its package under its own name. Five functions share
+    Importing a submodule binds it on its package under its own name. Six functions share
     their module's name; the eager ``__init__`` rebound them right after, and this does the
     same whenever such a submodule is first imported (``from lorazip.verify import ...``).
     """

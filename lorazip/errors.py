@@ -34,3 +34,7 @@ class OptionError(LorazipError):
 
 class OutputError(LorazipError):
     """The output cannot be written (exists without overwrite, unwritable, disk full)."""
+
+
+class ClusterError(LorazipError):
+    """A Ray cluster cannot be started or joined, or cannot run a task (its worker died too often)."""

@@ -19,7 +19,7 @@ from .errors import ValidationError
 from .io.collection import load_collection
 from .io.peft import sha256_file
 from .metrics import per_adapter, relative, squared_errors, summary
-from .solvers.svd import truncation_errors
+from .solvers.svd import spectra_from_grams, truncation_errors
 
 REPORT_VERSION = 2  # 2: svd_matched_storage is the greedy per-adapter SVD frontier (was one rank for all)
 
@@ -73,7 +73,8 @@ def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str,
             **summary(relative(sq[have], n2[have]).tolist())}
 
 
-def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool):
+def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool,
+               spectra_out: dict[int, torch.Tensor] | None = None):
     coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
     by_name = {a.name: a for a in coll.adapters}
     rows = [i for i, name in enumerate(artifact.names) if name in by_name]
@@ -98,6 +99,9 @@ def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bo
             U, V, cores, assign = artifact.module_factors(mod["name"], rows)
             b, a, _ks = artifact.module_residuals(mod["name"], rows)  # format v2 (k = 0: none)
             sq[:, j], nn2[:, j] = squared_errors(fac.B, fac.A, U, V, cores, assign, residual=(b, a))
+            if spectra_out is not None:  # the recorded spectra are of another metric (calibration)
+                B, A = fac.B.double(), fac.A.double()
+                spectra_out[j] = spectra_from_grams(B.transpose(1, 2) @ B, A @ A.transpose(1, 2))
     return rows, sq, nn2
 
 
@@ -113,14 +117,24 @@ def evaluate(
     Without ``sources`` the errors recorded at compression are reported; with them, the
     original adapters are re-read (after checking their sha256 against the artifact) and
     the errors recomputed exactly from the stored, possibly rounded, factors.
+
+    An artifact compressed with calibration statistics records errors in the activation metric
+    (``metric: "activation"``, what was optimised) and in weight space (``weight_errors``);
+    errors recomputed against the originals are in weight space (``metric: "weight"``).
     """
     names = artifact.names
+    calibration = artifact.meta.get("calibration")
+    weight_spectra = {} if calibration and sources is not None else None
     if sources is None:
         rows = list(range(len(names)))
         sq, nn2 = artifact.stats()
         sq, nn2 = sq.double(), nn2.double()
     else:
-        rows, sq, nn2 = _recompute(artifact, sources, allow_pickle, check_hashes)
+        rows, sq, nn2 = _recompute(artifact, sources, allow_pickle, check_hashes, weight_spectra)
+    weight_err = None
+    if calibration and sources is None and artifact._has("stats/weight_sq_error"):
+        weight_err = relative(artifact.get("stats/weight_sq_error").double(),  # (n,): summed over modules
+                              artifact.get("stats/weight_norm2").double())
     rel = relative(sq, nn2)  # (n, m)
     adapter_err = per_adapter(sq, nn2)
 
@@ -130,7 +144,7 @@ def evaluate(
     spectra = []
     for j, mod in enumerate(artifact.modules):
         key = f"spectra/{mod['name']}"
-        sv = artifact.get_rows(key, rows).double()
+        sv = weight_spectra[j] if weight_spectra and j in weight_spectra else artifact.get_rows(key, rows).double()
         base_same[:, j] = truncation_errors(sv, mod["rank"]) * nn2[:, j]
         spectra.append(sv)
     # numbers of the compressed parts of these adapters (all of them unless recomputing a subset)
@@ -153,6 +167,7 @@ def evaluate(
             {
                 "name": names[i],
                 "error": float(adapter_err[k]),
+                **({"weight_error": float(weight_err[i])} if weight_err is not None else {}),
                 "svd_same_rank_error": float(per_adapter(base_same[k : k + 1], nn2[k : k + 1])[0]),
                 "missing_modules": [m["name"] for m in artifact.modules if m["name"] not in meta["ranks"]],
                 **({"cluster": int(assign[i])} if assign is not None else {}),
@@ -180,6 +195,9 @@ def evaluate(
         "n_adapters": len(rows),
         "n_modules": len(artifact.modules),
         "errors": summary(adapter_err.tolist()),
+        "metric": "activation" if calibration and sources is None else "weight",
+        **({"weight_errors": summary(weight_err.tolist())} if weight_err is not None else {}),
+        **({"calibration": calibration} if calibration else {}),
         "baseline": {
             "svd_same_rank": {"rank": artifact.meta.get("rank"), **summary(per_adapter(base_same, nn2).tolist())},
             "svd_matched_storage": matched,

@@ -218,6 +218,9 @@ def add_adapters(
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise OptionError(f"--threshold must be a number >= 0, got {threshold!r}")
     art = _open(artifact)
+    if art.meta.get("calibration"):  # its bases and errors are in the activation metric
+        raise OptionError(f"{_label(art)} was compressed with calibration statistics: adding adapters to it is not "
+                          "supported yet; compress the whole collection again with --calibration")
     meta = copy.deepcopy(art.meta)
     meta.pop("checksum", None)
     coll = load_collection(sources, base_model=base_model, allow_pickle=allow_pickle)

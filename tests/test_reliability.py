@@ -37,7 +37,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import edit_config, read_doc, write_adapter, write_doc, write_collection, write_raw_safetensors  # noqa: E402
+from helpers import read_doc, write_adapter, write_doc, write_collection, write_raw_safetensors  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402

@@ -14,7 +14,6 @@ from helpers import GPT2_LIKE, assert_one_error_line, run_cli as run, write_adap
 from safetensors.torch import load_file, save_file
 
 import lorazip
-from lorazip.cli.main import main
 from lorazip.errors import ArtifactError, OptionError, SourceError, ValidationError
 from lorazip.update import UpdateWarning, add_adapters, remove_adapters
 

@@ -35,6 +35,8 @@ def compress(
     uniform_rank: bool = False,
     max_rank: int = 64,
     progress: Callable[[int, int, str], None] | None = None,
+    calibration=None,
+    calibration_lambda: float | None = None,
     **options: Any,
 ) -> Artifact:
     """Compress ``collection`` into one artifact.
@@ -55,6 +57,11 @@ def compress(
     method : "jd-full", "jd-diag", "jd-clustered" or "svd" (per-adapter truncated SVD).
     max_rank : largest shared rank the allocator considers.
     progress : called as ``progress(done, total, what)``.
+    calibration : statistics from :func:`lorazip.calibrate.calibrate` (or the path of their file):
+        minimise the error of each module's outputs on the calibration inputs instead of its weights
+        (:mod:`lorazip.compress.whiten`; ``budget`` / ``target_error`` then bound that error). The
+        artifact records errors in both metrics. ``calibration_lambda``: the regulariser
+        (``C + lambda * mean(diag C) * I``; default :data:`~lorazip.compress.whiten.DEFAULT_LAMBDA`).
     options : settings of :func:`~lorazip.compress.pipeline.compress_modules` (weighting, device,
         backend, storage_dtype ("int8": per-row int8, :mod:`lorazip.quantize`), compute_dtype, seed,
         max_iters, tol, keep_extras, extras_dtype, hash_sources, memory_limit, per_module_clusters,
@@ -68,6 +75,13 @@ def compress(
     """
     if target_stat not in ("mean", "max"):
         raise OptionError(f"target statistic must be mean or max, got {target_stat!r}")
+    if calibration is not None:  # every solver then reads whitened factors
+        from .whiten import DEFAULT_LAMBDA, whiten_collection
+
+        collection = whiten_collection(collection, calibration,
+                                       DEFAULT_LAMBDA if calibration_lambda is None else calibration_lambda)
+    elif calibration_lambda is not None:
+        raise OptionError("a calibration lambda needs calibration statistics")
     if budget is not None and target_error is not None:
         raise OptionError("give a budget or a target error, not both")
     if clusters == "auto":
@@ -110,7 +124,7 @@ def compress(
 
 # options of compress_modules that a budget or target run takes (the rest would be ignored)
 _MIXED_PASSED = {"weighting", "storage_dtype", "seed", "tol", "max_iters", "keep_extras", "extras_dtype",
-                 "hash_sources"}
+                 "hash_sources", "executor"}
 _MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_clusters", "max_rounds", "backend",
                                   "memory_limit", "cache_bytes", "timings"}
 

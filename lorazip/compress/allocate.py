@@ -18,6 +18,7 @@ or rounding makes the artifact larger, the least valuable rank steps are taken b
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ from ..io.collection import Collection
 from ..solvers import Factors
 from ..solvers._linalg import adapter_weights, factor_norms2
 from ..solvers.jd_full import jd_full_factors
+from .executor import map_modules
 from .streaming import MemoryPlan, streamed_factors
 
 
@@ -63,44 +65,60 @@ def rank_curves(
     max_iters: int = 500,
     memory_limit: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    executor=None,
 ) -> RankCurves:
     """Error of every adapter at every rank 1..max_rank, for every module (one pass over modules).
 
-    ``memory_limit`` (bytes) streams modules larger than a third of it, as in :func:`lorazip.compress`.
+    ``memory_limit`` (bytes) streams modules larger than a third of it, as in :func:`lorazip.compress`;
+    ``executor`` (a :class:`~lorazip.compress.executor.RayExecutor`) runs one Ray task per module.
     """
-    errors, norms, dims = [], [], []
     plan = MemoryPlan.make(collection, 4, memory_limit, "jd-full")
-    for j, info in enumerate(collection.modules):
-        if j in plan.chunk:
-            fac = streamed_factors(collection, info.name, plan.chunk[j], torch.float32)
-        else:
-            f = collection.module_factors(info.name, dtype=torch.float32)
-            fac = Factors.stacked(f.B, f.A)
-        r_cap = min(collection.shared_ranks(info.name, max_rank))  # square cores: the smaller side
-        n2 = torch.cat([factor_norms2(ch.B, ch.A).clamp_min(0) for ch in fac]).double()
-        w = adapter_weights(n2, weighting)
-        top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
-        # Cores in float64; the nested fits see M_i through its projection S_i = U^T M_i V.
-        U, V = top.U.double(), top.V.double()
-        S = torch.cat([(ch.B.double().transpose(1, 2) @ U).transpose(1, 2) @ (ch.A.double() @ V)
-                       for ch in fac.split(256)])
-        outside = (n2 - S.square().sum((1, 2))).clamp_min(0)  # energy outside span(U) x span(V)
-        e = torch.empty(len(n2), r_cap, dtype=torch.float64)
-        # Warm starts: the HOSVD order of the cores (eigenvectors of sum w S S^T and sum w S^T S)
-        # puts each nested fit next to its optimum, so a few sweeps suffice.
-        ww = w.double()[:, None, None]
-        W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
-        Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
-        for r in range(1, r_cap + 1):
-            kept = S.square().sum((1, 2)) if r == r_cap else \
-                nested_kept(S, w.double(), W[:, :r], Z[:, :r], tol=tol, max_iters=max_iters)
-            e[:, r - 1] = outside + (S.square().sum((1, 2)) - kept).clamp_min(0)
-        errors.append(e)
-        norms.append(n2)
-        dims.append(info.d_in + info.d_out)
+    names = [m.name for m in collection.modules]
+    args = [(j, max_rank, weighting, seed, tol, max_iters, plan.chunk.get(j)) for j in range(len(names))]
+    got: list = [None] * len(names)
+    for count, (j, curve) in enumerate(map_modules(executor, module_curve_task, collection, args, labels=names,
+                                                    memory=memory_limit, phase="curves"), 1):
+        got[j] = curve
         if progress:
-            progress(j + 1, len(collection.modules), info.name)
-    return RankCurves([m.name for m in collection.modules], errors, torch.stack(norms, 1), dims)
+            progress(count, len(names), names[j])
+    errors, norms = [e for e, _ in got], [n2 for _, n2 in got]
+    return RankCurves(names, errors, torch.stack(norms, 1), [m.d_in + m.d_out for m in collection.modules])
+
+
+def module_curve_task(collection: Collection, j: int, max_rank: int, weighting: str, seed: int, tol: float,
+                      max_iters: int, chunk: int | None, *, clock: dict[str, float]):
+    """Module ``j``'s error curve: ``(errors (n, r_cap) at ranks 1..r_cap, norms2 (n,))``, its factors
+    read here (streamed ``chunk`` adapters at a time if set); in process or as a Ray task."""
+    info = collection.modules[j]
+    t0 = time.perf_counter()
+    if chunk is not None:
+        fac = streamed_factors(collection, info.name, chunk, torch.float32)
+    else:
+        f = collection.module_factors(info.name, dtype=torch.float32)
+        fac = Factors.stacked(f.B, f.A)
+    t1 = time.perf_counter()
+    r_cap = min(collection.shared_ranks(info.name, max_rank))  # square cores: the smaller side
+    n2 = torch.cat([factor_norms2(ch.B, ch.A).clamp_min(0) for ch in fac]).double()
+    w = adapter_weights(n2, weighting)
+    top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
+    # Cores in float64; the nested fits see M_i through its projection S_i = U^T M_i V.
+    U, V = top.U.double(), top.V.double()
+    S = torch.cat([(ch.B.double().transpose(1, 2) @ U).transpose(1, 2) @ (ch.A.double() @ V)
+                   for ch in fac.split(256)])
+    outside = (n2 - S.square().sum((1, 2))).clamp_min(0)  # energy outside span(U) x span(V)
+    e = torch.empty(len(n2), r_cap, dtype=torch.float64)
+    # Warm starts: the HOSVD order of the cores (eigenvectors of sum w S S^T and sum w S^T S)
+    # puts each nested fit next to its optimum, so a few sweeps suffice.
+    ww = w.double()[:, None, None]
+    W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
+    Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
+    for r in range(1, r_cap + 1):
+        kept = S.square().sum((1, 2)) if r == r_cap else \
+            nested_kept(S, w.double(), W[:, :r], Z[:, :r], tol=tol, max_iters=max_iters)
+        e[:, r - 1] = outside + (S.square().sum((1, 2)) - kept).clamp_min(0)
+    clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
+    clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
+    return e, n2
 
 
 def nested_kept(S: torch.Tensor, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, tol: float = 1e-4,
@@ -276,7 +294,7 @@ def compress_to(
     n = len(collection)
     diag = method == "jd-diag"
     curves = rank_curves(collection, max_rank, weighting=kw.get("weighting", "relative"), seed=kw.get("seed", 0),
-                         memory_limit=kw.get("memory_limit"), progress=progress)
+                         memory_limit=kw.get("memory_limit"), progress=progress, executor=kw.get("executor"))
     common = dict(method=method, storage_dtype=storage_dtype, **kw)
     if budget is None:
         ranks = allocate(curves, n, target_error=target_error, uniform=uniform, diag=diag)

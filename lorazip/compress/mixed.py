@@ -42,12 +42,14 @@ from ..io.collection import Collection
 from ..metrics import squared_errors
 from ..quantize import QSCALE, dry_storage, to_storage
 from ..solvers import Factors
-from ..solvers._linalg import adapter_weights, factor_norms2
+from ..solvers._linalg import adapter_weights
 from ..solvers.jd_full import jd_full_factors
-from ..solvers.residual import nested_residual_spectra, residual_factors
+from ..solvers.residual import factor_products, nested_residual_spectra, residual_factors
 from ..solvers.svd import spectra_from_grams
 from .allocate import nested_fit
+from .executor import RayExecutor, map_modules
 from .provenance import SourceHashes
+from .whiten import annotate, build_mixed_module, whitening_of
 
 GRID = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # shared ranks whose residual spectra are measured
 _FLOOR = 1e-10  # a step removing less of the (relative) error than this only stores solver noise
@@ -82,12 +84,29 @@ class ModuleFit:
         return min(self.spectra[r].shape[1], self.d_out, self.d_in)
 
 
+def fit_module_task(collection: Collection, j: int, R: int, weighting: str, seed: int, tol: float, max_iters: int,
+                    *, clock: dict[str, float],
+                    factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleFit:
+    """Pass 1 on module ``j``, reading its factors in float32 unless given (the caller's read-ahead);
+    the same function runs in process and as a Ray task (:mod:`.executor`)."""
+    t0 = time.perf_counter()
+    if factors is None:
+        f = collection.module_factors(collection.modules[j].name, dtype=torch.float32)
+        factors = (f.B, f.A)
+    t1 = time.perf_counter()
+    fit = fit_module(*factors, collection.modules[j].name, R, weighting=weighting, seed=seed, tol=tol,
+                     max_iters=max_iters)
+    clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
+    clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
+    return fit
+
+
 def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting: str, seed: int, tol: float,
                max_iters: int, grid: tuple[int, ...] = GRID) -> ModuleFit:
     """Pass 1 on one module's factors ``B`` (n, d_out, r_i), ``A`` (n, r_i, d_in)."""
-    B64, A64 = B.double(), A.double()
     d_out, d_in = B.shape[1], A.shape[2]
-    n2 = factor_norms2(B64, A64).clamp_min(0)
+    GB, GA = factor_products(B, A)  # float64 Grams, converted in chunks: no float64 copy of the factors
+    n2 = (GB * GA).sum((1, 2)).clamp_min(0)
     w = adapter_weights(n2, weighting)
     if R > 0:
         top = jd_full_factors(Factors.stacked(B.float(), A.float()), R, weights=w.float(), seed=seed, tol=tol,
@@ -95,13 +114,14 @@ def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting
         U, V = torch.linalg.qr(top.U.double())[0], torch.linalg.qr(top.V.double())[0]
         iters, conv = top.n_iters, top.converged
     else:
-        U, V = B64.new_zeros(d_out, 0), B64.new_zeros(d_in, 0)
+        U, V = GB.new_zeros(d_out, 0), GB.new_zeros(d_in, 0)
         iters, conv = 0, True
-    S = (B64.transpose(1, 2) @ U).transpose(1, 2) @ (A64 @ V)
+    BU, AV = factor_products(B, A, U, V)
+    S = BU.transpose(1, 2) @ AV
     XY = nested_fit(S, w, R, tol=tol, max_iters=max_iters, refine=set(grid))
     shared = {r: (n2 - (X.T @ S @ Y).square().sum((1, 2))).clamp_min(0) for r, (X, Y) in XY.items()}
     on_grid = {r: XY[r] for r in grid if r <= R}
-    spectra = nested_residual_spectra(B64, A64, U, V, S, on_grid)
+    spectra = nested_residual_spectra(B, A, U, V, S, on_grid, products=(GB, GA, BU, AV))
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv)
 
 
@@ -374,11 +394,13 @@ def compress_mixed(
     extras_dtype: str = "auto",
     hash_sources: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
+    executor: "RayExecutor | None" = None,
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
     file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
     the allocation report. With ``storage_dtype="int8"`` a stored number is one byte; the row
-    scales are overhead that the dry assembly measures."""
+    scales are overhead that the dry assembly measures. With an ``executor`` both passes run one
+    Ray task per module (:mod:`.executor`); the allocation runs here, on their small results."""
     from .pipeline import check_extras_dtype
 
     if (budget is None) == (target_error is None):
@@ -393,18 +415,18 @@ def compress_mixed(
     hashes = SourceHashes(collection, hash_sources)
     t0 = time.perf_counter()
     try:
-        fits = []
         n_mod = len(collection.modules)
+        names = [m.name for m in collection.modules]
         top = _affordable_rank(collection, budget // itemsize, max_rank) if budget is not None else max_rank
-        reads = _Reads(collection)
-        for j, info in enumerate(collection.modules):
-            f = reads.get(j)
-            R = min(top, min(collection.shared_ranks(info.name, max_rank)))
-            fits.append(fit_module(f.B, f.A, info.name, R, weighting=weighting, seed=seed, tol=tol,
-                                   max_iters=max_iters))
-            del f
+        args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters)
+                for j, name in enumerate(names)]
+        reads = _Reads(collection) if executor is None else None
+        fits: list[ModuleFit] = [None] * n_mod  # type: ignore[list-item]
+        for count, (j, fit) in enumerate(map_modules(executor, fit_module_task, collection, args, labels=names,
+                                                      local=reads.factors if reads else None, phase="fit"), 1):
+            fits[j] = fit
             if progress:
-                progress(j + 1, 2 * n_mod, info.name)
+                progress(count, 2 * n_mod, names[j])
         E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
         t_fit = time.perf_counter() - t0
         overhead = _overhead_bytes(collection, fits, keep_extras)
@@ -440,7 +462,7 @@ def compress_mixed(
                                   f"statistics ({fixed:,} bytes{hint})")
         alloc = best if budget is not None and best is not None else alloc
         art = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                     keep_extras, progress, target_error, stat, budget, extras_dtype)
+                     keep_extras, progress, target_error, stat, budget, extras_dtype, executor=executor)
         if budget is not None and art.serialized_size() > budget:
             raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
     finally:
@@ -527,12 +549,87 @@ class _Reads:
             self._pool.shutdown(wait=False)
         return f
 
+    def factors(self, j: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module ``j``'s factors as a task's ``factors`` argument (:func:`~.executor.map_modules`)."""
+        f = self.get(j)
+        return {"factors": (f.B, f.A)}
+
     def __del__(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass
+class _Parts:
+    """Pass 2 of one module: its stored parts, spectra and exact errors (None when dry)."""
+
+    U: Any
+    V: Any
+    cores: Any
+    resid_B: Any
+    resid_A: Any
+    spectra: torch.Tensor
+    sq: torch.Tensor | None = None
+    nn2: torch.Tensor | None = None
+    wsq: torch.Tensor | None = None  # weight-space errors and norms of a whitened (calibrated) build
+    wnn2: torch.Tensor | None = None
+
+
+def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales) -> _Parts:
+    n = len(collection)
+    return _Parts(
+        dry_storage((1, info.d_out, r), storage_dtype), dry_storage((1, info.d_in, r), storage_dtype),
+        dry_storage((n, r, r), storage_dtype, core_scales),
+        dry_storage((total, info.d_out), storage_dtype, torch.float32),
+        dry_storage((total, info.d_in), storage_dtype, torch.float32),
+        torch.empty(n, collection.max_rank(info.name), dtype=torch.float32),
+    )
+
+
+def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
+                      Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype, *,
+                      clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Parts:
+    """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r))
+    with its cores, and residual parts of ranks ``k`` (n,), from the factors (read in float32 unless
+    given), rounded, with the exact errors of what is stored. In process or as a Ray task."""
+    n = len(collection)
+    t0 = time.perf_counter()
+    if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
+        parts = build_mixed_module(collection, collection.modules[j].name, U @ X, V @ Y, k, storage_dtype,
+                                   core_scales)
+        clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t0
+        return _Parts(*parts[:5], parts[7].float(), *parts[5:7], *parts[8:])
+    if factors is None:
+        f = collection.module_factors(collection.modules[j].name, dtype=torch.float32)
+        factors = (f.B, f.A)
+    t1 = time.perf_counter()
+    B, A = factors[0].double(), factors[1].double()
+    Us = to_storage((U @ X)[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
+    Vs = to_storage((V @ Y)[None], storage_dtype, torch.float16)
+    U64, V64 = Us.values[0].double(), Vs.values[0].double()
+    Ss = to_storage((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64), storage_dtype, core_scales)
+    S64 = Ss.values.double()
+    # the residual of what is stored (rounded shared part), then rounded itself
+    bp, ap = residual_factors(B, A, U64, V64, S64, k)
+    offs = (torch.cumsum(k, 0) - k).tolist()
+    bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
+    as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
+    bh, ah = bs.values.double(), as_.values.double()
+    bp, ap = torch.zeros_like(bp), torch.zeros_like(ap)  # the stored residual rows, padded again
+    for i in range(n):
+        bp[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
+        ap[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
+    GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+    n2 = (GB * GA).sum((1, 2))
+    sq, nn2 = squared_errors(B, A, U64, V64, S64, None, norms2=n2, residual=(bp, ap))
+    spectra = spectra_from_grams(GB, GA).float()
+    clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
+    clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
+    return _Parts(Us, Vs, Ss, bs, as_, spectra, sq, nn2)
+
+
 def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
-           progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False) -> Artifact:
+           progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False,
+           executor=None) -> Artifact:
     """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
     builds the same tensors' shapes and dtypes without computing them, to measure the file size
     exactly. The shared part is rounded first (int8: quantised, then dequantised), the residual
@@ -544,57 +641,48 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
     sq = torch.zeros(n, n_mod, dtype=torch.float64)
     nn2 = torch.zeros(n, n_mod, dtype=torch.float64)
     modules_meta = []
-    reads = None if dry else _Reads(collection)
-    for j, (info, fit) in enumerate(zip(collection.modules, fits)):
-        name = info.name
-        r = alloc.ranks[fit.name]
-        k = torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64))
-        total = int(k.sum())
-        core_scales = _core_scales(fit)
-        if dry:
-            r_max = collection.max_rank(name)
-            Us = dry_storage((1, info.d_out, r), storage_dtype)
-            Vs = dry_storage((1, info.d_in, r), storage_dtype)
-            Ss = dry_storage((n, r, r), storage_dtype, core_scales)
-            tensors[f"spectra/{name}"] = torch.empty(n, r_max, dtype=torch.float32)
-            bs = dry_storage((total, info.d_out), storage_dtype, torch.float32)
-            as_ = dry_storage((total, info.d_in), storage_dtype, torch.float32)
-        else:
-            f = reads.get(j)
-            B, A = f.B.double(), f.A.double()
-            X, Y = fit.XY[r]
-            Us = to_storage((fit.U @ X)[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
-            Vs = to_storage((fit.V @ Y)[None], storage_dtype, torch.float16)
-            U64, V64 = Us.values[0].double(), Vs.values[0].double()
-            Ss = to_storage((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64), storage_dtype, core_scales)
-            S64 = Ss.values.double()
-            # the residual of what is stored (rounded shared part), then rounded itself
-            bp, ap = residual_factors(B, A, U64, V64, S64, k)
-            offs = (torch.cumsum(k, 0) - k).tolist()
-            bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
-            as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
-            bh, ah = bs.values.double(), as_.values.double()
-            bp, ap = torch.zeros_like(bp), torch.zeros_like(ap)  # the stored residual rows, padded again
-            for i in range(n):
-                bp[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
-                ap[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
-            GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
-            n2 = (GB * GA).sum((1, 2))
-            sq[:, j], nn2[:, j] = squared_errors(B, A, U64, V64, S64, None, norms2=n2, residual=(bp, ap))
-            tensors[f"spectra/{name}"] = spectra_from_grams(GB, GA).float()
-        Us.put(tensors, f"U/{name}")
-        Vs.put(tensors, f"V/{name}")
-        Ss.put(tensors, f"cores/{name}")
-        entry = {"name": name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout, "rank": r,
-                 "n_clusters": 1, "iters": fit.iters, "converged": fit.converged}
-        if total > 0:
-            tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
-            bs.put(tensors, f"resid_B/{name}")
-            as_.put(tensors, f"resid_A/{name}")
-            entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
-        modules_meta.append(entry)
+    names = [info.name for info in collection.modules]
+    wh = whitening_of(collection)
+    wsq = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
+    wnn2 = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
+    resid = [torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64)) for fit in fits]
+    if dry:
+        parts = ((j, _dry_parts(collection, info, alloc.ranks[fit.name], int(resid[j].sum()), storage_dtype,
+                                _core_scales(fit)))
+                 for j, (info, fit) in enumerate(zip(collection.modules, fits)))
+    else:
+        args = []
+        for j, fit in enumerate(fits):
+            r = alloc.ranks[fit.name]
+            args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, _core_scales(fit)))
+        reads = _Reads(collection) if executor is None and wh is None else None  # whitened: re-read there
+        parts = map_modules(executor, build_module_task, collection, args, labels=names,
+                            local=reads.factors if reads else None, phase="build")
+    arrived: dict[int, _Parts] = {}
+    for count, (j, got) in enumerate(parts, 1):
+        arrived[j] = got
+        while len(modules_meta) in arrived:  # stored in module order, whatever order they come in
+            m = len(modules_meta)
+            p, info, fit, k = arrived.pop(m), collection.modules[m], fits[m], resid[m]
+            name, r, total = info.name, alloc.ranks[fits[m].name], int(resid[m].sum())
+            if p.sq is not None:
+                sq[:, m], nn2[:, m] = p.sq, p.nn2
+            if p.wsq is not None and wsq is not None:
+                wsq[:, m], wnn2[:, m] = p.wsq, p.wnn2
+            tensors[f"spectra/{name}"] = p.spectra
+            p.U.put(tensors, f"U/{name}")
+            p.V.put(tensors, f"V/{name}")
+            p.cores.put(tensors, f"cores/{name}")
+            entry = {"name": name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout, "rank": r,
+                     "n_clusters": 1, "iters": fit.iters, "converged": fit.converged}
+            if total > 0:
+                tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
+                p.resid_B.put(tensors, f"resid_B/{name}")
+                p.resid_A.put(tensors, f"resid_A/{name}")
+                entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
+            modules_meta.append(entry)
         if progress:
-            progress(n_mod + j + 1, 2 * n_mod, name)
+            progress(n_mod + count, 2 * n_mod, names[j])
     ranks = list(alloc.ranks.values())
     meta = {
         "method": "jd-full",
@@ -610,4 +698,6 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
             "predicted_max_error": float(alloc.errors.max()),
         },
     }
+    if wh is not None:
+        annotate(wh, meta, tensors, wsq, wnn2)
     return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras, extras_dtype)

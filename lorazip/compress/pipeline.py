@@ -25,12 +25,14 @@ from ..metrics import squared_errors
 from ..quantize import EXTRAS_DTYPES, cat_stored, store_extras, to_storage
 from ..solvers import METHODS, solve_factors
 from ..solvers.clustered import jd_clustered
-from ..solvers.factors import Factors
+from ..solvers.factors import Chunk, Factors
 from ..solvers.svd import spectra_from_grams
 from ..solvers._linalg import WEIGHTINGS, adapter_weights, factor_norms2, orth
 from ..solvers.one_side import one_side_bases
+from .executor import RayExecutor, map_modules
 from .provenance import SourceHashes, adapter_meta
 from .streaming import MemoryPlan, release_freed_memory, streamed_factors
+from .whiten import annotate, finish_whitened, whitening_of
 
 @dataclass(frozen=True)
 class CompressOptions:
@@ -195,6 +197,146 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class ModuleJob:
+    """The settings a module task needs (picklable: a Ray task takes it as an argument)."""
+
+    method: str
+    weighting: str
+    storage_dtype: str
+    compute_dtype: str
+    seed: int
+    max_iters: int
+    tol: float
+    backend: str = "torch"
+    device: str = "auto"
+
+
+@dataclass
+class ModuleResult:
+    """What a module task returns (small: no factors): the module's artifact tensors (bases,
+    cores, spectra, assignment), per-adapter squared errors and norms (n,), its ``meta`` fields."""
+
+    tensors: dict[str, torch.Tensor]
+    sq_error: torch.Tensor
+    norm2: torch.Tensor
+    entry: dict[str, Any]
+    weight_sq_error: torch.Tensor | None = None  # with calibration: the weight-space errors (n,)
+    weight_norm2: torch.Tensor | None = None
+
+
+def _read_module(collection: Collection, name: str, dtype: torch.dtype, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    f = collection.module_factors(name, dtype=dtype)
+    return f.B.to(dev), f.A.to(dev)
+
+
+def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple[int, int] | None,
+                      chunk: int | None, job: ModuleJob, *, clock: dict[str, float],
+                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleResult:
+    """Module ``j`` start to finish: read its factors (unless given ``factors``, the caller's
+    read-ahead; streamed in chunks of ``chunk`` adapters if set), solve at ``rank`` (``one_side``:
+    ``(r_out, r_in)`` of a module whose small side is kept whole), round to the storage dtype and
+    measure the exact errors. The same function runs in process and as a Ray task
+    (:mod:`.executor`); ``clock`` gets the seconds reading, solving and measuring."""
+    info = collection.modules[j]
+    dev = resolve_device(job.device)
+    cdtype = COMPUTE_DTYPES[job.compute_dtype]
+    for key in ("read_s", "solve_s", "error_s"):
+        clock.setdefault(key, 0.0)
+    t0 = time.perf_counter()
+    if one_side is not None:  # exact in one step; small by construction
+        B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, "cpu")
+        U, V = _one_side_solution(Chunk(0, B, A), *one_side, job.weighting, 1)
+        clock["read_s"] += time.perf_counter() - t0
+        return finish_module(Factors.stacked(B, A), info, U, V, None, None, 0, True, job, clock, collection)
+    to_solver = (lambda t: t) if job.backend == "torch" else (lambda t: to_backend(t, job.backend))
+    if chunk is not None:  # larger than the memory limit: every pass reads chunks from disk
+        fac = streamed_factors(collection, info.name, chunk, cdtype, dev, to_solver)
+        fac_t = fac if job.backend == "torch" else streamed_factors(collection, info.name, chunk, cdtype, dev)
+    else:
+        B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, dev)
+        fac_t = Factors.stacked(B, A)
+        fac = fac_t if job.backend == "torch" else Factors.stacked(to_solver(B), to_solver(A))
+    t1 = time.perf_counter()
+    sol = solve_factors(job.method, fac, rank, weighting=job.weighting, seed=job.seed, max_iters=job.max_iters,
+                        tol=job.tol)
+    if job.backend != "torch":
+        sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
+    clock["read_s"] += t1 - t0
+    clock["solve_s"] += time.perf_counter() - t1
+    return finish_module(fac_t, info, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged, job,
+                         clock, collection)
+
+
+def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converged: bool, job: ModuleJob,
+                  clock: dict[str, float], collection: Collection | None = None) -> ModuleResult:
+    """A solved module rounded to the storage dtype, with its exact errors (see :func:`_finish`)."""
+    t0 = time.perf_counter()
+    refine = (job.method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
+    wsq = wn2 = None
+    if whitening_of(collection) is None:
+        U, V, cores, sq, n2, sv = _finish(fac, U, V, cores, assign, refine, job.storage_dtype,
+                                          min(_ERROR_CHUNK, fac.chunk))
+    else:  # calibration: a solution in whitened coordinates, mapped back (lorazip.compress.whiten)
+        U, V, cores, sq, n2, sv, wsq, wn2 = finish_whitened(collection, info.name, fac, U, V, cores, assign, refine,
+                                                            job.storage_dtype, min(_ERROR_CHUNK, fac.chunk))
+    tensors: dict[str, torch.Tensor] = {}
+    U.put(tensors, f"U/{info.name}")
+    V.put(tensors, f"V/{info.name}")
+    cores.put(tensors, f"cores/{info.name}")
+    if assign is not None:
+        tensors[f"assign/{info.name}"] = assign.to(torch.int32).cpu()
+    tensors[f"spectra/{info.name}"] = sv.float()
+    clock["error_s"] = clock.get("error_s", 0.0) + time.perf_counter() - t0
+    entry = {"rank": int(V.shape[2]), **({"rank_out": int(U.shape[2])} if U.shape[2] != V.shape[2] else {}),
+             "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged}
+    return ModuleResult(tensors, sq, n2, entry, wsq, wn2)
+
+
+def finish_clustered_task(collection: Collection, j: int, U, V, cores, assign, one_side: tuple[int, int] | None,
+                          rounds: int, converged: bool, job: ModuleJob, *, clock: dict[str, float],
+                          factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleResult:
+    """Module ``j`` of a clustered solution (``U``, ``V``: (K, d, r)), rounded and measured."""
+    info = collection.modules[j]
+    t0 = time.perf_counter()
+    B, A = factors if factors is not None else _read_module(collection, info.name,
+                                                            COMPUTE_DTYPES[job.compute_dtype], "cpu")
+    clock["read_s"] = clock.get("read_s", 0.0) + time.perf_counter() - t0
+    if one_side is not None:
+        U, V = _one_side_solution(Chunk(0, B, A), *one_side, job.weighting, U.shape[0])
+        cores = None
+    return finish_module(Factors.stacked(B, A), info, U, V, cores, assign, rounds, converged, job, clock, collection)
+
+
+def module_step_task(collection: Collection, name: str, dtype: torch.dtype, device: str, fn, args: tuple, *,
+                     clock: dict[str, float]):
+    """``fn(B, A, *args)`` on module ``name``'s factors, read here in ``dtype`` onto ``device``: a
+    step of a solver that visits every module in turn (jd-clustered's rounds), as a Ray task."""
+    t0 = time.perf_counter()
+    B, A = _read_module(collection, name, dtype, resolve_device(device))
+    t1 = time.perf_counter()
+    out = fn(B, A, *args)
+    clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
+    clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
+    return out
+
+
+def _step_tasks(executor, collection: Collection, dtype: torch.dtype, device: str, memory: int | None):
+    """``map_modules`` for :func:`~lorazip.solvers.clustered.jd_clustered`: each per-module step
+    as a task on ``executor`` that reads its module's factors itself."""
+    names = [m.name for m in collection.modules]
+
+    def run(fn, args: list[tuple]) -> list:
+        out: list = [None] * len(args)
+        tasks = [(names[j], dtype, device, fn, a) for j, a in enumerate(args)]
+        for j, got in map_modules(executor, module_step_task, collection, tasks, labels=names, memory=memory,
+                                  phase=fn.__name__.strip("_")):
+            out[j] = got
+        return out
+
+    return run
+
+
 def compress_modules(
     collection: Collection,
     rank: int = 16,
@@ -219,6 +361,7 @@ def compress_modules(
     memory_limit: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     timings: dict[str, float] | None = None,
+    executor: "RayExecutor | None" = None,
 ) -> Artifact:
     """Jointly compress every module of ``collection`` at given ranks (the module loop behind
     :func:`lorazip.compress`).
@@ -258,6 +401,10 @@ def compress_modules(
     timings : if given, filled with seconds spent waiting for reads (``read_s``), solving
         (``solve_s``; streamed modules read inside it), measuring errors (``error_s``) and
         waiting for the sources' sha256, computed in the background (``hash_s``).
+    executor : a :class:`~lorazip.compress.executor.RayExecutor` to solve each module as a Ray
+        task that reads the module's factors itself (the sources must be visible to the workers);
+        None (default): in this process. The artifact is the same either way. ``timings`` then
+        sums the tasks' seconds over the workers.
 
     Returns
     -------
@@ -305,6 +452,7 @@ def compress_modules(
     tensors: dict[str, torch.Tensor] = {}
     sq_error = torch.zeros(n, n_mod, dtype=torch.float64)
     norm2 = torch.zeros(n, n_mod, dtype=torch.float64)
+    weight_sq, weight_n2 = torch.zeros_like(sq_error), torch.zeros_like(norm2)  # with calibration
     modules_meta = []
     cdtype = COMPUTE_DTYPES[compute_dtype]
     plan = MemoryPlan.make(collection, cdtype.itemsize, memory_limit, method)
@@ -314,84 +462,64 @@ def compress_modules(
     for key in ("read_s", "solve_s", "error_s"):
         clock.setdefault(key, 0.0)
 
-    def store(j: int, fac: Factors, U, V, cores, assign, n_iters: int, converged: bool) -> None:
-        info = collection.modules[j]
-        t0 = time.perf_counter()
-        refine = (method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
-        U, V, cores, sq_error[:, j], norm2[:, j], sv = _finish(
-            fac, U, V, cores, assign, refine, storage_dtype, min(_ERROR_CHUNK, fac.chunk))
-        U.put(tensors, f"U/{info.name}")
-        V.put(tensors, f"V/{info.name}")
-        cores.put(tensors, f"cores/{info.name}")
-        if assign is not None:
-            tensors[f"assign/{info.name}"] = assign.to(torch.int32).cpu()
-        tensors[f"spectra/{info.name}"] = sv.float()
-        clock["error_s"] += time.perf_counter() - t0
-        modules_meta.append(
-            {
-                "name": info.name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout,
-                "rank": int(V.shape[2]), **({"rank_out": int(U.shape[2])} if U.shape[2] != V.shape[2] else {}),
-                "n_clusters": int(U.shape[0]), "iters": n_iters, "converged": converged,
-                **({"rank_capped": capped[info.name]} if info.name in capped else {}),
-            }
-        )
-        if progress:
-            progress(j + 1, n_mod, info.name)
+    job = ModuleJob(method, weighting, storage_dtype, compute_dtype, seed, max_iters, tol, backend, device)
+    names = [m.name for m in collection.modules]
+    arrived: dict[int, ModuleResult] = {}
 
-    to_solver = (lambda t: t) if backend == "torch" else (lambda t: to_backend(t, backend))
+    def collect(results) -> None:
+        """Store module results in module order as they arrive (in any order on Ray)."""
+        for count, (j, res) in enumerate(results, 1):
+            arrived[j] = res
+            while len(modules_meta) in arrived:
+                k = len(modules_meta)
+                got, info = arrived.pop(k), collection.modules[k]
+                tensors.update(got.tensors)
+                sq_error[:, k], norm2[:, k] = got.sq_error, got.norm2
+                if got.weight_sq_error is not None:
+                    weight_sq[:, k], weight_n2[:, k] = got.weight_sq_error, got.weight_norm2
+                capped_k = {"rank_capped": capped[info.name]} if info.name in capped else {}
+                modules_meta.append({"name": info.name, "d_out": info.d_out, "d_in": info.d_in,
+                                     "layout": info.layout, **got.entry, **capped_k})
+            if progress:
+                progress(count, n_mod, names[j])
+
+    def read_ahead(j: int, on_device: bool = True) -> dict[str, Any]:
+        """In process, module ``j``'s factors for its task from the cache (the next module is read
+        meanwhile); the previous module is freed first."""
+        if j > 0:
+            cache.drop(j - 1)
+            release_freed_memory()
+        if j in plan.chunk:
+            return {}
+        if not on_device or names[j] in one_side:
+            fac = cache.cpu(j)
+            return {"factors": (fac.B, fac.A)}
+        if j + 1 < n_mod and plan.prefetch(j):
+            cache.prefetch(j + 1)  # read the next module while this one is solved
+        return {"factors": cache.device(j)}
+
     try:
         if method == "jd-clustered":
             t0 = time.perf_counter()
+            steps = None if executor is None else _step_tasks(executor, collection, cdtype, device, memory_limit)
             res = jd_clustered(
-                list(range(n_mod)), cache.device, clusters, [ranks[m.name] for m in collection.modules], weighting=weighting, per_module=per_module_clusters,
-                max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
+                list(range(n_mod)), cache.device, clusters, [ranks[m] for m in names], weighting=weighting,
+                per_module=per_module_clusters, max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
+                map_modules=steps, dims=[(n, m.d_out, m.d_in) for m in collection.modules],
             )
             clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
-            for j in range(n_mod):
-                assign = res.assignment[j] if clusters > 1 else None
-                fac = cache.cpu(j)
-                U, V, cores = res.U[j], res.V[j], res.cores[j]
-                if collection.modules[j].name in one_side:
-                    U, V = _one_side_solution(fac, *one_side[collection.modules[j].name], weighting, clusters)
-                    cores = None
-                store(j, Factors.stacked(fac.B, fac.A), U, V, cores, assign, res.rounds, res.converged)
-                cache.drop(j)
+            args = [(j, res.U[j], res.V[j], res.cores[j], res.assignment[j] if clusters > 1 else None,
+                     one_side.get(names[j]), res.rounds, res.converged, job) for j in range(n_mod)]
+            collect(map_modules(executor, finish_clustered_task, collection, args, labels=names, clock=clock,
+                                local=lambda j: read_ahead(j, on_device=False), memory=memory_limit,
+                                phase="finish"))
             clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
                           "converged": res.converged, "objective_history": res.history}
         else:
             clustering = None
-            B = A = None
-            for j in range(n_mod):
-                r_j = ranks[collection.modules[j].name]
-                t0 = time.perf_counter()
-                if collection.modules[j].name in one_side:  # exact in one step; small by construction
-                    fac = cache.cpu(j)
-                    U, V = _one_side_solution(fac, *one_side[collection.modules[j].name], weighting, 1)
-                    clock["read_s"] += time.perf_counter() - t0
-                    store(j, Factors.stacked(fac.B, fac.A), U, V, None, None, 0, True)
-                    cache.drop(j)
-                    continue
-                if j in plan.chunk:  # larger than the memory limit: every pass reads chunks from disk
-                    name, chunk = collection.modules[j].name, plan.chunk[j]
-                    fac = streamed_factors(collection, name, chunk, cdtype, dev, to_solver)
-                    fac_t = fac if backend == "torch" else streamed_factors(collection, name, chunk, cdtype, dev)
-                else:
-                    if j + 1 < n_mod and plan.prefetch(j):
-                        cache.prefetch(j + 1)  # read the next module while this one is solved
-                    B, A = cache.device(j)
-                    fac_t = Factors.stacked(B, A)
-                    fac = fac_t if backend == "torch" else Factors.stacked(to_solver(B), to_solver(A))
-                t1 = time.perf_counter()
-                sol = solve_factors(method, fac, r_j, weighting=weighting, seed=seed, max_iters=max_iters, tol=tol)
-                if backend != "torch":
-                    sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
-                clock["read_s"] += t1 - t0
-                clock["solve_s"] += time.perf_counter() - t1
-                store(j, fac_t, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged)
-                cache.drop(j)
-                del fac, fac_t, sol
-                B = A = None  # this module is freed before the next one is read ahead
-                release_freed_memory()
+            args = [(j, ranks[names[j]], one_side.get(names[j]), plan.chunk.get(j), job) for j in range(n_mod)]
+            collect(map_modules(executor, solve_module_task, collection, args, labels=names, clock=clock,
+                                local=read_ahead, memory=memory_limit))
     except BaseException:
         hashes.close()
         raise
@@ -408,6 +536,8 @@ def compress_modules(
                    "compute_dtype": compute_dtype},
         "clustering": clustering,
     }
+    if whitening_of(collection) is not None:
+        annotate(whitening_of(collection), meta, tensors, weight_sq, weight_n2)
     art = assemble(collection, meta, modules_meta, tensors, sq_error, norm2, hashes, keep_extras, extras_dtype)
     clock["hash_s"] = time.perf_counter() - t0
     return art

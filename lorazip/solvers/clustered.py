@@ -99,6 +99,8 @@ def jd_clustered(
     seed: int = 0,
     n_init: int = 3,
     init: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    map_modules: Callable[[Callable, list[tuple]], list] | None = None,
+    dims: Sequence[tuple[int, int, int]] | None = None,
 ) -> ClusteredResult:
     """Cluster ``n`` adapters into ``n_clusters`` groups with their own JD-Full bases.
 
@@ -110,59 +112,58 @@ def jd_clustered(
     rank : the shared rank, one for all modules or one per module (in ``modules`` order).
     n_init : independent k-means++ starts of the alternation; the lowest objective is kept.
     init : optional shared ``(U, V)`` per module to start from (skips the K = 1 fit).
+    map_modules : ``map_modules(fn, args)`` returns ``[fn(*factors(m), *a) for m, a in zip(modules, args)]``
+        (the default). Every per-module step goes through it, so a caller may run the steps
+        elsewhere (Ray workers, :mod:`lorazip.compress.executor`): each ``fn`` is a module-level
+        function of picklable arguments, and the results are combined here in module order.
+    dims : ``(n, d_out, d_in)`` of every module (default: read through ``factors``).
     Other parameters as in :func:`~lorazip.solvers.jd_full.jd_full`.
     """
     ranks = [rank] * len(modules) if isinstance(rank, int) else list(rank)
+    run = map_modules or (lambda fn, args: [fn(*factors(m), *a) for m, a in zip(modules, args)])
     if per_module:
-        parts = [
-            jd_clustered([m], factors, n_clusters, ranks[j], weighting=weighting, max_rounds=max_rounds,
-                         max_iters=max_iters, tol=tol, seed=seed, n_init=n_init,
-                         init=None if init is None else [init[j]])
-            for j, m in enumerate(modules)
-        ]
+        parts = run(_cluster_one, [
+            (n_clusters, ranks[j], weighting, max_rounds, max_iters, tol, seed, n_init,
+             None if init is None else init[j])
+            for j in range(len(modules))
+        ])
         return ClusteredResult(
             [p.U[0] for p in parts], [p.V[0] for p in parts], [p.cores[0] for p in parts],
             [p.assignment[0] for p in parts], max(p.rounds for p in parts), all(p.converged for p in parts),
             [sum(h) / len(parts) for h in zip(*[_pad(p.history, max_rounds + 1) for p in parts])],
         )
 
-    kw = dict(weighting=weighting, max_iters=max_iters, tol=tol, seed=seed)
-    B0, _ = factors(modules[0])
-    n = B0.shape[0]
+    if dims is None:
+        dims = [(B.shape[0], B.shape[1], A.shape[2]) for B, A in map(factors, modules)]
+    n = dims[0][0]
     if not 1 <= n_clusters <= n:
         raise ValueError(f"number of clusters K={n_clusters} must be between 1 and the number of adapters ({n})")
     K = n_clusters
     gen = torch.Generator().manual_seed(seed)
+    # The signatures' random projections come from ``gen`` in module order; each module's task
+    # gets the generator's state at its turn, so the draws do not depend on where it runs.
+    sig_states = [_projection_state(gen, min(K * ranks[j], _SIG_RANK, d_out, d_in)) if K > 1 else None
+                  for j, (_, d_out, d_in) in enumerate(dims)]
 
     # Start: one JD-Full over all adapters per module; weights and norms per module.
-    Us, Vs, weights, energy, sigs, cores0 = [], [], [], [], [], []
-    for j, m in enumerate(modules):
-        B, A = factors(m)
-        norms2 = factor_norms2(B, A)
-        w = adapter_weights(norms2, weighting)
-        if init is None:
-            res = jd_full(B, A, ranks[j], weights=w, **{k: v for k, v in kw.items() if k != "weighting"})
-            U, V, cores = res.U, res.V, res.cores
-        else:
-            U, V = init[j]
-            cores = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
-        if K == 1:
-            cores0.append(cores)
-        Us.append(U[None].expand(K, *U.shape).clone())
-        Vs.append(V[None].expand(K, *V.shape).clone())
-        weights.append(w)
-        energy.append(w * norms2)
-        if K > 1:
-            sigs.append(_signature(B, A, w, min(K * ranks[j], _SIG_RANK, *B.shape[1:2], A.shape[2]), seed, gen))
+    starts = run(_start_module, [
+        (ranks[j], K, weighting, max_iters, tol, seed, None if init is None else init[j], sig_states[j])
+        for j in range(len(modules))
+    ])
+    Us = [U[None].expand(K, *U.shape).clone() for U, *_ in starts]
+    Vs = [V[None].expand(K, *V.shape).clone() for _, V, *_ in starts]
+    weights = [st[2] for st in starts]
+    energy = [st[3] for st in starts]
     total = float(sum(e.sum() for e in energy)) or 1.0
     E = torch.stack(energy, 1).sum(1)  # (n,) weighted energy per adapter
 
     if K == 1:  # exactly JD-Full
         zero = torch.zeros(n, dtype=torch.long)
-        cores = cores0
+        cores = [st[4] for st in starts]
         resid = float(sum(((e - (c.square().sum((1, 2)) * w)).sum()) for e, c, w in zip(energy, cores, weights)))
         return ClusteredResult(Us, Vs, cores, [zero] * len(modules), 0, True, [resid / total])
-    X = torch.cat(sigs, 1)
+    X = torch.cat([st[5] for st in starts], 1)
+    del starts
     U_start = [u.clone() for u in Us]
     V_start = [v.clone() for v in Vs]
     best = None
@@ -170,17 +171,45 @@ def jd_clustered(
         start = kmeans(X, K, generator=gen)
         Us = [u.clone() for u in U_start]
         Vs = [v.clone() for v in V_start]
-        run = _alternate(modules, factors, start, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed)
-        if best is None or run[3][-1] < best[3][-1] - 1e-12:
-            best = run
+        res = _alternate(run, start, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed)
+        if best is None or res[3][-1] < best[3][-1] - 1e-12:
+            best = res
     Us, Vs, assign, history, rounds, converged = best
 
-    cores_out = []
-    for j, m in enumerate(modules):
-        B, A = factors(m)
-        Ui, Vi = Us[j][assign], Vs[j][assign]
-        cores_out.append((B.transpose(1, 2) @ Ui).transpose(1, 2) @ (A @ Vi))
+    cores_out = run(_final_cores, [(Us[j], Vs[j], assign) for j in range(len(modules))])
     return ClusteredResult(Us, Vs, cores_out, [assign] * len(modules), rounds, converged, history)
+
+
+def _cluster_one(B, A, n_clusters, rank, weighting, max_rounds, max_iters, tol, seed, n_init, init):
+    """``per_module``: one module clustered on its own."""
+    return jd_clustered([0], lambda _: (B, A), n_clusters, rank, weighting=weighting, max_rounds=max_rounds,
+                        max_iters=max_iters, tol=tol, seed=seed, n_init=n_init,
+                        init=None if init is None else [init])
+
+
+def _start_module(B, A, rank, K, weighting, max_iters, tol, seed, init, sig_state):
+    """One module's start: ``(U, V, weights, weighted energy, cores (K = 1) or None, signature (K > 1) or None)``."""
+    norms2 = factor_norms2(B, A)
+    w = adapter_weights(norms2, weighting)
+    if init is None:
+        res = jd_full(B, A, rank, weights=w, max_iters=max_iters, tol=tol, seed=seed)
+        U, V, cores = res.U, res.V, res.cores
+    else:
+        U, V = init
+        cores = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+    sig = None
+    if K > 1:
+        gen = torch.Generator()
+        if sig_state is not None:
+            gen.set_state(sig_state)
+        sig = _signature(B, A, w, min(K * rank, _SIG_RANK, B.shape[1], A.shape[2]), seed, gen)
+    return U, V, w, w * norms2, cores if K == 1 else None, sig
+
+
+def _final_cores(B, A, U, V, assign):
+    """``S_i = U_k^T M_i V_k`` with ``k`` the adapter's cluster: (n, r, r)."""
+    Ui, Vi = U[assign], V[assign]
+    return (B.transpose(1, 2) @ Ui).transpose(1, 2) @ (A @ Vi)
 
 
 _SIG_RANK = 48  # rank of the shared basis in which adapters are compared at the start
@@ -201,31 +230,34 @@ def _signature(B, A, w, sig_rank: int, seed: int, gen: torch.Generator) -> torch
     return G
 
 
-def _alternate(modules, factors, assign, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed):
-    """Fit / assign rounds from one start; returns (Us, Vs, assign, history, rounds, converged)."""
+def _projection_state(gen: torch.Generator, sig_rank: int) -> torch.Tensor | None:
+    """The state of ``gen`` for the random projection of one module's signature (rank ``sig_rank``),
+    advanced past its draw as :func:`_signature` would; None when no projection is drawn."""
+    width = 2 * sig_rank * sig_rank
+    p = min(width, _SIG_DIM // 4)
+    if p >= width:
+        return None
+    state = gen.get_state()
+    torch.randn(width, p, generator=gen, dtype=torch.float64)
+    return state
+
+
+def _alternate(run, assign, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed):
+    """Fit / assign rounds from one start; returns (Us, Vs, assign, history, rounds, converged).
+    ``run`` maps a per-module step over the modules (see ``map_modules`` of :func:`jd_clustered`)."""
     n = assign.shape[0]
     assign, fresh = _reseed_empty(assign, K, E, torch.zeros(n, dtype=E.dtype))
     history: list[float] = []
     converged = False
     rounds = 0
-    members_cache: dict = {}
+    members_cache: list[dict[int, tuple[int, ...]]] = [{} for _ in Us]
     for rounds in range(1, max_rounds + 1):
+        steps = run(_round_step, [(assign, fresh, Us[j], Vs[j], weights[j], ranks[j], members_cache[j], max_iters,
+                                   tol, seed) for j in range(len(Us))])
         captured = torch.zeros(n, K, dtype=E.dtype, device=E.device)
-        for j, m in enumerate(modules):
-            B, A = factors(m)
-            for k in range(K):
-                idx = (assign == k).nonzero().flatten()
-                if len(idx) == 0:
-                    continue
-                members = tuple(idx.tolist())
-                if members_cache.get((j, k)) != members:  # refit only clusters whose membership changed
-                    # a re-seeded cluster starts from its adapter's own data, not from stale bases
-                    warm = {} if k in fresh else {"U0": Us[j][k], "V0": Vs[j][k]}
-                    res = jd_full(B[idx], A[idx], ranks[j], weights=weights[j][idx], max_iters=max_iters,
-                                  tol=tol, seed=seed, **warm)
-                    Us[j][k], Vs[j][k] = res.U, res.V
-                    members_cache[(j, k)] = members
-            captured += _captured(B, A, Us[j], Vs[j], weights[j])
+        for j, (U, V, cached, cap) in enumerate(steps):
+            Us[j], Vs[j], members_cache[j] = U, V, cached
+            captured += cap
         err = E[:, None] - captured  # (n, K) weighted residual of every adapter under every cluster
         current = err.gather(1, assign[:, None]).squeeze(1)
         history.append(float(current.sum()) / total)
@@ -238,6 +270,25 @@ def _alternate(modules, factors, assign, Us, Vs, weights, E, total, K, ranks, ma
             break
         assign = new
     return Us, Vs, assign, history, rounds, converged
+
+
+def _round_step(B, A, assign, fresh, U, V, w, rank, cached, max_iters, tol, seed):
+    """One module's part of a round: refit the clusters whose members changed (warm-started),
+    then every adapter's weighted captured energy under every cluster. Returns
+    ``(U, V, members per refitted cluster, captured (n, K))``."""
+    U, V, cached = U.clone(), V.clone(), dict(cached)
+    for k in range(U.shape[0]):
+        idx = (assign == k).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        members = tuple(idx.tolist())
+        if cached.get(k) != members:  # refit only clusters whose membership changed
+            # a re-seeded cluster starts from its adapter's own data, not from stale bases
+            warm = {} if k in fresh else {"U0": U[k], "V0": V[k]}
+            res = jd_full(B[idx], A[idx], rank, weights=w[idx], max_iters=max_iters, tol=tol, seed=seed, **warm)
+            U[k], V[k] = res.U, res.V
+            cached[k] = members
+    return U, V, cached, _captured(B, A, U, V, w)
 
 
 def _pad(h: list[float], length: int) -> list[float]:

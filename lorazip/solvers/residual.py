@@ -69,7 +69,27 @@ def _psd_sqrt(G):
     return (Q * evals.clamp_min(0).sqrt()[:, None, :]) @ Q.transpose(1, 2)
 
 
-def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+def factor_products(B, A, U=None, V=None, chunk: int = 64):
+    """float64 ``(B^T B, A A^T)`` or, given bases, ``(B^T U, A V)`` of stacked factors in any
+    dtype, converted ``chunk`` adapters at a time (no float64 copy of the factors)."""
+    n = B.shape[0]
+    outs = None
+    for s in range(0, n, chunk):
+        b, a = B[s : s + chunk].double(), A[s : s + chunk].double()
+        parts = (b.transpose(1, 2) @ b, a @ a.transpose(1, 2)) if U is None else (b.transpose(1, 2) @ U, a @ V)
+        if outs is None:
+            outs = [torch.empty((n, *p.shape[1:]), dtype=torch.float64) for p in parts]
+        for o, p in zip(outs, parts):
+            o[s : s + chunk] = p
+    if outs is None:  # no adapters
+        r = B.shape[2]
+        w = r if U is None else U.shape[1]
+        return torch.zeros(0, r, w, dtype=torch.float64), torch.zeros(0, r, w, dtype=torch.float64)
+    return outs[0], outs[1]
+
+
+def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                            products: tuple[torch.Tensor, ...] | None = None):
     """Residual squared singular values at several nested shared ranks, from small Grams.
 
     B, A : one module's factors (n, d_out, r_i), (n, r_i, d_in), float64; U_R (d_out, R), V_R
@@ -82,20 +102,25 @@ def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tenso
     small ``C_r = diag(I, -X X^T S_R Y Y^T)``, so its squared singular values are the
     eigenvalues of ``G_T^1/2 C^T G_L C G_T^1/2`` (Grams ``G_L = L^T L``, ``G_T = T^T T``, made of
     ``B^T B``, ``B^T U_R``, ``A A^T``, ``A V_R``): nothing of size ``d`` beyond those products.
+    ``products``: those four, float64, when the caller has them (:func:`factor_products`).
     """
     n, _, r_i = B.shape
     R = U_R.shape[1]
-    BU = B.transpose(1, 2) @ U_R  # (n, r_i, R)
-    AV = A @ V_R  # (n, r_i, R)
-    eye = torch.eye(R, dtype=B.dtype).expand(n, R, R)
-    GL = torch.cat([torch.cat([B.transpose(1, 2) @ B, BU], 2), torch.cat([BU.transpose(1, 2), eye], 2)], 1)
-    GT = torch.cat([torch.cat([A @ A.transpose(1, 2), AV], 2), torch.cat([AV.transpose(1, 2), eye], 2)], 1)
+    if products is None:
+        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+        BU, AV = B.transpose(1, 2) @ U_R, A @ V_R  # (n, r_i, R)
+    else:
+        GB, GA, BU, AV = products
+    dt = GB.dtype
+    eye = torch.eye(R, dtype=dt).expand(n, R, R)
+    GL = torch.cat([torch.cat([GB, BU], 2), torch.cat([BU.transpose(1, 2), eye], 2)], 1)
+    GT = torch.cat([torch.cat([GA, AV], 2), torch.cat([AV.transpose(1, 2), eye], 2)], 1)
     HT = _psd_sqrt(GT)
     m = r_i + R
     out = {}
     for r, (X, Y) in XY.items():
-        C = torch.zeros(n, m, m, dtype=B.dtype)
-        C[:, :r_i, :r_i] = torch.eye(r_i, dtype=B.dtype)
+        C = torch.zeros(n, m, m, dtype=dt)
+        C[:, :r_i, :r_i] = torch.eye(r_i, dtype=dt)
         if r > 0:
             C[:, r_i:, r_i:] = -((X @ X.T) @ S_R @ (Y @ Y.T))
         CH = C @ HT
