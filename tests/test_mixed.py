@@ -235,3 +235,30 @@ def test_never_worse_than_the_alternatives_at_equal_file_bytes(tmp_path, seed):
         fits = [e for s, e in uniform.values() if s <= size]
         if fits:
             assert err <= min(fits) + 1e-9, (frac, err, min(fits))
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 40])
+def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypatch, limit):
+    """Pass 1 keeps the factors it read (within a memory limit) and pass 2 takes them instead of
+    reading every module again; the artifact is the same either way."""
+    import sys
+
+    mixed = sys.modules["lorazip.compress.mixed"]  # lorazip.compress is also the function compress
+
+    write_collection(tmp_path / "c", n=4, modules=MODULES, r=4, seed=5)
+    coll = lorazip.load_collection(tmp_path / "c")
+    ref, _ = compress_mixed(coll, budget=12_000, hash_sources=False)
+    calls = []
+    real = type(coll).module_factors
+
+    def counting(self, name, *a, **k):
+        calls.append(name)
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(type(coll), "module_factors", counting)
+    monkeypatch.setattr(mixed, "keep_limit", lambda: limit)
+    art, _ = compress_mixed(coll, budget=12_000, hash_sources=False)
+    assert len(calls) == len(MODULES) * (1 if limit else 2)
+    assert ref.tensors().keys() == art.tensors().keys()
+    for key, t in ref.tensors().items():
+        assert torch.equal(t, art.tensors()[key]), key

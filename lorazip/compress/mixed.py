@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -420,7 +421,8 @@ def compress_mixed(
         top = _affordable_rank(collection, budget // itemsize, max_rank) if budget is not None else max_rank
         args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters)
                 for j, name in enumerate(names)]
-        reads = _Reads(collection) if executor is None else None
+        kept: dict = {}  # pass-1 factors that pass 2 need not read again
+        reads = _Reads(collection, keep=kept, limit=keep_limit()) if executor is None else None
         fits: list[ModuleFit] = [None] * n_mod  # type: ignore[list-item]
         for count, (j, fit) in enumerate(map_modules(executor, fit_module_task, collection, args, labels=names,
                                                       local=reads.factors if reads else None, phase="fit"), 1):
@@ -461,8 +463,10 @@ def compress_mixed(
                 raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
                                   f"statistics ({fixed:,} bytes{hint})")
         alloc = best if budget is not None and best is not None else alloc
+        del reads  # its read-ahead is done; ``kept`` holds what pass 2 need not read again
         art = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                     keep_extras, progress, target_error, stat, budget, extras_dtype, executor=executor)
+                     keep_extras, progress, target_error, stat, budget, extras_dtype, executor=executor, kept=kept)
+        kept.clear()
         if budget is not None and art.serialized_size() > budget:
             raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
     finally:
@@ -525,25 +529,43 @@ def _core_scales(fit: ModuleFit) -> torch.dtype:
     return torch.float32 if 2 * top / 127 > torch.finfo(torch.float16).max else torch.float16
 
 
+def keep_limit() -> int:
+    """Bytes of pass-1 factors worth keeping for pass 2 instead of reading them again: a quarter
+    of the memory available now (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class _Reads:
     """Module factors in float32, module by module, the next one read in a thread meanwhile
-    (torch and the safetensors reads release the GIL), each module freed once taken."""
+    (torch and the safetensors reads release the GIL), each module freed once taken.
 
-    def __init__(self, collection: Collection):
+    Pass 1 may ``keep`` modules (up to ``limit`` bytes in all) for pass 2, which takes them from
+    ``kept`` instead of reading them again."""
+
+    def __init__(self, collection: Collection, *, keep: dict | None = None, limit: int = 0,
+                 kept: dict | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.collection = collection
         self.names = [m.name for m in collection.modules]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
         self._next = {}
+        self._keep, self._room, self._kept = keep, limit, kept if kept is not None else {}
 
     def _submit(self, j: int) -> None:
-        if j < len(self.names) and j not in self._next:
+        if j < len(self.names) and j not in self._next and j not in self._kept:
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
 
     def get(self, j: int):
         self._submit(j)
-        f = self._next.pop(j).result()
+        f = self._kept.pop(j) if j in self._kept else self._next.pop(j).result()
+        if self._keep is not None:
+            size = f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+            if size <= self._room:
+                self._keep[j], self._room = f, self._room - size
         self._submit(j + 1)
         if j + 1 >= len(self.names):
             self._pool.shutdown(wait=False)
@@ -629,7 +651,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
 
 def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
            progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False,
-           executor=None) -> Artifact:
+           executor=None, kept: dict | None = None) -> Artifact:
     """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
     builds the same tensors' shapes and dtypes without computing them, to measure the file size
     exactly. The shared part is rounded first (int8: quantised, then dequantised), the residual
@@ -655,7 +677,7 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
         for j, fit in enumerate(fits):
             r = alloc.ranks[fit.name]
             args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, _core_scales(fit)))
-        reads = _Reads(collection) if executor is None and wh is None else None  # whitened: re-read there
+        reads = _Reads(collection, kept=kept) if executor is None and wh is None else None  # whitened: re-read there
         parts = map_modules(executor, build_module_task, collection, args, labels=names,
                             local=reads.factors if reads else None, phase="build")
     arrived: dict[int, _Parts] = {}
