@@ -430,8 +430,9 @@ class Artifact:
         if self._tensors is not None:
             t = self._tensors[key]
             read = [t[a:b] for a, b in runs]
-        elif self._layout is not None and key in self._layout.virtual:
-            t = self.get(key) if not key.startswith(QSCALE) else None
+        elif self._layout is not None and key in self._layout.virtual:  # small: read whole, then sliced
+            with self._open() as f:
+                t = self._read(f, key)
             read = [t[a:b] for a, b in runs]
         else:
             with self._open() as f:

@@ -233,6 +233,6 @@ def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> No
 
 
 def _dtype_name(t: "torch.Tensor") -> str:
-    from .io.peft import ST_TORCH
+    from .io.peft import _ST_DTYPE
 
-    return {v: k for k, v in ST_TORCH.items()}.get(t.dtype, "")
+    return _ST_DTYPE.get(t.dtype, "")

@@ -122,6 +122,24 @@ def cat_stored(parts: list[Stored]) -> Stored:
     return Stored(data, torch.cat([s.to(dtype) for s in scales]))
 
 
+def store_residual(bp: torch.Tensor, ap: torch.Tensor, k: torch.Tensor, storage_dtype: str):
+    """Per-adapter residual parts as stored: ``b_i^T`` / ``a_i`` row blocks of ``k_i`` rows (the
+    first ``k_i`` columns of ``bp[i]`` (d_out, m), rows of ``ap[i]`` (m, d_in)) in ``storage_dtype``
+    (int8: float32 row scales), and what a reader gets back, zero-padded again like ``bp``, ``ap``.
+
+    Returns ``(bs, as_, bp_stored, ap_stored)``, ``bs`` / ``as_`` :class:`Stored` (sum k_i, d)."""
+    n = bp.shape[0]
+    offs = (torch.cumsum(k, 0) - k).tolist()
+    bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
+    as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
+    bh, ah = bs.values.double(), as_.values.double()
+    bq, aq = torch.zeros_like(bp), torch.zeros_like(ap)
+    for i in range(n):
+        bq[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
+        aq[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
+    return bs, as_, bq, aq
+
+
 def round_to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The values a reader gets back after storing ``t`` in ``storage_dtype``, as float64."""
     return to_storage(t, storage_dtype, scale_dtype).values.double()

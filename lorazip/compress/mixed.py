@@ -41,7 +41,7 @@ from ..artifact import STORAGE_DTYPES, Artifact
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import squared_errors
-from ..quantize import QSCALE, dry_storage, to_storage
+from ..quantize import QSCALE, dry_storage, store_residual, to_storage
 from ..solvers import Factors
 from ..solvers._linalg import adapter_weights
 from ..solvers.jd_full import jd_full_factors
@@ -613,7 +613,6 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r))
     with its cores, and residual parts of ranks ``k`` (n,), from the factors (read in float32 unless
     given), rounded, with the exact errors of what is stored. In process or as a Ray task."""
-    n = len(collection)
     t0 = time.perf_counter()
     if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
         parts = build_mixed_module(collection, collection.modules[j].name, U @ X, V @ Y, k, storage_dtype,
@@ -631,15 +630,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     Ss = to_storage((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64), storage_dtype, core_scales)
     S64 = Ss.values.double()
     # the residual of what is stored (rounded shared part), then rounded itself
-    bp, ap = residual_factors(B, A, U64, V64, S64, k)
-    offs = (torch.cumsum(k, 0) - k).tolist()
-    bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
-    as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
-    bh, ah = bs.values.double(), as_.values.double()
-    bp, ap = torch.zeros_like(bp), torch.zeros_like(ap)  # the stored residual rows, padded again
-    for i in range(n):
-        bp[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
-        ap[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
+    bs, as_, bp, ap = store_residual(*residual_factors(B, A, U64, V64, S64, k), k, storage_dtype)
     GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
     n2 = (GB * GA).sum((1, 2))
     sq, nn2 = squared_errors(B, A, U64, V64, S64, None, norms2=n2, residual=(bp, ap))

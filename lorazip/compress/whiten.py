@@ -38,7 +38,7 @@ import torch
 from ..errors import OptionError, ValidationError
 from ..io.collection import Collection
 from ..metrics import squared_errors
-from ..quantize import cat_stored, to_storage
+from ..quantize import cat_stored, store_residual, to_storage
 from ..solvers.svd import spectra_from_grams
 
 DEFAULT_LAMBDA = 1e-2  # chosen on held-out calibration text, docs/calibration.md#lambda
@@ -286,7 +286,6 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     f = coll.original.module_factors(name, dtype=torch.float32 if wm.identity else torch.float64)
     B0, A0 = f.B.double(), f.A.double()
     B, A = wm.factors(B0, A0)
-    n = B.shape[0]
     Ub, Vb = wm.bases_back(U, V)
     Us = to_storage(Ub[None], storage_dtype, torch.float16)
     Vs = to_storage(Vb[None], storage_dtype, torch.float16)
@@ -294,15 +293,7 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     Uw, Vw = wm.bases_fwd(Ur, Vr)
     Ss = to_storage((B.transpose(1, 2) @ Uw).transpose(1, 2) @ (A @ Vw), storage_dtype, core_scales)
     S64 = Ss.values.double()
-    bp, ap = wm.residual_back(*residual_factors(B, A, Uw, Vw, S64, k))
-    offs = (torch.cumsum(k, 0) - k).tolist()
-    bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
-    as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
-    bh, ah = bs.values.double(), as_.values.double()
-    bp, ap = torch.zeros_like(bp), torch.zeros_like(ap)  # the stored residual rows, padded again
-    for i in range(n):
-        bp[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
-        ap[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
+    bs, as_, bp, ap = store_residual(*wm.residual_back(*residual_factors(B, A, Uw, Vw, S64, k)), k, storage_dtype)
     bw, aw = wm.residual_fwd(bp, ap)
     GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
     n2 = (GB * GA).sum((1, 2))
