@@ -165,3 +165,41 @@ def write_doc(header_meta: dict[str, str], doc: Any) -> None:
             header_meta[META_Z] = encode_meta(doc)
     else:
         header_meta["lorazip"] = doc if isinstance(doc, str) else json.dumps(doc)
+
+
+def tiny_tokenizer(texts, out: Path):
+    """A 300-token byte-level BPE tokenizer trained on ``texts`` (with <unk>, <pad>, <eos>), saved
+    to ``out`` as a transformers fast tokenizer: what the tiny local models of the tests read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def make_peft_adapters(base, configs: dict, out: Path, seed: int) -> None:
+    """Save one PEFT adapter of ``base`` per ``{name: LoraConfig}`` under ``out/<name>``, every
+    LoRA factor and ``modules_to_save`` head drawn at random (PEFT initialises lora_B and
+    lora_embedding_A to zero), from one generator seeded with ``seed``, in ``configs`` order."""
+    import copy
+    import warnings
+
+    import peft
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, cfg in configs.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT notices, e.g. "save_embedding_layers" for embed_tokens
+            pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+            with torch.no_grad():
+                for pname, p in pm.named_parameters():
+                    if "lora_" in pname or "modules_to_save" in pname:
+                        p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            pm.save_pretrained(str(out / name))

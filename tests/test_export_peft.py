@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_peft_adapters
+
 import lorazip
 
 peft = pytest.importorskip("peft")
@@ -35,24 +37,6 @@ class Zoo:
     conv1d: bool  # weights stored (d_in, d_out)
 
 
-def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """PEFT initialises lora_B (and lora_embedding_A) to zero: give every LoRA factor and head random values."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-
-
-def _make_adapters(base, configs: dict[str, "peft.LoraConfig"], out: Path, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, cfg in configs.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pm = peft.get_peft_model(copy.deepcopy(base), cfg)
-        _randomize(pm, gen)
-        pm.save_pretrained(str(out / name))
-
-
 def _gpt2(root: Path) -> Zoo:
     from peft import LoraConfig
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -66,7 +50,7 @@ def _gpt2(root: Path) -> Zoo:
         "g1": LoraConfig(target_modules=["c_attn", "c_proj"], r=4, lora_alpha=16, **common),
         "g2": LoraConfig(target_modules=["c_attn"], r=4, lora_alpha=8, use_rslora=True, **common),
     }
-    _make_adapters(base, configs, root / "gpt2", seed=1)
+    make_peft_adapters(base, configs, root / "gpt2", seed=1)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
     return Zoo("gpt2", base, root / "gpt2", sorted(configs), {"input_ids": ids}, conv1d=True)
 
@@ -88,7 +72,7 @@ def _distilbert(root: Path) -> Zoo:
         "d2": LoraConfig(target_modules=["q_lin", "v_lin", "word_embeddings"], r=4, lora_alpha=4, use_rslora=True,
                          **common),
     }
-    _make_adapters(base, configs, root / "distilbert", seed=2)
+    make_peft_adapters(base, configs, root / "distilbert", seed=2)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(6))
     return Zoo("distilbert", base, root / "distilbert", sorted(configs),
                {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, conv1d=False)
@@ -256,7 +240,7 @@ def test_gpt2_seq_cls_score_head_round_trip(tmp_path):
     base = GPT2ForSequenceClassification(cfg).eval()
     common = dict(task_type="SEQ_CLS", fan_in_fan_out=True, target_modules=["c_attn"], modules_to_save=["score"])
     configs = {"s0": LoraConfig(r=4, lora_alpha=8, **common), "s1": LoraConfig(r=2, lora_alpha=8, **common)}
-    _make_adapters(base, configs, tmp_path / "src", seed=3)
+    make_peft_adapters(base, configs, tmp_path / "src", seed=3)
     ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(7))
     zoo = Zoo("gpt2-cls", base, tmp_path / "src", ["s0", "s1"], {"input_ids": ids}, conv1d=True)
     coll = lorazip.load_collection(zoo.src)

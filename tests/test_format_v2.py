@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GPT2_LIKE, read_doc, run_cli, write_adapter, write_collection, write_doc
+from helpers import GPT2_LIKE, make_peft_adapters, read_doc, run_cli, write_adapter, write_collection, write_doc
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -436,23 +436,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-def _randomize(model, gen):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-
-
-def _make_adapters(base, configs, out: Path, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, cfg in configs.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pm = peft.get_peft_model(copy.deepcopy(base), cfg)
-            _randomize(pm, gen)
-            pm.save_pretrained(str(out / name))
-
-
 @dataclass
 class Zoo:
     kind: str
@@ -479,7 +462,7 @@ def _gpt2(root: Path) -> Zoo:
         "g2": LoraConfig(target_modules=["c_attn"], r=2, lora_alpha=8, use_rslora=True, **common),
         "g3": LoraConfig(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=2, **common),
     }
-    _make_adapters(base, configs, root / "gpt2", seed=1)
+    make_peft_adapters(base, configs, root / "gpt2", seed=1)
     ids = torch.randint(0, 100, (6, 5), generator=torch.Generator().manual_seed(5))
     return Zoo("gpt2", base, root / "gpt2", sorted(configs), ids, conv1d=True)
 
@@ -499,7 +482,7 @@ def _llama(root: Path) -> Zoo:
         "l2": LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], r=2, lora_alpha=4, **common),
         "l3": LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4, **common),
     }
-    _make_adapters(base, configs, root / "llama", seed=2)
+    make_peft_adapters(base, configs, root / "llama", seed=2)
     ids = torch.randint(0, 100, (6, 5), generator=torch.Generator().manual_seed(6))
     return Zoo("llama", base, root / "llama", sorted(configs), ids, conv1d=False)
 

@@ -18,6 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import make_peft_adapters
+
 import lorazip
 from lorazip.serve import (
     BatchedLoraLinear, adapter_names, detach, is_applied, set_adapters, use_adapters,
@@ -27,26 +29,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """PEFT initialises lora_B (and lora_embedding_A) to zero: give every LoRA factor random values."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-
-
-def _make_adapters(base, configs: dict, out: Path, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, cfg in configs.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pm = peft.get_peft_model(copy.deepcopy(base), cfg)
-        _randomize(pm, gen)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "save_embedding_layers" notice for embed_tokens
-            pm.save_pretrained(str(out / name))
 
 
 @dataclass
@@ -72,7 +54,7 @@ def _gpt2(root: Path) -> Zoo:
         "g2": LoraConfig(target_modules=["c_attn"], r=2, lora_alpha=8, use_rslora=True, **common),  # no c_proj
         "g3": LoraConfig(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=2, **common),
     }
-    _make_adapters(base, configs, root / "gpt2", seed=1)
+    make_peft_adapters(base, configs, root / "gpt2", seed=1)
     ids = torch.randint(0, 100, (6, 5), generator=torch.Generator().manual_seed(5))
     return Zoo("gpt2", base, root / "gpt2", sorted(configs), ids)
 
@@ -92,7 +74,7 @@ def _llama(root: Path) -> Zoo:
         "l2": LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], r=2, lora_alpha=4, **common),
         "l3": LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4, **common),  # no v_proj
     }
-    _make_adapters(base, configs, root / "llama", seed=2)
+    make_peft_adapters(base, configs, root / "llama", seed=2)
     ids = torch.randint(0, 100, (6, 5), generator=torch.Generator().manual_seed(6))
     return Zoo("llama", base, root / "llama", sorted(configs), ids)
 
