@@ -145,7 +145,7 @@ def compress(
         "float16 | bfloat16 | int8; their error is reported apart."
     ),
     clusters: Optional[str] = typer.Option(
-        None, "--clusters", "-k", help="K groups with their own bases (jd-clustered), or 'auto' with --target-error/--budget."
+        None, "--clusters", "-k", help="K groups with their own bases (jd-clustered; with --budget/--target-error: their shared ranks and residuals allocated), or 'auto' with --target-error/--budget."
     ),
     per_module_clusters: bool = typer.Option(False, help="Cluster each module separately (default: one group per adapter)."),
     max_rounds: int = typer.Option(30, help="Maximum fit/assign rounds of jd-clustered."),

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -203,3 +204,27 @@ def make_peft_adapters(base, configs: dict, out: Path, seed: int) -> None:
                     if "lora_" in pname or "modules_to_save" in pname:
                         p.copy_(0.2 * torch.randn(p.shape, generator=gen))
             pm.save_pretrained(str(out / name))
+
+
+def svd_frontier(coll, numbers: int) -> float:
+    """Independent of lorazip's allocator: each (adapter, module) truncated by dense SVD, ranks
+    spread greedily over all pairs by error removed per stored number; mean per-adapter error."""
+    n = len(coll)
+    E = np.zeros(n)
+    steps = []
+    for m in coll.modules:
+        f = coll.module_factors(m.name)
+        M = f.B.double() @ f.A.double()
+        for i in range(n):
+            sv2 = torch.linalg.svdvals(M[i]).square().numpy()
+            E[i] += sv2.sum()
+            steps.append((i, m.d_in + m.d_out, sv2))
+    err = E.copy()
+    gains = sorted(((sv2[j] / E[i] / cost, i, cost, sv2[j]) for i, cost, sv2 in steps for j in range(len(sv2))),
+                   reverse=True)
+    used = 0
+    for _, i, cost, g in gains:  # spectra descend, so a pair's steps come in order
+        if used + cost <= numbers:
+            used += cost
+            err[i] -= g
+    return float(np.mean(err / E))

@@ -17,7 +17,7 @@ import lorazip
 from lorazip.compress.mixed import allocate_mixed, compress_mixed, fit_module
 from lorazip.metrics import squared_errors
 from lorazip.solvers.residual import residual_factors
-from helpers import write_collection
+from helpers import svd_frontier, write_collection
 
 MODULES = {"m.q": (20, 12), "m.v": (9, 14), "m.o": (16, 16)}
 
@@ -68,29 +68,6 @@ def test_nested_residual_spectra_match_dense_svd(tmp_path):
             assert abs(float(fit.shared[r][i]) - float(R.square().sum())) <= 1e-9 * float(M[i].square().sum())
 
 
-def _svd_frontier(coll, numbers: int) -> float:
-    """Independent of lorazip's allocator: each (adapter, module) truncated by dense SVD, ranks
-    spread greedily over all pairs by error removed per stored number; mean per-adapter error."""
-    n = len(coll)
-    E = np.zeros(n)
-    steps = []
-    for m in coll.modules:
-        M = _dense(coll.module_factors(m.name))
-        for i in range(n):
-            sv2 = torch.linalg.svdvals(M[i]).square().numpy()
-            E[i] += sv2.sum()
-            steps.append((i, m.d_in + m.d_out, sv2))
-    err = E.copy()
-    gains = sorted(((sv2[j] / E[i] / cost, i, cost, sv2[j]) for i, cost, sv2 in steps for j in range(len(sv2))),
-                   reverse=True)
-    used = 0
-    for _, i, cost, g in gains:  # spectra descend, so a pair's steps come in order
-        if used + cost <= numbers:
-            used += cost
-            err[i] -= g
-    return float(np.mean(err / E))
-
-
 def _mixed_numbers(art) -> int:
     tot = 0
     for mod in art.modules:
@@ -116,7 +93,7 @@ def test_never_worse_than_per_adapter_svd_at_equal_numbers(tmp_path_factory, see
     numbers = int(frac * full)
     alloc = allocate_mixed(fits, E, numbers=numbers)
     assert alloc.numbers <= numbers
-    assert alloc.predicted <= 1.02 * _svd_frontier(coll, numbers) + 1e-12
+    assert alloc.predicted <= 1.02 * svd_frontier(coll, numbers) + 1e-12
     # and never worse than uniform JD-Full at the same numbers (from its exact curve)
     for r in range(8, 0, -1):
         rk = [min(r, max(f.shared)) for f in fits]
@@ -230,7 +207,7 @@ def test_never_worse_than_the_alternatives_at_equal_file_bytes(tmp_path, seed):
         size = art.serialized_size()
         assert size <= budget
         err = lorazip.evaluate(art)["errors"]["mean"]
-        svd = _svd_frontier(coll, max(size - overhead, 0) // item)
+        svd = svd_frontier(coll, max(size - overhead, 0) // item)
         assert err <= 1.02 * svd + 1e-9, (frac, err, svd)
         fits = [e for s, e in uniform.values() if s <= size]
         if fits:

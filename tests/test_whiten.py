@@ -298,22 +298,22 @@ def test_identity_statistics_reproduce_todays_artifact_bit_for_bit(tmp_path, cfg
     monkeypatch.setattr(mixed, "allocate_mixed", record)
     plain = lorazip.compress(coll, device="cpu", hash_sources=False, **cfg)
     replayed = bool(seen)
-    if replayed:  # the mixed allocator ran: replay its final allocation
-        plain_fits, plain_E, _ = seen[0]
-        final = seen[-1][2]
+    if replayed:  # the mixed allocator ran: replay its final allocation of every grouping (K) it fitted
+        plain_fits = {fits[0].K: (fits, E) for fits, E, _ in reversed(seen)}
+        final = {fits[0].K: out for fits, E, out in seen}
         seen.clear()
 
         def replay(fits, E, **kw):
-            seen.append((fits, E, final))
-            return final
+            seen.append((fits, E, final[fits[0].K]))
+            return final[fits[0].K]
 
         monkeypatch.setattr(mixed, "allocate_mixed", replay)
     run = {**cfg, "budget": cfg["budget"] + 4096} if replayed and "budget" in cfg else cfg  # room for the record
     art = lorazip.compress(coll, calibration=stats, calibration_lambda=0.0, device="cpu", hash_sources=False, **run)
-    if seen:
-        fits, E, _ = seen[0]
+    for fits, E, _ in seen:
+        g_fits, plain_E = plain_fits[fits[0].K]
         assert (E == plain_E).all()
-        for f, g in zip(fits, plain_fits):
+        for f, g in zip(fits, g_fits):
             for r in g.shared:
                 assert torch.equal(f.shared[r], g.shared[r])
             for r in g.spectra:
@@ -413,3 +413,17 @@ def test_cli_compress_with_calibration_file(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "compress", tmp_path / "src", "-o", tmp_path / "b.lorazip.safetensors",
                          "--calibration", tmp_path / "missing.safetensors")
     assert rc == 1 and "no such calibration file" in err
+
+
+def test_clusters_with_residual_parts_bound_the_activation_error(tmp_path):
+    """K = 2 groups with residual parts under calibration: the recorded activation errors are
+    those of the stored parts (independent check: activation_errors on the artifact)."""
+    from lorazip.metrics import per_adapter
+
+    write_collection(tmp_path / "src", n=4, modules=MODULES, r=3, seed=6)
+    coll = lorazip.load_collection(tmp_path / "src")
+    stats, _ = _stats(coll, seed=6)
+    art = lorazip.compress(coll, 2, clusters=2, budget=6000, calibration=stats, device="cpu", hash_sources=False)
+    assert art.serialized_size() <= 6000 and art.allocation["n_clusters"] == 2
+    sq, n2 = activation_errors(art, coll, stats)
+    assert torch.allclose(per_adapter(*art.stats()), per_adapter(sq, n2), rtol=1e-7, atol=1e-12)

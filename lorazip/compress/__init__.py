@@ -50,8 +50,11 @@ def compress(
         whose per-adapter error statistic ``target_stat`` ("mean" or "max") meets it. Either one
         lets the allocator choose, per module, a shared rank and per-adapter residual ranks
         (:mod:`lorazip.compress.mixed`), never worse than per-adapter SVD, uniform JD-Full or
-        per-module JD at the same bytes. With ``method="jd-diag"``, ``uniform_rank=True`` or a
-        ``memory_limit`` it allocates shared ranks only (:func:`~lorazip.compress.allocate.compress_to`).
+        per-module JD at the same bytes; with a ``memory_limit`` large modules are read in chunks of
+        adapters on every pass. With ``method="jd-diag"``, ``uniform_rank=True``, or calibration
+        under a ``memory_limit`` it allocates shared ranks only
+        (:func:`~lorazip.compress.allocate.compress_to`). With ``clusters=K``: shared parts on the
+        K groups jd-clustered finds at ``rank``, with residuals.
     clusters : K groups of adapters with their own bases ("jd-clustered"), or "auto" to choose K
         for ``budget`` / ``target_error`` at ``rank``.
     method : "jd-full", "jd-diag", "jd-clustered" or "svd" (per-adapter truncated SVD).
@@ -93,12 +96,14 @@ def compress(
         except ValueError:
             raise OptionError(f"clusters must be a number or 'auto', got {clusters!r}") from None
     if budget is not None or target_error is not None:
-        if clusters != 1:
-            raise OptionError("a budget or a target error with clusters chooses K: pass clusters='auto'")
         if method not in ("jd-full", "jd-diag"):
             raise OptionError(f"a budget or a target error allocates jd-full or jd-diag parts, not {method}")
-        if method == "jd-diag" or uniform_rank or options.get("memory_limit") is not None \
-                or options.get("backend", "torch") != "torch":
+        if clusters != 1 and (method != "jd-full" or uniform_rank):
+            raise OptionError("a budget or a target error with K clusters allocates jd-full parts with residuals: "
+                              "drop --method jd-diag and --uniform-rank")
+        # calibration under a memory limit: the shared-only allocator, which streams whitened modules
+        calibrated_stream = calibration is not None and options.get("memory_limit") is not None
+        if method == "jd-diag" or uniform_rank or calibrated_stream:
             from .allocate import compress_to
 
             kw = {k: v for k, v in options.items() if k not in ("per_module_clusters", "max_rounds")}
@@ -110,8 +115,18 @@ def compress(
             unknown = set(options) - _MIXED_OPTIONS
             if unknown:
                 raise OptionError(f"option(s) {', '.join(sorted(unknown))} do not apply to a budget or target")
+            groups = None
+            if clusters != 1:  # K groups found at ``rank``, then shared and residual parts on them
+                from .clusters import cluster_adapters
+
+                if not 1 <= clusters <= len(collection):
+                    raise OptionError(f"--clusters {clusters} must be between 1 and the number of adapters "
+                                      f"({len(collection)})")
+                groups = [cluster_adapters(collection, clusters, rank,
+                                           per_module=options.get("per_module_clusters", False),
+                                           **{k: v for k, v in options.items() if k in _CLUSTER_PASSED})]
             art, report = compress_mixed(collection, budget=budget, target_error=target_error, stat=target_stat,
-                                         max_rank=max_rank, progress=progress,
+                                         max_rank=max_rank, progress=progress, clusters=groups,
                                          **{k: v for k, v in options.items() if k in _MIXED_PASSED})
         art.allocation = report
         return art
@@ -124,41 +139,54 @@ def compress(
 
 # options of compress_modules that a budget or target run takes (the rest would be ignored)
 _MIXED_PASSED = {"weighting", "storage_dtype", "seed", "tol", "max_iters", "keep_extras", "extras_dtype",
-                 "hash_sources", "executor"}
-_MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_clusters", "max_rounds", "backend",
-                                  "memory_limit", "cache_bytes", "timings"}
+                 "hash_sources", "executor", "memory_limit", "backend"}
+_CLUSTER_PASSED = {"weighting", "storage_dtype", "seed", "tol", "max_iters", "executor", "device", "compute_dtype",
+                   "max_rounds", "cache_bytes", "memory_limit"}
+_MIXED_OPTIONS = _MIXED_PASSED | {"device", "compute_dtype", "per_module_clusters", "max_rounds", "cache_bytes",
+                                  "timings"}
 
 
 
 
 def _choose_clusters_or_mix(collection, rank, budget, target_error, target_stat, method, max_rank, progress,
                             options) -> Artifact:
-    """clusters="auto": K groups of shared bases at ``rank`` (error-vs-K curve), or, when it
-    does better for the budget or target, one shared basis with per-adapter residual parts."""
+    """clusters="auto": K groups of shared bases at ``rank`` (error-vs-K curve), or, when it does
+    better for the budget or target, shared parts on the same groups (K = 1 and every K tried)
+    with per-adapter residual parts."""
     from ..evaluate import evaluate
     from .clusters import choose_clusters
+    from .whiten import whitening_of
 
+    groups: dict[int, Any] = {}
     try:
         art, curve, K = choose_clusters(collection, rank, target_error=target_error, stat=target_stat,
-                                        budget=budget, progress=progress, **options)
+                                        budget=budget, progress=progress, groupings=groups, **options)
     except OptionError:
         if budget is None:
             raise
         art, curve, K = None, [], None  # no K fits the budget at this rank; the mix may
-    mixable = method == "jd-full" and options.get("memory_limit") is None and options.get("backend", "torch") == "torch"
+    mixable = method == "jd-full" and not (whitening_of(collection) is not None and options.get("memory_limit"))
     if mixable:
         kw = {k: v for k, v in options.items() if k in _MIXED_PASSED}
         from .mixed import compress_mixed
 
+        if 2 not in groups and len(collection) >= 2:
+            from .clusters import cluster_adapters  # no K > 1 fitted at this rank: try the mix on K = 2
+
+            groups[2] = cluster_adapters(collection, 2, rank, per_module=options.get("per_module_clusters", False),
+                                         **{k: v for k, v in options.items() if k in _CLUSTER_PASSED})
+        cands = [None] + [groups[k] for k in sorted(groups)]
         try:
             mix, report = compress_mixed(collection, budget=budget, target_error=target_error, stat=target_stat,
-                                         max_rank=max_rank, **kw)
+                                         max_rank=max_rank, clusters=cands, **kw)
         except OptionError:
             mix = None
         if mix is not None:
             mix.allocation = report
             rep = evaluate(mix)
-            row = {"K": "mix", **{s: rep["errors"][s] for s in ("mean", "median", "max")},
+            k_mix = report["n_clusters"]
+            row = {"K": "mix" if k_mix == 1 else f"mix K={k_mix}",
+                   **{s: rep["errors"][s] for s in ("mean", "median", "max")},
                    "params": rep["storage"]["compressed_params"], "bytes": mix.serialized_size()}
             curve.append(row)
             better = art is None or (
@@ -167,7 +195,7 @@ def _choose_clusters_or_mix(collection, rank, budget, target_error, target_stat,
                 row[target_stat] <= target_error and (row["bytes"] < art.serialized_size()
                                                       or _stat_of(curve, K, target_stat) > target_error))
             if better:
-                art, K = mix, "mix"
+                art, K = mix, row["K"]
     if art is None:
         raise OptionError(f"nothing fits the budget of {budget:,} bytes: neither K clusters at rank {rank} "
                           "nor shared and per-adapter parts")

@@ -38,9 +38,12 @@ def choose_clusters(
     budget: int | None = None,
     candidates: list[int] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    groupings: dict[int, Any] | None = None,
     **kw,
 ) -> tuple[Artifact, list[dict[str, Any]], int]:
-    """Return ``(artifact, curve, chosen_K)``; ``curve`` rows are ``{K, mean, median, max, params, bytes}``."""
+    """Return ``(artifact, curve, chosen_K)``; ``curve`` rows are ``{K, mean, median, max, params, bytes}``.
+    ``groupings``, if given, gets the :class:`~lorazip.compress.mixed.Clusters` of every K tried
+    (also of one that did not fit), for shared parts with per-adapter residuals on the same groups."""
     from .pipeline import compress_modules as compress
 
     if (target_error is None) == (budget is None):
@@ -54,6 +57,8 @@ def choose_clusters(
     chosen: tuple[dict[str, Any], Artifact] | None = None
     for step, K in enumerate(ks):
         art = compress(collection, rank, method="jd-clustered", clusters=K, **kw)
+        if groupings is not None and K > 1:
+            groupings[K] = grouping_of(art)
         rep = evaluate(art)
         row = {"K": K, **{s: rep["errors"][s] for s in ("mean", "median", "max")},
                "params": storage(art)["compressed_params"], "bytes": art.serialized_size()}
@@ -72,3 +77,26 @@ def choose_clusters(
     if chosen is None:
         raise OptionError(f"no K fits the budget of {budget:,} bytes at rank {rank} (K=1 needs {curve[0]['bytes']:,})")
     return chosen[1], curve, chosen[0]["K"]
+
+
+def grouping_of(art: Artifact):
+    """The :class:`~lorazip.compress.mixed.Clusters` of a jd-clustered artifact (K > 1)."""
+    from .mixed import Clusters
+
+    cl = art.meta["clustering"]
+    tensors = art.tensors()
+    assign = [tensors[f"assign/{m['name']}"].long() for m in art.modules]
+    return Clusters(cl["n_clusters"], assign, cl["per_module"], cl["rounds"], cl["converged"],
+                    list(cl.get("objective_history", [])))
+
+
+def cluster_adapters(collection: Collection, K: int, rank: int, *, per_module: bool = False, **kw):
+    """K groups of adapters found by jd-clustered at ``rank`` (the same alternation as
+    ``compress --clusters K``), as :class:`~lorazip.compress.mixed.Clusters`; ``kw``: settings of
+    :func:`~lorazip.compress.pipeline.compress_modules`."""
+    from .pipeline import compress_modules
+
+    kw = {k: v for k, v in kw.items() if k not in ("keep_extras", "hash_sources")}
+    art = compress_modules(collection, rank, method="jd-clustered", clusters=K, per_module_clusters=per_module,
+                           keep_extras=False, hash_sources=False, **kw)
+    return grouping_of(art)

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from ..artifact import STORAGE_DTYPES, Artifact
+from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import squared_errors
-from ..quantize import QSCALE, dry_storage, store_residual, to_storage
+from ..quantize import QSCALE, cat_stored, dry_storage, store_residual, to_storage
 from ..solvers import Factors
 from ..solvers._linalg import adapter_weights
 from ..solvers.jd_full import jd_full_factors
@@ -50,9 +51,11 @@ from ..solvers.svd import spectra_from_grams
 from .allocate import nested_fit
 from .executor import RayExecutor, map_modules
 from .provenance import SourceHashes
+from .streaming import MemoryPlan, streamed_factors
 from .whiten import annotate, build_mixed_module, whitening_of
 
 GRID = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # shared ranks whose residual spectra are measured
+_BUILD_CHUNK = 16  # adapters per float64 chunk in pass 2 (kept in cache, as the errors of compress_modules)
 _FLOOR = 1e-10  # a step removing less of the (relative) error than this only stores solver noise
 STATS = ("mean", "max")
 
@@ -76,54 +79,124 @@ class ModuleFit:
     norms2: torch.Tensor
     iters: int = 0
     converged: bool = True
+    assign: torch.Tensor | None = None  # (n,) cluster of each adapter when K > 1 (then U: (K, d_out, R))
 
     @property
     def dim(self) -> int:
         return self.d_in + self.d_out
+
+    @property
+    def K(self) -> int:
+        return 1 if self.U.dim() == 2 else self.U.shape[0]
 
     def residual_cap(self, r: int) -> int:
         return min(self.spectra[r].shape[1], self.d_out, self.d_in)
 
 
 def fit_module_task(collection: Collection, j: int, R: int, weighting: str, seed: int, tol: float, max_iters: int,
-                    *, clock: dict[str, float],
-                    factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleFit:
-    """Pass 1 on module ``j``, reading its factors in float32 unless given (the caller's read-ahead);
-    the same function runs in process and as a Ray task (:mod:`.executor`)."""
+                    assign: torch.Tensor | None = None, chunk: int | None = None, backend: str = "torch", *,
+                    clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleFit:
+    """Pass 1 on module ``j`` (``assign``: (n,) clusters, each with its own bases), reading its
+    factors in float32 unless given (the caller's read-ahead), or ``chunk`` adapters at a time on
+    every pass (a module larger than the memory limit); the same function runs in process and as a
+    Ray task (:mod:`.executor`)."""
     t0 = time.perf_counter()
-    if factors is None:
-        f = collection.module_factors(collection.modules[j].name, dtype=torch.float32)
-        factors = (f.B, f.A)
+    name = collection.modules[j].name
+    if chunk is not None:
+        fac = streamed_factors(collection, name, chunk, torch.float32)
+    else:
+        if factors is None:
+            f = collection.module_factors(name, dtype=torch.float32)
+            factors = (f.B, f.A)
+        fac = Factors.stacked(*factors)
     t1 = time.perf_counter()
-    fit = fit_module(*factors, collection.modules[j].name, R, weighting=weighting, seed=seed, tol=tol,
-                     max_iters=max_iters)
+    if assign is not None and int(assign.max()) > 0:  # in memory (a streamed module is not clustered)
+        fit = _fit_clusters(*factors, name, R, assign, weighting=weighting, seed=seed, tol=tol,
+                            max_iters=max_iters, grid=GRID, backend=backend)
+    else:
+        fit = fit_factors(fac, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
+                          backend=backend)
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return fit
 
 
 def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting: str, seed: int, tol: float,
-               max_iters: int, grid: tuple[int, ...] = GRID) -> ModuleFit:
-    """Pass 1 on one module's factors ``B`` (n, d_out, r_i), ``A`` (n, r_i, d_in)."""
-    d_out, d_in = B.shape[1], A.shape[2]
-    GB, GA = factor_products(B, A)  # float64 Grams, converted in chunks: no float64 copy of the factors
+               max_iters: int, grid: tuple[int, ...] = GRID, assign: torch.Tensor | None = None) -> ModuleFit:
+    """Pass 1 on one module's factors ``B`` (n, d_out, r_i), ``A`` (n, r_i, d_in); with ``assign``
+    (n,) cluster indices, one fit per cluster on its adapters (:func:`_fit_clusters`)."""
+    if assign is not None and int(assign.max()) > 0:
+        return _fit_clusters(B, A, name, R, assign, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
+                             grid=grid)
+    return fit_factors(Factors.stacked(B, A), name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
+                       grid=grid)
+
+
+def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, tol: float, max_iters: int,
+                grid: tuple[int, ...] = GRID, backend: str = "torch") -> ModuleFit:
+    """:func:`fit_module` on :class:`~lorazip.solvers.factors.Factors`, in memory or streamed (then
+    every product is a pass over the chunks; only ``(n, r, r)`` products are kept). ``backend``:
+    the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch."""
+    d_out, d_in = fac.d_out, fac.d_in
+    GB, GA = _chunked(factor_products(ch.B, ch.A) for ch in fac)  # float64 Grams, no float64 copy of factors
     n2 = (GB * GA).sum((1, 2)).clamp_min(0)
     w = adapter_weights(n2, weighting)
     if R > 0:
-        top = jd_full_factors(Factors.stacked(B.float(), A.float()), R, weights=w.float(), seed=seed, tol=tol,
-                              max_iters=max_iters)
-        U, V = torch.linalg.qr(top.U.double())[0], torch.linalg.qr(top.V.double())[0]
+        solver = fac if backend == "torch" else fac.converted(lambda t: to_backend(t, backend))
+        top = jd_full_factors(solver, R, weights=w.float(), seed=seed, tol=tol, max_iters=max_iters)
+        U, V = torch.linalg.qr(to_torch(top.U).double())[0], torch.linalg.qr(to_torch(top.V).double())[0]
         iters, conv = top.n_iters, top.converged
     else:
         U, V = GB.new_zeros(d_out, 0), GB.new_zeros(d_in, 0)
         iters, conv = 0, True
-    BU, AV = factor_products(B, A, U, V)
+    BU, AV = _chunked(factor_products(ch.B, ch.A, U, V) for ch in fac)
     S = BU.transpose(1, 2) @ AV
     XY = nested_fit(S, w, R, tol=tol, max_iters=max_iters, refine=set(grid))
     shared = {r: (n2 - (X.T @ S @ Y).square().sum((1, 2))).clamp_min(0) for r, (X, Y) in XY.items()}
     on_grid = {r: XY[r] for r in grid if r <= R}
-    spectra = nested_residual_spectra(B, A, U, V, S, on_grid, products=(GB, GA, BU, AV))
+    spectra = nested_residual_spectra(None, None, U, V, S, on_grid, products=(GB, GA, BU, AV))
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv)
+
+
+def _chunked(parts) -> tuple[torch.Tensor, ...]:
+    """Per-chunk tuples of tensors concatenated along the adapters (one chunk: as is)."""
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, grid, backend="torch") -> ModuleFit:
+    """Pass 1 with K clusters: per cluster, the fit of :func:`fit_module` on its adapters (its own
+    bases ``U_k``, ``V_k`` and nested ranks), the curves merged back into adapter order. One shared
+    rank per module for every cluster, so ``U``: (K, d_out, R), ``XY[r]``: (K, R, r) each."""
+    n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
+    K = int(assign.max()) + 1
+    width = B.shape[2] + R
+    shared = {r: torch.zeros(n, dtype=torch.float64) for r in range(R + 1)}
+    spectra = {r: torch.zeros(n, width, dtype=torch.float64) for r in grid if r <= R}
+    Us, Vs, XYs, n2 = [], [], [], torch.zeros(n, dtype=torch.float64)
+    iters, conv = 0, True
+    eye_o, eye_i, eye_r = (torch.eye(d, R, dtype=torch.float64) for d in (d_out, d_in, R))
+    for k in range(K):
+        idx = torch.nonzero(assign == k).flatten()
+        if len(idx) == 0:  # an empty cluster keeps any orthonormal bases: no adapter uses them
+            Us.append(eye_o)
+            Vs.append(eye_i)
+            XYs.append({r: (eye_r[:, :r], eye_r[:, :r]) for r in range(R + 1)})
+            continue
+        f = fit_factors(Factors.stacked(B[idx], A[idx]), name, R, weighting=weighting, seed=seed, tol=tol,
+                        max_iters=max_iters, grid=grid, backend=backend)
+        Us.append(f.U)
+        Vs.append(f.V)
+        XYs.append(f.XY)
+        n2[idx] = f.norms2
+        for r in shared:
+            shared[r][idx] = f.shared[r]
+        for r in spectra:
+            spectra[r][idx] = f.spectra[r]
+        iters, conv = max(iters, f.iters), conv and f.converged
+    XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
+    return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
+                     assign.long())
 
 
 # -- allocation ---------------------------------------------------------------------------------
@@ -141,8 +214,27 @@ class Allocation:
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted statistic of each candidate
 
 
+@dataclass
+class Clusters:
+    """K groups of adapters, each with its own shared bases: ``assign[j]`` (n,) the cluster of every
+    adapter in module ``j`` (one tensor for all modules unless ``per_module``), as jd-clustered
+    found them (:func:`lorazip.compress.clusters.cluster_adapters`)."""
+
+    K: int
+    assign: list[torch.Tensor]
+    per_module: bool = False
+    rounds: int = 0
+    converged: bool = True
+    history: list[float] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """``meta["clustering"]`` of an artifact built on these clusters."""
+        return {"n_clusters": self.K, "per_module": self.per_module, "rounds": self.rounds,
+                "converged": self.converged, "objective_history": self.history}
+
+
 def _shared_numbers(fit: ModuleFit, r: int, n: int) -> int:
-    return r * fit.dim + n * r * r
+    return fit.K * r * fit.dim + n * r * r
 
 
 def _errors(fits: list[ModuleFit], ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
@@ -396,12 +488,20 @@ def compress_mixed(
     hash_sources: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
     executor: "RayExecutor | None" = None,
+    clusters: "list[Clusters | None] | None" = None,
+    memory_limit: int | None = None,
+    backend: str = "torch",
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
     file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
-    the allocation report. With ``storage_dtype="int8"`` a stored number is one byte; the row
-    scales are overhead that the dry assembly measures. With an ``executor`` both passes run one
-    Ray task per module (:mod:`.executor`); the allocation runs here, on their small results."""
+    the allocation report. ``clusters``: candidate groupings of the adapters (:class:`Clusters`;
+    None: one shared basis), each fitted and allocated; the one with the lowest statistic (for a
+    target: the fewest bytes meeting it) is built. With ``storage_dtype="int8"`` a stored number is
+    one byte; the row scales are overhead that the dry assembly measures. With an ``executor`` both
+    passes run one Ray task per module (:mod:`.executor`); the allocation runs here, on their small
+    results. ``memory_limit`` (bytes for module factors and their copies): a module needing more
+    than a third of it is read ``chunk`` adapters at a time on every pass (:class:`MemoryPlan`),
+    and nothing is kept or read ahead beyond it. ``backend``: the array library of the JD-Full fits."""
     from .pipeline import check_extras_dtype
 
     if (budget is None) == (target_error is None):
@@ -413,59 +513,62 @@ def compress_mixed(
     check_extras_dtype(extras_dtype)
     sdtype = STORAGE_DTYPES[storage_dtype]
     itemsize = torch.empty(0, dtype=sdtype).element_size()  # 1 for int8
+    candidates = list(clusters or [None])
+    if backend not in BACKENDS:
+        raise OptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    plan = MemoryPlan.make(collection, 4, memory_limit, "jd-full")  # pass 1 and 2 read float32
+    if plan.chunk and any(c is not None and c.K > 1 for c in candidates):
+        big = collection.modules[min(plan.chunk)].name
+        raise OptionError(f"clusters with residual parts keep a module's factors in memory: module {big} needs "
+                          f"more than a third of the memory limit; raise the limit or use one shared basis")
+    if plan.chunk and whitening_of(collection) is not None:
+        raise OptionError("calibration reads each module whole in pass 2: module "
+                          f"{collection.modules[min(plan.chunk)].name} needs more than a third of the memory limit")
     hashes = SourceHashes(collection, hash_sources)
     t0 = time.perf_counter()
     try:
         n_mod = len(collection.modules)
         names = [m.name for m in collection.modules]
         top = _affordable_rank(collection, budget // itemsize, max_rank) if budget is not None else max_rank
-        args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters)
-                for j, name in enumerate(names)]
-        kept: dict = {}  # pass-1 factors that pass 2 need not read again
-        reads = _Reads(collection, keep=kept, limit=keep_limit()) if executor is None else None
-        fits: list[ModuleFit] = [None] * n_mod  # type: ignore[list-item]
-        for count, (j, fit) in enumerate(map_modules(executor, fit_module_task, collection, args, labels=names,
-                                                      local=reads.factors if reads else None, phase="fit"), 1):
-            fits[j] = fit
-            if progress:
-                progress(count, 2 * n_mod, names[j])
-        E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+        kept: dict = {}  # pass-1 factors that pass 2 need not read again (and further candidates)
+        chosen = None  # (alloc, fits, clusters, E)
+        tried = []
+        for cand in candidates:
+            K = 1 if cand is None else cand.K
+            args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters,
+                     None if cand is None or cand.K == 1 else cand.assign[j], plan.chunk.get(j), backend)
+                    for j, name in enumerate(names)]
+            reads = _Reads(collection, keep=kept, limit=keep_limit() if memory_limit is None else 0, reuse=True,
+                           plan=plan) if executor is None else None
+            fits: list[ModuleFit] = [None] * n_mod  # type: ignore[list-item]
+            for count, (j, fit) in enumerate(map_modules(executor, fit_module_task, collection, args, labels=names,
+                                                          local=reads.factors if reads else None, phase="fit"), 1):
+                fits[j] = fit
+                if progress:
+                    progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
+            del reads
+            E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+            try:
+                alloc = _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_dtype, itemsize,
+                                          weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes)
+            except OptionError:
+                if len(candidates) == 1:
+                    raise
+                tried.append({"K": K, "predicted": None})
+                continue
+            tried.append({"K": K, "predicted": alloc.predicted, "numbers": alloc.numbers})
+            key = ((alloc.predicted > target_error + 1e-12, alloc.numbers, alloc.predicted) if budget is None
+                   else (alloc.predicted, alloc.numbers))
+            if chosen is None or key < chosen[0]:
+                chosen = (key, alloc, fits, cand, E)
+        if chosen is None:
+            raise OptionError("the budget is too small for any part: raise it")
+        _, alloc, fits, cand, E = chosen
+        del chosen
         t_fit = time.perf_counter() - t0
-        overhead = _overhead_bytes(collection, fits, keep_extras)
-        if budget is not None:
-            numbers = max((budget - overhead) // itemsize, 0)  # a first guess; the dry assembly measures
-        alloc = best = None
-        for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
-            alloc = allocate_mixed(fits, E, numbers=numbers if budget is not None else None,
-                                   target_error=target_error, stat=stat)
-            if budget is None:
-                break
-            dry = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                         keep_extras, None, target_error, stat, budget, extras_dtype, dry=True)
-            size = dry.serialized_size()
-            # int8: the row scales grow with the parts, so they are priced per stored number
-            scales = sum(t.numel() * t.element_size() for key, t in dry.tensors().items() if key.startswith(QSCALE))
-            fixed = size - itemsize * alloc.numbers - scales
-            exact = int((budget - _SLACK - fixed) // (itemsize + scales / max(alloc.numbers, 1)))  # numbers that fit
-            if size <= budget - _SLACK:
-                if best is None or alloc.predicted < best.predicted:
-                    best = alloc
-                if exact - alloc.numbers <= min(f.dim for f in fits):
-                    break  # the estimate of the overhead left less than one step unused
-                numbers = exact
-            else:
-                numbers = min(numbers - 1, exact)
-            if numbers < 0:
-                extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items()
-                             if k.startswith("extras/"))
-                hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
-                        "store them in int8 or leave them out") if extras else ""
-                raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
-                                  f"statistics ({fixed:,} bytes{hint})")
-        alloc = best if budget is not None and best is not None else alloc
-        del reads  # its read-ahead is done; ``kept`` holds what pass 2 need not read again
         art = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                     keep_extras, progress, target_error, stat, budget, extras_dtype, executor=executor, kept=kept)
+                     keep_extras, progress, target_error, stat, budget, extras_dtype, executor=executor, kept=kept,
+                     clusters=cand, plan=plan)
         kept.clear()
         if budget is not None and art.serialized_size() > budget:
             raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
@@ -481,6 +584,7 @@ def compress_mixed(
         "budget_bytes": budget,
         "target_error": target_error,
         "target_stat": stat,
+        "n_clusters": 1 if cand is None else cand.K,
         "ranks": alloc.ranks,
         "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
                            for m, k in alloc.residual.items()},
@@ -489,7 +593,45 @@ def compress_mixed(
         "artifact_bytes": art.serialized_size(),
         "fit_s": t_fit,
     }
+    if len(candidates) > 1:
+        report["clusters_tried"] = tried
     return art, report
+
+
+def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_dtype, itemsize, weighting, seed,
+                      tol, max_iters, keep_extras, extras_dtype, clusters, hashes) -> Allocation:
+    """The allocation for a budget of file bytes (numbers refined on dry assemblies, which give
+    the exact size of everything besides the parts) or for a target error."""
+    if budget is None:
+        return allocate_mixed(fits, E, target_error=target_error, stat=stat)
+    numbers = max((budget - _overhead_bytes(collection, fits, keep_extras)) // itemsize, 0)  # a first guess
+    best = None
+    for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
+        alloc = allocate_mixed(fits, E, numbers=numbers, stat=stat)
+        dry = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
+                     None, target_error, stat, budget, extras_dtype, dry=True, clusters=clusters)
+        size = dry.serialized_size()
+        # int8: the row scales grow with the parts, so they are priced per stored number
+        scales = sum(t.numel() * t.element_size() for key, t in dry.tensors().items() if key.startswith(QSCALE))
+        fixed = size - itemsize * alloc.numbers - scales
+        exact = int((budget - _SLACK - fixed) // (itemsize + scales / max(alloc.numbers, 1)))  # numbers that fit
+        if size <= budget - _SLACK:
+            if best is None or alloc.predicted < best.predicted:
+                best = alloc
+            if exact - alloc.numbers <= min(f.dim for f in fits):
+                break  # the estimate of the overhead left less than one step unused
+            numbers = exact
+        else:
+            numbers = min(numbers - 1, exact)
+        if numbers < 0:
+            extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items() if k.startswith("extras/"))
+            hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
+                    "store them in int8 or leave them out") if extras else ""
+            raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
+                              f"statistics ({fixed:,} bytes{hint})")
+    if best is None:
+        raise OptionError(f"could not fit the artifact into {budget:,} bytes")
+    return best
 
 
 def _affordable_rank(collection: Collection, numbers: int, max_rank: int) -> int:
@@ -546,7 +688,7 @@ class _Reads:
     ``kept`` instead of reading them again."""
 
     def __init__(self, collection: Collection, *, keep: dict | None = None, limit: int = 0,
-                 kept: dict | None = None):
+                 kept: dict | None = None, reuse: bool = False, plan: MemoryPlan | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.collection = collection
@@ -554,25 +696,40 @@ class _Reads:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
         self._next = {}
         self._keep, self._room, self._kept = keep, limit, kept if kept is not None else {}
+        if reuse and keep is not None:  # another pass 1 (a further cluster candidate) takes what the first kept
+            self._kept = keep
+            self._room -= sum(f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+                              for f in keep.values())
+        self._reuse = reuse
+        self._plan = plan  # under a memory limit: streamed modules are not read here, nor read ahead
 
-    def _submit(self, j: int) -> None:
+    def _submit(self, j: int, ahead: bool = False) -> None:
+        if self._plan is not None and (j in self._plan.chunk or (ahead and not self._plan.prefetch(j - 1))):
+            return
         if j < len(self.names) and j not in self._next and j not in self._kept:
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
 
     def get(self, j: int):
         self._submit(j)
-        f = self._kept.pop(j) if j in self._kept else self._next.pop(j).result()
-        if self._keep is not None:
-            size = f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
-            if size <= self._room:
-                self._keep[j], self._room = f, self._room - size
-        self._submit(j + 1)
+        if self._reuse and j in self._kept:
+            f = self._kept[j]
+        else:
+            f = self._kept.pop(j) if j in self._kept else self._next.pop(j).result()
+            if self._keep is not None:
+                size = f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+                if size <= self._room:
+                    self._keep[j], self._room = f, self._room - size
+        self._submit(j + 1, ahead=True)
         if j + 1 >= len(self.names):
             self._pool.shutdown(wait=False)
         return f
 
     def factors(self, j: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Module ``j``'s factors as a task's ``factors`` argument (:func:`~.executor.map_modules`)."""
+        """Module ``j``'s factors as a task's ``factors`` argument (:func:`~.executor.map_modules`);
+        none for a streamed module, whose task reads it in chunks."""
+        if self._plan is not None and j in self._plan.chunk:
+            self._submit(j + 1, ahead=True)
+            return {}
         f = self.get(j)
         return {"factors": (f.B, f.A)}
 
@@ -596,10 +753,10 @@ class _Parts:
     wnn2: torch.Tensor | None = None
 
 
-def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales) -> _Parts:
+def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales, K: int = 1) -> _Parts:
     n = len(collection)
     return _Parts(
-        dry_storage((1, info.d_out, r), storage_dtype), dry_storage((1, info.d_in, r), storage_dtype),
+        dry_storage((K, info.d_out, r), storage_dtype), dry_storage((K, info.d_in, r), storage_dtype),
         dry_storage((n, r, r), storage_dtype, core_scales),
         dry_storage((total, info.d_out), storage_dtype, torch.float32),
         dry_storage((total, info.d_in), storage_dtype, torch.float32),
@@ -608,41 +765,89 @@ def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_sc
 
 
 def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
-                      Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype, *,
-                      clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Parts:
-    """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r))
-    with its cores, and residual parts of ranks ``k`` (n,), from the factors (read in float32 unless
-    given), rounded, with the exact errors of what is stored. In process or as a Ray task."""
+                      Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
+                      assign: torch.Tensor | None = None, chunk: int | None = None, *, clock: dict[str, float],
+                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Parts:
+    """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r);
+    with clusters ``assign`` (n,): ``U`` (K, d_out, R), ``X`` (K, R, r)) with its cores, and
+    residual parts of ranks ``k`` (n,), from the factors (read in float32 unless given; ``chunk``
+    adapters at a time for a module larger than the memory limit), rounded, with the exact errors
+    of what is stored. In process or as a Ray task."""
     t0 = time.perf_counter()
+    name = collection.modules[j].name
     if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
-        parts = build_mixed_module(collection, collection.modules[j].name, U @ X, V @ Y, k, storage_dtype,
-                                   core_scales)
+        parts = build_mixed_module(collection, name, U @ X, V @ Y, k, storage_dtype, core_scales, assign)
         clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t0
         return _Parts(*parts[:5], parts[7].float(), *parts[5:7], *parts[8:])
-    if factors is None:
-        f = collection.module_factors(collection.modules[j].name, dtype=torch.float32)
-        factors = (f.B, f.A)
+    if chunk is not None:
+        fac = streamed_factors(collection, name, chunk, torch.float32)
+    else:
+        if factors is None:
+            f = collection.module_factors(name, dtype=torch.float32)
+            factors = (f.B, f.A)
+        fac = Factors.stacked(*factors)
     t1 = time.perf_counter()
-    B, A = factors[0].double(), factors[1].double()
-    Us = to_storage((U @ X)[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
-    Vs = to_storage((V @ Y)[None], storage_dtype, torch.float16)
-    U64, V64 = Us.values[0].double(), Vs.values[0].double()
-    Ss = to_storage((B.transpose(1, 2) @ U64).transpose(1, 2) @ (A @ V64), storage_dtype, core_scales)
-    S64 = Ss.values.double()
-    # the residual of what is stored (rounded shared part), then rounded itself
-    bs, as_, bp, ap = store_residual(*residual_factors(B, A, U64, V64, S64, k), k, storage_dtype)
-    GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
-    n2 = (GB * GA).sum((1, 2))
-    sq, nn2 = squared_errors(B, A, U64, V64, S64, None, norms2=n2, residual=(bp, ap))
-    spectra = spectra_from_grams(GB, GA).float()
+    UX, VY = U @ X, V @ Y
+    Us = to_storage(UX if UX.dim() == 3 else UX[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
+    Vs = to_storage(VY if VY.dim() == 3 else VY[None], storage_dtype, torch.float16)
+    U64, V64 = Us.values.double(), Vs.values.double()
+    out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
+    for ch in fac.split(_BUILD_CHUNK):  # every part below is per adapter: float64 a few adapters at a time
+        B, A = ch.B.double(), ch.A.double()
+        kc = k[ch.start : ch.stop]
+        if assign is None:
+            Ss = to_storage((B.transpose(1, 2) @ U64[0]).transpose(1, 2) @ (A @ V64[0]), storage_dtype, core_scales)
+            S64 = Ss.values.double()
+            # the residual of what is stored (rounded shared part), then rounded itself
+            bp, ap = residual_factors(B, A, U64[0], V64[0], S64, kc)
+            ac = None
+        else:
+            ac = assign[ch.start : ch.stop]
+            Ss = to_storage(_cluster_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
+            S64 = Ss.values.double()
+            bp, ap = _cluster_residuals(B, A, U64, V64, S64, kc, ac)
+        bs, as_, bq, aq = store_residual(bp, ap, kc, storage_dtype)
+        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+        n2 = (GB * GA).sum((1, 2))
+        sq, nn2 = squared_errors(B, A, U64 if ac is not None else U64[0], V64 if ac is not None else V64[0], S64,
+                                 ac, norms2=n2, residual=(bq, aq))
+        for key, x in zip(("S", "b", "a", "sq", "n2", "sp"), (Ss, bs, as_, sq, nn2, spectra_from_grams(GB, GA))):
+            out[key].append(x)
+        del ch, B, A
+    sq, nn2, spectra = (torch.cat(out[key]) for key in ("sq", "n2", "sp"))
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
-    return _Parts(Us, Vs, Ss, bs, as_, spectra, sq, nn2)
+    return _Parts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
+
+
+def _cluster_cores(B, A, U, V, assign) -> torch.Tensor:
+    """``S_i = U_k^T M_i V_k``, ``k`` adapter i's cluster (``U``: (K, d_out, r)), one cluster at a time."""
+    S = B.new_zeros(B.shape[0], U.shape[2], V.shape[2])
+    for c in range(U.shape[0]):
+        idx = torch.nonzero(assign == c).flatten()
+        if len(idx):
+            S[idx] = (B[idx].transpose(1, 2) @ U[c]).transpose(1, 2) @ (A[idx] @ V[c])
+    return S
+
+
+def _cluster_residuals(B, A, U, V, S, k, assign):
+    """:func:`~lorazip.solvers.residual.residual_factors` against each adapter's cluster bases,
+    one cluster at a time (no per-adapter copy of the bases), zero-padded to the largest rank."""
+    n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
+    k_max = int(k.max()) if k.numel() else 0
+    bp, ap = B.new_zeros(n, d_out, k_max), A.new_zeros(n, k_max, d_in)
+    for c in range(U.shape[0]):
+        idx = torch.nonzero((assign == c) & (k > 0)).flatten()
+        if len(idx):
+            b, a = residual_factors(B[idx], A[idx], U[c], V[c], S[idx], k[idx])
+            bp[idx, :, : b.shape[2]], ap[idx, : a.shape[1]] = b, a
+    return bp, ap
 
 
 def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
            progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False,
-           executor=None, kept: dict | None = None) -> Artifact:
+           executor=None, kept: dict | None = None, clusters: "Clusters | None" = None,
+           plan: MemoryPlan | None = None) -> Artifact:
     """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
     builds the same tensors' shapes and dtypes without computing them, to measure the file size
     exactly. The shared part is rounded first (int8: quantised, then dequantised), the residual
@@ -661,14 +866,15 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
     resid = [torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64)) for fit in fits]
     if dry:
         parts = ((j, _dry_parts(collection, info, alloc.ranks[fit.name], int(resid[j].sum()), storage_dtype,
-                                _core_scales(fit)))
+                                _core_scales(fit), fit.K))
                  for j, (info, fit) in enumerate(zip(collection.modules, fits)))
     else:
         args = []
         for j, fit in enumerate(fits):
             r = alloc.ranks[fit.name]
-            args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, _core_scales(fit)))
-        reads = _Reads(collection, kept=kept) if executor is None and wh is None else None  # whitened: re-read there
+            args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, _core_scales(fit), fit.assign,
+                         plan.chunk.get(j) if plan else None))
+        reads = _Reads(collection, kept=kept, plan=plan) if executor is None and wh is None else None  # whitened: re-read there
         parts = map_modules(executor, build_module_task, collection, args, labels=names,
                             local=reads.factors if reads else None, phase="build")
     arrived: dict[int, _Parts] = {}
@@ -686,8 +892,10 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
             p.U.put(tensors, f"U/{name}")
             p.V.put(tensors, f"V/{name}")
             p.cores.put(tensors, f"cores/{name}")
+            if fit.K > 1:
+                tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
             entry = {"name": name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout, "rank": r,
-                     "n_clusters": 1, "iters": fit.iters, "converged": fit.converged}
+                     "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
             if total > 0:
                 tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
                 p.resid_B.put(tensors, f"resid_B/{name}")
@@ -697,14 +905,15 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
         if progress:
             progress(n_mod + count, 2 * n_mod, names[j])
     ranks = list(alloc.ranks.values())
+    clustered = clusters is not None and clusters.K > 1
     meta = {
-        "method": "jd-full",
+        "method": "jd-clustered" if clustered else "jd-full",
         "rank": max(set(ranks), key=ranks.count),
         "per_module_ranks": len(set(ranks)) > 1,
         "weighting": weighting,
         "storage_dtype": storage_dtype,
         "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": "cpu", "compute_dtype": "float32"},
-        "clustering": None,
+        "clustering": clusters.record() if clustered else None,
         "allocation": {
             "mode": "mixed", "chosen": alloc.kind, "budget_bytes": budget, "target_error": target_error,
             "target_stat": stat, "predicted_mean_error": float(alloc.errors.mean()),

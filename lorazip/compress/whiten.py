@@ -270,9 +270,10 @@ def finish_whitened(coll: WhitenedCollection, name: str, fac, U, V, cores, assig
 
 
 def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: torch.Tensor, k: torch.Tensor,
-                       storage_dtype: str, core_scales: torch.dtype):
+                       storage_dtype: str, core_scales: torch.dtype, assign: torch.Tensor | None = None):
     """Pass 2 of :func:`lorazip.compress.mixed.compress_mixed` for one module, from its whitened fit:
-    ``U``, ``V`` (whitened, orthonormal, rank r) and residual ranks ``k`` (n,).
+    ``U``, ``V`` (whitened, orthonormal, rank r; with clusters ``assign`` (n,): (K, d, r)) and
+    residual ranks ``k`` (n,).
 
     The shared part is stored first (bases mapped back and rounded; cores against what is stored),
     the residual is the truncated SVD, in whitened coordinates, of what the stored shared part
@@ -280,6 +281,7 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     ``(Us, Vs, Ss, bs, as_, errors2, norms2, spectra, weight_errors2, weight_norms2)``.
     """
     from ..solvers.residual import residual_factors
+    from .mixed import _cluster_cores, _cluster_residuals
 
     wm = coll.whitening.module(name)
     # C = I: read as pass 2 does without calibration (float32, bit for bit); else exactly, in float64
@@ -287,18 +289,26 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     B0, A0 = f.B.double(), f.A.double()
     B, A = wm.factors(B0, A0)
     Ub, Vb = wm.bases_back(U, V)
-    Us = to_storage(Ub[None], storage_dtype, torch.float16)
-    Vs = to_storage(Vb[None], storage_dtype, torch.float16)
-    Ur, Vr = Us.values[0].double(), Vs.values[0].double()
-    Uw, Vw = wm.bases_fwd(Ur, Vr)
-    Ss = to_storage((B.transpose(1, 2) @ Uw).transpose(1, 2) @ (A @ Vw), storage_dtype, core_scales)
-    S64 = Ss.values.double()
-    bs, as_, bp, ap = store_residual(*wm.residual_back(*residual_factors(B, A, Uw, Vw, S64, k)), k, storage_dtype)
+    Us = to_storage(Ub if Ub.dim() == 3 else Ub[None], storage_dtype, torch.float16)
+    Vs = to_storage(Vb if Vb.dim() == 3 else Vb[None], storage_dtype, torch.float16)
+    if assign is None:
+        Ur, Vr = Us.values[0].double(), Vs.values[0].double()
+        Uw, Vw = wm.bases_fwd(Ur, Vr)
+        Ss = to_storage((B.transpose(1, 2) @ Uw).transpose(1, 2) @ (A @ Vw), storage_dtype, core_scales)
+        S64 = Ss.values.double()
+        parts = residual_factors(B, A, Uw, Vw, S64, k)
+    else:
+        Ur, Vr = Us.values.double(), Vs.values.double()
+        Uw, Vw = wm.bases_fwd(Ur, Vr)
+        Ss = to_storage(_cluster_cores(B, A, Uw, Vw, assign), storage_dtype, core_scales)
+        S64 = Ss.values.double()
+        parts = _cluster_residuals(B, A, Uw, Vw, S64, k, assign)
+    bs, as_, bp, ap = store_residual(*wm.residual_back(*parts), k, storage_dtype)
     bw, aw = wm.residual_fwd(bp, ap)
     GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
     n2 = (GB * GA).sum((1, 2))
-    sq, n2 = squared_errors(B, A, Uw, Vw, S64, None, norms2=n2, residual=(bw, aw))
-    wsq, wn2 = squared_errors(B0, A0, Ur, Vr, S64, None, residual=(bp, ap))
+    sq, n2 = squared_errors(B, A, Uw, Vw, S64, assign, norms2=n2, residual=(bw, aw))
+    wsq, wn2 = squared_errors(B0, A0, Ur, Vr, S64, assign, residual=(bp, ap))
     return Us, Vs, Ss, bs, as_, sq, n2, spectra_from_grams(GB, GA), wsq, wn2
 
 

@@ -104,6 +104,13 @@ class Factors:
         for s, e in self.spans():
             yield Chunk(s, size=e - s, rank=self.rank, load=lambda part, s=s, e=e: self._read(s, e, part))
 
+    def converted(self, to: Callable[[Any], Any]) -> "Factors":
+        """The same factors with every array passed through ``to`` (e.g. to another backend)."""
+        if self._stacked is not None:
+            return Factors.stacked(to(self._stacked.B), to(self._stacked.A))
+        return Factors.from_reader(self.n, self.d_out, self.d_in, self.rank,
+                                   lambda s, e, part: to(self._read(s, e, part)), self.chunk, to(self.like))
+
     def split(self, size: int) -> Iterator[Chunk]:
         """Visit the adapters in chunks of at most ``size`` (views when in memory)."""
         for ch in self:

@@ -104,13 +104,13 @@ def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tenso
     ``B^T B``, ``B^T U_R``, ``A A^T``, ``A V_R``): nothing of size ``d`` beyond those products.
     ``products``: those four, float64, when the caller has them (:func:`factor_products`).
     """
-    n, _, r_i = B.shape
     R = U_R.shape[1]
     if products is None:
         GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
         BU, AV = B.transpose(1, 2) @ U_R, A @ V_R  # (n, r_i, R)
-    else:
+    else:  # then B and A are not read (a streamed module passes None)
         GB, GA, BU, AV = products
+    n, r_i = GB.shape[0], GB.shape[1]
     dt = GB.dtype
     eye = torch.eye(R, dtype=dt).expand(n, R, R)
     GL = torch.cat([torch.cat([GB, BU], 2), torch.cat([BU.transpose(1, 2), eye], 2)], 1)
