@@ -18,6 +18,10 @@ Tensors (``<m>`` is a module name such as ``model.layers.0.self_attn.q_proj``):
   ``U S_i V^T`` (rows ``o_i .. o_i + k_i - 1`` hold ``b_i^T`` / ``a_i``), only in modules with
   ``sum k_i > 0``; a module's shared rank may be 0 (empty U, V, cores). v1 files are read too.
 
+These are the logical tensors every reader here sees. A v3 file packs some of them
+(:mod:`lorazip.layout`: spectra, residual ranks, statistics, and every module's residual rows in
+one flat ``resid_B`` / ``resid_A``), and reads of a few rows read only their bytes.
+
 The header metadata holds ``format = "lorazip"``, ``format_version`` and ``lorazip``,
 a JSON document (see docs/format.md). The module never knows which solver produced
 the tensors. Writes are atomic; reads are lazy (one adapter's cores are a slice).
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
 # neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 3  # 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
+FORMAT_VERSION = 4  # 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
 _CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
@@ -430,6 +434,9 @@ class Artifact:
         if self._tensors is not None:
             t = self._tensors[key]
             read = [t[a:b] for a, b in runs]
+        elif self._layout is not None and self._layout.row_reads(key):  # packed residual rows: their bytes only
+            with self._open() as f:
+                read = [self._finite(key, self._layout.read_rows(key, f, a, b)) for a, b in runs]
         elif self._layout is not None and key in self._layout.virtual:  # small: read whole, then sliced
             with self._open() as f:
                 t = self._read(f, key)

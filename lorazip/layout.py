@@ -1,8 +1,8 @@
 """Format v3 on disk: the artifact's logical tensors packed into few physical ones.
 
 :class:`~lorazip.artifact.Artifact` and everything built on it see *logical* tensors
-(``spectra/<m>``, ``resid_ranks/<m>``, ``U/<m>`` ... as in format v2). A v3 file stores them
-with less fixed overhead, which matters for small budgets and small collections:
+(``spectra/<m>``, ``resid_ranks/<m>``, ``resid_B/<m>``, ``U/<m>`` ... as in format v2). A v3 file
+stores them with less fixed overhead, which matters for small budgets and small collections:
 
 * the ``lorazip`` metadata document is zlib-compressed and base64-encoded under ``lorazip_z``
   (JSON of many adapters' configs and ranks compresses 20x);
@@ -14,6 +14,14 @@ with less fixed overhead, which matters for small budgets and small collections:
 * ``resid_ranks``: one ``(n, M)`` int16 (int32 when needed) table of the residual ranks ``k_i``
   of every module (0 where none); the logical ``resid_ranks/<m>`` (n,) int32 tensors exist for
   the modules with ``residual`` metadata;
+* ``resid_B`` / ``resid_A``: one 1-D tensor each, in the storage dtype, holding module by module
+  (metadata order, the modules with ``residual`` metadata) the row-major ``(total_rank, d_out)``
+  / ``(total_rank, d_in)`` logical ``resid_B/<m>`` / ``resid_A/<m>``; a module's offset is the
+  sum of ``total_rank * d`` over the modules before it, so no index is stored. With int8 storage
+  ``qscale/resid_B`` / ``qscale/resid_A`` (1-D float32, ``sum total_rank``) hold the row scales
+  the same way (the logical ``qscale/resid_B/<m>``). A module whose residual tensors have another
+  dtype or shape (or float16 row scales) keeps its own ``resid_B/<m>`` etc., as in v2 (and in v3
+  files written before this packing, which read unchanged);
 * ``stats``: one ``(2, P)`` float64 tensor, ``stats/sq_error`` and ``stats/norm2`` at the ``P``
   (adapter, module) pairs where the adapter has the module (``r_im > 0``), module by module and
   adapter by adapter; both are zero elsewhere (a missing module is a zero delta, stored as zero).
@@ -21,7 +29,8 @@ with less fixed overhead, which matters for small budgets and small collections:
 * the empty ``U``, ``V`` and ``cores`` of rank-0 modules are not stored.
 
 Nothing here needs torch to plan a read: :class:`Layout` maps a logical key to the physical
-bytes, and :func:`pack` (torch) turns logical tensors into physical ones for writing.
+bytes (rows of a packed residual are read by offset, nothing else), and :func:`pack` (torch)
+turns logical tensors into physical ones for writing.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import json
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from .io.safetensors_header import FLOAT_DTYPES
+
 if TYPE_CHECKING:
     import torch
 
@@ -40,6 +51,9 @@ SPECTRA = "spectra"
 RANKS = "resid_ranks"
 STATS = "stats"
 STAT_KEYS = ("stats/sq_error", "stats/norm2")
+QSCALE = "qscale/"  # int8 row scales (lorazip.quantize)
+RESID = {"resid_B": "d_out", "resid_A": "d_in"}  # packed residual rows: b_i^T, a_i; their row width
+PACKED = (SPECTRA, RANKS, STATS, *RESID, *(QSCALE + k for k in RESID))  # physical keys that are no logical ones
 MAX_META = 256 * 2**20  # decompressed metadata larger than this is refused (a zlib bomb)
 _EMPTY_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
 
@@ -78,11 +92,14 @@ def _empty_shapes(mod: dict[str, Any], n: int) -> dict[str, list[int]]:
 class Layout:
     """Where a v3 file keeps each logical tensor: ``virtual`` maps the logical keys that are not
     physical tensors to how they are read (``("spectra", start, ranks, width)``,
-    ``("ranks", column)`` or ``("empty", dtype)``); ``entries`` are their logical header entries
-    (dtype, shape), for :func:`lorazip.artifact.check_meta`."""
+    ``("ranks", column)``, ``("stats", row, ranks)``, ``("rows", physical, start, rows, width)``
+    or ``("empty", dtype, shape)``); ``entries`` are their logical header entries (dtype, shape),
+    for :func:`lorazip.artifact.check_meta`. Raises ``ValueError`` (a short reason) when a packed
+    tensor is missing or does not have the shape the metadata implies."""
 
     def __init__(self, header: dict[str, dict[str, Any]], meta: dict[str, Any]):
         n, mods = len(meta["adapters"]), meta["modules"]
+        self.modules = mods
         self.virtual: dict[str, tuple] = {}
         self.entries: dict[str, dict[str, Any]] = {}
         ranks = lora_ranks(meta)
@@ -117,6 +134,8 @@ class Layout:
                     raise ValueError(f"tensor {key!r} stored twice (also in 'stats')")
                 self.virtual[key] = ("stats", row, ranks)
                 self.entries[key] = {"dtype": "F64", "shape": [n, len(mods)]}
+        for role, dim in RESID.items():
+            self._place_residuals(header, role, dim)
         dtype = _EMPTY_DTYPES.get(meta.get("storage_dtype"), "F32")
         for mod in mods:
             if mod["rank"] == 0:
@@ -125,15 +144,62 @@ class Layout:
                         self.virtual[key] = ("empty", dtype, shape)
                         self.entries[key] = {"dtype": dtype, "shape": shape}
         self.physical = set(header)
-        self.modules = mods
+
+    def _place_residuals(self, header: dict[str, dict[str, Any]], role: str, dim: str) -> None:
+        """Logical ``<role>/<m>`` (and int8 ``qscale/<role>/<m>``) of the modules with ``residual``
+        metadata that are not stored under their own key: consecutive blocks of ``<role>``."""
+        placed, pos, rows = [], 0, 0
+        for mod in self.modules:
+            res, key = mod.get("residual"), f"{role}/{mod['name']}"
+            if not res or key in header:
+                continue
+            if QSCALE + key in header:
+                raise ValueError(f"tensor {QSCALE + key!r} stored without {key!r} (whose rows are in {role!r})")
+            placed.append((key, pos, rows, res["total_rank"], mod[dim]))
+            pos += res["total_rank"] * mod[dim]
+            rows += res["total_rank"]
+        info, scales = header.get(role), header.get(QSCALE + role)
+        if not placed:
+            if info is not None or scales is not None:
+                raise ValueError(f"tensor {role!r} stored, but no module keeps its residual rows there")
+            return
+        if info is None or info["shape"] != [pos] or info["dtype"] not in (*FLOAT_DTYPES, "I8"):
+            got = "missing" if info is None else f"of shape {tuple(info['shape'])} {info['dtype']}"
+            raise ValueError(f"tensor {role!r} {got}: the residual rows of {len(placed)} module(s) (total_rank x "
+                             f"{dim} each, from their residual metadata) need shape ({pos},), a float or int8 dtype")
+        quantised = info["dtype"] == "I8"
+        if quantised and (scales is None or scales["shape"] != [rows] or scales["dtype"] not in ("F16", "F32")):
+            raise ValueError(f"tensor {QSCALE + role!r} missing or not of shape ({rows},) float16/float32 (the row "
+                             f"scales of the int8 {role!r})")
+        if not quantised and scales is not None:
+            raise ValueError(f"tensor {QSCALE + role!r} scales {role!r}, which is not int8")
+        for key, start, row0, total, width in placed:
+            self.virtual[key] = ("rows", role, start, total, width)
+            self.entries[key] = {"dtype": info["dtype"], "shape": [total, width]}
+            if quantised:
+                self.virtual[QSCALE + key] = ("rows", QSCALE + role, row0, total, None)
+                self.entries[QSCALE + key] = {"dtype": scales["dtype"], "shape": [total]}
 
     def logical_header(self, header: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        out = {k: v for k, v in header.items() if k not in (SPECTRA, RANKS, STATS)}
+        out = {k: v for k, v in header.items() if k not in PACKED}
         out.update(self.entries)
         return out
 
     def keys(self) -> list[str]:
-        return sorted((self.physical - {SPECTRA, RANKS, STATS}) | set(self.virtual))
+        return sorted((self.physical - set(PACKED)) | set(self.virtual))
+
+    def row_reads(self, key: str) -> bool:
+        """Whether :meth:`read_rows` reads rows of ``key`` by offset (a packed residual tensor)."""
+        return self.virtual.get(key, ("",))[0] == "rows"
+
+    def read_rows(self, key: str, handle, a: int, b: int) -> "torch.Tensor":
+        """Rows ``a..b-1`` (fewer past the end, like a slice) of the packed logical tensor ``key``,
+        reading only their bytes."""
+        _, phys, start, total, width = self.virtual[key]
+        a, b = min(max(a, 0), total), min(max(b, a), total)
+        w = width or 1
+        flat = handle.get_slice(phys)[start + a * w : start + b * w]
+        return flat.reshape(b - a, width) if width else flat.reshape(b - a)
 
     def read(self, key: str, handle) -> "torch.Tensor":
         """Logical tensor ``key`` from an open safetensors handle (``get_slice``: reads its bytes only)."""
@@ -151,14 +217,16 @@ class Layout:
                     out[i, :r] = flat[pos : pos + r]
                     pos += r
             return out
-        if how[0] == "ranks":
-            return handle.get_slice(RANKS)[:, how[1]].reshape(-1).to(torch.int32)
+        if how[0] == "ranks":  # all rows, then the column: lorazip's plain-file reader slices rows only
+            return handle.get_slice(RANKS)[:][:, how[1]].reshape(-1).to(torch.int32)
         if how[0] == "stats":
             _, row, ranks = how
             mask = torch.tensor(ranks).T > 0  # (n, M): module-major order of the pairs is mask.T's
             out = torch.zeros(mask.shape, dtype=torch.float64)
             out.T[mask.T] = handle.get_slice(STATS)[row : row + 1].reshape(-1)
             return out
+        if how[0] == "rows":
+            return self.read_rows(key, handle, 0, how[3])
         from .io.peft import ST_TORCH
 
         return torch.empty(how[2], dtype=ST_TORCH[how[1]])
@@ -208,6 +276,7 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
         if all(t.dtype == torch.float64 and t.shape == mask.shape and not t[~mask].any() for t in (sq, n2)):
             out[STATS] = torch.stack([sq.T[mask.T], n2.T[mask.T]]).contiguous()
             del out[STAT_KEYS[0]], out[STAT_KEYS[1]]
+    _pack_residuals(out, meta)
     for mod in mods:
         if mod["rank"] == 0:
             for key, shape in _empty_shapes(mod, n).items():
@@ -216,6 +285,36 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
                         meta.get("storage_dtype"), "F32"):
                     del out[key]
     return out
+
+
+def _pack_residuals(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
+    """Move the modules' ``resid_B/<m>`` / ``resid_A/<m>`` (and int8 ``qscale/...``) into the flat
+    ``resid_B`` / ``resid_A`` (``qscale/resid_B`` ...), in place. A module's tensors are packed when
+    they have the storage dtype and the shape of its ``residual`` metadata (int8: float32 row
+    scales, the ones lorazip writes); others stay under their own keys, where a reader finds them."""
+    import torch
+
+    from .io.peft import ST_TORCH
+
+    want = ST_TORCH[_EMPTY_DTYPES.get(meta.get("storage_dtype"), "F32")]
+    for role, dim in RESID.items():
+        data, scales = [], []
+        for mod in meta["modules"]:
+            res, key = mod.get("residual"), f"{role}/{mod['name']}"
+            t, s = out.get(key), out.get(QSCALE + key)
+            if not res or t is None or t.dtype != want or tuple(t.shape) != (res["total_rank"], mod[dim]):
+                continue
+            if want == torch.int8:
+                if s is None or s.dtype != torch.float32 or tuple(s.shape) != (res["total_rank"],):
+                    continue
+                scales.append(out.pop(QSCALE + key).reshape(-1))
+            elif s is not None:
+                continue
+            data.append(out.pop(key).reshape(-1))
+        if data:
+            out[role] = torch.cat(data).contiguous()
+        if scales:
+            out[QSCALE + role] = torch.cat(scales).contiguous()
 
 
 def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:

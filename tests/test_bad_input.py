@@ -504,7 +504,10 @@ def _resave(src: Path, dst: Path, meta_edit=None, tensor_edit=None):
 
 
 def test_newer_format_version(tmp_path, artifact_file):
-    f = _resave(artifact_file, tmp_path / "v4.safetensors", lambda m: m.__setitem__("format_version", "4"))
+    from lorazip.artifact import FORMAT_VERSION
+
+    newer = str(FORMAT_VERSION + 1)
+    f = _resave(artifact_file, tmp_path / f"v{newer}.safetensors", lambda m: m.__setitem__("format_version", newer))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "newer", "upgrade")
 
 

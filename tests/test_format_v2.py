@@ -120,16 +120,21 @@ def small(tmp_path_factory):
 def test_header_and_metadata(small):
     art = small["art"]
     with safe_open(str(small["path"]), framework="pt") as f:
-        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "4"
         keys = set(f.keys())
-    # format v3 packs the residual ranks into one (n, M) table and all spectra into one tensor
-    assert {k for k in keys if k.startswith("resid_")} == {"resid_ranks"} | {
-        f"{p}/{m}" for p in ("resid_B", "resid_A") for m in small["ks"]
-    }
+    # format v3 packs the residual ranks into one (n, M) table, all spectra into one tensor and the
+    # residual rows of all modules into one flat tensor per role (module by module, metadata order)
+    assert {k for k in keys if k.startswith("resid_")} == {"resid_ranks", "resid_B", "resid_A"}
+    assert not any(k.startswith("qscale/") for k in keys)  # float storage: no row scales
+    with safe_open(str(small["path"]), framework="pt") as f:
+        assert f.get_slice("resid_B").get_shape() == [6 * 24 + 6 * 8]  # c_attn (24 x 8), c_proj (8 x 16)
+        assert f.get_slice("resid_A").get_shape() == [6 * 8 + 6 * 16]
     assert "spectra" in keys and not any(k.startswith("spectra/") for k in keys)
     assert not any(k.endswith("/transformer.h.0.mlp.c_proj") and k.startswith(("U/", "V/", "cores/")) for k in keys)
     logical = set(art.keys())  # what the library sees: the v2 keys
     assert {f"resid_ranks/{m}" for m in small["ks"]} <= logical and "resid_ranks" not in logical
+    assert {f"{p}/{m}" for p in ("resid_B", "resid_A") for m in small["ks"]} <= logical
+    assert not {"resid_B", "resid_A"} & logical
     assert {f"spectra/{m['name']}" for m in art.modules} <= logical and "spectra" not in logical
     assert "U/transformer.h.0.mlp.c_proj" in logical
     mods = {m["name"]: m for m in art.modules}
@@ -206,14 +211,17 @@ def test_reads_only_the_needed_row_blocks(small, monkeypatch):
             return S()
 
     monkeypatch.setattr(safetensors, "safe_open", Spy)
-    m = "transformer.h.0.attn.c_attn"
+    m = "transformer.h.0.attn.c_attn"  # first in the packed resid_B / resid_A; rows of 24 / 8 values
     art.module_residuals(m, [3, 1])  # ks = [1, 3, 0, 2]: offsets 0, 1, 4, 4
-    parts = lambda: sorted(x for x in sliced if x[0].startswith(("resid_B/", "resid_A/")))  # noqa: E731
-    assert parts() == sorted([(f"resid_B/{m}", 4, 6), (f"resid_B/{m}", 1, 4),
-                              (f"resid_A/{m}", 4, 6), (f"resid_A/{m}", 1, 4)])
+    parts = lambda: sorted(x for x in sliced if x[0].startswith(("resid_B", "resid_A")))  # noqa: E731
+    assert parts() == sorted([("resid_B", 4 * 24, 6 * 24), ("resid_B", 1 * 24, 4 * 24),
+                              ("resid_A", 4 * 8, 6 * 8), ("resid_A", 1 * 8, 4 * 8)])
     sliced.clear()
     art.module_residuals(m, [0, 1])  # adjacent blocks: one slice each
-    assert parts() == [(f"resid_A/{m}", 0, 4), (f"resid_B/{m}", 0, 4)]
+    assert parts() == [("resid_A", 0, 4 * 8), ("resid_B", 0, 4 * 24)]
+    sliced.clear()
+    art.module_residuals("transformer.h.0.mlp.c_proj", [2])  # ks = [4, 0, 2, 0]: rows 4..5, after c_attn's 6
+    assert parts() == [("resid_A", 6 * 8 + 4 * 16, 6 * 8 + 6 * 16), ("resid_B", 6 * 24 + 4 * 8, 6 * 24 + 6 * 8)]
     opened.clear()
     with art.reader():
         for mod in art.modules:
@@ -286,12 +294,17 @@ def _mod(doc, name=M0):
 
 @pytest.mark.parametrize("what,kw,message", [
     ("total_rank in meta", dict(meta_edit=lambda d: _mod(d)["residual"].update(total_rank=7)),
-     f"resid_B/{M0}' missing or not of shape (7, 24)"),
+     "tensor 'resid_B' of shape (192,) F32: the residual rows of 2 module(s) (total_rank x d_out each, from "
+     "their residual metadata) need shape (216,)"),
     ("max_rank in meta", dict(meta_edit=lambda d: _mod(d)["residual"].update(max_rank=2)),
      "does not match the module's residual metadata"),
     ("residual meta not an object", dict(meta_edit=lambda d: _mod(d).update(residual=[1])),
      "modules[0].residual must be an object"),
-    ("residual meta removed", dict(meta_edit=lambda d: _mod(d).pop("residual")), "residual tensors without"),
+    ("residual meta removed", dict(meta_edit=lambda d: _mod(d).pop("residual")),
+     "tensor 'resid_B' of shape (192,) F32: the residual rows of 1 module(s)"),
+    ("residual meta removed, own tensors", dict(meta_edit=lambda d: _mod(d).pop("residual"), tensor_edit=lambda t: t.update(
+        {f"resid_B/{M0}": t["resid_B"][:144].reshape(6, 24), "resid_B": t["resid_B"][144:],
+         f"resid_A/{M0}": t["resid_A"][:48].reshape(6, 8), "resid_A": t["resid_A"][48:]})), "residual tensors without"),
     # format v3: the ranks are column j of the (n, M) table "resid_ranks" (M0 is modules[0])
     ("ranks sum", dict(tensor_edit=lambda t: t["resid_ranks"][:, 0].copy_(torch.tensor([1, 3, 1, 2]))),
      "does not match the module's residual metadata"),
@@ -302,9 +315,26 @@ def _mod(doc, name=M0):
      "int16/int32"),
     ("ranks of a module without residual", dict(tensor_edit=lambda t: t["resid_ranks"][:, 2].fill_(1)),
      "which has no 'residual' metadata"),
-    ("A rows", dict(tensor_edit=lambda t: t.update({f"resid_A/{M0}": t[f"resid_A/{M0}"][:5].clone()})),
-     f"resid_A/{M0}' missing or not of shape (6, 8)"),
-    ("B width", dict(tensor_edit=lambda t: t.update({f"resid_B/{M0}": torch.zeros(6, 23)})),
+    # format v3: the rows of all modules are one flat tensor per role (c_attn 6 x 24 then c_proj 6 x 8 in resid_B)
+    ("A truncated", dict(tensor_edit=lambda t: t.update({"resid_A": t["resid_A"][:-16].clone()})),
+     "tensor 'resid_A' of shape (128,) F32: the residual rows of 2 module(s) (total_rank x d_in each"),
+    ("B too long", dict(tensor_edit=lambda t: t.update({"resid_B": torch.cat([t["resid_B"], torch.zeros(8)])})),
+     "need shape (192,)"),
+    ("B missing", dict(tensor_edit=lambda t: t.pop("resid_B")), "tensor 'resid_B' missing: the residual rows"),
+    ("B not flat", dict(tensor_edit=lambda t: t.update({"resid_B": t["resid_B"].reshape(8, 24)})),
+     "tensor 'resid_B' of shape (8, 24) F32"),
+    ("B int", dict(tensor_edit=lambda t: t.update({"resid_B": t["resid_B"].to(torch.int32)})), "a float or int8 dtype"),
+    ("scales of float rows", dict(tensor_edit=lambda t: t.update({"qscale/resid_B": torch.ones(12)})),
+     "tensor 'qscale/resid_B' scales 'resid_B', which is not int8"),
+    ("int8 rows without scales", dict(tensor_edit=lambda t: t.update({"resid_A": t["resid_A"].to(torch.int8)})),
+     "tensor 'qscale/resid_A' missing or not of shape (12,)"),
+    ("own scales of packed rows", dict(tensor_edit=lambda t: t.update({f"qscale/resid_B/{M0}": torch.ones(6)})),
+     f"tensor 'qscale/resid_B/{M0}' stored without 'resid_B/{M0}'"),
+    ("packed rows of no module", dict(meta_edit=lambda d: [m.pop("residual", None) for m in d["modules"]],
+                                      tensor_edit=lambda t: t.pop("resid_A")),
+     "tensor 'resid_B' stored, but no module keeps its residual rows there"),
+    # a module may keep its own resid_B/<m> (an older v3 file); its shape is checked as in v2
+    ("B width", dict(tensor_edit=lambda t: t.update({f"resid_B/{M0}": torch.zeros(6, 23), "resid_B": t["resid_B"][144:]})),
      "not of shape (6, 24)"),
     ("negative module rank", dict(meta_edit=lambda d: _mod(d).update(rank=-1)),
      "modules[0].rank must be a non-negative integer"),
@@ -324,7 +354,7 @@ def test_rank_zero_top_level_and_nan(small, tmp_path):
         load_artifact(bad)
 
     def nan(t):
-        t[f"resid_A/{M0}"][4, 0] = float("nan")
+        t["resid_A"][4 * 8] = float("nan")  # row 4 of M0's a rows (M0 is first in the packed resid_A)
 
     bad = load_artifact(_resave(small["path"], tmp_path / "nan.safetensors", tensor_edit=nan))
     bad.module_residuals(M0, [0, 1])  # rows 0..3: finite
