@@ -239,3 +239,30 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
     assert ref.tensors().keys() == art.tensors().keys()
     for key, t in ref.tensors().items():
         assert torch.equal(t, art.tensors()[key]), key
+
+
+def test_residual_spectra_of_rank_deficient_factors_match_dense_svd(tmp_path):
+    """Zero-padded (mixed-rank) factors and adapters inside the shared subspace make the small
+    Grams singular: the Cholesky factor falls back to a square root there, the spectra stay exact."""
+    from lorazip.solvers.residual import nested_residual_spectra
+
+    g = torch.Generator().manual_seed(3)
+    n, d, R = 6, 20, 5
+    U = torch.linalg.qr(torch.randn(d, R, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(d, R, generator=g, dtype=torch.float64))[0]
+    B = torch.randn(n, d, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(n, 4, d, generator=g, dtype=torch.float64)
+    B[0, :, 2:] = 0  # a rank-2 adapter padded to rank 4
+    A[0, 2:] = 0
+    A[1] = torch.randn(4, R, generator=g, dtype=torch.float64) @ V.T  # inside span V
+    S = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+    eye = torch.eye(R, dtype=torch.float64)
+    XY = {r: (eye[:, :r], eye[:, :r]) for r in (0, 1, 3, 5)}
+    sp = nested_residual_spectra(B, A, U, V, S, XY)
+    for r, (X, Y) in XY.items():
+        Ur, Vr = U @ X, V @ Y
+        for i in range(n):
+            M = B[i] @ A[i]
+            want = torch.linalg.svdvals(M - Ur @ (Ur.T @ M @ Vr) @ Vr.T).square()
+            L = min(len(want), sp[r].shape[1])
+            assert torch.allclose(sp[r][i, :L], want[:L], rtol=1e-8, atol=1e-10 * float(M.square().sum()))

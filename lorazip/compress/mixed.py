@@ -138,18 +138,18 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     every product is a pass over the chunks; only ``(n, r, r)`` products are kept). ``backend``:
     the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch."""
     d_out, d_in = fac.d_out, fac.d_in
-    GB, GA = _chunked(factor_products(ch.B, ch.A) for ch in fac)  # float64 Grams, no float64 copy of factors
-    n2 = (GB * GA).sum((1, 2)).clamp_min(0)
-    w = adapter_weights(n2, weighting)
-    if R > 0:
+    if R > 0:  # the JD-Full fit weighs adapters by its own (solver-precision) norms
         solver = fac if backend == "torch" else fac.converted(lambda t: to_backend(t, backend))
-        top = jd_full_factors(solver, R, weights=w.float(), seed=seed, tol=tol, max_iters=max_iters)
+        top = jd_full_factors(solver, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters)
         U, V = torch.linalg.qr(to_torch(top.U).double())[0], torch.linalg.qr(to_torch(top.V).double())[0]
         iters, conv = top.n_iters, top.converged
     else:
-        U, V = GB.new_zeros(d_out, 0), GB.new_zeros(d_in, 0)
+        U, V = torch.zeros(d_out, 0, dtype=torch.float64), torch.zeros(d_in, 0, dtype=torch.float64)
         iters, conv = 0, True
-    BU, AV = _chunked(factor_products(ch.B, ch.A, U, V) for ch in fac)
+    # then every float64 product the curves need in one pass: each chunk converted once
+    GB, GA, BU, AV = _chunked(factor_products(ch.B, ch.A, U, V, grams=True) for ch in fac)
+    n2 = (GB * GA).sum((1, 2)).clamp_min(0)
+    w = adapter_weights(n2, weighting)
     S = BU.transpose(1, 2) @ AV
     XY = nested_fit(S, w, R, tol=tol, max_iters=max_iters, refine=set(grid))
     shared = {r: (n2 - (X.T @ S @ Y).square().sum((1, 2))).clamp_min(0) for r, (X, Y) in XY.items()}

@@ -69,23 +69,44 @@ def _psd_sqrt(G):
     return (Q * evals.clamp_min(0).sqrt()[:, None, :]) @ Q.transpose(1, 2)
 
 
-def factor_products(B, A, U=None, V=None, chunk: int = 64):
-    """float64 ``(B^T B, A A^T)`` or, given bases, ``(B^T U, A V)`` of stacked factors in any
-    dtype, converted ``chunk`` adapters at a time (no float64 copy of the factors)."""
+_JITTER = 1e-13  # relative to the largest diagonal entry: far below the curves' eps-level accuracy
+
+
+def _gram_factor(G):
+    """``F`` with ``F F^T = G`` for PSD matrices (n, m, m): Cholesky of ``G + jitter I`` (cheap),
+    the symmetric square root where that fails (G numerically indefinite)."""
+    m = G.shape[-1]
+    if m == 0:
+        return G
+    tiny = _JITTER * G.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(G.dtype).tiny)
+    F, info = torch.linalg.cholesky_ex(G + tiny[:, None, None] * torch.eye(m, dtype=G.dtype))
+    bad = torch.nonzero(info).flatten()
+    if len(bad):
+        F[bad] = _psd_sqrt(G[bad])
+    return F
+
+
+def factor_products(B, A, U=None, V=None, chunk: int = 64, grams: bool | None = None):
+    """float64 ``(B^T B, A A^T)`` or, given bases, ``(B^T U, A V)`` (with ``grams=True`` all four:
+    ``(B^T B, A A^T, B^T U, A V)``) of stacked factors in any dtype, converted ``chunk`` adapters at
+    a time (no float64 copy of the factors; each chunk converted once)."""
     n = B.shape[0]
+    grams = U is None if grams is None else grams
     outs = None
     for s in range(0, n, chunk):
         b, a = B[s : s + chunk].double(), A[s : s + chunk].double()
-        parts = (b.transpose(1, 2) @ b, a @ a.transpose(1, 2)) if U is None else (b.transpose(1, 2) @ U, a @ V)
+        parts = (b.transpose(1, 2) @ b, a @ a.transpose(1, 2)) if grams else ()
+        if U is not None:
+            parts += (b.transpose(1, 2) @ U, a @ V)
         if outs is None:
             outs = [torch.empty((n, *p.shape[1:]), dtype=torch.float64) for p in parts]
         for o, p in zip(outs, parts):
             o[s : s + chunk] = p
     if outs is None:  # no adapters
         r = B.shape[2]
-        w = r if U is None else U.shape[1]
-        return torch.zeros(0, r, w, dtype=torch.float64), torch.zeros(0, r, w, dtype=torch.float64)
-    return outs[0], outs[1]
+        shapes = ([(r, r)] * 2 if grams else []) + ([(r, U.shape[1])] * 2 if U is not None else [])
+        return tuple(torch.zeros(0, *sh, dtype=torch.float64) for sh in shapes)
+    return tuple(outs)
 
 
 def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tensor, torch.Tensor]],
@@ -98,11 +119,13 @@ def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tenso
     ``X_r^T S_R Y_r``. Returns ``{r: (n, r_i + R)}`` squared singular values, descending
     (``r = 0``: those of ``M_i`` itself).
 
-    With ``L = [B_i, U_R]`` and ``T = [A_i^T, V_R]`` every residual is ``L C_r T^T`` with the
-    small ``C_r = diag(I, -X X^T S_R Y Y^T)``, so its squared singular values are the
-    eigenvalues of ``G_T^1/2 C^T G_L C G_T^1/2`` (Grams ``G_L = L^T L``, ``G_T = T^T T``, made of
-    ``B^T B``, ``B^T U_R``, ``A A^T``, ``A V_R``): nothing of size ``d`` beyond those products.
-    ``products``: those four, float64, when the caller has them (:func:`factor_products`).
+    At rank r the residual lives in ``span L_r x span T_r`` with ``L_r = [B_i, U_R X_r]`` and
+    ``T_r = [A_i^T, V_R Y_r]``: it is ``L_r C_r T_r^T`` with the small ``C_r = diag(I, -X_r^T S_R
+    Y_r)``, so its squared singular values are the eigenvalues of ``H^T C^T G_L C H`` with
+    ``H H^T = G_T`` (a Cholesky factor; Grams ``G_L = L_r^T L_r``, ``G_T = T_r^T T_r``, made of ``B^T B``, ``B^T U_R X_r``, ``A A^T``,
+    ``A V_R Y_r``), of size ``r_i + r``: nothing of size ``d`` beyond those products.
+    ``products``: ``(B^T B, A A^T, B^T U_R, A V_R)``, float64, when the caller has them
+    (:func:`factor_products`).
     """
     R = U_R.shape[1]
     if products is None:
@@ -112,18 +135,15 @@ def nested_residual_spectra(B, A, U_R, V_R, S_R, XY: dict[int, tuple[torch.Tenso
         GB, GA, BU, AV = products
     n, r_i = GB.shape[0], GB.shape[1]
     dt = GB.dtype
-    eye = torch.eye(R, dtype=dt).expand(n, R, R)
-    GL = torch.cat([torch.cat([GB, BU], 2), torch.cat([BU.transpose(1, 2), eye], 2)], 1)
-    GT = torch.cat([torch.cat([GA, AV], 2), torch.cat([AV.transpose(1, 2), eye], 2)], 1)
-    HT = _psd_sqrt(GT)
-    m = r_i + R
     out = {}
     for r, (X, Y) in XY.items():
-        C = torch.zeros(n, m, m, dtype=dt)
-        C[:, :r_i, :r_i] = torch.eye(r_i, dtype=dt)
-        if r > 0:
-            C[:, r_i:, r_i:] = -((X @ X.T) @ S_R @ (Y @ Y.T))
-        CH = C @ HT
-        K = CH.transpose(1, 2) @ GL @ CH
-        out[r] = torch.linalg.eigvalsh(0.5 * (K + K.transpose(1, 2))).flip(-1).clamp_min(0)
+        eye = torch.eye(r, dtype=dt).expand(n, r, r)
+        BUr, AVr = BU @ X, AV @ Y  # (n, r_i, r)
+        GL = torch.cat([torch.cat([GB, BUr], 2), torch.cat([BUr.transpose(1, 2), eye], 2)], 1)
+        GT = torch.cat([torch.cat([GA, AVr], 2), torch.cat([AVr.transpose(1, 2), eye], 2)], 1)
+        HT = _gram_factor(GT)  # HT HT^T = G_T: eig(HT^T C^T G_L C HT) = eig(C^T G_L C G_T)
+        CH = torch.cat([HT[:, :r_i], -((X.T @ S_R @ Y) @ HT[:, r_i:])], 1)  # C_r HT, C_r block diagonal
+        K = CH.transpose(1, 2) @ (GL @ CH)
+        sv = torch.linalg.eigvalsh(0.5 * (K + K.transpose(1, 2))).flip(-1).clamp_min(0)
+        out[r] = torch.cat([sv, sv.new_zeros(n, R - r)], 1)  # the residual has rank <= r_i + r
     return out
