@@ -102,16 +102,10 @@ def fit_module_task(collection: Collection, j: int, R: int, weighting: str, seed
     Ray task (:mod:`.executor`)."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
-    if chunk is not None:
-        fac = streamed_factors(collection, name, chunk, torch.float32)
-    else:
-        if factors is None:
-            f = collection.module_factors(name, dtype=torch.float32)
-            factors = (f.B, f.A)
-        fac = Factors.stacked(*factors)
+    fac = _task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
     if assign is not None and int(assign.max()) > 0:  # in memory (a streamed module is not clustered)
-        fit = _fit_clusters(*factors, name, R, assign, weighting=weighting, seed=seed, tol=tol,
+        fit = _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
                             max_iters=max_iters, grid=GRID, backend=backend)
     else:
         fit = fit_factors(fac, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
@@ -119,6 +113,17 @@ def fit_module_task(collection: Collection, j: int, R: int, weighting: str, seed
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return fit
+
+
+def _task_factors(collection: Collection, name: str, chunk: int | None, factors) -> Factors:
+    """A task's module factors in float32: the caller's read-ahead ``factors``, or read here,
+    or (``chunk``) streamed that many adapters at a time on every pass."""
+    if chunk is not None:
+        return streamed_factors(collection, name, chunk, torch.float32)
+    if factors is None:
+        f = collection.module_factors(name, dtype=torch.float32)
+        factors = (f.B, f.A)
+    return Factors.stacked(*factors)
 
 
 def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting: str, seed: int, tol: float,
@@ -779,13 +784,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         parts = build_mixed_module(collection, name, U @ X, V @ Y, k, storage_dtype, core_scales, assign)
         clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t0
         return _Parts(*parts[:5], parts[7].float(), *parts[5:7], *parts[8:])
-    if chunk is not None:
-        fac = streamed_factors(collection, name, chunk, torch.float32)
-    else:
-        if factors is None:
-            f = collection.module_factors(name, dtype=torch.float32)
-            factors = (f.B, f.A)
-        fac = Factors.stacked(*factors)
+    fac = _task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
     UX, VY = U @ X, V @ Y
     Us = to_storage(UX if UX.dim() == 3 else UX[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1

@@ -90,6 +90,21 @@ class Factors:
         return cls(n, d_out, d_in, read=read, chunk=chunk, rank=rank, like=like)
 
     @property
+    def B(self):
+        """All adapters' ``B`` (n, d_out, r) of factors held in memory."""
+        return self._held().B
+
+    @property
+    def A(self):
+        """All adapters' ``A`` (n, r, d_in) of factors held in memory."""
+        return self._held().A
+
+    def _held(self) -> Chunk:
+        if self._stacked is None:
+            raise ValueError("streamed factors are read a chunk at a time: iterate over them")
+        return self._stacked
+
+    @property
     def in_memory(self) -> bool:
         return self._stacked is not None
 
