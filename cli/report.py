@@ -207,6 +207,8 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
         f"target {alloc.get('target_stat', 'mean')} error {alloc['target_error']}"
     shared = ", ".join(f"rank {r} x {c}" for r, c in sorted(counts.items()))
     line = f"{alloc['mode']} allocation for {goal}: shared {shared}"
+    if alloc.get("n_clusters", 1) > 1:
+        line += f" (on each of K = {alloc['n_clusters']} groups' bases)"
     if alloc.get("residual_ranks"):
         total = sum(v["total"] for v in alloc["residual_ranks"].values())
         top = max((v["max"] for v in alloc["residual_ranks"].values()), default=0)
@@ -214,6 +216,10 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
     con.print(line + f"; artifact {_b(alloc['artifact_bytes'])}")
     if alloc.get("chosen"):
         con.print(f"chose {alloc['chosen']}: {alloc['why']}")
+    tried = [t for t in alloc.get("clusters_tried", []) if t.get("predicted") is not None]
+    if len(tried) > 1:
+        con.print("groupings tried: " + ", ".join(f"K = {t['K']} {t['predicted']:.4g}" for t in tried)
+                  + f" (predicted {alloc.get('target_stat', 'mean')} error)")
 
 
 def print_added(con: Console, rep: dict[str, Any]) -> None:

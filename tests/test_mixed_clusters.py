@@ -180,9 +180,9 @@ def test_update_and_cli_on_a_clustered_mix(tmp_path, capsys):
     write_collection(tmp_path / "c", n=6, modules=MODULES, r=4, seed=8)
     write_collection(tmp_path / "new", n=1, modules=MODULES, r=4, seed=99)
     out = tmp_path / "a.lorazip.safetensors"
-    rc, stdout, _ = run_cli(capsys, "compress", tmp_path / "c", "-o", out, "--rank", "3", "--clusters", "2",
-                            "--budget", "14KB", "--json")
-    assert rc == 0
+    rc, stdout, stderr = run_cli(capsys, "compress", tmp_path / "c", "-o", out, "--rank", "3", "--clusters", "2",
+                                 "--budget", "14KB", "--json")
+    assert rc == 0 and "K = 2 groups' bases" in " ".join(stderr.split())
     rep = json.loads(stdout)
     assert rep["rank_allocation"]["n_clusters"] == 2 and rep["clustering"]["n_clusters"] == 2
     art = load_artifact(out)
