@@ -1,7 +1,8 @@
 """Error against bytes: lorazip --budget versus per-adapter SVD and uniform JD-Full.
 
 For every collection and every budget (log-spaced fractions of the LoRA bytes of the originals
-in the storage dtype), this runs ``lorazip.compress(coll, budget=...)`` and compares its mean
+in the storage dtype), this runs ``lorazip.compress(coll, budget=..., storage_dtype=<the
+adapters' own>)`` (the same precision as the SVD it is compared with) and compares its mean
 per-adapter error (energy-weighted relative squared Frobenius error, the figure lorazip
 reports) with two alternatives a user has, each measured independently of lorazip's allocator:
 
@@ -14,6 +15,10 @@ reports) with two alternatives a user has, each measured independently of lorazi
   ``svd_at_file`` gets the whole artifact file as bare factors (no headers at all: the
   strictest, unreachable in practice);
 * uniform JD-Full: ``lorazip.compress(coll, rank=r)`` at the largest r whose file fits.
+
+``lorazip_auto`` is the default ``lorazip.compress(coll, budget=...)``, which may store the parts
+in int8 where that does better at the same bytes; ``svd_int8_at_file`` is its bound: per-adapter
+SVD given the whole file at one byte a number (no row scales, no rounding error, no header).
 
 Extras (``modules_to_save`` heads) are left out (``keep_extras=False``): the comparison is
 about the LoRA part. Usage::
@@ -133,18 +138,23 @@ def main() -> None:
             budget = int(frac * lora_bytes)
             t0 = time.perf_counter()
             try:
-                art = lorazip.compress(coll, budget=budget, keep_extras=False, hash_sources=False)
+                art = lorazip.compress(coll, budget=budget, keep_extras=False, hash_sources=False,
+                                       storage_dtype=dtype)
+                secs = time.perf_counter() - t0
+                auto = lorazip.compress(coll, budget=budget, keep_extras=False, hash_sources=False)
             except lorazip.OptionError as exc:
                 print(f"{name} at {frac}: {exc}", file=sys.stderr)
                 continue
-            secs = time.perf_counter() - t0
             size = art.serialized_size()
             err = lorazip.evaluate(art)["errors"]["mean"]
             svd_file = svd_frontier(pairs, len(coll), size // item)
             svd_folders = svd_frontier(pairs, len(coll), max(size - overhead, 0) // item)
             svd_parts = svd_frontier(pairs, len(coll), parts_numbers(art))
+            svd_int8 = svd_frontier(pairs, len(coll), size)  # one byte a number, no scales, no rounding
             uni = uniform_jd(coll, size, cache)
             row = {"collection": name, "fraction": frac, "budget": budget, "bytes": size, "lorazip": err,
+                   "lorazip_auto": lorazip.evaluate(auto)["errors"]["mean"], "svd_int8_at_file": svd_int8,
+                   "auto_dtype": auto.meta["storage_dtype"],
                    "chosen": art.allocation["chosen"], "svd_at_file": svd_file, "svd_as_peft_folders": svd_folders, "svd_at_parts": svd_parts,
                    "uniform_rank": uni[0] if uni else None, "uniform": uni[2] if uni else None, "seconds": secs}
             rows.append(row)
@@ -165,7 +175,8 @@ def plot(rows, path) -> None:
         ax = fig.add_subplot(1, len(names), k + 1)
         rs = [r for r in rows if r["collection"] == name]
         x = [r["bytes"] / 1e6 for r in rs]
-        ax.plot(x, [r["lorazip"] for r in rs], "o-", label="lorazip --budget (mix)")
+        ax.plot(x, [r["lorazip"] for r in rs], "o-", label="lorazip --budget (mix), adapters' dtype")
+        ax.plot(x, [r["lorazip_auto"] for r in rs], "*-", label="lorazip --budget, default (int8 where better)")
         ax.plot(x, [r["svd_as_peft_folders"] for r in rs], "s--", label="per-adapter SVD as PEFT folders, same bytes")
         ax.plot(x, [r["svd_at_file"] for r in rs], "x:", color="grey", label="per-adapter SVD, bare factors")
         ax.plot(x, [r["uniform"] if r["uniform"] is not None else np.nan for r in rs], "^:",

@@ -130,8 +130,9 @@ def compress(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     backend: str = typer.Option("torch", help="Array library of the jd-full solver: torch | numpy | cupy."),
     dtype: str = typer.Option(
-        "auto", "--dtype", help="Storage dtype: auto (the adapters' own) | float32 | float16 | bfloat16 | int8 "
-        "(per-row int8 with one scale per row: about half the bytes of float16)."
+        "auto", "--dtype", help="Storage dtype: auto (the adapters' own; with --budget/--target-error int8 where "
+        "that does better) | float32 | float16 | bfloat16 | int8 (per-row int8 with one scale per row: about half "
+        "the bytes of float16)."
     ),
     compute_dtype: str = typer.Option("float32", help="Solver precision: float32 | float64 (errors always in float64)."),
     seed: int = typer.Option(0, help="Seed of the randomized initialisation."),

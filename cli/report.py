@@ -218,8 +218,8 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
         con.print(f"chose {alloc['chosen']}: {alloc['why']}")
     tried = [t for t in alloc.get("clusters_tried", []) if t.get("predicted") is not None]
     if len(tried) > 1:
-        con.print("groupings tried: " + ", ".join(f"K = {t['K']} {t['predicted']:.4g}" for t in tried)
-                  + f" (predicted {alloc.get('target_stat', 'mean')} error)")
+        con.print(f"stored in {alloc.get('storage_dtype')}; tried (predicted {alloc.get('target_stat', 'mean')} "
+                  "error): " + ", ".join(f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}" for t in tried))
 
 
 def print_added(con: Console, rep: dict[str, Any]) -> None:

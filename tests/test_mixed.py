@@ -224,7 +224,7 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
 
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=4, seed=5)
     coll = lorazip.load_collection(tmp_path / "c")
-    ref, _ = compress_mixed(coll, budget=12_000, hash_sources=False)
+    ref, _ = compress_mixed(coll, budget=12_000, hash_sources=False, storage_dtype="float32")  # one pass 2
     calls = []
     real = type(coll).module_factors
 
@@ -234,7 +234,7 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
 
     monkeypatch.setattr(type(coll), "module_factors", counting)
     monkeypatch.setattr(mixed, "keep_limit", lambda: limit)
-    art, _ = compress_mixed(coll, budget=12_000, hash_sources=False)
+    art, _ = compress_mixed(coll, budget=12_000, hash_sources=False, storage_dtype="float32")
     assert len(calls) == len(MODULES) * (1 if limit else 2)
     assert ref.tensors().keys() == art.tensors().keys()
     for key, t in ref.tensors().items():
@@ -266,3 +266,36 @@ def test_residual_spectra_of_rank_deficient_factors_match_dense_svd(tmp_path):
             want = torch.linalg.svdvals(M - Ur @ (Ur.T @ M @ Vr) @ Vr.T).square()
             L = min(len(want), sp[r].shape[1])
             assert torch.allclose(sp[r][i, :L], want[:L], rtol=1e-8, atol=1e-10 * float(M.square().sum()))
+
+
+def test_auto_dtype_stores_int8_only_where_it_does_better(tmp_path):
+    """``storage_dtype="auto"`` under a budget or target sizes the adapters' own precision and int8
+    on the same curves; int8 is kept only when what it stores is better (budget) or smaller while
+    meeting the target; a given dtype is kept as given."""
+    mods = {"m.q": (64, 48), "m.v": (48, 64)}
+    write_collection(tmp_path / "c", n=5, modules=mods, r=8, seed=21, dtype=torch.float16)
+    coll = lorazip.load_collection(tmp_path / "c")
+    assert coll.storage_dtype() == "float16"
+    full = sum(8 * (d_in + d_out) * 2 * 5 for d_out, d_in in mods.values())  # fp16 LoRA bytes
+
+    def mean(art):
+        return float(lorazip.evaluate(art)["errors"]["mean"])
+
+    mid = int(0.5 * full)
+    auto = lorazip.compress(coll, budget=mid, hash_sources=False)
+    fp16 = lorazip.compress(coll, budget=mid, storage_dtype="float16", hash_sources=False)
+    assert fp16.meta["storage_dtype"] == "float16" and fp16.allocation["dtypes"].keys() == {"float16"}
+    assert auto.meta["storage_dtype"] == "int8" and auto.allocation["storage_dtype"] == "int8"
+    assert auto.serialized_size() <= mid and mean(auto) < mean(fp16)
+    # room for every adapter's own factors in float16: near exact there, int8's rounding is not
+    big = 3 * full
+    auto = lorazip.compress(coll, budget=big, hash_sources=False)
+    assert auto.meta["storage_dtype"] == "float16" and mean(auto) < 1e-5
+    assert set(auto.allocation["dtypes"]) == {"float16", "int8"}
+    # a target: the fewer bytes that meet it, exactly
+    t_auto = lorazip.compress(coll, target_error=0.05, hash_sources=False)
+    t_fp16 = lorazip.compress(coll, target_error=0.05, storage_dtype="float16", hash_sources=False)
+    assert mean(t_auto) <= 0.05 and mean(t_fp16) <= 0.05
+    assert t_auto.meta["storage_dtype"] == "int8" and t_auto.serialized_size() < t_fp16.serialized_size()
+    near = lorazip.compress(coll, target_error=1e-4, hash_sources=False)  # below int8's room: not tried
+    assert near.meta["storage_dtype"] == "float16" and mean(near) <= 1e-4

@@ -261,8 +261,9 @@ def test_structure_planted_in_the_activation_metric_is_recovered_exactly(tmp_pat
 # ------------------------------------------------------------------------- C = I
 IDENTITY_CONFIGS = [
     dict(rank=3), dict(rank=2, method="jd-diag"), dict(rank=2, clusters=2), dict(rank=2, method="svd"),
-    dict(rank=2, compute_dtype="float64"), dict(rank=2, storage_dtype="int8"), dict(budget=5500),
-    dict(target_error=0.2), dict(budget=5500, uniform_rank=True), dict(rank=2, clusters="auto", target_error=0.3),
+    dict(rank=2, compute_dtype="float64"), dict(rank=2, storage_dtype="int8"), dict(budget=5500, storage_dtype="float32"),
+    dict(budget=5500, storage_dtype="int8"), dict(target_error=0.2, storage_dtype="float32"),
+    dict(budget=5500, uniform_rank=True), dict(rank=2, clusters="auto", target_error=0.3, storage_dtype="float32"),
     dict(rank=2, memory_limit=4000),
 ]
 

@@ -54,7 +54,9 @@ def compress(
         adapters on every pass. With ``method="jd-diag"``, ``uniform_rank=True``, or calibration
         under a ``memory_limit`` it allocates shared ranks only
         (:func:`~lorazip.compress.allocate.compress_to`). With ``clusters=K``: shared parts on the
-        K groups jd-clustered finds at ``rank``, with residuals.
+        K groups jd-clustered finds at ``rank``, with residuals. With ``storage_dtype="auto"`` (the
+        default) the allocator stores int8 instead of the adapters' own precision where that
+        gives the lower error (:func:`~lorazip.compress.mixed.compress_mixed`).
     clusters : K groups of adapters with their own bases ("jd-clustered"), or "auto" to choose K
         for ``budget`` / ``target_error`` at ``rank``.
     method : "jd-full", "jd-diag", "jd-clustered" or "svd" (per-adapter truncated SVD).

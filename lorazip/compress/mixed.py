@@ -41,7 +41,7 @@ from ..artifact import STORAGE_DTYPES, Artifact
 from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
-from ..metrics import squared_errors
+from ..metrics import per_adapter, squared_errors
 from ..quantize import QSCALE, cat_stored, dry_storage, store_residual, to_storage
 from ..solvers import Factors
 from ..solvers._linalg import adapter_weights
@@ -499,7 +499,10 @@ def compress_mixed(
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
     file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
-    the allocation report. ``clusters``: candidate groupings of the adapters (:class:`Clusters`;
+    the allocation report. ``storage_dtype="auto"``: the adapters' own precision or int8, whichever
+    does better (int8, whose curves leave out its rounding, is built and kept when its exact error
+    beats the other's prediction; for a target, aimed :data:`_QUANT_ROOM` below it, when it needs
+    fewer bytes). ``clusters``: candidate groupings of the adapters (:class:`Clusters`;
     None: one shared basis), each fitted and allocated; the one with the lowest statistic (for a
     target: the fewest bytes meeting it) is built. With ``storage_dtype="int8"`` a stored number is
     one byte; the row scales are overhead that the dry assembly measures. With an ``executor`` both
@@ -511,13 +514,13 @@ def compress_mixed(
 
     if (budget is None) == (target_error is None):
         raise OptionError("give exactly one of a budget or a target error")
-    if storage_dtype == "auto":
-        storage_dtype = collection.storage_dtype()
-    if storage_dtype not in STORAGE_DTYPES:
-        raise OptionError(f"unknown dtype {storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    native = collection.storage_dtype() if storage_dtype == "auto" else storage_dtype
+    if native not in STORAGE_DTYPES:
+        raise OptionError(f"unknown dtype {native!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    # "auto": the adapters' own precision, or int8 (twice the numbers in fp16's bytes) where it does better
+    dtypes = [native] + (["int8"] if storage_dtype == "auto" and native != "int8" else [])
+    size_of = {dt: torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size() for dt in dtypes}  # 1 for int8
     check_extras_dtype(extras_dtype)
-    sdtype = STORAGE_DTYPES[storage_dtype]
-    itemsize = torch.empty(0, dtype=sdtype).element_size()  # 1 for int8
     candidates = list(clusters or [None])
     if backend not in BACKENDS:
         raise OptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -534,10 +537,11 @@ def compress_mixed(
     try:
         n_mod = len(collection.modules)
         names = [m.name for m in collection.modules]
-        top = _affordable_rank(collection, budget // itemsize, max_rank) if budget is not None else max_rank
+        top = _affordable_rank(collection, budget // size_of[native], max_rank) if budget is not None else max_rank
         kept: dict = {}  # pass-1 factors that pass 2 need not read again (and further candidates)
-        chosen = None  # (alloc, fits, clusters, E)
+        best: dict[str, tuple] = {}  # per storage dtype: (key, alloc, fits, clusters)
         tried = []
+        failed: OptionError | None = None
         for cand in candidates:
             K = 1 if cand is None else cand.K
             args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters,
@@ -553,27 +557,43 @@ def compress_mixed(
                     progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
             del reads
             E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
-            try:
-                alloc = _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_dtype, itemsize,
-                                          weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes)
-            except OptionError:
-                if len(candidates) == 1:
-                    raise
-                tried.append({"K": K, "predicted": None})
-                continue
-            tried.append({"K": K, "predicted": alloc.predicted, "numbers": alloc.numbers})
-            key = ((alloc.predicted > target_error + 1e-12, alloc.numbers, alloc.predicted) if budget is None
-                   else (alloc.predicted, alloc.numbers))
-            if chosen is None or key < chosen[0]:
-                chosen = (key, alloc, fits, cand, E)
-        if chosen is None:
-            raise OptionError("the budget is too small for any part: raise it")
-        _, alloc, fits, cand, E = chosen
-        del chosen
+            for dt in dtypes:
+                goal = target_error
+                if dt != native and target_error is not None:  # leave int8's rounding room under the target
+                    if target_error < 2 * _QUANT_ROOM:
+                        continue
+                    goal = target_error - _QUANT_ROOM
+                try:
+                    alloc = _allocate_to_size(collection, fits, E, budget, goal, stat, dt, size_of[dt],
+                                              weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes)
+                except OptionError as exc:
+                    failed = failed or exc  # the first reason (the adapters' own dtype, one basis) is the one said
+                    tried.append({"K": K, "dtype": dt, "predicted": None})
+                    continue
+                size = alloc.numbers * size_of[dt]
+                tried.append({"K": K, "dtype": dt, "predicted": alloc.predicted, "numbers": alloc.numbers})
+                key = ((alloc.predicted > target_error + 1e-12, size, alloc.predicted) if budget is None
+                       else (alloc.predicted, size))
+                if dt not in best or key < best[dt][0]:
+                    best[dt] = (key, alloc, fits, cand)
+        if not best:
+            raise failed or OptionError("the budget is too small for any part: raise it")
         t_fit = time.perf_counter() - t0
-        art = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes,
-                     keep_extras, progress, target_error, stat, budget, extras_dtype, executor=executor, kept=kept,
-                     clusters=cand, plan=plan)
+        # int8's curves leave out its rounding (2-4e-5 of each row's energy): when they predict it
+        # does better, build it and keep it if its exact error still beats the other's prediction
+        order = sorted(best, key=lambda d: best[d][0])
+        for i, dt in enumerate(order):
+            _, alloc, fits, cand = best[dt]
+            art = _build(collection, fits, alloc, dt, weighting, seed, tol, max_iters, hashes, keep_extras, progress,
+                         target_error, stat, budget, extras_dtype, executor=executor,
+                         kept=kept if i + 1 == len(order) else dict(kept), clusters=cand, plan=plan)
+            if i + 1 == len(order):
+                break
+            exact = per_adapter(*art.stats()).numpy()
+            got = float(exact.mean() if stat == "mean" else exact.max())
+            if (got < best[order[i + 1]][1].predicted) if budget is not None else (got <= target_error + 1e-12):
+                break
+        storage_dtype = dt
         kept.clear()
         if budget is not None and art.serialized_size() > budget:
             raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
@@ -590,6 +610,8 @@ def compress_mixed(
         "target_error": target_error,
         "target_stat": stat,
         "n_clusters": 1 if cand is None else cand.K,
+        "storage_dtype": storage_dtype,
+        "dtypes": {d: best[d][1].predicted for d in best},
         "ranks": alloc.ranks,
         "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
                            for m, k in alloc.residual.items()},
@@ -598,7 +620,7 @@ def compress_mixed(
         "artifact_bytes": art.serialized_size(),
         "fit_s": t_fit,
     }
-    if len(candidates) > 1:
+    if len(candidates) > 1 or len(dtypes) > 1:
         report["clusters_tried"] = tried
     return art, report
 
@@ -665,6 +687,7 @@ def _overhead_bytes(collection: Collection, fits: list[ModuleFit], keep_extras: 
     return size
 
 
+_QUANT_ROOM = 1e-4  # of the relative error: int8's rounding adds 2-4e-5 (docs/method.md), kept below a target
 _SLACK = 16  # bytes kept free in case a header field differs between the dry and the real assembly
 
 
