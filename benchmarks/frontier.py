@@ -179,6 +179,9 @@ def plot(rows, path) -> None:
         ax.plot(x, [r["lorazip_auto"] for r in rs], "*-", label="lorazip --budget, default (int8 where better)")
         ax.plot(x, [r["svd_as_peft_folders"] for r in rs], "s--", label="per-adapter SVD as PEFT folders, same bytes")
         ax.plot(x, [r["svd_at_file"] for r in rs], "x:", color="grey", label="per-adapter SVD, bare factors")
+        if all("svd_int8_at_file" in r for r in rs):
+            ax.plot(x, [max(r["svd_int8_at_file"], 1e-6) for r in rs], "+:", color="silver",
+                    label="per-adapter SVD, bare factors at 1 byte a number (bound)")
         ax.plot(x, [r["uniform"] if r["uniform"] is not None else np.nan for r in rs], "^:",
                 label="uniform JD-Full (--rank)")
         ax.set_xscale("log")

@@ -359,15 +359,16 @@ class _Curves:
 
 
 def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None = None,
-                   target_error: float | None = None, stat: str = "mean") -> Allocation:
+                   target_error: float | None = None, stat: str = "mean",
+                   curves: "_Curves | None" = None) -> Allocation:
     """Shared ranks and residual ranks for a budget of ``numbers`` stored values (lowest
     ``stat``), or the fewest numbers meeting ``target_error`` on ``stat``."""
     if stat not in STATS:
         raise OptionError(f"target statistic must be mean or max, got {stat!r}")
     if target_error is not None:
-        return _for_target(fits, E, target_error, stat)
+        return _for_target(fits, E, target_error, stat, curves if curves is not None else _Curves(fits, E))
     n = len(E)
-    curves = _Curves(fits, E)
+    curves = curves if curves is not None else _Curves(fits, E)  # sorted gains: the same for every budget
     score = (lambda e: float(e.mean())) if stat == "mean" else (lambda e: float(e.max()))
     cands: list[Allocation] = []
 
@@ -452,18 +453,18 @@ def _per_module_shared(fits, numbers, n, E, stat) -> list[int]:
     return ranks
 
 
-def _for_target(fits, E, target, stat) -> Allocation:
+def _for_target(fits, E, target, stat, curves) -> Allocation:
     if not 0 <= target <= 1:
         raise OptionError(f"target error must be between 0 and 1, got {target}")
     n = len(E)
     full = [np.array([f.residual_cap(0)] * n) for f in fits]
     hi = max(_numbers(fits, [0] * len(fits), full, n), 1)
-    best = allocate_mixed(fits, E, numbers=hi, stat=stat)
+    best = allocate_mixed(fits, E, numbers=hi, stat=stat, curves=curves)
     lo = 0
     while hi - lo > max(1, hi // 2000):
         mid = (lo + hi) // 2
         try:
-            got = allocate_mixed(fits, E, numbers=mid, stat=stat)
+            got = allocate_mixed(fits, E, numbers=mid, stat=stat, curves=curves)
         except OptionError:
             lo = mid
             continue
@@ -557,6 +558,7 @@ def compress_mixed(
                     progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
             del reads
             E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+            curves = _Curves(fits, E)  # shared by every dtype and every budget the dry assembly tries
             for dt in dtypes:
                 goal = target_error
                 if dt != native and target_error is not None:  # leave int8's rounding room under the target
@@ -565,7 +567,8 @@ def compress_mixed(
                     goal = target_error - _QUANT_ROOM
                 try:
                     alloc = _allocate_to_size(collection, fits, E, budget, goal, stat, dt, size_of[dt],
-                                              weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes)
+                                              weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes,
+                                              curves)
                 except OptionError as exc:
                     failed = failed or exc  # the first reason (the adapters' own dtype, one basis) is the one said
                     tried.append({"K": K, "dtype": dt, "predicted": None})
@@ -626,15 +629,15 @@ def compress_mixed(
 
 
 def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_dtype, itemsize, weighting, seed,
-                      tol, max_iters, keep_extras, extras_dtype, clusters, hashes) -> Allocation:
+                      tol, max_iters, keep_extras, extras_dtype, clusters, hashes, curves=None) -> Allocation:
     """The allocation for a budget of file bytes (numbers refined on dry assemblies, which give
     the exact size of everything besides the parts) or for a target error."""
     if budget is None:
-        return allocate_mixed(fits, E, target_error=target_error, stat=stat)
+        return allocate_mixed(fits, E, target_error=target_error, stat=stat, curves=curves)
     numbers = max((budget - _overhead_bytes(collection, fits, keep_extras)) // itemsize, 0)  # a first guess
     best = None
     for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
-        alloc = allocate_mixed(fits, E, numbers=numbers, stat=stat)
+        alloc = allocate_mixed(fits, E, numbers=numbers, stat=stat, curves=curves)
         dry = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
                      None, target_error, stat, budget, extras_dtype, dry=True, clusters=clusters)
         size = dry.serialized_size()
