@@ -50,6 +50,7 @@ from ..solvers.residual import factor_products, nested_residual_spectra, residua
 from ..solvers.svd import spectra_from_grams
 from .allocate import nested_fit
 from .executor import RayExecutor, map_modules
+from .pipeline import _optimal_cores
 from .provenance import SourceHashes
 from .streaming import MemoryPlan, streamed_factors
 from .whiten import annotate, build_mixed_module, whitening_of
@@ -104,12 +105,8 @@ def fit_module_task(collection: Collection, j: int, R: int, weighting: str, seed
     name = collection.modules[j].name
     fac = _task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
-    if assign is not None and int(assign.max()) > 0:  # in memory (a streamed module is not clustered)
-        fit = _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
-                            max_iters=max_iters, grid=GRID, backend=backend)
-    else:
-        fit = fit_factors(fac, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
-                          backend=backend)
+    fit = fit_factors(fac, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters, backend=backend,
+                      assign=assign)
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return fit
@@ -130,18 +127,19 @@ def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting
                max_iters: int, grid: tuple[int, ...] = GRID, assign: torch.Tensor | None = None) -> ModuleFit:
     """Pass 1 on one module's factors ``B`` (n, d_out, r_i), ``A`` (n, r_i, d_in); with ``assign``
     (n,) cluster indices, one fit per cluster on its adapters (:func:`_fit_clusters`)."""
-    if assign is not None and int(assign.max()) > 0:
-        return _fit_clusters(B, A, name, R, assign, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
-                             grid=grid)
     return fit_factors(Factors.stacked(B, A), name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
-                       grid=grid)
+                       grid=grid, assign=assign)
 
 
 def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, tol: float, max_iters: int,
-                grid: tuple[int, ...] = GRID, backend: str = "torch") -> ModuleFit:
+                grid: tuple[int, ...] = GRID, backend: str = "torch", assign: torch.Tensor | None = None) -> ModuleFit:
     """:func:`fit_module` on :class:`~lorazip.solvers.factors.Factors`, in memory or streamed (then
     every product is a pass over the chunks; only ``(n, r, r)`` products are kept). ``backend``:
-    the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch."""
+    the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch. With
+    ``assign`` naming more than one cluster (factors in memory), :func:`_fit_clusters`."""
+    if assign is not None and int(assign.max()) > 0:
+        return _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
+                             max_iters=max_iters, grid=grid, backend=backend)
     d_out, d_in = fac.d_out, fac.d_in
     if R > 0:  # the JD-Full fit weighs adapters by its own (solver-precision) norms
         solver = fac if backend == "torch" else fac.converted(lambda t: to_backend(t, backend))
@@ -548,7 +546,7 @@ def compress_mixed(
             args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters,
                      None if cand is None or cand.K == 1 else cand.assign[j], plan.chunk.get(j), backend)
                     for j, name in enumerate(names)]
-            reads = _Reads(collection, keep=kept, limit=keep_limit() if memory_limit is None else 0, reuse=True,
+            reads = _Reads(collection, keep=kept, limit=keep_limit() if memory_limit is None else 0,
                            plan=plan) if executor is None else None
             fits: list[ModuleFit] = [None] * n_mod  # type: ignore[list-item]
             for count, (j, fit) in enumerate(map_modules(executor, fit_module_task, collection, args, labels=names,
@@ -711,45 +709,47 @@ def keep_limit() -> int:
         return 0
 
 
+def _nbytes(f) -> int:
+    return f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+
+
 class _Reads:
     """Module factors in float32, module by module, the next one read in a thread meanwhile
     (torch and the safetensors reads release the GIL), each module freed once taken.
 
-    Pass 1 may ``keep`` modules (up to ``limit`` bytes in all) for pass 2, which takes them from
-    ``kept`` instead of reading them again."""
+    Pass 1 may ``keep`` modules (up to ``limit`` bytes in all): a later pass 1 (another grouping)
+    takes them from ``keep`` as they are, and pass 2 from ``kept`` (freeing each) instead of
+    reading them again."""
 
     def __init__(self, collection: Collection, *, keep: dict | None = None, limit: int = 0,
-                 kept: dict | None = None, reuse: bool = False, plan: MemoryPlan | None = None):
+                 kept: dict | None = None, plan: MemoryPlan | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.collection = collection
         self.names = [m.name for m in collection.modules]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
         self._next = {}
-        self._keep, self._room, self._kept = keep, limit, kept if kept is not None else {}
-        if reuse and keep is not None:  # another pass 1 (a further cluster candidate) takes what the first kept
-            self._kept = keep
-            self._room -= sum(f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
-                              for f in keep.values())
-        self._reuse = reuse
+        self._kept = kept if kept is not None else {}
+        self._keep = keep
+        self._room = limit - sum(_nbytes(f) for f in (keep or {}).values())
         self._plan = plan  # under a memory limit: streamed modules are not read here, nor read ahead
 
     def _submit(self, j: int, ahead: bool = False) -> None:
         if self._plan is not None and (j in self._plan.chunk or (ahead and not self._plan.prefetch(j - 1))):
             return
-        if j < len(self.names) and j not in self._next and j not in self._kept:
+        if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
 
     def get(self, j: int):
         self._submit(j)
-        if self._reuse and j in self._kept:
-            f = self._kept[j]
+        if self._keep is not None and j in self._keep:
+            f = self._keep[j]
+        elif j in self._kept:
+            f = self._kept.pop(j)
         else:
-            f = self._kept.pop(j) if j in self._kept else self._next.pop(j).result()
-            if self._keep is not None:
-                size = f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
-                if size <= self._room:
-                    self._keep[j], self._room = f, self._room - size
+            f = self._next.pop(j).result()
+            if self._keep is not None and _nbytes(f) <= self._room:
+                self._keep[j], self._room = f, self._room - _nbytes(f)
         self._submit(j + 1, ahead=True)
         if j + 1 >= len(self.names):
             self._pool.shutdown(wait=False)
@@ -820,22 +820,14 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     for ch in fac.split(_BUILD_CHUNK):  # every part below is per adapter: float64 a few adapters at a time
         B, A = ch.B.double(), ch.A.double()
         kc = k[ch.start : ch.stop]
-        if assign is None:
-            Ss = to_storage((B.transpose(1, 2) @ U64[0]).transpose(1, 2) @ (A @ V64[0]), storage_dtype, core_scales)
-            S64 = Ss.values.double()
-            # the residual of what is stored (rounded shared part), then rounded itself
-            bp, ap = residual_factors(B, A, U64[0], V64[0], S64, kc)
-            ac = None
-        else:
-            ac = assign[ch.start : ch.stop]
-            Ss = to_storage(_cluster_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
-            S64 = Ss.values.double()
-            bp, ap = _cluster_residuals(B, A, U64, V64, S64, kc, ac)
-        bs, as_, bq, aq = store_residual(bp, ap, kc, storage_dtype)
+        ac = None if assign is None else assign[ch.start : ch.stop]
+        Ss = to_storage(_optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
+        S64 = Ss.values.double()
+        # the residual of what is stored (rounded shared part), then rounded itself
+        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, storage_dtype)
         GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
         n2 = (GB * GA).sum((1, 2))
-        sq, nn2 = squared_errors(B, A, U64 if ac is not None else U64[0], V64 if ac is not None else V64[0], S64,
-                                 ac, norms2=n2, residual=(bq, aq))
+        sq, nn2 = squared_errors(B, A, U64, V64, S64, ac, norms2=n2, residual=(bq, aq))
         for key, x in zip(("S", "b", "a", "sq", "n2", "sp"), (Ss, bs, as_, sq, nn2, spectra_from_grams(GB, GA))):
             out[key].append(x)
         del ch, B, A
@@ -843,30 +835,6 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return _Parts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
-
-
-def _cluster_cores(B, A, U, V, assign) -> torch.Tensor:
-    """``S_i = U_k^T M_i V_k``, ``k`` adapter i's cluster (``U``: (K, d_out, r)), one cluster at a time."""
-    S = B.new_zeros(B.shape[0], U.shape[2], V.shape[2])
-    for c in range(U.shape[0]):
-        idx = torch.nonzero(assign == c).flatten()
-        if len(idx):
-            S[idx] = (B[idx].transpose(1, 2) @ U[c]).transpose(1, 2) @ (A[idx] @ V[c])
-    return S
-
-
-def _cluster_residuals(B, A, U, V, S, k, assign):
-    """:func:`~lorazip.solvers.residual.residual_factors` against each adapter's cluster bases,
-    one cluster at a time (no per-adapter copy of the bases), zero-padded to the largest rank."""
-    n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
-    k_max = int(k.max()) if k.numel() else 0
-    bp, ap = B.new_zeros(n, d_out, k_max), A.new_zeros(n, k_max, d_in)
-    for c in range(U.shape[0]):
-        idx = torch.nonzero((assign == c) & (k > 0)).flatten()
-        if len(idx):
-            b, a = residual_factors(B[idx], A[idx], U[c], V[c], S[idx], k[idx])
-            bp[idx, :, : b.shape[2]], ap[idx, : a.shape[1]] = b, a
-    return bp, ap
 
 
 def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,

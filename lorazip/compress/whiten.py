@@ -281,7 +281,7 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     ``(Us, Vs, Ss, bs, as_, errors2, norms2, spectra, weight_errors2, weight_norms2)``.
     """
     from ..solvers.residual import residual_factors
-    from .mixed import _cluster_cores, _cluster_residuals
+    from .pipeline import _optimal_cores
 
     wm = coll.whitening.module(name)
     # C = I: read as pass 2 does without calibration (float32, bit for bit); else exactly, in float64
@@ -291,18 +291,11 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     Ub, Vb = wm.bases_back(U, V)
     Us = to_storage(Ub if Ub.dim() == 3 else Ub[None], storage_dtype, torch.float16)
     Vs = to_storage(Vb if Vb.dim() == 3 else Vb[None], storage_dtype, torch.float16)
-    if assign is None:
-        Ur, Vr = Us.values[0].double(), Vs.values[0].double()
-        Uw, Vw = wm.bases_fwd(Ur, Vr)
-        Ss = to_storage((B.transpose(1, 2) @ Uw).transpose(1, 2) @ (A @ Vw), storage_dtype, core_scales)
-        S64 = Ss.values.double()
-        parts = residual_factors(B, A, Uw, Vw, S64, k)
-    else:
-        Ur, Vr = Us.values.double(), Vs.values.double()
-        Uw, Vw = wm.bases_fwd(Ur, Vr)
-        Ss = to_storage(_cluster_cores(B, A, Uw, Vw, assign), storage_dtype, core_scales)
-        S64 = Ss.values.double()
-        parts = _cluster_residuals(B, A, Uw, Vw, S64, k, assign)
+    Ur, Vr = Us.values.double(), Vs.values.double()  # (K, d, r)
+    Uw, Vw = wm.bases_fwd(Ur, Vr)
+    Ss = to_storage(_optimal_cores(B, A, Uw, Vw, assign), storage_dtype, core_scales)
+    S64 = Ss.values.double()
+    parts = residual_factors(B, A, Uw, Vw, S64, k, assign)
     bs, as_, bp, ap = store_residual(*wm.residual_back(*parts), k, storage_dtype)
     bw, aw = wm.residual_fwd(bp, ap)
     GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)

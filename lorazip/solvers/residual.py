@@ -41,26 +41,30 @@ def residual_svd(B, A, U, V, S):
     return Q1 @ W, s, Q2 @ Zh.transpose(1, 2)
 
 
-def residual_factors(B, A, U, V, S, ranks: torch.Tensor):
+def residual_factors(B, A, U, V, S, ranks: torch.Tensor, assign: torch.Tensor | None = None):
     """Truncated SVD of each residual at rank ``ranks[i]``, split evenly between the factors:
-    ``b`` (n, d_out, k_max), ``a`` (n, k_max, d_in), zero beyond each adapter's rank."""
-    k_max = int(ranks.max()) if ranks.numel() else 0
-    n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
-    if k_max == 0:
-        return B.new_zeros(n, d_out, 0), A.new_zeros(n, 0, d_in)
-    rows = torch.nonzero(ranks > 0).flatten()  # only adapters that keep a residual
-    if U.dim() == 3:  # per-adapter (gathered cluster) bases
-        U, V = U[rows], V[rows]
-    P, s, Q = residual_svd(B[rows], A[rows], U, V, S[rows])
-    k_max = min(k_max, s.shape[1])
-    keep = (torch.arange(k_max)[None, :] < ranks[rows][:, None]).to(s.dtype)
-    root = s[:, :k_max].clamp_min(0).sqrt() * keep
-    b = B.new_zeros(n, d_out, k_max)
-    a = A.new_zeros(n, k_max, d_in)
-    b[rows] = P[:, :, :k_max] * root[:, None, :]
-    a[rows] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
-    return b, a
+    ``b`` (n, d_out, k_max), ``a`` (n, k_max, d_in), zero beyond each adapter's rank.
 
+    ``U``, ``V``: (d, r) bases, or (K, d, r) the bases of K clusters with ``assign`` (n,) each
+    adapter's (all cluster 0 when None), taken one cluster at a time (no per-adapter copies)."""
+    n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
+    cap = min(d_out, d_in, B.shape[2] + U.shape[-1])  # the rank of every residual is at most this
+    k_max = min(int(ranks.max()), cap) if ranks.numel() else 0
+    b, a = B.new_zeros(n, d_out, k_max), A.new_zeros(n, k_max, d_in)
+    if k_max == 0:
+        return b, a
+    groups = [(U, V, ranks > 0)] if U.dim() == 2 else [
+        (U[c], V[c], (ranks > 0) & (assign == c if assign is not None else c == 0)) for c in range(U.shape[0])]
+    for Uc, Vc, sel in groups:
+        rows = torch.nonzero(sel).flatten()  # only adapters that keep a residual
+        if len(rows) == 0:
+            continue
+        P, s, Q = residual_svd(B[rows], A[rows], Uc, Vc, S[rows])
+        keep = (torch.arange(k_max)[None, :] < ranks[rows][:, None]).to(s.dtype)
+        root = s[:, :k_max].clamp_min(0).sqrt() * keep
+        b[rows] = P[:, :, :k_max] * root[:, None, :]
+        a[rows] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
+    return b, a
 
 
 def _psd_sqrt(G):
