@@ -228,3 +228,34 @@ def svd_frontier(coll, numbers: int) -> float:
             used += cost
             err[i] -= g
     return float(np.mean(err / E))
+
+
+def write_planted_groups(root: Path, sizes: tuple[int, ...], d: int, r_shared: int, seed: int, noise: float = 0.0,
+                  own: float = 0.0) -> list[int]:
+    """Adapters in groups; group g's rank-4 updates live in its own r_shared-dim subspace pair
+    (plus ``noise``; with ``own``, one of the 4 directions is the adapter's own, of norm ``own``).
+    Returns the group of each adapter, in the order of their folder names."""
+    g = torch.Generator().manual_seed(seed)
+    labels = []
+    i = 0
+    for grp, size in enumerate(sizes):
+        U = torch.linalg.qr(torch.randn(d, r_shared, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(d, r_shared, generator=g, dtype=torch.float64))[0]
+        for _ in range(size):
+            B = U @ torch.randn(r_shared, 4, generator=g, dtype=torch.float64)
+            A = torch.randn(4, r_shared, generator=g, dtype=torch.float64) @ V.T
+            if own:  # orthogonal to the group's subspaces: the residual of the shared part is rank 1
+                b, a = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(2))
+                b, a = b - U @ (U.T @ b), a - V @ (V.T @ a)
+                B[:, 3], A[3] = own * b / b.norm(), a / a.norm()  # energy own^2
+            B = B + noise * torch.randn(B.shape, generator=g, dtype=torch.float64)
+            folder = root / f"p{i:02d}"
+            folder.mkdir(parents=True)
+            save_file({"base_model.model.layer.q.lora_A.weight": A.float().contiguous(),
+                       "base_model.model.layer.q.lora_B.weight": B.float().contiguous()},
+                      str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (folder / "adapter_config.json").write_text(json.dumps(
+                {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q"], "base_model_name_or_path": "t"}))
+            labels.append(grp)
+            i += 1
+    return labels

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import lorazip
 from lorazip.compress.mixed import allocate_mixed, compress_mixed, fit_module
 from lorazip.metrics import squared_errors
 from lorazip.solvers.residual import residual_factors
-from helpers import svd_frontier, write_collection
+from helpers import svd_frontier, write_collection, write_planted_groups
 
 MODULES = {"m.q": (20, 12), "m.v": (9, 14), "m.o": (16, 16)}
 
@@ -104,25 +101,8 @@ def test_never_worse_than_per_adapter_svd_at_equal_numbers(tmp_path_factory, see
             break
 
 
-def _write_planted(root: Path, n: int, d: int, r_shared: int, seed: int) -> None:
-    """n rank-4 adapters whose updates all live in one shared r_shared-dim subspace pair."""
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(d, r_shared, generator=g, dtype=torch.float64))[0]
-    V = torch.linalg.qr(torch.randn(d, r_shared, generator=g, dtype=torch.float64))[0]
-    for i in range(n):
-        B = U @ torch.randn(r_shared, 4, generator=g, dtype=torch.float64)
-        A = torch.randn(4, r_shared, generator=g, dtype=torch.float64) @ V.T
-        folder = root / f"p{i}"
-        folder.mkdir(parents=True)
-        save_file({"base_model.model.layer.q.lora_A.weight": A.float().contiguous(),
-                   "base_model.model.layer.q.lora_B.weight": B.float().contiguous()},
-                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (folder / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q"], "base_model_name_or_path": "t"}))
-
-
 def test_planted_shared_bases_are_chosen_and_exact(tmp_path):
-    _write_planted(tmp_path / "p", n=30, d=64, r_shared=3, seed=0)
+    write_planted_groups(tmp_path / "p", (30,), d=64, r_shared=3, seed=0)  # one group
     coll = lorazip.load_collection(tmp_path / "p")
     # shared rank 3 costs 3*128 + 30*9 numbers; per-adapter SVD needs 30*3*128 for the same error
     art, rep = compress_mixed(coll, budget=40_000, storage_dtype="float32", hash_sources=False)

@@ -6,53 +6,20 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import lorazip
 from lorazip.artifact import load_artifact
 from lorazip.compress.clusters import cluster_adapters
 from lorazip.compress.mixed import Clusters, allocate_mixed, compress_mixed, fit_module
-from helpers import svd_frontier, write_collection
+from helpers import svd_frontier, write_collection, write_planted_groups
 
 MODULES = {"m.q": (20, 12), "m.v": (9, 14), "m.o": (16, 16)}
-
-
-def _write_groups(root: Path, sizes: tuple[int, ...], d: int, r_shared: int, seed: int, noise: float = 0.0,
-                  own: float = 0.0) -> list[int]:
-    """Adapters in groups; group g's rank-4 updates live in its own r_shared-dim subspace pair
-    (plus ``noise``; with ``own``, one of the 4 directions is the adapter's own, of norm ``own``).
-    Returns the group of each adapter, in the order of their folder names."""
-    g = torch.Generator().manual_seed(seed)
-    labels = []
-    i = 0
-    for grp, size in enumerate(sizes):
-        U = torch.linalg.qr(torch.randn(d, r_shared, generator=g, dtype=torch.float64))[0]
-        V = torch.linalg.qr(torch.randn(d, r_shared, generator=g, dtype=torch.float64))[0]
-        for _ in range(size):
-            B = U @ torch.randn(r_shared, 4, generator=g, dtype=torch.float64)
-            A = torch.randn(4, r_shared, generator=g, dtype=torch.float64) @ V.T
-            if own:  # orthogonal to the group's subspaces: the residual of the shared part is rank 1
-                b, a = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(2))
-                b, a = b - U @ (U.T @ b), a - V @ (V.T @ a)
-                B[:, 3], A[3] = own * b / b.norm(), a / a.norm()  # energy own^2
-            B = B + noise * torch.randn(B.shape, generator=g, dtype=torch.float64)
-            folder = root / f"p{i:02d}"
-            folder.mkdir(parents=True)
-            save_file({"base_model.model.layer.q.lora_A.weight": A.float().contiguous(),
-                       "base_model.model.layer.q.lora_B.weight": B.float().contiguous()},
-                      str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (folder / "adapter_config.json").write_text(json.dumps(
-                {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q"], "base_model_name_or_path": "t"}))
-            labels.append(grp)
-            i += 1
-    return labels
 
 
 def _dense_errors(art, coll) -> np.ndarray:
@@ -73,7 +40,7 @@ def _dense_errors(art, coll) -> np.ndarray:
 
 
 def test_clustered_curves_match_dense_svd(tmp_path):
-    labels = _write_groups(tmp_path / "c", (4, 3), d=24, r_shared=3, seed=1, noise=0.05)
+    labels = write_planted_groups(tmp_path / "c", (4, 3), d=24, r_shared=3, seed=1, noise=0.05)
     coll = lorazip.load_collection(tmp_path / "c")
     f = coll.module_factors("layer.q")
     assign = torch.tensor(labels)
@@ -102,7 +69,7 @@ def test_planted_clusters_are_found_and_exact_where_one_basis_is_not(tmp_path):
     """Two groups, each in its own rank-2 subspace pair, every adapter with one direction of its
     own: exact with K = 2 bases of rank 2 plus a rank-1 residual per adapter, and nothing else
     is exact at those bytes."""
-    labels = _write_groups(tmp_path / "p", (10, 10), d=48, r_shared=2, seed=0, own=1.0)
+    labels = write_planted_groups(tmp_path / "p", (10, 10), d=48, r_shared=2, seed=0, own=1.0)
     coll = lorazip.load_collection(tmp_path / "p")
     groups = cluster_adapters(coll, 2, 2)
     got = groups.assign[0].tolist()
@@ -131,7 +98,7 @@ def test_planted_clusters_are_found_and_exact_where_one_basis_is_not(tmp_path):
 @pytest.mark.parametrize("dtype,budget,residual", [("float32", 5000, True), ("float16", 3500, None),
                                                    ("int8", 3100, None)])
 def test_stored_errors_are_exact_and_predicted(tmp_path, dtype, budget, residual):
-    _write_groups(tmp_path / "c", (4, 4), d=32, r_shared=3, seed=4, noise=0.05)
+    write_planted_groups(tmp_path / "c", (4, 4), d=32, r_shared=3, seed=4, noise=0.05)
     coll = lorazip.load_collection(tmp_path / "c")
     groups = cluster_adapters(coll, 2, 3)
     art, rep = compress_mixed(coll, budget=budget, clusters=[groups], storage_dtype=dtype, hash_sources=False)

@@ -11,13 +11,14 @@ import torch
 
 import lorazip
 from lorazip.compress.streaming import MemoryPlan
-from test_mixed_clusters import _dense_errors, _write_groups
+from helpers import write_planted_groups
+from test_mixed_clusters import _dense_errors
 
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
-    _write_groups(root / "c", (24,), d=48, r_shared=4, seed=7, noise=0.05)
+    write_planted_groups(root / "c", (24,), d=48, r_shared=4, seed=7, noise=0.05)
     return lorazip.load_collection(root / "c")
 
 
