@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import lorazip
+from lorazip.artifact import split_modules
 from lorazip.artifact import storage_summary as storage  # no torch: `lorazip info` reads the header only
 
 
@@ -85,6 +86,12 @@ def print_notes(con: Console, rep: dict[str, Any]) -> None:
                  + f" ({m['rank_capped']['reason']})" for m in capped[:3]]
         con.print(f"note: rank capped in {len(capped)} module(s) that allow less: {'; '.join(parts)}"
                   f"{' ...' if len(capped) > 3 else ''}")
+    split = rep.get("split_modules") or {}
+    if split:
+        parts = [escape(path) + " (" + ", ".join(f"{g['d_out']}x{g['d_in']}: {g['adapters']}" for g in groups) + ")"
+                 for path, groups in list(split.items())[:3]]
+        con.print(f"note: adapters differ in the shape of {len(split)} module(s), each shape compressed on its "
+                  f"own (shape: adapters): {'; '.join(parts)}{' ...' if len(split) > 3 else ''}")
     missing = rep.get("missing_modules") or {}
     if missing:
         con.print(f"note: {len(missing)} adapter(s) lack some modules (zero delta there), "
@@ -146,7 +153,9 @@ def describe(art: lorazip.Artifact) -> dict[str, Any]:
              "lora_alpha": a.get("config", {}).get("lora_alpha"), "n_modules": len(a["ranks"])}
             for a in m["adapters"]
         ],
+        "split_modules": split_modules(m["modules"], m["adapters"]),
         "modules": [{**{k: mod.get(k) for k in ("name", "d_out", "d_in", "layout", "rank", "n_clusters", "iters", "converged")},
+                     **({"target": mod["target"]} if "target" in mod else {}),
                      **({"residual": {"min_rank": res[mod["name"]][0], "max_rank": res[mod["name"]][1],
                                       "total_rank": mod["residual"]["total_rank"]}} if mod["name"] in res else {})}
                     for mod in m["modules"]],
@@ -161,7 +170,11 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
     t.add_row("base model", escape(str(d["base_model"])))
     t.add_row("method / rank", f"{d['method']} / {d['rank']}  ({d['storage_dtype']}, weighting {d['weighting']})")
     t.add_row("adapters", str(len(d["adapters"])))
-    t.add_row("modules", str(len(d["modules"])))
+    split = d.get("split_modules") or {}
+    t.add_row("modules", str(len(d["modules"])) + (
+        f"  ({len(split)} split by shape, adapters differ: "
+        + "; ".join(f"{escape(p)} " + ", ".join(f"{g['d_out']}x{g['d_in']}" for g in gs) for p, gs in split.items())
+        + ")" if split else ""))
     t.add_row("bytes", f"{_b(d['bytes'] or 0)}  ({st['ratio_bytes']:.1f}x smaller than the originals)")
     t.add_row("numbers", f"{st['compressed_params']:,}  ({st['ratio_params']:.1f}x fewer)")
     con.print(t)

@@ -648,6 +648,30 @@ def _opt(v: Any, kind) -> bool:
     return v is None or isinstance(v, kind)
 
 
+def module_path(mod: dict[str, Any]) -> str:
+    """The model's module path of an artifact module entry: its ``target`` for a shape group
+    (``classifier@3x768``, see :class:`lorazip.io.collection.ModuleInfo`), else its name."""
+    return mod.get("target") or mod["name"]
+
+
+def missing_modules(modules: list[dict[str, Any]], ranks: dict[str, int]) -> list[str]:
+    """Module paths an adapter does not adapt in any shape group."""
+    have = {module_path(m) for m in modules if m["name"] in ranks}
+    return sorted({module_path(m) for m in modules} - have)
+
+
+def split_modules(modules: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Module path -> its shape groups (key, shape, adapters in it), for modules whose adapters
+    differ in shape (each shape is compressed on its own: its own bases and cores)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for m in modules:
+        if "target" in m:
+            n = sum(m["name"] in a["ranks"] for a in adapters)
+            out.setdefault(m["target"], []).append({"name": m["name"], "d_out": m["d_out"], "d_in": m["d_in"],
+                                                    "adapters": n})
+    return out
+
+
 def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = "artifact", *,
                schema_only: bool = False) -> None:
     """Check the ``lorazip`` metadata document (types of every field lorazip reads) and that the
@@ -711,6 +735,15 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
             raise bad(f"modules[{j}].n_clusters must be a positive integer")
         if mod.get("layout", "linear") not in ("linear", "embedding"):
             raise bad(f"modules[{j}].layout must be 'linear' or 'embedding'")
+        if "target" in mod and not (isinstance(mod["target"], str) and mod["target"] and mod["target"] != name):
+            raise bad(f"modules[{j}].target must be a module path other than its name (a shape group's module)")
+    paths: dict[tuple, str] = {}
+    for mod in modules:  # two shape groups of one module path must differ in shape
+        key = (module_path(mod), mod.get("layout", "linear"), mod["d_out"], mod["d_in"])
+        if key in paths:
+            raise bad(f"modules {short(paths[key])} and {short(mod['name'])} are the same module {short(key[0])} "
+                      f"with the same shape")
+        paths[key] = mod["name"]
     names: set[str] = set()
     for i, a in enumerate(adapters):
         name = a.get("name")

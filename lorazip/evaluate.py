@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .artifact import Artifact
+from .artifact import Artifact, missing_modules, split_modules
 from .artifact import storage_summary as storage  # noqa: F401 (lorazip.evaluate.storage)
 from .errors import ValidationError
 from .io.collection import load_collection
@@ -169,7 +169,7 @@ def evaluate(
                 "error": float(adapter_err[k]),
                 **({"weight_error": float(weight_err[i])} if weight_err is not None else {}),
                 "svd_same_rank_error": float(per_adapter(base_same[k : k + 1], nn2[k : k + 1])[0]),
-                "missing_modules": [m["name"] for m in artifact.modules if m["name"] not in meta["ranks"]],
+                "missing_modules": missing_modules(artifact.modules, meta["ranks"]),
                 **({"cluster": int(assign[i])} if assign is not None else {}),
             }
         )
@@ -177,7 +177,7 @@ def evaluate(
     for j, mod in enumerate(artifact.modules):
         present = nn2[:, j] > 0
         vals = rel[present, j].tolist()
-        modules.append({"name": mod["name"], "rank": mod["rank"],
+        modules.append({"name": mod["name"], **({"target": mod["target"]} if "target" in mod else {}), "rank": mod["rank"],
                         **({"rank_out": mod["rank_out"]} if "rank_out" in mod else {}),
                         **({"rank_capped": mod["rank_capped"]} if "rank_capped" in mod else {}),
                         **({"residual": mod["residual"]} if "residual" in mod else {}),
@@ -203,6 +203,7 @@ def evaluate(
             "svd_matched_storage": matched,
         },
         "storage": st,
+        "split_modules": split_modules(artifact.modules, [artifact.meta["adapters"][i] for i in rows]),
         "adapters": adapters,
         "modules": modules,
     }

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .artifact import STORAGE_DTYPES, Artifact, current_umask, save_safetensors
+from .artifact import STORAGE_DTYPES, Artifact, current_umask, module_path, save_safetensors
 from .errors import ArtifactError, OptionError, OutputError
 from .io.peft import short
 
@@ -88,13 +88,14 @@ def _peft_parts(
                 if k:
                     Bp, Ap = torch.cat([Bp, b[t, :, :k]], 1), torch.cat([Ap, a[t, :k]], 0)
                 state, ranks = parts[j]
+                path = module_path(mod)  # a shape group is written under its module's path
                 if mod.get("layout", "linear") == "embedding":
-                    state[f"{_PREFIX}{m}.lora_embedding_A"] = Bp.T.to(tdtype).contiguous()
-                    state[f"{_PREFIX}{m}.lora_embedding_B"] = Ap.T.to(tdtype).contiguous()
+                    state[f"{_PREFIX}{path}.lora_embedding_A"] = Bp.T.to(tdtype).contiguous()
+                    state[f"{_PREFIX}{path}.lora_embedding_B"] = Ap.T.to(tdtype).contiguous()
                 else:
-                    state[f"{_PREFIX}{m}.lora_A.weight"] = Ap.to(tdtype).contiguous()
-                    state[f"{_PREFIX}{m}.lora_B.weight"] = Bp.to(tdtype).contiguous()
-                ranks[m] = r + k
+                    state[f"{_PREFIX}{path}.lora_A.weight"] = Ap.to(tdtype).contiguous()
+                    state[f"{_PREFIX}{path}.lora_B.weight"] = Bp.to(tdtype).contiguous()
+                ranks[path] = r + k
         for j, i in enumerate(rows):
             prefix = f"extras/{i}/"
             orig = metas[j].get("extras_dtypes", {})  # extras converted at compression (--extras-dtype)

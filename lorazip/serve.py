@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from .artifact import Artifact, load_artifact
+from .artifact import Artifact, load_artifact, module_path
 from .errors import OptionError, ValidationError
 
 __all__ = [
@@ -96,7 +96,8 @@ class _Batch:
         return t.expand(batch) if self.broadcast else t
 
 
-def _resolve(ids: AdapterIds, names: Sequence[str] | None, n: int, all_names: Sequence[str] | None = None) -> _Batch | None:
+def _resolve(ids: AdapterIds, names: Sequence[str] | None, n: int,
+             all_names: dict[str, str] | Sequence[str] | None = None) -> _Batch | None:
     """Names / indices / None / -1 (or an integer tensor) -> a validated :class:`_Batch`.
 
     ``names`` are the loaded adapters (None for a bare layer: indices only), ``n`` their number.
@@ -126,6 +127,8 @@ def _resolve(ids: AdapterIds, names: Sequence[str] | None, n: int, all_names: Se
                 if names is None:
                     raise OptionError(f"adapter {v!r}: names need lorazip.apply; pass indices to a bare layer")
                 if v not in index:
+                    if isinstance(all_names, dict) and all_names.get(v):
+                        raise OptionError(f"adapter {v!r} was not loaded: it does not fit this model ({all_names[v]})")
                     if all_names is not None and v in all_names:
                         raise OptionError(
                             f"adapter {v!r} is in the artifact but was not loaded; "
@@ -152,9 +155,9 @@ def _resolve(ids: AdapterIds, names: Sequence[str] | None, n: int, all_names: Se
 class _Serving:
     """What :func:`apply` attached to a model: adapter names, wrapped layers, current batch."""
 
-    def __init__(self, names: list[str], all_names: list[str], source: str):
+    def __init__(self, names: list[str], all_names: dict[str, str], source: str):
         self.names = names
-        self.all_names = all_names
+        self.all_names = all_names  # every adapter of the artifact -> why it does not fit the model ("" if it does)
         self.source = source
         self.layers: dict[str, tuple[nn.Module, nn.Module]] = {}  # name -> (wrapper, original)
         self.batch: _Batch | None = None
@@ -466,6 +469,55 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _model_shape(model: nn.Module, mod: dict, base: str | None) -> tuple[nn.Module, tuple[int, int]]:
+    """The model's module for the artifact module ``mod`` and its ``(d_out, d_in)``."""
+    m = module_path(mod)
+    try:
+        sub = model.get_submodule(m)
+    except AttributeError:
+        raise ValidationError(
+            f"module {m!r} of the artifact is not in the model ({type(model).__name__}); "
+            f"the artifact was made for base model {base!r}"
+        ) from None
+    if mod.get("layout", "linear") == "embedding":
+        if not isinstance(sub, nn.Embedding):
+            raise ValidationError(f"{m}: the artifact adapts an embedding but the model has {type(sub).__name__}")
+        return sub, (sub.num_embeddings, sub.embedding_dim)
+    return sub, linear_shape(sub, m)
+
+
+def _targets(model: nn.Module, artifact: Artifact, names: list[str]) -> tuple[list[tuple[dict, nn.Module]], dict[str, str]]:
+    """The artifact's modules to serve on ``model``, each with the model's module it wraps, and the
+    adapters of ``names`` that do not fit the model (name -> why).
+
+    A module split into shape groups (heads of different label counts) is served in the group
+    whose shape is the model's; adapters that adapt it in another shape cannot run on this model.
+    A module with no group of the model's shape is an error.
+    """
+    base = artifact.meta.get("base_model")
+    by_path: dict[str, list[dict]] = {}
+    for mod in artifact.modules:
+        by_path.setdefault(module_path(mod), []).append(mod)
+    out, wrong = [], {}
+    for path, group in by_path.items():
+        sub, shape = _model_shape(model, group[0], base)
+        fits = [mod for mod in group if (mod["d_out"], mod["d_in"]) == shape]
+        if not fits:
+            mod = group[0]
+            raise ValidationError(
+                f"{path}: the model's layer is {shape[0]} x {shape[1]} (d_out x d_in) but the artifact's is "
+                + " or ".join(f"{g['d_out']} x {g['d_in']}" for g in group)
+                + f"; the artifact was made for base model {base!r}"
+            )
+        out.append((fits[0], sub))
+        for mod in group:
+            if mod is not fits[0]:
+                for a in names:
+                    if mod["name"] in artifact.meta["adapters"][artifact.index(a)].get("ranks", {}):
+                        wrong.setdefault(a, f"its {path} is {mod['d_out']} x {mod['d_in']}, the model's {shape[0]} x {shape[1]}")
+    return out, wrong
+
+
 # -- public API ------------------------------------------------------------------------------------
 def apply(
     model: nn.Module,
@@ -483,12 +535,16 @@ def apply(
     cores are kept in; default each base layer's dtype. They are placed on each layer's device.
 
     Modules an adapter did not adapt get a zero core (delta 0), as in :func:`lorazip.export`.
+    Where adapters differ in a module's shape (heads with different label counts), the shape group
+    that matches the model is served: by default only the adapters that fit the model are loaded
+    (asking for another says why it cannot run), and requesting one that does not fit is an error.
     Non-LoRA tensors stored with the adapters (``modules_to_save`` heads) are not served.
 
     Raises
     ------
     ArtifactError : unknown adapter name or unreadable artifact.
-    ValidationError : a module of the artifact is missing in the model, has another type or shape.
+    ValidationError : a module of the artifact is missing in the model, has another type or shape,
+        or a requested adapter does not fit the model's shapes.
     OptionError : bad ``adapters`` / ``dtype``, or a collection is already attached.
     """
     if isinstance(artifact, (str, os.PathLike)):
@@ -507,31 +563,19 @@ def apply(
         raise OptionError(f"adapter {dup!r} requested twice")
 
     # Resolve and check every target before reading tensors or changing the model.
-    targets: list[tuple[dict, nn.Module]] = []
-    for mod in artifact.modules:
-        m = mod["name"]
-        try:
-            sub = model.get_submodule(m)
-        except AttributeError:
-            raise ValidationError(
-                f"module {m!r} of the artifact is not in the model ({type(model).__name__}); "
-                f"the artifact was made for base model {artifact.meta.get('base_model')!r}"
-            ) from None
-        layout = mod.get("layout", "linear")
-        if layout == "embedding":
-            if not isinstance(sub, nn.Embedding):
-                raise ValidationError(f"{m}: the artifact adapts an embedding but the model has {type(sub).__name__}")
-            shape = (sub.num_embeddings, sub.embedding_dim)
-        else:
-            shape = linear_shape(sub, m)
-        if shape != (mod["d_out"], mod["d_in"]):
-            raise ValidationError(
-                f"{m}: the model's layer is {shape[0]} x {shape[1]} (d_out x d_in) but the artifact's is "
-                f"{mod['d_out']} x {mod['d_in']}; the artifact was made for base model {artifact.meta.get('base_model')!r}"
-            )
-        targets.append((mod, sub))
-
-    serving = _Serving(names, artifact.names, str(artifact.path or "<in memory>"))
+    targets, unfit = _targets(model, artifact, names)
+    if unfit and adapters is not None:
+        raise ValidationError(
+            f"{len(unfit)} of the requested adapters do not fit this model: "
+            + "; ".join(f"{a!r} ({why})" for a, why in unfit.items())
+        )
+    if unfit:  # by default every adapter that fits is served; asking for another names why it cannot run
+        names = [a for a in names if a not in unfit]
+        if not names:
+            raise ValidationError("no adapter of the artifact fits this model: "
+                                  + "; ".join(f"{a!r} ({why})" for a, why in unfit.items()))
+        rows = [artifact.index(n) for n in names]
+    serving = _Serving(names, {a: unfit.get(a, "") for a in artifact.names}, str(artifact.path or "<in memory>"))
     metas = [artifact.meta["adapters"][i] for i in rows]
     wrappers: dict[str, tuple[nn.Module, nn.Module]] = {}
     with artifact.reader():  # one open file for all the reads
@@ -547,9 +591,10 @@ def apply(
                     b, a = b.clone(), a.clone()
                     b[missing], a[missing] = 0, 0
             cls = BatchedLoraEmbedding if mod.get("layout", "linear") == "embedding" else BatchedLoraLinear
-            layer = cls(sub, U, V, cores, assign, name=m, dtype=tdtype, residual=(b, a) if b.shape[2] else None)
+            path = module_path(mod)
+            layer = cls(sub, U, V, cores, assign, name=path, dtype=tdtype, residual=(b, a) if b.shape[2] else None)
             layer._serving = serving
-            wrappers[m] = (layer, sub)
+            wrappers[path] = (layer, sub)
     for m, (layer, _) in wrappers.items():
         _set_submodule(model, m, layer)
     serving.layers = wrappers

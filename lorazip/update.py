@@ -34,12 +34,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import __version__
-from .artifact import Artifact, load_artifact
+from .artifact import Artifact, load_artifact, missing_modules, module_path
 from .layout import trim_spectra
 from .solvers._linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
 from .io.base_models import same_base_model
-from .io.collection import Collection, load_collection
+from .io.collection import Collection, ModuleInfo, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
 from .quantize import QSCALE, dequantized, requantized, round_to_storage, store_extras
@@ -93,6 +93,10 @@ def project_cores(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Te
 
 # -- sources --------------------------------------------------------------------------------
 
+def _module_infos(modules: list[dict[str, Any]]) -> list[ModuleInfo]:
+    return [ModuleInfo(m["name"], m["d_out"], m["d_in"], m.get("layout", "linear"), m.get("target")) for m in modules]
+
+
 def _check_compatible(art: Artifact, coll: Collection, base_model: str | None) -> None:
     """Same base model (unless overridden) and every new module present with the same shape."""
     mine = (art.meta.get("base_model") or "").rstrip("/")
@@ -105,9 +109,13 @@ def _check_compatible(art: Artifact, coll: Collection, base_model: str | None) -
                     "(pass --base-model to override)"
                 )
     mods = {m["name"]: m for m in art.modules}
+    coll.align(_module_infos(art.modules))
+    paths = {module_path(m) for m in art.modules}
     for info in coll.modules:
         who = next(a for a in coll.adapters if info.name in a.modules)
         have = mods.get(info.name)
+        if have is None and info.path in paths:
+            continue  # a new shape of a module the artifact has: a new shape group (_start_shape_groups)
         if have is None:
             raise ValidationError(
                 f"{who.weights_file}: module {info.name!r} is not in the artifact {_label(art)} "
@@ -245,6 +253,8 @@ def add_adapters(
     old = dequantized(raw)  # int8 storage: computed on float32 values, stored again at the end
     tensors: dict[str, torch.Tensor] = dict(old)
     mods = meta["modules"]
+    _start_shape_groups(art, coll, old, mods, max_iters, tol)
+    tensors.update({k: v for k, v in old.items() if k not in tensors})
     n_mod = len(mods)
     coll_mods = {m.name for m in coll.modules}
 
@@ -367,7 +377,7 @@ def add_adapters(
             "error": float(err_all[i]),
             "projection_error": float(proj_err[j]),
             "above_threshold": bool(err_all[i] > threshold),
-            "missing_modules": [m["name"] for m in mods if m["name"] not in a.modules],
+            "missing_modules": missing_modules(mods, a.modules),
         }
         if art.method != "svd" and choice[0] is not None and shared_assign and len(Ks) == 1 and next(iter(Ks)) > 1:
             row["cluster"] = int(choice[0][j])
@@ -396,6 +406,47 @@ def add_adapters(
     if refit_info is not None:
         report["refit_modules"] = refit_info
     return out, report
+
+
+def _start_shape_groups(art: Artifact, coll: Collection, old: dict[str, torch.Tensor], mods: list[dict[str, Any]],
+                        max_iters: int | None, tol: float | None) -> None:
+    """Append a shape group for every new shape of a module the artifact has (a 3-label head added
+    to 2-label ones): bases fitted by JD-Full on the new adapters of that shape at the module's rank
+    (its other groups' largest), zero cores for the adapters already in the artifact (they do not
+    adapt that shape), so that the projection below treats it like any other module. In place:
+    ``old`` gains the group's tensors (and a zero column in the statistics), ``mods`` its entry."""
+    have = {m["name"] for m in mods}
+    n_old = len(art.names)
+    for info in coll.modules:
+        if info.name in have:
+            continue
+        peers = [m for m in mods if module_path(m) == info.path]
+        first = peers[0]["name"]
+        rank = max(m["rank"] for m in peers)
+        fac = coll.module_factors(info.name, dtype=torch.float64)
+        rows = [i for i, a in enumerate(coll.adapters) if info.name in a.modules]
+        r = max(1, min(rank, info.d_out, info.d_in, int(fac.ranks.sum())))
+        U_old, cores_old = old[f"U/{first}"], old[f"cores/{first}"]
+        K = U_old.shape[0]
+        if art.method == "svd":  # per-adapter bases: zeros for the adapters already stored
+            U = torch.zeros(n_old, info.d_out, r, dtype=torch.float64)
+            V = torch.zeros(n_old, info.d_in, r, dtype=torch.float64)
+        else:
+            res = jd_full(fac.B[rows], fac.A[rows], r, weighting=art.meta.get("weighting", "relative"),
+                          max_iters=max_iters or 1000, tol=tol or 1e-6, seed=0)
+            U, V = res.U.expand(K, -1, -1), res.V.expand(K, -1, -1)  # the same bases in every cluster
+        name = info.name
+        old[f"U/{name}"] = U.to(U_old.dtype).contiguous()
+        old[f"V/{name}"] = V.to(U_old.dtype).contiguous()
+        shape = (n_old, r) if cores_old.dim() == 2 else (n_old, r, r)
+        old[f"cores/{name}"] = torch.zeros(shape, dtype=cores_old.dtype)
+        if f"assign/{first}" in old:
+            old[f"assign/{name}"] = old[f"assign/{first}"].clone()
+        old[f"spectra/{name}"] = torch.zeros(n_old, 1, dtype=old[f"spectra/{first}"].dtype)
+        for key in ("stats/sq_error", "stats/norm2"):
+            old[key] = torch.cat([old[key], old[key].new_zeros(n_old, 1)], 1)
+        mods.append({**info.entry(), "rank": r, "n_clusters": int(U.shape[0]), "iters": 0, "converged": True})
+        have.add(name)
 
 
 def _factors(coll: Collection, name: str, mod: dict[str, Any], coll_mods: set[str]):
@@ -454,6 +505,7 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
     sd = out.meta.get("storage_dtype")
     olds = original_adapters(art, allow_pickle=allow_pickle)
     full = Collection(olds + list(coll.adapters), base_model=out.meta.get("base_model") or coll.base_model or "")
+    full.align(_module_infos(out.modules))  # the artifact's shape groups, not a new keying
     names_full = {m.name for m in full.modules}
     tensors = dict(out.tensors())
     info = {"refit": 0, "kept_projection": 0, "skipped": 0}

@@ -298,12 +298,16 @@ def test_header_negative_shape(tmp_path, one):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_shape_mismatch_across_adapters(tmp_path):
+def test_shape_mismatch_across_adapters_is_a_shape_group(tmp_path):
+    """Adapters that disagree on a module's shape are not bad input: each shape is a group of its
+    own (tests/test_shape_groups.py); nothing is refused and no file is written."""
     write_adapter(tmp_path / "src" / "a", {"layers.0.q_proj": (6, 5)}, seed=0)
     write_adapter(tmp_path / "src" / "b", {"layers.0.q_proj": (6, 7)}, seed=1)
-    expect(ValidationError, lambda: lorazip.load_collection(tmp_path / "src"), "layers.0.q_proj", "6x7", "6x5",
-           tmp_path / "src" / "a" / "adapter_model.safetensors", tmp_path / "src" / "b" / "adapter_model.safetensors",
-           root=tmp_path)
+    before = tree_files(tmp_path)
+    coll = lorazip.load_collection(tmp_path / "src")
+    assert [(m.name, m.path) for m in coll.modules] == [
+        ("layers.0.q_proj@6x5", "layers.0.q_proj"), ("layers.0.q_proj@6x7", "layers.0.q_proj")]
+    assert tree_files(tmp_path) == before
 
 
 def test_different_base_models(tmp_path):

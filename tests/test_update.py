@@ -194,10 +194,24 @@ def test_add_module_rules(built, tmp_path):
     write_adapter(tmp_path / "n2" / "extra", {**GPT2_LIKE, "transformer.h.2.attn.c_attn": (24, 8)}, seed=4)
     with pytest.raises(ValidationError, match=r"module 'transformer.h.2.attn.c_attn' is not in the artifact"):
         add_adapters(built, [tmp_path / "n2" / "extra"])
-    # a module of another shape
-    write_adapter(tmp_path / "n3" / "wide", {**GPT2_LIKE, "transformer.h.0.mlp.c_proj": (8, 32)}, seed=5)
-    with pytest.raises(ValidationError, match=r"8x32 but linear 8x16"):
-        add_adapters(built, [tmp_path / "n3" / "wide"])
+    # a module of another shape starts a shape group of its own: bases fitted on the new adapter
+    deltas = write_adapter(tmp_path / "n3" / "wide", {**GPT2_LIKE, "transformer.h.0.mlp.c_proj": (8, 32)}, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UpdateWarning)
+        out, rep = add_adapters(built, [tmp_path / "n3" / "wide"])
+    group = "transformer.h.0.mlp.c_proj@8x32"
+    mod = next(m for m in out.modules if m["name"] == group)
+    assert mod["target"] == "transformer.h.0.mlp.c_proj" and (mod["d_out"], mod["d_in"]) == (8, 32)
+    assert out.meta["adapters"][-1]["ranks"] == {**{m: 4 for m in GPT2_LIKE if m != "transformer.h.0.mlp.c_proj"}, group: 4}
+    assert rep["added"][0]["missing_modules"] == []
+    assert not out.get(f"cores/{group}")[:3].any()  # the 3 adapters already stored do not adapt that shape
+    state, _ = lorazip.to_peft(out, "wide")  # exported under the model's module path, at its own shape
+    B, A = (state[f"base_model.model.transformer.h.0.mlp.c_proj.lora_{p}.weight"].double() for p in "BA")
+    want = deltas["transformer.h.0.mlp.c_proj"]
+    assert B.shape[0] == 8 and A.shape[1] == 32
+    assert torch.linalg.norm(B @ A - want) <= 1e-5 * torch.linalg.norm(want)  # rank 4 of a rank-4 delta: exact
+    key = "base_model.model.transformer.h.0.mlp.c_proj.lora_B.weight"
+    assert torch.equal(lorazip.to_peft(out, "a1")[0][key], lorazip.to_peft(lorazip.load_artifact(built), "a1")[0][key])
     # another base model, unless overridden
     write_adapter(tmp_path / "n4" / "other", GPT2_LIKE, seed=6, base_model="other-base")
     with pytest.raises(ValidationError, match="differs from the artifact's 'tiny-base'"):

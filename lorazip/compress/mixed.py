@@ -887,8 +887,7 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
             p.cores.put(tensors, f"cores/{name}")
             if fit.K > 1:
                 tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
-            entry = {"name": name, "d_out": info.d_out, "d_in": info.d_in, "layout": info.layout, "rank": r,
-                     "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
+            entry = {**info.entry(), "rank": r, "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
             if total > 0:
                 tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
                 p.resid_B.put(tensors, f"resid_B/{name}")

@@ -478,8 +478,7 @@ def compress_modules(
                 if got.weight_sq_error is not None:
                     weight_sq[:, k], weight_n2[:, k] = got.weight_sq_error, got.weight_norm2
                 capped_k = {"rank_capped": capped[info.name]} if info.name in capped else {}
-                modules_meta.append({"name": info.name, "d_out": info.d_out, "d_in": info.d_in,
-                                     "layout": info.layout, **got.entry, **capped_k})
+                modules_meta.append({**info.entry(), **got.entry, **capped_k})
             if progress:
                 progress(count, n_mod, names[j])
 

@@ -24,12 +24,31 @@ from .peft import Adapter, load_adapter
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """One adapted module of the base model: name, matrix shape ``(d_out, d_in)``, layout."""
+    """One adapted module of the base model: name, matrix shape ``(d_out, d_in)``, layout.
+
+    ``name`` is the module's key in the collection and the artifact. It is the model's module path
+    unless adapters disagree on the module's shape (classifier heads with different label counts, a
+    resized embedding): each shape is then its own *shape group*, keyed ``<path>@<d_out>x<d_in>``,
+    with its own bases, and ``target`` holds the model's module path.
+    """
 
     name: str
     d_out: int
     d_in: int
     layout: str = "linear"
+    target: str | None = None
+
+    @property
+    def path(self) -> str:
+        """The model's module path (``name`` unless the module is split by shape)."""
+        return self.target or self.name
+
+    def entry(self) -> dict:
+        """The artifact metadata that says which module this is (``target`` only for shape groups)."""
+        out = {"name": self.name, "d_out": self.d_out, "d_in": self.d_in, "layout": self.layout}
+        if self.target is not None:
+            out["target"] = self.target
+        return out
 
 
 @dataclass
@@ -73,6 +92,12 @@ class Collection:
         self.modules = _module_union(adapters)
         self._index = {m.name: m for m in self.modules}
 
+    def align(self, known: Sequence[ModuleInfo]) -> None:
+        """Key the modules as ``known`` (an artifact's modules) does: an adapter whose module has
+        the shape of a known group joins it; a new shape of a known module starts its own group."""
+        self.modules = _module_union(self.adapters, known)
+        self._index = {m.name: m for m in self.modules}
+
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.adapters]
@@ -84,12 +109,23 @@ class Collection:
         return self._index[name]
 
     def missing_modules(self) -> dict[str, list[str]]:
-        """Adapter name -> modules of the collection it does not adapt (zero delta there)."""
+        """Adapter name -> module paths of the collection it does not adapt (zero delta there);
+        a module the adapter adapts in another shape group is not missing."""
+        paths = sorted({m.path for m in self.modules})
         out = {}
         for a in self.adapters:
-            miss = [m.name for m in self.modules if m.name not in a.modules]
+            have = {s.name for s in a.modules.values()}
+            miss = [p for p in paths if p not in have]
             if miss:
                 out[a.name] = miss
+        return out
+
+    def split_modules(self) -> dict[str, list[ModuleInfo]]:
+        """Module path -> its shape groups, for the modules whose adapters differ in shape."""
+        out: dict[str, list[ModuleInfo]] = {}
+        for m in self.modules:
+            if m.target is not None:
+                out.setdefault(m.target, []).append(m)
         return out
 
     def extras(self) -> dict[str, list[str]]:
@@ -189,21 +225,38 @@ def _common_base(adapters: list[Adapter]) -> str | None:
     return spellings.pop() if len(spellings) == 1 else next(iter(bases))
 
 
-def _module_union(adapters: list[Adapter]) -> list[ModuleInfo]:
-    shapes: dict[str, tuple[ModuleInfo, Adapter]] = {}
+def shape_key(path: str, d_out: int, d_in: int, layout: str = "linear") -> str:
+    """The key of one shape group of module ``path``: ``classifier@3x768`` (``...-embedding`` for an
+    embedding of the same shape as a linear layer of that name, which no real model has)."""
+    return f"{path}@{d_out}x{d_in}" + ("-embedding" if layout == "embedding" else "")
+
+
+def _module_union(adapters: list[Adapter], known: Sequence[ModuleInfo] = ()) -> list[ModuleInfo]:
+    """The collection's modules, one per (module path, shape); re-keys each adapter's ``modules``.
+
+    A module path whose adapters all share one shape keeps its path as key. Where shapes differ,
+    each shape is a group keyed by :func:`shape_key`. ``known`` (an artifact's modules, for
+    ``add``) fixes the keys of the groups it already has.
+    """
+    fixed = {(m.path, m.layout, m.d_out, m.d_in): m for m in known}
+    shapes: dict[str, dict[tuple, ModuleInfo]] = {}
+    for m in known:
+        shapes.setdefault(m.path, {})[(m.layout, m.d_out, m.d_in)] = m
     for a in adapters:
-        for name, spec in a.modules.items():
-            info = ModuleInfo(name, spec.d_out, spec.d_in, spec.layout)
-            if name in shapes and shapes[name][0] != info:
-                other, first = shapes[name]
-                raise ValidationError(
-                    f"{a.weights_file}: module {name!r} is {info.layout} {info.d_out}x{info.d_in} "
-                    f"but {other.layout} {other.d_out}x{other.d_in} in {first.weights_file}"
-                )
-            shapes.setdefault(name, (info, a))
-    return [shapes[k][0] for k in sorted(shapes)]
-
-
+        for spec in a.modules.values():
+            shapes.setdefault(spec.name, {}).setdefault((spec.layout, spec.d_out, spec.d_in), None)
+    infos: dict[tuple, ModuleInfo] = {}
+    for path, groups in shapes.items():
+        for (layout, d_out, d_in), have in groups.items():
+            if have is None:
+                key = path if len(groups) == 1 else shape_key(path, d_out, d_in, layout)
+                have = ModuleInfo(key, d_out, d_in, layout, None if key == path else path)
+            infos[(path, layout, d_out, d_in)] = fixed.get((path, layout, d_out, d_in), have)
+    used: set[str] = set()
+    for a in adapters:
+        a.modules = {infos[(s.name, s.layout, s.d_out, s.d_in)].name: s for s in a.modules.values()}
+        used.update(a.modules)
+    return sorted((i for i in infos.values() if i.name in used), key=lambda i: i.name)
 def load_collection(
     sources: Sequence[str | os.PathLike] | str | os.PathLike,
     *,
