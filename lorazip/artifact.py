@@ -167,14 +167,15 @@ def atomic_path(final: Path, overwrite: bool) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise OutputError(f"{final}: already exists (pass --overwrite to replace it)")
     parent = final.parent if str(final.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{final}: folder {parent} does not exist")
+    made = _make_parents(final, parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
     except OSError as exc:
+        _remove_empty(made)
         raise OutputError(f"{final}: cannot write ({exc.strerror})") from None
     tmp = Path(tmp)
+    done = False
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -187,11 +188,44 @@ def atomic_path(final: Path, overwrite: bool) -> Iterator[Path]:
             os.close(dfd)
         except OSError:
             pass
+        done = True
     except OSError as exc:
         raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not done:
+            _remove_empty(made)
+
+
+def _make_parents(final: Path, parent: Path) -> list[Path]:
+    """Create the missing folders above ``final`` (as ``hf download --local-dir`` does); returns
+    them, deepest first, so that a failed write can remove them again."""
+    made = []
+    p = parent
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise OutputError(f"{final}: {p} is not a folder")
+    for d in reversed(made):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            _remove_empty(made)
+            raise OutputError(f"{final}: cannot create folder {d} ({exc.strerror or exc})") from None
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders :func:`_make_parents` created (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _first_line(exc: BaseException) -> str:

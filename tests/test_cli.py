@@ -184,13 +184,19 @@ def test_compress_existing_output(built, tmp_path, capsys):
     assert os.listdir(tmp_path / "out") == ["x.lorazip.safetensors"]
 
 
-def test_compress_missing_output_folder(built, tmp_path, capsys):
+def test_compress_creates_missing_output_folders(built, tmp_path, capsys):
     src, _art = built
-    rc, _, err = run(capsys, "compress", src, "-o", tmp_path / "nope" / "x.lorazip.safetensors", "--rank", "2",
+    target = tmp_path / "nope" / "deeper" / "x.lorazip.safetensors"
+    rc, _, err = run(capsys, "compress", src, "-o", target, "--rank", "2", "--device", "cpu")
+    assert rc == 0, err
+    assert lorazip.load_artifact(target).meta["rank"] == 2
+    # a path through a file is one error, and the folders made on the way are removed again
+    (tmp_path / "file").write_text("x")
+    rc, _, err = run(capsys, "compress", src, "-o", tmp_path / "file" / "x.lorazip.safetensors", "--rank", "2",
                      "--device", "cpu")
     assert rc == 1
-    assert_one_error_line(err, "does not exist")
-    assert os.listdir(tmp_path) == []
+    assert_one_error_line(err, "is not a folder")
+    assert sorted(os.listdir(tmp_path)) == ["file", "nope"]
 
 
 def test_compress_nan_input(tmp_path, capsys):
