@@ -124,7 +124,10 @@ def compress(
         None, help="Adapter folders, folders of adapter folders, or Hub repo ids (org/name[@rev])."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact to write (.lorazip.safetensors)."),
-    rank: int = typer.Option(16, "--rank", "-r", help="Shared rank per module."),
+    rank: Optional[int] = typer.Option(
+        None, "--rank", "-r", help="Shared rank per module, shared parts only (the paper's fixed-rank mode). "
+        "Default: with no --budget / --target-error, a target mean error of 0.03 (about 99% of the adapters' "
+        "task gain kept, docs/task_eval.md); rank 16 for --method jd-diag / svd and where --clusters groups."),
     method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
     weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -214,6 +217,12 @@ def compress(
                    compute_dtype=compute_dtype, seed=seed, max_iters=max_iters, tol=tol, keep_extras=not no_extras,
                    extras_dtype=extras_dtype, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
                    memory_limit=limit, **({"executor": executor.start()} if executor is not None else {}))
+    if rank is None and not budget and target_error is None and method == "jd-full" and not uniform_rank:
+        from lorazip.compress import DEFAULT_TARGET_ERROR
+
+        err.print(f"no --rank, --budget or --target-error: the least storage for mean error {DEFAULT_TARGET_ERROR} "
+                  "(about 99% of the adapters' task gain kept; --rank 16 is the paper's fixed-rank mode)")
+        target_error = DEFAULT_TARGET_ERROR
     what = "choosing K" if clusters == "auto" else "allocating" if budget or target_error is not None \
         else "compressing"
     try:

@@ -60,8 +60,14 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
         t.add_row("extras error", f"mean {ex['mean']:.3g}  max {ex['max']:.3g}  ({ex['dtype']}, "
                   f"{ex['n_adapters']} adapter(s))")
     sr, sm = base["svd_same_rank"], base["svd_matched_storage"]
-    t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
+    if sr.get("per_pair"):  # ranks chosen per module (and per adapter): the SVD at each pair's own rank
+        t.add_row("SVD, same ranks", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (each adapter x module at "
+                  f"its stored rank, mean {sr['mean_rank']:.1f}, before rounding)")
+    else:
+        t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
     how = f"greedy ranks over {sm['pairs']} adapter x module pairs" if "pairs" in sm else f"rank {sm['rank']} per adapter"
+    if sm.get("precision") == "int8":
+        how += ", int8 rounding as the artifact's"
     t.add_row("SVD, same storage", f"mean {sm['mean']:.4f}  max {sm['max']:.4f}  ({how})")
     t.add_row("numbers", f"{st['original_params']:,} -> {st['compressed_params']:,}  ({st['ratio_params']:.1f}x)")
     t.add_row("bytes", f"{_b(st['original_bytes'])} -> {_b(st['artifact_bytes'])}  ({st['ratio_bytes']:.1f}x, "

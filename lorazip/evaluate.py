@@ -8,6 +8,7 @@ rank and at the same per-adapter storage, and the compression ratio in numbers a
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
@@ -30,21 +31,34 @@ def _itemsize(storage_dtype: str | None) -> int:
     return _ITEMSIZE.get(storage_dtype or "float32", 4)
 
 
-def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: torch.Tensor, numbers: int
-                        ) -> dict[str, Any]:
+def int8_rounding(d_out: int, d_in: int) -> float:
+    """Predicted share of a rank-1 part's energy that symmetric per-row int8 (step ``max|row| / 127``)
+    loses when both of its factors are stored: a row of ``d`` Gaussian-like entries has
+    ``max^2 ~ 2 ln(2d) ||row||^2 / d``, so its rounding noise ``d step^2 / 12`` is ``2 ln(2d) / (12 127^2)``
+    of its energy (7e-5 at d = 576, matching the 1.2e-4 measured on the bundled collection for both
+    factors)."""
+    return sum(2 * math.log(2 * d) / (12 * 127**2) for d in (d_out, d_in))
+
+
+def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: torch.Tensor, numbers: int,
+                        rounding: list[float] | None = None) -> dict[str, Any]:
     """The simplest alternative at equal storage: every adapter kept separately, each of the
     modules it really has truncated by SVD, ranks spread greedily over all (adapter, module)
     pairs by error removed per stored number (a rank step of a module costs ``d_in + d_out``).
 
     spectra : per module (n, r_max) singular values of the original deltas; dims : ``d_in + d_out``
-    per module; norms2 : (n, M) ``||M_im||^2``; numbers : the budget in stored numbers.
+    per module; norms2 : (n, M) ``||M_im||^2``; numbers : the budget in stored numbers; rounding :
+    per module, the share of each kept part's energy its storage precision loses (int8:
+    :func:`int8_rounding`; the baseline then stores its numbers as the artifact does).
     Returns the per-adapter error summary plus ``numbers``, ``pairs`` and ``mean_rank``.
     """
     n = norms2.shape[0]
     E = norms2.sum(1).clamp_min(1e-300)
     gains, costs, who = [], [], []
-    for sv, dim in zip(spectra, dims):
+    for j, (sv, dim) in enumerate(zip(spectra, dims)):
         g = sv.square() / E[:, None]  # (n, r_max): error removed from adapter i's relative error
+        if rounding is not None:
+            g = g * (1 - rounding[j])
         gains.append(g.flatten())
         costs.append(torch.full((g.numel(),), float(dim), dtype=torch.float64))
         who.append(torch.arange(n).repeat_interleave(g.shape[1]))
@@ -140,16 +154,26 @@ def evaluate(
 
     # SVD baselines from the stored spectra of the originals.
     st = storage(artifact)
-    base_same = torch.zeros_like(sq)
+    base_same = torch.zeros_like(sq)  # per-adapter SVD at each (adapter, module)'s stored rank r_m + k_i
+    stored_rank = torch.zeros_like(sq)
     spectra = []
     for j, mod in enumerate(artifact.modules):
         key = f"spectra/{mod['name']}"
         sv = weight_spectra[j] if weight_spectra and j in weight_spectra else artifact.get_rows(key, rows).double()
-        base_same[:, j] = truncation_errors(sv, mod["rank"]) * nn2[:, j]
+        kr = f"resid_ranks/{mod['name']}"
+        ks = artifact.get(kr).long().reshape(-1)[rows] if artifact._has(kr) else torch.zeros(len(rows), dtype=torch.long)
+        stored_rank[:, j] = mod["rank"] + ks
+        base_same[:, j] = truncation_errors(sv, mod["rank"] + ks) * nn2[:, j]
         spectra.append(sv)
+    pairs = nn2 > 0
+    mixed_ranks = any(artifact._has(f"resid_ranks/{m['name']}") for m in artifact.modules) or len(
+        {m["rank"] for m in artifact.modules}) > 1
     # numbers of the compressed parts of these adapters (all of them unless recomputing a subset)
     numbers = int(st["compressed_params"] * len(rows) / max(len(names), 1))
-    matched = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers)
+    int8 = artifact.meta.get("storage_dtype") == "int8"
+    matched = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers,
+                                  [int8_rounding(m["d_out"], m["d_in"]) for m in artifact.modules] if int8 else None)
+    matched["precision"] = artifact.meta.get("storage_dtype")
     matched["bytes"] = numbers * _itemsize(artifact.meta.get("storage_dtype"))
 
     clustering = artifact.meta.get("clustering")
@@ -199,7 +223,9 @@ def evaluate(
         **({"weight_errors": summary(weight_err.tolist())} if weight_err is not None else {}),
         **({"calibration": calibration} if calibration else {}),
         "baseline": {
-            "svd_same_rank": {"rank": artifact.meta.get("rank"), **summary(per_adapter(base_same, nn2).tolist())},
+            "svd_same_rank": {"rank": artifact.meta.get("rank"), "per_pair": mixed_ranks,
+                              "mean_rank": float(stored_rank[pairs].mean()) if bool(pairs.any()) else 0.0,
+                              **summary(per_adapter(base_same, nn2).tolist())},
             "svd_matched_storage": matched,
         },
         "storage": st,

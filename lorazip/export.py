@@ -106,11 +106,22 @@ def _peft_parts(
     return parts
 
 
+# the heads PEFT's task types add to modules_to_save when it loads an adapter (suffix-matched)
+_TASK_SAVES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
 def _config(artifact: Artifact, i: int, state: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, Any]:
     """``adapter_config.json`` of adapter ``i`` exported with the per-module ``ranks`` (scale 1 everywhere)."""
     meta = artifact.meta["adapters"][i]
     kept = [k for k in meta.get("extras", []) if k in state]
     orig = meta.get("config", {})
+    saved = (orig.get("modules_to_save") or []) if kept else []
+    task = None if meta.get("extras") and not kept else orig.get("task_type")
+    if any(m.endswith(s) for m in ranks for s in [*saved, *_TASK_SAVES.get(task or "", ())]):
+        # LoRA on a head that PEFT would also wrap as modules_to_save (older PEFT wrote such adapters;
+        # current PEFT refuses to load them): a plain LoRA whose heads' saved weights load into the
+        # LoRA layers' base_layer, as the old PEFT computed it
+        task, saved = None, [s for s in saved if not any(m.endswith(s) for m in ranks)]
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else (artifact.meta.get("rank") or 1)
     pattern = {re.escape(m): rr for m, rr in ranks.items() if rr != r}
     return {
@@ -119,7 +130,7 @@ def _config(artifact: Artifact, i: int, state: dict[str, torch.Tensor], ranks: d
         "revision": orig.get("revision"),
         # PEFT's classification task types add their head to modules_to_save on load; if the
         # heads were not stored (--no-extras), export a plain LoRA so PEFT does not look for them.
-        "task_type": None if meta.get("extras") and not kept else orig.get("task_type"),
+        "task_type": task,
         "r": r,
         "lora_alpha": r,
         "rank_pattern": pattern,
@@ -128,7 +139,7 @@ def _config(artifact: Artifact, i: int, state: dict[str, torch.Tensor], ranks: d
         "use_dora": False,
         "target_modules": sorted(ranks),
         "fan_in_fan_out": bool(orig.get("fan_in_fan_out", False)),
-        "modules_to_save": orig.get("modules_to_save") if kept else None,
+        "modules_to_save": saved or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "inference_mode": True,

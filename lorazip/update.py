@@ -411,8 +411,8 @@ def add_adapters(
 def _start_shape_groups(art: Artifact, coll: Collection, old: dict[str, torch.Tensor], mods: list[dict[str, Any]],
                         max_iters: int | None, tol: float | None) -> None:
     """Append a shape group for every new shape of a module the artifact has (a 3-label head added
-    to 2-label ones): bases fitted by JD-Full on the new adapters of that shape at the module's rank
-    (its other groups' largest), zero cores for the adapters already in the artifact (they do not
+    to 2-label ones): bases fitted by JD-Full on the new adapters of that shape at the artifact's rank
+    (or its other groups' largest, capped by the shape and the new adapters' ranks), zero cores for the adapters already in the artifact (they do not
     adapt that shape), so that the projection below treats it like any other module. In place:
     ``old`` gains the group's tensors (and a zero column in the statistics), ``mods`` its entry."""
     have = {m["name"] for m in mods}
@@ -422,7 +422,7 @@ def _start_shape_groups(art: Artifact, coll: Collection, old: dict[str, torch.Te
             continue
         peers = [m for m in mods if module_path(m) == info.path]
         first = peers[0]["name"]
-        rank = max(m["rank"] for m in peers)
+        rank = max([art.meta.get("rank") or 0] + [m["rank"] for m in peers])  # requested, not a capped group's
         fac = coll.module_factors(info.name, dtype=torch.float64)
         rows = [i for i, a in enumerate(coll.adapters) if info.name in a.modules]
         r = max(1, min(rank, info.d_out, info.d_in, int(fac.ranks.sum())))

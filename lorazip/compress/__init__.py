@@ -23,9 +23,16 @@ from .pipeline import COMPUTE_DTYPES, CompressOptions, compress_modules
 __all__ = ["compress", "compress_modules", "CompressOptions", "COMPUTE_DTYPES"]
 
 
+DEFAULT_RANK = 16  # the paper's fixed-rank mode, and the rank at which --clusters groups the adapters
+# With none of rank, budget and target: the mean error at which the bundled collection keeps >= 99% of
+# its adapters' task gain (docs/task_eval.md: every adapter with error <= 0.031 kept >= 0.99, and the
+# weight-space budget runs lose 0.31 of their mean error in retention).
+DEFAULT_TARGET_ERROR = 0.03
+
+
 def compress(
     collection: Collection,
-    rank: int = 16,
+    rank: int | None = None,
     *,
     budget: int | None = None,
     target_error: float | None = None,
@@ -45,7 +52,10 @@ def compress(
     ----------
     collection : from :func:`lorazip.load_collection`.
     rank : shared rank per module (at most; a module allowing less is stored at its limit).
-        Shared parts only, no per-adapter residuals.
+        Shared parts only, no per-adapter residuals: the paper's fixed-rank mode. With none of
+        ``rank``, ``budget`` and ``target_error`` (jd-full, with or without clusters), the target
+        is :data:`DEFAULT_TARGET_ERROR` (mean); otherwise ``rank`` defaults to :data:`DEFAULT_RANK`
+        (also the rank at which ``clusters`` groups the adapters).
     budget : bytes of the artifact file. With ``target_error`` (0..1) instead: the fewest bytes
         whose per-adapter error statistic ``target_stat`` ("mean" or "max") meets it. Either one
         lets the allocator choose, per module, a shared rank and per-adapter residual ranks
@@ -80,6 +90,10 @@ def compress(
     """
     if target_stat not in ("mean", "max"):
         raise OptionError(f"target statistic must be mean or max, got {target_stat!r}")
+    if rank is None:
+        if budget is None and target_error is None and method == "jd-full" and not uniform_rank:
+            target_error = DEFAULT_TARGET_ERROR
+        rank = DEFAULT_RANK
     if calibration is not None:  # every solver then reads whitened factors
         from .whiten import DEFAULT_LAMBDA, whiten_collection
 

@@ -516,8 +516,10 @@ def compress_mixed(
     native = collection.storage_dtype() if storage_dtype == "auto" else storage_dtype
     if native not in STORAGE_DTYPES:
         raise OptionError(f"unknown dtype {native!r}; choose from {', '.join(STORAGE_DTYPES)}")
-    # "auto": the adapters' own precision, or int8 (twice the numbers in fp16's bytes) where it does better
-    dtypes = [native] + (["int8"] if storage_dtype == "auto" and native != "int8" else [])
+    # "auto": the adapters' own precision, or int8 (twice the numbers in fp16's bytes) where it does better;
+    # float32 adapters also try float16 (half the bytes, rounding 1e-7 of the energy)
+    dtypes = [native] + ([d for d in ("float16", "int8") if d != native and (d == "int8" or native == "float32")]
+                         if storage_dtype == "auto" else [])
     size_of = {dt: torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size() for dt in dtypes}  # 1 for int8
     check_extras_dtype(extras_dtype)
     candidates = list(clusters or [None])
@@ -555,7 +557,7 @@ def compress_mixed(
                 if progress:
                     progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
             del reads
-            E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+            E = _energies(fits)
             curves = _Curves(fits, E)  # shared by every dtype and every budget the dry assembly tries
             for dt in dtypes:
                 goal = target_error
@@ -576,7 +578,7 @@ def compress_mixed(
                 key = ((alloc.predicted > target_error + 1e-12, size, alloc.predicted) if budget is None
                        else (alloc.predicted, size))
                 if dt not in best or key < best[dt][0]:
-                    best[dt] = (key, alloc, fits, cand)
+                    best[dt] = (key, alloc, fits, cand, curves, goal)
         if not best:
             raise failed or OptionError("the budget is too small for any part: raise it")
         t_fit = time.perf_counter() - t0
@@ -584,14 +586,33 @@ def compress_mixed(
         # does better, build it and keep it if its exact error still beats the other's prediction
         order = sorted(best, key=lambda d: best[d][0])
         for i, dt in enumerate(order):
-            _, alloc, fits, cand = best[dt]
-            art = _build(collection, fits, alloc, dt, weighting, seed, tol, max_iters, hashes, keep_extras, progress,
-                         target_error, stat, budget, extras_dtype, executor=executor,
-                         kept=kept if i + 1 == len(order) else dict(kept), clusters=cand, plan=plan)
-            if i + 1 == len(order):
+            _, alloc, fits, cand, curves, goal = best[dt]
+            last = i + 1 == len(order)
+            for attempt in range(1 if budget is not None or last else _RETARGETS + 1):
+                art = _build(collection, fits, alloc, dt, weighting, seed, tol, max_iters, hashes, keep_extras,
+                             progress, target_error, stat, budget, extras_dtype, executor=executor,
+                             kept=kept if last else dict(kept), clusters=cand, plan=plan)
+                if last:
+                    break
+                got = _stat(per_adapter(*art.stats()).numpy(), stat)
+                if budget is not None or got <= target_error + 1e-12 or attempt == _RETARGETS:
+                    break
+                # a target missed by rounding: aim lower by the miss (measured, not assumed), while that
+                # still needs fewer bytes than the next precision
+                goal -= (got - target_error) * 1.25 + 1e-6
+                try:
+                    retry = _allocate_to_size(collection, fits, _energies(fits), budget, goal, stat, dt, size_of[dt],
+                                              weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes,
+                                              curves)
+                except OptionError:
+                    break
+                if retry.numbers * size_of[dt] >= best[order[i + 1]][1].numbers * size_of[order[i + 1]]:
+                    break
+                alloc = retry
+                tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
+                              "numbers": alloc.numbers, "retarget": goal})
+            if last:
                 break
-            exact = per_adapter(*art.stats()).numpy()
-            got = float(exact.mean() if stat == "mean" else exact.max())
             if (got < best[order[i + 1]][1].predicted) if budget is not None else (got <= target_error + 1e-12):
                 break
         storage_dtype = dt
@@ -624,6 +645,18 @@ def compress_mixed(
     if len(candidates) > 1 or len(dtypes) > 1:
         report["clusters_tried"] = tried
     return art, report
+
+
+_RETARGETS = 3  # a target missed by a quantised precision's rounding is aimed lower at most this often
+
+
+def _energies(fits: list[ModuleFit]) -> np.ndarray:
+    """Each adapter's energy summed over the modules (the allocator's weights)."""
+    return torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+
+
+def _stat(errors: np.ndarray, stat: str) -> float:
+    return float(errors.mean() if stat == "mean" else errors.max())
 
 
 def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_dtype, itemsize, weighting, seed,

@@ -205,6 +205,18 @@ _CONFIG_TYPES = (
 )
 
 
+# Config fields that make an adapter more than its LoRA factors (PEFT options lorazip cannot carry).
+_CHANGES_MEANING = (
+    ("trainable_token_indices", "trainable token rows of an embedding"),
+    ("alora_invocation_tokens", "activated LoRA: the update starts at invocation tokens"),
+    ("target_parameters", "LoRA on parameters, not modules"),
+    ("layer_replication", "replicated layers"),
+    ("use_qalora", "QALoRA"),
+)
+# init_lora_weights under which PEFT re-derives the base weights on load (PiSSA, OLoRA, CorDA, LoftQ)
+_REDERIVED_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """Parse and check ``adapter_config.json``; refuse anything that is not plain LoRA.
 
@@ -259,6 +271,16 @@ def read_config(path: Path) -> dict[str, Any]:
                 ) from None
     if cfg.get("lora_bias"):
         raise AdapterFormatError(f"{cfg_path}: lora_bias adapters are not supported")
+    for key, what in _CHANGES_MEANING:
+        if cfg.get(key):
+            raise AdapterFormatError(f"{cfg_path}: '{key}' ({what}) is not supported; lorazip compresses plain LoRA")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.split("_")[0].lower() in _REDERIVED_INITS:
+        raise AdapterFormatError(
+            f"{cfg_path}: init_lora_weights {init!r}: PEFT changes the base weights when it loads this adapter, "
+            "so its factors alone are not its update; save it as plain LoRA first (PEFT's "
+            "path_initial_model_for_weight_conversion) and compress that"
+        )
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         try:
@@ -363,6 +385,23 @@ def _module_name(key_module: str) -> str:
     return key_module[len(_PREFIX):] if key_module.startswith(_PREFIX) else key_module
 
 
+_WRAPPED = (".modules_to_save", ".original_module")
+
+
+def _unwrap_saved_heads(pairs: dict[str, dict[str, str]]) -> None:
+    """LoRA on a module that is also in ``modules_to_save`` (PEFT up to 0.12 wrote it; newer PEFT refuses
+    it): the file holds ``<m>.lora_A/B``, ``<m>.modules_to_save.lora_A/B`` and
+    ``<m>.original_module.lora_A/B``. PEFT's forward uses ``<m>.lora_*`` (on the saved head
+    ``<m>.base_layer``); the copies are not used (checked by perturbing them, tests/test_zoo.py).
+    Read it that way, in place: the wrapped copies are dropped; a ``modules_to_save`` copy without
+    plain factors stands for ``<m>`` (it is the active one), an ``original_module`` copy is unused."""
+    for mod in [m for m in pairs if m.endswith(_WRAPPED)]:
+        slot = pairs.pop(mod)
+        base, _, kind = mod.rpartition(".")
+        if kind == "modules_to_save" and base not in pairs:
+            pairs[base] = slot
+
+
 def _weights_path(path: Path, allow_pickle: bool) -> tuple[Path, bool]:
     st = path / WEIGHTS_NAME
     if st.is_file():
@@ -434,6 +473,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
         slot["layout"] = "embedding" if "embedding" in kind else "linear"
         dtypes.add(info["dtype"])
 
+    _unwrap_saved_heads(pairs)
     if not pairs:
         raise AdapterFormatError(f"{weights}: no LoRA tensors (lora_A / lora_B) found")
     modules: dict[str, LoraModule] = {}

@@ -41,11 +41,15 @@ def spectra_from_grams(GB: torch.Tensor, GA: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(H @ GA @ H).clamp_min(0).sqrt().flip(-1)
 
 
-def truncation_errors(sv: torch.Tensor, k: int) -> torch.Tensor:
-    """Relative squared error of the best rank-``k`` approximation, from spectra (n, r_max)."""
+def truncation_errors(sv: torch.Tensor, k: "int | torch.Tensor") -> torch.Tensor:
+    """Relative squared error of the best rank-``k`` approximation, from spectra (n, r_max);
+    ``k`` is one rank or one per row (n,)."""
     e = sv.square()
     total = e.sum(1)
-    kept = e[:, : max(k, 0)].sum(1)
+    if isinstance(k, torch.Tensor):
+        kept = (e * (torch.arange(e.shape[1]) < k.reshape(-1, 1))).sum(1)
+    else:
+        kept = e[:, : max(k, 0)].sum(1)
     return torch.where(total > 0, (total - kept).clamp_min(0) / total.clamp_min(1e-300), 0.0)
 
 
