@@ -1,0 +1,82 @@
+"""The default compression (no rank, budget or target): a quality target met with the fewest bytes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+from helpers import run_cli as run
+from helpers import write_collection
+
+import lorazip
+from lorazip.compress import DEFAULT_RANK, DEFAULT_TARGET_ERROR
+from lorazip.metrics import per_adapter
+
+mixed = importlib.import_module("lorazip.compress.mixed")
+MODULES = {f"l.{i}.q": (48, 40) for i in range(4)}
+
+
+@pytest.fixture(scope="module")
+def f32(tmp_path_factory):
+    """Five float32 adapters (rank 8) of four modules."""
+    root = tmp_path_factory.mktemp("f32") / "src"
+    write_collection(root, n=5, modules=MODULES, r=8, seed=3)
+    return root
+
+
+def test_library_default_is_the_target(f32):
+    coll = lorazip.load_collection(f32)
+    art = lorazip.compress(coll, hash_sources=False)
+    assert art.allocation["target_error"] == DEFAULT_TARGET_ERROR and art.allocation["target_stat"] == "mean"
+    assert float(per_adapter(*art.stats()).mean()) <= DEFAULT_TARGET_ERROR
+    fixed = lorazip.compress(coll, DEFAULT_RANK, hash_sources=False)  # a rank is the paper's fixed-rank mode
+    assert fixed.allocation is None and all(m["rank"] <= DEFAULT_RANK for m in fixed.modules)
+    assert lorazip.compress(coll, method="jd-diag", hash_sources=False).meta["rank"] == DEFAULT_RANK
+
+
+def test_cli_default_says_what_it_does(f32, tmp_path, capsys):
+    out = tmp_path / "d.lorazip.safetensors"
+    rc, stdout, err = run(capsys, "compress", f32, "-o", out, "--json")
+    assert rc == 0, err
+    rep = json.loads(stdout)
+    assert rep["rank_allocation"]["target_error"] == DEFAULT_TARGET_ERROR
+    assert rep["errors"]["mean"] <= DEFAULT_TARGET_ERROR
+    assert f"no --rank, --budget or --target-error: the least storage for mean error {DEFAULT_TARGET_ERROR}" in \
+        " ".join(err.split())
+    # every row means something: at a target the per-adapter SVD baseline is taken at each pair's stored rank
+    sr = rep["baseline"]["svd_same_rank"]
+    assert sr["per_pair"] and sr["mean"] <= rep["errors"]["mean"] + 1e-9 and sr["mean_rank"] > 0
+    assert rep["baseline"]["svd_matched_storage"]["mean"] >= rep["errors"]["mean"] - 1e-4
+
+
+def test_target_takes_the_fewest_bytes_for_float32_adapters(f32):
+    """float32 adapters: a target is not stored in float32 when int8 (or float16) meets it in fewer bytes."""
+    coll = lorazip.load_collection(f32)
+    for target in (0.01, 0.05, 0.2):
+        art = lorazip.compress(coll, target_error=target, hash_sources=False)
+        assert art.meta["storage_dtype"] != "float32", target
+        assert float(per_adapter(*art.stats()).mean()) <= target
+        tried = {d["dtype"] for d in art.allocation["clusters_tried"]}
+        assert tried == {"float32", "float16", "int8"}
+
+
+def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
+    """When int8's exact error misses the target (its rounding larger than the room left for it), the
+    allocation is aimed lower by the miss and int8 is kept if that still needs fewer bytes."""
+    built: list[str] = []
+    real = mixed._build
+
+    def missing_once(collection, fits, alloc, dt, *args, **kw):
+        art = real(collection, fits, alloc, dt, *args, **kw)
+        built.append(dt)
+        if dt == "int8" and built.count("int8") == 1:  # as if the rounding cost 0.01 of every adapter
+            sq, nn = art.stats()
+            art.stats = lambda: (sq + 0.01 * nn, nn)
+        return art
+
+    monkeypatch.setattr(mixed, "_build", missing_once)
+    art = lorazip.compress(lorazip.load_collection(f32), target_error=0.05, hash_sources=False)
+    assert built[:2] == ["int8", "int8"] and art.meta["storage_dtype"] == "int8"
+    assert any(d.get("retarget") is not None for d in art.allocation["clusters_tried"])
+    assert float(per_adapter(*art.stats()).mean()) <= 0.05
