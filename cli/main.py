@@ -194,6 +194,7 @@ def compress(
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     _load_torch()
     from lorazip.compress import compress as run_compress
+    from lorazip.compress import default_target_error
     from lorazip.evaluate import evaluate
     from lorazip.io.collection import load_collection
 
@@ -217,12 +218,11 @@ def compress(
                    compute_dtype=compute_dtype, seed=seed, max_iters=max_iters, tol=tol, keep_extras=not no_extras,
                    extras_dtype=extras_dtype, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
                    memory_limit=limit, **({"executor": executor.start()} if executor is not None else {}))
-    if rank is None and not budget and target_error is None and method == "jd-full" and not uniform_rank:
-        from lorazip.compress import DEFAULT_TARGET_ERROR
-
-        err.print(f"no --rank, --budget or --target-error: the least storage for mean error {DEFAULT_TARGET_ERROR} "
+    default = default_target_error(rank, budget, target_error, method, uniform_rank)
+    if default is not None:  # the library aims at the same target; said here once
+        err.print(f"no --rank, --budget or --target-error: the least storage for mean error {default} "
                   "(about 99% of the adapters' task gain kept; --rank 16 is the paper's fixed-rank mode)")
-        target_error = DEFAULT_TARGET_ERROR
+        target_error = default
     what = "choosing K" if clusters == "auto" else "allocating" if budget or target_error is not None \
         else "compressing"
     try:

@@ -498,12 +498,12 @@ def _targets(model: nn.Module, artifact: Artifact, names: list[str]) -> tuple[li
     by_path: dict[str, list[dict]] = {}
     for mod in artifact.modules:
         by_path.setdefault(module_path(mod), []).append(mod)
+    ranks = {a: artifact.meta["adapters"][artifact.index(a)].get("ranks", {}) for a in names}
     out, wrong = [], {}
     for path, group in by_path.items():
         sub, shape = _model_shape(model, group[0], base)
         fits = [mod for mod in group if (mod["d_out"], mod["d_in"]) == shape]
         if not fits:
-            mod = group[0]
             raise ValidationError(
                 f"{path}: the model's layer is {shape[0]} x {shape[1]} (d_out x d_in) but the artifact's is "
                 + " or ".join(f"{g['d_out']} x {g['d_in']}" for g in group)
@@ -513,7 +513,7 @@ def _targets(model: nn.Module, artifact: Artifact, names: list[str]) -> tuple[li
         for mod in group:
             if mod is not fits[0]:
                 for a in names:
-                    if mod["name"] in artifact.meta["adapters"][artifact.index(a)].get("ranks", {}):
+                    if mod["name"] in ranks[a]:
                         wrong.setdefault(a, f"its {path} is {mod['d_out']} x {mod['d_in']}, the model's {shape[0]} x {shape[1]}")
     return out, wrong
 

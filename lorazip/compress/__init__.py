@@ -30,6 +30,15 @@ DEFAULT_RANK = 16  # the paper's fixed-rank mode, and the rank at which --cluste
 DEFAULT_TARGET_ERROR = 0.03
 
 
+def default_target_error(rank: int | None, budget: int | None, target_error: float | None, method: str,
+                         uniform_rank: bool) -> float | None:
+    """The target a run without ``rank``, ``budget`` and ``target_error`` aims at (jd-full, not a
+    uniform rank): :data:`DEFAULT_TARGET_ERROR`; None where the run is not such a default run."""
+    if rank is None and budget is None and target_error is None and method == "jd-full" and not uniform_rank:
+        return DEFAULT_TARGET_ERROR
+    return None
+
+
 def compress(
     collection: Collection,
     rank: int | None = None,
@@ -91,8 +100,7 @@ def compress(
     if target_stat not in ("mean", "max"):
         raise OptionError(f"target statistic must be mean or max, got {target_stat!r}")
     if rank is None:
-        if budget is None and target_error is None and method == "jd-full" and not uniform_rank:
-            target_error = DEFAULT_TARGET_ERROR
+        target_error = default_target_error(rank, budget, target_error, method, uniform_rank) or target_error
         rank = DEFAULT_RANK
     if calibration is not None:  # every solver then reads whitened factors
         from .whiten import DEFAULT_LAMBDA, whiten_collection

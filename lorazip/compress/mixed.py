@@ -557,7 +557,7 @@ def compress_mixed(
                 if progress:
                     progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
             del reads
-            E = _energies(fits)
+            E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
             curves = _Curves(fits, E)  # shared by every dtype and every budget the dry assembly tries
             for dt in dtypes:
                 goal = target_error
@@ -578,7 +578,7 @@ def compress_mixed(
                 key = ((alloc.predicted > target_error + 1e-12, size, alloc.predicted) if budget is None
                        else (alloc.predicted, size))
                 if dt not in best or key < best[dt][0]:
-                    best[dt] = (key, alloc, fits, cand, curves, goal)
+                    best[dt] = (key, alloc, fits, cand, curves, goal, E)
         if not best:
             raise failed or OptionError("the budget is too small for any part: raise it")
         t_fit = time.perf_counter() - t0
@@ -586,7 +586,7 @@ def compress_mixed(
         # does better, build it and keep it if its exact error still beats the other's prediction
         order = sorted(best, key=lambda d: best[d][0])
         for i, dt in enumerate(order):
-            _, alloc, fits, cand, curves, goal = best[dt]
+            _, alloc, fits, cand, curves, goal, E = best[dt]
             last = i + 1 == len(order)
             for attempt in range(1 if budget is not None or last else _RETARGETS + 1):
                 art = _build(collection, fits, alloc, dt, weighting, seed, tol, max_iters, hashes, keep_extras,
@@ -601,7 +601,7 @@ def compress_mixed(
                 # still needs fewer bytes than the next precision
                 goal -= (got - target_error) * 1.25 + 1e-6
                 try:
-                    retry = _allocate_to_size(collection, fits, _energies(fits), budget, goal, stat, dt, size_of[dt],
+                    retry = _allocate_to_size(collection, fits, E, budget, goal, stat, dt, size_of[dt],
                                               weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes,
                                               curves)
                 except OptionError:
@@ -648,11 +648,6 @@ def compress_mixed(
 
 
 _RETARGETS = 3  # a target missed by a quantised precision's rounding is aimed lower at most this often
-
-
-def _energies(fits: list[ModuleFit]) -> np.ndarray:
-    """Each adapter's energy summed over the modules (the allocator's weights)."""
-    return torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
 
 
 def _stat(errors: np.ndarray, stat: str) -> float:
