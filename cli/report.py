@@ -41,6 +41,10 @@ def rank_summary(rep: dict[str, Any]) -> str:
     return text
 
 
+def bits_total(bits: dict[str, Any]) -> int:
+    return sum(bits["histogram"].values())
+
+
 def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t = Table(title=escape(title), show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -65,10 +69,20 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
                   f"its stored rank, mean {sr['mean_rank']:.1f}, before rounding)")
     else:
         t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
-    how = f"greedy ranks over {sm['pairs']} adapter x module pairs" if "pairs" in sm else f"rank {sm['rank']} per adapter"
-    if sm.get("precision") == "int8":
-        how += ", int8 rounding as the artifact's"
+    if "scheme" in sm:  # the best of per-adapter SVD at 2-16 bits and LoRAQuant-style mixed precision
+        how = f"best of {len(sm.get('alternatives', {}))} at these bytes: {sm['scheme']}"
+    else:
+        how = f"greedy ranks over {sm['pairs']} adapter x module pairs" if "pairs" in sm else \
+            f"rank {sm['rank']} per adapter"
+        if sm.get("precision") == "int8":
+            how += ", int8 rounding as the artifact's"
     t.add_row("SVD, same storage", f"mean {sm['mean']:.4f}  max {sm['max']:.4f}  ({how})")
+    bits = rep.get("bits")
+    if bits and bits.get("histogram"):
+        hist = "  ".join(f"{b}-bit {n / max(bits_total(bits), 1):.0%}" for b, n in bits["histogram"].items())
+        nothing = f", {bits['pairs_at_nothing']} of {bits['pairs']} adapter x module pairs stored at nothing" \
+            if bits.get("pairs_at_nothing") else ""
+        t.add_row("bits", f"{bits['bits_per_number']:.2f} per number  ({hist}{nothing})")
     t.add_row("numbers", f"{st['original_params']:,} -> {st['compressed_params']:,}  ({st['ratio_params']:.1f}x)")
     t.add_row("bytes", f"{_b(st['original_bytes'])} -> {_b(st['artifact_bytes'])}  ({st['ratio_bytes']:.1f}x, "
               f"{_b(st['bytes_per_adapter'])} per adapter)")

@@ -30,10 +30,8 @@ the tensors. Writes are atomic; reads are lazy (one adapter's cores are a slice)
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError
 from .layout import Layout
-from .io.safetensors_header import FLOAT_DTYPES, ST_DTYPES, RawReader, parse_header, parse_json, short
+from .io.safetensors_header import FLOAT_DTYPES, ST_DTYPES, RawReader, header_bytes, parse_header, parse_json, short
 
 if TYPE_CHECKING:
     import torch
@@ -50,12 +48,13 @@ if TYPE_CHECKING:
 # neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 4  # 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
+FORMAT_VERSION = 5  # 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
 _CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
 QSCALE = "qscale/"  # int8 storage: ``qscale/<key>``, the row scales of the int8 tensor ``<key>`` (lorazip.quantize)
 _QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
+LOWBIT_GROUP = "row"  # low-bit rows have one scale per row (lorazip.lowbit.GROUP None; checked without numpy)
 EXTRAS_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")  # original dtypes of converted extras
 
 
@@ -234,26 +233,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
-    """The header bytes (length prefix + JSON, space-padded to 8 bytes) of a safetensors file and
-    the order of the tensors' data, laid out as safetensors does it (wider dtypes first, then by
-    name) but deterministic: ``__metadata__`` keys sorted (safetensors' own writer emits them in
-    hash-map order, which differs from run to run)."""
+    """The header bytes of a safetensors file of ``tensors`` and the order of their data
+    (:func:`lorazip.io.safetensors_header.header_bytes`: deterministic, as lorazip writes every file)."""
     from .io.peft import ST_TORCH
 
     torch_st = {v: k for k, v in ST_TORCH.items()}
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
-    pos = 0
-    for key in order:
-        t = tensors[key]
+    for key, t in tensors.items():
         if t.dtype not in torch_st:
             raise OutputError(f"tensor {short(key)}: dtype {t.dtype} cannot be stored in safetensors")
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": torch_st[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, order
+    return header_bytes({k: (torch_st[t.dtype], t.shape) for k, t in tensors.items()}, metadata)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -402,13 +390,20 @@ class Artifact:
         """An int8 tensor with row scales ``qscale/<key>`` (format: docs/format.md, int8 storage)."""
         return not key.startswith(QSCALE) and self._has(QSCALE + key)
 
-    def _dequantised(self, key: str, t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """float32 values of the int8 rows ``t`` with their ``scale``; an empty int8 base, core or
-        residual tensor (stored without scales) as an empty float32 one; anything else as is."""
+    def _dequantised(self, key: str, t: torch.Tensor, scale: torch.Tensor | None,
+                     bits: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 values of the int8 rows ``t`` with their ``scale`` (low-bit rows: uint8 codes with
+        their group scales and per-row ``bits``); an empty int8 base, core or residual tensor
+        (stored without scales) as an empty float32 one; anything else as is."""
         import torch
 
-        from .quantize import dequantize_rows
+        from .quantize import dequantize_lowbit, dequantize_rows
 
+        if scale is not None and t.dtype == torch.uint8:
+            if bits is None or scale.shape[0] != t.shape[0] or bits.shape[0] != t.shape[0]:
+                raise ArtifactError(f"{self.path or 'artifact'}: low-bit tensor {short(key)} without matching "
+                                    "scales and bits")
+            return dequantize_lowbit(t, scale, bits)
         if scale is not None:
             if tuple(scale.shape) != tuple(t.shape[:-1]):
                 raise ArtifactError(
@@ -426,10 +421,16 @@ class Artifact:
         else:
             with self._open() as f:
                 t = self._read(f, key)
-        scale = None
+        scale = bits = None
         if self._quantised(key):
             scale = self.get(QSCALE + key)
-        return self._dequantised(key, t, scale)
+            if self._lowbit(key):
+                bits = self.get(_bits_key(key))
+        return self._dequantised(key, t, scale, bits)
+
+    def _lowbit(self, key: str) -> bool:
+        """A residual tensor whose rows are low-bit codes (format v5: ``qbits/<m>`` gives their bits)."""
+        return key.startswith(("resid_B/", "resid_A/")) and self._has(_bits_key(key))
 
     def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
         """Rows of a tensor along dim 0 without reading the others (safetensors slicing); int8
@@ -438,7 +439,9 @@ class Artifact:
 
         if self._tensors is not None:
             t = self._tensors[key][rows]
-            return self._dequantised(key, t, self._tensors[QSCALE + key][rows] if self._quantised(key) else None)
+            bits = self._tensors[_bits_key(key)][rows] if self._lowbit(key) else None
+            return self._dequantised(key, t, self._tensors[QSCALE + key][rows] if self._quantised(key) else None,
+                                     bits)
         if not len(rows):
             return torch.empty(0)
         blocks = self._read_spans(key, [(int(i), int(i) + 1) for i in rows])
@@ -451,6 +454,9 @@ class Artifact:
         blocks = self._read_raw_spans(key, spans)
         if self._quantised(key):
             scales = self._read_raw_spans(QSCALE + key, spans)
+            if self._lowbit(key):
+                bits = self._read_raw_spans(_bits_key(key), spans)
+                return [self._dequantised(key, t, s, b) for t, s, b in zip(blocks, scales, bits)]
             return [self._dequantised(key, t, s) for t, s in zip(blocks, scales)]
         return [self._dequantised(key, t, None) for t in blocks]
 
@@ -483,6 +489,13 @@ class Artifact:
             if t.shape[0] != b - a:
                 raise IndexError(f"tensor {short(key)}: rows {a}..{b - 1} out of range")
         return [read[j][o : o + b - a] for (j, o), (a, b) in zip(where, spans)]
+
+    def raw(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` in its stored form (int8 or low-bit codes, not dequantised)."""
+        if self._tensors is not None:
+            return self._tensors[key]
+        with self._open() as f:
+            return self._read(f, key)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor in its stored form (int8 tensors and their ``qscale/`` scales as written)."""
@@ -576,7 +589,7 @@ class Artifact:
         tensors = {k: v.contiguous() for k, v in pack(self.tensors(), self.meta).items()}
         meta = dict(self.meta)
         meta["checksum"] = tensor_checksum(tensors)
-        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lorazip_z": encode_meta(meta)}
+        header = {"format": FORMAT_NAME, "format_version": str(written_version(meta)), "lorazip_z": encode_meta(meta)}
         return tensors, header, meta
 
     def serialized_size(self) -> int:
@@ -657,6 +670,17 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
     art = Artifact(meta, path=path)
     art._layout = layout
     return art
+
+
+def written_version(meta: dict[str, Any]) -> int:
+    """The format version a file of ``meta`` is written in: 5 with low-bit residual rows, else 4
+    (which lorazip versions before low-bit storage read)."""
+    return FORMAT_VERSION if any((m.get("residual") or {}).get("bits") for m in meta["modules"]) else 4
+
+
+def _bits_key(key: str) -> str:
+    """``qbits/<m>`` of a residual key ``resid_B/<m>`` / ``resid_A/<m>``."""
+    return "qbits/" + key.split("/", 1)[1]
 
 
 def read_meta(meta_raw: dict[str, str], path: Path | str, version: int) -> Any:
@@ -765,6 +789,17 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
             and res["max_rank"] <= res["total_rank"]
         ):
             raise bad(f"modules[{j}].residual must be an object with positive 'max_rank' <= 'total_rank'")
+        quant = mod.get("quant")
+        if quant is not None and not (isinstance(quant, list) and len(quant) == 5 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 4 for x in quant)):
+            raise bad(f"modules[{j}].quant must be five relative errors (at 1, 2, 3, 4 and 8 bits)")
+        bits = (res or {}).get("bits")
+        if bits is not None and not (
+            isinstance(bits, dict) and bits.get("group") == LOWBIT_GROUP and isinstance(bits.get("bytes"), list)
+            and len(bits["bytes"]) == 2 and all(_is_int(b, 1) for b in bits["bytes"])
+        ):
+            raise bad(f"modules[{j}].residual.bits must be an object with 'group' {LOWBIT_GROUP} and two positive "
+                      "'bytes'")
         if not _is_int(mod.get("n_clusters", 1), 1):
             raise bad(f"modules[{j}].n_clusters must be a positive integer")
         if mod.get("layout", "linear") not in ("linear", "embedding"):
@@ -823,8 +858,13 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
 
     def stored(key: str, shapes: list[list[Any]]) -> None:
         """A float tensor, or (int8 storage) an int8 one whose ``qscale/`` companion has its shape
-        less the last axis (no companion for an empty tensor)."""
+        less the last axis (no companion for an empty tensor), or low-bit codes (uint8, format v5)
+        with bfloat16 group scales."""
         info = header.get(key)
+        if info is not None and info["dtype"] == "U8" and key.startswith(("resid_B/", "resid_A/")):
+            tensor(key, shapes, ("U8",))
+            tensor(_bits_key(key), [shapes[0][:1]], ("U8",))
+            return tensor(QSCALE + key, [[shapes[0][0], 1]], ("BF16",))
         if info is None or info["dtype"] != "I8":
             return tensor(key, shapes, FLOAT_DTYPES)
         tensor(key, shapes, ("I8",))
@@ -835,7 +875,7 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
     for key, info in header.items():  # row scales belong to an int8 base, core, residual or extras tensor
         if key.startswith(QSCALE):
             base = header.get(key[len(QSCALE):])
-            if not key[len(QSCALE):].startswith(_QUANTISABLE) or base is None or base["dtype"] != "I8":
+            if not key[len(QSCALE):].startswith(_QUANTISABLE) or base is None or base["dtype"] not in ("I8", "U8"):
                 raise ArtifactError(
                     f"{path}: tensor {short(key)} has no int8 tensor {short(key[len(QSCALE):])} to scale")
             if key[len(QSCALE):].startswith("extras/"):

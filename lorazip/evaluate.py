@@ -72,6 +72,137 @@ def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: to
             "mean_rank": float(len(take) / max(pairs, 1))}
 
 
+# Relative squared error of a rank-1 part x y^T with both rows stored at b bits (one bfloat16 scale
+# per row, lorazip.lowbit), measured on the bundled collection's per-adapter SVD components
+# (benchmarks/quant_groups.py); the baselines use a module's own measured profile where the
+# artifact records one (module metadata "quant", written by --budget / --target-error runs).
+DEFAULT_QUANT = {1: 0.5286, 2: 0.1836, 3: 0.0558, 4: 0.0165, 8: 0.0001}
+BASELINE_BITS = (2, 3, 4, 8, 16)  # per-adapter SVD with every factor at one of these precisions
+LORAQUANT_GRID = [(ratio, hi, lo) for ratio in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99) for hi, lo in
+                  ((3, 1), (4, 1), (3, 2), (4, 2), (8, 2), (8, 4))]
+
+
+def _quant(mod: dict[str, Any], bits: int) -> float:
+    if bits >= 16:
+        return 0.0
+    prof = mod.get("quant")
+    if isinstance(prof, list) and len(prof) == 5:
+        return float(prof[(1, 2, 3, 4, 8).index(bits)])
+    return DEFAULT_QUANT[bits]
+
+
+def _component_bytes(mod: dict[str, Any], bits: int) -> int:
+    """Bytes of one stored SVD component of a module at ``bits``: both rows packed, and a bfloat16
+    scale per row below 16 bits (the rows of lorazip.lowbit)."""
+    if bits >= 16:
+        return 2 * (mod["d_in"] + mod["d_out"])
+    return sum((d * bits + 7) // 8 + 2 for d in (mod["d_in"], mod["d_out"]))
+
+
+def svd_at_bits(spectra: list[torch.Tensor], modules: list[dict[str, Any]], norms2: torch.Tensor, nbytes: float,
+                bits: int) -> dict[str, Any]:
+    """Per-adapter truncated SVD with its factors at ``bits`` (16: float16), ranks spread greedily
+    over all (adapter, module) pairs by error removed per byte within ``nbytes``; the error of a
+    kept component is its quantisation error (:data:`DEFAULT_QUANT` or the module's profile)."""
+    n = norms2.shape[0]
+    E = norms2.sum(1).clamp_min(1e-300)
+    gains, costs, who = [], [], []
+    for sv, mod in zip(spectra, modules):
+        g = sv.square() / E[:, None] * (1 - _quant(mod, bits))
+        gains.append(g.flatten())
+        costs.append(torch.full((g.numel(),), float(_component_bytes(mod, bits)), dtype=torch.float64))
+        who.append(torch.arange(n).repeat_interleave(g.shape[1]))
+    g, c, w = torch.cat(gains), torch.cat(costs), torch.cat(who)
+    order = torch.argsort(g / c, descending=True, stable=True)  # within a pair, singular values descend
+    take = order[torch.cumsum(c[order], 0) <= nbytes]
+    kept = torch.zeros(n, dtype=torch.float64).index_add_(0, w[take], g[take])
+    err = torch.where(norms2.sum(1) > 0, (1 - kept).clamp_min(0), torch.zeros_like(kept))
+    pairs = int((norms2 > 0).sum())
+    return {**summary(err.tolist()), "bytes": float(c[take].sum()), "pairs": pairs,
+            "mean_rank": float(len(take) / max(pairs, 1)), "scheme": f"SVD at {bits} bits"}
+
+
+def loraquant_style(spectra: list[torch.Tensor], modules: list[dict[str, Any]], norms2: torch.Tensor,
+                    nbytes: float) -> dict[str, Any] | None:
+    """Per-adapter mixed precision in the manner of LoRAQuant (arXiv 2510.26690): each (adapter,
+    module) delta through its SVD, the fewest leading components holding ``ratio`` of its energy
+    at ``hi`` bits, the rest at ``lo`` bits; of :data:`LORAQUANT_GRID`, the best setting within
+    ``nbytes`` (None if none fits)."""
+    E = norms2.sum(1).clamp_min(1e-300)
+    best = None
+    for ratio, hi, lo in LORAQUANT_GRID:
+        size, lost = 0.0, torch.zeros_like(E)
+        for sv, mod in zip(spectra, modules):
+            s2 = sv.square()
+            cum = torch.cumsum(s2, 1)
+            lead = (cum < ratio * cum[:, -1:]).sum(1) + 1  # components up to the one reaching the ratio
+            r = (s2 > 0).sum(1)
+            lead = torch.minimum(lead, r)
+            idx = torch.arange(s2.shape[1])[None, :]
+            err = s2 * torch.where(idx < lead[:, None], _quant(mod, hi), _quant(mod, lo))
+            lost += err.sum(1)
+            size += float((lead * _component_bytes(mod, hi) + (r - lead) * _component_bytes(mod, lo)).sum())
+        if size > nbytes:
+            continue
+        err = torch.where(norms2.sum(1) > 0, (lost / E).clamp(0, 1), torch.zeros_like(E))
+        if best is None or float(err.mean()) < best["mean"]:
+            best = {**summary(err.tolist()), "bytes": size,
+                    "scheme": f"LoRAQuant-style: {hi} bits to {ratio:g} of the energy, {lo} bits after"}
+    return best
+
+
+def best_svd_baseline(spectra, modules, norms2, nbytes: float, same: dict[str, Any]) -> dict[str, Any]:
+    """The best alternative at ``nbytes``: ``same`` (per-adapter SVD at the artifact's precision),
+    per-adapter SVD at each of :data:`BASELINE_BITS` and the LoRAQuant-style mixed precision;
+    the lowest mean error, with ``alternatives`` {scheme: mean}."""
+    cands = [same] + [svd_at_bits(spectra, modules, norms2, nbytes, b) for b in BASELINE_BITS]
+    lq = loraquant_style(spectra, modules, norms2, nbytes)
+    if lq is not None:
+        cands.append(lq)
+    best = min(cands, key=lambda c: c["mean"])
+    return {**best, "alternatives": {c["scheme"]: c["mean"] for c in cands}}
+
+
+def storage_bits(artifact: Artifact) -> dict[str, Any]:
+    """How the numbers of an artifact are stored: ``histogram`` {bits: numbers} of its bases,
+    cores and residual rows (float parts at 16 or 32), ``bytes`` of those parts with their
+    scales and bit tables, ``bits_per_number`` (those bytes in bits over the numbers) and
+    ``pairs_at_nothing``: the (adapter, module) pairs an adapter adapts of which the artifact
+    stores nothing (relative error 1), of ``pairs``."""
+    from collections import Counter
+
+    from .lowbit import packed_bytes
+
+    hist: Counter = Counter()
+    nbytes = numbers = 0
+    with artifact.reader():
+        keys = set(artifact.keys())
+        for mod in artifact.modules:
+            name, res = mod["name"], mod.get("residual") or {}
+            for key in (f"U/{name}", f"V/{name}", f"cores/{name}", f"resid_B/{name}", f"resid_A/{name}"):
+                if key not in keys:
+                    continue
+                t = artifact.raw(key)
+                if t.numel() == 0:
+                    continue
+                scale = artifact.raw(f"qscale/{key}") if f"qscale/{key}" in keys else None
+                if t.dtype == torch.uint8:  # low-bit rows: packed, one bfloat16 scale per row
+                    bits = artifact.get(f"qbits/{name}").long()
+                    for b, cnt in zip(*torch.unique(bits, return_counts=True)):
+                        hist[int(b)] += int(cnt) * t.shape[1]
+                    nbytes += packed_bytes(t.shape[1], bits.numpy()) + 2 * t.shape[0]
+                else:
+                    hist[8 * t.element_size()] += t.numel()
+                    nbytes += t.numel() * t.element_size() + (0 if scale is None else scale.numel() * scale.element_size())
+                numbers += t.numel()
+            if res.get("bits"):
+                nbytes += res["total_rank"]  # the bits table
+    sq, n2 = artifact.stats()
+    return {"histogram": {str(b): hist[b] for b in sorted(hist)}, "numbers": numbers, "bytes": nbytes,
+            "bits_per_number": 8 * nbytes / numbers if numbers else 0.0,
+            "pairs_at_nothing": int(((n2 > 0) & (sq >= n2 * (1 - 1e-9))).sum()), "pairs": int((n2 > 0).sum())}
+
+
 def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str, Any] | None:
     """Relative squared error of the non-LoRA tensors (``extras``) converted at compression by
     ``extras_dtype``, apart from the LoRA error: per adapter ``sum ||X - X_hat||^2 / sum ||X||^2``
@@ -171,10 +302,16 @@ def evaluate(
     # numbers of the compressed parts of these adapters (all of them unless recomputing a subset)
     numbers = int(st["compressed_params"] * len(rows) / max(len(names), 1))
     int8 = artifact.meta.get("storage_dtype") == "int8"
-    matched = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers,
-                                  [int8_rounding(m["d_out"], m["d_in"]) for m in artifact.modules] if int8 else None)
-    matched["precision"] = artifact.meta.get("storage_dtype")
-    matched["bytes"] = numbers * _itemsize(artifact.meta.get("storage_dtype"))
+    stored = storage_bits(artifact)
+    nbytes = stored["bytes"] * len(rows) / max(len(names), 1)  # the bytes of these adapters' parts
+    if any((m.get("residual") or {}).get("bits") for m in artifact.modules):  # low-bit rows: their bytes in int8
+        numbers = int(nbytes)
+    same = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers,
+                               [int8_rounding(m["d_out"], m["d_in"]) for m in artifact.modules] if int8 else None)
+    same["precision"] = artifact.meta.get("storage_dtype")
+    same["bytes"] = numbers * _itemsize(artifact.meta.get("storage_dtype"))
+    same["scheme"] = f"SVD in {same['precision'] or 'float32'}"
+    matched = best_svd_baseline(spectra, artifact.modules, nn2, nbytes, same)
 
     clustering = artifact.meta.get("clustering")
     assign = None
@@ -229,6 +366,7 @@ def evaluate(
             "svd_matched_storage": matched,
         },
         "storage": st,
+        "bits": {k: stored[k] for k in ("histogram", "bits_per_number", "pairs_at_nothing", "pairs")},
         "split_modules": split_modules(artifact.modules, [artifact.meta["adapters"][i] for i in rows]),
         "adapters": adapters,
         "modules": modules,

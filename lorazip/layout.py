@@ -52,8 +52,11 @@ RANKS = "resid_ranks"
 STATS = "stats"
 STAT_KEYS = ("stats/sq_error", "stats/norm2")
 QSCALE = "qscale/"  # int8 row scales (lorazip.quantize)
+QBITS = "qbits"  # format v5: bits of every low-bit residual row, module by module (uint8)
+LOWBIT = "lowbit/"  # format v5: ``lowbit/resid_B`` ... the packed codes of low-bit residual rows (uint8)
 RESID = {"resid_B": "d_out", "resid_A": "d_in"}  # packed residual rows: b_i^T, a_i; their row width
-PACKED = (SPECTRA, RANKS, STATS, *RESID, *(QSCALE + k for k in RESID))  # physical keys that are no logical ones
+PACKED = (SPECTRA, RANKS, STATS, QBITS, *RESID, *(QSCALE + k for k in RESID), *(LOWBIT + k for k in RESID),
+          *(QSCALE + LOWBIT + k for k in RESID))  # physical keys that are no logical ones
 MAX_META = 256 * 2**20  # decompressed metadata larger than this is refused (a zlib bomb)
 _EMPTY_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
 
@@ -134,6 +137,7 @@ class Layout:
                     raise ValueError(f"tensor {key!r} stored twice (also in 'stats')")
                 self.virtual[key] = ("stats", row, ranks)
                 self.entries[key] = {"dtype": "F64", "shape": [n, len(mods)]}
+        self._place_lowbit(header)
         for role, dim in RESID.items():
             self._place_residuals(header, role, dim)
         dtype = _EMPTY_DTYPES.get(meta.get("storage_dtype"), "F32")
@@ -145,13 +149,55 @@ class Layout:
                         self.entries[key] = {"dtype": dtype, "shape": shape}
         self.physical = set(header)
 
+    def _place_lowbit(self, header: dict[str, dict[str, Any]]) -> None:
+        """Format v5: the modules whose residual metadata has ``bits`` keep their rows' bits in
+        ``qbits``, their packed codes in ``lowbit/resid_B`` / ``lowbit/resid_A`` and their
+        bfloat16 group scales in ``qscale/lowbit/...``, module after module. Logical tensors:
+        ``qbits/<m>`` (total_rank,) uint8, ``resid_B/<m>`` (total_rank, d_out) uint8 codes and
+        ``qscale/resid_B/<m>`` (total_rank, groups) bfloat16 (likewise for ``resid_A``)."""
+        from .lowbit import n_groups
+
+        mods = [m for m in self.modules if (m.get("residual") or {}).get("bits")]
+        rows = 0
+        pos = {role: 0 for role in RESID}
+        spos = {role: 0 for role in RESID}
+        for mod in mods:
+            res, name = mod["residual"], mod["name"]
+            info = res["bits"]
+            total = res["total_rank"]
+            self.virtual[f"qbits/{name}"] = ("rows", QBITS, rows, total, None)
+            self.entries[f"qbits/{name}"] = {"dtype": "U8", "shape": [total]}
+            for role, dim, nbytes in zip(RESID, RESID.values(), info["bytes"]):
+                G = n_groups(mod[dim], None if info["group"] == "row" else info["group"])
+                key = f"{role}/{name}"
+                self.virtual[key] = ("lowbit", LOWBIT + role, pos[role], total, mod[dim], f"qbits/{name}", nbytes)
+                self.entries[key] = {"dtype": "U8", "shape": [total, mod[dim]]}
+                self.virtual[QSCALE + key] = ("rows", QSCALE + LOWBIT + role, spos[role], total, G)
+                self.entries[QSCALE + key] = {"dtype": "BF16", "shape": [total, G]}
+                pos[role] += nbytes
+                spos[role] += total * G
+            rows += total
+        want = {QBITS: (rows, "U8")}
+        for role in RESID:
+            want[LOWBIT + role] = (pos[role], "U8")
+            want[QSCALE + LOWBIT + role] = (spos[role], "BF16")
+        for key, (size, dtype) in want.items():
+            info = header.get(key)
+            if not mods:
+                if info is not None:
+                    raise ValueError(f"tensor {key!r} stored, but no module has low-bit residual rows")
+                continue
+            if info is None or info["shape"] != [size] or info["dtype"] != dtype:
+                raise ValueError(f"tensor {key!r} missing or not of shape ({size},) {dtype} (the low-bit residual "
+                                 f"rows of {len(mods)} module(s), from their residual metadata)")
+
     def _place_residuals(self, header: dict[str, dict[str, Any]], role: str, dim: str) -> None:
         """Logical ``<role>/<m>`` (and int8 ``qscale/<role>/<m>``) of the modules with ``residual``
         metadata that are not stored under their own key: consecutive blocks of ``<role>``."""
         placed, pos, rows = [], 0, 0
         for mod in self.modules:
             res, key = mod.get("residual"), f"{role}/{mod['name']}"
-            if not res or key in header:
+            if not res or key in header or res.get("bits"):
                 continue
             if QSCALE + key in header:
                 raise ValueError(f"tensor {QSCALE + key!r} stored without {key!r} (whose rows are in {role!r})")
@@ -190,22 +236,43 @@ class Layout:
 
     def row_reads(self, key: str) -> bool:
         """Whether :meth:`read_rows` reads rows of ``key`` by offset (a packed residual tensor)."""
-        return self.virtual.get(key, ("",))[0] == "rows"
+        return self.virtual.get(key, ("",))[0] in ("rows", "lowbit")
 
     def read_rows(self, key: str, handle, a: int, b: int) -> "torch.Tensor":
         """Rows ``a..b-1`` (fewer past the end, like a slice) of the packed logical tensor ``key``,
-        reading only their bytes."""
+        reading only their bytes (low-bit rows: unpacked to one uint8 code per value)."""
+        if self.virtual[key][0] == "lowbit":
+            return self._read_lowbit(key, handle, a, b)
         _, phys, start, total, width = self.virtual[key]
         a, b = min(max(a, 0), total), min(max(b, a), total)
         w = width or 1
         flat = handle.get_slice(phys)[start + a * w : start + b * w]
         return flat.reshape(b - a, width) if width else flat.reshape(b - a)
 
+    def _read_lowbit(self, key: str, handle, a: int, b: int) -> "torch.Tensor":
+        import numpy as np
+        import torch
+
+        from .lowbit import row_offsets, unpack
+
+        _, phys, start, total, width, bits_key, nbytes = self.virtual[key]
+        a, b = min(max(a, 0), total), min(max(b, a), total)
+        bits = self.read_rows(bits_key, handle, 0, total).numpy().astype(np.int64)
+        offs = row_offsets(width, bits)
+        if int(offs[-1]) != nbytes:
+            raise ValueError(f"the rows of {key!r} need {int(offs[-1])} bytes at their bits, its metadata says {nbytes}")
+        if not set(bits.tolist()) <= {1, 2, 3, 4, 8}:
+            raise ValueError(f"tensor {bits_key!r} holds bit widths other than 1, 2, 3, 4, 8")
+        raw = handle.get_slice(phys)[start + int(offs[a]) : start + int(offs[b])]
+        return torch.from_numpy(unpack(raw.numpy(), bits[a:b], width))
+
     def read(self, key: str, handle) -> "torch.Tensor":
         """Logical tensor ``key`` from an open safetensors handle (``get_slice``: reads its bytes only)."""
         import torch
 
         how = self.virtual[key]
+        if how[0] == "lowbit":
+            return self._read_lowbit(key, handle, 0, how[3])
         if how[0] == "spectra":
             _, start, rs, width = how
             out = torch.zeros(len(rs), width, dtype=torch.float32)
@@ -276,6 +343,7 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
         if all(t.dtype == torch.float64 and t.shape == mask.shape and not t[~mask].any() for t in (sq, n2)):
             out[STATS] = torch.stack([sq.T[mask.T], n2.T[mask.T]]).contiguous()
             del out[STAT_KEYS[0]], out[STAT_KEYS[1]]
+    _pack_lowbit(out, meta)
     _pack_residuals(out, meta)
     for mod in mods:
         if mod["rank"] == 0:
@@ -285,6 +353,34 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
                         meta.get("storage_dtype"), "F32"):
                     del out[key]
     return out
+
+
+def _pack_lowbit(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
+    """Move the low-bit residual rows of the modules whose residual metadata has ``bits`` into
+    the flat ``qbits``, ``lowbit/resid_B`` / ``lowbit/resid_A`` (codes packed by
+    :func:`lorazip.lowbit.pack`) and ``qscale/lowbit/...``, in place."""
+    import numpy as np
+    import torch
+
+    from .lowbit import pack as pack_rows
+
+    mods = [m for m in meta["modules"] if (m.get("residual") or {}).get("bits")]
+    if not mods:
+        return
+    bits_all, data, scales = [], {r: [] for r in RESID}, {r: [] for r in RESID}
+    for mod in mods:
+        bits = out.pop(f"qbits/{mod['name']}").reshape(-1).to(torch.uint8)
+        bits_all.append(bits)
+        b = bits.numpy().astype(np.int64)
+        for role in RESID:
+            key = f"{role}/{mod['name']}"
+            codes = out.pop(key).numpy() & ((1 << b) - 1).astype(np.uint8)[:, None]  # dry: any bytes
+            data[role].append(torch.from_numpy(pack_rows(codes, b)))
+            scales[role].append(out.pop(QSCALE + key).to(torch.bfloat16).reshape(-1))
+    out[QBITS] = torch.cat(bits_all).contiguous()
+    for role in RESID:
+        out[LOWBIT + role] = torch.cat(data[role]).contiguous()
+        out[QSCALE + LOWBIT + role] = torch.cat(scales[role]).contiguous()
 
 
 def _pack_residuals(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:

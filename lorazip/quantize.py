@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 QSCALE = "qscale/"  # prefix of the scale tensor of an int8 tensor
+QBITS = "qbits/"  # ``qbits/<m>``: bits of each low-bit residual row of module m (lorazip.lowbit)
 QUANTISED = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
 FLOAT_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXTRAS_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
@@ -92,6 +94,48 @@ class Stored(NamedTuple):
             tensors[QSCALE + key] = self.scale.contiguous()
 
 
+class LowBit(NamedTuple):
+    """Residual rows at 1-8 bits (:mod:`lorazip.lowbit`): ``data`` uint8 codes (N, L), ``scale``
+    bfloat16 group scales (N, G), ``bits`` uint8 (N,) per row (kept under ``qbits/<m>``)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    bits: torch.Tensor
+
+    @property
+    def values(self) -> torch.Tensor:
+        return dequantize_lowbit(self.data, self.scale, self.bits)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def put(self, tensors: dict[str, torch.Tensor], key: str) -> None:
+        tensors[key] = self.data.contiguous()
+        tensors[QSCALE + key] = self.scale.contiguous()
+
+
+def dequantize_lowbit(codes: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """float32 values of low-bit rows (the group size follows from the row and scale widths)."""
+    from . import lowbit
+
+    N, L = codes.shape
+    G = scale.shape[1] if scale.dim() == 2 else 1
+    group = lowbit.GROUP if G > 1 else None
+    if N == 0:
+        return torch.zeros(0, L)
+    return torch.from_numpy(lowbit.dequantize(codes.numpy(), scale.float().numpy(), bits.numpy(), group))
+
+
+def to_lowbit(t: torch.Tensor, bits) -> LowBit:
+    """Rows of ``t`` (N, L) at per-row ``bits`` (N,) (:func:`lorazip.lowbit.quantize`)."""
+    from . import lowbit
+
+    b = np.asarray(bits, dtype=np.uint8).reshape(-1)
+    codes, scales = lowbit.quantize(t, b.astype(np.int64))
+    return LowBit(torch.from_numpy(codes), torch.from_numpy(scales).to(torch.bfloat16), torch.from_numpy(b.copy()))
+
+
 def to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | None = None) -> Stored:
     """``t`` in ``storage_dtype`` ("float32", "float16", "bfloat16" or "int8"; ``scale_dtype``: int8 only)."""
     if storage_dtype == "int8":
@@ -112,9 +156,11 @@ def dry_storage(shape, storage_dtype: str, scale_dtype: torch.dtype = torch.floa
     return Stored(data, torch.empty(shape[:-1], dtype=scale_dtype) if data.numel() else None)
 
 
-def cat_stored(parts: list[Stored]) -> Stored:
+def cat_stored(parts: list) -> "Stored | LowBit":
     """Concatenate stored chunks along dim 0 (int8 scales widened to float32 if the chunks differ)."""
     data = torch.cat([p.data for p in parts])
+    if isinstance(parts[0], LowBit):
+        return LowBit(data, torch.cat([p.scale for p in parts]), torch.cat([p.bits for p in parts]))
     scales = [p.scale for p in parts if p.scale is not None]
     if not scales:
         return Stored(data)
@@ -122,16 +168,22 @@ def cat_stored(parts: list[Stored]) -> Stored:
     return Stored(data, torch.cat([s.to(dtype) for s in scales]))
 
 
-def store_residual(bp: torch.Tensor, ap: torch.Tensor, k: torch.Tensor, storage_dtype: str):
+def store_residual(bp: torch.Tensor, ap: torch.Tensor, k: torch.Tensor, storage_dtype: str, bits=None):
     """Per-adapter residual parts as stored: ``b_i^T`` / ``a_i`` row blocks of ``k_i`` rows (the
     first ``k_i`` columns of ``bp[i]`` (d_out, m), rows of ``ap[i]`` (m, d_in)) in ``storage_dtype``
-    (int8: float32 row scales), and what a reader gets back, zero-padded again like ``bp``, ``ap``.
+    (int8: float32 row scales), or, given ``bits`` (sum k_i,) per row, at those bits
+    (:class:`LowBit`), and what a reader gets back, zero-padded again like ``bp``, ``ap``.
 
     Returns ``(bs, as_, bp_stored, ap_stored)``, ``bs`` / ``as_`` :class:`Stored` (sum k_i, d)."""
     n = bp.shape[0]
     offs = (torch.cumsum(k, 0) - k).tolist()
-    bs = to_storage(torch.cat([bp[i, :, : k[i]].T for i in range(n)]), storage_dtype, torch.float32)
-    as_ = to_storage(torch.cat([ap[i, : k[i], :] for i in range(n)]), storage_dtype, torch.float32)
+    rows_b = torch.cat([bp[i, :, : k[i]].T for i in range(n)])
+    rows_a = torch.cat([ap[i, : k[i], :] for i in range(n)])
+    if bits is not None:
+        bs, as_ = to_lowbit(rows_b, bits), to_lowbit(rows_a, bits)
+    else:
+        bs = to_storage(rows_b, storage_dtype, torch.float32)
+        as_ = to_storage(rows_a, storage_dtype, torch.float32)
     bh, ah = bs.values.double(), as_.values.double()
     bq, aq = torch.zeros_like(bp), torch.zeros_like(ap)
     for i in range(n):
@@ -153,7 +205,9 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.startswith(QSCALE):
             continue
         scale = tensors.get(QSCALE + key)
-        if scale is not None:
+        if scale is not None and t.dtype == torch.uint8:  # low-bit residual rows
+            out[key] = dequantize_lowbit(t, scale, tensors[QBITS + key.split("/", 1)[1]])
+        elif scale is not None:
             out[key] = dequantize_rows(t, scale)
         elif t.dtype == torch.int8 and t.numel() == 0 and key.startswith(QUANTISED[:-1]):
             out[key] = t.float()

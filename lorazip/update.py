@@ -42,6 +42,7 @@ from .io.base_models import same_base_model
 from .io.collection import Collection, ModuleInfo, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
+from .lowbit import packed_bytes
 from .quantize import QSCALE, dequantized, requantized, round_to_storage, store_extras
 from .solvers import jd_diag, jd_full, spectra
 from .solvers._linalg import adapter_weights, orth
@@ -518,7 +519,8 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
         if method == "svd" or name not in names_full or mod["rank"] == 0:
             info["skipped"] += 1  # per-adapter SVD is already optimal; nobody adapts the module; no shared part
             continue
-        for key in (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}"):
+        for key in (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}", f"qbits/{name}",
+                    f"{QSCALE}resid_B/{name}", f"{QSCALE}resid_A/{name}"):
             tensors.pop(key, None)  # residual parts fit the old bases: a refit drops them
         mod.pop("residual", None)
         fac = full.module_factors(name, dtype=torch.float64)
@@ -630,14 +632,20 @@ def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]
             continue
         rows = torch.cat([torch.arange(a, b) for a, b in blocks])
         tensors[rkey] = old[rkey][idx].contiguous()
-        for key in (bkey, akey, QSCALE + bkey, QSCALE + akey):  # int8 storage: the rows' scales too
+        # int8 storage: the rows' scales too; low-bit rows: their scales and bits
+        for key in (bkey, akey, QSCALE + bkey, QSCALE + akey, f"qbits/{name}"):
             if key in old:
                 tensors[key] = old[key][rows].contiguous()
+        bits = (mod.get("residual") or {}).get("bits")
         mod["residual"] = {"max_rank": int(ks[idx].max()), "total_rank": int(rows.numel())}
+        if bits:
+            kept = tensors[f"qbits/{name}"].numpy()
+            mod["residual"]["bits"] = {**bits, "bytes": [packed_bytes(mod["d_out"], kept),
+                                                         packed_bytes(mod["d_in"], kept)]}
     for key, t in old.items():
         q = QSCALE if key.startswith(QSCALE) else ""  # int8 row scales follow their tensor's rows
         base = key[len(q):]
-        if base.startswith("resid_"):
+        if base.startswith(("resid_", "qbits/")):
             continue  # above
         if base.startswith("extras/"):
             _, i, rest = base.split("/", 2)

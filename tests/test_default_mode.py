@@ -58,7 +58,7 @@ def test_target_takes_the_fewest_bytes_for_float32_adapters(f32):
         assert art.meta["storage_dtype"] != "float32", target
         assert float(per_adapter(*art.stats()).mean()) <= target
         tried = {d["dtype"] for d in art.allocation["clusters_tried"]}
-        assert tried == {"float32", "float16", "int8"}
+        assert tried == {"float32", "float16", "int8", "bits"}
 
 
 def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
@@ -70,13 +70,13 @@ def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
     def missing_once(collection, fits, alloc, dt, *args, **kw):
         art = real(collection, fits, alloc, dt, *args, **kw)
         built.append(dt)
-        if dt == "int8" and built.count("int8") == 1:  # as if the rounding cost 0.01 of every adapter
+        if dt == built[0] and built.count(dt) == 1:  # as if the rounding cost 0.01 of every adapter
             sq, nn = art.stats()
             art.stats = lambda: (sq + 0.01 * nn, nn)
         return art
 
     monkeypatch.setattr(mixed, "_build", missing_once)
     art = lorazip.compress(lorazip.load_collection(f32), target_error=0.05, hash_sources=False)
-    assert built[:2] == ["int8", "int8"] and art.meta["storage_dtype"] == "int8"
+    assert built[0] == built[1] != "float32" and art.meta["storage_dtype"] == "int8"
     assert any(d.get("retarget") is not None for d in art.allocation["clusters_tried"])
     assert float(per_adapter(*art.stats()).mean()) <= 0.05

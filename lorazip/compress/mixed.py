@@ -42,7 +42,8 @@ from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import per_adapter, squared_errors
-from ..quantize import QSCALE, cat_stored, dry_storage, store_residual, to_storage
+from .. import lowbit
+from ..quantize import QSCALE, LowBit, cat_stored, dry_storage, store_residual, to_storage
 from ..solvers import Factors
 from ..solvers._linalg import adapter_weights
 from ..solvers.jd_full import jd_full_factors
@@ -81,6 +82,7 @@ class ModuleFit:
     iters: int = 0
     converged: bool = True
     assign: torch.Tensor | None = None  # (n,) cluster of each adapter when K > 1 (then U: (K, d_out, R))
+    quant: np.ndarray | None = None  # (len(BITS),) relative error of a residual component at each bit width
 
     @property
     def dim(self) -> int:
@@ -158,7 +160,9 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     shared = {r: (n2 - (X.T @ S @ Y).square().sum((1, 2))).clamp_min(0) for r, (X, Y) in XY.items()}
     on_grid = {r: XY[r] for r in grid if r <= R}
     spectra = nested_residual_spectra(None, None, U, V, S, on_grid, products=(GB, GA, BU, AV))
-    return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv)
+    first = next(iter(fac))
+    return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
+                     quant=quant_profile(first.B, first.A))
 
 
 def _chunked(parts) -> tuple[torch.Tensor, ...]:
@@ -199,7 +203,64 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long())
+                     assign.long(), quant_profile(B, A))
+
+
+_PROFILE_ROWS = 64  # residual components whose quantisation is measured per module
+
+
+def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -> np.ndarray:
+    """Relative squared error of a residual component stored at each of :data:`lowbit.BITS`,
+    measured on the module's own per-adapter SVD components (the ``rows`` that matter most,
+    each adapter's components weighed by its relative energy): ``sum err / sum sigma^2`` with
+    ``err = ||x y^T - x_hat y_hat^T||^2`` of the stored rows ``x = sqrt(sigma) u``, ``y = sqrt(sigma) v``."""
+    B, A = B.double(), A.double()
+    n = B.shape[0]
+    if n == 0 or B.shape[2] == 0:
+        return np.zeros(len(lowbit.BITS))
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
+    W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
+    n2 = sv.square().sum(1).clamp_min(1e-300)
+    weight = sv.square() / n2[:, None]  # (n, m) each component's share of its adapter's energy
+    top = torch.argsort(weight.reshape(-1), descending=True, stable=True)[:rows]
+    top = top[weight.reshape(-1)[top] > 0]
+    if len(top) == 0:
+        return np.zeros(len(lowbit.BITS))
+    i, q = top // sv.shape[1], top % sv.shape[1]
+    root = sv[i, q].sqrt()[:, None]
+    x = (Qb[i] @ W[i])[torch.arange(len(top)), :, q] * root  # (rows, d_out)
+    y = (Qa[i] @ Zh[i].transpose(1, 2))[torch.arange(len(top)), :, q] * root
+    w = 1.0 / n2[i]
+    out = []
+    for b in lowbit.BITS:
+        xh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(x, b), b)).double()
+        yh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(y, b), b)).double()
+        err = ((x * x).sum(1) * (y * y).sum(1) - 2 * (x * xh).sum(1) * (y * yh).sum(1)
+               + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0)
+        out.append(float((w * err).sum() / (w * sv[i, q].square()).sum()))
+    return np.array(out)
+
+
+def bit_levels(fit: ModuleFit) -> list[tuple[int, int, float]]:
+    """The bit widths worth storing a residual component of this module at: ``(bits, bytes,
+    relative error)`` on the lower convex hull of (bytes, error) from (0 bytes, error 1), so that
+    each step up buys less error per byte than the one before (the greedy is then optimal)."""
+    G = lowbit.n_groups(fit.d_out, lowbit.GROUP) + lowbit.n_groups(fit.d_in, lowbit.GROUP)
+    pts = [(0, 0, 1.0)] + [(b, lowbit.row_bytes(fit.d_out, b) + lowbit.row_bytes(fit.d_in, b) + 2 * G + 1,
+                           float(min(max(rho, 0.0), 1.0))) for b, rho in zip(lowbit.BITS, fit.quant)]
+    hull = [pts[0]]
+    for p in pts[1:]:
+        if p[2] >= hull[-1][2]:
+            continue  # more bytes, no less error
+        while len(hull) >= 2:  # drop a point above the segment from its predecessor to p
+            (_, c0, e0), (_, c1, e1) = hull[-2], hull[-1]
+            if (e0 - e1) * (p[1] - c1) <= (e1 - p[2]) * (c1 - c0):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull[1:]
 
 
 # -- allocation ---------------------------------------------------------------------------------
@@ -215,6 +276,7 @@ class Allocation:
     kind: str
     errors: np.ndarray = field(default=None, repr=False)  # (n,) predicted per-adapter error
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted statistic of each candidate
+    bits: dict[str, np.ndarray | None] = field(default_factory=dict)  # per module: bits of each residual row
 
 
 @dataclass
@@ -258,68 +320,135 @@ def _numbers(fits, ranks, resid, n) -> int:
     return int(sum(_shared_numbers(f, r, n) + int(k.sum()) * f.dim for f, r, k in zip(fits, ranks, resid)))
 
 
-class _Curves:
-    """Per module and grid rank: residual gains sorted for the Lagrangian and the greedy fill."""
+@dataclass
+class _Row:
+    """One module at one grid shared rank ``r``: its residual steps sorted by error removed per
+    cost unit. A step is one component (native precision: ``costs`` None, each costs the module's
+    ``dim`` numbers) or one move of a component up a bit level (:func:`bit_levels`; costs in
+    bytes). ``gains``: weighted error removed, ``who``: the adapter; with bits also ``raws``
+    (unweighted), ``comp`` / ``lvl`` (component, level reached), ``pos`` (the step's place among
+    its adapter's steps, which come in the same order)."""
 
-    def __init__(self, fits: list[ModuleFit], E: np.ndarray):
+    r: int
+    base: float
+    gains: np.ndarray
+    cums: np.ndarray
+    who: np.ndarray
+    costs: np.ndarray | None = None
+    cumc: np.ndarray | None = None
+    slopes: np.ndarray | None = None
+    raws: np.ndarray | None = None
+    comp: np.ndarray | None = None
+    lvl: np.ndarray | None = None
+    pos: np.ndarray | None = None
+    levels: list | None = None
+
+    def cost(self, c: int, dim: int) -> float:
+        return dim if self.costs is None else float(self.costs[c])
+
+
+class _Curves:
+    """Per module and grid rank: residual steps sorted for the Lagrangian and the greedy fill.
+    ``bits``: components may be stored at 1-8 bits (:func:`bit_levels`), costs are bytes and the
+    shared parts cost one byte a number (int8); otherwise a component costs ``dim`` numbers."""
+
+    def __init__(self, fits: list[ModuleFit], E: np.ndarray, bits: bool = False):
         n = len(E)
         c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)  # contribution to the mean
-        self.fits, self.n, self.c = fits, n, c
-        self.opts: list[list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]]] = []
+        self.fits, self.n, self.c, self.bits = fits, n, c, bits
+        self.opts: list[list[_Row]] = []
         for fit in fits:
+            levels = bit_levels(fit) if bits else None
             rows = []
             for r, sp in fit.spectra.items():
                 cap = fit.residual_cap(r)
-                g = c[:, None] * sp.numpy()[:, :cap]
-                base = float(g.sum()) + float((c * (sp.numpy()[:, cap:].sum(1))).sum())
-                flat = g.ravel()
-                order = np.argsort(-flat, kind="stable")
-                gains = flat[order]
-                who = np.repeat(np.arange(n), cap)[order]
-                rows.append((r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who))
+                spn = sp.numpy()
+                g = c[:, None] * spn[:, :cap]
+                base = float(g.sum()) + float((c * (spn[:, cap:].sum(1))).sum())
+                if levels is None:
+                    flat = g.ravel()
+                    order = np.argsort(-flat, kind="stable")
+                    gains = flat[order]
+                    who = np.repeat(np.arange(n), cap)[order]
+                    rows.append(_Row(r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who))
+                else:
+                    rows.append(self._bit_row(r, base, spn[:, :cap], levels))
             self.opts.append(rows)
 
+    def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: list) -> _Row:
+        n, cap = sp.shape
+        T = len(levels)
+        rho = np.array([1.0] + [lv[2] for lv in levels])
+        cost = np.array([0] + [lv[1] for lv in levels], dtype=np.float64)
+        raw = sp[:, :, None] * (rho[:-1] - rho[1:])[None, None, :]  # (n, cap, T) error removed by each move up
+        gain = self.c[:, None, None] * raw
+        dc = np.broadcast_to(np.diff(cost)[None, None, :], raw.shape)
+        slope = (gain / dc).ravel()
+        order = np.argsort(-slope, kind="stable")
+        who = np.repeat(np.arange(n), cap * T)[order]
+        comp = np.tile(np.repeat(np.arange(cap), T), n)[order]
+        lvl = np.tile(np.arange(T), n * cap)[order]
+        by = np.argsort(who, kind="stable")  # each adapter's steps, in the global order
+        counts = np.bincount(who, minlength=n)
+        pos = np.empty(len(order), dtype=np.int64)
+        pos[by] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+        gains, costs = gain.ravel()[order], dc.ravel()[order]
+        return _Row(r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who, costs,
+                    np.concatenate([[0.0], np.cumsum(costs)]), slope[order], raw.ravel()[order], comp, lvl, pos,
+                    levels)
+
+    def row(self, j: int, r: int) -> _Row | None:
+        return next((row for row in self.opts[j] if row.r == r), None)
+
     def lagrangian(self, lam: float) -> tuple[list[int], list[int]]:
-        """Per module the grid rank and residual step count minimising error + lam * numbers."""
+        """Per module the grid rank and residual step count minimising error + lam * cost."""
         ranks, counts = [], []
         for fit, rows in zip(self.fits, self.opts):
             best = None
-            for r, base, gains, cums, _ in rows:
-                cnt = int(np.searchsorted(-gains, -lam * fit.dim, side="left"))
-                val = base - cums[cnt] + lam * (_shared_numbers(fit, r, self.n) + cnt * fit.dim)
+            for row in rows:
+                if row.costs is None:
+                    cnt = int(np.searchsorted(-row.gains, -lam * fit.dim, side="left"))
+                    spent = cnt * fit.dim
+                else:
+                    cnt = int(np.searchsorted(-row.slopes, -lam, side="left"))
+                    spent = row.cumc[cnt]
+                val = row.base - row.cums[cnt] + lam * (_shared_numbers(fit, row.r, self.n) + spent)
                 if best is None or val < best[0] - 1e-18:
-                    best = (val, r, cnt)
+                    best = (val, row.r, cnt)
             ranks.append(best[1])
             counts.append(best[2])
         return ranks, counts
 
     def resid_from_counts(self, j: int, r: int, cnt: int) -> np.ndarray:
-        who = next(row[4] for row in self.opts[j] if row[0] == r)
-        return np.bincount(who[:cnt], minlength=self.n)
+        """Steps per adapter (its residual rank at native precision) of the first ``cnt`` steps."""
+        return np.bincount(self.row(j, r).who[:cnt], minlength=self.n)
 
     def fill_mean(self, ranks: list[int], counts: list[int], numbers: int) -> list[np.ndarray]:
-        """Greedy: spend what is left of ``numbers`` on residual steps by error removed per number."""
-        rows = [next(row for row in self.opts[j] if row[0] == r) for j, r in enumerate(ranks)]
-        used = sum(_shared_numbers(f, r, self.n) + c * f.dim for f, r, c in zip(self.fits, ranks, counts))
-        heap = [(-row[2][c] / f.dim, j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
-                if c < len(row[2]) and row[2][c] > _FLOOR]
+        """Greedy: spend what is left of ``numbers`` on residual steps by error removed per cost unit."""
+        rows = [self.row(j, r) for j, r in enumerate(ranks)]
+        used = sum(_shared_numbers(f, r, self.n) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for f, r, c, row in zip(self.fits, ranks, counts, rows))
+        heap = [(-row.gains[c] / row.cost(c, f.dim), j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
+                if c < len(row.gains) and row.gains[c] > _FLOOR]
         heapq.heapify(heap)
         counts = list(counts)
         while heap:
             _, j = heapq.heappop(heap)
-            f = self.fits[j]
-            if used + f.dim > numbers:
+            f, row = self.fits[j], rows[j]
+            step = row.cost(counts[j], f.dim)
+            if used + step > numbers:
                 continue
-            used += f.dim
+            used += step
             counts[j] += 1
-            gains = rows[j][2]
-            if counts[j] < len(gains) and gains[counts[j]] > _FLOOR:
-                heapq.heappush(heap, (-gains[counts[j]] / f.dim, j))
+            if counts[j] < len(row.gains) and row.gains[counts[j]] > _FLOOR:
+                heapq.heappush(heap, (-row.gains[counts[j]] / row.cost(counts[j], f.dim), j))
         return [self.resid_from_counts(j, r, c) for j, (r, c) in enumerate(zip(ranks, counts))]
 
     def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
-        """Greedy on the max: the worst adapter gets its best next step per number, until the
+        """Greedy on the max: the worst adapter gets its best next step per cost unit, until the
         worst cannot improve within the budget."""
+        if self.bits:
+            return self._fill_max_steps(ranks, numbers, E)
         n, fits = self.n, self.fits
         resid = [np.zeros(n, dtype=np.int64) for _ in fits]
         used = sum(_shared_numbers(f, r, n) for f, r in zip(fits, ranks))
@@ -355,6 +484,109 @@ class _Curves:
                 break  # the worst adapter cannot improve: the max is final
         return resid
 
+    def _fill_max_steps(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
+        """:meth:`fill_max` over bit steps: each adapter's steps in its own order."""
+        n, fits = self.n, self.fits
+        rows = [self.row(j, r) for j, r in enumerate(ranks)]
+        own = []  # per module: per adapter the indices of its steps, in order
+        for row in rows:
+            by = np.argsort(row.who, kind="stable") if row is not None else np.zeros(0, dtype=np.int64)
+            cnt = np.bincount(row.who, minlength=n) if row is not None else np.zeros(n, dtype=np.int64)
+            own.append(np.split(by, np.cumsum(cnt)[:-1]))
+        resid = [np.zeros(n, dtype=np.int64) for _ in fits]
+        used = float(sum(_shared_numbers(f, r, n) for f, r in zip(fits, ranks)))
+        err = self.errors(ranks, resid, E)
+        inv = np.where(E > 0, 1.0 / np.maximum(E, 1e-300), 0.0)
+
+        def step(j: int, i: int):
+            at = resid[j][i]
+            if at >= len(own[j][i]):
+                return None
+            g = rows[j].raws[own[j][i][at]] * inv[i]
+            return (-g / rows[j].costs[own[j][i][at]], j) if g > _FLOOR else None
+
+        steps = []
+        for i in range(n):
+            h = [s_ for s_ in (step(j, i) for j in range(len(fits))) if s_ is not None]
+            heapq.heapify(h)
+            steps.append(h)
+        worst = [(-err[i], i) for i in range(n)]
+        heapq.heapify(worst)
+        while worst:
+            e, i = heapq.heappop(worst)
+            moved = False
+            while steps[i]:
+                _, j = heapq.heappop(steps[i])
+                at = own[j][i][resid[j][i]]
+                if used + rows[j].costs[at] > numbers:
+                    continue
+                used += rows[j].costs[at]
+                resid[j][i] += 1
+                nxt = step(j, i)
+                if nxt is not None:
+                    heapq.heappush(steps[i], nxt)
+                heapq.heappush(worst, (e + rows[j].raws[at] * inv[i], i))
+                moved = True
+                break
+            if not moved:
+                break
+        return resid
+
+    def _taken(self, row: _Row, counts: np.ndarray) -> np.ndarray:
+        return row.pos < counts[row.who]
+
+    def errors(self, ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
+        """Predicted per-adapter error (n,) of ``ranks`` and residual steps ``resid`` per module."""
+        if not self.bits:
+            return _errors(self.fits, ranks, resid, E)
+        tot = np.zeros_like(E)
+        for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
+            row = self.row(j, r)
+            if row is None:
+                tot += fit.shared[r].numpy()
+                continue
+            taken = self._taken(row, np.asarray(k))
+            removed = np.bincount(row.who[taken], weights=row.raws[taken], minlength=self.n)
+            tot += np.maximum(fit.spectra[r].numpy().sum(1) - removed, 0)
+        return np.where(E > 0, tot / np.maximum(E, 1e-300), 0.0)
+
+    def size(self, ranks: list[int], resid: list[np.ndarray]) -> float:
+        """Cost (numbers, or bytes with bits) of ``ranks`` and residual steps ``resid``."""
+        if not self.bits:
+            return _numbers(self.fits, ranks, resid, self.n)
+        total = 0.0
+        for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
+            total += _shared_numbers(fit, r, self.n)
+            row = self.row(j, r)
+            if row is not None and np.any(k):
+                total += float(row.costs[self._taken(row, np.asarray(k))].sum())
+        return total
+
+    def max_size(self) -> float:
+        """The cost of every residual component at its highest precision, no shared part."""
+        if not self.bits:
+            full = [np.array([f.residual_cap(0)] * self.n) for f in self.fits]
+            return _numbers(self.fits, [0] * len(self.fits), full, self.n)
+        return float(sum(self.row(j, 0).cumc[-1] for j in range(len(self.fits))))
+
+    def decode(self, j: int, r: int, k: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Residual ranks (n,) and, with bits, the bits of every stored row (adapter by adapter,
+        component by component) of ``k`` steps per adapter in module ``j`` at shared rank ``r``."""
+        row = self.row(j, r)
+        if not self.bits or row is None:
+            return np.asarray(k), None
+        taken = self._taken(row, np.asarray(k))
+        cap = int(row.comp.max()) + 1 if len(row.comp) else 0
+        level = np.zeros((self.n, cap), dtype=np.int64)
+        np.maximum.at(level, (row.who[taken], row.comp[taken]), row.lvl[taken] + 1)
+        ranks = (level > 0).sum(1)
+        widths = np.array([0] + [lv[0] for lv in row.levels], dtype=np.uint8)
+        bits = np.concatenate([widths[level[i, : ranks[i]]] for i in range(self.n)]) if ranks.sum() else \
+            np.zeros(0, dtype=np.uint8)
+        if (bits == 0).any():
+            raise AssertionError("residual steps do not form a prefix of each adapter's components")  # pragma: no cover
+        return ranks, bits.astype(np.uint8)
+
 
 def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None = None,
                    target_error: float | None = None, stat: str = "mean",
@@ -371,22 +603,23 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     cands: list[Allocation] = []
 
     def add(kind, ranks, resid):
-        size = _numbers(fits, ranks, resid, n)
+        size = curves.size(ranks, resid)
         if size <= numbers:
-            e = _errors(fits, ranks, resid, E)
+            e = curves.errors(ranks, resid, E)
             cands.append(Allocation({f.name: r for f, r in zip(fits, ranks)},
                                     {f.name: k for f, k in zip(fits, resid)}, size, score(e), kind, e))
 
     zeros = [0] * len(fits)
     # the mix: Lagrangian price per number, bisected to the budget, then greedy fill
-    hi = max((row[2][0] / f.dim for f, rows in zip(fits, curves.opts) for row in rows if len(row[2])),
-             default=1.0) * 2 + 1e-30
+    hi = max((row.gains[0] / row.cost(0, f.dim) for f, rows in zip(fits, curves.opts) for row in rows
+              if len(row.gains)), default=1.0) * 2 + 1e-30
     lo = hi * 1e-15  # prices span orders of magnitude: bisect in log space
     seen_ranks = []
     for _ in range(80):
         lam = math.sqrt(lo * hi)
         ranks, counts = curves.lagrangian(lam)
-        size = sum(_shared_numbers(f, r, n) + c * f.dim for f, r, c in zip(fits, ranks, counts))
+        size = sum(_shared_numbers(f, r, n) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for j, (f, r, c) in enumerate(zip(fits, ranks, counts)) for row in [curves.row(j, r)])
         if size > numbers:
             lo = lam
         else:
@@ -408,9 +641,9 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     uniform = None
     for r in range(1, R + 1):  # the best uniform rank that fits; of equal errors, the smallest
         rk = [min(r, max(f.shared)) for f in fits]
-        if _numbers(fits, rk, none, n) > numbers:
+        if curves.size(rk, none) > numbers:
             break
-        e = score(_errors(fits, rk, none, E))
+        e = score(curves.errors(rk, none, E))
         if uniform is None or e < uniform[0] - max(_FLOOR, 1e-6 * e):
             uniform = (e, rk)
     if uniform is not None:
@@ -423,6 +656,10 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     chosen = min(near, key=lambda a: (a.numbers, a.predicted))
     for a in cands:
         chosen.alternatives[a.kind] = min(a.predicted, chosen.alternatives.get(a.kind, float("inf")))
+    if curves.bits:  # steps -> residual ranks and the bits of every stored row
+        for j, f in enumerate(fits):
+            chosen.residual[f.name], chosen.bits[f.name] = curves.decode(j, chosen.ranks[f.name],
+                                                                         chosen.residual[f.name])
     return chosen
 
 
@@ -454,9 +691,7 @@ def _per_module_shared(fits, numbers, n, E, stat) -> list[int]:
 def _for_target(fits, E, target, stat, curves) -> Allocation:
     if not 0 <= target <= 1:
         raise OptionError(f"target error must be between 0 and 1, got {target}")
-    n = len(E)
-    full = [np.array([f.residual_cap(0)] * n) for f in fits]
-    hi = max(_numbers(fits, [0] * len(fits), full, n), 1)
+    hi = max(int(math.ceil(curves.max_size())), 1)
     best = allocate_mixed(fits, E, numbers=hi, stat=stat, curves=curves)
     lo = 0
     while hi - lo > max(1, hi // 2000):
@@ -495,6 +730,7 @@ def compress_mixed(
     clusters: "list[Clusters | None] | None" = None,
     memory_limit: int | None = None,
     backend: str = "torch",
+    bits: bool = True,
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
     file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
@@ -508,7 +744,9 @@ def compress_mixed(
     passes run one Ray task per module (:mod:`.executor`); the allocation runs here, on their small
     results. ``memory_limit`` (bytes for module factors and their copies): a module needing more
     than a third of it is read ``chunk`` adapters at a time on every pass (:class:`MemoryPlan`),
-    and nothing is kept or read ahead beyond it. ``backend``: the array library of the JD-Full fits."""
+    and nothing is kept or read ahead beyond it. ``backend``: the array library of the JD-Full fits.
+    ``bits`` (with ``storage_dtype="auto"``): also try storing each residual component at 1, 2, 3, 4
+    or 8 bits, chosen with the ranks (:func:`bit_levels`), the shared parts in int8."""
     from .pipeline import check_extras_dtype
 
     if (budget is None) == (target_error is None):
@@ -520,7 +758,9 @@ def compress_mixed(
     # float32 adapters also try float16 (half the bytes, rounding 1e-7 of the energy)
     dtypes = [native] + ([d for d in ("float16", "int8") if d != native and (d == "int8" or native == "float32")]
                          if storage_dtype == "auto" else [])
-    size_of = {dt: torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size() for dt in dtypes}  # 1 for int8
+    if storage_dtype == "auto" and bits and whitening_of(collection) is None:
+        dtypes.append(BITS)  # residual components at 1-8 bits each, the shared parts in int8
+    size_of = {dt: 1 if dt == BITS else torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size() for dt in dtypes}
     check_extras_dtype(extras_dtype)
     candidates = list(clusters or [None])
     if backend not in BACKENDS:
@@ -558,8 +798,9 @@ def compress_mixed(
                     progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
             del reads
             E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
-            curves = _Curves(fits, E)  # shared by every dtype and every budget the dry assembly tries
+            plain = _Curves(fits, E)  # shared by every dtype and every budget the dry assembly tries
             for dt in dtypes:
+                curves = _Curves(fits, E, bits=True) if dt == BITS else plain
                 goal = target_error
                 if dt != native and target_error is not None:  # leave int8's rounding room under the target
                     if target_error < 2 * _QUANT_ROOM:
@@ -585,6 +826,7 @@ def compress_mixed(
         # int8's curves leave out its rounding (2-4e-5 of each row's energy): when they predict it
         # does better, build it and keep it if its exact error still beats the other's prediction
         order = sorted(best, key=lambda d: best[d][0])
+        built = []  # (key, artifact, dtype, allocation, clusters): the best built is kept
         for i, dt in enumerate(order):
             _, alloc, fits, cand, curves, goal, E = best[dt]
             last = i + 1 == len(order)
@@ -592,10 +834,8 @@ def compress_mixed(
                 art = _build(collection, fits, alloc, dt, weighting, seed, tol, max_iters, hashes, keep_extras,
                              progress, target_error, stat, budget, extras_dtype, executor=executor,
                              kept=kept if last else dict(kept), clusters=cand, plan=plan)
-                if last:
-                    break
                 got = _stat(per_adapter(*art.stats()).numpy(), stat)
-                if budget is not None or got <= target_error + 1e-12 or attempt == _RETARGETS:
+                if budget is not None or last or got <= target_error + 1e-12 or attempt == _RETARGETS:
                     break
                 # a target missed by rounding: aim lower by the miss (measured, not assumed), while that
                 # still needs fewer bytes than the next precision
@@ -611,10 +851,17 @@ def compress_mixed(
                 alloc = retry
                 tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
                               "numbers": alloc.numbers, "retarget": goal})
+            meets = budget is None and got <= target_error + 1e-12
+            key = (got, art.serialized_size()) if budget is not None else (
+                (0, art.serialized_size()) if meets else (1, got))
+            built.append((key, art, dt, alloc, cand))
             if last:
                 break
-            if (got < best[order[i + 1]][1].predicted) if budget is not None else (got <= target_error + 1e-12):
+            # the curves of a quantised precision leave out (int8) or estimate (bits) its rounding: stop when
+            # what is built beats the next candidate's prediction (budget), or meets the target with fewer bytes
+            if (min(b[0] for b in built)[0] < best[order[i + 1]][1].predicted) if budget is not None else meets:
                 break
+        _, art, dt, alloc, cand = min(built, key=lambda b: b[0])
         storage_dtype = dt
         kept.clear()
         if budget is not None and art.serialized_size() > budget:
@@ -632,7 +879,8 @@ def compress_mixed(
         "target_error": target_error,
         "target_stat": stat,
         "n_clusters": 1 if cand is None else cand.K,
-        "storage_dtype": storage_dtype,
+        "storage_dtype": "int8" if storage_dtype == BITS else storage_dtype,
+        "bits": bits_summary(art),
         "dtypes": {d: best[d][1].predicted for d in best},
         "ranks": alloc.ranks,
         "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
@@ -647,6 +895,7 @@ def compress_mixed(
     return art, report
 
 
+BITS = "bits"  # the storage candidate with low-bit residual rows (meta storage_dtype: int8)
 _RETARGETS = 3  # a target missed by a quantised precision's rounding is aimed lower at most this often
 
 
@@ -668,7 +917,8 @@ def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_d
                      None, target_error, stat, budget, extras_dtype, dry=True, clusters=clusters)
         size = dry.serialized_size()
         # int8: the row scales grow with the parts, so they are priced per stored number
-        scales = sum(t.numel() * t.element_size() for key, t in dry.tensors().items() if key.startswith(QSCALE))
+        scales = sum(t.numel() * t.element_size() for key, t in dry.tensors().items()
+                     if key.startswith(QSCALE) and t.dtype != torch.bfloat16)  # low-bit scales: priced in the steps
         fixed = size - itemsize * alloc.numbers - scales
         exact = int((budget - _SLACK - fixed) // (itemsize + scales / max(alloc.numbers, 1)))  # numbers that fit
         if size <= budget - _SLACK:
@@ -812,26 +1062,34 @@ class _Parts:
     wnn2: torch.Tensor | None = None
 
 
-def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales, K: int = 1) -> _Parts:
+def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales, K: int = 1,
+               bits: np.ndarray | None = None) -> _Parts:
     n = len(collection)
+    if bits is not None:
+        b = torch.from_numpy(np.asarray(bits, dtype=np.uint8))
+        rb, ra = (LowBit(torch.zeros(total, d, dtype=torch.uint8),
+                         torch.empty(total, lowbit.n_groups(d, lowbit.GROUP), dtype=torch.bfloat16), b)
+                  for d in (info.d_out, info.d_in))
+    else:
+        rb = dry_storage((total, info.d_out), storage_dtype, torch.float32)
+        ra = dry_storage((total, info.d_in), storage_dtype, torch.float32)
     return _Parts(
         dry_storage((K, info.d_out, r), storage_dtype), dry_storage((K, info.d_in, r), storage_dtype),
-        dry_storage((n, r, r), storage_dtype, core_scales),
-        dry_storage((total, info.d_out), storage_dtype, torch.float32),
-        dry_storage((total, info.d_in), storage_dtype, torch.float32),
+        dry_storage((n, r, r), storage_dtype, core_scales), rb, ra,
         torch.empty(n, collection.max_rank(info.name), dtype=torch.float32),
     )
 
 
 def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
                       Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
-                      assign: torch.Tensor | None = None, chunk: int | None = None, *, clock: dict[str, float],
-                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Parts:
+                      assign: torch.Tensor | None = None, chunk: int | None = None, bits: torch.Tensor | None = None,
+                      *, clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Parts:
     """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r);
     with clusters ``assign`` (n,): ``U`` (K, d_out, R), ``X`` (K, R, r)) with its cores, and
     residual parts of ranks ``k`` (n,), from the factors (read in float32 unless given; ``chunk``
-    adapters at a time for a module larger than the memory limit), rounded, with the exact errors
-    of what is stored. In process or as a Ray task."""
+    adapters at a time for a module larger than the memory limit), rounded (``bits``: the bits of
+    every residual row, stored low-bit), with the exact errors of what is stored. In process or as
+    a Ray task."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
@@ -845,6 +1103,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     Vs = to_storage(VY if VY.dim() == 3 else VY[None], storage_dtype, torch.float16)
     U64, V64 = Us.values.double(), Vs.values.double()
     out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
+    row_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(k.long(), 0)])
     for ch in fac.split(_BUILD_CHUNK):  # every part below is per adapter: float64 a few adapters at a time
         B, A = ch.B.double(), ch.A.double()
         kc = k[ch.start : ch.stop]
@@ -852,7 +1111,8 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         Ss = to_storage(_optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
         S64 = Ss.values.double()
         # the residual of what is stored (rounded shared part), then rounded itself
-        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, storage_dtype)
+        cb = None if bits is None else bits[int(row_at[ch.start]) : int(row_at[ch.stop])]
+        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, storage_dtype, cb)
         GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
         n2 = (GB * GA).sum((1, 2))
         sq, nn2 = squared_errors(B, A, U64, V64, S64, ac, norms2=n2, residual=(bq, aq))
@@ -885,16 +1145,19 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
     wsq = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
     wnn2 = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
     resid = [torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64)) for fit in fits]
+    rbits = [alloc.bits.get(fit.name) if storage_dtype == BITS else None for fit in fits]
+    rbits = [None if b is None or not len(b) else torch.from_numpy(np.asarray(b, dtype=np.uint8)) for b in rbits]
+    storage_dtype = "int8" if storage_dtype == BITS else storage_dtype  # the shared parts of a low-bit build
     if dry:
         parts = ((j, _dry_parts(collection, info, alloc.ranks[fit.name], int(resid[j].sum()), storage_dtype,
-                                _core_scales(fit), fit.K))
+                                _core_scales(fit), fit.K, rbits[j]))
                  for j, (info, fit) in enumerate(zip(collection.modules, fits)))
     else:
         args = []
         for j, fit in enumerate(fits):
             r = alloc.ranks[fit.name]
             args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, _core_scales(fit), fit.assign,
-                         plan.chunk.get(j) if plan else None))
+                         plan.chunk.get(j) if plan else None, rbits[j]))
         reads = _Reads(collection, kept=kept, plan=plan) if executor is None and wh is None else None  # whitened: re-read there
         parts = map_modules(executor, build_module_task, collection, args, labels=names,
                             local=reads.factors if reads else None, phase="build")
@@ -916,11 +1179,17 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
             if fit.K > 1:
                 tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
             entry = {**info.entry(), "rank": r, "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
+            if fit.quant is not None:  # measured low-bit errors (lorazip.evaluate's baselines use them)
+                entry["quant"] = [float(f"{x:.4g}") for x in fit.quant]
             if total > 0:
                 tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
                 p.resid_B.put(tensors, f"resid_B/{name}")
                 p.resid_A.put(tensors, f"resid_A/{name}")
                 entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
+                if rbits[m] is not None:
+                    tensors[f"qbits/{name}"] = rbits[m]
+                    entry["residual"]["bits"] = {"group": "row", "bytes": [
+                        lowbit.packed_bytes(info.d_out, rbits[m].numpy()), lowbit.packed_bytes(info.d_in, rbits[m].numpy())]}
             modules_meta.append(entry)
         if progress:
             progress(n_mod + count, 2 * n_mod, names[j])
@@ -943,3 +1212,10 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
     if wh is not None:
         annotate(wh, meta, tensors, wsq, wnn2)
     return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras, extras_dtype)
+
+
+def bits_summary(artifact: Artifact) -> dict[str, Any]:
+    """:func:`lorazip.evaluate.storage_bits` of a built artifact (the bits chosen, for the report)."""
+    from ..evaluate import storage_bits
+
+    return storage_bits(artifact)

@@ -138,6 +138,24 @@ def parse_header(
     return header, meta, 8 + n
 
 
+def header_bytes(entries: Mapping[str, tuple[str, Any]], metadata: Mapping[str, str]) -> tuple[bytes, list[str]]:
+    """The header bytes (length prefix + JSON, space-padded to 8 bytes) of a safetensors file of
+    tensors ``entries`` (name -> (safetensors dtype, shape)) and the order of their data, laid out as
+    safetensors does it (wider dtypes first, then by name) but deterministic: ``__metadata__`` keys
+    sorted (safetensors' own writer emits them in hash-map order, which differs from run to run)."""
+    order = sorted(entries, key=lambda k: (-ST_WIDTHS[entries[k][0]], k))
+    header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+    pos = 0
+    for key in order:
+        dtype, shape = entries[key]
+        n = math.prod(shape) * ST_WIDTHS[dtype]
+        header[key] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
 class RawReader:
     """A safetensors file's header, checked by :func:`parse_header`, plus raw reads of its
     tensors' bytes (plain file I/O, no mmap, no torch). Use as a context manager; every

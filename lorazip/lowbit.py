@@ -1,0 +1,200 @@
+"""Low-bit storage of rows: 1, 2, 3, 4 or 8-bit codes, one scale per group of a row, bit-packed.
+
+A row ``x`` of length ``L`` is cut into groups of ``g`` values (the last one may be shorter;
+lorazip stores one group per row, :data:`GROUP` None: on the residual rows of real collections
+a scale per 32-256 values removes 5-20% of the error for 0.06-0.5 more bits per number, less
+than those bits buy as precision; benchmarks/quant_groups.py, docs/benchmarks.md). Each group has a scale ``s`` and each value a code
+``u`` in ``0 .. 2^b - 1``; a reader gets ``(u - (2^b - 1) / 2) * s`` in float32. The grid is
+symmetric around zero without a zero level ("mid-rise"): all ``2^b`` codes are used, which is
+what makes 1 bit (``±s/2``, a sign and a scale) and 2 bits (``±s/2, ±3s/2``) worth storing.
+
+The scale of a group is chosen for the smallest squared error of that group, not from its
+largest value: a few clipping levels are tried (around the best one for Gaussian values of the
+group's spread, and the group's maximum), the best is refined by least squares (the optimal scale for the codes it gives),
+then rounded to the scale's dtype, and the codes are taken again for the rounded scale, so
+what a reader computes is exactly what the error was measured on. Scales are bfloat16: residual
+rows of small adapters have scales far below float16's normal range, and 8 bits of mantissa in
+a scale cost nothing (the codes are chosen for the rounded scale).
+
+Packing: the codes of a row, least significant bit first, fill ``ceil(L * b / 8)`` bytes (rows
+start on a byte boundary, so any row can be read alone); rows of different widths follow one
+another. Everything here but :func:`quantize` is numpy, so readers need no torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+BITS = (1, 2, 3, 4, 8)  # code widths a row may have
+GROUP = None  # values per scale; None: one scale per row (chosen by measurement: benchmarks/quant_groups.py)
+_GAUSS_CLIP = {2: 1.494, 3: 2.051, 4: 2.513, 8: 4.0}  # outermost level / rms of the best uniform grid of a Gaussian
+
+
+def row_bytes(length: int, bits: int) -> int:
+    """Bytes of one packed row of ``length`` values at ``bits`` bits."""
+    return (int(length) * int(bits) + 7) // 8
+
+
+def n_groups(length: int, group: int | None) -> int:
+    """Scales per row of ``length`` values with groups of ``group`` (None: one per row)."""
+    if not length:
+        return 0
+    return 1 if group is None else max(1, -(-int(length) // int(group)))
+
+
+def packed_bytes(length: int, bits) -> int:
+    """Bytes of rows of ``length`` values with the given per-row ``bits`` (any iterable)."""
+    return sum(row_bytes(length, b) for b in np.asarray(bits).reshape(-1).tolist())
+
+
+def _levels(bits: int) -> float:
+    return (2 ** int(bits) - 1) / 2.0
+
+
+def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
+    """Codes and scales of the rows of ``x`` (N, L) at ``bits`` (an int, or (N,) per row):
+    ``(codes (N, L) uint8, scales (N, G) float32)``, numpy; the scales are bfloat16 values (what
+    the file stores) and a reader gets :func:`dequantize` of the two."""
+    import torch
+
+    x = x.detach().to("cpu", torch.float32)
+    if x.dim() != 2:
+        raise ValueError("low-bit storage quantises rows: a 2-D tensor")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("cannot quantise NaN or Inf values")
+    N, L = x.shape
+    b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (N,)).copy()
+    if not set(b.tolist()) <= set(BITS):
+        raise ValueError(f"bits must be among {BITS}, got {sorted(set(b.tolist()) - set(BITS))}")
+    G = n_groups(L, group)
+    codes = np.zeros((N, L), dtype=np.uint8)
+    scales = np.zeros((N, G), dtype=np.float32)
+    if N == 0 or L == 0:
+        return codes, scales
+    pad = G * int(group) - L if G > 1 else 0
+    xg = torch.nn.functional.pad(x, (0, pad)).reshape(N, G, -1)  # (N, G, g)
+    mask = torch.ones(L + pad, dtype=torch.float32)
+    mask[L:] = 0
+    mask = mask.reshape(G, -1)
+    step = max(1, _CHUNK // max(xg[0].numel(), 1))
+    for bw in sorted(set(b.tolist())):
+        idx = np.nonzero(b == bw)[0]
+        for lo in range(0, len(idx), step):  # a few rows at a time: the clip search holds _CLIPS copies
+            rows = torch.from_numpy(idx[lo : lo + step])
+            part = xg[rows]
+            s = _best_scales(part, mask, bw).to(torch.bfloat16).float()  # the codes are taken for the stored scale
+            if not bool(torch.isfinite(s).all()):
+                raise ValueError("group scales overflow bfloat16")
+            scales[rows.numpy()] = s.numpy()
+            codes[rows.numpy()] = _codes(part, s, bw).reshape(len(rows), -1)[:, :L].to(torch.uint8).numpy()
+    return codes, scales
+
+
+_CHUNK = 1 << 16  # values per block of the scale search
+
+
+def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits: int) -> "torch.Tensor":
+    """Nearest codes (same shape as ``xg`` (..., g)) for scales ``s`` (...); a 0 scale gives the code of -s/2."""
+    import torch
+
+    h = _levels(bits)
+    safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    return torch.round(xg / safe + h).clamp_(0, 2 * h)
+
+
+def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor", bits: int) -> "torch.Tensor":
+    """Per group (N, G) the scale with the least squared error among a few clipping levels (all
+    tried at once), then two least-squares refinements (the best scale for the codes it gives;
+    alternating codes and scale never increases the error)."""
+    import torch
+
+    h = _levels(bits)
+    a = xg.abs() * mask
+    cnt = mask.sum(-1).clamp_min(1)
+    amax = a.amax(-1)
+    mean = a.sum(-1) / cnt
+    if bits == 1:  # ±s/2: the optimal s/2 is the mean magnitude (the codes are the signs)
+        return 2 * mean
+    rms = ((xg * xg * mask).sum(-1) / cnt).sqrt()
+    c0 = torch.minimum(rms * _GAUSS_CLIP[bits], amax)  # the best clip for Gaussian values, and near it
+    cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / h  # (C, N, G)
+    err = ((torch.round(xg[None] / cand.clamp_min(1e-30)[..., None] + h).clamp_(0, 2 * h) - h) * cand[..., None]
+           - xg[None]).mul_(mask).square_().sum(-1)  # (C, N, G)
+    s = cand.gather(0, err.argmin(0, keepdim=True))[0]
+    for _ in range(2):
+        lv = (_codes(xg, s, bits) - h) * mask
+        den = (lv * lv).sum(-1)
+        ls = torch.where(den > 0, (lv * xg).sum(-1) / den.clamp_min(1e-30), s)
+        e_new = (lv * ls[..., None] - xg * mask).square().sum(-1)
+        e_old = (lv * s[..., None] - xg * mask).square().sum(-1)
+        s = torch.where((e_new < e_old) & (ls > 0), ls, s)
+    return torch.where(amax > 0, s, torch.zeros_like(s))
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, bits, group: int | None = GROUP) -> np.ndarray:
+    """float32 values (N, L) of ``codes`` (N, L) with ``scales`` (N, G) at per-row ``bits``."""
+    N, L = codes.shape
+    b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (N,))
+    h = ((2.0 ** b - 1) / 2).astype(np.float32)[:, None]
+    s = np.asarray(scales, dtype=np.float32)
+    G = s.shape[1] if s.ndim == 2 else 0
+    per_value = np.repeat(s, group, axis=1)[:, :L] if G > 1 else (s if G else np.zeros((N, 1), np.float32))
+    return ((codes.astype(np.float32) - h) * per_value).astype(np.float32)
+
+
+def pack(codes: np.ndarray, bits) -> np.ndarray:
+    """The rows of ``codes`` (N, L) uint8 at per-row ``bits``, packed one after the other (1-D uint8)."""
+    N, L = codes.shape
+    b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (N,))
+    sizes = np.array([row_bytes(L, w) for w in b.tolist()], dtype=np.int64)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    out = np.zeros(int(offs[-1]), dtype=np.uint8)
+    for w in sorted(set(b.tolist())):
+        idx = np.nonzero(b == w)[0]
+        if codes[idx].max(initial=0) >= 2 ** w:
+            raise ValueError(f"a code does not fit in {w} bits")
+        planes = ((codes[idx][..., None] >> np.arange(w, dtype=np.uint8)) & 1).astype(np.uint8)
+        packed = np.packbits(planes.reshape(len(idx), L * w), axis=1, bitorder="little")
+        for row, i in zip(packed, idx):
+            out[offs[i] : offs[i + 1]] = row
+    return out
+
+
+def unpack(buf: np.ndarray, bits, length: int) -> np.ndarray:
+    """Codes (N, length) uint8 of rows packed by :func:`pack` at per-row ``bits`` (N,)."""
+    b = np.asarray(bits, dtype=np.int64).reshape(-1)
+    N = len(b)
+    sizes = np.array([row_bytes(length, w) for w in b.tolist()], dtype=np.int64)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    if len(buf) != int(offs[-1]):
+        raise ValueError(f"{len(buf)} packed bytes, but rows of {length} values at these bits need {int(offs[-1])}")
+    out = np.zeros((N, length), dtype=np.uint8)
+    for w in sorted(set(b.tolist())):
+        idx = np.nonzero(b == w)[0]
+        rows = np.stack([buf[offs[i] : offs[i + 1]] for i in idx])
+        planes = np.unpackbits(rows, axis=1, count=length * w, bitorder="little").reshape(len(idx), length, w)
+        out[idx] = (planes << np.arange(w, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+    return out
+
+
+def read_rows(buf: np.ndarray, scales: np.ndarray, bits, length: int, group: int | None = GROUP) -> np.ndarray:
+    """float32 rows (N, length) from packed bytes, their scales (N, G) and per-row bits (N,)."""
+    b = np.asarray(bits, dtype=np.int64).reshape(-1)
+    return dequantize(unpack(buf, b, length), scales, b, group)
+
+
+def row_offsets(length: int, bits) -> np.ndarray:
+    """Byte offset of every row and the end (N + 1,) for rows of ``length`` values at ``bits``."""
+    b = np.asarray(bits, dtype=np.int64).reshape(-1)
+    return np.concatenate([[0], np.cumsum((length * b + 7) // 8)]).astype(np.int64)
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 numbers given as their uint16 bit patterns (numpy has no bfloat16)."""
+    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

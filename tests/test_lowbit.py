@@ -1,0 +1,263 @@
+"""Low-bit residual rows (format v5): the quantiser, packing, the bit allocation and every reader."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli as run
+from helpers import write_collection
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+import lorazip
+from lorazip import lowbit
+from lorazip.evaluate import svd_at_bits
+from lorazip.metrics import per_adapter
+
+mixed = importlib.import_module("lorazip.compress.mixed")
+MODULES = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}
+
+
+def _reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """float64 values of the codes, and a check that each is the nearest level for its scale."""
+    h = (2**bits - 1) / 2
+    s = scales.astype(np.float64)
+    levels = (np.arange(2**bits) - h)[None, None, :] * s[:, :1, None]  # (N, 1, 2^b)
+    nearest = np.abs(x[:, :, None] - levels).argmin(-1)
+    dist = np.abs(x[:, :, None] - levels)
+    picked = np.take_along_axis(dist, codes[:, :, None].astype(np.int64), -1)[..., 0]
+    assert np.all(picked <= dist.min(-1) + 1e-6 * np.abs(x).max()), "a code is not the nearest level"
+    assert nearest.shape == codes.shape
+    return (codes.astype(np.float64) - h) * s[:, :1]
+
+
+@pytest.mark.parametrize("bits", lowbit.BITS)
+def test_quantiser_round_trip_against_float64(bits):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(40, 96, generator=gen, dtype=torch.float64) * torch.logspace(-6, 2, 40, dtype=torch.float64)[:, None]
+    codes, scales = lowbit.quantize(x, bits)
+    assert codes.dtype == np.uint8 and codes.max() < 2**bits and scales.shape == (40, 1)
+    assert np.array_equal(scales, torch.from_numpy(scales).to(torch.bfloat16).float().numpy())  # bfloat16 values
+    ref = _reference(x.numpy(), codes, scales, bits)
+    got = lowbit.dequantize(codes, scales, bits)
+    assert np.allclose(got, ref, rtol=1e-6, atol=0)  # the reader's float32 values are the float64 ones, rounded
+    rel = ((got - x.numpy()) ** 2).sum(1) / (x.numpy() ** 2).sum(1)
+    gauss = {1: 0.3634, 2: 0.1188, 3: 0.03744, 4: 0.01154, 8: 5e-5}[bits]  # the best uniform grid on N(0, 1)
+    assert rel.mean() <= gauss * 1.25 + 1e-6  # every row scaled alike: its magnitude does not matter
+    # never worse than the plain choice of scale (the largest value on the outermost level)
+    amax = np.abs(x.numpy()).max(1, keepdims=True)
+    naive_s = torch.from_numpy(2 * amax / (2**bits - 1)).to(torch.bfloat16).double().numpy()
+    h = (2**bits - 1) / 2
+    naive = (np.clip(np.round(x.numpy() / naive_s + h), 0, 2 * h) - h) * naive_s
+    ours, plain = ((got - x.numpy()) ** 2).sum(1), ((naive - x.numpy()) ** 2).sum(1)
+    assert (ours <= plain * 1.05).all() and (ours / plain).mean() <= 1.0 + 1e-3  # (float32 search: 8 bits ties)
+
+
+def test_quantiser_edge_rows():
+    x = torch.zeros(3, 10, dtype=torch.float64)
+    x[1, 4] = 3.0
+    x[2] = -1e-30
+    for bits in lowbit.BITS:
+        codes, scales = lowbit.quantize(x, bits)
+        got = lowbit.dequantize(codes, scales, bits)
+        assert np.all(got[0] == 0) and np.isfinite(got).all()
+    with pytest.raises(ValueError, match="NaN"):
+        lowbit.quantize(torch.tensor([[float("nan")]]), 2)
+    with pytest.raises(ValueError, match="bits"):
+        lowbit.quantize(torch.ones(2, 2), 5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 6), length=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_packing_round_trips_bit_for_bit(n, length, seed):
+    rng = np.random.default_rng(seed)
+    bits = rng.choice(lowbit.BITS, size=n)
+    codes = np.stack([rng.integers(0, 2**b, size=length) for b in bits]).astype(np.uint8) if n else \
+        np.zeros((0, length), np.uint8)
+    buf = lowbit.pack(codes, bits)
+    assert buf.dtype == np.uint8 and len(buf) == sum((length * int(b) + 7) // 8 for b in bits)
+    assert len(buf) == lowbit.packed_bytes(length, bits) == lowbit.row_offsets(length, bits)[-1]
+    assert np.array_equal(lowbit.unpack(buf, bits, length), codes)
+    offs = lowbit.row_offsets(length, bits)
+    for i in range(n):  # any row alone, from its own bytes
+        assert np.array_equal(lowbit.unpack(buf[offs[i] : offs[i + 1]], bits[i : i + 1], length)[0], codes[i])
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowbit") / "src"
+    write_collection(root, n=6, modules=MODULES, r=8, seed=5)
+    return lorazip.load_collection(root)
+
+
+@pytest.fixture(scope="module")
+def art(coll):
+    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
+    got = lorazip.compress(coll, budget=int(0.12 * full), hash_sources=False, keep_extras=False)
+    assert got.allocation["bits"]["histogram"].keys() - {"8", "16", "32"}, "expected low-bit rows here"
+    return got
+
+
+def test_budget_held_on_the_file_and_errors_exact(art, coll, tmp_path):
+    budget = art.allocation["budget_bytes"]
+    path = art.save(tmp_path / "a.lorazip.safetensors")
+    assert path.stat().st_size == art.serialized_size() <= budget
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format_version"] == "5"
+        assert {"qbits", "lowbit/resid_B", "lowbit/resid_A"} <= set(f.keys())
+    back = lorazip.load_artifact(path)
+    for key, t in art.tensors().items():  # the file reads back as what was built
+        assert torch.equal(back.raw(key), t), key
+    # the recorded errors are those of the dequantised values, recomputed against the originals
+    rec = lorazip.evaluate(back, sources=[a.path for a in coll.adapters])
+    assert rec["errors"]["mean"] == pytest.approx(float(per_adapter(*art.stats()).mean()), rel=1e-6)
+    rep = lorazip.evaluate(back)
+    assert rep["bits"]["bits_per_number"] < 8 and rep["bits"]["pairs"] == 18
+    sm = rep["baseline"]["svd_matched_storage"]
+    assert {"SVD at 2 bits", "SVD at 4 bits", "SVD at 16 bits"} <= set(sm["alternatives"])
+    assert rep["errors"]["mean"] <= sm["mean"] * 1.05  # at or ahead of the best per-adapter alternative
+
+
+def test_predicted_quantisation_error_matches_the_exact_one(art):
+    predicted = art.allocation["predicted_mean_error"]
+    exact = float(per_adapter(*art.stats()).mean())
+    assert exact == pytest.approx(predicted, rel=0.15)
+
+
+def test_rows_read_alone_equal_the_whole(art, tmp_path):
+    back = lorazip.load_artifact(art.save(tmp_path / "r.lorazip.safetensors"))
+    for mod in back.modules:
+        b, a, ks = back.module_residuals(mod["name"])
+        b_mem, a_mem, ks_mem = art.module_residuals(mod["name"])
+        assert torch.equal(b, b_mem) and torch.equal(a, a_mem) and torch.equal(ks, ks_mem)
+        for rows in ([0], [5, 2], [1, 3, 4]):
+            bs, as_, k = back.module_residuals(mod["name"], rows)
+            for j, i in enumerate(rows):
+                kk = int(k[j])
+                assert torch.equal(bs[j, :, :kk], b[i, :, :kk]) and torch.equal(as_[j, :kk], a[i, :kk])
+
+
+def test_export_matches_the_dense_reconstruction(art, coll):
+    name = art.names[2]
+    state, config = lorazip.to_peft(art, name)
+    i = art.index(name)
+    for mod in art.modules:
+        m = mod["name"]
+        U, V, cores, _ = art.module_factors(m, [i])
+        b, a, _ = art.module_residuals(m, [i])
+        dense = U[0].double() @ cores[0].double() @ V[0].double().T + b[0].double() @ a[0].double()
+        keyB = next(k for k in state if k.endswith(f"{m}.lora_B.weight"))
+        keyA = keyB.replace("lora_B", "lora_A")
+        got = state[keyB].double() @ state[keyA].double()
+        assert torch.allclose(got, dense, atol=1e-6 * float(dense.abs().max()))
+
+
+def test_remove_and_add_keep_the_stored_rows(art, coll, tmp_path):
+    from lorazip.update import add_adapters, remove_adapters
+
+    out, _ = remove_adapters(art, [art.names[1]])
+    for m in [mod["name"] for mod in art.modules]:
+        b, a, ks = art.module_residuals(m, [0, 2, 3, 4, 5])
+        b2, a2, ks2 = out.module_residuals(m)
+        assert torch.equal(ks, ks2) and torch.equal(b, b2) and torch.equal(a, a2)
+    back = lorazip.load_artifact(out.save(tmp_path / "removed.lorazip.safetensors"))
+    assert back.names == [n for n in art.names if n != art.names[1]]
+    root = tmp_path / "new"
+    write_collection(root, n=2, modules=MODULES, r=8, seed=99)
+    for p in list(root.iterdir()):
+        p.rename(root / f"new_{p.name}")
+    added, _ = add_adapters(art, root)
+    for m in [mod["name"] for mod in art.modules]:
+        b, a, _ = art.module_residuals(m)
+        b2, a2, _ = added.module_residuals(m, list(range(len(art.names))))
+        assert torch.equal(b, b2[:, :, : b.shape[2]]) and torch.equal(a, a2[:, : a.shape[1]])
+    lorazip.load_artifact(added.save(tmp_path / "added.lorazip.safetensors"))
+
+
+def test_target_met_on_the_exact_error(coll):
+    for target in (0.02, 0.1):
+        got = lorazip.compress(coll, target_error=target, hash_sources=False, keep_extras=False)
+        assert float(per_adapter(*got.stats()).mean()) <= target
+        assert "bits" in {d["dtype"] for d in got.allocation["clusters_tried"]}
+
+
+def test_fixed_dtype_fixes_the_bits(coll):
+    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
+    got = lorazip.compress(coll, budget=int(0.2 * full), storage_dtype="int8", hash_sources=False, keep_extras=False)
+    assert got.allocation["bits"]["histogram"].keys() <= {"8"}
+    assert not any(k.startswith("qbits/") for k in got.tensors())
+
+
+def _fits(coll):
+    E = None
+    fits = []
+    for info in coll.modules:
+        f = coll.module_factors(info.name, dtype=torch.float32)
+        fits.append(mixed.fit_module(f.B, f.A, info.name, 0, weighting="relative", seed=0, tol=1e-6,
+                                     max_iters=100))
+    E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+    return fits, E
+
+
+@settings(max_examples=25, deadline=None)
+@given(frac=st.floats(0.02, 0.9))
+def test_allocation_never_worse_than_one_precision(coll, frac):
+    """At any budget the bit allocation (per-adapter parts: shared rank 0) predicts no more error than
+    per-adapter SVD at the best single precision with the same error model and bytes (lorazip also
+    pays one byte per stored row for its bit table, given to it on top)."""
+    fits, E = _fits(coll)
+    curves = mixed._Curves(fits, E, bits=True)
+    total = curves.max_size()
+    budget = frac * total
+    spectra = [f.spectra[0].sqrt().float() for f in fits]
+    mods = [{"d_out": f.d_out, "d_in": f.d_in, "quant": [float(x) for x in f.quant]} for f in fits]
+    norms2 = torch.stack([f.norms2 for f in fits], 1)
+    best_single = min(svd_at_bits(spectra, mods, norms2, budget, b)["mean"] for b in (1, 2, 3, 4, 8))
+    rows_max = budget / min(lv[1] for f in fits for lv in mixed.bit_levels(f))
+    alloc = mixed.allocate_mixed(fits, E, numbers=budget + rows_max, curves=curves)
+    step = max(float((f.spectra[0][:, 0] / torch.from_numpy(E)).max()) for f in fits) / len(E)  # one component
+    assert alloc.predicted <= best_single + step + 1e-9
+
+
+def test_reports_show_the_bits(art, tmp_path, capsys):
+    path = art.save(tmp_path / "rep.lorazip.safetensors")
+    rc, out, err = run(capsys, "eval", path, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    hist = rep["bits"]["histogram"]
+    assert sum(hist.values()) > 0 and rep["bits"]["pairs_at_nothing"] >= 0
+    rc, out, err = run(capsys, "eval", path)
+    text = " ".join((out + err).split())
+    assert rc == 0 and "per number" in text and "SVD, same storage" in text
+
+
+def test_corrupt_lowbit_metadata_is_one_error(art, tmp_path):
+    from helpers import read_doc, write_doc
+    from safetensors.torch import save_file
+
+    from lorazip.errors import ArtifactError
+
+    path = art.save(tmp_path / "c.lorazip.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    doc = read_doc(meta)
+    doc.pop("checksum", None)
+    mod = next(m for m in doc["modules"] if (m.get("residual") or {}).get("bits"))
+    mod["residual"]["bits"]["bytes"][0] += 1  # the packed rows no longer add up
+    write_doc(meta, doc)
+    bad = tmp_path / "bad.lorazip.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ArtifactError, match="lowbit/resid_B"):
+        lorazip.load_artifact(bad)
+    mod["residual"]["bits"]["bytes"][0] -= 1
+    mod["residual"]["bits"]["group"] = 64
+    write_doc(meta, doc)
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ArtifactError, match="residual.bits"):
+        lorazip.load_artifact(bad)
