@@ -6,7 +6,8 @@ exit status 1; Ctrl-C prints one line and exits 130; anything else is a bug and 
 its traceback.
 
 Importing this module loads typer, click and rich only: each command imports the parts of
-lorazip it runs, so ``--help``, usage errors, ``info`` and ``verify`` never load torch (or numpy).
+lorazip it runs, so ``--help``, usage errors, ``info`` and ``verify`` never load torch (or numpy), and
+``export`` loads numpy only (torch only for an artifact its NumPy reader does not know).
 """
 
 from __future__ import annotations
@@ -403,12 +404,17 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
 ) -> None:
     """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""
-    _load_torch()
     from lorazip.artifact import load_artifact
-    from lorazip.export import export as run_export
+    from lorazip.export_core import Unsupported, export_numpy
 
     art = load_artifact(artifact)
-    paths = run_export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
+    try:  # NumPy and plain file reads: the same bytes as the torch export, without importing torch
+        paths = export_numpy(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
+    except Unsupported:  # an artifact the NumPy reader does not know (raised before anything is written)
+        _load_torch()
+        from lorazip.export import export as run_export
+
+        paths = run_export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
     if as_json:
         _emit_json({"report_version": 1, "exported": [str(p) for p in paths]})
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")
