@@ -95,7 +95,8 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
     return codes, scales
 
 
-_CHUNK = 1 << 16  # values per block of the scale search
+_CHUNK = 1 << 16
+_REFINE = 2  # least-squares refinements of a group's scale  # values per block of the scale search
 
 
 def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits: int) -> "torch.Tensor":
@@ -109,7 +110,7 @@ def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits: int) -> "torch.Tensor":
 
 def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor", bits: int) -> "torch.Tensor":
     """Per group (N, G) the scale with the least squared error among a few clipping levels (all
-    tried at once), then two least-squares refinements (the best scale for the codes it gives;
+    tried at once), then :data:`_REFINE` least-squares refinements (the best scale for the codes it gives;
     alternating codes and scale never increases the error)."""
     import torch
 
@@ -120,13 +121,15 @@ def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor", bits: int) -> "torch.
     mean = a.sum(-1) / cnt
     if bits == 1:  # ±s/2: the optimal s/2 is the mean magnitude (the codes are the signs)
         return 2 * mean
+    if bits == 8:  # 255 levels: clipping gains nothing measurable; the largest value on the outermost level
+        return amax / h
     rms = ((xg * xg * mask).sum(-1) / cnt).sqrt()
     c0 = torch.minimum(rms * _GAUSS_CLIP[bits], amax)  # the best clip for Gaussian values, and near it
     cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / h  # (C, N, G)
     err = ((torch.round(xg[None] / cand.clamp_min(1e-30)[..., None] + h).clamp_(0, 2 * h) - h) * cand[..., None]
            - xg[None]).mul_(mask).square_().sum(-1)  # (C, N, G)
     s = cand.gather(0, err.argmin(0, keepdim=True))[0]
-    for _ in range(2):
+    for _ in range(_REFINE):
         lv = (_codes(xg, s, bits) - h) * mask
         den = (lv * lv).sum(-1)
         ls = torch.where(den > 0, (lv * xg).sum(-1) / den.clamp_min(1e-30), s)

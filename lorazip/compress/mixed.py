@@ -206,7 +206,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
                      assign.long(), quant_profile(B, A))
 
 
-_PROFILE_ROWS = 64  # residual components whose quantisation is measured per module
+_PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
 
 
 def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -> np.ndarray:
@@ -232,14 +232,14 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -
     x = (Qb[i] @ W[i])[torch.arange(len(top)), :, q] * root  # (rows, d_out)
     y = (Qa[i] @ Zh[i].transpose(1, 2))[torch.arange(len(top)), :, q] * root
     w = 1.0 / n2[i]
-    out = []
-    for b in lowbit.BITS:
-        xh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(x, b), b)).double()
-        yh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(y, b), b)).double()
-        err = ((x * x).sum(1) * (y * y).sum(1) - 2 * (x * xh).sum(1) * (y * yh).sum(1)
-               + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0)
-        out.append(float((w * err).sum() / (w * sv[i, q].square()).sum()))
-    return np.array(out)
+    T = len(lowbit.BITS)
+    widths = np.repeat(np.array(lowbit.BITS), len(top))  # every row at every width, in one call per side
+    xs, ys = x.repeat(T, 1), y.repeat(T, 1)
+    xh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(xs, widths), widths)).double()
+    yh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(ys, widths), widths)).double()
+    err = ((xs * xs).sum(1) * (ys * ys).sum(1) - 2 * (xs * xh).sum(1) * (ys * yh).sum(1)
+           + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0).reshape(T, -1)
+    return ((w[None] * err).sum(1) / (w * sv[i, q].square()).sum()).numpy()
 
 
 def bit_levels(fit: ModuleFit) -> list[tuple[int, int, float]]:
@@ -325,9 +325,9 @@ class _Row:
     """One module at one grid shared rank ``r``: its residual steps sorted by error removed per
     cost unit. A step is one component (native precision: ``costs`` None, each costs the module's
     ``dim`` numbers) or one move of a component up a bit level (:func:`bit_levels`; costs in
-    bytes). ``gains``: weighted error removed, ``who``: the adapter; with bits also ``raws``
-    (unweighted), ``comp`` / ``lvl`` (component, level reached), ``pos`` (the step's place among
-    its adapter's steps, which come in the same order)."""
+    bytes; steps that remove nothing are left out). ``gains``: weighted error removed, ``who``:
+    the adapter; with bits also ``comp`` / ``lvl`` (component, level reached) and ``pos`` (the
+    step's place among its adapter's steps, which come in the same order)."""
 
     r: int
     base: float
@@ -381,43 +381,98 @@ class _Curves:
         rho = np.array([1.0] + [lv[2] for lv in levels])
         cost = np.array([0] + [lv[1] for lv in levels], dtype=np.float64)
         raw = sp[:, :, None] * (rho[:-1] - rho[1:])[None, None, :]  # (n, cap, T) error removed by each move up
-        gain = self.c[:, None, None] * raw
-        dc = np.broadcast_to(np.diff(cost)[None, None, :], raw.shape)
-        slope = (gain / dc).ravel()
-        order = np.argsort(-slope, kind="stable")
-        who = np.repeat(np.arange(n), cap * T)[order]
-        comp = np.tile(np.repeat(np.arange(cap), T), n)[order]
-        lvl = np.tile(np.arange(T), n * cap)[order]
+        gain = (self.c[:, None, None] * raw).ravel()
+        dc = np.broadcast_to(np.diff(cost)[None, None, :], raw.shape).ravel()
+        live = np.nonzero(gain > 0)[0]  # steps that remove nothing are never taken
+        slope = gain[live] / dc[live]
+        order = live[np.argsort(-slope, kind="stable")]
+        who = (order // (cap * T)).astype(np.int32)
+        comp = ((order // T) % cap).astype(np.int16)
+        lvl = (order % T).astype(np.int8)
         by = np.argsort(who, kind="stable")  # each adapter's steps, in the global order
         counts = np.bincount(who, minlength=n)
-        pos = np.empty(len(order), dtype=np.int64)
+        pos = np.empty(len(order), dtype=np.int32)
         pos[by] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-        gains, costs = gain.ravel()[order], dc.ravel()[order]
+        gains, costs = gain[order], dc[order].astype(np.float32)
         return _Row(r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who, costs,
-                    np.concatenate([[0.0], np.cumsum(costs)]), slope[order], raw.ravel()[order], comp, lvl, pos,
+                    np.concatenate([[0.0], np.cumsum(costs, dtype=np.float64)]), gains / costs, None, comp, lvl, pos,
                     levels)
+
+    def _raws(self, row: _Row, idx) -> np.ndarray:
+        """Unweighted error removed by the steps ``idx`` of a bit row (0 for adapters of no energy)."""
+        c = self.c[row.who[idx]]
+        return np.where(c > 0, row.gains[idx] / np.where(c > 0, c, 1.0), 0.0)
 
     def row(self, j: int, r: int) -> _Row | None:
         return next((row for row in self.opts[j] if row.r == r), None)
 
-    def lagrangian(self, lam: float) -> tuple[list[int], list[int]]:
-        """Per module the grid rank and residual step count minimising error + lam * cost."""
-        ranks, counts = [], []
-        for fit, rows in zip(self.fits, self.opts):
-            best = None
+    def _flatten(self) -> None:
+        """Every row of every module in flat arrays, so :meth:`lagrangian` is a few array operations
+        per price instead of a search per row (it runs thousands of times per allocation)."""
+        keys, scale, cums, spend, seg, seg_c, rows_of = [], [], [], [], [], [], []
+        pos = cpos = 0
+        width = max(len(rows) for rows in self.opts) if self.opts else 0
+        for j, (fit, rows) in enumerate(zip(self.fits, self.opts)):
             for row in rows:
-                if row.costs is None:
-                    cnt = int(np.searchsorted(-row.gains, -lam * fit.dim, side="left"))
-                    spent = cnt * fit.dim
-                else:
-                    cnt = int(np.searchsorted(-row.slopes, -lam, side="left"))
-                    spent = row.cumc[cnt]
-                val = row.base - row.cums[cnt] + lam * (_shared_numbers(fit, row.r, self.n) + spent)
-                if best is None or val < best[0] - 1e-18:
-                    best = (val, row.r, cnt)
-            ranks.append(best[1])
-            counts.append(best[2])
-        return ranks, counts
+                native = row.costs is None
+                keys.append(row.gains if native else row.slopes)
+                scale.append(float(fit.dim) if native else 1.0)
+                cums.append(row.cums)
+                spend.append(np.arange(len(row.cums), dtype=np.float64) * fit.dim if native else row.cumc)
+                seg.append((pos, len(row.gains)))
+                seg_c.append((cpos, row.base, _shared_numbers(fit, row.r, self.n), j, row.r))
+                pos += len(row.gains)
+                cpos += len(row.cums)
+            rows_of.append(len(rows))
+        self._keys = np.concatenate(keys) if keys else np.zeros(0)
+        self._rscale = np.array(scale, dtype=np.float64)
+        self._cums = np.concatenate(cums) if cums else np.zeros(0)
+        self._spend = np.concatenate(spend) if spend else np.zeros(0)
+        starts = np.array([a for a, _ in seg], dtype=np.int64)
+        self._lens = np.array([b for _, b in seg], dtype=np.int64)
+        self._starts = starts
+        self._depth = int(self._lens.max(initial=0)).bit_length() + 1
+        self._cstart = np.array([c[0] for c in seg_c], dtype=np.int64)
+        self._base = np.array([c[1] for c in seg_c], dtype=np.float64)
+        self._shared = np.array([c[2] for c in seg_c], dtype=np.float64)
+        self._rank = np.array([c[4] for c in seg_c], dtype=np.int64)
+        # (module, k) -> flat row index, -1 where a module has fewer rows
+        self._grid = np.full((len(self.fits), width), -1, dtype=np.int64)
+        at = 0
+        for j, cnt in enumerate(rows_of):
+            self._grid[j, :cnt] = np.arange(at, at + cnt)
+            at += cnt
+
+    def lagrangian(self, lam: float) -> tuple[list[int], list[int]]:
+        """Per module the grid rank and residual step count minimising error + lam * cost (the
+        first row in grid order that is lower by more than 1e-18 than those before it)."""
+        if not hasattr(self, "_keys"):
+            self._flatten()
+        # per row the steps worth their price, key > lam * scale: a binary search in every row at once
+        # (each row's keys descend)
+        thr = lam * self._rscale
+        lo, hi = np.zeros(len(self._lens), dtype=np.int64), self._lens.copy()
+        for _ in range(self._depth):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            v = self._keys[np.minimum(self._starts + mid, max(len(self._keys) - 1, 0))] if len(self._keys) else \
+                np.zeros(len(mid))
+            right = active & (v > thr)
+            lo = np.where(right, mid + 1, lo)
+            hi = np.where(active & ~right, mid, hi)
+        cnt = lo
+        at = self._cstart + cnt
+        val = self._base - self._cums[at] + lam * (self._shared + self._spend[at])
+        best_val = np.full(len(self.fits), np.inf)
+        best = np.zeros(len(self.fits), dtype=np.int64)
+        for k in range(self._grid.shape[1]):
+            idx = self._grid[:, k]
+            ok = idx >= 0
+            v = np.where(ok, val[np.maximum(idx, 0)], np.inf)
+            better = ok & ((k == 0) | (v < best_val - 1e-18))
+            best = np.where(better, idx, best)
+            best_val = np.where(better, v, best_val)
+        return self._rank[best].tolist(), cnt[best].tolist()
 
     def resid_from_counts(self, j: int, r: int, cnt: int) -> np.ndarray:
         """Steps per adapter (its residual rank at native precision) of the first ``cnt`` steps."""
@@ -502,7 +557,7 @@ class _Curves:
             at = resid[j][i]
             if at >= len(own[j][i]):
                 return None
-            g = rows[j].raws[own[j][i][at]] * inv[i]
+            g = float(self._raws(rows[j], own[j][i][at])) * inv[i]
             return (-g / rows[j].costs[own[j][i][at]], j) if g > _FLOOR else None
 
         steps = []
@@ -525,7 +580,7 @@ class _Curves:
                 nxt = step(j, i)
                 if nxt is not None:
                     heapq.heappush(steps[i], nxt)
-                heapq.heappush(worst, (e + rows[j].raws[at] * inv[i], i))
+                heapq.heappush(worst, (e + float(self._raws(rows[j], at)) * inv[i], i))
                 moved = True
                 break
             if not moved:
@@ -545,8 +600,8 @@ class _Curves:
             if row is None:
                 tot += fit.shared[r].numpy()
                 continue
-            taken = self._taken(row, np.asarray(k))
-            removed = np.bincount(row.who[taken], weights=row.raws[taken], minlength=self.n)
+            taken = np.nonzero(self._taken(row, np.asarray(k)))[0]
+            removed = np.bincount(row.who[taken], weights=self._raws(row, taken), minlength=self.n)
             tot += np.maximum(fit.spectra[r].numpy().sum(1) - removed, 0)
         return np.where(E > 0, tot / np.maximum(E, 1e-300), 0.0)
 
