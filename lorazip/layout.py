@@ -116,9 +116,9 @@ class Layout:
             self.entries[key] = {"dtype": "F32", "shape": [n, max(rs, default=0)]}
             pos += sum(rs)
         self.spectra_len = pos
-        if pos and (SPECTRA not in header or header[SPECTRA]["dtype"] != "F32"
+        if pos and (SPECTRA not in header or header[SPECTRA]["dtype"] not in ("F32", "BF16")
                     or header[SPECTRA]["shape"] != [pos]):
-            raise ValueError(f"tensor 'spectra' missing or not of shape ({pos},) float32")
+            raise ValueError(f"tensor 'spectra' missing or not of shape ({pos},) float32 (or bfloat16)")
         if any(mod.get("residual") for mod in mods):
             info = header.get(RANKS)
             if info is None or info["shape"] != [n, len(mods)] or info["dtype"] not in ("I16", "I32"):
@@ -130,8 +130,8 @@ class Layout:
                     self.entries[key] = {"dtype": "I32", "shape": [n]}
         if STATS in header:
             pairs = sum(r > 0 for rs in ranks for r in rs)
-            if header[STATS]["shape"] != [2, pairs] or header[STATS]["dtype"] != "F64":
-                raise ValueError(f"tensor 'stats' not of shape (2, {pairs}) float64")
+            if header[STATS]["shape"] != [2, pairs] or header[STATS]["dtype"] not in ("F64", "F32"):
+                raise ValueError(f"tensor 'stats' not of shape (2, {pairs}) float64 (or float32)")
             for row, key in enumerate(STAT_KEYS):
                 if key in header:
                     raise ValueError(f"tensor {key!r} stored twice (also in 'stats')")
@@ -278,7 +278,7 @@ class Layout:
             out = torch.zeros(len(rs), width, dtype=torch.float32)
             total = sum(rs)
             if total:
-                flat = handle.get_slice(SPECTRA)[start : start + total]
+                flat = handle.get_slice(SPECTRA)[start : start + total].float()
                 pos = 0
                 for i, r in enumerate(rs):
                     out[i, :r] = flat[pos : pos + r]
@@ -290,7 +290,7 @@ class Layout:
             _, row, ranks = how
             mask = torch.tensor(ranks).T > 0  # (n, M): module-major order of the pairs is mask.T's
             out = torch.zeros(mask.shape, dtype=torch.float64)
-            out.T[mask.T] = handle.get_slice(STATS)[row : row + 1].reshape(-1)
+            out.T[mask.T] = handle.get_slice(STATS)[row : row + 1].reshape(-1).double()
             return out
         if how[0] == "rows":
             return self.read_rows(key, handle, 0, how[3])
@@ -306,6 +306,25 @@ class Layout:
         table = reader.read_ints(RANKS)
         n, m = reader.header[RANKS]["shape"]
         return {mod["name"]: list(table[j::m]) for j, mod in enumerate(self.modules)}
+
+
+def lowbit_meta(meta: dict[str, Any]) -> bool:
+    """Whether an artifact has low-bit residual rows (a format v5 file)."""
+    return any((m.get("residual") or {}).get("bits") for m in meta["modules"])
+
+
+def round_small(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
+    """In place: the spectra and statistics of a v5 artifact as its file stores them (spectra
+    bfloat16, statistics float32), so the artifact in memory equals what its file reads back."""
+    import torch
+
+    if not lowbit_meta(meta):
+        return
+    for key, t in list(tensors.items()):
+        if key.startswith("spectra/") and t.is_floating_point():
+            tensors[key] = t.to(torch.bfloat16).float()
+        elif key in STAT_KEYS:
+            tensors[key] = t.float().double()
 
 
 def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, "torch.Tensor"]:
@@ -327,8 +346,9 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
             continue  # kept as its own tensor
         parts.extend(t[i, :r] for i, r in enumerate(rs) if r)
         del out[key]
+    small = lowbit_meta(meta)  # format v5: the spectra in bfloat16, the statistics in float32 (small budgets)
     if parts:
-        out[SPECTRA] = torch.cat(parts).contiguous()
+        out[SPECTRA] = torch.cat(parts).to(torch.bfloat16 if small else torch.float32).contiguous()
     if any(mod.get("residual") for mod in mods):
         table = torch.zeros(n, len(mods), dtype=torch.int64)
         for j, mod in enumerate(mods):
@@ -341,7 +361,8 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
         mask = torch.tensor(ranks).T > 0  # (n, M)
         sq, n2 = out[STAT_KEYS[0]], out[STAT_KEYS[1]]
         if all(t.dtype == torch.float64 and t.shape == mask.shape and not t[~mask].any() for t in (sq, n2)):
-            out[STATS] = torch.stack([sq.T[mask.T], n2.T[mask.T]]).contiguous()
+            out[STATS] = torch.stack([sq.T[mask.T], n2.T[mask.T]]).to(torch.float32 if small else torch.float64)
+            out[STATS] = out[STATS].contiguous()
             del out[STAT_KEYS[0]], out[STAT_KEYS[1]]
     _pack_lowbit(out, meta)
     _pack_residuals(out, meta)

@@ -35,7 +35,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact, load_artifact, missing_modules, module_path
-from .layout import trim_spectra
+from .layout import round_small, trim_spectra
 from .solvers._linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
 from .io.base_models import same_base_model
@@ -358,6 +358,7 @@ def add_adapters(
         {"op": "add", "adapters": coll.names, "refit": bool(refit), "lorazip_version": __version__}
     )
     trim_spectra(tensors, meta)
+    round_small(tensors, meta)
     out = Artifact(meta, tensors=tensors)
 
     refit_info = None
@@ -576,6 +577,7 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
     if progress:
         progress(n_mod, n_mod, "")
     trim_spectra(tensors, out.meta)
+    round_small(tensors, out.meta)
     return Artifact(out.meta, tensors=tensors), info
 
 
@@ -665,6 +667,7 @@ def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]
     meta["adapters"] = [a for i, a in enumerate(meta["adapters"]) if i not in drop]
     meta.setdefault("updates", []).append({"op": "remove", "adapters": names, "lorazip_version": __version__})
     trim_spectra(tensors, meta)
+    round_small(tensors, meta)
     out = Artifact(meta, tensors=tensors)
     sq, nn = out.stats()
     report = {

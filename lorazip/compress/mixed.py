@@ -403,6 +403,15 @@ class _Curves:
         c = self.c[row.who[idx]]
         return np.where(c > 0, row.gains[idx] / np.where(c > 0, c, 1.0), 0.0)
 
+    def shared_cost(self, fit: ModuleFit, r: int) -> float:
+        """Cost of a module's shared part at rank ``r``: its numbers, or with bits its bytes in int8
+        with the row scales (float16, one per row of ``U``, ``V`` and of each core), which at small
+        ranks cost as much as the numbers."""
+        numbers = _shared_numbers(fit, r, self.n)
+        if not self.bits or r == 0:
+            return numbers
+        return numbers + 2 * (fit.K * fit.dim + self.n * r)
+
     def row(self, j: int, r: int) -> _Row | None:
         return next((row for row in self.opts[j] if row.r == r), None)
 
@@ -420,7 +429,7 @@ class _Curves:
                 cums.append(row.cums)
                 spend.append(np.arange(len(row.cums), dtype=np.float64) * fit.dim if native else row.cumc)
                 seg.append((pos, len(row.gains)))
-                seg_c.append((cpos, row.base, _shared_numbers(fit, row.r, self.n), j, row.r))
+                seg_c.append((cpos, row.base, self.shared_cost(fit, row.r), j, row.r))
                 pos += len(row.gains)
                 cpos += len(row.cums)
             rows_of.append(len(rows))
@@ -481,7 +490,7 @@ class _Curves:
     def fill_mean(self, ranks: list[int], counts: list[int], numbers: int) -> list[np.ndarray]:
         """Greedy: spend what is left of ``numbers`` on residual steps by error removed per cost unit."""
         rows = [self.row(j, r) for j, r in enumerate(ranks)]
-        used = sum(_shared_numbers(f, r, self.n) + (c * f.dim if row.costs is None else row.cumc[c])
+        used = sum(self.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
                    for f, r, c, row in zip(self.fits, ranks, counts, rows))
         heap = [(-row.gains[c] / row.cost(c, f.dim), j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
                 if c < len(row.gains) and row.gains[c] > _FLOOR]
@@ -549,7 +558,7 @@ class _Curves:
             cnt = np.bincount(row.who, minlength=n) if row is not None else np.zeros(n, dtype=np.int64)
             own.append(np.split(by, np.cumsum(cnt)[:-1]))
         resid = [np.zeros(n, dtype=np.int64) for _ in fits]
-        used = float(sum(_shared_numbers(f, r, n) for f, r in zip(fits, ranks)))
+        used = float(sum(self.shared_cost(f, r) for f, r in zip(fits, ranks)))
         err = self.errors(ranks, resid, E)
         inv = np.where(E > 0, 1.0 / np.maximum(E, 1e-300), 0.0)
 
@@ -611,7 +620,7 @@ class _Curves:
             return _numbers(self.fits, ranks, resid, self.n)
         total = 0.0
         for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
-            total += _shared_numbers(fit, r, self.n)
+            total += self.shared_cost(fit, r)
             row = self.row(j, r)
             if row is not None and np.any(k):
                 total += float(row.costs[self._taken(row, np.asarray(k))].sum())
@@ -673,7 +682,7 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     for _ in range(80):
         lam = math.sqrt(lo * hi)
         ranks, counts = curves.lagrangian(lam)
-        size = sum(_shared_numbers(f, r, n) + (c * f.dim if row.costs is None else row.cumc[c])
+        size = sum(curves.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
                    for j, (f, r, c) in enumerate(zip(fits, ranks, counts)) for row in [curves.row(j, r)])
         if size > numbers:
             lo = lam
@@ -971,9 +980,10 @@ def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_d
         dry = _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
                      None, target_error, stat, budget, extras_dtype, dry=True, clusters=clusters)
         size = dry.serialized_size()
-        # int8: the row scales grow with the parts, so they are priced per stored number
-        scales = sum(t.numel() * t.element_size() for key, t in dry.tensors().items()
-                     if key.startswith(QSCALE) and t.dtype != torch.bfloat16)  # low-bit scales: priced in the steps
+        # int8: the row scales grow with the parts, so they are priced per stored number (with bits the
+        # allocation prices every scale itself)
+        scales = 0 if storage_dtype == BITS else sum(
+            t.numel() * t.element_size() for key, t in dry.tensors().items() if key.startswith(QSCALE))
         fixed = size - itemsize * alloc.numbers - scales
         exact = int((budget - _SLACK - fixed) // (itemsize + scales / max(alloc.numbers, 1)))  # numbers that fit
         if size <= budget - _SLACK:

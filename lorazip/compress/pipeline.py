@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from ..artifact import STORAGE_DTYPES, Artifact
-from ..layout import trim_spectra
+from ..layout import round_small, trim_spectra
 from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
@@ -568,4 +568,5 @@ def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, t
     meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
             "modules": modules_meta, "adapters": adapters_meta}
     trim_spectra(tensors, meta)
+    round_small(tensors, meta)
     return Artifact(meta, tensors=tensors)
