@@ -51,8 +51,8 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t.add_column()
     e, st, base = rep["errors"], rep["storage"], rep["baseline"]
     t.add_row("adapters x modules", f"{rep['n_adapters']} x {rep['n_modules']}")
-    t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, "
-              f"{rep['storage_dtype']})")
+    dtype = rep["storage_dtype"] + (" + low-bit residual rows" if _low_bits(rep.get("bits")) else "")
+    t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, {dtype})")
     we = rep.get("weight_errors")
     label = "activation error" if rep.get("metric") == "activation" else "rel. sq. error"
     t.add_row(label + (" (optimised)" if we else ""),
@@ -251,8 +251,17 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
         con.print(f"chose {alloc['chosen']}: {alloc['why']}")
     tried = [t for t in alloc.get("clusters_tried", []) if t.get("predicted") is not None]
     if len(tried) > 1:
-        con.print(f"stored in {alloc.get('storage_dtype')}; tried (predicted {alloc.get('target_stat', 'mean')} "
-                  "error): " + ", ".join(f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}" for t in tried))
+        how = alloc.get("storage_dtype")
+        if _low_bits(alloc.get("bits")):
+            how += ", residual rows at 1-8 bits"
+        con.print(f"stored in {how}; tried (predicted {alloc.get('target_stat', 'mean')} "
+                  "error): " + ", ".join(f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}"
+                                         + (" (re-aimed)" if t.get("retarget") is not None else "") for t in tried))
+
+
+def _low_bits(bits: dict[str, Any] | None) -> bool:
+    """Whether an artifact's bits histogram has numbers below 8 bits (low-bit residual rows)."""
+    return bool(bits) and any(int(b) < 8 for b in bits.get("histogram", {}))
 
 
 def print_added(con: Console, rep: dict[str, Any]) -> None:

@@ -35,6 +35,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from . import lowbit
+
 from .artifact import _CHECKED, _QUANTISABLE, QSCALE, Artifact, current_umask, module_path
 from .errors import ArtifactError, OptionError, OutputError
 from .io.safetensors_header import ST_WIDTHS, RawReader, header_bytes, short
@@ -47,11 +49,12 @@ _WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2}
 CHUNK_BYTES = 1 << 30  # export builds the adapters of one chunk in memory, then writes them
 # the artifact format versions NumpySource reads; v5 files (low-bit residual rows, lorazip.lowbit: what the
 # allocator may choose under --dtype auto) are exported with torch
-FAST_VERSIONS = (1, 2, 3, 4)
+FAST_VERSIONS = (1, 2, 3, 4, 5)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
-_KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A")
+_KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A",
+                "qbits", "lowbit/resid_B", "lowbit/resid_A")  # v5: low-bit rows (lorazip.lowbit)
 _KNOWN_PREFIXES = ("U/", "V/", "cores/", "assign/", "spectra/", "stats/", "resid_ranks/", "resid_B/", "resid_A/",
-                   "qscale/", "extras/")
+                   "qscale/", "extras/", "qbits/")
 
 
 class Unsupported(Exception):
@@ -338,7 +341,7 @@ _NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
               "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1"}  # BF16: decoded to float32
 _FLOATS = ("F64", "F32", "F16", "BF16")
 _INTS = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
-_VIRTUAL = ("rows", "ranks", "empty")  # the lorazip.layout kinds NumpySource reads (spectra, stats: not needed)
+_VIRTUAL = ("rows", "ranks", "empty", "lowbit")  # the lorazip.layout kinds NumpySource reads (spectra, stats: not needed)
 
 
 class NumpySource:
@@ -383,6 +386,8 @@ class NumpySource:
             return how[1]
         if how[0] == "ranks":
             return self.header["resid_ranks"]["dtype"]
+        if how[0] == "lowbit":  # v5: packed codes, unpacked to one uint8 per value
+            return "U8"
         return self.header[how[1]]["dtype"] if how[0] == "rows" else ""
 
     def _readable(self, key: str, kinds: tuple[str, ...]) -> None:
@@ -395,11 +400,15 @@ class NumpySource:
     def _check(self, meta: dict[str, Any], rows: list[int]) -> None:
         for mod in meta["modules"]:
             m = mod["name"]
+            low = f"qbits/{m}" in self.keys  # v5 low-bit residual rows: uint8 codes, bfloat16 row scales
             for key in (f"U/{m}", f"V/{m}", f"cores/{m}", f"resid_B/{m}", f"resid_A/{m}"):
+                lowbit_rows = low and key.startswith("resid_")
                 if key in self.keys:
-                    self._readable(key, _FLOATS + ("I8",))
+                    self._readable(key, ("U8",) if lowbit_rows else _FLOATS + ("I8",))
                 if QSCALE + key in self.keys:
-                    self._readable(QSCALE + key, ("F16", "F32"))
+                    self._readable(QSCALE + key, ("BF16",) if lowbit_rows else ("F16", "F32"))
+            if low:
+                self._readable(f"qbits/{m}", ("U8",))
             for key in (f"assign/{m}", f"resid_ranks/{m}"):
                 if key in self.keys:
                     self._readable(key, _INTS)
@@ -458,6 +467,15 @@ class NumpySource:
             arr = self._table[:, how[1]].astype(np.int64)[slice(a, b)]
         elif kind == "empty":
             arr = np.empty(how[2], dtype=np.float32 if how[1] == "BF16" else _NP_DTYPES[how[1]])
+        elif kind == "lowbit":  # v5: bit-packed codes, each row on a byte boundary (lorazip.lowbit)
+            _, phys, start, total, width, bits_key, nbytes = how
+            a, b = (0, total) if a is None else (a, b)
+            bits = self._rows(bits_key).astype(np.int64)
+            offs = lowbit.row_offsets(width, bits)
+            if int(offs[-1]) != nbytes or not set(bits.tolist()) <= set(lowbit.BITS):
+                raise ArtifactError(f"{self.path}: the bits of {short(key)} do not match its packed bytes")
+            buf = np.frombuffer(self._reader.read_bytes(phys, start + int(offs[a]), int(offs[b] - offs[a])), "u1")
+            arr = lowbit.unpack(buf, bits[a:b], width)
         else:  # pragma: no cover - refused by _check
             raise Unsupported(f"tensor {short(key)} stored as {short(kind)}")
         if key.startswith(_CHECKED) and arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -482,6 +500,9 @@ class NumpySource:
         times their row scales in float32 (lorazip.quantize), empty int8 bases as float32. The one
         place that turns a stored tensor into numbers: a new storage kind is decoded here."""
         q = self._take(key, rows)
+        bits_key = "qbits/" + key.split("/", 1)[1]
+        if q.dtype == np.uint8 and QSCALE + key in self.keys and bits_key in self.keys:  # v5 low-bit rows
+            return lowbit.dequantize(q, self._take(QSCALE + key, rows), self._take(bits_key, rows))
         if QSCALE + key in self.keys:
             s = self._take(QSCALE + key, rows)
             if tuple(s.shape) != tuple(q.shape[:-1]):

@@ -220,8 +220,9 @@ def test_unknown_tensors_or_versions_are_exported_with_torch(artifact_file, tmp_
         export_numpy(Artifact(art.meta, tensors=art.tensors()), tmp_path / "m")
 
 
-def test_low_bit_rows_are_exported_with_torch(tmp_path, capsys):
-    """Format v5 (low-bit residual rows): the NumPy reader refuses it, the command exports it with torch."""
+def test_low_bit_rows_are_exported_without_torch(tmp_path, capsys):
+    """Format v5 (low-bit residual rows): the NumPy reader unpacks and dequantises them; the same bytes
+    as the torch export, every export dtype, a subset of adapters, and no torch in the command."""
     modules = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}  # as tests/test_lowbit.py
     write_collection(tmp_path / "src", n=6, modules=modules, r=8, seed=5)
     full = sum(8 * (a + b) * 4 * 6 for a, b in modules.values())
@@ -232,12 +233,17 @@ def test_low_bit_rows_are_exported_with_torch(tmp_path, capsys):
 
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format_version"] == "5", "no low-bit rows: the case tests nothing"
-    with pytest.raises(Unsupported, match="format version '5'"):
-        export_numpy(load_artifact(path), tmp_path / "numpy")
-    lorazip.export(load_artifact(path), tmp_path / "lib", dtype="bfloat16")
-    rc, _, err = run_cli(capsys, "export", path, tmp_path / "cli", "--dtype", "bfloat16")
-    assert rc == 0, err
-    assert _tree(tmp_path / "cli") == _tree(tmp_path / "lib")
+    for dtype in ("float32", "float16", "bfloat16"):
+        export_numpy(load_artifact(path), tmp_path / f"numpy-{dtype}", dtype=dtype)
+        lorazip.export(load_artifact(path), tmp_path / f"lib-{dtype}", dtype=dtype)
+        assert _tree(tmp_path / f"numpy-{dtype}") == _tree(tmp_path / f"lib-{dtype}")
+    names = [art.names[4], art.names[1]]
+    export_numpy(load_artifact(path), tmp_path / "numpy-sub", names=names)
+    lorazip.export(load_artifact(path), tmp_path / "lib-sub", names=names)
+    assert _tree(tmp_path / "numpy-sub") == _tree(tmp_path / "lib-sub")
+    got = _run_main(["export", str(path), str(tmp_path / "child")])
+    assert got["rc"] == 0 and "torch" not in got["loaded"], got
+    assert _tree(tmp_path / "child") == _tree(tmp_path / "lib-float32")
 
 
 # -- no torch --------------------------------------------------------------------------------------------
