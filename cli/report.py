@@ -177,7 +177,9 @@ def describe(art: lorazip.Artifact) -> dict[str, Any]:
         "modules": [{**{k: mod.get(k) for k in ("name", "d_out", "d_in", "layout", "rank", "n_clusters", "iters", "converged")},
                      **({"target": mod["target"]} if "target" in mod else {}),
                      **({"residual": {"min_rank": res[mod["name"]][0], "max_rank": res[mod["name"]][1],
-                                      "total_rank": mod["residual"]["total_rank"]}} if mod["name"] in res else {})}
+                                      "total_rank": mod["residual"]["total_rank"],
+                                      **({"bits": mod["residual"]["bits"]} if mod["residual"].get("bits") else {})}}
+                        if mod["name"] in res else {})}
                     for mod in m["modules"]],
     }
 
@@ -188,7 +190,9 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("base model", escape(str(d["base_model"])))
-    t.add_row("method / rank", f"{d['method']} / {d['rank']}  ({d['storage_dtype']}, weighting {d['weighting']})")
+    low = any((m.get("residual") or {}).get("bits") for m in d.get("modules", []))
+    dtype = d["storage_dtype"] + (" + residual rows at 1-8 bits" if low else "")
+    t.add_row("method / rank", f"{d['method']} / {d['rank']}  ({dtype}, weighting {d['weighting']})")
     t.add_row("adapters", str(len(d["adapters"])))
     split = d.get("split_modules") or {}
     t.add_row("modules", str(len(d["modules"])) + (

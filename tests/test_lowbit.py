@@ -234,6 +234,10 @@ def test_reports_show_the_bits(art, tmp_path, capsys):
     rc, out, err = run(capsys, "eval", path)
     text = " ".join((out + err).split())
     assert rc == 0 and "per number" in text and "SVD, same storage" in text
+    rc, out, err = run(capsys, "info", path)
+    assert rc == 0 and "residual rows at 1-8 bits" in " ".join((out + err).split())
+    rc, out, err = run(capsys, "info", path, "--json")
+    assert rc == 0 and any(m.get("residual", {}).get("bits") for m in json.loads(out)["modules"])
 
 
 def test_corrupt_lowbit_metadata_is_one_error(art, tmp_path):
