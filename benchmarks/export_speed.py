@@ -4,7 +4,8 @@
 
 Each run is a fresh process of the installed ``lorazip`` command (what a user waits for: start-up,
 imports, work, exit); wall time from the parent, peak RSS from the child's own rusage
-(``os.wait4``). Per repeat: ``compress SRC -o A --rank 16 --overwrite``, then ``export A OUT`` into
+(``os.wait4``), with its CPU time (user + system: less disturbed than wall time on a shared
+machine). Per repeat: ``compress SRC -o A --rank 16 --overwrite``, then ``export A OUT`` into
 a new folder, then the torch export of the library (``lorazip.export``, what the command ran before
 it went torch-free) for reference. Prints a table (median, min and max wall of the repeats; the
 largest peak RSS) and the ratio of the export's median wall to the compression's.
@@ -36,8 +37,8 @@ def lorazip_command() -> list[str]:
     return [sys.executable, "-c", "from lorazip.cli.main import entry; entry()"]
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process; exits if it fails."""
+def timed(argv: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of one child process; exits if it fails."""
     t = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -46,7 +47,7 @@ def timed(argv: list[str]) -> tuple[float, float]:
     proc.stderr.close()
     if status != 0:
         sys.exit(f"failed ({status}): {' '.join(argv)}\n{err}")
-    return wall, usage.ru_maxrss / 1024  # Linux: KB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: KB
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="export dtype")
     args = ap.parse_args()
     cli = lorazip_command()
-    rows: dict[str, list[tuple[float, float]]] = {"compress --rank 16": [], "export (CLI, NumPy)": [],
+    rows: dict[str, list[tuple[float, float, float]]] = {"compress --rank 16": [], "export (CLI, NumPy)": [],
                                                   "export (library, torch)": []}
     with tempfile.TemporaryDirectory(prefix="export-speed-") as tmp:
         art = Path(tmp) / "r16.lorazip.safetensors"
@@ -77,17 +78,18 @@ def main() -> None:
     print(f"{args.src}: {args.repeats} repeats, export dtype {args.dtype}, artifact {size / 1e6:.2f} MB; "
           f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}")
     print(f"CLI and library exports byte-identical: {same}")
-    print("| command | wall (median) | min | max | peak RSS |")
-    print("|---|---|---|---|---|")
-    median = {}
+    print("| command | wall (median) | min | max | CPU (median) | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    median, cpu = {}, {}
     for name, runs in rows.items():
-        walls = [w for w, _ in runs]
-        median[name] = statistics.median(walls)
-        print(f"| `{name}` | {median[name]:.2f} s | {min(walls):.2f} s | {max(walls):.2f} s | "
-              f"{max(r for _, r in runs):.0f} MB |")
-    base = median["compress --rank 16"]
-    print(f"export / compress: {median['export (CLI, NumPy)'] / base:.2f}x "
-          f"(torch export: {median['export (library, torch)'] / base:.2f}x)")
+        walls = [w for w, _, _ in runs]
+        median[name], cpu[name] = statistics.median(walls), statistics.median(c for _, c, _ in runs)
+        print(f"| `{name}` | {median[name]:.2f} s | {min(walls):.2f} s | {max(walls):.2f} s | {cpu[name]:.2f} s | "
+              f"{max(r for _, _, r in runs):.0f} MB |")
+    base, cbase = median["compress --rank 16"], cpu["compress --rank 16"]
+    print(f"export / compress, wall: {median['export (CLI, NumPy)'] / base:.2f}x "
+          f"(torch export: {median['export (library, torch)'] / base:.2f}x); CPU: "
+          f"{cpu['export (CLI, NumPy)'] / cbase:.2f}x (torch export: {cpu['export (library, torch)'] / cbase:.2f}x)")
 
 
 if __name__ == "__main__":
