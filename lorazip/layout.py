@@ -154,9 +154,8 @@ class Layout:
         ``qbits``, their packed codes in ``lowbit/resid_B`` / ``lowbit/resid_A`` and their
         bfloat16 group scales in ``qscale/lowbit/...``, module after module. Logical tensors:
         ``qbits/<m>`` (total_rank,) uint8, ``resid_B/<m>`` (total_rank, d_out) uint8 codes and
-        ``qscale/resid_B/<m>`` (total_rank, groups) bfloat16 (likewise for ``resid_A``)."""
-        from .lowbit import n_groups
-
+        ``qscale/resid_B/<m>`` (total_rank, 1) bfloat16, one scale per row (likewise for ``resid_A``).
+        Reads the metadata only (no numpy: ``lorazip info`` plans reads with it)."""
         mods = [m for m in self.modules if (m.get("residual") or {}).get("bits")]
         rows = 0
         pos = {role: 0 for role in RESID}
@@ -168,7 +167,7 @@ class Layout:
             self.virtual[f"qbits/{name}"] = ("rows", QBITS, rows, total, None)
             self.entries[f"qbits/{name}"] = {"dtype": "U8", "shape": [total]}
             for role, dim, nbytes in zip(RESID, RESID.values(), info["bytes"]):
-                G = n_groups(mod[dim], None if info["group"] == "row" else info["group"])
+                G = 1  # info["group"] == "row", checked with the metadata
                 key = f"{role}/{name}"
                 self.virtual[key] = ("lowbit", LOWBIT + role, pos[role], total, mod[dim], f"qbits/{name}", nbytes)
                 self.entries[key] = {"dtype": "U8", "shape": [total, mod[dim]]}
