@@ -798,10 +798,11 @@ def compress_mixed(
 ) -> tuple[Artifact, dict[str, Any]]:
     """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
     file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
-    the allocation report. ``storage_dtype="auto"``: the adapters' own precision or int8, whichever
-    does better (int8, whose curves leave out its rounding, is built and kept when its exact error
-    beats the other's prediction; for a target, aimed :data:`_QUANT_ROOM` below it, when it needs
-    fewer bytes). ``clusters``: candidate groupings of the adapters (:class:`Clusters`;
+    the allocation report. ``storage_dtype="auto"``: the adapters' own precision (and float16 for
+    float32 adapters) or, with ``bits``, residual rows at 1-8 bits (else int8), whichever does
+    better: candidates are built in order of prediction and the best built one is kept (lowest
+    exact error; for a target the fewest bytes meeting it, a quantised one aimed
+    :data:`_QUANT_ROOM` below it and re-aimed by a measured miss). ``clusters``: candidate groupings of the adapters (:class:`Clusters`;
     None: one shared basis), each fitted and allocated; the one with the lowest statistic (for a
     target: the fewest bytes meeting it) is built. With ``storage_dtype="int8"`` a stored number is
     one byte; the row scales are overhead that the dry assembly measures. With an ``executor`` both
@@ -818,12 +819,12 @@ def compress_mixed(
     native = collection.storage_dtype() if storage_dtype == "auto" else storage_dtype
     if native not in STORAGE_DTYPES:
         raise OptionError(f"unknown dtype {native!r}; choose from {', '.join(STORAGE_DTYPES)}")
-    # "auto": the adapters' own precision, or int8 (twice the numbers in fp16's bytes) where it does better;
-    # float32 adapters also try float16 (half the bytes, rounding 1e-7 of the energy)
-    dtypes = [native] + ([d for d in ("float16", "int8") if d != native and (d == "int8" or native == "float32")]
+    # "auto": the adapters' own precision, float16 for float32 adapters, and int8 or, where bits can be
+    # allocated (not under calibration), bits: residual components at 1-8 bits each, shared parts in int8
+    # (which holds every int8 artifact: a component at 8 bits, with a smaller scale)
+    low = BITS if bits and whitening_of(collection) is None else "int8"
+    dtypes = [native] + ([d for d in ("float16", low) if d != native and (d == low or native == "float32")]
                          if storage_dtype == "auto" else [])
-    if storage_dtype == "auto" and bits and whitening_of(collection) is None:
-        dtypes.append(BITS)  # residual components at 1-8 bits each, the shared parts in int8
     size_of = {dt: 1 if dt == BITS else torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size() for dt in dtypes}
     check_extras_dtype(extras_dtype)
     candidates = list(clusters or [None])
