@@ -445,6 +445,18 @@ class _Curves:
         self._base = np.array([c[1] for c in seg_c], dtype=np.float64)
         self._shared = np.array([c[2] for c in seg_c], dtype=np.float64)
         self._rank = np.array([c[4] for c in seg_c], dtype=np.int64)
+        # the rows keep views into the flat arrays (their own copies are freed)
+        at = 0
+        for rows in self.opts:
+            for row in rows:
+                a, n_ = int(starts[at]), int(self._lens[at])
+                c = int(self._cstart[at])
+                if row.costs is None:
+                    row.gains = self._keys[a : a + n_]
+                else:
+                    row.slopes, row.cumc = self._keys[a : a + n_], self._spend[c : c + n_ + 1]
+                row.cums = self._cums[c : c + n_ + 1]
+                at += 1
         # (module, k) -> flat row index, -1 where a module has fewer rows
         self._grid = np.full((len(self.fits), width), -1, dtype=np.int64)
         at = 0
