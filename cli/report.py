@@ -271,6 +271,8 @@ def _low_bits(bits: dict[str, Any] | None) -> bool:
 def print_added(con: Console, rep: dict[str, Any]) -> None:
     """Errors of the adapters ``lorazip add`` appended (flagged above the threshold)."""
     how = "refit on all adapters" if rep["refit"] else "projected onto the existing bases"
+    if rep.get("residual_goal") is not None and not rep["refit"]:
+        how += f", with their own residual parts up to error {rep['residual_goal']:.3g}"
     con.print(f"{escape(str(rep.get('output')))}: added {len(rep['added'])} adapter(s), {how}", highlight=False)
     t = Table()
     for col in ("adapter", "rel. sq. error", "projection", "cluster", ""):

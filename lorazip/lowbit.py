@@ -201,3 +201,25 @@ def row_offsets(length: int, bits) -> np.ndarray:
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """float32 values of bfloat16 numbers given as their uint16 bit patterns (numpy has no bfloat16)."""
     return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def levels(d_out: int, d_in: int, quant) -> list[tuple[int, int, float]]:
+    """The bit widths worth storing a residual component ``x y^T`` (rows of ``d_out`` and ``d_in``
+    values) at: ``(bits, bytes, relative error)`` on the lower convex hull of (bytes, error) from
+    (0 bytes, error 1), so that each step up buys less error per byte than the one before (the
+    allocator's greedy is then optimal). ``quant``: the relative error at each of :data:`BITS`;
+    bytes: both packed rows, their two bfloat16 scales and one byte of the bit table."""
+    pts = [(0, 0, 1.0)] + [(b, row_bytes(d_out, b) + row_bytes(d_in, b) + 2 * 2 + 1, float(min(max(rho, 0.0), 1.0)))
+                           for b, rho in zip(BITS, quant)]
+    hull = [pts[0]]
+    for p in pts[1:]:
+        if p[2] >= hull[-1][2]:
+            continue  # more bytes, no less error
+        while len(hull) >= 2:  # drop a point above the segment from its predecessor to p
+            (_, c0, e0), (_, c1, e1) = hull[-2], hull[-1]
+            if (e0 - e1) * (p[1] - c1) <= (e1 - p[2]) * (c1 - c0):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull[1:]

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import __version__
+from .add_residuals import add_residuals, goal_error
 from .artifact import Artifact, load_artifact, missing_modules, module_path
 from .layout import round_small, trim_spectra
 from .solvers._linalg import factor_norms2
@@ -205,8 +206,11 @@ def add_adapters(
     refit : rerun JD-Full on all adapters warm-started from the current bases (needs the
         original adapters at the paths recorded in the artifact, checked by sha256). A refit
         drops the per-adapter residual parts (format v2) of every module it refits; their
-        errors are then those of the shared part alone. Without refit, added adapters get
-        residual rank 0.
+        errors are then those of the shared part alone. Without refit, in an artifact with
+        per-adapter parts (a budget or target run) the added adapters get theirs, chosen by
+        error removed per byte at the artifact's bits until their error reaches its target
+        (a budget: the mean error of its adapters; :mod:`lorazip.add_residuals`); in a
+        ``--rank`` artifact, residual rank 0.
     names : names for the new adapters (default: their folder / repo names).
     base_model : accept adapters whose config names another base model.
     max_iters, tol, compute_dtype : refit solver settings (default: the artifact's).
@@ -330,8 +334,19 @@ def add_adapters(
         key = f"spectra/{mod['name']}"
         tensors[key] = _cat_padded(old[key], new_spectra[j])
         rkey = f"resid_ranks/{mod['name']}"
-        if rkey in old:  # format v2: the new adapters have no residual part (rank 0, no rows)
+        if rkey in old:  # format v2: the new adapters have no residual part (rank 0, no rows) ...
             tensors[rkey] = torch.cat([old[rkey], torch.zeros(n_new, dtype=old[rkey].dtype)]).contiguous()
+    proj_sq = sq_new.clone()
+    goal = goal_error(meta, old["stats/sq_error"], old["stats/norm2"]) if art.method != "svd" else None
+    if goal is not None:  # ... unless the artifact stores per-adapter parts: then theirs, up to its goal
+        bases = []
+        for j, mod in enumerate(mods):
+            U, V = old[f"U/{mod['name']}"].double(), old[f"V/{mod['name']}"].double()
+            S = tensors[f"cores/{mod['name']}"][n_old:].double()
+            S = torch.diag_embed(S) if S.dim() == 2 else S
+            bases.append((U[choice[j]], V[choice[j]], S))
+        add_residuals(meta, tensors, raw, [(B.double(), A.double()) for B, A in facs], bases, sq_new, norm_new,
+                      n_old, goal)
     sq_old, nn_old = old["stats/sq_error"], old["stats/norm2"]
     tensors["stats/sq_error"] = torch.cat([sq_old, sq_new.to(sq_old.dtype)])
     tensors["stats/norm2"] = torch.cat([nn_old, norm_new.to(nn_old.dtype)])
@@ -352,7 +367,7 @@ def add_adapters(
     for key, new in (("stats/extras_sq_error", ex_sq), ("stats/extras_norm2", ex_n2)):
         if key in old:
             tensors[key] = torch.cat([old[key], new.to(old[key].dtype)])
-    proj_err = per_adapter(sq_new, norm_new)
+    proj_err = per_adapter(proj_sq, norm_new)
     objective = {"projection": _objective(tensors, weighting), "refit": None}
     meta.setdefault("updates", []).append(
         {"op": "add", "adapters": coll.names, "refit": bool(refit), "lorazip_version": __version__}
@@ -404,6 +419,7 @@ def add_adapters(
         "warnings": warn,
         "objective": objective,
         "errors": summary(err_all.tolist()),
+        "residual_goal": goal,  # the error added adapters' own residual parts aimed at (None: none given)
     }
     if refit_info is not None:
         report["refit_modules"] = refit_info

@@ -243,24 +243,8 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -
 
 
 def bit_levels(fit: ModuleFit) -> list[tuple[int, int, float]]:
-    """The bit widths worth storing a residual component of this module at: ``(bits, bytes,
-    relative error)`` on the lower convex hull of (bytes, error) from (0 bytes, error 1), so that
-    each step up buys less error per byte than the one before (the greedy is then optimal)."""
-    G = lowbit.n_groups(fit.d_out, lowbit.GROUP) + lowbit.n_groups(fit.d_in, lowbit.GROUP)
-    pts = [(0, 0, 1.0)] + [(b, lowbit.row_bytes(fit.d_out, b) + lowbit.row_bytes(fit.d_in, b) + 2 * G + 1,
-                           float(min(max(rho, 0.0), 1.0))) for b, rho in zip(lowbit.BITS, fit.quant)]
-    hull = [pts[0]]
-    for p in pts[1:]:
-        if p[2] >= hull[-1][2]:
-            continue  # more bytes, no less error
-        while len(hull) >= 2:  # drop a point above the segment from its predecessor to p
-            (_, c0, e0), (_, c1, e1) = hull[-2], hull[-1]
-            if (e0 - e1) * (p[1] - c1) <= (e1 - p[2]) * (c1 - c0):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull[1:]
+    """:func:`lorazip.lowbit.levels` of a module's residual components, from its measured profile."""
+    return lowbit.levels(fit.d_out, fit.d_in, fit.quant)
 
 
 # -- allocation ---------------------------------------------------------------------------------
