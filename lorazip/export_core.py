@@ -47,8 +47,7 @@ _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]+$")  # no path separators, NUL or con
 EXPORT_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 _WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2}
 CHUNK_BYTES = 1 << 30  # export builds the adapters of one chunk in memory, then writes them
-# the artifact format versions NumpySource reads; v5 files (low-bit residual rows, lorazip.lowbit: what the
-# allocator may choose under --dtype auto) are exported with torch
+# the artifact format versions NumpySource reads (v5: low-bit residual rows, lorazip.lowbit, unpacked here)
 FAST_VERSIONS = (1, 2, 3, 4, 5)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
 _KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A",

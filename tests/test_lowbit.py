@@ -186,6 +186,18 @@ def test_target_met_on_the_exact_error(coll):
         assert "bits" in {d["dtype"] for d in got.allocation["clusters_tried"]}
 
 
+def test_max_statistic_with_bits(coll):
+    """--target-stat max: the worst adapter gets the next step per byte first; budget and target hold."""
+    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
+    got = lorazip.compress(coll, budget=int(0.12 * full), target_stat="max", hash_sources=False, keep_extras=False)
+    assert got.serialized_size() <= int(0.12 * full) and "qbits/l.0.q" in got.tensors()
+    errs = per_adapter(*got.stats())
+    mean_run = lorazip.compress(coll, budget=int(0.12 * full), hash_sources=False, keep_extras=False)
+    assert float(errs.max()) <= float(per_adapter(*mean_run.stats()).max()) * 1.05
+    t = lorazip.compress(coll, target_error=0.1, target_stat="max", hash_sources=False, keep_extras=False)
+    assert float(per_adapter(*t.stats()).max()) <= 0.1
+
+
 def test_fixed_dtype_fixes_the_bits(coll):
     full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
     got = lorazip.compress(coll, budget=int(0.2 * full), storage_dtype="int8", hash_sources=False, keep_extras=False)
