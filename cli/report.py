@@ -329,13 +329,14 @@ def print_analysis(con: Console, rep: dict[str, Any]) -> None:
             con.print(f"per-adapter SVD would need rank {ps['rank']} ({ps['params']:,} numbers)")
     if rep.get("frontier"):
         orig = rep["original_params"] or 1
-        f = Table(title="mean error vs bytes (shared only, per-adapter SVD only, --budget mix)",
-                  title_justify="left")
-        for col in ("numbers", "bytes", "% orig.", "shared", "per-adapter", "mix"):
+        f = Table(title="mean error vs bytes (shared only, per-adapter SVD only, the mix at the adapters' "
+                  "precision, and with 1-8 bits: --budget)", title_justify="left")
+        for col in ("numbers", "bytes", "% orig.", "shared", "per-adapter", "mix", "mix, bits"):
             f.add_column(col)
         for row in rep["frontier"]:
             f.add_row(f"{row['numbers']:,}", f"{row['bytes']:,}", f"{100 * row['numbers'] / orig:.1f}%",
-                      *(f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("shared_only", "per_adapter", "mix")))
+                      *(f"{row[k]:.4f}" if row.get(k) is not None else "-"
+                        for k in ("shared_only", "per_adapter", "mix", "bits")))
         con.print(f)
 
 

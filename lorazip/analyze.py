@@ -128,20 +128,23 @@ def _frontier_fit(collection, name, B, A, max_rank, weighting, seed, tol, max_it
 
 def _frontier(fits, orig_params: int, nbytes: int, points: int = FRONTIER_POINTS) -> list[dict[str, Any]]:
     """Mean error against stored numbers (and bytes) of the mix, shared parts only and per-adapter
-    SVD only, at ``points`` log-spaced budgets from 1% to 100% of the originals' numbers.
+    SVD only, at ``points`` log-spaced budgets from 1% to 100% of the originals' numbers, and of the
+    mix with bits (``bits``: every residual component at its own 1-8 bits, shared parts in int8, in
+    the same bytes; predicted from the measured quantisation errors).
 
     Every point comes from the same pass-1 curves (:func:`~lorazip.compress.mixed.allocate_mixed`
     at that budget). A line is the lower envelope: what fits a budget fits every larger one, so
     each value is the best at that budget or any smaller one. A representation that fits no
     budget up to a point is ``None`` there."""
-    from .compress.mixed import allocate_mixed
+    from .compress.mixed import _Curves, allocate_mixed
 
     if not fits or orig_params <= 0:
         return []
     E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
     budgets = sorted({max(int(round(v)), 1) for v in np.geomspace(0.01, 1.0, points) * orig_params})
+    bits = _Curves(fits, E, bits=True) if all(f.quant is not None for f in fits) else None
     rows: list[dict[str, Any]] = []
-    best = {"mix": None, "shared_only": None, "per_adapter": None}
+    best = {"mix": None, "shared_only": None, "per_adapter": None, "bits": None}
     for numbers in budgets:
         try:
             alloc = allocate_mixed(fits, E, numbers=numbers, stat="mean")
@@ -152,7 +155,14 @@ def _frontier(fits, orig_params: int, nbytes: int, points: int = FRONTIER_POINTS
         # .predicted is the chosen candidate, of near-ties the one of fewest numbers: take the lowest
         got = {"mix": float(min(alloc.predicted, *alt.values())),
                "shared_only": float(min(shared)) if shared else None,
-               "per_adapter": float(alt["per-adapter SVD"]) if "per-adapter SVD" in alt else None}
+               "per_adapter": float(alt["per-adapter SVD"]) if "per-adapter SVD" in alt else None,
+               "bits": None}
+        if bits is not None:  # the same bytes with every residual component at its own 1-8 bits (predicted)
+            try:
+                got["bits"] = float(allocate_mixed(fits, E, numbers=numbers * nbytes, stat="mean",
+                                                   curves=bits).predicted)
+            except OptionError:
+                pass
         for k, v in got.items():
             if v is not None and (best[k] is None or v < best[k]):
                 best[k] = v
@@ -471,7 +481,8 @@ def _plot_frontier(ax, rows: list[dict[str, Any]]) -> None:
     up to rounding, is not drawn: it would only stretch the log axis)."""
     for key, label, style in (("shared_only", "shared only (JD-Full)", {"marker": "o"}),
                               ("per_adapter", "per-adapter SVD only", {"marker": "s"}),
-                              ("mix", "mix (compress --budget)", {"marker": "*", "ms": 9, "color": "k"})):
+                              ("mix", "mix at the adapters' precision", {"marker": "*", "ms": 9, "color": "k"}),
+                              ("bits", "mix with 1-8 bits (compress --budget)", {"marker": "^", "color": "C3"})):
         pts = [(row["bytes"], row[key]) for row in rows if row.get(key) is not None and row[key] > 1e-9]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
     ax.set_xscale("log")
