@@ -321,7 +321,6 @@ class _Row:
     costs: np.ndarray | None = None
     cumc: np.ndarray | None = None
     slopes: np.ndarray | None = None
-    raws: np.ndarray | None = None
     comp: np.ndarray | None = None
     lvl: np.ndarray | None = None
     pos: np.ndarray | None = None
@@ -379,7 +378,7 @@ class _Curves:
         pos[by] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
         gains, costs = gain[order], dc[order].astype(np.float32)
         return _Row(r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who, costs,
-                    np.concatenate([[0.0], np.cumsum(costs, dtype=np.float64)]), gains / costs, None, comp, lvl, pos,
+                    np.concatenate([[0.0], np.cumsum(costs, dtype=np.float64)]), gains / costs, comp, lvl, pos,
                     levels)
 
     def _raws(self, row: _Row, idx) -> np.ndarray:
