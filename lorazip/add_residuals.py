@@ -64,7 +64,7 @@ def _choose(spectra: list[np.ndarray], levels: list[list], sq: np.ndarray, E: fl
     for _, j, q, t, gain in steps:
         if err <= goal * E:
             break
-        if level[j][q] != t or (q > 0 and level[j][q - 1] <= t):  # components a prefix, bits non-increasing
+        if level[j][q] != t or (t == 0 and q > 0 and level[j][q - 1] == 0):  # stored components: a prefix
             continue
         level[j][q] = t + 1
         err -= gain
