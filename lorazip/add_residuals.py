@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from . import lowbit
+from .artifact import STORAGE_DTYPES
 from .metrics import per_adapter, squared_errors
-from .quantize import QBITS, QSCALE, to_lowbit, to_storage
+from .quantize import QBITS, QSCALE, store_residual
 from .solvers.residual import residual_svd
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
-DEFAULT_QUANT = (0.5286, 0.1836, 0.0558, 0.0165, 0.0001)  # lorazip.evaluate.DEFAULT_QUANT, at BITS
 
 
 def goal_error(meta: dict[str, Any], sq: torch.Tensor, n2: torch.Tensor) -> float | None:
@@ -42,8 +41,9 @@ def goal_error(meta: dict[str, Any], sq: torch.Tensor, n2: torch.Tensor) -> floa
 def _levels(mod: dict[str, Any], low: bool, storage: str) -> list[tuple[int, float, float]]:
     """(bits, bytes, relative error) a residual component of this module may be stored at."""
     if low:
-        return lowbit.levels(mod["d_out"], mod["d_in"], mod.get("quant") or DEFAULT_QUANT)
-    return [(8 * _ITEMSIZE.get(storage, 4), (mod["d_out"] + mod["d_in"]) * _ITEMSIZE.get(storage, 4), 0.0)]
+        return lowbit.levels(mod["d_out"], mod["d_in"], mod.get("quant") or lowbit.DEFAULT_QUANT)
+    size = STORAGE_DTYPES[storage].itemsize
+    return [(8 * size, (mod["d_out"] + mod["d_in"]) * size, 0.0)]
 
 
 def _choose(spectra: list[np.ndarray], levels: list[list], sq: np.ndarray, E: float, goal: float):
@@ -107,20 +107,9 @@ def _store(mod, tensors, raw, fac, base, svd, level, levels, low, storage, n_old
     k_max = int(ks.max())
     root = s[:, :k_max].clamp_min(0).sqrt()
     bp, ap = P[:, :, :k_max] * root[:, None, :], (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
-    rows_b = torch.cat([bp[i, :, : ks[i]].T for i in range(len(ks))])
-    rows_a = torch.cat([ap[i, : ks[i], :] for i in range(len(ks))])
     widths = np.array([0] + [lv[0] for lv in levels])
     bits = np.concatenate([widths[level[i, : ks[i]]] for i in range(len(ks))]).astype(np.uint8)
-    if low:
-        sb, sa = to_lowbit(rows_b, bits), to_lowbit(rows_a, bits)
-    else:
-        sb, sa = to_storage(rows_b, storage, torch.float32), to_storage(rows_a, storage, torch.float32)
-    vb, va = sb.values.double(), sa.values.double()
-    offs = torch.cumsum(ks, 0) - ks
-    bq, aq = torch.zeros_like(bp), torch.zeros_like(ap)
-    for i in range(len(ks)):
-        bq[i, :, : ks[i]] = vb[offs[i] : offs[i] + ks[i]].T
-        aq[i, : ks[i], :] = va[offs[i] : offs[i] + ks[i]]
+    sb, sa, bq, aq = store_residual(bp, ap, ks, storage, bits if low else None)
     U, V, S = base
     sq_new[:, j] = squared_errors(B, A, U, V, S, torch.arange(len(ks)), residual=(bq, aq))[0]
     res = mod.get("residual") or {"max_rank": 0, "total_rank": 0}

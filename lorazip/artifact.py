@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError
 from .layout import Layout
-from .io.safetensors_header import FLOAT_DTYPES, ST_DTYPES, RawReader, header_bytes, parse_header, parse_json, short
+from .io.safetensors_header import (FLOAT_DTYPES, ST_DTYPES, ST_WIDTHS, RawReader, header_bytes, parse_header,
+                                    parse_json, short)
 
 if TYPE_CHECKING:
     import torch
@@ -279,6 +280,7 @@ class Artifact:
         self.cluster_choice: dict[str, Any] | None = None  # the error-vs-K curve of clusters="auto" (not saved)
         self._handle = None  # the open file while in a ``with artifact.reader():`` block
         self._layout = None  # format v3 file: where the logical tensors are (lorazip.layout.Layout)
+        self._entries: dict[str, dict[str, Any]] | None = None  # a file's logical header (dtype, shape)
 
     # -- metadata views -------------------------------------------------
     @property
@@ -490,6 +492,15 @@ class Artifact:
                 raise IndexError(f"tensor {short(key)}: rows {a}..{b - 1} out of range")
         return [read[j][o : o + b - a] for (j, o), (a, b) in zip(where, spans)]
 
+    def tensor_size(self, key: str) -> tuple[int, int]:
+        """``(elements, bytes per element)`` of logical tensor ``key`` as stored, without reading it
+        (from the header for an artifact opened from a file)."""
+        if self._tensors is not None:
+            t = self._tensors[key]
+            return t.numel(), t.element_size()
+        info = self._entries[key]
+        return math.prod(info["shape"]), ST_WIDTHS[info["dtype"]]
+
     def raw(self, key: str) -> torch.Tensor:
         """Tensor ``key`` in its stored form (int8 or low-bit codes, not dequantised)."""
         if self._tensors is not None:
@@ -669,6 +680,7 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
             )
     art = Artifact(meta, path=path)
     art._layout = layout
+    art._entries = layout.logical_header(header) if layout else header
     return art
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import lowbit
 from .artifact import Artifact, missing_modules, split_modules
 from .artifact import storage_summary as storage  # noqa: F401 (lorazip.evaluate.storage)
 from .errors import ValidationError
@@ -52,31 +53,38 @@ def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: to
     :func:`int8_rounding`; the baseline then stores its numbers as the artifact does).
     Returns the per-adapter error summary plus ``numbers``, ``pairs`` and ``mean_rank``.
     """
+    kept = [1.0] * len(dims) if rounding is None else [1 - r for r in rounding]
+    err, spent, taken, pairs = _greedy_svd(spectra, kept, [float(d) for d in dims], norms2, numbers)
+    return {**summary(err.tolist()), "numbers": int(spent), "pairs": pairs, "mean_rank": taken / max(pairs, 1)}
+
+
+def _greedy_svd(spectra: list[torch.Tensor], kept: list[float], costs: list[float], norms2: torch.Tensor,
+                budget: float) -> tuple[torch.Tensor, float, int, int]:
+    """Per-adapter truncated SVD, ranks spread greedily over all (adapter, module) pairs by error
+    removed per unit of ``budget``: a component of module j keeps the share ``kept[j]`` of its
+    energy and costs ``costs[j]``. Returns the per-adapter errors (n,), the budget spent, the
+    components kept and the (adapter, module) pairs."""
     n = norms2.shape[0]
     E = norms2.sum(1).clamp_min(1e-300)
-    gains, costs, who = [], [], []
-    for j, (sv, dim) in enumerate(zip(spectra, dims)):
+    gains, cost, who = [], [], []
+    for sv, k, c in zip(spectra, kept, costs):
         g = sv.square() / E[:, None]  # (n, r_max): error removed from adapter i's relative error
-        if rounding is not None:
-            g = g * (1 - rounding[j])
+        if k != 1.0:
+            g = g * k
         gains.append(g.flatten())
-        costs.append(torch.full((g.numel(),), float(dim), dtype=torch.float64))
+        cost.append(torch.full((g.numel(),), c, dtype=torch.float64))
         who.append(torch.arange(n).repeat_interleave(g.shape[1]))
-    g, c, w = torch.cat(gains), torch.cat(costs), torch.cat(who)
+    g, c, w = torch.cat(gains), torch.cat(cost), torch.cat(who)
     order = torch.argsort(g / c, descending=True, stable=True)  # within a pair, singular values descend
-    take = order[torch.cumsum(c[order], 0) <= numbers]
-    kept = torch.zeros(n, dtype=torch.float64).index_add_(0, w[take], g[take])
-    err = torch.where(norms2.sum(1) > 0, (1 - kept).clamp_min(0), torch.zeros_like(kept))
-    pairs = int((norms2 > 0).sum())
-    return {**summary(err.tolist()), "numbers": int(c[take].sum()), "pairs": pairs,
-            "mean_rank": float(len(take) / max(pairs, 1))}
+    take = order[torch.cumsum(c[order], 0) <= budget]
+    removed = torch.zeros(n, dtype=torch.float64).index_add_(0, w[take], g[take])
+    err = torch.where(norms2.sum(1) > 0, (1 - removed).clamp_min(0), torch.zeros_like(removed))
+    return err, float(c[take].sum()), len(take), int((norms2 > 0).sum())
 
 
-# Relative squared error of a rank-1 part x y^T with both rows stored at b bits (one bfloat16 scale
-# per row, lorazip.lowbit), measured on the bundled collection's per-adapter SVD components
-# (benchmarks/quant_groups.py); the baselines use a module's own measured profile where the
-# artifact records one (module metadata "quant", written by --budget / --target-error runs).
-DEFAULT_QUANT = {1: 0.5286, 2: 0.1836, 3: 0.0558, 4: 0.0165, 8: 0.0001}
+# The baselines use a module's own measured quantisation profile where the artifact records one
+# (module metadata "quant", written by --budget / --target-error runs), else lorazip.lowbit's.
+DEFAULT_QUANT = dict(zip(lowbit.BITS, lowbit.DEFAULT_QUANT))
 BASELINE_BITS = (2, 3, 4, 8, 16)  # per-adapter SVD with every factor at one of these precisions
 LORAQUANT_GRID = [(ratio, hi, lo) for ratio in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99) for hi, lo in
                   ((3, 1), (4, 1), (3, 2), (4, 2), (8, 2), (8, 4))]
@@ -87,7 +95,7 @@ def _quant(mod: dict[str, Any], bits: int) -> float:
         return 0.0
     prof = mod.get("quant")
     if isinstance(prof, list) and len(prof) == 5:
-        return float(prof[(1, 2, 3, 4, 8).index(bits)])
+        return float(prof[lowbit.BITS.index(bits)])
     return DEFAULT_QUANT[bits]
 
 
@@ -96,7 +104,7 @@ def _component_bytes(mod: dict[str, Any], bits: int) -> int:
     scale per row below 16 bits (the rows of lorazip.lowbit)."""
     if bits >= 16:
         return 2 * (mod["d_in"] + mod["d_out"])
-    return sum((d * bits + 7) // 8 + 2 for d in (mod["d_in"], mod["d_out"]))
+    return sum(lowbit.row_bytes(d, bits) + 2 for d in (mod["d_in"], mod["d_out"]))
 
 
 def svd_at_bits(spectra: list[torch.Tensor], modules: list[dict[str, Any]], norms2: torch.Tensor, nbytes: float,
@@ -104,22 +112,10 @@ def svd_at_bits(spectra: list[torch.Tensor], modules: list[dict[str, Any]], norm
     """Per-adapter truncated SVD with its factors at ``bits`` (16: float16), ranks spread greedily
     over all (adapter, module) pairs by error removed per byte within ``nbytes``; the error of a
     kept component is its quantisation error (:data:`DEFAULT_QUANT` or the module's profile)."""
-    n = norms2.shape[0]
-    E = norms2.sum(1).clamp_min(1e-300)
-    gains, costs, who = [], [], []
-    for sv, mod in zip(spectra, modules):
-        g = sv.square() / E[:, None] * (1 - _quant(mod, bits))
-        gains.append(g.flatten())
-        costs.append(torch.full((g.numel(),), float(_component_bytes(mod, bits)), dtype=torch.float64))
-        who.append(torch.arange(n).repeat_interleave(g.shape[1]))
-    g, c, w = torch.cat(gains), torch.cat(costs), torch.cat(who)
-    order = torch.argsort(g / c, descending=True, stable=True)  # within a pair, singular values descend
-    take = order[torch.cumsum(c[order], 0) <= nbytes]
-    kept = torch.zeros(n, dtype=torch.float64).index_add_(0, w[take], g[take])
-    err = torch.where(norms2.sum(1) > 0, (1 - kept).clamp_min(0), torch.zeros_like(kept))
-    pairs = int((norms2 > 0).sum())
-    return {**summary(err.tolist()), "bytes": float(c[take].sum()), "pairs": pairs,
-            "mean_rank": float(len(take) / max(pairs, 1)), "scheme": f"SVD at {bits} bits"}
+    err, spent, taken, pairs = _greedy_svd(spectra, [1 - _quant(mod, bits) for mod in modules],
+                                           [float(_component_bytes(mod, bits)) for mod in modules], norms2, nbytes)
+    return {**summary(err.tolist()), "bytes": spent, "pairs": pairs, "mean_rank": taken / max(pairs, 1),
+            "scheme": f"SVD at {bits} bits"}
 
 
 def loraquant_style(spectra: list[torch.Tensor], modules: list[dict[str, Any]], norms2: torch.Tensor,
@@ -171,32 +167,30 @@ def storage_bits(artifact: Artifact) -> dict[str, Any]:
     stores nothing (relative error 1), of ``pairs``."""
     from collections import Counter
 
-    from .lowbit import packed_bytes
-
     hist: Counter = Counter()
     nbytes = numbers = 0
-    with artifact.reader():
-        keys = set(artifact.keys())
-        for mod in artifact.modules:
-            name, res = mod["name"], mod.get("residual") or {}
-            for key in (f"U/{name}", f"V/{name}", f"cores/{name}", f"resid_B/{name}", f"resid_A/{name}"):
-                if key not in keys:
-                    continue
-                t = artifact.raw(key)
-                if t.numel() == 0:
-                    continue
-                scale = artifact.raw(f"qscale/{key}") if f"qscale/{key}" in keys else None
-                if t.dtype == torch.uint8:  # low-bit rows: packed, one bfloat16 scale per row
-                    bits = artifact.get(f"qbits/{name}").long()
-                    for b, cnt in zip(*torch.unique(bits, return_counts=True)):
-                        hist[int(b)] += int(cnt) * t.shape[1]
-                    nbytes += packed_bytes(t.shape[1], bits.numpy()) + 2 * t.shape[0]
-                else:
-                    hist[8 * t.element_size()] += t.numel()
-                    nbytes += t.numel() * t.element_size() + (0 if scale is None else scale.numel() * scale.element_size())
-                numbers += t.numel()
-            if res.get("bits"):
-                nbytes += res["total_rank"]  # the bits table
+    keys = set(artifact.keys())
+    for mod in artifact.modules:
+        name, res = mod["name"], mod.get("residual") or {}
+        low = res.get("bits")  # low-bit rows: packed (their bytes in the metadata), a bfloat16 scale per row
+        widths = artifact.get(f"qbits/{name}").long() if low else None
+        for key in (f"U/{name}", f"V/{name}", f"cores/{name}", f"resid_B/{name}", f"resid_A/{name}"):
+            if key not in keys:
+                continue
+            count, width = artifact.tensor_size(key)
+            if count == 0:
+                continue
+            if low and key.startswith("resid_"):
+                for b, cnt in zip(*torch.unique(widths, return_counts=True)):
+                    hist[int(b)] += int(cnt) * (count // len(widths))
+                nbytes += low["bytes"][0 if key.startswith("resid_B") else 1] + 2 * len(widths)
+            else:
+                hist[8 * width] += count
+                scale = artifact.tensor_size(f"qscale/{key}") if f"qscale/{key}" in keys else (0, 0)
+                nbytes += count * width + scale[0] * scale[1]
+            numbers += count
+        if low:
+            nbytes += res["total_rank"]  # the bits table
     sq, n2 = artifact.stats()
     return {"histogram": {str(b): hist[b] for b in sorted(hist)}, "numbers": numbers, "bytes": nbytes,
             "bits_per_number": 8 * nbytes / numbers if numbers else 0.0,

@@ -470,9 +470,10 @@ class NumpySource:
             _, phys, start, total, width, bits_key, nbytes = how
             a, b = (0, total) if a is None else (a, b)
             bits = self._rows(bits_key).astype(np.int64)
-            offs = lowbit.row_offsets(width, bits)
-            if int(offs[-1]) != nbytes or not set(bits.tolist()) <= set(lowbit.BITS):
-                raise ArtifactError(f"{self.path}: the bits of {short(key)} do not match its packed bytes")
+            try:
+                offs = lowbit.checked_offsets(width, bits, nbytes)
+            except ValueError as exc:
+                raise ArtifactError(f"{self.path}: tensor {short(key)}: {exc}") from None
             buf = np.frombuffer(self._reader.read_bytes(phys, start + int(offs[a]), int(offs[b] - offs[a])), "u1")
             arr = lowbit.unpack(buf, bits[a:b], width)
         else:  # pragma: no cover - refused by _check

@@ -252,16 +252,15 @@ class Layout:
         import numpy as np
         import torch
 
-        from .lowbit import row_offsets, unpack
+        from .lowbit import checked_offsets, unpack
 
         _, phys, start, total, width, bits_key, nbytes = self.virtual[key]
         a, b = min(max(a, 0), total), min(max(b, a), total)
         bits = self.read_rows(bits_key, handle, 0, total).numpy().astype(np.int64)
-        offs = row_offsets(width, bits)
-        if int(offs[-1]) != nbytes:
-            raise ValueError(f"the rows of {key!r} need {int(offs[-1])} bytes at their bits, its metadata says {nbytes}")
-        if not set(bits.tolist()) <= {1, 2, 3, 4, 8}:
-            raise ValueError(f"tensor {bits_key!r} holds bit widths other than 1, 2, 3, 4, 8")
+        try:
+            offs = checked_offsets(width, bits, nbytes)
+        except ValueError as exc:
+            raise ValueError(f"tensor {key!r}: {exc}") from None
         raw = handle.get_slice(phys)[start + int(offs[a]) : start + int(offs[b])]
         return torch.from_numpy(unpack(raw.numpy(), bits[a:b], width))
 

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     import torch
 
 BITS = (1, 2, 3, 4, 8)  # code widths a row may have
+# Relative squared error of a rank-1 part x y^T with both rows stored at each of BITS, measured on the
+# bundled collection's per-adapter SVD components (benchmarks/quant_groups.py): the model where an
+# artifact records no profile of its own (module metadata "quant")
+DEFAULT_QUANT = (0.5286, 0.1836, 0.0558, 0.0165, 0.0001)
 GROUP = None  # values per scale; None: one scale per row (chosen by measurement: benchmarks/quant_groups.py)
 _GAUSS_CLIP = {2: 1.494, 3: 2.051, 4: 2.513, 8: 4.0}  # outermost level / rms of the best uniform grid of a Gaussian
 
@@ -196,6 +200,18 @@ def row_offsets(length: int, bits) -> np.ndarray:
     """Byte offset of every row and the end (N + 1,) for rows of ``length`` values at ``bits``."""
     b = np.asarray(bits, dtype=np.int64).reshape(-1)
     return np.concatenate([[0], np.cumsum((length * b + 7) // 8)]).astype(np.int64)
+
+
+def checked_offsets(length: int, bits, nbytes: int) -> np.ndarray:
+    """:func:`row_offsets` of rows whose packed size a file records as ``nbytes``; ``ValueError``
+    (a short reason) when a width is not one of :data:`BITS` or the sizes disagree."""
+    b = np.asarray(bits, dtype=np.int64).reshape(-1)
+    if not set(b.tolist()) <= set(BITS):
+        raise ValueError(f"bit widths other than {', '.join(map(str, BITS))}")
+    offs = row_offsets(length, b)
+    if int(offs[-1]) != nbytes:
+        raise ValueError(f"rows that need {int(offs[-1])} bytes at their bits, {nbytes} recorded")
+    return offs
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:

@@ -116,15 +116,13 @@ class LowBit(NamedTuple):
 
 
 def dequantize_lowbit(codes: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """float32 values of low-bit rows (the group size follows from the row and scale widths)."""
+    """float32 values of low-bit rows (:func:`lorazip.lowbit.dequantize`, one scale per row)."""
     from . import lowbit
 
     N, L = codes.shape
-    G = scale.shape[1] if scale.dim() == 2 else 1
-    group = lowbit.GROUP if G > 1 else None
     if N == 0:
         return torch.zeros(0, L)
-    return torch.from_numpy(lowbit.dequantize(codes.numpy(), scale.float().numpy(), bits.numpy(), group))
+    return torch.from_numpy(lowbit.dequantize(codes.numpy(), scale.float().numpy(), bits.numpy()))
 
 
 def to_lowbit(t: torch.Tensor, bits) -> LowBit:

@@ -118,6 +118,9 @@ def test_budget_held_on_the_file_and_errors_exact(art, coll, tmp_path):
     assert rec["errors"]["mean"] == pytest.approx(float(per_adapter(*art.stats()).mean()), rel=1e-6)
     rep = lorazip.evaluate(back)
     assert rep["bits"]["bits_per_number"] < 8 and rep["bits"]["pairs"] == 18
+    from lorazip.evaluate import storage_bits
+
+    assert storage_bits(back) == storage_bits(art) == art.allocation["bits"]  # from the header, as built
     sm = rep["baseline"]["svd_matched_storage"]
     assert {"SVD at 2 bits", "SVD at 4 bits", "SVD at 16 bits"} <= set(sm["alternatives"])
     assert rep["errors"]["mean"] <= sm["mean"] * 1.05  # at or ahead of the best per-adapter alternative
@@ -277,3 +280,16 @@ def test_corrupt_lowbit_metadata_is_one_error(art, tmp_path):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ArtifactError, match="residual.bits"):
         lorazip.load_artifact(bad)
+    # a bit table that disagrees with the packed bytes (sizes intact): one error from either reader
+    mod["residual"]["bits"]["group"] = "row"
+    write_doc(meta, doc)
+    tensors["qbits"] = tensors["qbits"].clone()
+    tensors["qbits"][0] = 5
+    save_file(tensors, str(bad), metadata=meta)
+    art_bad = lorazip.load_artifact(bad, verify=False)
+    with pytest.raises(ArtifactError, match="bit widths"):
+        art_bad.module_residuals(mod["name"])
+    from lorazip.export_core import export_numpy
+
+    with pytest.raises(ArtifactError, match="bit widths"):
+        export_numpy(art_bad, tmp_path / "out")

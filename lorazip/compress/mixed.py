@@ -304,6 +304,25 @@ def _numbers(fits, ranks, resid, n) -> int:
     return int(sum(_shared_numbers(f, r, n) + int(k.sum()) * f.dim for f, r, k in zip(fits, ranks, resid)))
 
 
+def _worst_first(err: np.ndarray, steps: list[list], take: Callable[[int, int], "float | None"]) -> None:
+    """The greedy on the max: the worst adapter takes its best next step (``steps[i]``: a heap of
+    (-gain per cost, module)); ``take(j, i)`` stores it and returns the error it removes, or None
+    when it does not fit (that module is then done for the adapter). Ends when the worst adapter
+    cannot improve."""
+    worst = [(-err[i], i) for i in range(len(err))]
+    heapq.heapify(worst)
+    while worst:
+        e, i = heapq.heappop(worst)
+        while steps[i]:
+            _, j = heapq.heappop(steps[i])
+            gain = take(j, i)
+            if gain is not None:
+                heapq.heappush(worst, (e + gain, i))
+                break
+        else:
+            break  # the worst adapter cannot improve: the max is final
+
+
 @dataclass
 class _Row:
     """One module at one grid shared rank ``r``: its residual steps sorted by error removed per
@@ -521,26 +540,19 @@ class _Curves:
                  if caps[j] > 0 and sp[j][i, 0] * inv[i] > _FLOOR]
             heapq.heapify(h)
             steps.append(h)
-        worst = [(-err[i], i) for i in range(n)]
-        heapq.heapify(worst)
-        while worst:
-            e, i = heapq.heappop(worst)
-            moved = False
-            while steps[i]:
-                _, j = heapq.heappop(steps[i])
-                if used + fits[j].dim > numbers:
-                    continue
-                k = resid[j][i]
-                used += fits[j].dim
-                gain = sp[j][i, k] * inv[i]
-                resid[j][i] = k + 1
-                if k + 1 < caps[j] and sp[j][i, k + 1] * inv[i] > _FLOOR:
-                    heapq.heappush(steps[i], (-sp[j][i, k + 1] * inv[i] / fits[j].dim, j))
-                heapq.heappush(worst, (e + gain, i))
-                moved = True
-                break
-            if not moved:
-                break  # the worst adapter cannot improve: the max is final
+
+        def take(j: int, i: int) -> float | None:
+            nonlocal used
+            if used + fits[j].dim > numbers:
+                return None
+            k = resid[j][i]
+            used += fits[j].dim
+            resid[j][i] = k + 1
+            if k + 1 < caps[j] and sp[j][i, k + 1] * inv[i] > _FLOOR:
+                heapq.heappush(steps[i], (-sp[j][i, k + 1] * inv[i] / fits[j].dim, j))
+            return sp[j][i, k] * inv[i]
+
+        _worst_first(err, steps, take)
         return resid
 
     def _fill_max_steps(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
@@ -569,26 +581,20 @@ class _Curves:
             h = [s_ for s_ in (step(j, i) for j in range(len(fits))) if s_ is not None]
             heapq.heapify(h)
             steps.append(h)
-        worst = [(-err[i], i) for i in range(n)]
-        heapq.heapify(worst)
-        while worst:
-            e, i = heapq.heappop(worst)
-            moved = False
-            while steps[i]:
-                _, j = heapq.heappop(steps[i])
-                at = own[j][i][resid[j][i]]
-                if used + rows[j].costs[at] > numbers:
-                    continue
-                used += rows[j].costs[at]
-                resid[j][i] += 1
-                nxt = step(j, i)
-                if nxt is not None:
-                    heapq.heappush(steps[i], nxt)
-                heapq.heappush(worst, (e + float(self._raws(rows[j], at)) * inv[i], i))
-                moved = True
-                break
-            if not moved:
-                break
+
+        def take(j: int, i: int) -> float | None:
+            nonlocal used
+            at = own[j][i][resid[j][i]]
+            if used + rows[j].costs[at] > numbers:
+                return None
+            used += rows[j].costs[at]
+            resid[j][i] += 1
+            nxt = step(j, i)
+            if nxt is not None:
+                heapq.heappush(steps[i], nxt)
+            return float(self._raws(rows[j], at)) * inv[i]
+
+        _worst_first(err, steps, take)
         return resid
 
     def _taken(self, row: _Row, counts: np.ndarray) -> np.ndarray:
@@ -807,6 +813,7 @@ def compress_mixed(
     and nothing is kept or read ahead beyond it. ``backend``: the array library of the JD-Full fits.
     ``bits`` (with ``storage_dtype="auto"``): also try storing each residual component at 1, 2, 3, 4
     or 8 bits, chosen with the ranks (:func:`bit_levels`), the shared parts in int8."""
+    from ..evaluate import storage_bits
     from .pipeline import check_extras_dtype
 
     if (budget is None) == (target_error is None):
@@ -940,7 +947,7 @@ def compress_mixed(
         "target_stat": stat,
         "n_clusters": 1 if cand is None else cand.K,
         "storage_dtype": "int8" if storage_dtype == BITS else storage_dtype,
-        "bits": bits_summary(art),
+        "bits": storage_bits(art),
         "dtypes": {d: best[d][1].predicted for d in best},
         "ranks": alloc.ranks,
         "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
@@ -1274,9 +1281,3 @@ def _build(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_ite
         annotate(wh, meta, tensors, wsq, wnn2)
     return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras, extras_dtype)
 
-
-def bits_summary(artifact: Artifact) -> dict[str, Any]:
-    """:func:`lorazip.evaluate.storage_bits` of a built artifact (the bits chosen, for the report)."""
-    from ..evaluate import storage_bits
-
-    return storage_bits(artifact)
