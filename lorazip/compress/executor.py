@@ -211,11 +211,16 @@ class RayExecutor:
                     submit()
                     yield j, out
         finally:
-            for r in pending:
-                try:
-                    ray.cancel(r, force=True)
-                except Exception:  # noqa: BLE001 - best effort: the task may have finished meanwhile
-                    pass
+            # A run that stops early (interrupted, failed) leaves tasks behind. An instance this
+            # executor started is shut down by close(), which ends them. On a joined cluster they
+            # are cancelled without force: a forced cancel kills the worker, and a reply racing the
+            # kill aborts the driver inside Ray ("Tried to complete task that was not pending").
+            if not self._owned:
+                for r in pending:
+                    try:
+                        ray.cancel(r, force=False)
+                    except Exception:  # noqa: BLE001 - best effort: the task may have finished meanwhile
+                        pass
 
     def _check_memory(self, memory: int) -> None:
         """A task asking for more memory than any node has would wait forever: say so instead."""
