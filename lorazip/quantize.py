@@ -146,12 +146,13 @@ def to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | N
 
 
 def dry_storage(shape, storage_dtype: str, scale_dtype: torch.dtype = torch.float16) -> Stored:
-    """Empty tensors of the shapes and dtypes :func:`to_storage` gives (to measure a file's size)."""
+    """Zero tensors of the shapes and dtypes :func:`to_storage` gives (to measure a file's size; zeros,
+    not uninitialised memory: the size of an assembly must not depend on whatever bytes were there)."""
     shape = tuple(int(d) for d in shape)
     if storage_dtype != "int8":
-        return Stored(torch.empty(shape, dtype=FLOAT_STORAGE[storage_dtype]))
-    data = torch.empty(shape, dtype=torch.int8)
-    return Stored(data, torch.empty(shape[:-1], dtype=scale_dtype) if data.numel() else None)
+        return Stored(torch.zeros(shape, dtype=FLOAT_STORAGE[storage_dtype]))
+    data = torch.zeros(shape, dtype=torch.int8)
+    return Stored(data, torch.zeros(shape[:-1], dtype=scale_dtype) if data.numel() else None)
 
 
 def cat_stored(parts: list) -> "Stored | LowBit":

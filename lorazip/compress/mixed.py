@@ -1136,7 +1136,7 @@ def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_sc
     if bits is not None:
         b = torch.from_numpy(np.asarray(bits, dtype=np.uint8))
         rb, ra = (LowBit(torch.zeros(total, d, dtype=torch.uint8),
-                         torch.empty(total, lowbit.n_groups(d, lowbit.GROUP), dtype=torch.bfloat16), b)
+                         torch.zeros(total, lowbit.n_groups(d, lowbit.GROUP), dtype=torch.bfloat16), b)
                   for d in (info.d_out, info.d_in))
     else:
         rb = dry_storage((total, info.d_out), storage_dtype, torch.float32)
@@ -1144,7 +1144,7 @@ def _dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_sc
     return _Parts(
         dry_storage((K, info.d_out, r), storage_dtype), dry_storage((K, info.d_in, r), storage_dtype),
         dry_storage((n, r, r), storage_dtype, core_scales), rb, ra,
-        torch.empty(n, collection.max_rank(info.name), dtype=torch.float32),
+        torch.zeros(n, collection.max_rank(info.name), dtype=torch.float32),
     )
 
 
