@@ -41,7 +41,7 @@ from .errors import OptionError, OutputError
 from .io.collection import Collection
 from .metrics import per_adapter, relative, squared_errors, summary
 from .solvers import jd_full, spectra
-from .solvers._linalg import WEIGHTINGS, adapter_weights, orth
+from .solvers.linalg import WEIGHTINGS, adapter_weights, orth
 from .solvers.jd_full import init_bases
 from .solvers.svd import truncation_errors
 

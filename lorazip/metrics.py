@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from .solvers._linalg import factor_norms2
+from .solvers.linalg import factor_norms2
 
 
 def squared_errors(

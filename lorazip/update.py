@@ -37,7 +37,7 @@ from . import __version__
 from .add_residuals import add_residuals, goal_error
 from .artifact import Artifact, load_artifact, missing_modules, module_path
 from .layout import round_small, trim_spectra
-from .solvers._linalg import factor_norms2
+from .solvers.linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
 from .io.base_models import same_base_model
 from .io.collection import Collection, ModuleInfo, load_collection
@@ -46,7 +46,7 @@ from .metrics import per_adapter, squared_errors, summary
 from .lowbit import packed_bytes
 from .quantize import QSCALE, dequantized, requantized, round_to_storage, store_extras
 from .solvers import jd_diag, jd_full, spectra
-from .solvers._linalg import adapter_weights, orth
+from .solvers.linalg import adapter_weights, orth
 from .solvers.svd import individual_svd
 
 REPORT_VERSION = 1

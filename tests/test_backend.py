@@ -9,7 +9,7 @@ import torch
 import lorazip
 from lorazip.backend import namespace, to_backend, to_torch
 from lorazip.solvers import jd_full
-from lorazip.solvers._linalg import orth
+from lorazip.solvers.linalg import orth
 
 
 def _factors(seed=0):

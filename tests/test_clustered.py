@@ -14,7 +14,7 @@ from lorazip.metrics import relative, squared_errors
 from lorazip.cli.parse import parse_size
 from lorazip.compress.clusters import candidate_ks, choose_clusters
 from lorazip.solvers import jd_full
-from lorazip.solvers._linalg import orth
+from lorazip.solvers.linalg import orth
 from lorazip.solvers.clustered import jd_clustered, kmeans
 
 F64 = torch.float64

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lorazip.metrics import relative, squared_errors
 from lorazip.solvers import individual_svd, jd_diag, jd_full, solve_module, spectra, truncation_errors
-from lorazip.solvers._linalg import orth
+from lorazip.solvers.linalg import orth
 
 F64 = torch.float64
 

@@ -28,7 +28,7 @@ from ..artifact import STORAGE_DTYPES, Artifact
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..solvers import Factors
-from ..solvers._linalg import adapter_weights, factor_norms2
+from ..solvers.linalg import adapter_weights, factor_norms2
 from ..solvers.jd_full import jd_full_factors
 from .executor import map_modules
 from .streaming import MemoryPlan, streamed_factors

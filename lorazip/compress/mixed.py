@@ -45,7 +45,7 @@ from ..metrics import per_adapter, squared_errors
 from .. import lowbit
 from ..quantize import QSCALE, LowBit, cat_stored, dry_storage, store_residual, to_storage
 from ..solvers import Factors
-from ..solvers._linalg import adapter_weights
+from ..solvers.linalg import adapter_weights
 from ..solvers.jd_full import jd_full_factors
 from ..solvers.residual import factor_products, nested_residual_spectra, residual_factors
 from ..solvers.svd import spectra_from_grams

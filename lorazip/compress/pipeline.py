@@ -27,7 +27,7 @@ from ..solvers import METHODS, solve_factors
 from ..solvers.clustered import jd_clustered
 from ..solvers.factors import Chunk, Factors
 from ..solvers.svd import spectra_from_grams
-from ..solvers._linalg import WEIGHTINGS, adapter_weights, factor_norms2, orth
+from ..solvers.linalg import WEIGHTINGS, adapter_weights, factor_norms2, orth
 from ..solvers.one_side import one_side_bases
 from .executor import RayExecutor, map_modules
 from .provenance import SourceHashes, adapter_meta

@@ -240,7 +240,7 @@ def finish_whitened(coll: WhitenedCollection, name: str, fac, U, V, cores, assig
     (:class:`~lorazip.quantize.Stored`) bases and cores, activation errors, norms and spectra of the
     whitened deltas, weight errors and norms.
     """
-    from ..solvers._linalg import orth
+    from ..solvers.linalg import orth
     from .pipeline import _finish, _optimal_cores
 
     wm = coll.whitening.module(name)

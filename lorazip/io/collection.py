@@ -67,7 +67,7 @@ class ModuleFactors:
 
     def norms2(self) -> torch.Tensor:
         """``||M_i||_F^2`` from r x r Grams: ``tr((B^T B)(A A^T))``, shape (n,)."""
-        from ..solvers._linalg import factor_norms2
+        from ..solvers.linalg import factor_norms2
 
         return factor_norms2(self.B, self.A).clamp_min(0)
 

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._linalg import adapter_weights, factor_norms2
+from .linalg import adapter_weights, factor_norms2
 from .jd_full import jd_full
 
 FactorSource = Callable[[int], tuple[torch.Tensor, torch.Tensor]]

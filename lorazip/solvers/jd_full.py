@@ -29,7 +29,7 @@ import torch
 
 from ..backend import mT, namespace
 from ..backend import randn
-from ._linalg import adapter_weights, factor_norms2, orth, subspace_change, top_eigvecs
+from .linalg import adapter_weights, factor_norms2, orth, subspace_change, top_eigvecs
 from .factors import Factors
 
 
