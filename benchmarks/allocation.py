@@ -14,7 +14,7 @@ import time
 import torch
 
 import lorazip
-from lorazip.compress.allocate import compress_to
+from lorazip.compress.budget import compress_to
 
 
 def main() -> None:

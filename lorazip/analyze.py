@@ -13,7 +13,7 @@
 * with ``target_error``, the configuration (rank, K) of the smallest storage whose mean
   per-adapter error meets it, and the per-adapter SVD rank that would;
 * the bytes-vs-error ``frontier`` of three representations, from one set of exact curves per
-  module (pass 1 of :mod:`lorazip.compress.mixed`): shared parts only (the better of uniform
+  module (pass 1 of :mod:`lorazip.compress.curves`): shared parts only (the better of uniform
   JD-Full and per-module JD), per-adapter truncated SVD only (ranks spread greedily over
   adapter x module pairs), and the mix of shared and per-adapter residual parts that
   ``lorazip compress --budget`` chooses.
@@ -118,7 +118,7 @@ def _shared_chain(B, A, norms2, ranks, weighting, max_iters, tol, seed, cdtype):
 def _frontier_fit(collection, name, B, A, max_rank, weighting, seed, tol, max_iters):
     """Pass 1 of ``compress --budget`` on one module: exact shared and residual curves. Only the
     curves are kept (the bases are not needed to predict errors)."""
-    from .compress.mixed import fit_module
+    from .compress.curves import fit_module
 
     R = min(max_rank, min(collection.shared_ranks(name, max_rank)))
     fit = fit_module(B, A, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters)
@@ -132,17 +132,17 @@ def _frontier(fits, orig_params: int, nbytes: int, points: int = FRONTIER_POINTS
     mix with bits (``bits``: every residual component at its own 1-8 bits, shared parts in int8, in
     the same bytes; predicted from the measured quantisation errors).
 
-    Every point comes from the same pass-1 curves (:func:`~lorazip.compress.mixed.allocate_mixed`
+    Every point comes from the same pass-1 curves (:func:`~lorazip.compress.allocate.allocate_mixed`
     at that budget). A line is the lower envelope: what fits a budget fits every larger one, so
     each value is the best at that budget or any smaller one. A representation that fits no
     budget up to a point is ``None`` there."""
-    from .compress.mixed import _Curves, allocate_mixed
+    from .compress.allocate import StepCurves, allocate_mixed
 
     if not fits or orig_params <= 0:
         return []
     E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
     budgets = sorted({max(int(round(v)), 1) for v in np.geomspace(0.01, 1.0, points) * orig_params})
-    bits = _Curves(fits, E, bits=True) if all(f.quant is not None for f in fits) else None
+    bits = StepCurves(fits, E, bits=True) if all(f.quant is not None for f in fits) else None
     rows: list[dict[str, Any]] = []
     best = {"mix": None, "shared_only": None, "per_adapter": None, "bits": None}
     for numbers in budgets:
@@ -237,7 +237,7 @@ def analyze(
     mod_rows: list[dict[str, Any]] = []
     by_type: dict[str, list[torch.Tensor]] = {}
     orig_params = 0
-    fits = []  # pass-1 curves of lorazip.compress.mixed, one per module, for the frontier
+    fits = []  # pass-1 curves of lorazip.compress.curves, one per module, for the frontier
     steps = n_mod + sum(1 for r in cranks for K in clusters if 1 < K <= n)
     for j, info in enumerate(mods):
         fac = collection.module_factors(info.name, dtype=torch.float64)
@@ -313,7 +313,7 @@ def analyze(
                 continue
             if r > max_cluster_rank:
                 continue
-            from .compress.pipeline import compress_modules as compress
+            from .compress.modules import compress_modules as compress
 
             art = compress(collection, r, method="jd-clustered", clusters=K, weighting=weighting, seed=seed,
                            max_iters=max_iters, tol=tol, max_rounds=max_rounds, compute_dtype=compute_dtype,

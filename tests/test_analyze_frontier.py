@@ -9,7 +9,8 @@ from helpers import run_cli, write_collection
 
 import lorazip
 from lorazip.analyze import analyze, plot_analysis
-from lorazip.compress.mixed import allocate_mixed, fit_module
+from lorazip.compress.allocate import allocate_mixed
+from lorazip.compress.curves import fit_module
 from lorazip.errors import OptionError
 
 PNG = b"\x89PNG\r\n\x1a\n"

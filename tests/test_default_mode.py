@@ -13,7 +13,7 @@ import lorazip
 from lorazip.compress import DEFAULT_RANK, DEFAULT_TARGET_ERROR
 from lorazip.metrics import per_adapter
 
-mixed = importlib.import_module("lorazip.compress.mixed")
+budget = importlib.import_module("lorazip.compress.budget")
 MODULES = {f"l.{i}.q": (48, 40) for i in range(4)}
 
 
@@ -65,7 +65,7 @@ def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
     """When int8's exact error misses the target (its rounding larger than the room left for it), the
     allocation is aimed lower by the miss and int8 is kept if that still needs fewer bytes."""
     built: list[str] = []
-    real = mixed._build
+    real = budget.build_allocation
 
     def missing_once(collection, fits, alloc, dt, *args, **kw):
         art = real(collection, fits, alloc, dt, *args, **kw)
@@ -75,7 +75,7 @@ def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
             art.stats = lambda: (sq + 0.01 * nn, nn)
         return art
 
-    monkeypatch.setattr(mixed, "_build", missing_once)
+    monkeypatch.setattr(budget, "build_allocation", missing_once)
     art = lorazip.compress(lorazip.load_collection(f32), target_error=0.05, hash_sources=False)
     assert built[0] == built[1] != "float32" and art.meta["storage_dtype"] == "int8"
     assert any(d.get("retarget") is not None for d in art.allocation["clusters_tried"])

@@ -19,7 +19,8 @@ from lorazip import lowbit
 from lorazip.evaluate import svd_at_bits
 from lorazip.metrics import per_adapter
 
-mixed = importlib.import_module("lorazip.compress.mixed")
+curves_mod = importlib.import_module("lorazip.compress.curves")
+allocate_mod = importlib.import_module("lorazip.compress.allocate")
 MODULES = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}
 
 
@@ -213,7 +214,7 @@ def _fits(coll):
     fits = []
     for info in coll.modules:
         f = coll.module_factors(info.name, dtype=torch.float32)
-        fits.append(mixed.fit_module(f.B, f.A, info.name, 0, weighting="relative", seed=0, tol=1e-6,
+        fits.append(curves_mod.fit_module(f.B, f.A, info.name, 0, weighting="relative", seed=0, tol=1e-6,
                                      max_iters=100))
     E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
     return fits, E
@@ -226,15 +227,15 @@ def test_allocation_never_worse_than_one_precision(coll, frac):
     per-adapter SVD at the best single precision with the same error model and bytes (lorazip also
     pays one byte per stored row for its bit table, given to it on top)."""
     fits, E = _fits(coll)
-    curves = mixed._Curves(fits, E, bits=True)
+    curves = allocate_mod.StepCurves(fits, E, bits=True)
     total = curves.max_size()
     budget = frac * total
     spectra = [f.spectra[0].sqrt().float() for f in fits]
     mods = [{"d_out": f.d_out, "d_in": f.d_in, "quant": [float(x) for x in f.quant]} for f in fits]
     norms2 = torch.stack([f.norms2 for f in fits], 1)
     best_single = min(svd_at_bits(spectra, mods, norms2, budget, b)["mean"] for b in (1, 2, 3, 4, 8))
-    rows_max = budget / min(lv[1] for f in fits for lv in mixed.bit_levels(f))
-    alloc = mixed.allocate_mixed(fits, E, numbers=budget + rows_max, curves=curves)
+    rows_max = budget / min(lv[1] for f in fits for lv in curves_mod.bit_levels(f))
+    alloc = allocate_mod.allocate_mixed(fits, E, numbers=budget + rows_max, curves=curves)
     step = max(float((f.spectra[0][:, 0] / torch.from_numpy(E)).max()) for f in fits) / len(E)  # one component
     assert alloc.predicted <= best_single + step + 1e-9
 

@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorazip
-from lorazip.compress.mixed import allocate_mixed, compress_mixed, fit_module
+from lorazip.compress.allocate import allocate_mixed
+from lorazip.compress.budget import compress_mixed
+from lorazip.compress.curves import fit_module
 from lorazip.metrics import squared_errors
 from lorazip.solvers.residual import residual_factors
 from helpers import svd_frontier, write_collection, write_planted_groups
@@ -200,7 +202,7 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
     reading every module again; the artifact is the same either way."""
     import sys
 
-    mixed = sys.modules["lorazip.compress.mixed"]  # lorazip.compress is also the function compress
+    budget = sys.modules["lorazip.compress.budget"]  # lorazip.compress is also the function compress
 
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=4, seed=5)
     coll = lorazip.load_collection(tmp_path / "c")
@@ -213,7 +215,7 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
         return real(self, name, *a, **k)
 
     monkeypatch.setattr(type(coll), "module_factors", counting)
-    monkeypatch.setattr(mixed, "keep_limit", lambda: limit)
+    monkeypatch.setattr(budget, "keep_limit", lambda: limit)
     art, _ = compress_mixed(coll, budget=12_000, hash_sources=False, storage_dtype="float32")
     assert len(calls) == len(MODULES) * (1 if limit else 2)
     assert ref.tensors().keys() == art.tensors().keys()

@@ -16,7 +16,11 @@ from hypothesis import strategies as st
 import lorazip
 from lorazip.artifact import load_artifact
 from lorazip.compress.clusters import cluster_adapters
-from lorazip.compress.mixed import Clusters, allocate_mixed, compress_mixed, fit_module
+from lorazip.compress.allocate import Allocation, allocate_mixed
+from lorazip.compress.budget import compress_mixed
+from lorazip.compress.build import build_allocation
+from lorazip.compress.curves import fit_module
+from lorazip.compress.plan import Clusters
 from helpers import svd_frontier, write_collection, write_planted_groups
 
 MODULES = {"m.q": (20, 12), "m.v": (9, 14), "m.o": (16, 16)}
@@ -168,7 +172,6 @@ def test_update_and_cli_on_a_clustered_mix(tmp_path, capsys):
 def _forced(coll, groups, rank: int, k_of):
     """Pass 2 of the mixed allocator at a forced allocation: shared ``rank`` per module on
     ``groups``, residual rank ``k_of(i, j)`` for adapter i in module j (0 where it lacks it)."""
-    mixed = sys.modules["lorazip.compress.mixed"]
     from lorazip.compress.provenance import SourceHashes
 
     fits, resid = [], {}
@@ -179,8 +182,8 @@ def _forced(coll, groups, rank: int, k_of):
         fits.append(fit)
         has = [m.name in a.modules for a in coll.adapters]
         resid[m.name] = np.array([min(k_of(i, j), fit.residual_cap(rank)) if has[i] else 0 for i in range(len(coll))])
-    alloc = mixed.Allocation({f.name: rank for f in fits}, resid, 0, 0.0, "forced", errors=np.zeros(len(coll)))
-    return mixed._build(coll, fits, alloc, "float32", "relative", 0, 1e-8, 200, SourceHashes(coll, False), True,
+    alloc = Allocation({f.name: rank for f in fits}, resid, 0, 0.0, "forced", errors=np.zeros(len(coll)))
+    return build_allocation(coll, fits, alloc, "float32", "relative", 0, 1e-8, 200, SourceHashes(coll, False), True,
                         None, None, "mean", None, clusters=groups)
 
 

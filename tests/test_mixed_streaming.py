@@ -74,7 +74,8 @@ def test_numpy_backend_matches_torch(coll):
 
 
 def test_clusters_need_modules_in_memory(coll):
-    from lorazip.compress.mixed import Clusters, compress_mixed
+    from lorazip.compress.budget import compress_mixed
+    from lorazip.compress.plan import Clusters
 
     groups = Clusters(2, [torch.arange(len(coll)) % 2])
     with pytest.raises(lorazip.OptionError, match="keep a module's factors in memory"):

@@ -62,7 +62,7 @@ def test_cli_reports_the_cap_once_and_in_json(heads, tmp_path, capsys):
 
 
 def test_budget_allocator_respects_the_cap(heads, tmp_path):
-    from lorazip.compress.allocate import rank_curves
+    from lorazip.compress.curves import rank_curves
 
     coll = lorazip.load_collection(heads / "src")
     curves = rank_curves(coll, 16)

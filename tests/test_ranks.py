@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import lorazip
-from lorazip.compress.allocate import allocate, compress_to, rank_curves
+from lorazip.compress.allocate import allocate_shared as allocate
+from lorazip.compress.budget import compress_to
+from lorazip.compress.curves import rank_curves
 from lorazip.solvers import jd_full
 
 
@@ -124,7 +126,7 @@ def test_nested_fit_of_small_cores_matches_jd_full():
     """The rank curves' nested fits (exact alternating eigen-steps on R x R operators) reach the
     JD-Full optimum of the same small cores, never lose to their warm start, and recover exact
     low-rank structure."""
-    from lorazip.compress.allocate import nested_kept
+    from lorazip.compress.curves import nested_kept
 
     g = torch.Generator().manual_seed(4)
     n, R = 12, 10

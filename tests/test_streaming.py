@@ -151,7 +151,8 @@ def test_cli_memory_limit(tmp_path, capsys):
 
 
 def test_budget_under_a_memory_limit_streams_the_rank_curves(tmp_path, monkeypatch):
-    from lorazip.compress.allocate import compress_to, rank_curves
+    from lorazip.compress.budget import compress_to
+    from lorazip.compress.curves import rank_curves
 
     mods = {"l0.q": (40, 32), "l0.v": (16, 32)}
     write_collection(tmp_path / "c", n=6, modules=mods, r=4, seed=8)

@@ -285,20 +285,20 @@ def test_identity_statistics_reproduce_todays_artifact_bit_for_bit(tmp_path, cfg
     tensors."""
     import importlib
 
-    mixed = importlib.import_module("lorazip.compress.mixed")
+    budget = importlib.import_module("lorazip.compress.budget")
 
     write_collection(tmp_path / "src", n=5, modules=MODULES, r=3, seed=11)
     coll = lorazip.load_collection(tmp_path / "src")
     stats = stats_from_moments({m.name: (37.0 * torch.eye(m.d_in, dtype=torch.float64), 37) for m in coll.modules})
     seen: list = []
-    real = mixed.allocate_mixed
+    real = budget.allocate_mixed
 
     def record(fits, E, **kw):
         out = real(fits, E, **kw)
         seen.append((fits, E, out))
         return out
 
-    monkeypatch.setattr(mixed, "allocate_mixed", record)
+    monkeypatch.setattr(budget, "allocate_mixed", record)
     plain = lorazip.compress(coll, device="cpu", hash_sources=False, **cfg)
     replayed = bool(seen)
     if replayed:  # the mixed allocator ran: replay its final allocation of every grouping (K) it fitted
@@ -310,7 +310,7 @@ def test_identity_statistics_reproduce_todays_artifact_bit_for_bit(tmp_path, cfg
             seen.append((fits, E, final[fits[0].K]))
             return final[fits[0].K]
 
-        monkeypatch.setattr(mixed, "allocate_mixed", replay)
+        monkeypatch.setattr(budget, "allocate_mixed", replay)
     run = {**cfg, "budget": cfg["budget"] + 4096} if replayed and "budget" in cfg else cfg  # room for the record
     art = lorazip.compress(coll, calibration=stats, calibration_lambda=0.0, device="cpu", hash_sources=False, **run)
     for fits, E, _ in seen:

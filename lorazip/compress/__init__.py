@@ -18,7 +18,8 @@ from typing import Any, Callable
 from ..artifact import Artifact
 from ..errors import OptionError
 from ..io.collection import Collection
-from .pipeline import COMPUTE_DTYPES, CompressOptions, compress_modules
+from .modules import compress_modules
+from .options import COMPUTE_DTYPES, CompressOptions
 
 __all__ = ["compress", "compress_modules", "CompressOptions", "COMPUTE_DTYPES"]
 
@@ -128,13 +129,13 @@ def compress(
         # calibration under a memory limit: the shared-only allocator, which streams whitened modules
         calibrated_stream = calibration is not None and options.get("memory_limit") is not None
         if method == "jd-diag" or uniform_rank or calibrated_stream:
-            from .allocate import compress_to
+            from .budget import compress_to
 
             kw = {k: v for k, v in options.items() if k not in ("per_module_clusters", "max_rounds")}
             art, report = compress_to(collection, budget=budget, target_error=target_error, max_rank=max_rank,
                                       uniform=uniform_rank, method=method, progress=progress, **kw)
         else:
-            from .mixed import compress_mixed
+            from .budget import compress_mixed
 
             unknown = set(options) - _MIXED_OPTIONS
             if unknown:
@@ -192,7 +193,7 @@ def _choose_clusters_or_mix(collection, rank, budget, target_error, target_stat,
     mixable = method == "jd-full" and not (whitening_of(collection) is not None and options.get("memory_limit"))
     if mixable:
         kw = {k: v for k, v in options.items() if k in _MIXED_PASSED}
-        from .mixed import compress_mixed
+        from .budget import compress_mixed
 
         if 2 not in groups and len(collection) >= 2:
             from .clusters import cluster_adapters  # no K > 1 fitted at this rank: try the mix on K = 2

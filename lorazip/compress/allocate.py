@@ -1,176 +1,542 @@
-"""Ranks from a storage budget or an error target, per module or uniform.
+"""The allocator: pure functions from exact curves (:mod:`.curves`) to ranks and bits. No I/O.
 
-Users think in bytes or in acceptable error, not in ranks. For every module lorazip first
-measures the error curve ``e_im(r)`` of every adapter for ``r = 1..max_rank``: one JD-Full
-at ``max_rank``, then nested JD-Full fits *inside* that subspace on the ``max_rank x max_rank``
-cores (cheap, no re-reading). The curve of a module is its contribution to the mean
-per-adapter error, ``c_m(r) = (1/n) sum_i e_im(r) / E_i`` with ``E_i = sum_m ||M_im||^2``, so
-that ``sum_m c_m(r_m)`` is the collection's mean error for ranks ``r_m``.
-
-Allocation is greedy on marginal gain per byte: starting from rank 1 everywhere, repeatedly
-raise the module whose next rank buys the largest error decrease per byte (a rank step costs
-``(d_in + d_out + n (2r + 1))`` numbers: one more basis column pair and a larger core), until
-the budget is spent or the target met. ``uniform=True`` instead picks one rank for every
-module. The final artifact is then compressed at the chosen ranks, and its exact size and
-error are what the report shows (a budget is respected on the real file size: if the header
-or rounding makes the artifact larger, the least valuable rank steps are taken back).
+* :func:`allocate_mixed`: shared rank per module and residual rank (and bits) per (adapter,
+  module) for a budget of stored numbers or the fewest numbers meeting an error target. For the
+  mean, a Lagrangian search over the price of a number picks ``r_m`` per module, then the leftover
+  numbers go greedily to the residual steps that remove most error per number; for the max,
+  residual numbers go to the worst adapter first. The result is compared with per-adapter SVD alone,
+  uniform JD-Full and per-module JD (from the same curves) and the best is kept. A target is met
+  with the fewest numbers by bisection on the budget.
+* :func:`allocate_shared`: shared ranks only (diagonal cores, a uniform rank): greedy on error
+  removed per number from rank 1 everywhere (never worse than the best uniform rank), or one rank
+  for every module with ``uniform``.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Callable
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable
 
-import torch
+import numpy as np
 
-from ..artifact import STORAGE_DTYPES, Artifact
 from ..errors import OptionError
-from ..io.collection import Collection
-from ..solvers import Factors
-from ..solvers.linalg import adapter_weights, factor_norms2
-from ..solvers.jd_full import jd_full_factors
-from .executor import map_modules
-from .streaming import MemoryPlan, streamed_factors
+from .curves import ModuleFit, RankCurves, bit_levels
+
+
+_FLOOR = 1e-10  # a step removing less of the (relative) error than this only stores solver noise
+
+
+STATS = ("mean", "max")
+
+
+BITS = "bits"  # the storage candidate with low-bit residual rows (meta storage_dtype: int8)
 
 
 @dataclass
-class RankCurves:
-    """``errors[m]``: (n, max_rank_m) absolute squared error of each adapter at ranks 1..max_rank_m;
-    ``norms2``: (n, M) ``||M_im||^2``; ``dims[m] = d_in + d_out``."""
+class Allocation:
+    """Shared rank per module and residual rank per (adapter, module); ``predicted``: the statistic."""
 
-    modules: list[str]
-    errors: list[torch.Tensor]
-    norms2: torch.Tensor
-    dims: list[int]
-
-    def contribution(self) -> list[torch.Tensor]:
-        """``c_m(r)`` for r = 0..max_rank_m (index 0: rank 0, error = the module's energy)."""
-        E = self.norms2.sum(1).clamp_min(1e-300)  # per-adapter energy over modules
-        n = self.norms2.shape[0]
-        out = []
-        for j, e in enumerate(self.errors):
-            full = torch.cat([self.norms2[:, j : j + 1], e], 1)  # rank 0 keeps nothing
-            out.append((full / E[:, None]).sum(0) / n)
-        return out
+    ranks: dict[str, int]
+    residual: dict[str, np.ndarray]
+    numbers: int
+    predicted: float
+    kind: str
+    errors: np.ndarray = field(default=None, repr=False)  # (n,) predicted per-adapter error
+    alternatives: dict[str, float] = field(default_factory=dict)  # predicted statistic of each candidate
+    bits: dict[str, np.ndarray | None] = field(default_factory=dict)  # per module: bits of each residual row
 
 
-def rank_curves(
-    collection: Collection,
-    max_rank: int,
-    *,
-    weighting: str = "relative",
-    seed: int = 0,
-    tol: float = 1e-4,
-    max_iters: int = 500,
-    memory_limit: int | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-    executor=None,
-) -> RankCurves:
-    """Error of every adapter at every rank 1..max_rank, for every module (one pass over modules).
-
-    ``memory_limit`` (bytes) streams modules larger than a third of it, as in :func:`lorazip.compress`;
-    ``executor`` (a :class:`~lorazip.compress.executor.RayExecutor`) runs one Ray task per module.
-    """
-    plan = MemoryPlan.make(collection, 4, memory_limit, "jd-full")
-    names = [m.name for m in collection.modules]
-    args = [(j, max_rank, weighting, seed, tol, max_iters, plan.chunk.get(j)) for j in range(len(names))]
-    got: list = [None] * len(names)
-    for count, (j, curve) in enumerate(map_modules(executor, module_curve_task, collection, args, labels=names,
-                                                    memory=memory_limit, phase="curves"), 1):
-        got[j] = curve
-        if progress:
-            progress(count, len(names), names[j])
-    errors, norms = [e for e, _ in got], [n2 for _, n2 in got]
-    return RankCurves(names, errors, torch.stack(norms, 1), [m.d_in + m.d_out for m in collection.modules])
+def _shared_numbers(fit: ModuleFit, r: int, n: int) -> int:
+    return fit.K * r * fit.dim + n * r * r
 
 
-def module_curve_task(collection: Collection, j: int, max_rank: int, weighting: str, seed: int, tol: float,
-                      max_iters: int, chunk: int | None, *, clock: dict[str, float]):
-    """Module ``j``'s error curve: ``(errors (n, r_cap) at ranks 1..r_cap, norms2 (n,))``, its factors
-    read here (streamed ``chunk`` adapters at a time if set); in process or as a Ray task."""
-    info = collection.modules[j]
-    t0 = time.perf_counter()
-    if chunk is not None:
-        fac = streamed_factors(collection, info.name, chunk, torch.float32)
-    else:
-        f = collection.module_factors(info.name, dtype=torch.float32)
-        fac = Factors.stacked(f.B, f.A)
-    t1 = time.perf_counter()
-    r_cap = min(collection.shared_ranks(info.name, max_rank))  # square cores: the smaller side
-    n2 = torch.cat([factor_norms2(ch.B, ch.A).clamp_min(0) for ch in fac]).double()
-    w = adapter_weights(n2, weighting)
-    top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
-    # Cores in float64; the nested fits see M_i through its projection S_i = U^T M_i V.
-    U, V = top.U.double(), top.V.double()
-    S = torch.cat([(ch.B.double().transpose(1, 2) @ U).transpose(1, 2) @ (ch.A.double() @ V)
-                   for ch in fac.split(256)])
-    outside = (n2 - S.square().sum((1, 2))).clamp_min(0)  # energy outside span(U) x span(V)
-    e = torch.empty(len(n2), r_cap, dtype=torch.float64)
-    # Warm starts: the HOSVD order of the cores (eigenvectors of sum w S S^T and sum w S^T S)
-    # puts each nested fit next to its optimum, so a few sweeps suffice.
-    ww = w.double()[:, None, None]
-    W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
-    Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
-    for r in range(1, r_cap + 1):
-        kept = S.square().sum((1, 2)) if r == r_cap else \
-            nested_kept(S, w.double(), W[:, :r], Z[:, :r], tol=tol, max_iters=max_iters)
-        e[:, r - 1] = outside + (S.square().sum((1, 2)) - kept).clamp_min(0)
-    clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
-    clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
-    return e, n2
+def _errors(fits: list[ModuleFit], ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
+    """Predicted per-adapter error (n,) of a choice, exact from the curves."""
+    tot = np.zeros_like(E)
+    for fit, r, k in zip(fits, ranks, resid):
+        if r in fit.spectra:
+            sp = fit.spectra[r].numpy()
+            cum = np.concatenate([np.zeros((sp.shape[0], 1)), np.cumsum(sp, 1)], 1)
+            kept = cum[np.arange(sp.shape[0]), np.minimum(k, sp.shape[1])]
+            tot += np.maximum(sp.sum(1) - kept, 0)
+        else:  # off the grid: shared part only
+            tot += fit.shared[r].numpy()
+    return np.where(E > 0, tot / np.maximum(E, 1e-300), 0.0)
 
 
-def nested_kept(S: torch.Tensor, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, tol: float = 1e-4,
-                max_iters: int = 500) -> torch.Tensor:
-    """Energy ``||X^T S_i Y||^2`` each adapter keeps at rank ``r`` of the small cores ``S``
-    (n, R, R), with ``X, Y`` (R x r) maximising ``sum_i w_i ||X^T S_i Y||^2``.
-
-    Exact alternating eigen-steps (HOOI) on the explicit ``R x R`` operators, from the warm start
-    ``X, Y``: each step maximises over one side, so the objective never decreases. Stops when a
-    sweep gains less than ``tol`` times the larger of the kept and the lost weighted energy.
-    """
-    X, Y = _nested_xy(S, w, X, Y, tol=tol, max_iters=max_iters)
-    return (X.T @ S @ Y).square().sum((1, 2))
+def _mix_numbers(fits, ranks, resid, n) -> int:
+    return int(sum(_shared_numbers(f, r, n) + int(k.sum()) * f.dim for f, r, k in zip(fits, ranks, resid)))
 
 
-def nested_fit(S: torch.Tensor, w: torch.Tensor, R: int, *, tol: float = 1e-4, max_iters: int = 500,
-               refine: set[int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Nested bases inside a rank-``R`` fit: ``{r: (X_r, Y_r)}`` for r = 0..R, (R, r) orthonormal,
-    maximising ``sum_i w_i ||X^T S_i Y||^2`` for the cores ``S`` (n, R, R) (alternating exact
-    eigen-steps from the HOSVD order, as :func:`nested_kept`). With ``refine``, only those ranks
-    are refined; the others keep the HOSVD truncation (a valid basis, its error exact, slightly
-    above the refined one)."""
-    eye = torch.eye(R, dtype=S.dtype)
-    out = {0: (eye[:, :0], eye[:, :0])}
-    if R == 0:
-        return out
-    ww = w.double()[:, None, None]
-    W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
-    Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
-    for r in range(1, R):
-        if refine is None or r in refine:
-            out[r] = _nested_xy(S, w.double(), W[:, :r], Z[:, :r], tol=tol, max_iters=max_iters)
+def _worst_first(err: np.ndarray, steps: list[list], take: Callable[[int, int], "float | None"]) -> None:
+    """The greedy on the max: the worst adapter takes its best next step (``steps[i]``: a heap of
+    (-gain per cost, module)); ``take(j, i)`` stores it and returns the error it removes, or None
+    when it does not fit (that module is then done for the adapter). Ends when the worst adapter
+    cannot improve."""
+    worst = [(-err[i], i) for i in range(len(err))]
+    heapq.heapify(worst)
+    while worst:
+        e, i = heapq.heappop(worst)
+        while steps[i]:
+            _, j = heapq.heappop(steps[i])
+            gain = take(j, i)
+            if gain is not None:
+                heapq.heappush(worst, (e + gain, i))
+                break
         else:
-            out[r] = (W[:, :r], Z[:, :r])
-    out[R] = (eye, eye)
-    return out
+            break  # the worst adapter cannot improve: the max is final
 
 
-def _nested_xy(S, w, X, Y, *, tol, max_iters):
-    r = X.shape[1]
-    total = float((w * S.square().sum((1, 2))).sum())
-    prev = -1.0
-    for _ in range(max_iters):
-        SY = S @ Y
-        X = torch.linalg.eigh(torch.einsum("n,nik,njk->ij", w, SY, SY))[1][:, -r:]
-        SX = S.transpose(1, 2) @ X
-        evals, vecs = torch.linalg.eigh(torch.einsum("n,nik,njk->ij", w, SX, SX))
-        Y, kept = vecs[:, -r:], float(evals[-r:].sum())
-        if kept - prev <= tol * max(kept, total - kept, 1e-300):
+@dataclass
+class _Row:
+    """One module at one grid shared rank ``r``: its residual steps sorted by error removed per
+    cost unit. A step is one component (native precision: ``costs`` None, each costs the module's
+    ``dim`` numbers) or one move of a component up a bit level (:func:`bit_levels`; costs in
+    bytes; steps that remove nothing are left out). ``gains``: weighted error removed, ``who``:
+    the adapter; with bits also ``comp`` / ``lvl`` (component, level reached) and ``pos`` (the
+    step's place among its adapter's steps, which come in the same order)."""
+
+    r: int
+    base: float
+    gains: np.ndarray
+    cums: np.ndarray
+    who: np.ndarray
+    costs: np.ndarray | None = None
+    cumc: np.ndarray | None = None
+    slopes: np.ndarray | None = None
+    comp: np.ndarray | None = None
+    lvl: np.ndarray | None = None
+    pos: np.ndarray | None = None
+    levels: list | None = None
+
+    def cost(self, c: int, dim: int) -> float:
+        return dim if self.costs is None else float(self.costs[c])
+
+
+class StepCurves:
+    """Per module and grid rank: residual steps sorted for the Lagrangian and the greedy fill.
+    ``bits``: components may be stored at 1-8 bits (:func:`bit_levels`), costs are bytes and the
+    shared parts cost one byte a number (int8); otherwise a component costs ``dim`` numbers."""
+
+    def __init__(self, fits: list[ModuleFit], E: np.ndarray, bits: bool = False):
+        n = len(E)
+        c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)  # contribution to the mean
+        self.fits, self.n, self.c, self.bits = fits, n, c, bits
+        self.opts: list[list[_Row]] = []
+        for fit in fits:
+            levels = bit_levels(fit) if bits else None
+            rows = []
+            for r, sp in fit.spectra.items():
+                cap = fit.residual_cap(r)
+                spn = sp.numpy()
+                g = c[:, None] * spn[:, :cap]
+                base = float(g.sum()) + float((c * (spn[:, cap:].sum(1))).sum())
+                if levels is None:
+                    flat = g.ravel()
+                    order = np.argsort(-flat, kind="stable")
+                    gains = flat[order]
+                    who = np.repeat(np.arange(n), cap)[order]
+                    rows.append(_Row(r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who))
+                else:
+                    rows.append(self._bit_row(r, base, spn[:, :cap], levels))
+            self.opts.append(rows)
+
+    def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: list) -> _Row:
+        n, cap = sp.shape
+        T = len(levels)
+        rho = np.array([1.0] + [lv[2] for lv in levels])
+        cost = np.array([0] + [lv[1] for lv in levels], dtype=np.float64)
+        raw = sp[:, :, None] * (rho[:-1] - rho[1:])[None, None, :]  # (n, cap, T) error removed by each move up
+        gain = (self.c[:, None, None] * raw).ravel()
+        dc = np.broadcast_to(np.diff(cost)[None, None, :], raw.shape).ravel()
+        live = np.nonzero(gain > 0)[0]  # steps that remove nothing are never taken
+        slope = gain[live] / dc[live]
+        order = live[np.argsort(-slope, kind="stable")]
+        who = (order // (cap * T)).astype(np.int32)
+        comp = ((order // T) % cap).astype(np.int16)
+        lvl = (order % T).astype(np.int8)
+        by = np.argsort(who, kind="stable")  # each adapter's steps, in the global order
+        counts = np.bincount(who, minlength=n)
+        pos = np.empty(len(order), dtype=np.int32)
+        pos[by] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+        gains, costs = gain[order], dc[order].astype(np.float32)
+        return _Row(r, base, gains, np.concatenate([[0.0], np.cumsum(gains)]), who, costs,
+                    np.concatenate([[0.0], np.cumsum(costs, dtype=np.float64)]), gains / costs, comp, lvl, pos,
+                    levels)
+
+    def _raws(self, row: _Row, idx) -> np.ndarray:
+        """Unweighted error removed by the steps ``idx`` of a bit row (0 for adapters of no energy)."""
+        c = self.c[row.who[idx]]
+        return np.where(c > 0, row.gains[idx] / np.where(c > 0, c, 1.0), 0.0)
+
+    def shared_cost(self, fit: ModuleFit, r: int) -> float:
+        """Cost of a module's shared part at rank ``r``: its numbers, or with bits its bytes in int8
+        with the row scales (float16, one per row of ``U``, ``V`` and of each core), which at small
+        ranks cost as much as the numbers."""
+        numbers = _shared_numbers(fit, r, self.n)
+        if not self.bits or r == 0:
+            return numbers
+        return numbers + 2 * (fit.K * fit.dim + self.n * r)
+
+    def row(self, j: int, r: int) -> _Row | None:
+        return next((row for row in self.opts[j] if row.r == r), None)
+
+    def _flatten(self) -> None:
+        """Every row of every module in flat arrays, so :meth:`lagrangian` is a few array operations
+        per price instead of a search per row (it runs thousands of times per allocation)."""
+        keys, scale, cums, spend, seg, seg_c, rows_of = [], [], [], [], [], [], []
+        pos = cpos = 0
+        width = max(len(rows) for rows in self.opts) if self.opts else 0
+        for j, (fit, rows) in enumerate(zip(self.fits, self.opts)):
+            for row in rows:
+                native = row.costs is None
+                keys.append(row.gains if native else row.slopes)
+                scale.append(float(fit.dim) if native else 1.0)
+                cums.append(row.cums)
+                spend.append(np.arange(len(row.cums), dtype=np.float64) * fit.dim if native else row.cumc)
+                seg.append((pos, len(row.gains)))
+                seg_c.append((cpos, row.base, self.shared_cost(fit, row.r), j, row.r))
+                pos += len(row.gains)
+                cpos += len(row.cums)
+            rows_of.append(len(rows))
+        self._keys = np.concatenate(keys) if keys else np.zeros(0)
+        self._rscale = np.array(scale, dtype=np.float64)
+        self._cums = np.concatenate(cums) if cums else np.zeros(0)
+        self._spend = np.concatenate(spend) if spend else np.zeros(0)
+        starts = np.array([a for a, _ in seg], dtype=np.int64)
+        self._lens = np.array([b for _, b in seg], dtype=np.int64)
+        self._starts = starts
+        self._depth = int(self._lens.max(initial=0)).bit_length() + 1
+        self._cstart = np.array([c[0] for c in seg_c], dtype=np.int64)
+        self._base = np.array([c[1] for c in seg_c], dtype=np.float64)
+        self._shared = np.array([c[2] for c in seg_c], dtype=np.float64)
+        self._rank = np.array([c[4] for c in seg_c], dtype=np.int64)
+        # the rows keep views into the flat arrays (their own copies are freed)
+        at = 0
+        for rows in self.opts:
+            for row in rows:
+                a, n_ = int(starts[at]), int(self._lens[at])
+                c = int(self._cstart[at])
+                if row.costs is None:
+                    row.gains = self._keys[a : a + n_]
+                else:
+                    row.slopes, row.cumc = self._keys[a : a + n_], self._spend[c : c + n_ + 1]
+                row.cums = self._cums[c : c + n_ + 1]
+                at += 1
+        # (module, k) -> flat row index, -1 where a module has fewer rows
+        self._grid = np.full((len(self.fits), width), -1, dtype=np.int64)
+        at = 0
+        for j, cnt in enumerate(rows_of):
+            self._grid[j, :cnt] = np.arange(at, at + cnt)
+            at += cnt
+
+    def lagrangian(self, lam: float) -> tuple[list[int], list[int]]:
+        """Per module the grid rank and residual step count minimising error + lam * cost (the
+        first row in grid order that is lower by more than 1e-18 than those before it)."""
+        if not hasattr(self, "_keys"):
+            self._flatten()
+        # per row the steps worth their price, key > lam * scale: a binary search in every row at once
+        # (each row's keys descend)
+        thr = lam * self._rscale
+        lo, hi = np.zeros(len(self._lens), dtype=np.int64), self._lens.copy()
+        for _ in range(self._depth):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            v = self._keys[np.minimum(self._starts + mid, max(len(self._keys) - 1, 0))] if len(self._keys) else \
+                np.zeros(len(mid))
+            right = active & (v > thr)
+            lo = np.where(right, mid + 1, lo)
+            hi = np.where(active & ~right, mid, hi)
+        cnt = lo
+        at = self._cstart + cnt
+        val = self._base - self._cums[at] + lam * (self._shared + self._spend[at])
+        best_val = np.full(len(self.fits), np.inf)
+        best = np.zeros(len(self.fits), dtype=np.int64)
+        for k in range(self._grid.shape[1]):
+            idx = self._grid[:, k]
+            ok = idx >= 0
+            v = np.where(ok, val[np.maximum(idx, 0)], np.inf)
+            better = ok & ((k == 0) | (v < best_val - 1e-18))
+            best = np.where(better, idx, best)
+            best_val = np.where(better, v, best_val)
+        return self._rank[best].tolist(), cnt[best].tolist()
+
+    def resid_from_counts(self, j: int, r: int, cnt: int) -> np.ndarray:
+        """Steps per adapter (its residual rank at native precision) of the first ``cnt`` steps."""
+        return np.bincount(self.row(j, r).who[:cnt], minlength=self.n)
+
+    def fill_mean(self, ranks: list[int], counts: list[int], numbers: int) -> list[np.ndarray]:
+        """Greedy: spend what is left of ``numbers`` on residual steps by error removed per cost unit."""
+        rows = [self.row(j, r) for j, r in enumerate(ranks)]
+        used = sum(self.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for f, r, c, row in zip(self.fits, ranks, counts, rows))
+        heap = [(-row.gains[c] / row.cost(c, f.dim), j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
+                if c < len(row.gains) and row.gains[c] > _FLOOR]
+        heapq.heapify(heap)
+        counts = list(counts)
+        while heap:
+            _, j = heapq.heappop(heap)
+            f, row = self.fits[j], rows[j]
+            step = row.cost(counts[j], f.dim)
+            if used + step > numbers:
+                continue
+            used += step
+            counts[j] += 1
+            if counts[j] < len(row.gains) and row.gains[counts[j]] > _FLOOR:
+                heapq.heappush(heap, (-row.gains[counts[j]] / row.cost(counts[j], f.dim), j))
+        return [self.resid_from_counts(j, r, c) for j, (r, c) in enumerate(zip(ranks, counts))]
+
+    def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
+        """Greedy on the max: the worst adapter gets its best next step per cost unit, until the
+        worst cannot improve within the budget."""
+        if self.bits:
+            return self._fill_max_steps(ranks, numbers, E)
+        n, fits = self.n, self.fits
+        resid = [np.zeros(n, dtype=np.int64) for _ in fits]
+        used = sum(_shared_numbers(f, r, n) for f, r in zip(fits, ranks))
+        sp = [f.spectra[r].numpy() for f, r in zip(fits, ranks)]
+        caps = [f.residual_cap(r) for f, r in zip(fits, ranks)]
+        err = _errors(fits, ranks, resid, E)
+        inv = np.where(E > 0, 1.0 / np.maximum(E, 1e-300), 0.0)
+        steps = []  # per adapter: heap of (-gain per number, module)
+        for i in range(n):
+            h = [(-sp[j][i, 0] * inv[i] / f.dim, j) for j, f in enumerate(fits)
+                 if caps[j] > 0 and sp[j][i, 0] * inv[i] > _FLOOR]
+            heapq.heapify(h)
+            steps.append(h)
+
+        def take(j: int, i: int) -> float | None:
+            nonlocal used
+            if used + fits[j].dim > numbers:
+                return None
+            k = resid[j][i]
+            used += fits[j].dim
+            resid[j][i] = k + 1
+            if k + 1 < caps[j] and sp[j][i, k + 1] * inv[i] > _FLOOR:
+                heapq.heappush(steps[i], (-sp[j][i, k + 1] * inv[i] / fits[j].dim, j))
+            return sp[j][i, k] * inv[i]
+
+        _worst_first(err, steps, take)
+        return resid
+
+    def _fill_max_steps(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
+        """:meth:`fill_max` over bit steps: each adapter's steps in its own order."""
+        n, fits = self.n, self.fits
+        rows = [self.row(j, r) for j, r in enumerate(ranks)]
+        own = []  # per module: per adapter the indices of its steps, in order
+        for row in rows:
+            by = np.argsort(row.who, kind="stable") if row is not None else np.zeros(0, dtype=np.int64)
+            cnt = np.bincount(row.who, minlength=n) if row is not None else np.zeros(n, dtype=np.int64)
+            own.append(np.split(by, np.cumsum(cnt)[:-1]))
+        resid = [np.zeros(n, dtype=np.int64) for _ in fits]
+        used = float(sum(self.shared_cost(f, r) for f, r in zip(fits, ranks)))
+        err = self.errors(ranks, resid, E)
+        inv = np.where(E > 0, 1.0 / np.maximum(E, 1e-300), 0.0)
+
+        def step(j: int, i: int):
+            at = resid[j][i]
+            if at >= len(own[j][i]):
+                return None
+            g = float(self._raws(rows[j], own[j][i][at])) * inv[i]
+            return (-g / rows[j].costs[own[j][i][at]], j) if g > _FLOOR else None
+
+        steps = []
+        for i in range(n):
+            h = [s_ for s_ in (step(j, i) for j in range(len(fits))) if s_ is not None]
+            heapq.heapify(h)
+            steps.append(h)
+
+        def take(j: int, i: int) -> float | None:
+            nonlocal used
+            at = own[j][i][resid[j][i]]
+            if used + rows[j].costs[at] > numbers:
+                return None
+            used += rows[j].costs[at]
+            resid[j][i] += 1
+            nxt = step(j, i)
+            if nxt is not None:
+                heapq.heappush(steps[i], nxt)
+            return float(self._raws(rows[j], at)) * inv[i]
+
+        _worst_first(err, steps, take)
+        return resid
+
+    def _taken(self, row: _Row, counts: np.ndarray) -> np.ndarray:
+        return row.pos < counts[row.who]
+
+    def errors(self, ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
+        """Predicted per-adapter error (n,) of ``ranks`` and residual steps ``resid`` per module."""
+        if not self.bits:
+            return _errors(self.fits, ranks, resid, E)
+        tot = np.zeros_like(E)
+        for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
+            row = self.row(j, r)
+            if row is None:
+                tot += fit.shared[r].numpy()
+                continue
+            taken = np.nonzero(self._taken(row, np.asarray(k)))[0]
+            removed = np.bincount(row.who[taken], weights=self._raws(row, taken), minlength=self.n)
+            tot += np.maximum(fit.spectra[r].numpy().sum(1) - removed, 0)
+        return np.where(E > 0, tot / np.maximum(E, 1e-300), 0.0)
+
+    def size(self, ranks: list[int], resid: list[np.ndarray]) -> float:
+        """Cost (numbers, or bytes with bits) of ``ranks`` and residual steps ``resid``."""
+        if not self.bits:
+            return _mix_numbers(self.fits, ranks, resid, self.n)
+        total = 0.0
+        for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
+            total += self.shared_cost(fit, r)
+            row = self.row(j, r)
+            if row is not None and np.any(k):
+                total += float(row.costs[self._taken(row, np.asarray(k))].sum())
+        return total
+
+    def max_size(self) -> float:
+        """The cost of every residual component at its highest precision, no shared part."""
+        if not self.bits:
+            full = [np.array([f.residual_cap(0)] * self.n) for f in self.fits]
+            return _mix_numbers(self.fits, [0] * len(self.fits), full, self.n)
+        return float(sum(self.row(j, 0).cumc[-1] for j in range(len(self.fits))))
+
+    def decode(self, j: int, r: int, k: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Residual ranks (n,) and, with bits, the bits of every stored row (adapter by adapter,
+        component by component) of ``k`` steps per adapter in module ``j`` at shared rank ``r``."""
+        row = self.row(j, r)
+        if not self.bits or row is None:
+            return np.asarray(k), None
+        taken = self._taken(row, np.asarray(k))
+        cap = int(row.comp.max()) + 1 if len(row.comp) else 0
+        level = np.zeros((self.n, cap), dtype=np.int64)
+        np.maximum.at(level, (row.who[taken], row.comp[taken]), row.lvl[taken] + 1)
+        ranks = (level > 0).sum(1)
+        widths = np.array([0] + [lv[0] for lv in row.levels], dtype=np.uint8)
+        bits = np.concatenate([widths[level[i, : ranks[i]]] for i in range(self.n)]) if ranks.sum() else \
+            np.zeros(0, dtype=np.uint8)
+        if (bits == 0).any():
+            raise AssertionError("residual steps do not form a prefix of each adapter's components")  # pragma: no cover
+        return ranks, bits.astype(np.uint8)
+
+
+def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None = None,
+                   target_error: float | None = None, stat: str = "mean",
+                   curves: "StepCurves | None" = None) -> Allocation:
+    """Shared ranks and residual ranks for a budget of ``numbers`` stored values (lowest
+    ``stat``), or the fewest numbers meeting ``target_error`` on ``stat``."""
+    if stat not in STATS:
+        raise OptionError(f"target statistic must be mean or max, got {stat!r}")
+    if target_error is not None:
+        return _for_target(fits, E, target_error, stat, curves if curves is not None else StepCurves(fits, E))
+    n = len(E)
+    curves = curves if curves is not None else StepCurves(fits, E)  # sorted gains: the same for every budget
+    score = (lambda e: float(e.mean())) if stat == "mean" else (lambda e: float(e.max()))
+    cands: list[Allocation] = []
+
+    def add(kind, ranks, resid):
+        size = curves.size(ranks, resid)
+        if size <= numbers:
+            e = curves.errors(ranks, resid, E)
+            cands.append(Allocation({f.name: r for f, r in zip(fits, ranks)},
+                                    {f.name: k for f, k in zip(fits, resid)}, size, score(e), kind, e))
+
+    zeros = [0] * len(fits)
+    # the mix: Lagrangian price per number, bisected to the budget, then greedy fill
+    hi = max((row.gains[0] / row.cost(0, f.dim) for f, rows in zip(fits, curves.opts) for row in rows
+              if len(row.gains)), default=1.0) * 2 + 1e-30
+    lo = hi * 1e-15  # prices span orders of magnitude: bisect in log space
+    seen_ranks = []
+    for _ in range(80):
+        lam = math.sqrt(lo * hi)
+        ranks, counts = curves.lagrangian(lam)
+        size = sum(curves.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for j, (f, r, c) in enumerate(zip(fits, ranks, counts)) for row in [curves.row(j, r)])
+        if size > numbers:
+            lo = lam
+        else:
+            hi = lam
+            if ranks not in seen_ranks:
+                seen_ranks.append(ranks)
+        if hi <= lo * (1 + 1e-9):
             break
-        prev = kept
-    return X, Y
+    ranks, counts = curves.lagrangian(hi)
+    if stat == "mean":
+        add("mix", ranks, curves.fill_mean(ranks, counts, numbers))
+        add("per-adapter SVD", zeros, curves.fill_mean(zeros, [0] * len(fits), numbers))
+    else:
+        for rk in seen_ranks[-6:] + [ranks, zeros]:
+            add("mix" if any(rk) else "per-adapter SVD", rk, curves.fill_max(rk, numbers, E))
+    # shared-only baselines on the full rank curves: uniform JD-Full and per-module JD
+    none = [np.zeros(n, dtype=np.int64) for _ in fits]
+    R = max(max(f.shared) for f in fits)
+    uniform = None
+    for r in range(1, R + 1):  # the best uniform rank that fits; of equal errors, the smallest
+        rk = [min(r, max(f.shared)) for f in fits]
+        if curves.size(rk, none) > numbers:
+            break
+        e = score(curves.errors(rk, none, E))
+        if uniform is None or e < uniform[0] - max(_FLOOR, 1e-6 * e):
+            uniform = (e, rk)
+    if uniform is not None:
+        add("uniform JD-Full", uniform[1], none)
+    add("per-module JD", _per_module_shared(fits, numbers, n, E, stat), none)
+    if not cands:
+        raise OptionError("the budget is too small for any part: raise it")
+    best = min(a.predicted for a in cands)
+    near = [a for a in cands if a.predicted <= best + max(1e-9, 1e-6 * best)]  # ties: the fewest numbers
+    chosen = min(near, key=lambda a: (a.numbers, a.predicted))
+    for a in cands:
+        chosen.alternatives[a.kind] = min(a.predicted, chosen.alternatives.get(a.kind, float("inf")))
+    if curves.bits:  # steps -> residual ranks and the bits of every stored row
+        for j, f in enumerate(fits):
+            chosen.residual[f.name], chosen.bits[f.name] = curves.decode(j, chosen.ranks[f.name],
+                                                                         chosen.residual[f.name])
+    return chosen
+
+
+def _per_module_shared(fits, numbers, n, E, stat) -> list[int]:
+    """Shared ranks only (no residual), greedy on error removed per number (the v1 allocator)."""
+    c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)
+    ranks = [0] * len(fits)
+    used = 0
+    curve = [np.array([float((c * f.shared[r].numpy()).sum()) for r in range(max(f.shared) + 1)]) for f in fits]
+    heap = []
+    for j, f in enumerate(fits):
+        if len(curve[j]) > 1 and curve[j][0] - curve[j][1] > _FLOOR:
+            heap.append((-(curve[j][0] - curve[j][1]) / _shared_numbers(f, 1, n), j))
+    heapq.heapify(heap)
+    while heap:
+        _, j = heapq.heappop(heap)
+        f, r = fits[j], ranks[j]
+        cost = _shared_numbers(f, r + 1, n) - _shared_numbers(f, r, n)
+        if used + cost > numbers:
+            continue
+        used += cost
+        ranks[j] = r + 1
+        if r + 2 < len(curve[j]) and curve[j][r + 1] - curve[j][r + 2] > _FLOOR:
+            nxt = _shared_numbers(f, r + 2, n) - _shared_numbers(f, r + 1, n)
+            heapq.heappush(heap, (-(curve[j][r + 1] - curve[j][r + 2]) / nxt, j))
+    return ranks
+
+
+def _for_target(fits, E, target, stat, curves) -> Allocation:
+    if not 0 <= target <= 1:
+        raise OptionError(f"target error must be between 0 and 1, got {target}")
+    hi = max(int(math.ceil(curves.max_size())), 1)
+    best = allocate_mixed(fits, E, numbers=hi, stat=stat, curves=curves)
+    lo = 0
+    while hi - lo > max(1, hi // 2000):
+        mid = (lo + hi) // 2
+        try:
+            got = allocate_mixed(fits, E, numbers=mid, stat=stat, curves=curves)
+        except OptionError:
+            lo = mid
+            continue
+        if got.predicted <= target:
+            hi, best = mid, got
+        else:
+            lo = mid
+    return best
 
 
 def _step_cost(dim: int, n: int, r: int, diag: bool) -> int:
@@ -178,7 +544,7 @@ def _step_cost(dim: int, n: int, r: int, diag: bool) -> int:
     return dim + n * (1 if diag else 2 * r + 1)
 
 
-def allocate(
+def allocate_shared(
     curves: RankCurves,
     n: int,
     *,
@@ -203,7 +569,7 @@ def allocate(
     if uni is not None:
         def score(ranks):
             err = sum(float(x[r]) for x, r in zip(c, ranks))
-            size = sum(_numbers(d, n, r, diag) for d, r in zip(curves.dims, ranks))
+            size = sum(_rank_numbers(d, n, r, diag) for d, r in zip(curves.dims, ranks))
             if target_error is not None:  # fewest numbers among those meeting the target
                 return (err > target_error, size if err <= target_error else err)
             return (err, size)
@@ -216,7 +582,7 @@ def _uniform(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
     best = None
     for r in range(1, max(caps) + 1):
         ranks = [min(r, cap) for cap in caps]
-        size = sum(_numbers(d, n, rr, diag) for d, rr in zip(dims, ranks))
+        size = sum(_rank_numbers(d, n, rr, diag) for d, rr in zip(dims, ranks))
         err = sum(float(x[rr]) for x, rr in zip(c, ranks))
         if budget_numbers is not None and size > budget_numbers:
             break
@@ -230,7 +596,7 @@ def _uniform(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
 
 def _greedy(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
     ranks = [1] * len(c)
-    size = sum(_numbers(d, n, 1, diag) for d in dims)
+    size = sum(_rank_numbers(d, n, 1, diag) for d in dims)
     if budget_numbers is not None and size > budget_numbers:
         raise OptionError("the budget is too small for rank 1 in every module")
     err = sum(float(x[1]) for x in c)
@@ -259,70 +625,5 @@ def _greedy(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
     return ranks
 
 
-def _numbers(dim: int, n: int, r: int, diag: bool) -> int:
+def _rank_numbers(dim: int, n: int, r: int, diag: bool) -> int:
     return r * dim + n * (r if diag else r * r)
-
-
-def compress_to(
-    collection: Collection,
-    *,
-    budget: int | None = None,
-    target_error: float | None = None,
-    max_rank: int = 64,
-    uniform: bool = False,
-    method: str = "jd-full",
-    storage_dtype: str = "auto",
-    progress: Callable[[int, int, str], None] | None = None,
-    **kw: Any,
-) -> tuple[Artifact, dict[str, Any]]:
-    """Compress with ranks chosen for a byte ``budget`` (of the artifact file) or a mean
-    ``target_error``; returns the artifact and a report of the allocation. Shared parts only
-    (no residuals): used for jd-diag, ``uniform=True`` and streamed modules."""
-    from .pipeline import compress_modules as compress
-
-    if (budget is None) == (target_error is None):
-        raise OptionError("give exactly one of --budget or --target-error")
-    if method not in ("jd-full", "jd-diag"):
-        raise OptionError(f"rank allocation supports jd-full and jd-diag, not {method}")
-    if target_error is not None and not 0 <= target_error <= 1:
-        raise OptionError(f"--target-error must be between 0 and 1, got {target_error}")
-    if storage_dtype == "auto":
-        storage_dtype = collection.storage_dtype()
-    # bytes per stored number: 1 for int8, whose row scales are overhead (measured on the probe below,
-    # and the shrink loop takes back rank steps if the file is still over)
-    itemsize = torch.tensor([], dtype=STORAGE_DTYPES[storage_dtype]).element_size()
-    n = len(collection)
-    diag = method == "jd-diag"
-    curves = rank_curves(collection, max_rank, weighting=kw.get("weighting", "relative"), seed=kw.get("seed", 0),
-                         memory_limit=kw.get("memory_limit"), progress=progress, executor=kw.get("executor"))
-    common = dict(method=method, storage_dtype=storage_dtype, **kw)
-    if budget is None:
-        ranks = allocate(curves, n, target_error=target_error, uniform=uniform, diag=diag)
-        art = compress(collection, ranks=ranks, **common)
-    else:
-        # Fixed bytes besides bases and cores (stats, spectra, extras, header): measured on a
-        # rank-1 artifact, then the remaining budget goes to ranks; shrink if the file is over.
-        probe = compress(collection, ranks={m: 1 for m in curves.modules}, **common)
-        overhead = probe.serialized_size() - itemsize * sum(_numbers(d, n, 1, diag) for d in curves.dims)
-        numbers = (budget - overhead) // itemsize
-        if numbers <= 0:
-            raise OptionError(f"a budget of {budget:,} bytes cannot hold even rank 1 ({probe.serialized_size():,} bytes)")
-        while True:
-            ranks = allocate(curves, n, budget_numbers=numbers, uniform=uniform, diag=diag)
-            art = compress(collection, ranks=ranks, **common)
-            size = art.serialized_size()
-            if size <= budget:
-                break
-            numbers -= (size - budget) // itemsize + 1
-            if numbers <= 0:
-                raise OptionError(f"a budget of {budget:,} bytes cannot hold even rank 1")
-    predicted = sum(float(c[ranks[m]]) for m, c in zip(curves.modules, curves.contribution()))
-    report = {
-        "mode": "uniform" if uniform else "per-module",
-        "budget_bytes": budget,
-        "target_error": target_error,
-        "ranks": ranks,
-        "predicted_mean_error": predicted,
-        "artifact_bytes": art.serialized_size(),
-    }
-    return art, report

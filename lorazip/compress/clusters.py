@@ -44,7 +44,7 @@ def choose_clusters(
     """Return ``(artifact, curve, chosen_K)``; ``curve`` rows are ``{K, mean, median, max, params, bytes}``.
     ``groupings``, if given, gets the :class:`~lorazip.compress.mixed.Clusters` of every K tried
     (also of one that did not fit), for shared parts with per-adapter residuals on the same groups."""
-    from .pipeline import compress_modules as compress
+    from .modules import compress_modules as compress
 
     if (target_error is None) == (budget is None):
         raise OptionError("choosing K needs exactly one of --target-error or --budget")
@@ -81,7 +81,7 @@ def choose_clusters(
 
 def grouping_of(art: Artifact):
     """The :class:`~lorazip.compress.mixed.Clusters` of a jd-clustered artifact (K > 1)."""
-    from .mixed import Clusters
+    from .plan import Clusters
 
     cl = art.meta["clustering"]
     tensors = art.tensors()
@@ -93,8 +93,8 @@ def grouping_of(art: Artifact):
 def cluster_adapters(collection: Collection, K: int, rank: int, *, per_module: bool = False, **kw):
     """K groups of adapters found by jd-clustered at ``rank`` (the same alternation as
     ``compress --clusters K``), as :class:`~lorazip.compress.mixed.Clusters`; ``kw``: settings of
-    :func:`~lorazip.compress.pipeline.compress_modules`."""
-    from .pipeline import compress_modules
+    :func:`~lorazip.compress.modules.compress_modules`."""
+    from .modules import compress_modules
 
     kw = {k: v for k, v in kw.items() if k not in ("keep_extras", "hash_sources")}
     art = compress_modules(collection, rank, method="jd-clustered", clusters=K, per_module_clusters=per_module,

@@ -39,7 +39,10 @@ from ..errors import OptionError, ValidationError
 from ..io.collection import Collection
 from ..metrics import squared_errors
 from ..quantize import cat_stored, store_residual, to_storage
+from ..solvers.linalg import orth
+from ..solvers.residual import residual_factors
 from ..solvers.svd import spectra_from_grams
+from .measure import optimal_cores, round_and_measure
 
 DEFAULT_LAMBDA = 1e-2  # chosen on held-out calibration text, docs/calibration.md#lambda
 
@@ -233,19 +236,17 @@ def _exact_chunks(coll: WhitenedCollection, name: str, n: int, chunk: int, width
 
 def finish_whitened(coll: WhitenedCollection, name: str, fac, U, V, cores, assign, refine: bool,
                   storage_dtype: str, chunk: int):
-    """:func:`lorazip.compress.pipeline._finish` for whitened solutions: ``U``, ``V``, ``cores``
+    """:func:`lorazip.compress.measure.round_and_measure` for whitened solutions: ``U``, ``V``, ``cores``
     in whitened coordinates; the bases are mapped back, rounded, and both errors measured exactly.
 
     Returns ``(U, V, cores, errors2, norms2, spectra, weight_errors2, weight_norms2)``: stored
     (:class:`~lorazip.quantize.Stored`) bases and cores, activation errors, norms and spectra of the
     whitened deltas, weight errors and norms.
     """
-    from ..solvers.linalg import orth
-    from .pipeline import _finish, _optimal_cores
 
     wm = coll.whitening.module(name)
     if wm.identity:  # C = I: today's computation, bit for bit
-        Us, Vs, cs, e2, n2, sv = _finish(fac, U, V, cores, assign, refine, storage_dtype, chunk)
+        Us, Vs, cs, e2, n2, sv = round_and_measure(fac, U, V, cores, assign, refine, storage_dtype, chunk)
         return Us, Vs, cs, e2, n2, sv, e2.clone(), n2.clone()
     if refine:
         U, V = orth(U.double().cpu()), orth(V.double().cpu())
@@ -257,7 +258,7 @@ def finish_whitened(coll: WhitenedCollection, name: str, fac, U, V, cores, assig
     out: dict[str, list] = {k: [] for k in ("c", "e", "n", "s", "we", "wn")}
     for s, e, B, A, Bw, Aw in _exact_chunks(coll, name, fac.n, chunk, fac.rank):
         k = None if assign is None else assign[s:e]
-        c = _optimal_cores(Bw, Aw, U64, V64, k) if refine else cores[s:e].cpu()
+        c = optimal_cores(Bw, Aw, U64, V64, k) if refine else cores[s:e].cpu()
         c = to_storage(c, storage_dtype)
         GB, GA = Bw.transpose(1, 2) @ Bw, Aw @ Aw.transpose(1, 2)
         n2 = (GB * GA).sum(dim=(1, 2))
@@ -280,8 +281,6 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     leaves; its ``a`` factors (``b`` for embeddings) are mapped back and rounded. Returns
     ``(Us, Vs, Ss, bs, as_, errors2, norms2, spectra, weight_errors2, weight_norms2)``.
     """
-    from ..solvers.residual import residual_factors
-    from .pipeline import _optimal_cores
 
     wm = coll.whitening.module(name)
     # C = I: read as pass 2 does without calibration (float32, bit for bit); else exactly, in float64
@@ -293,7 +292,7 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     Vs = to_storage(Vb if Vb.dim() == 3 else Vb[None], storage_dtype, torch.float16)
     Ur, Vr = Us.values.double(), Vs.values.double()  # (K, d, r)
     Uw, Vw = wm.bases_fwd(Ur, Vr)
-    Ss = to_storage(_optimal_cores(B, A, Uw, Vw, assign), storage_dtype, core_scales)
+    Ss = to_storage(optimal_cores(B, A, Uw, Vw, assign), storage_dtype, core_scales)
     S64 = Ss.values.double()
     parts = residual_factors(B, A, Uw, Vw, S64, k, assign)
     bs, as_, bp, ap = store_residual(*wm.residual_back(*parts), k, storage_dtype)

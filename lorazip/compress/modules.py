@@ -1,9 +1,9 @@
-"""Compress a :class:`Collection` module by module into an :class:`Artifact`.
+"""The module loop: compress every module of a collection at given ranks.
 
-For each module: read the factors of all adapters, run the chosen solver on the chosen
-device, round the bases and cores to the storage dtype, and measure the exact error of
-what will be stored (from Gram matrices of the rounded factors). Only one module's
-factors are in memory at a time.
+For each module: read the factors of all adapters, run the chosen solver on the chosen device,
+round the bases and cores to the storage dtype and measure the exact error of what will be
+stored (:mod:`.measure`). Only one module's factors are in memory at a time (the next one is
+read meanwhile); a module larger than the memory limit is streamed in chunks of adapters.
 """
 
 from __future__ import annotations
@@ -15,78 +15,23 @@ from typing import Any, Callable
 
 import torch
 
-from .. import __version__
-from ..artifact import STORAGE_DTYPES, Artifact
-from ..layout import round_small, trim_spectra
+from ..artifact import Artifact
 from ..backend import BACKENDS, to_backend, to_torch
 from ..errors import OptionError
 from ..io.collection import Collection
-from ..metrics import squared_errors
-from ..quantize import EXTRAS_DTYPES, cat_stored, store_extras, to_storage
-from ..solvers import METHODS, solve_factors
+from ..solvers import solve_factors
 from ..solvers.clustered import jd_clustered
 from ..solvers.factors import Chunk, Factors
-from ..solvers.svd import spectra_from_grams
-from ..solvers.linalg import WEIGHTINGS, adapter_weights, factor_norms2, orth
+from ..solvers.linalg import adapter_weights, factor_norms2
 from ..solvers.one_side import one_side_bases
+from .build import assemble
 from .executor import RayExecutor, map_modules
-from .provenance import SourceHashes, adapter_meta
+from .measure import ERROR_CHUNK, round_and_measure
+from .options import COMPUTE_DTYPES, CompressOptions, ModuleJob, resolve_device
+from .plan import _cap_record
+from .provenance import SourceHashes
 from .streaming import MemoryPlan, release_freed_memory, streamed_factors
 from .whiten import annotate, finish_whitened, whitening_of
-
-@dataclass(frozen=True)
-class CompressOptions:
-    """Settings of a compression run (see :func:`compress`)."""
-
-    rank: int = 16
-    method: str = "jd-full"
-    weighting: str = "relative"
-    device: str = "auto"
-    storage_dtype: str = "auto"
-    seed: int = 0
-    max_iters: int = 500
-    tol: float = 1e-4
-    compute_dtype: str = "float32"
-    extras_dtype: str = "auto"
-
-    def check(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise OptionError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.method not in METHODS:
-            raise OptionError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.weighting not in WEIGHTINGS:
-            raise OptionError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-        if self.storage_dtype not in STORAGE_DTYPES and self.storage_dtype != "auto":
-            raise OptionError(f"unknown dtype {self.storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise OptionError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise OptionError("device 'cuda' requested but CUDA is not available")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise OptionError(f"unknown compute dtype {self.compute_dtype!r}; choose float64 or float32")
-        if self.max_iters < 1 or not self.tol > 0:
-            raise OptionError("max_iters must be >= 1 and tol > 0")
-        check_extras_dtype(self.extras_dtype)
-
-
-def check_extras_dtype(extras_dtype: str) -> None:
-    if extras_dtype not in EXTRAS_DTYPES:
-        raise OptionError(f"unknown extras dtype {extras_dtype!r}; choose from {', '.join(EXTRAS_DTYPES)}")
-
-
-COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_ERROR_CHUNK = 16  # adapters per chunk when measuring errors in float64 (kept in cache: 1.7x faster than 256)
-
-
-def _cap_record(m, requested: int, r_out: int, r_in: int) -> dict[str, Any]:
-    """What was stored instead of the requested rank, and why (recorded per module)."""
-    if r_out != r_in:
-        side = f"d_out = {m.d_out}" if r_out == m.d_out else f"d_in = {m.d_in}"
-        why = f"{side}: that side kept whole, the other at rank {max(r_out, r_in)}"
-        return {"requested": requested, "rank": r_in, "rank_out": r_out, "reason": why}
-    dims = min(m.d_out, m.d_in)
-    why = f"min(d_out, d_in) = {dims}" if r_in == dims else f"sum of adapter ranks = {r_in}"
-    return {"requested": requested, "rank": r_in, "reason": why}
 
 
 def _one_side_solution(fac, r_out: int, r_in: int, weighting: str, K: int):
@@ -94,49 +39,6 @@ def _one_side_solution(fac, r_out: int, r_in: int, weighting: str, K: int):
     B, A = fac.B.double().cpu(), fac.A.double().cpu()
     U, V = one_side_bases(B, A, r_out, r_in, adapter_weights(factor_norms2(B, A), weighting))
     return U[None].expand(K, *U.shape).contiguous(), V[None].expand(K, *V.shape).contiguous()
-
-
-def _optimal_cores(B, A, U, V, assign):
-    """``S_i = U_k^T M_i V_k`` for every adapter (``U``, ``V``: (K, d, r)), one basis per cluster."""
-    if assign is None or U.shape[0] == 1:
-        return (B.transpose(1, 2) @ U[0]).transpose(1, 2) @ (A @ V[0])
-    out = torch.empty(B.shape[0], U.shape[2], V.shape[2], dtype=B.dtype)
-    for k in torch.unique(assign):
-        idx = assign == k
-        out[idx] = (B[idx].transpose(1, 2) @ U[k]).transpose(1, 2) @ (A[idx] @ V[k])
-    return out
-
-
-def _finish(fac: Factors, U, V, cores, assign, refine: bool, storage_dtype: str, chunk: int):
-    """Round a module's solution to the storage dtype and measure it, in one float64 pass over
-    the adapters (``chunk`` at a time): with ``refine`` (JD bases solved in float32), the bases
-    are re-orthonormalised and the optimal cores recomputed in float64, so solving in float32
-    costs nothing beyond the subspace itself; then the exact errors of what is stored (from
-    Grams of the rounded, for int8 the dequantised, factors) and the spectra, from the same Grams.
-
-    Returns ``(U, V, cores, errors2, norms2, spectra)`` with ``U``, ``V``, ``cores``
-    :class:`~lorazip.quantize.Stored` in ``storage_dtype`` (int8: data and row scales).
-    """
-    if refine:
-        U, V = orth(U.double().cpu()), orth(V.double().cpu())
-    Us, Vs = to_storage(U.cpu(), storage_dtype), to_storage(V.cpu(), storage_dtype)
-    Ur, Vr = Us.values, Vs.values
-    U64, V64 = U.double().cpu(), V.double().cpu()
-    assign = None if assign is None else assign.long().cpu()
-    out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
-    for ch in fac.split(chunk):
-        B, A = ch.B.cpu().double(), ch.A.cpu().double()
-        k = None if assign is None else assign[ch.start : ch.stop]
-        c = _optimal_cores(B, A, U64, V64, k) if refine else cores[ch.start : ch.stop].cpu()
-        c = to_storage(c, storage_dtype)
-        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
-        n2 = (GB * GA).sum(dim=(1, 2))
-        e2, _ = squared_errors(B, A, Ur, Vr, c.values, k, norms2=n2)
-        for key, x in zip("cens", (c, e2, n2, spectra_from_grams(GB, GA))):
-            out[key].append(x)
-        del ch, B, A  # a streamed chunk is freed before the next one is read
-    e2, n2, sv = (torch.cat(out[key]) for key in "ens")
-    return Us, Vs, cat_stored(out["c"]), e2, n2, sv
 
 
 class _FactorCache:
@@ -189,27 +91,6 @@ class _FactorCache:
             fut.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@dataclass(frozen=True)
-class ModuleJob:
-    """The settings a module task needs (picklable: a Ray task takes it as an argument)."""
-
-    method: str
-    weighting: str
-    storage_dtype: str
-    compute_dtype: str
-    seed: int
-    max_iters: int
-    tol: float
-    backend: str = "torch"
-    device: str = "auto"
 
 
 @dataclass
@@ -270,16 +151,16 @@ def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple
 
 def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converged: bool, job: ModuleJob,
                   clock: dict[str, float], collection: Collection | None = None) -> ModuleResult:
-    """A solved module rounded to the storage dtype, with its exact errors (see :func:`_finish`)."""
+    """A solved module rounded to the storage dtype, with its exact errors (see :func:`round_and_measure`)."""
     t0 = time.perf_counter()
     refine = (job.method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
     wsq = wn2 = None
     if whitening_of(collection) is None:
-        U, V, cores, sq, n2, sv = _finish(fac, U, V, cores, assign, refine, job.storage_dtype,
-                                          min(_ERROR_CHUNK, fac.chunk))
+        U, V, cores, sq, n2, sv = round_and_measure(fac, U, V, cores, assign, refine, job.storage_dtype,
+                                          min(ERROR_CHUNK, fac.chunk))
     else:  # calibration: a solution in whitened coordinates, mapped back (lorazip.compress.whiten)
         U, V, cores, sq, n2, sv, wsq, wn2 = finish_whitened(collection, info.name, fac, U, V, cores, assign, refine,
-                                                            job.storage_dtype, min(_ERROR_CHUNK, fac.chunk))
+                                                            job.storage_dtype, min(ERROR_CHUNK, fac.chunk))
     tensors: dict[str, torch.Tensor] = {}
     U.put(tensors, f"U/{info.name}")
     V.put(tensors, f"V/{info.name}")
@@ -540,33 +421,3 @@ def compress_modules(
     art = assemble(collection, meta, modules_meta, tensors, sq_error, norm2, hashes, keep_extras, extras_dtype)
     clock["hash_s"] = time.perf_counter() - t0
     return art
-
-
-def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, tensors: dict[str, torch.Tensor],
-             sq_error: torch.Tensor, norm2: torch.Tensor, hashes: SourceHashes, keep_extras: bool,
-             extras_dtype: str = "auto") -> Artifact:
-    """The artifact of solved modules: statistics, provenance (waits for the source hashes),
-    kept non-LoRA tensors (converted to ``extras_dtype`` unless "auto", their error recorded in
-    ``stats/extras_sq_error`` / ``stats/extras_norm2``), and ``meta`` (method, ranks, solver
-    settings) completed."""
-    tensors["stats/sq_error"] = sq_error
-    tensors["stats/norm2"] = norm2
-    try:
-        adapters_meta = [adapter_meta(a, hashes) for a in collection.adapters]
-    finally:
-        hashes.close()
-    if keep_extras:
-        n = len(collection.adapters)
-        ex_sq, ex_n2 = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        for i, a in enumerate(collection.adapters):
-            ex_sq[i], ex_n2[i], orig = store_extras(tensors, i, a.extra_tensors() if a.extras else {}, extras_dtype)
-            if orig:
-                adapters_meta[i]["extras_dtypes"] = orig
-        if extras_dtype != "auto" and any(a.extras for a in collection.adapters):
-            tensors["stats/extras_sq_error"], tensors["stats/extras_norm2"] = ex_sq, ex_n2
-            meta = {**meta, "extras_dtype": extras_dtype}
-    meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
-            "modules": modules_meta, "adapters": adapters_meta}
-    trim_spectra(tensors, meta)
-    round_small(tensors, meta)
-    return Artifact(meta, tensors=tensors)

@@ -1,0 +1,305 @@
+"""Pass 2 of an allocated run: each module's chosen parts from its factors, rounded, with exact
+errors (never a ``d x d`` matrix), and the assembly of any run's artifact (:func:`assemble`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .. import lowbit
+from ..artifact import Artifact
+from ..io.collection import Collection
+from ..layout import round_small, trim_spectra
+from ..metrics import squared_errors
+from ..quantize import LowBit, cat_stored, dry_storage, store_extras, store_residual, to_storage
+from ..solvers.residual import residual_factors
+from ..solvers.svd import spectra_from_grams
+from .allocate import BITS
+from .curves import ModuleFit, task_factors
+from .executor import map_modules
+from .measure import optimal_cores
+from .plan import Clusters
+from .provenance import SourceHashes, adapter_meta
+from .streaming import MemoryPlan
+from .whiten import annotate, build_mixed_module, whitening_of
+
+
+_BUILD_CHUNK = 16  # adapters per float64 chunk in pass 2 (kept in cache, as the errors of compress_modules)
+
+
+def core_scales(fit: ModuleFit) -> torch.dtype:
+    """Scale dtype of a module's int8 cores, the same in the dry and the real assembly: float16
+    unless a core could exceed float16's range (|S_i| <= ||M_i|| for orthonormal bases; twice that
+    covers the int8 rounding of the bases)."""
+    top = float(fit.norms2.max().sqrt()) if fit.norms2.numel() else 0.0
+    return torch.float32 if 2 * top / 127 > torch.finfo(torch.float16).max else torch.float16
+
+
+def keep_limit() -> int:
+    """Bytes of pass-1 factors worth keeping for pass 2 instead of reading them again: a quarter
+    of the memory available now (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _nbytes(f) -> int:
+    return f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+
+
+class FactorReads:
+    """Module factors in float32, module by module, the next one read in a thread meanwhile
+    (torch and the safetensors reads release the GIL), each module freed once taken.
+
+    Pass 1 may ``keep`` modules (up to ``limit`` bytes in all): a later pass 1 (another grouping)
+    takes them from ``keep`` as they are, and pass 2 from ``kept`` (freeing each) instead of
+    reading them again."""
+
+    def __init__(self, collection: Collection, *, keep: dict | None = None, limit: int = 0,
+                 kept: dict | None = None, plan: MemoryPlan | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.collection = collection
+        self.names = [m.name for m in collection.modules]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
+        self._next = {}
+        self._kept = kept if kept is not None else {}
+        self._keep = keep
+        self._room = limit - sum(_nbytes(f) for f in (keep or {}).values())
+        self._plan = plan  # under a memory limit: streamed modules are not read here, nor read ahead
+
+    def _submit(self, j: int, ahead: bool = False) -> None:
+        if self._plan is not None and (j in self._plan.chunk or (ahead and not self._plan.prefetch(j - 1))):
+            return
+        if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
+            self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
+
+    def get(self, j: int):
+        self._submit(j)
+        if self._keep is not None and j in self._keep:
+            f = self._keep[j]
+        elif j in self._kept:
+            f = self._kept.pop(j)
+        else:
+            f = self._next.pop(j).result()
+            if self._keep is not None and _nbytes(f) <= self._room:
+                self._keep[j], self._room = f, self._room - _nbytes(f)
+        self._submit(j + 1, ahead=True)
+        if j + 1 >= len(self.names):
+            self._pool.shutdown(wait=False)
+        return f
+
+    def factors(self, j: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module ``j``'s factors as a task's ``factors`` argument (:func:`~.executor.map_modules`);
+        none for a streamed module, whose task reads it in chunks."""
+        if self._plan is not None and j in self._plan.chunk:
+            self._submit(j + 1, ahead=True)
+            return {}
+        f = self.get(j)
+        return {"factors": (f.B, f.A)}
+
+    def __del__(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class BuiltParts:
+    """Pass 2 of one module: its stored parts, spectra and exact errors (None when dry)."""
+
+    U: Any
+    V: Any
+    cores: Any
+    resid_B: Any
+    resid_A: Any
+    spectra: torch.Tensor
+    sq: torch.Tensor | None = None
+    nn2: torch.Tensor | None = None
+    wsq: torch.Tensor | None = None  # weight-space errors and norms of a whitened (calibrated) build
+    wnn2: torch.Tensor | None = None
+
+
+def dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales, K: int = 1,
+               bits: np.ndarray | None = None) -> BuiltParts:
+    n = len(collection)
+    if bits is not None:
+        b = torch.from_numpy(np.asarray(bits, dtype=np.uint8))
+        rb, ra = (LowBit(torch.zeros(total, d, dtype=torch.uint8),
+                         torch.zeros(total, lowbit.n_groups(d, lowbit.GROUP), dtype=torch.bfloat16), b)
+                  for d in (info.d_out, info.d_in))
+    else:
+        rb = dry_storage((total, info.d_out), storage_dtype, torch.float32)
+        ra = dry_storage((total, info.d_in), storage_dtype, torch.float32)
+    return BuiltParts(
+        dry_storage((K, info.d_out, r), storage_dtype), dry_storage((K, info.d_in, r), storage_dtype),
+        dry_storage((n, r, r), storage_dtype, core_scales), rb, ra,
+        torch.zeros(n, collection.max_rank(info.name), dtype=torch.float32),
+    )
+
+
+def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
+                      Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
+                      assign: torch.Tensor | None = None, chunk: int | None = None, bits: torch.Tensor | None = None,
+                      *, clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> BuiltParts:
+    """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r);
+    with clusters ``assign`` (n,): ``U`` (K, d_out, R), ``X`` (K, R, r)) with its cores, and
+    residual parts of ranks ``k`` (n,), from the factors (read in float32 unless given; ``chunk``
+    adapters at a time for a module larger than the memory limit), rounded (``bits``: the bits of
+    every residual row, stored low-bit), with the exact errors of what is stored. In process or as
+    a Ray task."""
+    t0 = time.perf_counter()
+    name = collection.modules[j].name
+    if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
+        parts = build_mixed_module(collection, name, U @ X, V @ Y, k, storage_dtype, core_scales, assign)
+        clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t0
+        return BuiltParts(*parts[:5], parts[7].float(), *parts[5:7], *parts[8:])
+    fac = task_factors(collection, name, chunk, factors)
+    t1 = time.perf_counter()
+    UX, VY = U @ X, V @ Y
+    Us = to_storage(UX if UX.dim() == 3 else UX[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
+    Vs = to_storage(VY if VY.dim() == 3 else VY[None], storage_dtype, torch.float16)
+    U64, V64 = Us.values.double(), Vs.values.double()
+    out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
+    row_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(k.long(), 0)])
+    for ch in fac.split(_BUILD_CHUNK):  # every part below is per adapter: float64 a few adapters at a time
+        B, A = ch.B.double(), ch.A.double()
+        kc = k[ch.start : ch.stop]
+        ac = None if assign is None else assign[ch.start : ch.stop]
+        Ss = to_storage(optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
+        S64 = Ss.values.double()
+        # the residual of what is stored (rounded shared part), then rounded itself
+        cb = None if bits is None else bits[int(row_at[ch.start]) : int(row_at[ch.stop])]
+        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, storage_dtype, cb)
+        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+        n2 = (GB * GA).sum((1, 2))
+        sq, nn2 = squared_errors(B, A, U64, V64, S64, ac, norms2=n2, residual=(bq, aq))
+        for key, x in zip(("S", "b", "a", "sq", "n2", "sp"), (Ss, bs, as_, sq, nn2, spectra_from_grams(GB, GA))):
+            out[key].append(x)
+        del ch, B, A
+    sq, nn2, spectra = (torch.cat(out[key]) for key in ("sq", "n2", "sp"))
+    clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
+    clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
+    return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
+
+
+def build_allocation(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
+           progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False,
+           executor=None, kept: dict | None = None, clusters: "Clusters | None" = None,
+           plan: MemoryPlan | None = None) -> Artifact:
+    """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
+    builds the same tensors' shapes and dtypes without computing them, to measure the file size
+    exactly. The shared part is rounded first (int8: quantised, then dequantised), the residual
+    is taken against what is stored of it, then rounded itself; errors are those of the stored values."""
+    n, n_mod = len(collection), len(fits)
+    tensors: dict[str, torch.Tensor] = {}
+    sq = torch.zeros(n, n_mod, dtype=torch.float64)
+    nn2 = torch.zeros(n, n_mod, dtype=torch.float64)
+    modules_meta = []
+    names = [info.name for info in collection.modules]
+    wh = whitening_of(collection)
+    wsq = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
+    wnn2 = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
+    resid = [torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64)) for fit in fits]
+    rbits = [alloc.bits.get(fit.name) if storage_dtype == BITS else None for fit in fits]
+    rbits = [None if b is None or not len(b) else torch.from_numpy(np.asarray(b, dtype=np.uint8)) for b in rbits]
+    storage_dtype = "int8" if storage_dtype == BITS else storage_dtype  # the shared parts of a low-bit build
+    if dry:
+        parts = ((j, dry_parts(collection, info, alloc.ranks[fit.name], int(resid[j].sum()), storage_dtype,
+                                core_scales(fit), fit.K, rbits[j]))
+                 for j, (info, fit) in enumerate(zip(collection.modules, fits)))
+    else:
+        args = []
+        for j, fit in enumerate(fits):
+            r = alloc.ranks[fit.name]
+            args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, core_scales(fit), fit.assign,
+                         plan.chunk.get(j) if plan else None, rbits[j]))
+        reads = FactorReads(collection, kept=kept, plan=plan) if executor is None and wh is None else None  # whitened: re-read there
+        parts = map_modules(executor, build_module_task, collection, args, labels=names,
+                            local=reads.factors if reads else None, phase="build")
+    arrived: dict[int, BuiltParts] = {}
+    for count, (j, got) in enumerate(parts, 1):
+        arrived[j] = got
+        while len(modules_meta) in arrived:  # stored in module order, whatever order they come in
+            m = len(modules_meta)
+            p, info, fit, k = arrived.pop(m), collection.modules[m], fits[m], resid[m]
+            name, r, total = info.name, alloc.ranks[fits[m].name], int(resid[m].sum())
+            if p.sq is not None:
+                sq[:, m], nn2[:, m] = p.sq, p.nn2
+            if p.wsq is not None and wsq is not None:
+                wsq[:, m], wnn2[:, m] = p.wsq, p.wnn2
+            tensors[f"spectra/{name}"] = p.spectra
+            p.U.put(tensors, f"U/{name}")
+            p.V.put(tensors, f"V/{name}")
+            p.cores.put(tensors, f"cores/{name}")
+            if fit.K > 1:
+                tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
+            entry = {**info.entry(), "rank": r, "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
+            if fit.quant is not None:  # measured low-bit errors (lorazip.evaluate's baselines use them)
+                entry["quant"] = [float(f"{x:.4g}") for x in fit.quant]
+            if total > 0:
+                tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
+                p.resid_B.put(tensors, f"resid_B/{name}")
+                p.resid_A.put(tensors, f"resid_A/{name}")
+                entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
+                if rbits[m] is not None:
+                    tensors[f"qbits/{name}"] = rbits[m]
+                    entry["residual"]["bits"] = {"group": "row", "bytes": [
+                        lowbit.packed_bytes(info.d_out, rbits[m].numpy()), lowbit.packed_bytes(info.d_in, rbits[m].numpy())]}
+            modules_meta.append(entry)
+        if progress:
+            progress(n_mod + count, 2 * n_mod, names[j])
+    ranks = list(alloc.ranks.values())
+    clustered = clusters is not None and clusters.K > 1
+    meta = {
+        "method": "jd-clustered" if clustered else "jd-full",
+        "rank": max(set(ranks), key=ranks.count),
+        "per_module_ranks": len(set(ranks)) > 1,
+        "weighting": weighting,
+        "storage_dtype": storage_dtype,
+        "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": "cpu", "compute_dtype": "float32"},
+        "clustering": clusters.record() if clustered else None,
+        "allocation": {
+            "mode": "mixed", "chosen": alloc.kind, "budget_bytes": budget, "target_error": target_error,
+            "target_stat": stat, "predicted_mean_error": float(alloc.errors.mean()),
+            "predicted_max_error": float(alloc.errors.max()),
+        },
+    }
+    if wh is not None:
+        annotate(wh, meta, tensors, wsq, wnn2)
+    return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras, extras_dtype)
+
+
+def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, tensors: dict[str, torch.Tensor],
+             sq_error: torch.Tensor, norm2: torch.Tensor, hashes: SourceHashes, keep_extras: bool,
+             extras_dtype: str = "auto") -> Artifact:
+    """The artifact of solved modules: statistics, provenance (waits for the source hashes),
+    kept non-LoRA tensors (converted to ``extras_dtype`` unless "auto", their error recorded in
+    ``stats/extras_sq_error`` / ``stats/extras_norm2``), and ``meta`` (method, ranks, solver
+    settings) completed."""
+    tensors["stats/sq_error"] = sq_error
+    tensors["stats/norm2"] = norm2
+    try:
+        adapters_meta = [adapter_meta(a, hashes) for a in collection.adapters]
+    finally:
+        hashes.close()
+    if keep_extras:
+        n = len(collection.adapters)
+        ex_sq, ex_n2 = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for i, a in enumerate(collection.adapters):
+            ex_sq[i], ex_n2[i], orig = store_extras(tensors, i, a.extra_tensors() if a.extras else {}, extras_dtype)
+            if orig:
+                adapters_meta[i]["extras_dtypes"] = orig
+        if extras_dtype != "auto" and any(a.extras for a in collection.adapters):
+            tensors["stats/extras_sq_error"], tensors["stats/extras_norm2"] = ex_sq, ex_n2
+            meta = {**meta, "extras_dtype": extras_dtype}
+    meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
+            "modules": modules_meta, "adapters": adapters_meta}
+    trim_spectra(tensors, meta)
+    round_small(tensors, meta)
+    return Artifact(meta, tensors=tensors)
