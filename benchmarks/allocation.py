@@ -14,7 +14,8 @@ import time
 import torch
 
 import lorazip
-from lorazip.compress.budget import compress_to
+from lorazip.compress.options import CompressOptions
+from lorazip.compress.budget import compress_shared
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         t = time.perf_counter()
         uni = lorazip.compress(coll, r, hash_sources=False)
         budget = uni.serialized_size()
-        per, rep = compress_to(coll, budget=budget, max_rank=args.max_rank, hash_sources=False)
+        per, rep = compress_shared(coll, CompressOptions(budget=budget, max_rank=args.max_rank, hash_sources=False))
         eu, ep = lorazip.evaluate(uni)["errors"], lorazip.evaluate(per)["errors"]
         rs = rep["ranks"].values()
         print(f"| {r} | {budget:,} | {eu['mean']:.4f} / {eu['max']:.4f} | {ep['mean']:.4f} / {ep['max']:.4f} | "

@@ -108,7 +108,8 @@ def _child(spec_path: str) -> None:
         from vlora import SharedSubspace, load_adapter
     else:
         import lorazip
-        from lorazip.compress.budget import compress_to
+        from lorazip.compress.budget import compress_shared
+        from lorazip.compress.options import CompressOptions
     import_s = time.perf_counter() - t_imp
     rss_import = peak_rss_mb()
     out = Path(spec["out"])
@@ -129,8 +130,7 @@ def _child(spec_path: str) -> None:
             res["k"] = sub.num_components
         elif kind == "lorazip-budget":
             coll = lorazip.load_collection(spec["dirs"])
-            art, rep = compress_to(coll, budget=spec["budget"],
-                                   max_rank=spec["max_rank"], keep_extras=False)
+            art, rep = compress_shared(coll, CompressOptions(budget=spec["budget"], max_rank=spec["max_rank"], keep_extras=False))
             art.save(out, overwrite=True)
             res["ranks"] = rep["ranks"]
         else:  # lorazip-rank

@@ -194,9 +194,7 @@ def compress(
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     _load_torch()
-    from lorazip.compress import compress as run_compress
-    from lorazip.compress import default_target_error
-    from lorazip.evaluate import evaluate
+    from lorazip.compress import CompressOptions, compress as run_compress
     from lorazip.io.collection import load_collection
 
     from .parse import parse_size
@@ -205,65 +203,71 @@ def compress(
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise lorazip.OptionError(f"--workers must be at least 1, got {workers}")
-    executor = None
-    if ray or ray_address is not None:
-        from lorazip.compress.executor import RayExecutor
-
-        executor = RayExecutor(address=ray_address, workers=workers)
     got = _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, skip_failed, workers or 8,
                   offline)
     coll = load_collection(got.sources, base_model=base_model, allow_pickle=allow_pickle)
     t_load = time.perf_counter() - t0
     orig = sum(a.weights_file.stat().st_size for a in coll.adapters)
-    options = dict(weighting=weighting, device=device, backend=backend, storage_dtype=dtype,
-                   compute_dtype=compute_dtype, seed=seed, max_iters=max_iters, tol=tol, keep_extras=not no_extras,
-                   extras_dtype=extras_dtype, per_module_clusters=per_module_clusters, max_rounds=max_rounds,
-                   memory_limit=limit, **({"executor": executor.start()} if executor is not None else {}))
-    default = default_target_error(rank, budget, target_error, method, uniform_rank)
-    if default is not None:  # the library aims at the same target; said here once
-        err.print(f"no --rank, --budget or --target-error: the least storage for mean error {default} "
+    opts = CompressOptions(
+        rank=rank, budget=parse_size(budget, orig) if budget else None, target_error=target_error,
+        target_stat=target_stat, method=method, clusters=clusters if clusters is not None else 1,
+        per_module_clusters=per_module_clusters, max_rounds=max_rounds, uniform_rank=uniform_rank, max_rank=max_rank,
+        storage_dtype=dtype, keep_extras=not no_extras, extras_dtype=extras_dtype, weighting=weighting,
+        calibration_lambda=calibration_lambda, device=device, backend=backend, compute_dtype=compute_dtype, seed=seed,
+        max_iters=max_iters, tol=tol, memory_limit=limit)
+    if opts.is_default_run:  # the library aims at the same target; said here once
+        err.print(f"no --rank, --budget or --target-error: the least storage for mean error {opts.goal} "
                   "(about 99% of the adapters' task gain kept; --rank 16 is the paper's fixed-rank mode)")
-        target_error = default
-    what = "choosing K" if clusters == "auto" else "allocating" if budget or target_error is not None \
-        else "compressing"
+    executor = _ray_executor(ray, ray_address, workers)
     try:
-        with _progress() as bar:
-            task = bar.add_task(what, total=None, item="")
-            art = run_compress(
-                coll, rank, budget=parse_size(budget, orig) if budget else None, target_error=target_error,
-                target_stat=target_stat, clusters=clusters if clusters is not None else 1, method=method,
-                uniform_rank=uniform_rank, max_rank=max_rank,
-                calibration=str(calibration) if calibration is not None else None, calibration_lambda=calibration_lambda,
-                progress=lambda done, total, item: bar.update(task, completed=done, total=total, item=item), **options,
-            )
+        art = _run_with_progress(
+            "choosing K" if opts.clusters == "auto" else "allocating" if opts.allocates else "compressing",
+            lambda progress: run_compress(coll, options=opts, progress=progress, executor=executor,
+                                          calibration=str(calibration) if calibration is not None else None))
     finally:
         if executor is not None:
             executor.close()  # a local Ray instance stops here, also on an error or an interrupt
-    curve, allocation = art.cluster_choice, art.allocation
     t_solve = time.perf_counter() - t0 - t_load
     art.save(output, overwrite=overwrite)
-    elapsed = time.perf_counter() - t0
+    rep = _compress_report(art, coll, got, {"validate_s": t_load, "compress_s": t_solve,
+                                            "total_s": time.perf_counter() - t0}, executor, budget)
+    if as_json:
+        _emit_json(rep)
+    fmt.print_compress(err, rep, output)
+
+
+def _ray_executor(ray: bool, address: Optional[str], workers: Optional[int]):
+    """A started :class:`RayExecutor` for ``--ray`` / ``--ray-address``, else None."""
+    if not ray and address is None:
+        return None
+    from lorazip.compress.executor import RayExecutor
+
+    return RayExecutor(address=address, workers=workers).start()
+
+
+def _run_with_progress(what: str, run):
+    """``run(progress)`` under a progress bar titled ``what``."""
+    with _progress() as bar:
+        task = bar.add_task(what, total=None, item="")
+        return run(lambda done, total, item: bar.update(task, completed=done, total=total, item=item))
+
+
+def _compress_report(art, coll, got, timing: dict, executor, budget: Optional[str]) -> dict:
+    """The report of ``lorazip compress``: the evaluation of the artifact with what was chosen and how."""
+    from lorazip.evaluate import evaluate
+
     rep = evaluate(art)
-    rep["timing"] = {"validate_s": t_load, "compress_s": t_solve, "total_s": elapsed}
+    rep["timing"] = timing
     rep["missing_modules"] = coll.missing_modules()
     rep["extras"] = coll.extras()
     rep["skipped"] = [{"repo": r, "reason": why} for r, why in got.skipped]
-    if curve is not None:
-        rep["k_selection"] = {**curve, "budget": budget}
-    if allocation is not None:
-        rep["rank_allocation"] = allocation
+    if art.cluster_choice is not None:
+        rep["k_selection"] = {**art.cluster_choice, "budget": budget}  # as given
+    if art.allocation is not None:
+        rep["rank_allocation"] = art.allocation
     if executor is not None:
         rep["ray"] = executor.report()
-    if as_json:
-        _emit_json(rep)
-    if curve is not None:
-        fmt.print_curve(err, rep["k_selection"])
-    if allocation is not None:
-        fmt.print_allocation(err, allocation)
-    fmt.print_summary(err, rep, title=f"lorazip compress -> {output}")
-    fmt.print_notes(err, rep)
-    if executor is not None:
-        fmt.print_ray(err, rep["ray"])
+    return rep
 
 
 @app.command()

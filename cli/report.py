@@ -45,6 +45,18 @@ def bits_total(bits: dict[str, Any]) -> int:
     return sum(bits["histogram"].values())
 
 
+def print_compress(con: Console, rep: dict[str, Any], output) -> None:
+    """Everything ``lorazip compress`` prints after writing ``output``."""
+    if "k_selection" in rep:
+        print_curve(con, rep["k_selection"])
+    if "rank_allocation" in rep:
+        print_allocation(con, rep["rank_allocation"])
+    print_summary(con, rep, title=f"lorazip compress -> {output}")
+    print_notes(con, rep)
+    if "ray" in rep:
+        print_ray(con, rep["ray"])
+
+
 def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t = Table(title=escape(title), show_header=False, title_justify="left")
     t.add_column(style="bold")

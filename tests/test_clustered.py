@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorazip
+from lorazip.compress.options import CompressOptions
 from lorazip.metrics import relative, squared_errors
 from lorazip.cli.parse import parse_size
 from lorazip.compress.clusters import candidate_ks, choose_clusters
@@ -190,13 +191,13 @@ def test_real_fixtures_clustered_artifact_roundtrip(tmp_path, fixtures_dir):
 
 def test_choose_k_by_target_and_budget(fixtures_dir):
     coll = lorazip.load_collection(fixtures_dir / "gpt2")
-    art, curve, K = choose_clusters(coll, 4, target_error=0.15, hash_sources=False)
+    art, curve, K = choose_clusters(coll, CompressOptions(rank=4, clusters="auto", target_error=0.15, hash_sources=False))
     assert curve[-1]["mean"] <= 0.15 and all(r["mean"] > 0.15 for r in curve[:-1]) and K == curve[-1]["K"]
     budget = curve[1]["bytes"]  # K = 2 fits, K = 3 does not
-    art, curve2, K2 = choose_clusters(coll, 4, budget=budget, hash_sources=False)
+    art, curve2, K2 = choose_clusters(coll, CompressOptions(rank=4, clusters="auto", budget=budget, hash_sources=False))
     assert K2 == 2 and art.serialized_size() <= budget
     with pytest.raises(lorazip.OptionError, match="no K fits"):
-        choose_clusters(coll, 4, budget=1000, hash_sources=False)
+        choose_clusters(coll, CompressOptions(rank=4, clusters="auto", budget=1000, hash_sources=False))
 
 
 def test_clusters_auto_with_a_budget_keeps_the_better_of_k_and_the_mix(fixtures_dir):

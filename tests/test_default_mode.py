@@ -67,8 +67,9 @@ def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
     built: list[str] = []
     real = budget.build_allocation
 
-    def missing_once(collection, fits, alloc, dt, *args, **kw):
-        art = real(collection, fits, alloc, dt, *args, **kw)
+    def missing_once(collection, opts, fits, plan, *args, **kw):
+        art = real(collection, opts, fits, plan, *args, **kw)
+        dt = plan.storage_dtype
         built.append(dt)
         if dt == built[0] and built.count(dt) == 1:  # as if the rounding cost 0.01 of every adapter
             sq, nn = art.stats()

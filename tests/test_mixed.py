@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorazip
+from lorazip.compress.options import CompressOptions
 from lorazip.compress.allocate import allocate_mixed
 from lorazip.compress.budget import compress_mixed
 from lorazip.compress.curves import fit_module
@@ -107,7 +108,7 @@ def test_planted_shared_bases_are_chosen_and_exact(tmp_path):
     write_planted_groups(tmp_path / "p", (30,), d=64, r_shared=3, seed=0)  # one group
     coll = lorazip.load_collection(tmp_path / "p")
     # shared rank 3 costs 3*128 + 30*9 numbers; per-adapter SVD needs 30*3*128 for the same error
-    art, rep = compress_mixed(coll, budget=40_000, storage_dtype="float32", hash_sources=False)
+    art, rep = compress_mixed(coll, CompressOptions(budget=40_000, storage_dtype="float32", hash_sources=False))
     assert rep["ranks"]["layer.q"] == 3
     assert float(lorazip.evaluate(art)["errors"]["max"]) < 1e-9
     assert art.serialized_size() <= 40_000
@@ -117,7 +118,7 @@ def test_budget_is_respected_and_report_is_exact(tmp_path):
     write_collection(tmp_path / "c", n=5, modules=MODULES, r=4, seed=9)
     coll = lorazip.load_collection(tmp_path / "c")
     for budget in (9_000, 20_000):
-        art, rep = compress_mixed(coll, budget=budget, storage_dtype="float32", hash_sources=False)
+        art, rep = compress_mixed(coll, CompressOptions(budget=budget, storage_dtype="float32", hash_sources=False))
         assert art.serialized_size() <= budget
         got = lorazip.evaluate(art)["errors"]["mean"]
         assert math.isclose(got, rep["predicted_mean_error"], rel_tol=1e-4, abs_tol=1e-7)
@@ -126,17 +127,17 @@ def test_budget_is_respected_and_report_is_exact(tmp_path):
 def test_target_error_is_met_with_max_stat(tmp_path):
     write_collection(tmp_path / "c", n=5, modules=MODULES, r=4, seed=2)
     coll = lorazip.load_collection(tmp_path / "c")
-    art, rep = compress_mixed(coll, target_error=0.2, stat="max", storage_dtype="float32", hash_sources=False)
+    art, rep = compress_mixed(coll, CompressOptions(target_error=0.2, target_stat="max", storage_dtype="float32", hash_sources=False))
     assert lorazip.evaluate(art)["errors"]["max"] <= 0.2 + 1e-6
-    smaller, _ = compress_mixed(coll, target_error=0.4, stat="max", storage_dtype="float32", hash_sources=False)
+    smaller, _ = compress_mixed(coll, CompressOptions(target_error=0.4, target_stat="max", storage_dtype="float32", hash_sources=False))
     assert smaller.serialized_size() <= art.serialized_size()
 
 
 def test_budget_runs_are_deterministic(tmp_path):
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=4, seed=4)
     coll = lorazip.load_collection(tmp_path / "c")
-    a, _ = compress_mixed(coll, budget=12_000, hash_sources=False)
-    b, _ = compress_mixed(coll, budget=12_000, hash_sources=False)
+    a, _ = compress_mixed(coll, CompressOptions(budget=12_000, hash_sources=False))
+    b, _ = compress_mixed(coll, CompressOptions(budget=12_000, hash_sources=False))
     assert a.tensors().keys() == b.tensors().keys()
     for key, t in a.tensors().items():
         assert torch.equal(t, b.tensors()[key]), key
@@ -147,8 +148,8 @@ def test_a_budget_below_the_kept_heads_says_so(tmp_path):
     write_collection(tmp_path / "c", n=2, modules=MODULES, r=4, seed=1, extra_tensors=heads)
     coll = lorazip.load_collection(tmp_path / "c")
     with pytest.raises(lorazip.OptionError, match="modules_to_save"):
-        compress_mixed(coll, budget=20_000, hash_sources=False)
-    art, _ = compress_mixed(coll, budget=20_000, keep_extras=False, hash_sources=False)
+        compress_mixed(coll, CompressOptions(budget=20_000, hash_sources=False))
+    art, _ = compress_mixed(coll, CompressOptions(budget=20_000, keep_extras=False, hash_sources=False))
     assert art.serialized_size() <= 20_000
 
 
@@ -206,7 +207,7 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
 
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=4, seed=5)
     coll = lorazip.load_collection(tmp_path / "c")
-    ref, _ = compress_mixed(coll, budget=12_000, hash_sources=False, storage_dtype="float32")  # one pass 2
+    ref, _ = compress_mixed(coll, CompressOptions(budget=12_000, hash_sources=False, storage_dtype="float32"))  # one pass 2
     calls = []
     real = type(coll).module_factors
 
@@ -216,7 +217,7 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
 
     monkeypatch.setattr(type(coll), "module_factors", counting)
     monkeypatch.setattr(budget, "keep_limit", lambda: limit)
-    art, _ = compress_mixed(coll, budget=12_000, hash_sources=False, storage_dtype="float32")
+    art, _ = compress_mixed(coll, CompressOptions(budget=12_000, hash_sources=False, storage_dtype="float32"))
     assert len(calls) == len(MODULES) * (1 if limit else 2)
     assert ref.tensors().keys() == art.tensors().keys()
     for key, t in ref.tensors().items():

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorazip
+from lorazip.compress.options import CompressOptions
 from lorazip.artifact import load_artifact
 from lorazip.compress.clusters import cluster_adapters
 from lorazip.compress.allocate import Allocation, allocate_mixed
@@ -75,17 +76,16 @@ def test_planted_clusters_are_found_and_exact_where_one_basis_is_not(tmp_path):
     is exact at those bytes."""
     labels = write_planted_groups(tmp_path / "p", (10, 10), d=48, r_shared=2, seed=0, own=1.0)
     coll = lorazip.load_collection(tmp_path / "p")
-    groups = cluster_adapters(coll, 2, 2)
+    groups = cluster_adapters(coll, 2, CompressOptions(rank=2))
     got = groups.assign[0].tolist()
     assert got == labels or got == [1 - x for x in labels]  # the planted groups, up to their order
-    art, rep = compress_mixed(coll, target_error=1e-9, clusters=[groups], storage_dtype="float32",
-                              hash_sources=False)  # the fewest bytes that are exact
+    art, rep = compress_mixed(coll, CompressOptions(target_error=1e-9, storage_dtype="float32", hash_sources=False), groupings=[groups])  # the fewest bytes that are exact
     assert rep["n_clusters"] == 2 and rep["ranks"]["layer.q"] == 2
     assert rep["residual_ranks"]["layer.q"] == {"total": 20, "max": 1}
     assert float(_dense_errors(art, coll).max()) < 1e-9
     budget = art.serialized_size() + 64  # the metadata of a budget run differs by a few bytes
     # one shared basis with residuals cannot do it at these bytes, nor K = 2 bases alone
-    one, _ = compress_mixed(coll, budget=budget, storage_dtype="float32", hash_sources=False)
+    one, _ = compress_mixed(coll, CompressOptions(budget=budget, storage_dtype="float32", hash_sources=False))
     assert float(lorazip.evaluate(one)["errors"]["mean"]) > 1e-3
     auto = lorazip.compress(coll, 2, clusters="auto", budget=budget, storage_dtype="float32", hash_sources=False)
     curve = {row["K"]: row for row in auto.cluster_choice["curve"]}
@@ -104,8 +104,8 @@ def test_planted_clusters_are_found_and_exact_where_one_basis_is_not(tmp_path):
 def test_stored_errors_are_exact_and_predicted(tmp_path, dtype, budget, residual):
     write_planted_groups(tmp_path / "c", (4, 4), d=32, r_shared=3, seed=4, noise=0.05)
     coll = lorazip.load_collection(tmp_path / "c")
-    groups = cluster_adapters(coll, 2, 3)
-    art, rep = compress_mixed(coll, budget=budget, clusters=[groups], storage_dtype=dtype, hash_sources=False)
+    groups = cluster_adapters(coll, 2, CompressOptions(rank=3))
+    art, rep = compress_mixed(coll, CompressOptions(budget=budget, storage_dtype=dtype, hash_sources=False), groupings=[groups])
     assert art.serialized_size() <= budget and rep["n_clusters"] == 2
     assert art.modules[0]["rank"] > 0 and art.modules[0]["n_clusters"] == 2
     if residual is not None:  # (the other dtypes' choice depends on the few header bytes of the paths)
@@ -183,8 +183,9 @@ def _forced(coll, groups, rank: int, k_of):
         has = [m.name in a.modules for a in coll.adapters]
         resid[m.name] = np.array([min(k_of(i, j), fit.residual_cap(rank)) if has[i] else 0 for i in range(len(coll))])
     alloc = Allocation({f.name: rank for f in fits}, resid, 0, 0.0, "forced", errors=np.zeros(len(coll)))
-    return build_allocation(coll, fits, alloc, "float32", "relative", 0, 1e-8, 200, SourceHashes(coll, False), True,
-                        None, None, "mean", None, clusters=groups)
+    opts = CompressOptions(weighting="relative", seed=0, tol=1e-8, max_iters=200)
+    return build_allocation(coll, opts, fits, alloc.plan(fits, "float32", groups), SourceHashes(coll, False),
+                            target_error=None)
 
 
 def test_export_and_serve_clustered_mix_match_peft(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorazip
+from lorazip.compress.options import CompressOptions
 from lorazip.compress.streaming import MemoryPlan
 from helpers import write_planted_groups
 from test_mixed_clusters import _dense_errors
@@ -79,4 +80,4 @@ def test_clusters_need_modules_in_memory(coll):
 
     groups = Clusters(2, [torch.arange(len(coll)) % 2])
     with pytest.raises(lorazip.OptionError, match="keep a module's factors in memory"):
-        compress_mixed(coll, budget=9000, clusters=[groups], memory_limit=3 * 4 * 4 * 96 * 8)
+        compress_mixed(coll, CompressOptions(budget=9000, memory_limit=3 * 4 * 4 * 96 * 8), groupings=[groups])

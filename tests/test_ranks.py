@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import lorazip
+from lorazip.compress.options import CompressOptions
 from lorazip.compress.allocate import allocate_shared as allocate
-from lorazip.compress.budget import compress_to
+from lorazip.compress.budget import compress_shared
 from lorazip.compress.curves import rank_curves
 from lorazip.solvers import jd_full
 
@@ -60,20 +61,19 @@ def test_rank_curves_match_jd_full_and_decrease(uneven):
 
 def test_budget_is_respected_exactly(uneven, tmp_path):
     for budget in (12_000, 20_000, 40_000):
-        art, rep = compress_to(uneven, budget=budget, storage_dtype="float32", hash_sources=False)
+        art, rep = compress_shared(uneven, CompressOptions(budget=budget, storage_dtype="float32", hash_sources=False))
         path = art.save(tmp_path / f"b{budget}.lorazip.safetensors")
         assert path.stat().st_size <= budget
         assert path.stat().st_size == rep["artifact_bytes"]
     with pytest.raises(lorazip.OptionError, match="cannot hold"):
-        compress_to(uneven, budget=600, hash_sources=False)
+        compress_shared(uneven, CompressOptions(budget=600, hash_sources=False))
 
 
 def test_target_error_is_met_with_fewer_numbers_than_uniform(uneven):
-    art, rep = compress_to(uneven, target_error=0.3, storage_dtype="float32", hash_sources=False)
+    art, rep = compress_shared(uneven, CompressOptions(target_error=0.3, storage_dtype="float32", hash_sources=False))
     mean = lorazip.evaluate(art)["errors"]["mean"]
     assert mean <= 0.3 * 1.01
-    uni, rep_u = compress_to(uneven, target_error=0.3, uniform=True,
-                             storage_dtype="float32", hash_sources=False)
+    uni, rep_u = compress_shared(uneven, CompressOptions(target_error=0.3, uniform_rank=True, storage_dtype="float32", hash_sources=False))
     assert lorazip.evaluate(uni)["errors"]["mean"] <= 0.3 * 1.01
     params = lambda a: lorazip.evaluate(a)["storage"]["compressed_params"]  # noqa: E731
     assert params(art) <= params(uni)
@@ -84,7 +84,7 @@ def test_target_error_is_met_with_fewer_numbers_than_uniform(uneven):
 def test_per_module_never_worse_than_uniform_at_equal_bytes(uneven, uniform_rank):
     uni = lorazip.compress(uneven, uniform_rank, storage_dtype="float32", hash_sources=False)
     budget = uni.serialized_size()
-    per, _ = compress_to(uneven, budget=budget, storage_dtype="float32", hash_sources=False)
+    per, _ = compress_shared(uneven, CompressOptions(budget=budget, storage_dtype="float32", hash_sources=False))
     assert per.serialized_size() <= budget
     assert lorazip.evaluate(per)["errors"]["mean"] <= lorazip.evaluate(uni)["errors"]["mean"] + 1e-9
 

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorazip
+from lorazip.compress.options import CompressOptions
 from lorazip.compress.streaming import MemoryPlan
 from lorazip.errors import OptionError
 from lorazip.io.collection import Collection
@@ -151,7 +152,7 @@ def test_cli_memory_limit(tmp_path, capsys):
 
 
 def test_budget_under_a_memory_limit_streams_the_rank_curves(tmp_path, monkeypatch):
-    from lorazip.compress.budget import compress_to
+    from lorazip.compress.budget import compress_shared
     from lorazip.compress.curves import rank_curves
 
     mods = {"l0.q": (40, 32), "l0.v": (16, 32)}
@@ -172,8 +173,7 @@ def test_budget_under_a_memory_limit_streams_the_rank_curves(tmp_path, monkeypat
     for e_ref, e_got in zip(ref.errors, got.errors):  # float32 fits; chunked sums round differently
         assert torch.allclose(e_got, e_ref, rtol=1e-3, atol=1e-6)
     monkeypatch.undo()
-    art, alloc = compress_to(coll, budget=40_000, memory_limit=limit,
-                                           hash_sources=False)
+    art, alloc = compress_shared(coll, CompressOptions(budget=40_000, memory_limit=limit, hash_sources=False))
     assert art.serialized_size() <= 40_000
 
 

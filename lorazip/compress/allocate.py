@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import OptionError
 from .curves import ModuleFit, RankCurves, bit_levels
+from .plan import Clusters, ModulePlan, Plan
 
 
 _FLOOR = 1e-10  # a step removing less of the (relative) error than this only stores solver noise
@@ -46,6 +47,16 @@ class Allocation:
     errors: np.ndarray = field(default=None, repr=False)  # (n,) predicted per-adapter error
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted statistic of each candidate
     bits: dict[str, np.ndarray | None] = field(default_factory=dict)  # per module: bits of each residual row
+
+    def plan(self, fits: list[ModuleFit], storage_dtype: str, groups: Clusters | None = None) -> Plan:
+        """This allocation as a :class:`~lorazip.compress.plan.Plan` stored in ``storage_dtype`` ("bits":
+        residual rows at their bits), on one basis or the ``groups`` (K clusters)."""
+        low = storage_dtype == BITS
+        mods = tuple(ModulePlan(f.name, self.ranks[f.name], residual=np.asarray(self.residual[f.name], dtype=np.int64),
+                                bits=self.bits.get(f.name) if low else None) for f in fits)
+        clustered = groups is not None and groups.K > 1
+        return Plan("jd-clustered" if clustered else "jd-full", storage_dtype, mods, groups.K if clustered else 1,
+                    groups if clustered else None, self.kind, self.errors)
 
 
 def _shared_numbers(fit: ModuleFit, r: int, n: int) -> int:
@@ -569,7 +580,7 @@ def allocate_shared(
     if uni is not None:
         def score(ranks):
             err = sum(float(x[r]) for x, r in zip(c, ranks))
-            size = sum(_rank_numbers(d, n, r, diag) for d, r in zip(curves.dims, ranks))
+            size = sum(rank_numbers(d, n, r, diag) for d, r in zip(curves.dims, ranks))
             if target_error is not None:  # fewest numbers among those meeting the target
                 return (err > target_error, size if err <= target_error else err)
             return (err, size)
@@ -582,7 +593,7 @@ def _uniform(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
     best = None
     for r in range(1, max(caps) + 1):
         ranks = [min(r, cap) for cap in caps]
-        size = sum(_rank_numbers(d, n, rr, diag) for d, rr in zip(dims, ranks))
+        size = sum(rank_numbers(d, n, rr, diag) for d, rr in zip(dims, ranks))
         err = sum(float(x[rr]) for x, rr in zip(c, ranks))
         if budget_numbers is not None and size > budget_numbers:
             break
@@ -596,7 +607,7 @@ def _uniform(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
 
 def _greedy(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
     ranks = [1] * len(c)
-    size = sum(_rank_numbers(d, n, 1, diag) for d in dims)
+    size = sum(rank_numbers(d, n, 1, diag) for d in dims)
     if budget_numbers is not None and size > budget_numbers:
         raise OptionError("the budget is too small for rank 1 in every module")
     err = sum(float(x[1]) for x in c)
@@ -625,5 +636,5 @@ def _greedy(c, caps, dims, n, budget_numbers, target_error, diag) -> list[int]:
     return ranks
 
 
-def _rank_numbers(dim: int, n: int, r: int, diag: bool) -> int:
+def rank_numbers(dim: int, n: int, r: int, diag: bool) -> int:
     return r * dim + n * (r if diag else r * r)

@@ -21,17 +21,16 @@ import numpy as np
 import torch
 
 from ..artifact import STORAGE_DTYPES, Artifact
-from ..backend import BACKENDS
 from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import per_adapter
 from ..quantize import QSCALE
-from .allocate import BITS, Allocation, StepCurves, allocate_mixed, allocate_shared, _rank_numbers
+from .allocate import BITS, Allocation, StepCurves, allocate_mixed, allocate_shared, rank_numbers
 from .build import FactorReads, build_allocation, keep_limit
 from .curves import ModuleFit, fit_module_task, rank_curves
 from .executor import RayExecutor, map_modules
 from .modules import compress_modules
-from .options import check_extras_dtype
+from .options import CompressOptions
 from .plan import Clusters
 from .provenance import SourceHashes
 from .streaming import MemoryPlan
@@ -39,11 +38,7 @@ from .whiten import whitening_of
 
 
 _RETARGETS = 3  # a target missed by a quantised precision's rounding is aimed lower at most this often
-
-
 _QUANT_ROOM = 1e-4  # of the relative error: int8's rounding adds 2-4e-5 (docs/method.md), kept below a target
-
-
 _SLACK = 16  # bytes kept free in case a header field differs between the dry and the real assembly
 
 
@@ -51,204 +46,212 @@ def _stat(errors: np.ndarray, stat: str) -> float:
     return float(errors.mean() if stat == "mean" else errors.max())
 
 
-def compress_mixed(
-    collection: Collection,
-    *,
-    budget: int | None = None,
-    target_error: float | None = None,
-    stat: str = "mean",
-    max_rank: int = 64,
-    weighting: str = "relative",
-    storage_dtype: str = "auto",
-    seed: int = 0,
-    tol: float = 1e-4,
-    max_iters: int = 500,
-    keep_extras: bool = True,
-    extras_dtype: str = "auto",
-    hash_sources: bool = True,
-    progress: Callable[[int, int, str], None] | None = None,
-    executor: "RayExecutor | None" = None,
-    clusters: "list[Clusters | None] | None" = None,
-    memory_limit: int | None = None,
-    backend: str = "torch",
-    bits: bool = True,
-) -> tuple[Artifact, dict[str, Any]]:
-    """Compress with shared and per-adapter parts chosen for a byte ``budget`` of the artifact
-    file, or the fewest bytes meeting ``target_error`` on ``stat``; returns the artifact and
-    the allocation report. ``storage_dtype="auto"``: the adapters' own precision (and float16 for
-    float32 adapters) or, with ``bits``, residual rows at 1-8 bits (else int8), whichever does
-    better: candidates are built in order of prediction and the best built one is kept (lowest
-    exact error; for a target the fewest bytes meeting it, a quantised one aimed
-    :data:`_QUANT_ROOM` below it and re-aimed by a measured miss). ``clusters``: candidate groupings of the adapters (:class:`Clusters`;
-    None: one shared basis), each fitted and allocated; the one with the lowest statistic (for a
-    target: the fewest bytes meeting it) is built. With ``storage_dtype="int8"`` a stored number is
-    one byte; the row scales are overhead that the dry assembly measures. With an ``executor`` both
-    passes run one Ray task per module (:mod:`.executor`); the allocation runs here, on their small
-    results. ``memory_limit`` (bytes for module factors and their copies): a module needing more
-    than a third of it is read ``chunk`` adapters at a time on every pass (:class:`MemoryPlan`),
-    and nothing is kept or read ahead beyond it. ``backend``: the array library of the JD-Full fits.
-    ``bits`` (with ``storage_dtype="auto"``): also try storing each residual component at 1, 2, 3, 4
-    or 8 bits, chosen with the ranks (:func:`bit_levels`), the shared parts in int8."""
-    from ..evaluate import storage_bits
+def compress_mixed(collection: Collection, opts: CompressOptions, *, groupings: "list[Clusters | None] | None" = None,
+                   progress: Callable[[int, int, str], None] | None = None,
+                   executor: "RayExecutor | None" = None) -> tuple[Artifact, dict[str, Any]]:
+    """Shared and per-adapter parts chosen for ``opts.budget`` (bytes of the file), or the fewest
+    bytes meeting ``opts.goal`` on ``opts.target_stat``; returns the artifact and the allocation
+    report.
 
-    if (budget is None) == (target_error is None):
-        raise OptionError("give exactly one of a budget or a target error")
-    native = collection.storage_dtype() if storage_dtype == "auto" else storage_dtype
-    if native not in STORAGE_DTYPES:
-        raise OptionError(f"unknown dtype {native!r}; choose from {', '.join(STORAGE_DTYPES)}")
-    # "auto": the adapters' own precision, float16 for float32 adapters, and int8 or, where bits can be
-    # allocated (not under calibration), bits: residual components at 1-8 bits each, shared parts in int8
-    # (which holds every int8 artifact: a component at 8 bits, with a smaller scale)
-    low = BITS if bits and whitening_of(collection) is None else "int8"
-    dtypes = [native] + ([d for d in ("float16", low) if d != native and (d == low or native == "float32")]
-                         if storage_dtype == "auto" else [])
-    size_of = {dt: 1 if dt == BITS else torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size() for dt in dtypes}
-    check_extras_dtype(extras_dtype)
-    candidates = list(clusters or [None])
-    if backend not in BACKENDS:
-        raise OptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    plan = MemoryPlan.make(collection, 4, memory_limit, "jd-full")  # pass 1 and 2 read float32
-    if plan.chunk and any(c is not None and c.K > 1 for c in candidates):
-        big = collection.modules[min(plan.chunk)].name
-        raise OptionError(f"clusters with residual parts keep a module's factors in memory: module {big} needs "
-                          f"more than a third of the memory limit; raise the limit or use one shared basis")
-    if plan.chunk and whitening_of(collection) is not None:
-        raise OptionError("calibration reads each module whole in pass 2: module "
-                          f"{collection.modules[min(plan.chunk)].name} needs more than a third of the memory limit")
-    hashes = SourceHashes(collection, hash_sources)
+    ``storage_dtype="auto"``: the adapters' own precision (and float16 for float32 adapters) or,
+    with ``opts.bits``, residual rows at 1-8 bits and shared parts in int8 (else int8 everywhere),
+    whichever does better: candidates are built in order of prediction and the best built one is
+    kept (lowest exact error; for a target the fewest bytes meeting it, a quantised one aimed
+    :data:`_QUANT_ROOM` below it and re-aimed by a measured miss). ``groupings``: candidate groups
+    of the adapters (:class:`~lorazip.compress.plan.Clusters`; None: one shared basis), each fitted
+    and allocated; the best is built. With an ``executor`` both passes run one Ray task per module;
+    the allocation runs here, on their small results. Under ``opts.memory_limit`` a module needing
+    more than a third of it is read in chunks of adapters on every pass, and nothing is kept or
+    read ahead beyond it."""
+    run = _MixedRun(collection, opts, list(groupings or [None]), progress, executor)
+    hashes = SourceHashes(collection, opts.hash_sources)
     t0 = time.perf_counter()
     try:
-        n_mod = len(collection.modules)
-        names = [m.name for m in collection.modules]
-        top = _affordable_rank(collection, budget // size_of[native], max_rank) if budget is not None else max_rank
-        kept: dict = {}  # pass-1 factors that pass 2 need not read again (and further candidates)
-        best: dict[str, tuple] = {}  # per storage dtype: (key, alloc, fits, clusters)
-        tried = []
-        failed: OptionError | None = None
-        for cand in candidates:
-            K = 1 if cand is None else cand.K
-            args = [(j, min(top, min(collection.shared_ranks(name, max_rank))), weighting, seed, tol, max_iters,
-                     None if cand is None or cand.K == 1 else cand.assign[j], plan.chunk.get(j), backend)
-                    for j, name in enumerate(names)]
-            reads = FactorReads(collection, keep=kept, limit=keep_limit() if memory_limit is None else 0,
-                           plan=plan) if executor is None else None
-            fits: list[ModuleFit] = [None] * n_mod  # type: ignore[list-item]
-            for count, (j, fit) in enumerate(map_modules(executor, fit_module_task, collection, args, labels=names,
-                                                          local=reads.factors if reads else None, phase="fit"), 1):
-                fits[j] = fit
-                if progress:
-                    progress(count, 2 * n_mod, names[j] if K == 1 else f"K={K}: {names[j]}")
-            del reads
-            E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
-            plain = StepCurves(fits, E)  # shared by every dtype and every budget the dry assembly tries
-            for dt in dtypes:
-                curves = StepCurves(fits, E, bits=True) if dt == BITS else plain
-                goal = target_error
-                if dt != native and target_error is not None:  # leave int8's rounding room under the target
-                    if target_error < 2 * _QUANT_ROOM:
-                        continue
-                    goal = target_error - _QUANT_ROOM
-                try:
-                    alloc = _allocate_to_size(collection, fits, E, budget, goal, stat, dt, size_of[dt],
-                                              weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes,
-                                              curves)
-                except OptionError as exc:
-                    failed = failed or exc  # the first reason (the adapters' own dtype, one basis) is the one said
-                    tried.append({"K": K, "dtype": dt, "predicted": None})
-                    continue
-                size = alloc.numbers * size_of[dt]
-                tried.append({"K": K, "dtype": dt, "predicted": alloc.predicted, "numbers": alloc.numbers})
-                key = ((alloc.predicted > target_error + 1e-12, size, alloc.predicted) if budget is None
-                       else (alloc.predicted, size))
-                if dt not in best or key < best[dt][0]:
-                    best[dt] = (key, alloc, fits, cand, curves, goal, E)
-        if not best:
-            raise failed or OptionError("the budget is too small for any part: raise it")
+        for cand in run.groupings:
+            run.allocate(cand, hashes)
+        if not run.best:
+            raise run.failed or OptionError("the budget is too small for any part: raise it")
         t_fit = time.perf_counter() - t0
-        # int8's curves leave out its rounding (2-4e-5 of each row's energy): when they predict it
-        # does better, build it and keep it if its exact error still beats the other's prediction
-        order = sorted(best, key=lambda d: best[d][0])
+        art, dt, alloc, cand = run.build_best(hashes)
+    finally:
+        hashes.close()
+    return art, run.report(art, dt, alloc, cand, t_fit)
+
+
+class _MixedRun:
+    """One budget or target run with shared and per-adapter parts: its candidates (groupings x
+    storage precisions), their allocations, and the builds."""
+
+    def __init__(self, collection: Collection, opts: CompressOptions, groupings: list, progress, executor):
+        if (opts.budget is None) == (opts.goal is None):
+            raise OptionError("give exactly one of a budget or a target error")
+        self.collection, self.opts, self.groupings = collection, opts, groupings
+        self.progress, self.executor = progress, executor
+        self.budget, self.target, self.stat = opts.budget, opts.goal, opts.target_stat
+        self.native = collection.storage_dtype() if opts.storage_dtype == "auto" else opts.storage_dtype
+        # "auto": the adapters' own precision, float16 for float32 adapters, and int8 or, where bits can be
+        # allocated (not under calibration), bits: residual components at 1-8 bits each, shared parts in int8
+        # (which holds every int8 artifact: a component at 8 bits, with a smaller scale)
+        low = BITS if opts.bits and whitening_of(collection) is None else "int8"
+        self.dtypes = [self.native] + ([d for d in ("float16", low) if d != self.native and
+                                        (d == low or self.native == "float32")]
+                                       if opts.storage_dtype == "auto" else [])
+        self.size_of = {dt: 1 if dt == BITS else torch.empty(0, dtype=STORAGE_DTYPES[dt]).element_size()
+                        for dt in self.dtypes}
+        self.memory = MemoryPlan.make(collection, 4, opts.memory_limit, "jd-full")  # pass 1 and 2 read float32
+        if self.memory.chunk and any(c is not None and c.K > 1 for c in groupings):
+            big = collection.modules[min(self.memory.chunk)].name
+            raise OptionError(f"clusters with residual parts keep a module's factors in memory: module {big} needs "
+                              f"more than a third of the memory limit; raise the limit or use one shared basis")
+        if self.memory.chunk and whitening_of(collection) is not None:
+            raise OptionError("calibration reads each module whole in pass 2: module "
+                              f"{collection.modules[min(self.memory.chunk)].name} needs more than a third of the "
+                              "memory limit")
+        self.top = _affordable_rank(collection, self.budget // self.size_of[self.native], opts.max_rank) \
+            if self.budget is not None else opts.max_rank
+        self.kept: dict = {}  # pass-1 factors that pass 2 need not read again (and further candidates)
+        self.best: dict[str, tuple] = {}  # per storage dtype: (key, alloc, fits, grouping, curves, goal, E)
+        self.tried: list[dict[str, Any]] = []
+        self.failed: OptionError | None = None
+
+    def fit(self, cand) -> list[ModuleFit]:
+        """Pass 1 on one grouping: every module's exact curves."""
+        opts, coll = self.opts, self.collection
+        names = [m.name for m in coll.modules]
+        K = 1 if cand is None else cand.K
+        args = [(j, min(self.top, min(coll.shared_ranks(name, opts.max_rank))), opts.weighting, opts.seed, opts.tol,
+                 opts.max_iters, None if cand is None or cand.K == 1 else cand.assign[j],
+                 self.memory.chunk.get(j), opts.backend) for j, name in enumerate(names)]
+        reads = FactorReads(coll, keep=self.kept, limit=keep_limit() if opts.memory_limit is None else 0,
+                            plan=self.memory) if self.executor is None else None
+        fits: list[ModuleFit] = [None] * len(names)  # type: ignore[list-item]
+        for count, (j, fit) in enumerate(map_modules(self.executor, fit_module_task, coll, args, labels=names,
+                                                      local=reads.factors if reads else None, phase="fit"), 1):
+            fits[j] = fit
+            if self.progress:
+                self.progress(count, 2 * len(names), names[j] if K == 1 else f"K={K}: {names[j]}")
+        return fits
+
+    def allocate(self, cand, hashes: SourceHashes) -> None:
+        """Fit one grouping and allocate it at every storage precision; keep the best per precision."""
+        fits = self.fit(cand)
+        E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+        plain = StepCurves(fits, E)  # shared by every dtype and every budget the dry assembly tries
+        K = 1 if cand is None else cand.K
+        for dt in self.dtypes:
+            curves = StepCurves(fits, E, bits=True) if dt == BITS else plain
+            goal = self.target
+            if dt != self.native and self.target is not None:  # leave int8's rounding room under the target
+                if self.target < 2 * _QUANT_ROOM:
+                    continue
+                goal = self.target - _QUANT_ROOM
+            try:
+                alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
+                                          hashes, curves)
+            except OptionError as exc:
+                self.failed = self.failed or exc  # the first reason (the adapters' own dtype, one basis) is said
+                self.tried.append({"K": K, "dtype": dt, "predicted": None})
+                continue
+            size = alloc.numbers * self.size_of[dt]
+            self.tried.append({"K": K, "dtype": dt, "predicted": alloc.predicted, "numbers": alloc.numbers})
+            key = ((alloc.predicted > self.target + 1e-12, size, alloc.predicted) if self.budget is None
+                   else (alloc.predicted, size))
+            if dt not in self.best or key < self.best[dt][0]:
+                self.best[dt] = (key, alloc, fits, cand, curves, goal, E)
+
+    def build_best(self, hashes: SourceHashes):
+        """Build the candidates in order of prediction; returns the best built ``(art, dtype, alloc, grouping)``.
+        The curves of a quantised precision leave out (int8) or estimate (bits) its rounding: stop when
+        what is built beats the next candidate's prediction (budget), or meets the target with fewer bytes."""
+        order = sorted(self.best, key=lambda d: self.best[d][0])
         built = []  # (key, artifact, dtype, allocation, clusters): the best built is kept
         for i, dt in enumerate(order):
-            _, alloc, fits, cand, curves, goal, E = best[dt]
             last = i + 1 == len(order)
-            for attempt in range(1 if budget is not None or last else _RETARGETS + 1):
-                art = build_allocation(collection, fits, alloc, dt, weighting, seed, tol, max_iters, hashes, keep_extras,
-                             progress, target_error, stat, budget, extras_dtype, executor=executor,
-                             kept=kept if last else dict(kept), clusters=cand, plan=plan)
-                got = _stat(per_adapter(*art.stats()).numpy(), stat)
-                if budget is not None or last or got <= target_error + 1e-12 or attempt == _RETARGETS:
-                    break
-                # a target missed by rounding: aim lower by the miss (measured, not assumed), while that
-                # still needs fewer bytes than the next precision
-                goal -= (got - target_error) * 1.25 + 1e-6
-                try:
-                    retry = _allocate_to_size(collection, fits, E, budget, goal, stat, dt, size_of[dt],
-                                              weighting, seed, tol, max_iters, keep_extras, extras_dtype, cand, hashes,
-                                              curves)
-                except OptionError:
-                    break
-                if retry.numbers * size_of[dt] >= best[order[i + 1]][1].numbers * size_of[order[i + 1]]:
-                    break
-                alloc = retry
-                tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
-                              "numbers": alloc.numbers, "retarget": goal})
-            meets = budget is None and got <= target_error + 1e-12
-            key = (got, art.serialized_size()) if budget is not None else (
+            art, alloc, cand, got = self._build_aimed(dt, None if last else order[i + 1], hashes)
+            meets = self.budget is None and got <= self.target + 1e-12
+            key = (got, art.serialized_size()) if self.budget is not None else (
                 (0, art.serialized_size()) if meets else (1, got))
             built.append((key, art, dt, alloc, cand))
             if last:
                 break
-            # the curves of a quantised precision leave out (int8) or estimate (bits) its rounding: stop when
-            # what is built beats the next candidate's prediction (budget), or meets the target with fewer bytes
-            if (min(b[0] for b in built)[0] < best[order[i + 1]][1].predicted) if budget is not None else meets:
+            if (min(b[0] for b in built)[0] < self.best[order[i + 1]][1].predicted) if self.budget is not None \
+                    else meets:
                 break
         _, art, dt, alloc, cand = min(built, key=lambda b: b[0])
-        storage_dtype = dt
-        kept.clear()
-        if budget is not None and art.serialized_size() > budget:
-            raise OptionError(f"could not fit the artifact into {budget:,} bytes")  # pragma: no cover
-    finally:
-        hashes.close()
-    errs = alloc.errors
-    report = {
-        "mode": "mixed",
-        "chosen": alloc.kind,
-        "why": f"predicted {stat} error " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(
-            alloc.alternatives.items(), key=lambda kv: kv[1])) + " at these bytes",
-        "alternatives": alloc.alternatives,
-        "budget_bytes": budget,
-        "target_error": target_error,
-        "target_stat": stat,
-        "n_clusters": 1 if cand is None else cand.K,
-        "storage_dtype": "int8" if storage_dtype == BITS else storage_dtype,
-        "bits": storage_bits(art),
-        "dtypes": {d: best[d][1].predicted for d in best},
-        "ranks": alloc.ranks,
-        "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
-                           for m, k in alloc.residual.items()},
-        "predicted_mean_error": float(errs.mean()),
-        "predicted_max_error": float(errs.max()),
-        "artifact_bytes": art.serialized_size(),
-        "fit_s": t_fit,
-    }
-    if len(candidates) > 1 or len(dtypes) > 1:
-        report["clusters_tried"] = tried
-    return art, report
+        self.kept.clear()
+        if self.budget is not None and art.serialized_size() > self.budget:
+            raise OptionError(f"could not fit the artifact into {self.budget:,} bytes")  # pragma: no cover
+        return art, dt, alloc, cand
+
+    def _build_aimed(self, dt: str, after: str | None, hashes: SourceHashes):
+        """Build precision ``dt``; for a target missed by rounding, aim lower by the miss (measured, not
+        assumed) while that still needs fewer bytes than the next precision ``after``."""
+        _, alloc, fits, cand, curves, goal, E = self.best[dt]
+        for attempt in range(1 if self.budget is not None or after is None else _RETARGETS + 1):
+            art = build_allocation(self.collection, self.opts, fits, alloc.plan(fits, dt, cand), hashes,
+                                   target_error=self.target, progress=self.progress, executor=self.executor,
+                                   kept=self.kept if after is None else dict(self.kept), memory=self.memory)
+            got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
+            if self.budget is not None or after is None or got <= self.target + 1e-12 or attempt == _RETARGETS:
+                break
+            goal -= (got - self.target) * 1.25 + 1e-6
+            try:
+                retry = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
+                                          hashes, curves)
+            except OptionError:
+                break
+            if retry.numbers * self.size_of[dt] >= self.best[after][1].numbers * self.size_of[after]:
+                break
+            alloc = retry
+            self.tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
+                               "numbers": alloc.numbers, "retarget": goal})
+        return art, alloc, cand, got
+
+    def report(self, art: Artifact, dt: str, alloc: Allocation, cand, t_fit: float) -> dict[str, Any]:
+        """What was chosen and why (``artifact.allocation``)."""
+        from ..evaluate import storage_bits
+
+        errs = alloc.errors
+        report = {
+            "mode": "mixed",
+            "chosen": alloc.kind,
+            "why": f"predicted {self.stat} error " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(
+                alloc.alternatives.items(), key=lambda kv: kv[1])) + " at these bytes",
+            "alternatives": alloc.alternatives,
+            "budget_bytes": self.budget,
+            "target_error": self.target,
+            "target_stat": self.stat,
+            "n_clusters": 1 if cand is None else cand.K,
+            "storage_dtype": "int8" if dt == BITS else dt,
+            "bits": storage_bits(art),
+            "dtypes": {d: self.best[d][1].predicted for d in self.best},
+            "ranks": alloc.ranks,
+            "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
+                               for m, k in alloc.residual.items()},
+            "predicted_mean_error": float(errs.mean()),
+            "predicted_max_error": float(errs.max()),
+            "artifact_bytes": art.serialized_size(),
+            "fit_s": t_fit,
+        }
+        if len(self.groupings) > 1 or len(self.dtypes) > 1:
+            report["clusters_tried"] = self.tried
+        return report
 
 
-def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_dtype, itemsize, weighting, seed,
-                      tol, max_iters, keep_extras, extras_dtype, clusters, hashes, curves=None) -> Allocation:
-    """The allocation for a budget of file bytes (numbers refined on dry assemblies, which give
-    the exact size of everything besides the parts) or for a target error."""
+def _allocate_to_size(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], E: np.ndarray,
+                      target_error: float | None, storage_dtype: str, itemsize: int, clusters, hashes: SourceHashes,
+                      curves: StepCurves | None = None) -> Allocation:
+    """The allocation for ``opts.budget`` bytes of the file (numbers refined on dry assemblies, which
+    give the exact size of everything besides the parts) or for ``target_error``."""
+    budget, stat = opts.budget, opts.target_stat
     if budget is None:
         return allocate_mixed(fits, E, target_error=target_error, stat=stat, curves=curves)
-    numbers = max((budget - _overhead_bytes(collection, fits, keep_extras)) // itemsize, 0)  # a first guess
+    numbers = max((budget - _overhead_bytes(collection, fits, opts.keep_extras)) // itemsize, 0)  # a first guess
     best = None
     for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
         alloc = allocate_mixed(fits, E, numbers=numbers, stat=stat, curves=curves)
-        dry = build_allocation(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
-                     None, target_error, stat, budget, extras_dtype, dry=True, clusters=clusters)
+        dry = build_allocation(collection, opts, fits, alloc.plan(fits, storage_dtype, clusters), hashes,
+                               target_error=target_error, dry=True)
         size = dry.serialized_size()
         # int8: the row scales grow with the parts, so they are priced per stored number (with bits the
         # allocation prices every scale itself)
@@ -265,14 +268,19 @@ def _allocate_to_size(collection, fits, E, budget, target_error, stat, storage_d
         else:
             numbers = min(numbers - 1, exact)
         if numbers < 0:
-            extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items() if k.startswith("extras/"))
-            hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
-                    "store them in int8 or leave them out") if extras else ""
-            raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
-                              f"statistics ({fixed:,} bytes{hint})")
+            _too_small(dry, budget, fixed)
     if best is None:
         raise OptionError(f"could not fit the artifact into {budget:,} bytes")
     return best
+
+
+def _too_small(dry: Artifact, budget: int, fixed: int) -> None:
+    """The error of a budget that cannot hold even the header and statistics."""
+    extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items() if k.startswith("extras/"))
+    hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
+            "store them in int8 or leave them out") if extras else ""
+    raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
+                      f"statistics ({fixed:,} bytes{hint})")
 
 
 def _affordable_rank(collection: Collection, numbers: int, max_rank: int) -> int:
@@ -301,52 +309,43 @@ def _overhead_bytes(collection: Collection, fits: list[ModuleFit], keep_extras: 
     return size
 
 
-def compress_to(
-    collection: Collection,
-    *,
-    budget: int | None = None,
-    target_error: float | None = None,
-    max_rank: int = 64,
-    uniform: bool = False,
-    method: str = "jd-full",
-    storage_dtype: str = "auto",
-    progress: Callable[[int, int, str], None] | None = None,
-    **kw: Any,
-) -> tuple[Artifact, dict[str, Any]]:
-    """Compress with ranks chosen for a byte ``budget`` (of the artifact file) or a mean
-    ``target_error``; returns the artifact and a report of the allocation. Shared parts only
-    (no residuals): used for jd-diag, ``uniform=True`` and streamed modules."""
 
-    if (budget is None) == (target_error is None):
+
+def compress_shared(collection: Collection, opts: CompressOptions, *,
+                    progress: Callable[[int, int, str], None] | None = None,
+                    executor: "RayExecutor | None" = None) -> tuple[Artifact, dict[str, Any]]:
+    """Shared parts only for ``opts.budget`` (bytes of the file) or a mean ``opts.goal``: ranks per
+    module (one for all with ``opts.uniform_rank``) from the exact curves of :func:`rank_curves`
+    (:func:`~lorazip.compress.allocate.allocate_shared`), built by the module loop. Used for jd-diag,
+    a uniform rank and calibration streamed under a memory limit. A budget holds on the real file:
+    the fixed bytes are measured on a rank-1 artifact, and rank steps are taken back while it is over."""
+    budget, target = opts.budget, opts.goal
+    if (budget is None) == (target is None):
         raise OptionError("give exactly one of --budget or --target-error")
-    if method not in ("jd-full", "jd-diag"):
-        raise OptionError(f"rank allocation supports jd-full and jd-diag, not {method}")
-    if target_error is not None and not 0 <= target_error <= 1:
-        raise OptionError(f"--target-error must be between 0 and 1, got {target_error}")
-    if storage_dtype == "auto":
-        storage_dtype = collection.storage_dtype()
+    storage_dtype = collection.storage_dtype() if opts.storage_dtype == "auto" else opts.storage_dtype
     # bytes per stored number: 1 for int8, whose row scales are overhead (measured on the probe below,
     # and the shrink loop takes back rank steps if the file is still over)
     itemsize = torch.tensor([], dtype=STORAGE_DTYPES[storage_dtype]).element_size()
-    n = len(collection)
-    diag = method == "jd-diag"
-    curves = rank_curves(collection, max_rank, weighting=kw.get("weighting", "relative"), seed=kw.get("seed", 0),
-                         memory_limit=kw.get("memory_limit"), progress=progress, executor=kw.get("executor"))
-    common = dict(method=method, storage_dtype=storage_dtype, **kw)
+    n, diag, uniform = len(collection), opts.method == "jd-diag", opts.uniform_rank
+    curves = rank_curves(collection, opts.max_rank, weighting=opts.weighting, seed=opts.seed,
+                         memory_limit=opts.memory_limit, progress=progress, executor=executor)
+    fixed = opts.fixed(storage_dtype=storage_dtype)
+
+    def build(ranks: dict[str, int]) -> Artifact:
+        return compress_modules(collection, fixed, ranks=ranks, executor=executor)
+
     if budget is None:
-        ranks = allocate_shared(curves, n, target_error=target_error, uniform=uniform, diag=diag)
-        art = compress_modules(collection, ranks=ranks, **common)
+        ranks = allocate_shared(curves, n, target_error=target, uniform=uniform, diag=diag)
+        art = build(ranks)
     else:
-        # Fixed bytes besides bases and cores (stats, spectra, extras, header): measured on a
-        # rank-1 artifact, then the remaining budget goes to ranks; shrink if the file is over.
-        probe = compress_modules(collection, ranks={m: 1 for m in curves.modules}, **common)
-        overhead = probe.serialized_size() - itemsize * sum(_rank_numbers(d, n, 1, diag) for d in curves.dims)
+        probe = build({m: 1 for m in curves.modules})
+        overhead = probe.serialized_size() - itemsize * sum(rank_numbers(d, n, 1, diag) for d in curves.dims)
         numbers = (budget - overhead) // itemsize
         if numbers <= 0:
             raise OptionError(f"a budget of {budget:,} bytes cannot hold even rank 1 ({probe.serialized_size():,} bytes)")
         while True:
             ranks = allocate_shared(curves, n, budget_numbers=numbers, uniform=uniform, diag=diag)
-            art = compress_modules(collection, ranks=ranks, **common)
+            art = build(ranks)
             size = art.serialized_size()
             if size <= budget:
                 break
@@ -354,12 +353,5 @@ def compress_to(
             if numbers <= 0:
                 raise OptionError(f"a budget of {budget:,} bytes cannot hold even rank 1")
     predicted = sum(float(c[ranks[m]]) for m, c in zip(curves.modules, curves.contribution()))
-    report = {
-        "mode": "uniform" if uniform else "per-module",
-        "budget_bytes": budget,
-        "target_error": target_error,
-        "ranks": ranks,
-        "predicted_mean_error": predicted,
-        "artifact_bytes": art.serialized_size(),
-    }
-    return art, report
+    return art, {"mode": "uniform" if uniform else "per-module", "budget_bytes": budget, "target_error": target,
+                 "ranks": ranks, "predicted_mean_error": predicted, "artifact_bytes": art.serialized_size()}

@@ -24,7 +24,8 @@ from .allocate import BITS
 from .curves import ModuleFit, task_factors
 from .executor import map_modules
 from .measure import optimal_cores
-from .plan import Clusters
+from .options import CompressOptions
+from .plan import Plan
 from .provenance import SourceHashes, adapter_meta
 from .streaming import MemoryPlan
 from .whiten import annotate, build_mixed_module, whitening_of
@@ -188,91 +189,107 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
 
 
-def build_allocation(collection, fits, alloc, storage_dtype, weighting, seed, tol, max_iters, hashes, keep_extras,
-           progress, target_error, stat, budget, extras_dtype: str = "auto", dry: bool = False,
-           executor=None, kept: dict | None = None, clusters: "Clusters | None" = None,
-           plan: MemoryPlan | None = None) -> Artifact:
-    """Pass 2: each module's chosen parts from its factors, rounded, with exact errors. ``dry``
-    builds the same tensors' shapes and dtypes without computing them, to measure the file size
-    exactly. The shared part is rounded first (int8: quantised, then dequantised), the residual
-    is taken against what is stored of it, then rounded itself; errors are those of the stored values."""
+def build_allocation(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], plan: Plan,
+                     hashes: SourceHashes, *, target_error: float | None, progress=None, dry: bool = False,
+                     executor=None, kept: dict | None = None, memory: MemoryPlan | None = None) -> Artifact:
+    """Pass 2 of an allocated ``plan``: each module's chosen parts from its factors and its pass-1
+    ``fits``, rounded, with exact errors. ``dry`` builds the same tensors' shapes and dtypes without
+    computing them, to measure the file size exactly. The shared part is rounded first (int8:
+    quantised, then dequantised), the residual is taken against what is stored of it, then rounded
+    itself; errors are those of the stored values. ``target_error``: what the file records as the
+    run's target; ``kept``: pass-1 factors to take instead of reading them again."""
     n, n_mod = len(collection), len(fits)
-    tensors: dict[str, torch.Tensor] = {}
-    sq = torch.zeros(n, n_mod, dtype=torch.float64)
-    nn2 = torch.zeros(n, n_mod, dtype=torch.float64)
-    modules_meta = []
-    names = [info.name for info in collection.modules]
-    wh = whitening_of(collection)
-    wsq = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
-    wnn2 = torch.zeros(n, n_mod, dtype=torch.float64) if wh is not None else None
-    resid = [torch.from_numpy(np.asarray(alloc.residual[fit.name], dtype=np.int64)) for fit in fits]
-    rbits = [alloc.bits.get(fit.name) if storage_dtype == BITS else None for fit in fits]
-    rbits = [None if b is None or not len(b) else torch.from_numpy(np.asarray(b, dtype=np.uint8)) for b in rbits]
-    storage_dtype = "int8" if storage_dtype == BITS else storage_dtype  # the shared parts of a low-bit build
+    out = _Assembly(n, n_mod, whitening_of(collection) is not None)
+    resid = [torch.from_numpy(np.asarray(m.residual, dtype=np.int64)) for m in plan.modules]
+    rbits = [None if m.bits is None or not len(m.bits) else torch.from_numpy(np.asarray(m.bits, dtype=np.uint8))
+             for m in plan.modules]
+    storage_dtype = "int8" if plan.storage_dtype == BITS else plan.storage_dtype  # the shared parts of low bits
     if dry:
-        parts = ((j, dry_parts(collection, info, alloc.ranks[fit.name], int(resid[j].sum()), storage_dtype,
-                                core_scales(fit), fit.K, rbits[j]))
-                 for j, (info, fit) in enumerate(zip(collection.modules, fits)))
+        parts = ((j, dry_parts(collection, info, mod.rank, int(resid[j].sum()), storage_dtype, core_scales(fit),
+                               fit.K, rbits[j]))
+                 for j, (info, fit, mod) in enumerate(zip(collection.modules, fits, plan.modules)))
     else:
-        args = []
-        for j, fit in enumerate(fits):
-            r = alloc.ranks[fit.name]
-            args.append((j, fit.U, fit.V, *fit.XY[r], resid[j], storage_dtype, core_scales(fit), fit.assign,
-                         plan.chunk.get(j) if plan else None, rbits[j]))
-        reads = FactorReads(collection, kept=kept, plan=plan) if executor is None and wh is None else None  # whitened: re-read there
-        parts = map_modules(executor, build_module_task, collection, args, labels=names,
+        args = [(j, fit.U, fit.V, *fit.XY[mod.rank], resid[j], storage_dtype, core_scales(fit), fit.assign,
+                 memory.chunk.get(j) if memory else None, rbits[j]) for j, (fit, mod) in enumerate(zip(fits, plan.modules))]
+        # whitened modules are re-read by their task
+        reads = FactorReads(collection, kept=kept, plan=memory) if executor is None and not out.whitened else None
+        parts = map_modules(executor, build_module_task, collection, args, labels=[m.name for m in collection.modules],
                             local=reads.factors if reads else None, phase="build")
     arrived: dict[int, BuiltParts] = {}
     for count, (j, got) in enumerate(parts, 1):
         arrived[j] = got
-        while len(modules_meta) in arrived:  # stored in module order, whatever order they come in
-            m = len(modules_meta)
-            p, info, fit, k = arrived.pop(m), collection.modules[m], fits[m], resid[m]
-            name, r, total = info.name, alloc.ranks[fits[m].name], int(resid[m].sum())
-            if p.sq is not None:
-                sq[:, m], nn2[:, m] = p.sq, p.nn2
-            if p.wsq is not None and wsq is not None:
-                wsq[:, m], wnn2[:, m] = p.wsq, p.wnn2
-            tensors[f"spectra/{name}"] = p.spectra
-            p.U.put(tensors, f"U/{name}")
-            p.V.put(tensors, f"V/{name}")
-            p.cores.put(tensors, f"cores/{name}")
-            if fit.K > 1:
-                tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
-            entry = {**info.entry(), "rank": r, "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
-            if fit.quant is not None:  # measured low-bit errors (lorazip.evaluate's baselines use them)
-                entry["quant"] = [float(f"{x:.4g}") for x in fit.quant]
-            if total > 0:
-                tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
-                p.resid_B.put(tensors, f"resid_B/{name}")
-                p.resid_A.put(tensors, f"resid_A/{name}")
-                entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
-                if rbits[m] is not None:
-                    tensors[f"qbits/{name}"] = rbits[m]
-                    entry["residual"]["bits"] = {"group": "row", "bytes": [
-                        lowbit.packed_bytes(info.d_out, rbits[m].numpy()), lowbit.packed_bytes(info.d_in, rbits[m].numpy())]}
-            modules_meta.append(entry)
+        while len(out.modules_meta) in arrived:  # stored in module order, whatever order they come in
+            m = len(out.modules_meta)
+            out.add(m, arrived.pop(m), collection.modules[m], fits[m], plan.modules[m].rank, resid[m], rbits[m])
         if progress:
-            progress(n_mod + count, 2 * n_mod, names[j])
-    ranks = list(alloc.ranks.values())
-    clustered = clusters is not None and clusters.K > 1
-    meta = {
-        "method": "jd-clustered" if clustered else "jd-full",
+            progress(n_mod + count, 2 * n_mod, collection.modules[j].name)
+    meta = _allocated_meta(opts, plan, storage_dtype, target_error)
+    if out.whitened:
+        annotate(whitening_of(collection), meta, out.tensors, out.wsq, out.wnn2)
+    return assemble(collection, meta, out.modules_meta, out.tensors, out.sq, out.nn2, hashes, opts.keep_extras,
+                    opts.extras_dtype)
+
+
+class _Assembly:
+    """The tensors, statistics and module entries of a build, filled module by module."""
+
+    def __init__(self, n: int, n_mod: int, whitened: bool):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.sq = torch.zeros(n, n_mod, dtype=torch.float64)
+        self.nn2 = torch.zeros(n, n_mod, dtype=torch.float64)
+        self.whitened = whitened
+        self.wsq = torch.zeros(n, n_mod, dtype=torch.float64) if whitened else None
+        self.wnn2 = torch.zeros(n, n_mod, dtype=torch.float64) if whitened else None
+        self.modules_meta: list[dict[str, Any]] = []
+
+    def add(self, m: int, p: BuiltParts, info, fit: ModuleFit, r: int, k: torch.Tensor,
+            bits: torch.Tensor | None) -> None:
+        """Module ``m``'s parts ``p`` at shared rank ``r`` with residual ranks ``k`` (rows at ``bits``)."""
+        tensors, name, total = self.tensors, info.name, int(k.sum())
+        if p.sq is not None:
+            self.sq[:, m], self.nn2[:, m] = p.sq, p.nn2
+        if p.wsq is not None and self.wsq is not None:
+            self.wsq[:, m], self.wnn2[:, m] = p.wsq, p.wnn2
+        tensors[f"spectra/{name}"] = p.spectra
+        p.U.put(tensors, f"U/{name}")
+        p.V.put(tensors, f"V/{name}")
+        p.cores.put(tensors, f"cores/{name}")
+        if fit.K > 1:
+            tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
+        entry = {**info.entry(), "rank": r, "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
+        if fit.quant is not None:  # measured low-bit errors (lorazip.evaluate's baselines use them)
+            entry["quant"] = [float(f"{x:.4g}") for x in fit.quant]
+        if total > 0:
+            tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
+            p.resid_B.put(tensors, f"resid_B/{name}")
+            p.resid_A.put(tensors, f"resid_A/{name}")
+            entry["residual"] = {"max_rank": int(k.max()), "total_rank": total}
+            if bits is not None:
+                tensors[f"qbits/{name}"] = bits
+                entry["residual"]["bits"] = {"group": "row", "bytes": [
+                    lowbit.packed_bytes(info.d_out, bits.numpy()), lowbit.packed_bytes(info.d_in, bits.numpy())]}
+        self.modules_meta.append(entry)
+
+
+def _allocated_meta(opts: CompressOptions, plan: Plan, storage_dtype: str, target_error: float | None) -> dict[str, Any]:
+    """``meta`` of an allocated build (before :func:`assemble` completes it)."""
+    ranks = [m.rank for m in plan.modules]
+    clustered = plan.groups is not None
+    return {
+        "method": plan.method,
         "rank": max(set(ranks), key=ranks.count),
         "per_module_ranks": len(set(ranks)) > 1,
-        "weighting": weighting,
+        "weighting": opts.weighting,
         "storage_dtype": storage_dtype,
-        "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": "cpu", "compute_dtype": "float32"},
-        "clustering": clusters.record() if clustered else None,
+        "solver": {"max_iters": opts.max_iters, "tol": opts.tol, "seed": opts.seed, "device": "cpu",
+                   "compute_dtype": "float32"},
+        "clustering": plan.groups.record() if clustered else None,
         "allocation": {
-            "mode": "mixed", "chosen": alloc.kind, "budget_bytes": budget, "target_error": target_error,
-            "target_stat": stat, "predicted_mean_error": float(alloc.errors.mean()),
-            "predicted_max_error": float(alloc.errors.max()),
+            "mode": "mixed", "chosen": plan.kind, "budget_bytes": opts.budget, "target_error": target_error,
+            "target_stat": opts.target_stat, "predicted_mean_error": float(plan.predicted.mean()),
+            "predicted_max_error": float(plan.predicted.max()),
         },
     }
-    if wh is not None:
-        annotate(wh, meta, tensors, wsq, wnn2)
-    return assemble(collection, meta, modules_meta, tensors, sq, nn2, hashes, keep_extras, extras_dtype)
 
 
 def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, tensors: dict[str, torch.Tensor],

@@ -16,8 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..artifact import Artifact
-from ..backend import BACKENDS, to_backend, to_torch
-from ..errors import OptionError
+from ..backend import to_backend, to_torch
 from ..io.collection import Collection
 from ..solvers import solve_factors
 from ..solvers.clustered import jd_clustered
@@ -27,8 +26,8 @@ from ..solvers.one_side import one_side_bases
 from .build import assemble
 from .executor import RayExecutor, map_modules
 from .measure import ERROR_CHUNK, round_and_measure
-from .options import COMPUTE_DTYPES, CompressOptions, ModuleJob, resolve_device
-from .plan import _cap_record
+from .options import COMPUTE_DTYPES, CompressOptions, resolve_device
+from .plan import Plan, fixed_rank_plan
 from .provenance import SourceHashes
 from .streaming import MemoryPlan, release_freed_memory, streamed_factors
 from .whiten import annotate, finish_whitened, whitening_of
@@ -112,7 +111,7 @@ def _read_module(collection: Collection, name: str, dtype: torch.dtype, dev) -> 
 
 
 def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple[int, int] | None,
-                      chunk: int | None, job: ModuleJob, *, clock: dict[str, float],
+                      chunk: int | None, opts: CompressOptions, *, clock: dict[str, float],
                       factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleResult:
     """Module ``j`` start to finish: read its factors (unless given ``factors``, the caller's
     read-ahead; streamed in chunks of ``chunk`` adapters if set), solve at ``rank`` (``one_side``:
@@ -120,47 +119,47 @@ def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple
     measure the exact errors. The same function runs in process and as a Ray task
     (:mod:`.executor`); ``clock`` gets the seconds reading, solving and measuring."""
     info = collection.modules[j]
-    dev = resolve_device(job.device)
-    cdtype = COMPUTE_DTYPES[job.compute_dtype]
+    dev = resolve_device(opts.device)
+    cdtype = COMPUTE_DTYPES[opts.compute_dtype]
     for key in ("read_s", "solve_s", "error_s"):
         clock.setdefault(key, 0.0)
     t0 = time.perf_counter()
     if one_side is not None:  # exact in one step; small by construction
         B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, "cpu")
-        U, V = _one_side_solution(Chunk(0, B, A), *one_side, job.weighting, 1)
+        U, V = _one_side_solution(Chunk(0, B, A), *one_side, opts.weighting, 1)
         clock["read_s"] += time.perf_counter() - t0
-        return finish_module(Factors.stacked(B, A), info, U, V, None, None, 0, True, job, clock, collection)
-    to_solver = (lambda t: t) if job.backend == "torch" else (lambda t: to_backend(t, job.backend))
+        return finish_module(Factors.stacked(B, A), info, U, V, None, None, 0, True, opts, clock, collection)
+    to_solver = (lambda t: t) if opts.backend == "torch" else (lambda t: to_backend(t, opts.backend))
     if chunk is not None:  # larger than the memory limit: every pass reads chunks from disk
         fac = streamed_factors(collection, info.name, chunk, cdtype, dev, to_solver)
-        fac_t = fac if job.backend == "torch" else streamed_factors(collection, info.name, chunk, cdtype, dev)
+        fac_t = fac if opts.backend == "torch" else streamed_factors(collection, info.name, chunk, cdtype, dev)
     else:
         B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, dev)
         fac_t = Factors.stacked(B, A)
-        fac = fac_t if job.backend == "torch" else Factors.stacked(to_solver(B), to_solver(A))
+        fac = fac_t if opts.backend == "torch" else Factors.stacked(to_solver(B), to_solver(A))
     t1 = time.perf_counter()
-    sol = solve_factors(job.method, fac, rank, weighting=job.weighting, seed=job.seed, max_iters=job.max_iters,
-                        tol=job.tol)
-    if job.backend != "torch":
+    sol = solve_factors(opts.method, fac, rank, weighting=opts.weighting, seed=opts.seed, max_iters=opts.max_iters,
+                        tol=opts.tol)
+    if opts.backend != "torch":
         sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
     clock["read_s"] += t1 - t0
     clock["solve_s"] += time.perf_counter() - t1
-    return finish_module(fac_t, info, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged, job,
+    return finish_module(fac_t, info, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged, opts,
                          clock, collection)
 
 
-def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converged: bool, job: ModuleJob,
+def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converged: bool, opts: CompressOptions,
                   clock: dict[str, float], collection: Collection | None = None) -> ModuleResult:
     """A solved module rounded to the storage dtype, with its exact errors (see :func:`round_and_measure`)."""
     t0 = time.perf_counter()
-    refine = (job.method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
+    refine = (opts.method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
     wsq = wn2 = None
     if whitening_of(collection) is None:
-        U, V, cores, sq, n2, sv = round_and_measure(fac, U, V, cores, assign, refine, job.storage_dtype,
+        U, V, cores, sq, n2, sv = round_and_measure(fac, U, V, cores, assign, refine, opts.storage_dtype,
                                           min(ERROR_CHUNK, fac.chunk))
     else:  # calibration: a solution in whitened coordinates, mapped back (lorazip.compress.whiten)
         U, V, cores, sq, n2, sv, wsq, wn2 = finish_whitened(collection, info.name, fac, U, V, cores, assign, refine,
-                                                            job.storage_dtype, min(ERROR_CHUNK, fac.chunk))
+                                                            opts.storage_dtype, min(ERROR_CHUNK, fac.chunk))
     tensors: dict[str, torch.Tensor] = {}
     U.put(tensors, f"U/{info.name}")
     V.put(tensors, f"V/{info.name}")
@@ -175,18 +174,18 @@ def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converg
 
 
 def finish_clustered_task(collection: Collection, j: int, U, V, cores, assign, one_side: tuple[int, int] | None,
-                          rounds: int, converged: bool, job: ModuleJob, *, clock: dict[str, float],
+                          rounds: int, converged: bool, opts: CompressOptions, *, clock: dict[str, float],
                           factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleResult:
     """Module ``j`` of a clustered solution (``U``, ``V``: (K, d, r)), rounded and measured."""
     info = collection.modules[j]
     t0 = time.perf_counter()
     B, A = factors if factors is not None else _read_module(collection, info.name,
-                                                            COMPUTE_DTYPES[job.compute_dtype], "cpu")
+                                                            COMPUTE_DTYPES[opts.compute_dtype], "cpu")
     clock["read_s"] = clock.get("read_s", 0.0) + time.perf_counter() - t0
     if one_side is not None:
-        U, V = _one_side_solution(Chunk(0, B, A), *one_side, job.weighting, U.shape[0])
+        U, V = _one_side_solution(Chunk(0, B, A), *one_side, opts.weighting, U.shape[0])
         cores = None
-    return finish_module(Factors.stacked(B, A), info, U, V, cores, assign, rounds, converged, job, clock, collection)
+    return finish_module(Factors.stacked(B, A), info, U, V, cores, assign, rounds, converged, opts, clock, collection)
 
 
 def module_step_task(collection: Collection, name: str, dtype: torch.dtype, device: str, fn, args: tuple, *,
@@ -220,204 +219,156 @@ def _step_tasks(executor, collection: Collection, dtype: torch.dtype, device: st
 
 def compress_modules(
     collection: Collection,
-    rank: int = 16,
+    opts: CompressOptions | None = None,
     *,
-    method: str = "jd-full",
-    weighting: str = "relative",
-    device: str = "auto",
-    storage_dtype: str = "auto",
-    compute_dtype: str = "float32",
-    seed: int = 0,
-    max_iters: int = 500,
-    tol: float = 1e-4,
+    plan: Plan | None = None,
     ranks: dict[str, int] | None = None,
-    backend: str = "torch",
-    clusters: int = 1,
-    per_module_clusters: bool = False,
-    max_rounds: int = 30,
-    keep_extras: bool = True,
-    extras_dtype: str = "auto",
-    hash_sources: bool = True,
-    cache_bytes: int = 2 << 30,
-    memory_limit: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     timings: dict[str, float] | None = None,
     executor: "RayExecutor | None" = None,
 ) -> Artifact:
-    """Jointly compress every module of ``collection`` at given ranks (the module loop behind
-    :func:`lorazip.compress`).
+    """Build a fixed-rank plan: every module of ``collection`` solved at its rank (the module loop
+    behind :func:`lorazip.compress`).
 
     Parameters
     ----------
     collection : Collection from :func:`lorazip.load_collection`.
-    rank : shared rank r (per module, at most ``min(d_out, d_in)``).
-    ranks : optional rank per module name (overrides ``rank`` there); see
-        :func:`lorazip.compress.allocate.compress_to` to choose them from a budget or an error target.
-    method : "jd-full" (full r x r cores), "jd-diag" (diagonal cores), "jd-clustered"
-        (K groups with their own bases) or "svd" (per-adapter truncated SVD, the baseline).
-    clusters, per_module_clusters, max_rounds : for "jd-clustered": K, one assignment per
-        module instead of one per adapter, and the limit on fit/assign rounds.
-    weighting : "relative" (each adapter counts equally) or "absolute".
-    device : "auto", "cpu" or "cuda"; the same code runs on both.
-    backend : "torch" (default), "numpy" or "cupy": the array library the JD-Full solver runs
-        on (:mod:`lorazip.backend`; cupy runs on the GPU without a CUDA build of torch).
-    storage_dtype : "float32", "float16", "bfloat16" or "int8" (symmetric per-row int8 with one
-        scale per row, :mod:`lorazip.quantize`) for the stored bases and cores; "auto" (default)
-        keeps the adapters' own precision (fp16 stays fp16, anything mixed is fp32). Errors are
-        always measured on the stored (rounded, dequantised) values.
-    compute_dtype : "float32" (default) or "float64" for the solver; errors are always
-        measured in float64.
-    seed, max_iters, tol : solver settings (seeded, deterministic on CPU).
-    cache_bytes : module factors are kept in memory between clustering rounds up to this size
-        (re-read from disk beyond it).
-    memory_limit : bytes for module factors and their working copies (default: no limit). A module
-        needing more than a third of it is streamed from disk in chunks of adapters on every
-        solver pass (jd-full and jd-diag; slower, bounded memory); see :class:`MemoryPlan`.
-    keep_extras : store non-LoRA tensors (``modules_to_save``) so export reproduces them.
-    extras_dtype : "auto" (default: extras stored exactly as they came), "float32", "float16",
-        "bfloat16" or "int8", applied to floating extras of 2+ dims (1-D ones only for float16 /
-        bfloat16); their error is recorded apart (``stats/extras_*``) and export restores the
-        original dtypes.
+    opts : the settings (:class:`~lorazip.compress.options.CompressOptions`; default: its defaults
+        at ``rank`` 16). ``method``: "jd-full" (full r x r cores), "jd-diag" (diagonal cores),
+        "jd-clustered" (``clusters`` groups with their own bases) or "svd" (per-adapter truncated
+        SVD, the baseline); ``storage_dtype`` "auto" keeps the adapters' own precision; errors are
+        always measured, in float64, on the stored (rounded, dequantised) values. A module needing
+        more than a third of ``memory_limit`` is streamed from disk in chunks of adapters on every
+        solver pass (jd-full and jd-diag; see :class:`MemoryPlan`); ``cache_bytes`` of factors stay
+        in memory between clustering rounds.
+    plan : what to store (:func:`~lorazip.compress.plan.fixed_rank_plan`); by default the plan of
+        ``opts.shared_rank`` in every module, ``ranks`` per module where given. A rank means "at
+        most": a module allowing less is stored at ``min(rank, d_out, d_in, sum of its adapters'
+        ranks)``, which is exact there, and ``meta["modules"][j]["rank_capped"]`` records it.
     progress : called as ``progress(done, total, module_name)`` after each module.
     timings : if given, filled with seconds spent waiting for reads (``read_s``), solving
         (``solve_s``; streamed modules read inside it), measuring errors (``error_s``) and
         waiting for the sources' sha256, computed in the background (``hash_s``).
     executor : a :class:`~lorazip.compress.executor.RayExecutor` to solve each module as a Ray
         task that reads the module's factors itself (the sources must be visible to the workers);
-        None (default): in this process. The artifact is the same either way. ``timings`` then
-        sums the tasks' seconds over the workers.
-
-    Returns
-    -------
-    Artifact, in memory; ``.save(path)`` writes it.
-
-    Raises
-    ------
-    OptionError for invalid settings. A rank larger than a module allows is not an error: the
-    module is stored at ``min(rank, d_out, d_in, sum of its adapters' ranks)``, which is exact
-    there, and ``meta["modules"][j]["rank_capped"]`` records it.
+        None (default): in this process. The artifact is the same either way.
     """
-    opts = CompressOptions(rank, method, weighting, device, storage_dtype, seed, max_iters, tol, compute_dtype,
-                           extras_dtype)
-    opts.check()
-    if storage_dtype == "auto":
-        storage_dtype = collection.storage_dtype()
-    ranks = dict(ranks or {})
-    unknown = set(ranks) - {m.name for m in collection.modules}
-    if unknown:
-        raise OptionError(f"ranks given for modules not in the collection: {', '.join(sorted(unknown)[:3])}")
-    if backend not in BACKENDS:
-        raise OptionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend != "torch" and method != "jd-full":
-        raise OptionError(f"--backend {backend} runs jd-full only; use the torch backend for {method}")
-    if ranks and method == "jd-clustered":
-        raise OptionError("per-module ranks are not supported with jd-clustered yet; use one --rank")
-    capped: dict[str, dict[str, Any]] = {}
-    one_side: dict[str, tuple[int, int]] = {}  # modules whose small side is kept whole
-    for m in collection.modules:
-        r_m = ranks.setdefault(m.name, rank)
-        if isinstance(r_m, bool) or not isinstance(r_m, int) or r_m <= 0:
-            raise OptionError(f"rank of module {m.name} must be a positive integer, got {r_m!r}")
-        r_out, r_in = collection.shared_ranks(m.name, r_m)
-        if method not in ("jd-full", "jd-clustered"):  # diagonal or per-adapter cores are square
-            r_out = r_in = min(r_out, r_in)
-        if (r_out, r_in) != (r_m, r_m):  # a rank means "at most": store the module at its limit
-            ranks[m.name] = min(r_out, r_in)
-            capped[m.name] = _cap_record(m, r_m, r_out, r_in)
-            if r_out != r_in:
-                one_side[m.name] = (r_out, r_in)
-    dev = resolve_device(device)
-    n, n_mod = len(collection), len(collection.modules)
-    if method == "jd-clustered" and not 1 <= clusters <= n:
-        raise OptionError(f"--clusters {clusters} must be between 1 and the number of adapters ({n})")
-    tensors: dict[str, torch.Tensor] = {}
-    sq_error = torch.zeros(n, n_mod, dtype=torch.float64)
-    norm2 = torch.zeros(n, n_mod, dtype=torch.float64)
-    weight_sq, weight_n2 = torch.zeros_like(sq_error), torch.zeros_like(norm2)  # with calibration
-    modules_meta = []
-    cdtype = COMPUTE_DTYPES[compute_dtype]
-    plan = MemoryPlan.make(collection, cdtype.itemsize, memory_limit, method)
-    cache = _FactorCache(collection, dev, plan.cache_bytes(cache_bytes), cdtype)
-    hashes = SourceHashes(collection, hash_sources)
-    clock = timings if timings is not None else {}
-    for key in ("read_s", "solve_s", "error_s"):
-        clock.setdefault(key, 0.0)
+    opts = (opts or CompressOptions()).fixed()
+    if opts.storage_dtype == "auto":
+        opts = opts.replace(storage_dtype=collection.storage_dtype())
+    if plan is None:
+        plan = fixed_rank_plan(collection, opts.method, opts.storage_dtype, opts.shared_rank, ranks,
+                               opts.clusters if opts.method == "jd-clustered" else 1)
+    loop = _ModuleLoop(collection, opts, plan, progress, timings)
+    try:
+        clustering = loop.run_clustered(executor) if plan.method == "jd-clustered" else loop.run(executor)
+    except BaseException:
+        loop.hashes.close()
+        raise
+    finally:
+        loop.cache.close()  # stop the read-ahead thread, also when a module fails
+    return loop.assemble(clustering)
 
-    job = ModuleJob(method, weighting, storage_dtype, compute_dtype, seed, max_iters, tol, backend, device)
-    names = [m.name for m in collection.modules]
-    arrived: dict[int, ModuleResult] = {}
 
-    def collect(results) -> None:
+class _ModuleLoop:
+    """One fixed-rank build: module tasks in process or on Ray, results stored in module order."""
+
+    def __init__(self, collection: Collection, opts: CompressOptions, plan: Plan, progress, timings):
+        self.collection, self.opts, self.plan, self.progress = collection, opts, plan, progress
+        n, n_mod = len(collection), len(collection.modules)
+        self.names = [m.name for m in collection.modules]
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.sq_error = torch.zeros(n, n_mod, dtype=torch.float64)
+        self.norm2 = torch.zeros(n, n_mod, dtype=torch.float64)
+        self.weight_sq, self.weight_n2 = torch.zeros_like(self.sq_error), torch.zeros_like(self.norm2)  # calibration
+        self.modules_meta: list[dict[str, Any]] = []
+        self.arrived: dict[int, ModuleResult] = {}
+        self.cdtype = COMPUTE_DTYPES[opts.compute_dtype]
+        self.memory = MemoryPlan.make(collection, self.cdtype.itemsize, opts.memory_limit, plan.method)
+        self.cache = _FactorCache(collection, resolve_device(opts.device), self.memory.cache_bytes(opts.cache_bytes),
+                                  self.cdtype)
+        self.hashes = SourceHashes(collection, opts.hash_sources)
+        self.clock = timings if timings is not None else {}
+        for key in ("read_s", "solve_s", "error_s"):
+            self.clock.setdefault(key, 0.0)
+
+    def run(self, executor) -> None:
+        """Every module solved at its rank, one task each."""
+        mods = self.plan.modules
+        args = [(j, mods[j].rank, mods[j].one_side, self.memory.chunk.get(j), self.opts) for j in range(len(mods))]
+        self._collect(map_modules(executor, solve_module_task, self.collection, args, labels=self.names,
+                                  clock=self.clock, local=self._read_ahead, memory=self.opts.memory_limit))
+
+    def run_clustered(self, executor) -> dict[str, Any]:
+        """jd-clustered: rounds over every module, then each module rounded and measured."""
+        opts, K, n = self.opts, self.plan.clusters, len(self.collection)
+        t0 = time.perf_counter()
+        steps = None if executor is None else _step_tasks(executor, self.collection, self.cdtype, opts.device,
+                                                          opts.memory_limit)
+        res = jd_clustered(
+            list(range(len(self.names))), self.cache.device, K, [m.rank for m in self.plan.modules],
+            weighting=opts.weighting, per_module=opts.per_module_clusters, max_rounds=opts.max_rounds,
+            max_iters=opts.max_iters, tol=opts.tol, seed=opts.seed, map_modules=steps,
+            dims=[(n, m.d_out, m.d_in) for m in self.collection.modules],
+        )
+        self.clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
+        args = [(j, res.U[j], res.V[j], res.cores[j], res.assignment[j] if K > 1 else None, mod.one_side,
+                 res.rounds, res.converged, opts) for j, mod in enumerate(self.plan.modules)]
+        self._collect(map_modules(executor, finish_clustered_task, self.collection, args, labels=self.names,
+                                  clock=self.clock, local=lambda j: self._read_ahead(j, on_device=False),
+                                  memory=opts.memory_limit, phase="finish"))
+        return {"n_clusters": K, "per_module": opts.per_module_clusters, "rounds": res.rounds,
+                "converged": res.converged, "objective_history": res.history}
+
+    def _collect(self, results) -> None:
         """Store module results in module order as they arrive (in any order on Ray)."""
         for count, (j, res) in enumerate(results, 1):
-            arrived[j] = res
-            while len(modules_meta) in arrived:
-                k = len(modules_meta)
-                got, info = arrived.pop(k), collection.modules[k]
-                tensors.update(got.tensors)
-                sq_error[:, k], norm2[:, k] = got.sq_error, got.norm2
+            self.arrived[j] = res
+            while len(self.modules_meta) in self.arrived:
+                k = len(self.modules_meta)
+                got, info, mod = self.arrived.pop(k), self.collection.modules[k], self.plan.modules[k]
+                self.tensors.update(got.tensors)
+                self.sq_error[:, k], self.norm2[:, k] = got.sq_error, got.norm2
                 if got.weight_sq_error is not None:
-                    weight_sq[:, k], weight_n2[:, k] = got.weight_sq_error, got.weight_norm2
-                capped_k = {"rank_capped": capped[info.name]} if info.name in capped else {}
-                modules_meta.append({**info.entry(), **got.entry, **capped_k})
-            if progress:
-                progress(count, n_mod, names[j])
+                    self.weight_sq[:, k], self.weight_n2[:, k] = got.weight_sq_error, got.weight_norm2
+                capped = {"rank_capped": mod.capped} if mod.capped is not None else {}
+                self.modules_meta.append({**info.entry(), **got.entry, **capped})
+            if self.progress:
+                self.progress(count, len(self.names), self.names[j])
 
-    def read_ahead(j: int, on_device: bool = True) -> dict[str, Any]:
+    def _read_ahead(self, j: int, on_device: bool = True) -> dict[str, Any]:
         """In process, module ``j``'s factors for its task from the cache (the next module is read
         meanwhile); the previous module is freed first."""
         if j > 0:
-            cache.drop(j - 1)
+            self.cache.drop(j - 1)
             release_freed_memory()
-        if j in plan.chunk:
+        if j in self.memory.chunk:
             return {}
-        if not on_device or names[j] in one_side:
-            fac = cache.cpu(j)
+        if not on_device or self.plan.modules[j].one_side is not None:
+            fac = self.cache.cpu(j)
             return {"factors": (fac.B, fac.A)}
-        if j + 1 < n_mod and plan.prefetch(j):
-            cache.prefetch(j + 1)  # read the next module while this one is solved
-        return {"factors": cache.device(j)}
+        if j + 1 < len(self.names) and self.memory.prefetch(j):
+            self.cache.prefetch(j + 1)  # read the next module while this one is solved
+        return {"factors": self.cache.device(j)}
 
-    try:
-        if method == "jd-clustered":
-            t0 = time.perf_counter()
-            steps = None if executor is None else _step_tasks(executor, collection, cdtype, device, memory_limit)
-            res = jd_clustered(
-                list(range(n_mod)), cache.device, clusters, [ranks[m] for m in names], weighting=weighting,
-                per_module=per_module_clusters, max_rounds=max_rounds, max_iters=max_iters, tol=tol, seed=seed,
-                map_modules=steps, dims=[(n, m.d_out, m.d_in) for m in collection.modules],
-            )
-            clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
-            args = [(j, res.U[j], res.V[j], res.cores[j], res.assignment[j] if clusters > 1 else None,
-                     one_side.get(names[j]), res.rounds, res.converged, job) for j in range(n_mod)]
-            collect(map_modules(executor, finish_clustered_task, collection, args, labels=names, clock=clock,
-                                local=lambda j: read_ahead(j, on_device=False), memory=memory_limit,
-                                phase="finish"))
-            clustering = {"n_clusters": clusters, "per_module": per_module_clusters, "rounds": res.rounds,
-                          "converged": res.converged, "objective_history": res.history}
-        else:
-            clustering = None
-            args = [(j, ranks[names[j]], one_side.get(names[j]), plan.chunk.get(j), job) for j in range(n_mod)]
-            collect(map_modules(executor, solve_module_task, collection, args, labels=names, clock=clock,
-                                local=read_ahead, memory=memory_limit))
-    except BaseException:
-        hashes.close()
-        raise
-    finally:
-        cache.close()  # stop the read-ahead thread, also when a module fails
-    t0 = time.perf_counter()
-    meta = {
-        "method": method,
-        "rank": Counter(ranks.values()).most_common(1)[0][0] if ranks else rank,
-        "per_module_ranks": len(set(ranks.values())) > 1,
-        "weighting": weighting,
-        "storage_dtype": storage_dtype,
-        "solver": {"max_iters": max_iters, "tol": tol, "seed": seed, "device": dev.type,
-                   "compute_dtype": compute_dtype},
-        "clustering": clustering,
-    }
-    if whitening_of(collection) is not None:
-        annotate(whitening_of(collection), meta, tensors, weight_sq, weight_n2)
-    art = assemble(collection, meta, modules_meta, tensors, sq_error, norm2, hashes, keep_extras, extras_dtype)
-    clock["hash_s"] = time.perf_counter() - t0
-    return art
+    def assemble(self, clustering: dict[str, Any] | None) -> Artifact:
+        """The artifact: tensors, statistics, provenance and meta."""
+        opts, ranks = self.opts, [m.rank for m in self.plan.modules]
+        t0 = time.perf_counter()
+        meta = {
+            "method": self.plan.method,
+            "rank": Counter(ranks).most_common(1)[0][0] if ranks else opts.shared_rank,
+            "per_module_ranks": len(set(ranks)) > 1,
+            "weighting": opts.weighting,
+            "storage_dtype": opts.storage_dtype,
+            "solver": {"max_iters": opts.max_iters, "tol": opts.tol, "seed": opts.seed,
+                       "device": resolve_device(opts.device).type, "compute_dtype": opts.compute_dtype},
+            "clustering": clustering,
+        }
+        wh = whitening_of(self.collection)
+        if wh is not None:
+            annotate(wh, meta, self.tensors, self.weight_sq, self.weight_n2)
+        art = assemble(self.collection, meta, self.modules_meta, self.tensors, self.sq_error, self.norm2,
+                       self.hashes, opts.keep_extras, opts.extras_dtype)
+        self.clock["hash_s"] = time.perf_counter() - t0
+        return art
