@@ -313,11 +313,13 @@ def analyze(
                 continue
             if r > max_cluster_rank:
                 continue
-            from .compress.modules import compress_modules as compress
+            from .compress.modules import compress_modules
+            from .compress.options import CompressOptions
 
-            art = compress(collection, r, method="jd-clustered", clusters=K, weighting=weighting, seed=seed,
-                           max_iters=max_iters, tol=tol, max_rounds=max_rounds, compute_dtype=compute_dtype,
-                           device="cpu", hash_sources=False, keep_extras=False)
+            art = compress_modules(collection, CompressOptions(
+                rank=r, method="jd-clustered", clusters=K, weighting=weighting, seed=seed, max_iters=max_iters,
+                tol=tol, max_rounds=max_rounds, compute_dtype=compute_dtype, device="cpu", hash_sources=False,
+                keep_extras=False))
             sq, nn = art.stats()
             err = per_adapter(sq.double(), nn.double())
             p = params(r, K)
