@@ -453,24 +453,7 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
 
     zeros = [0] * len(fits)
     # the mix: Lagrangian price per number, bisected to the budget, then greedy fill
-    hi = max((row.gains[0] / row.cost(0, f.dim) for f, rows in zip(fits, curves.opts) for row in rows
-              if len(row.gains)), default=1.0) * 2 + 1e-30
-    lo = hi * 1e-15  # prices span orders of magnitude: bisect in log space
-    seen_ranks = []
-    for _ in range(80):
-        lam = math.sqrt(lo * hi)
-        ranks, counts = curves.lagrangian(lam)
-        size = sum(curves.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
-                   for j, (f, r, c) in enumerate(zip(fits, ranks, counts)) for row in [curves.row(j, r)])
-        if size > numbers:
-            lo = lam
-        else:
-            hi = lam
-            if ranks not in seen_ranks:
-                seen_ranks.append(ranks)
-        if hi <= lo * (1 + 1e-9):
-            break
-    ranks, counts = curves.lagrangian(hi)
+    ranks, counts, seen_ranks = _priced(fits, curves, numbers)
     if stat == "mean":
         add("mix", ranks, curves.fill_mean(ranks, counts, numbers))
         add("per-adapter SVD", zeros, curves.fill_mean(zeros, [0] * len(fits), numbers))
@@ -503,6 +486,31 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
             chosen.residual[f.name], chosen.bits[f.name] = curves.decode(j, chosen.ranks[f.name],
                                                                          chosen.residual[f.name])
     return chosen
+
+
+def _priced(fits: list[ModuleFit], curves: StepCurves, numbers: int):
+    """The shared ranks and residual step counts of the lowest price per number whose Lagrangian
+    choice fits ``numbers`` (bisected in log space: prices span orders of magnitude), and every
+    distinct choice of shared ranks met on the way that fit."""
+    hi = max((row.gains[0] / row.cost(0, f.dim) for f, rows in zip(fits, curves.opts) for row in rows
+              if len(row.gains)), default=1.0) * 2 + 1e-30
+    lo = hi * 1e-15
+    seen_ranks = []
+    for _ in range(80):
+        lam = math.sqrt(lo * hi)
+        ranks, counts = curves.lagrangian(lam)
+        size = sum(curves.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for j, (f, r, c) in enumerate(zip(fits, ranks, counts)) for row in [curves.row(j, r)])
+        if size > numbers:
+            lo = lam
+        else:
+            hi = lam
+            if ranks not in seen_ranks:
+                seen_ranks.append(ranks)
+        if hi <= lo * (1 + 1e-9):
+            break
+    ranks, counts = curves.lagrangian(hi)
+    return ranks, counts, seen_ranks
 
 
 def _per_module_shared(fits, numbers, n, E, stat) -> list[int]:

@@ -119,9 +119,9 @@ class _MixedRun:
         opts, coll = self.opts, self.collection
         names = [m.name for m in coll.modules]
         K = 1 if cand is None else cand.K
-        args = [(j, min(self.top, min(coll.shared_ranks(name, opts.max_rank))), opts.weighting, opts.seed, opts.tol,
-                 opts.max_iters, None if cand is None or cand.K == 1 else cand.assign[j],
-                 self.memory.chunk.get(j), opts.backend) for j, name in enumerate(names)]
+        args = [(j, min(self.top, min(coll.shared_ranks(name, opts.max_rank))), opts,
+                 None if cand is None or cand.K == 1 else cand.assign[j], self.memory.chunk.get(j))
+                for j, name in enumerate(names)]
         reads = FactorReads(coll, keep=self.kept, limit=keep_limit() if opts.memory_limit is None else 0,
                             plan=self.memory) if self.executor is None else None
         fits: list[ModuleFit] = [None] * len(names)  # type: ignore[list-item]

@@ -29,6 +29,7 @@ from ..solvers.jd_full import jd_full_factors
 from ..solvers.linalg import adapter_weights, factor_norms2
 from ..solvers.residual import factor_products, nested_residual_spectra
 from .executor import map_modules
+from .options import CompressOptions
 from .streaming import MemoryPlan, streamed_factors
 
 
@@ -69,19 +70,19 @@ class ModuleFit:
         return min(self.spectra[r].shape[1], self.d_out, self.d_in)
 
 
-def fit_module_task(collection: Collection, j: int, R: int, weighting: str, seed: int, tol: float, max_iters: int,
-                    assign: torch.Tensor | None = None, chunk: int | None = None, backend: str = "torch", *,
+def fit_module_task(collection: Collection, j: int, R: int, opts: CompressOptions,
+                    assign: torch.Tensor | None = None, chunk: int | None = None, *,
                     clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleFit:
-    """Pass 1 on module ``j`` (``assign``: (n,) clusters, each with its own bases), reading its
-    factors in float32 unless given (the caller's read-ahead), or ``chunk`` adapters at a time on
-    every pass (a module larger than the memory limit); the same function runs in process and as a
-    Ray task (:mod:`.executor`)."""
+    """Pass 1 on module ``j`` at largest shared rank ``R`` with the solver settings of ``opts``
+    (``assign``: (n,) clusters, each with its own bases), reading its factors in float32 unless
+    given (the caller's read-ahead), or ``chunk`` adapters at a time on every pass (a module larger
+    than the memory limit); the same function runs in process and as a Ray task (:mod:`.executor`)."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     fac = task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
-    fit = fit_factors(fac, name, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters, backend=backend,
-                      assign=assign)
+    fit = fit_factors(fac, name, R, weighting=opts.weighting, seed=opts.seed, tol=opts.tol, max_iters=opts.max_iters,
+                      backend=opts.backend, assign=assign)
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return fit
