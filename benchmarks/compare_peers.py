@@ -41,7 +41,7 @@ they are small), aggregated as lorazip's report does (``lorazip.metrics``: per a
 ``lorazip.evaluate`` recomputed against the originals; the helper's numbers for the same artifact
 are recorded beside them as a check.
 
-lorazip is run at the peer's bytes two ways: ``--budget`` (``lorazip.compress.budget.compress_to``, ranks per
+lorazip is run at the peer's bytes two ways: ``--budget`` (``lorazip.compress.budget.compress_shared``, ranks per
 module from the error curves, artifact <= the peer's bytes) and ``--rank R`` (the largest uniform rank,
 capped at n r, whose artifact fits). A tool that refuses a collection is recorded with its reason;
 a heterogeneous collection is then also run on its largest subset of equal rank and target modules.
