@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .errors import ArtifactError, OutputError
+from .errors import ArtifactError, OutputError, first_line
 from .layout import Layout
 from .io.safetensors_header import (FLOAT_DTYPES, ST_DTYPES, ST_WIDTHS, RawReader, header_bytes, parse_header,
                                     parse_json, short)
@@ -228,11 +228,6 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
     """The header bytes of a safetensors file of ``tensors`` and the order of their data
     (:func:`lorazip.io.safetensors_header.header_bytes`: deterministic, as lorazip writes every file)."""
@@ -330,7 +325,7 @@ class Artifact:
             except ArtifactError:
                 raise
             except Exception as exc:
-                raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+                raise ArtifactError(f"{self.path}: cannot read tensors ({first_line(exc)})") from None
             return
         if not utf8_path(self.path):  # safetensors opens UTF-8 paths only
             with SafetensorsReader(self.path, ArtifactError) as f:
@@ -342,7 +337,7 @@ class Artifact:
         except ArtifactError:
             raise
         except Exception as exc:
-            raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+            raise ArtifactError(f"{self.path}: cannot read tensors ({first_line(exc)})") from None
 
     @contextmanager
     def reader(self) -> Iterator["Artifact"]:
@@ -369,7 +364,7 @@ class Artifact:
             raise
         except Exception as exc:
             stack.close()
-            raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+            raise ArtifactError(f"{self.path}: cannot read tensors ({first_line(exc)})") from None
         self._handle = handle
         try:
             yield self

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, first_line
 from .files import CONFIG_NAME, sha256_file  # noqa: F401 (sha256_file: imported from here too)
 from .safetensors_header import (  # noqa: F401 (parse_json: imported from here too)
     FLOAT_DTYPES, ST_DTYPES, RawReader, decode_json, parse_header, parse_json, short,
@@ -108,7 +108,7 @@ class Adapter:
             with safe_open(str(self.weights_file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as exc:  # safetensors raises several types for corrupt data
-            raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {_first_line(exc)}") from None
+            raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {first_line(exc)}") from None
 
     def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B, A)`` in ``dtype`` with ``M = B @ A`` (scale folded into ``B``).
@@ -152,11 +152,6 @@ class Adapter:
             if x.is_floating_point() and not torch.isfinite(x if x.element_size() > 1 else x.float()).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {short(key)} has NaN or Inf values")
         return tensors
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _stored_key(spec, part: str) -> str:
@@ -421,7 +416,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AdapterFormatError(f"{path}: cannot load pickled weights: {_first_line(exc)}") from None
+        raise AdapterFormatError(f"{path}: cannot load pickled weights: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterFormatError(f"{path}: expected a dict of tensors")
     return state
