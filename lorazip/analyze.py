@@ -500,9 +500,9 @@ def error_matrix(artifact, sources=None, *, allow_pickle: bool = False):
         rows = list(range(len(artifact.names)))
         sq, nn = artifact.stats()
     else:
-        from .evaluate import _recompute
+        from .evaluate import recompute_errors
 
-        rows, sq, nn = _recompute(artifact, sources, allow_pickle, True)
+        rows, sq, nn = recompute_errors(artifact, sources, allow_pickle, True)
     sq, nn = sq.double(), nn.double()
     names = [artifact.names[i] for i in rows]
     return names, [m["name"] for m in artifact.modules], relative(sq, nn), per_adapter(sq, nn), nn > 0

@@ -52,9 +52,9 @@ FORMAT_NAME = "lorazip"
 FORMAT_VERSION = 5  # 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
-_CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
+MUST_BE_FINITE = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
 QSCALE = "qscale/"  # int8 storage: ``qscale/<key>``, the row scales of the int8 tensor ``<key>`` (lorazip.quantize)
-_QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
+QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
 LOWBIT_GROUP = "row"  # low-bit rows have one scale per row (lorazip.lowbit.GROUP None; checked without numpy)
 EXTRAS_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")  # original dtypes of converted extras
 
@@ -376,7 +376,7 @@ class Artifact:
         """Refuse NaN/Inf in bases, cores and statistics read from a file (a hostile or damaged artifact)."""
         import torch
 
-        if key.startswith(_CHECKED) and t.is_floating_point() and not torch.isfinite(t).all():
+        if key.startswith(MUST_BE_FINITE) and t.is_floating_point() and not torch.isfinite(t).all():
             raise ArtifactError(f"{self.path}: tensor {short(key)} has NaN or Inf values")
         return t
 
@@ -406,7 +406,7 @@ class Artifact:
                 raise ArtifactError(
                     f"{self.path or 'artifact'}: tensor {short(QSCALE + key)} does not match {short(key)}")
             return dequantize_rows(t, scale)
-        if t.numel() == 0 and t.dtype == torch.int8 and key.startswith(_QUANTISABLE[:-1]):
+        if t.numel() == 0 and t.dtype == torch.int8 and key.startswith(QUANTISABLE[:-1]):
             return t.float()
         return t
 
@@ -882,7 +882,7 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
     for key, info in header.items():  # row scales belong to an int8 base, core, residual or extras tensor
         if key.startswith(QSCALE):
             base = header.get(key[len(QSCALE):])
-            if not key[len(QSCALE):].startswith(_QUANTISABLE) or base is None or base["dtype"] not in ("I8", "U8"):
+            if not key[len(QSCALE):].startswith(QUANTISABLE) or base is None or base["dtype"] not in ("I8", "U8"):
                 raise ArtifactError(
                     f"{path}: tensor {short(key)} has no int8 tensor {short(key[len(QSCALE):])} to scale")
             if key[len(QSCALE):].startswith("extras/"):

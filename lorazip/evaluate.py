@@ -212,8 +212,12 @@ def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str,
             **summary(relative(sq[have], n2[have]).tolist())}
 
 
-def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool,
-               spectra_out: dict[int, torch.Tensor] | None = None):
+def recompute_errors(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool,
+                     spectra_out: dict[int, torch.Tensor] | None = None):
+    """``(rows, sq, nn2)``: the artifact's rows of the adapters found in ``sources`` and their exact
+    squared errors and squared norms (rows, modules), float64, against the re-read originals (whose
+    sha256 must match the artifact's record when ``check_hashes``). ``spectra_out``, when given,
+    receives each module's weight-space singular values of the originals."""
     coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
     by_name = {a.name: a for a in coll.adapters}
     rows = [i for i, name in enumerate(artifact.names) if name in by_name]
@@ -269,7 +273,7 @@ def evaluate(
         sq, nn2 = artifact.stats()
         sq, nn2 = sq.double(), nn2.double()
     else:
-        rows, sq, nn2 = _recompute(artifact, sources, allow_pickle, check_hashes, weight_spectra)
+        rows, sq, nn2 = recompute_errors(artifact, sources, allow_pickle, check_hashes, weight_spectra)
     weight_err = None
     if calibration and sources is None and artifact._has("stats/weight_sq_error"):
         weight_err = relative(artifact.get("stats/weight_sq_error").double(),  # (n,): summed over modules

@@ -51,7 +51,7 @@ ST_TORCH: dict[str, torch.dtype] = {
     if hasattr(torch, attr.removeprefix("torch."))
 }
 _DTYPES = {k: ST_DTYPES[k][0] for k in ST_TORCH}  # bytes per element
-_ST_DTYPE = {v: k for k, v in ST_TORCH.items()}
+TORCH_ST = {v: k for k, v in ST_TORCH.items()}  # torch dtype -> safetensors name
 
 
 @dataclass(frozen=True)
@@ -437,7 +437,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
     state = None
     if pickled:
         state = _load_pickle(weights)
-        header = {k: {"dtype": _ST_DTYPE.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
+        header = {k: {"dtype": TORCH_ST.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
     else:
         header = read_safetensors_header(weights)
 
