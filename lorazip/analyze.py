@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -214,6 +215,43 @@ def analyze(
     shared_only, per_adapter}``, or ``None`` without ``frontier``), sizes and timing.
     """
     t0 = time.perf_counter()
+    s = _settings(ranks, clusters, cluster_ranks, target_error, weighting, max_iters, tol, max_rounds, seed,
+                  compute_dtype, frontier, frontier_max_rank)
+    n = len(collection)
+    steps = len(collection.modules) + sum(1 for r in s.cluster_ranks for K in s.clusters if 1 < K <= n)
+    sweep = _sweep_modules(collection, s, progress, steps)
+    nbytes = _BYTES.get(collection.storage_dtype(), 4)
+    rank_curve = _rank_curve(collection, s, sweep, nbytes)
+    cluster_curve = _cluster_curve(collection, s, rank_curve, nbytes, progress, steps)
+    return _report(collection, s, sweep, rank_curve, cluster_curve, nbytes, t0)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked options of :func:`analyze`."""
+
+    ranks: list[int]
+    clusters: list[int]
+    cluster_ranks: list[int]
+    target_error: float | None
+    weighting: str
+    max_iters: int
+    tol: float
+    max_rounds: int
+    seed: int
+    compute_dtype: str
+    frontier_max_rank: int | None  # None: no frontier
+
+    def solver(self) -> dict[str, Any]:
+        """The report's ``solver`` entry."""
+        return {"max_iters": self.max_iters, "tol": self.tol, "max_rounds": self.max_rounds, "seed": self.seed,
+                "compute_dtype": self.compute_dtype,
+                **({"frontier_max_rank": self.frontier_max_rank} if self.frontier_max_rank is not None else {})}
+
+
+def _settings(ranks, clusters, cluster_ranks, target_error, weighting, max_iters, tol, max_rounds, seed,
+              compute_dtype, frontier, frontier_max_rank) -> _Settings:
+    """:func:`analyze`'s options, checked (OptionError)."""
     ranks = _check_list(ranks, "ranks")
     clusters = _check_list(clusters, "clusters")
     cranks = ranks if cluster_ranks is None else _check_list(cluster_ranks, "cluster ranks")
@@ -228,64 +266,96 @@ def analyze(
     if frontier and (isinstance(frontier_max_rank, bool) or not isinstance(frontier_max_rank, Integral)
                      or frontier_max_rank < 1):
         raise OptionError(f"the frontier's max rank must be a positive whole number, got {frontier_max_rank!r}")
-    cdtype = torch.float32 if compute_dtype == "float32" else torch.float64
-    n, mods = len(collection), collection.modules
-    n_mod = len(mods)
-    sq_shared = torch.zeros(n, n_mod, len(ranks), dtype=torch.float64)
-    sq_svd = torch.zeros_like(sq_shared)
-    norms = torch.zeros(n, n_mod, dtype=torch.float64)
-    mod_rows: list[dict[str, Any]] = []
-    by_type: dict[str, list[torch.Tensor]] = {}
-    orig_params = 0
-    fits = []  # pass-1 curves of lorazip.compress.curves, one per module, for the frontier
-    steps = n_mod + sum(1 for r in cranks for K in clusters if 1 < K <= n)
-    for j, info in enumerate(mods):
+    return _Settings(ranks, clusters, cranks, target_error, weighting, max_iters, tol, max_rounds, seed, compute_dtype,
+                     int(frontier_max_rank) if frontier else None)
+
+
+@dataclass
+class _Sweep:
+    """What one pass over the modules measured: squared errors (n, M, len(ranks)) of the shared
+    chain and of per-adapter SVD, squared norms (n, M), the report's module rows, the unit spectra
+    by module type, the originals' numbers and the frontier's pass-1 curves (one per module)."""
+
+    sq_shared: torch.Tensor
+    sq_svd: torch.Tensor
+    norms: torch.Tensor
+    mod_rows: list[dict[str, Any]] = field(default_factory=list)
+    by_type: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    orig_params: int = 0
+    fits: list = field(default_factory=list)
+
+
+def _sweep_modules(collection: Collection, s: _Settings, progress, steps: int) -> _Sweep:
+    """Read each module once: its spectra, the shared chain over the ranks, per-adapter SVD at
+    each rank and (with a frontier) its pass-1 curves; progress after each module."""
+    n, n_mod = len(collection), len(collection.modules)
+    sq_shared = torch.zeros(n, n_mod, len(s.ranks), dtype=torch.float64)
+    sweep = _Sweep(sq_shared, torch.zeros_like(sq_shared), torch.zeros(n, n_mod, dtype=torch.float64))
+    cdtype = torch.float32 if s.compute_dtype == "float32" else torch.float64
+    for j, info in enumerate(collection.modules):
         fac = collection.module_factors(info.name, dtype=torch.float64)
         B, A = fac.B, fac.A
         norms2 = fac.norms2()
-        norms[:, j] = norms2
-        orig_params += int(fac.ranks.sum()) * (info.d_in + info.d_out)
+        sweep.norms[:, j] = norms2
+        sweep.orig_params += int(fac.ranks.sum()) * (info.d_in + info.d_out)
         sv = spectra(B, A)
-        present = norms2 > 0
-        chain, iters = _shared_chain(B, A, norms2, ranks, weighting, max_iters, tol, seed, cdtype)
-        sq_shared[:, j] = chain
-        for c, r in enumerate(ranks):
-            sq_svd[:, j, c] = truncation_errors(sv, min(r, info.d_out, info.d_in)) * norms2
-        if frontier:
-            fits.append(_frontier_fit(collection, info.name, B, A, int(frontier_max_rank), weighting, seed, tol,
-                                      max_iters))
-        svp = sv[present].float()
-        unit = svp / torch.linalg.norm(svp, dim=1, keepdim=True).clamp_min(1e-30)
-        by_type.setdefault(module_type(info.name), []).append(unit)
-        mod_rows.append({
-            "name": info.name,
-            "type": module_type(info.name),
-            "d_out": info.d_out,
-            "d_in": info.d_in,
-            "n_adapters": int(present.sum()),
-            "ranks": [min(r, info.d_out, info.d_in) for r in ranks],
-            "spectra": _stats_rows(svp),
-            "shared": [_mean_present(relative(chain[:, c], norms2), present) for c in range(len(ranks))],
-            "svd": [_mean_present(relative(sq_svd[:, j, c], norms2), present) for c in range(len(ranks))],
-            "sweeps": iters,
-        })
+        chain, iters = _shared_chain(B, A, norms2, s.ranks, s.weighting, s.max_iters, s.tol, s.seed, cdtype)
+        sweep.sq_shared[:, j] = chain
+        for c, r in enumerate(s.ranks):
+            sweep.sq_svd[:, j, c] = truncation_errors(sv, min(r, info.d_out, info.d_in)) * norms2
+        if s.frontier_max_rank is not None:
+            sweep.fits.append(_frontier_fit(collection, info.name, B, A, s.frontier_max_rank, s.weighting, s.seed,
+                                            s.tol, s.max_iters))
+        sweep.mod_rows.append(_module_row(info, j, s.ranks, sv, norms2, chain, iters, sweep))
         if progress:
             progress(j + 1, steps, info.name)
+    return sweep
 
-    dims = [(m.d_in + m.d_out, min(m.d_in, m.d_out)) for m in mods]
-    nbytes = _BYTES.get(collection.storage_dtype(), 4)
 
-    def params(r: int, K: int) -> int:
-        return sum(K * min(r, cap) * d + n * min(r, cap) ** 2 for d, cap in dims)
+def _module_row(info, j: int, ranks: list[int], sv: torch.Tensor, norms2: torch.Tensor, chain: torch.Tensor,
+                iters: list[int], sweep: _Sweep) -> dict[str, Any]:
+    """The report's row of module ``j``; its adapters' unit spectra join ``sweep.by_type``."""
+    present = norms2 > 0
+    svp = sv[present].float()
+    unit = svp / torch.linalg.norm(svp, dim=1, keepdim=True).clamp_min(1e-30)
+    sweep.by_type.setdefault(module_type(info.name), []).append(unit)
+    return {
+        "name": info.name,
+        "type": module_type(info.name),
+        "d_out": info.d_out,
+        "d_in": info.d_in,
+        "n_adapters": int(present.sum()),
+        "ranks": [min(r, info.d_out, info.d_in) for r in ranks],
+        "spectra": _stats_rows(svp),
+        "shared": [_mean_present(relative(chain[:, c], norms2), present) for c in range(len(ranks))],
+        "svd": [_mean_present(relative(sweep.sq_svd[:, j, c], norms2), present) for c in range(len(ranks))],
+        "sweeps": iters,
+    }
 
-    def svd_params(r: int) -> int:
-        return sum(n * min(r, cap) * d for d, cap in dims)
 
+def _dims(collection: Collection) -> list[tuple[int, int]]:
+    """Per module ``(d_in + d_out, min(d_in, d_out))``: numbers per rank of a basis pair, rank cap."""
+    return [(m.d_in + m.d_out, min(m.d_in, m.d_out)) for m in collection.modules]
+
+
+def _params(collection: Collection, r: int, K: int) -> int:
+    """Numbers stored by shared bases of rank ``r`` in ``K`` clusters and every adapter's core."""
+    n = len(collection)
+    return sum(K * min(r, cap) * d + n * min(r, cap) ** 2 for d, cap in _dims(collection))
+
+
+def _svd_params(collection: Collection, r: int) -> int:
+    """Numbers stored by every adapter's own truncated SVD at rank ``r``."""
+    return sum(len(collection) * min(r, cap) * d for d, cap in _dims(collection))
+
+
+def _rank_curve(collection: Collection, s: _Settings, sweep: _Sweep, nbytes: int) -> list[dict[str, Any]]:
+    """Per rank: shared and per-adapter SVD error statistics and what each stores."""
     rank_curve = []
-    for c, r in enumerate(ranks):
-        sh = per_adapter(sq_shared[:, :, c], norms)
-        sd = per_adapter(sq_svd[:, :, c], norms)
-        p = params(r, 1)
+    for c, r in enumerate(s.ranks):
+        sh = per_adapter(sweep.sq_shared[:, :, c], sweep.norms)
+        sd = per_adapter(sweep.sq_svd[:, :, c], sweep.norms)
+        p = _params(collection, r, 1)
         rank_curve.append({
             "rank": r,
             "shared": summary(sh.tolist()),
@@ -294,91 +364,120 @@ def analyze(
             "kept_svd": 1 - float(sd.mean()),
             "params": p,
             "bytes": p * nbytes,
-            "ratio_params": orig_params / p if p else 0.0,
-            "svd_params": svd_params(r),
+            "ratio_params": sweep.orig_params / p if p else 0.0,
+            "svd_params": _svd_params(collection, r),
         })
+    return rank_curve
 
+
+def _cluster_curve(collection: Collection, s: _Settings, rank_curve: list[dict[str, Any]], nbytes: int,
+                   progress, steps: int) -> list[dict[str, Any]]:
+    """Per cluster rank and K: the error statistics of ``jd-clustered`` (K = 1: the shared curve);
+    progress after each clustered run."""
+    n = len(collection)
     cluster_curve = []
+    dims = _dims(collection)
     max_cluster_rank = min(cap for _, cap in dims) if dims else 0
-    done = n_mod
-    for r in cranks:
-        for K in clusters:
+    done = len(collection.modules)
+    for r in s.cluster_ranks:
+        for K in s.clusters:
             if K > n:
                 continue
             if K == 1:
-                if r in ranks:
-                    row = rank_curve[ranks.index(r)]
-                    cluster_curve.append({"rank": r, "K": 1, **{k: row["shared"][k] for k in ("mean", "median", "max")},
-                                          "params": row["params"], "bytes": row["bytes"]})
+                if r in s.ranks:
+                    cluster_curve.append(_unclustered_row(rank_curve[s.ranks.index(r)]))
                 continue
             if r > max_cluster_rank:
                 continue
-            from .compress.modules import compress_modules
-            from .compress.options import CompressOptions
-
-            art = compress_modules(collection, CompressOptions(
-                rank=r, method="jd-clustered", clusters=K, weighting=weighting, seed=seed, max_iters=max_iters,
-                tol=tol, max_rounds=max_rounds, compute_dtype=compute_dtype, device="cpu", hash_sources=False,
-                keep_extras=False))
-            sq, nn = art.stats()
-            err = per_adapter(sq.double(), nn.double())
-            p = params(r, K)
+            err = _clustered_errors(collection, s, r, K)
+            p = _params(collection, r, K)
             cluster_curve.append({"rank": r, "K": K, **{k: v for k, v in summary(err.tolist()).items() if k != "min"},
                                   "params": p, "bytes": p * nbytes})
             done += 1
             if progress:
                 progress(done, steps, f"rank {r}, K={K}")
+    return cluster_curve
 
+
+def _unclustered_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A rank curve row as the cluster curve's K = 1 row."""
+    return {"rank": row["rank"], "K": 1, **{k: row["shared"][k] for k in ("mean", "median", "max")},
+            "params": row["params"], "bytes": row["bytes"]}
+
+
+def _clustered_errors(collection: Collection, s: _Settings, r: int, K: int) -> torch.Tensor:
+    """Per-adapter errors of ``jd-clustered`` at rank ``r`` with ``K`` clusters."""
+    from .compress.modules import compress_modules
+    from .compress.options import CompressOptions
+
+    art = compress_modules(collection, CompressOptions(
+        rank=r, method="jd-clustered", clusters=K, weighting=s.weighting, seed=s.seed, max_iters=s.max_iters,
+        tol=s.tol, max_rounds=s.max_rounds, compute_dtype=s.compute_dtype, device="cpu", hash_sources=False,
+        keep_extras=False))
+    sq, nn = art.stats()
+    return per_adapter(sq.double(), nn.double())
+
+
+def _picks(target_error: float | None, rank_curve: list[dict[str, Any]], cluster_curve: list[dict[str, Any]],
+           orig_params: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """With a target: the (rank, K) of least storage whose mean error meets it, and the least
+    per-adapter SVD rank that does (None where none does, or without a target)."""
     pick = pick_svd = None
-    if target_error is not None:
-        have = {(row["rank"], row["K"]) for row in cluster_curve}
-        rows = cluster_curve + [
-            {"rank": row["rank"], "K": 1, **{k: row["shared"][k] for k in ("mean", "median", "max")},
-             "params": row["params"], "bytes": row["bytes"]}
-            for row in rank_curve if (row["rank"], 1) not in have
-        ]
-        ok = [row for row in rows if row["mean"] <= target_error]
-        if ok:
-            best = min(ok, key=lambda row: (row["params"], row["mean"], row["K"]))
-            pick = {**best, "ratio_params": orig_params / best["params"] if best["params"] else 0.0}
-        svd_ok = [row for row in rank_curve if row["svd"]["mean"] <= target_error]
-        if svd_ok:
-            row = min(svd_ok, key=lambda row: row["rank"])
-            pick_svd = {"rank": row["rank"], "mean": row["svd"]["mean"], "params": row["svd_params"]}
+    if target_error is None:
+        return pick, pick_svd
+    have = {(row["rank"], row["K"]) for row in cluster_curve}
+    rows = cluster_curve + [_unclustered_row(row) for row in rank_curve if (row["rank"], 1) not in have]
+    ok = [row for row in rows if row["mean"] <= target_error]
+    if ok:
+        best = min(ok, key=lambda row: (row["params"], row["mean"], row["K"]))
+        pick = {**best, "ratio_params": orig_params / best["params"] if best["params"] else 0.0}
+    svd_ok = [row for row in rank_curve if row["svd"]["mean"] <= target_error]
+    if svd_ok:
+        row = min(svd_ok, key=lambda row: row["rank"])
+        pick_svd = {"rank": row["rank"], "mean": row["svd"]["mean"], "params": row["svd_params"]}
+    return pick, pick_svd
 
+
+def _module_types(sweep: _Sweep, ranks: list[int]) -> dict[str, dict[str, Any]]:
+    """The module rows grouped by module type, spectra normalised to unit norm."""
     types = {}
-    for t, units in by_type.items():
+    for t, units in sweep.by_type.items():
         width = max(u.shape[1] for u in units)
         stack = torch.cat([torch.nn.functional.pad(u, (0, width - u.shape[1])) for u in units])
-        members = [row for row in mod_rows if row["type"] == t]
+        members = [row for row in sweep.mod_rows if row["type"] == t]
         types[t] = {
             "n_modules": len(members),
             "spectra": _stats_rows(stack),
             "shared": [statistics.fmean(row["shared"][c] for row in members) for c in range(len(ranks))],
             "svd": [statistics.fmean(row["svd"][c] for row in members) for c in range(len(ranks))],
         }
+    return types
+
+
+def _report(collection: Collection, s: _Settings, sweep: _Sweep, rank_curve: list[dict[str, Any]],
+            cluster_curve: list[dict[str, Any]], nbytes: int, t0: float) -> dict[str, Any]:
+    pick, pick_svd = _picks(s.target_error, rank_curve, cluster_curve, sweep.orig_params)
+    types = _module_types(sweep, s.ranks)
     return {
         "report_version": REPORT_VERSION,
         "base_model": collection.base_model,
-        "n_adapters": n,
-        "n_modules": n_mod,
-        "weighting": weighting,
+        "n_adapters": len(collection),
+        "n_modules": len(collection.modules),
+        "weighting": s.weighting,
         "storage_dtype": collection.storage_dtype(),
-        "original_params": orig_params,
-        "ranks": ranks,
-        "clusters": clusters,
-        "cluster_ranks": cranks,
-        "solver": {"max_iters": max_iters, "tol": tol, "max_rounds": max_rounds, "seed": seed,
-                   "compute_dtype": compute_dtype,
-                   **({"frontier_max_rank": int(frontier_max_rank)} if frontier else {})},
+        "original_params": sweep.orig_params,
+        "ranks": s.ranks,
+        "clusters": s.clusters,
+        "cluster_ranks": s.cluster_ranks,
+        "solver": s.solver(),
         "rank_curve": rank_curve,
         "cluster_curve": cluster_curve,
-        "target_error": target_error,
+        "target_error": s.target_error,
         "pick": pick,
         "pick_svd": pick_svd,
-        "frontier": _frontier(fits, orig_params, nbytes) if frontier else None,
+        "frontier": _frontier(sweep.fits, sweep.orig_params, nbytes) if s.frontier_max_rank is not None else None,
         "module_types": types,
-        "modules": mod_rows,
+        "modules": sweep.mod_rows,
         "timing_s": time.perf_counter() - t0,
     }
 
@@ -502,9 +601,9 @@ def error_matrix(artifact, sources=None, *, allow_pickle: bool = False):
         rows = list(range(len(artifact.names)))
         sq, nn = artifact.stats()
     else:
-        from .evaluate import _recompute
+        from .evaluate import recompute_errors
 
-        rows, sq, nn = _recompute(artifact, sources, allow_pickle, True)
+        rows, sq, nn = recompute_errors(artifact, sources, allow_pickle, True)
     sq, nn = sq.double(), nn.double()
     names = [artifact.names[i] for i in rows]
     return names, [m["name"] for m in artifact.modules], relative(sq, nn), per_adapter(sq, nn), nn > 0

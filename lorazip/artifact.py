@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .errors import ArtifactError, OutputError
+from .errors import ArtifactError, OutputError, first_line
 from .layout import Layout
 from .io.safetensors_header import (FLOAT_DTYPES, ST_DTYPES, ST_WIDTHS, RawReader, header_bytes, parse_header,
                                     parse_json, short)
@@ -52,9 +52,9 @@ FORMAT_NAME = "lorazip"
 FORMAT_VERSION = 5  # 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
-_CHECKED = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
+MUST_BE_FINITE = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
 QSCALE = "qscale/"  # int8 storage: ``qscale/<key>``, the row scales of the int8 tensor ``<key>`` (lorazip.quantize)
-_QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
+QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
 LOWBIT_GROUP = "row"  # low-bit rows have one scale per row (lorazip.lowbit.GROUP None; checked without numpy)
 EXTRAS_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")  # original dtypes of converted extras
 
@@ -228,11 +228,6 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
     """The header bytes of a safetensors file of ``tensors`` and the order of their data
     (:func:`lorazip.io.safetensors_header.header_bytes`: deterministic, as lorazip writes every file)."""
@@ -330,7 +325,7 @@ class Artifact:
             except ArtifactError:
                 raise
             except Exception as exc:
-                raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+                raise ArtifactError(f"{self.path}: cannot read tensors ({first_line(exc)})") from None
             return
         if not utf8_path(self.path):  # safetensors opens UTF-8 paths only
             with SafetensorsReader(self.path, ArtifactError) as f:
@@ -342,7 +337,7 @@ class Artifact:
         except ArtifactError:
             raise
         except Exception as exc:
-            raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+            raise ArtifactError(f"{self.path}: cannot read tensors ({first_line(exc)})") from None
 
     @contextmanager
     def reader(self) -> Iterator["Artifact"]:
@@ -369,7 +364,7 @@ class Artifact:
             raise
         except Exception as exc:
             stack.close()
-            raise ArtifactError(f"{self.path}: cannot read tensors ({_first_line(exc)})") from None
+            raise ArtifactError(f"{self.path}: cannot read tensors ({first_line(exc)})") from None
         self._handle = handle
         try:
             yield self
@@ -381,7 +376,7 @@ class Artifact:
         """Refuse NaN/Inf in bases, cores and statistics read from a file (a hostile or damaged artifact)."""
         import torch
 
-        if key.startswith(_CHECKED) and t.is_floating_point() and not torch.isfinite(t).all():
+        if key.startswith(MUST_BE_FINITE) and t.is_floating_point() and not torch.isfinite(t).all():
             raise ArtifactError(f"{self.path}: tensor {short(key)} has NaN or Inf values")
         return t
 
@@ -411,7 +406,7 @@ class Artifact:
                 raise ArtifactError(
                     f"{self.path or 'artifact'}: tensor {short(QSCALE + key)} does not match {short(key)}")
             return dequantize_rows(t, scale)
-        if t.numel() == 0 and t.dtype == torch.int8 and key.startswith(_QUANTISABLE[:-1]):
+        if t.numel() == 0 and t.dtype == torch.int8 and key.startswith(QUANTISABLE[:-1]):
             return t.float()
         return t
 
@@ -748,177 +743,216 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
     tensors it describes exist with the right shapes and dtypes in ``header`` (the logical
     entries; not checked with ``schema_only``). Raises :class:`ArtifactError` naming the first
     bad field, so nothing downstream meets a KeyError or TypeError."""
+    _check_document_fields(meta, path)
+    modules, adapters = meta.get("modules"), meta.get("adapters")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise _corrupt(path, "'modules' must be a list of objects")
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+        raise _corrupt(path, "'adapters' must be a list of objects")
+    if not adapters:
+        raise _corrupt(path, "no adapters")
+    _check_module_entries(modules, path)
+    _check_adapter_entries(adapters, path)
+    if schema_only:
+        return
+    check = _HeaderCheck(header, path)
+    check.scales()
+    for mod in modules:
+        check.module(mod, len(adapters))
+    for key in ("stats/sq_error", "stats/norm2"):
+        check.tensor(key, [[len(adapters), len(modules)]], FLOAT_DTYPES)
+    for key in ("stats/extras_sq_error", "stats/extras_norm2"):  # extras converted by extras_dtype
+        if key in header:
+            check.tensor(key, [[len(adapters)]], FLOAT_DTYPES)
 
-    def bad(what: str) -> ArtifactError:
-        return ArtifactError(f"{path}: corrupt lorazip metadata ({what})")
 
+def _corrupt(path: Path | str, what: str) -> ArtifactError:
+    return ArtifactError(f"{path}: corrupt lorazip metadata ({what})")
+
+
+def _check_document_fields(meta: Any, path: Path | str) -> None:
+    """The document's own fields: method, rank, the strings, solver and clustering."""
     if not isinstance(meta, dict):
-        raise bad("not a JSON object")
+        raise _corrupt(path, "not a JSON object")
     if not isinstance(meta.get("method"), str):
-        raise bad("'method' must be a string")
+        raise _corrupt(path, "'method' must be a string")
     mods_raw = meta.get("modules")
     v2_parts = isinstance(mods_raw, list) and any(  # rank-0 modules or residual parts (format v2)
         isinstance(m, dict) and (m.get("rank") == 0 or m.get("residual") is not None) for m in mods_raw
     )
     if not (_is_int(meta.get("rank"), 1) or (_is_int(meta.get("rank")) and v2_parts)):
-        raise bad("'rank' must be a positive integer (0 only with rank-0 modules or residual parts)")
+        raise _corrupt(path, "'rank' must be a positive integer (0 only with rank-0 modules or residual parts)")
     for key in ("lorazip_version", "base_model", "weighting", "storage_dtype", "extras_dtype", "checksum"):
         if not _opt(meta.get(key), str):
-            raise bad(f"'{key}' must be a string")
+            raise _corrupt(path, f"'{key}' must be a string")
     if not _opt(meta.get("solver"), dict):
-        raise bad("'solver' must be an object")
+        raise _corrupt(path, "'solver' must be an object")
     cl = meta.get("clustering")
     if cl is not None:
         if not isinstance(cl, dict) or not _is_int(cl.get("n_clusters", 1), 1):
-            raise bad("'clustering' must be an object with a positive 'n_clusters'")
+            raise _corrupt(path, "'clustering' must be an object with a positive 'n_clusters'")
         if cl.get("n_clusters", 1) > 1 and not (
             isinstance(cl.get("per_module"), bool) and _is_int(cl.get("rounds"))
             and isinstance(cl.get("converged"), bool)
         ):
-            raise bad("'clustering' needs 'per_module', 'rounds' and 'converged'")
+            raise _corrupt(path, "'clustering' needs 'per_module', 'rounds' and 'converged'")
 
-    modules, adapters = meta.get("modules"), meta.get("adapters")
-    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise bad("'modules' must be a list of objects")
-    if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
-        raise bad("'adapters' must be a list of objects")
-    if not adapters:
-        raise bad("no adapters")
+
+def _check_module_entries(modules: list[dict[str, Any]], path: Path | str) -> None:
+    """Every module entry, unique names, and shape groups of one module path differing in shape."""
     seen: set[str] = set()
     for j, mod in enumerate(modules):
         name = mod.get("name")
         if not isinstance(name, str) or not name or name in seen:
-            raise bad(f"modules[{j}].name must be a unique non-empty string")
+            raise _corrupt(path, f"modules[{j}].name must be a unique non-empty string")
         seen.add(name)
-        for key in ("d_out", "d_in"):
-            if not _is_int(mod.get(key), 1):
-                raise bad(f"modules[{j}].{key} must be a positive integer")
-        if not _is_int(mod.get("rank")):
-            raise bad(f"modules[{j}].rank must be a non-negative integer")
-        res = mod.get("residual")
-        if res is not None and not (
-            isinstance(res, dict) and _is_int(res.get("max_rank"), 1) and _is_int(res.get("total_rank"), 1)
-            and res["max_rank"] <= res["total_rank"]
-        ):
-            raise bad(f"modules[{j}].residual must be an object with positive 'max_rank' <= 'total_rank'")
-        quant = mod.get("quant")
-        if quant is not None and not (isinstance(quant, list) and len(quant) == 5 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 4 for x in quant)):
-            raise bad(f"modules[{j}].quant must be five relative errors (at 1, 2, 3, 4 and 8 bits)")
-        bits = (res or {}).get("bits")
-        if bits is not None and not (
-            isinstance(bits, dict) and bits.get("group") == LOWBIT_GROUP and isinstance(bits.get("bytes"), list)
-            and len(bits["bytes"]) == 2 and all(_is_int(b, 1) for b in bits["bytes"])
-        ):
-            raise bad(f"modules[{j}].residual.bits must be an object with 'group' {LOWBIT_GROUP} and two positive "
-                      "'bytes'")
-        if not _is_int(mod.get("n_clusters", 1), 1):
-            raise bad(f"modules[{j}].n_clusters must be a positive integer")
-        if mod.get("layout", "linear") not in ("linear", "embedding"):
-            raise bad(f"modules[{j}].layout must be 'linear' or 'embedding'")
-        if "target" in mod and not (isinstance(mod["target"], str) and mod["target"] and mod["target"] != name):
-            raise bad(f"modules[{j}].target must be a module path other than its name (a shape group's module)")
+        _check_module_entry(j, mod, path)
     paths: dict[tuple, str] = {}
     for mod in modules:  # two shape groups of one module path must differ in shape
         key = (module_path(mod), mod.get("layout", "linear"), mod["d_out"], mod["d_in"])
         if key in paths:
-            raise bad(f"modules {short(paths[key])} and {short(mod['name'])} are the same module {short(key[0])} "
-                      f"with the same shape")
+            raise _corrupt(path, f"modules {short(paths[key])} and {short(mod['name'])} are the same module "
+                                 f"{short(key[0])} with the same shape")
         paths[key] = mod["name"]
+
+
+def _check_module_entry(j: int, mod: dict[str, Any], path: Path | str) -> None:
+    """Module ``j``'s fields other than its name: dimensions, rank, residual, quant, clusters, layout, target."""
+    for key in ("d_out", "d_in"):
+        if not _is_int(mod.get(key), 1):
+            raise _corrupt(path, f"modules[{j}].{key} must be a positive integer")
+    if not _is_int(mod.get("rank")):
+        raise _corrupt(path, f"modules[{j}].rank must be a non-negative integer")
+    res = mod.get("residual")
+    if res is not None and not (
+        isinstance(res, dict) and _is_int(res.get("max_rank"), 1) and _is_int(res.get("total_rank"), 1)
+        and res["max_rank"] <= res["total_rank"]
+    ):
+        raise _corrupt(path, f"modules[{j}].residual must be an object with positive 'max_rank' <= 'total_rank'")
+    quant = mod.get("quant")
+    if quant is not None and not (isinstance(quant, list) and len(quant) == 5 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 4 for x in quant)):
+        raise _corrupt(path, f"modules[{j}].quant must be five relative errors (at 1, 2, 3, 4 and 8 bits)")
+    bits = (res or {}).get("bits")
+    if bits is not None and not (
+        isinstance(bits, dict) and bits.get("group") == LOWBIT_GROUP and isinstance(bits.get("bytes"), list)
+        and len(bits["bytes"]) == 2 and all(_is_int(b, 1) for b in bits["bytes"])
+    ):
+        raise _corrupt(path, f"modules[{j}].residual.bits must be an object with 'group' {LOWBIT_GROUP} and two "
+                             "positive 'bytes'")
+    if not _is_int(mod.get("n_clusters", 1), 1):
+        raise _corrupt(path, f"modules[{j}].n_clusters must be a positive integer")
+    if mod.get("layout", "linear") not in ("linear", "embedding"):
+        raise _corrupt(path, f"modules[{j}].layout must be 'linear' or 'embedding'")
+    if "target" in mod and not (isinstance(mod["target"], str) and mod["target"] and mod["target"] != mod["name"]):
+        raise _corrupt(path, f"modules[{j}].target must be a module path other than its name (a shape group's module)")
+
+
+def _check_adapter_entries(adapters: list[dict[str, Any]], path: Path | str) -> None:
+    """Every adapter entry: a unique name, ranks, source files, config and extras."""
     names: set[str] = set()
     for i, a in enumerate(adapters):
         name = a.get("name")
         if not isinstance(name, str) or not name:
-            raise bad(f"adapters[{i}].name must be a non-empty string")
+            raise _corrupt(path, f"adapters[{i}].name must be a non-empty string")
         if name in names:
-            raise bad(f"adapter name {short(name)} is used twice")
+            raise _corrupt(path, f"adapter name {short(name)} is used twice")
         names.add(name)
         ranks = a.get("ranks")
         if not isinstance(ranks, dict) or not all(_is_int(r) for r in ranks.values()):
-            raise bad(f"adapters[{i}].ranks must map module names to ranks")
-        src = a.get("source")
-        files = src.get("files") if isinstance(src, dict) else None
-        if not isinstance(files, dict) or not _opt(src.get("path"), str):
-            raise bad(f"adapters[{i}].source must hold 'path' and 'files'")
-        for fname, f in files.items():
-            if fname in ("", ".", "..") or "/" in fname or "\\" in fname or "\x00" in fname:
-                raise bad(f"adapters[{i}].source.files names {short(fname)}, not a plain file name")
-            if not isinstance(f, dict) or not _is_int(f.get("bytes")) or not _opt(f.get("sha256"), str):
-                raise bad(f"adapters[{i}].source.files[{short(fname)}] must hold 'bytes' and 'sha256'")
+            raise _corrupt(path, f"adapters[{i}].ranks must map module names to ranks")
+        _check_source(i, a.get("source"), path)
         if not isinstance(a.get("config", {}), dict):
-            raise bad(f"adapters[{i}].config must be an object")
+            raise _corrupt(path, f"adapters[{i}].config must be an object")
         extras = a.get("extras", [])
         if not isinstance(extras, list) or not all(isinstance(x, str) for x in extras):
-            raise bad(f"adapters[{i}].extras must be a list of strings")
+            raise _corrupt(path, f"adapters[{i}].extras must be a list of strings")
         orig = a.get("extras_dtypes", {})
         if not isinstance(orig, dict) or not all(v in EXTRAS_DTYPE_NAMES for v in orig.values()):
-            raise bad(f"adapters[{i}].extras_dtypes must map extras to {', '.join(EXTRAS_DTYPE_NAMES)}")
+            raise _corrupt(path, f"adapters[{i}].extras_dtypes must map extras to {', '.join(EXTRAS_DTYPE_NAMES)}")
 
-    n = len(adapters)
-    if schema_only:
-        return
 
-    def tensor(key: str, shapes: list[list[Any]], dtypes: tuple[str, ...]) -> None:
-        info = header.get(key)
+def _check_source(i: int, src: Any, path: Path | str) -> None:
+    """Adapter ``i``'s source record: a path and plain file names with their bytes and sha256."""
+    files = src.get("files") if isinstance(src, dict) else None
+    if not isinstance(files, dict) or not _opt(src.get("path"), str):
+        raise _corrupt(path, f"adapters[{i}].source must hold 'path' and 'files'")
+    for fname, f in files.items():
+        if fname in ("", ".", "..") or "/" in fname or "\\" in fname or "\x00" in fname:
+            raise _corrupt(path, f"adapters[{i}].source.files names {short(fname)}, not a plain file name")
+        if not isinstance(f, dict) or not _is_int(f.get("bytes")) or not _opt(f.get("sha256"), str):
+            raise _corrupt(path, f"adapters[{i}].source.files[{short(fname)}] must hold 'bytes' and 'sha256'")
+
+
+_INT_DTYPES = ("I32", "I64", "I16", "I8", "U8", "U16", "U32", "U64")
+
+
+class _HeaderCheck:
+    """The tensors of a header (logical entries) against the shapes and dtypes the metadata implies."""
+
+    def __init__(self, header: dict[str, dict[str, Any]], path: Path | str):
+        self.header, self.path = header, path
+
+    def tensor(self, key: str, shapes: list[list[Any]], dtypes: tuple[str, ...]) -> None:
+        info = self.header.get(key)
         if info is None or info["shape"] not in shapes:
             want = " or ".join(str(tuple(s)) for s in shapes)
-            raise ArtifactError(f"{path}: tensor {short(key)} missing or not of shape {want}")
+            raise ArtifactError(f"{self.path}: tensor {short(key)} missing or not of shape {want}")
         if info["dtype"] not in dtypes:
             raise ArtifactError(
-                f"{path}: tensor {short(key)} has dtype {info['dtype']}, expected {' or '.join(dtypes)}"
+                f"{self.path}: tensor {short(key)} has dtype {info['dtype']}, expected {' or '.join(dtypes)}"
             )
 
-    def stored(key: str, shapes: list[list[Any]]) -> None:
+    def stored(self, key: str, shapes: list[list[Any]]) -> None:
         """A float tensor, or (int8 storage) an int8 one whose ``qscale/`` companion has its shape
         less the last axis (no companion for an empty tensor), or low-bit codes (uint8, format v5)
         with bfloat16 group scales."""
-        info = header.get(key)
+        info = self.header.get(key)
         if info is not None and info["dtype"] == "U8" and key.startswith(("resid_B/", "resid_A/")):
-            tensor(key, shapes, ("U8",))
-            tensor(_bits_key(key), [shapes[0][:1]], ("U8",))
-            return tensor(QSCALE + key, [[shapes[0][0], 1]], ("BF16",))
+            self.tensor(key, shapes, ("U8",))
+            self.tensor(_bits_key(key), [shapes[0][:1]], ("U8",))
+            return self.tensor(QSCALE + key, [[shapes[0][0], 1]], ("BF16",))
         if info is None or info["dtype"] != "I8":
-            return tensor(key, shapes, FLOAT_DTYPES)
-        tensor(key, shapes, ("I8",))
-        if QSCALE + key in header or math.prod(info["shape"]):
-            tensor(QSCALE + key, [info["shape"][:-1]], ("F16", "F32"))
+            return self.tensor(key, shapes, FLOAT_DTYPES)
+        self.tensor(key, shapes, ("I8",))
+        if QSCALE + key in self.header or math.prod(info["shape"]):
+            self.tensor(QSCALE + key, [info["shape"][:-1]], ("F16", "F32"))
 
-    ints = ("I32", "I64", "I16", "I8", "U8", "U16", "U32", "U64")
-    for key, info in header.items():  # row scales belong to an int8 base, core, residual or extras tensor
-        if key.startswith(QSCALE):
-            base = header.get(key[len(QSCALE):])
-            if not key[len(QSCALE):].startswith(_QUANTISABLE) or base is None or base["dtype"] not in ("I8", "U8"):
-                raise ArtifactError(
-                    f"{path}: tensor {short(key)} has no int8 tensor {short(key[len(QSCALE):])} to scale")
-            if key[len(QSCALE):].startswith("extras/"):
-                stored(key[len(QSCALE):], [base["shape"]])
-    for mod in modules:
+    def scales(self) -> None:
+        """Row scales belong to an int8 base, core, residual or extras tensor."""
+        for key, info in self.header.items():
+            if key.startswith(QSCALE):
+                base = self.header.get(key[len(QSCALE):])
+                if (not key[len(QSCALE):].startswith(QUANTISABLE) or base is None
+                        or base["dtype"] not in ("I8", "U8")):
+                    raise ArtifactError(
+                        f"{self.path}: tensor {short(key)} has no int8 tensor {short(key[len(QSCALE):])} to scale")
+                if key[len(QSCALE):].startswith("extras/"):
+                    self.stored(key[len(QSCALE):], [base["shape"]])
+
+    def module(self, mod: dict[str, Any], n: int) -> None:
+        """A module's bases, cores, spectra, assignment and residual parts, for ``n`` adapters."""
         name, r, k = mod["name"], mod["rank"], mod.get("n_clusters", 1)
         r_out = mod.get("rank_out", r)
         if not _is_int(r_out):
-            raise bad(f"module {short(name)}: rank_out must be a non-negative integer")
-        stored(f"U/{name}", [[k, mod["d_out"], r_out]])
-        stored(f"V/{name}", [[k, mod["d_in"], r]])
-        stored(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []))
-        spectra = header.get(f"spectra/{name}")
+            raise _corrupt(self.path, f"module {short(name)}: rank_out must be a non-negative integer")
+        self.stored(f"U/{name}", [[k, mod["d_out"], r_out]])
+        self.stored(f"V/{name}", [[k, mod["d_in"], r]])
+        self.stored(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []))
+        spectra = self.header.get(f"spectra/{name}")
         if spectra is None or len(spectra["shape"]) != 2 or spectra["shape"][0] != n:
-            raise ArtifactError(f"{path}: tensor {short(f'spectra/{name}')} missing or not of shape ({n}, r_max)")
-        tensor(f"spectra/{name}", [spectra["shape"]], FLOAT_DTYPES)
-        if f"assign/{name}" in header or k > 1:
-            tensor(f"assign/{name}", [[n]], ints)
+            raise ArtifactError(f"{self.path}: tensor {short(f'spectra/{name}')} missing or not of shape ({n}, r_max)")
+        self.tensor(f"spectra/{name}", [spectra["shape"]], FLOAT_DTYPES)
+        if f"assign/{name}" in self.header or k > 1:
+            self.tensor(f"assign/{name}", [[n]], _INT_DTYPES)
         rkeys = (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}")
         res = mod.get("residual")
-        if res is None and any(key in header for key in rkeys):
-            raise bad(f"module {short(name)}: residual tensors without 'residual' metadata")
+        if res is None and any(key in self.header for key in rkeys):
+            raise _corrupt(self.path, f"module {short(name)}: residual tensors without 'residual' metadata")
         if res is not None:  # format v2: b_i^T / a_i row blocks, k_i rows each (sum: total_rank)
-            tensor(rkeys[0], [[n]], ints)
-            stored(rkeys[1], [[res["total_rank"], mod["d_out"]]])
-            stored(rkeys[2], [[res["total_rank"], mod["d_in"]]])
-    for key in ("stats/sq_error", "stats/norm2"):
-        tensor(key, [[n, len(modules)]], FLOAT_DTYPES)
-    for key in ("stats/extras_sq_error", "stats/extras_norm2"):  # extras converted by extras_dtype
-        if key in header:
-            tensor(key, [[n]], FLOAT_DTYPES)
+            self.tensor(rkeys[0], [[n]], _INT_DTYPES)
+            self.stored(rkeys[1], [[res["total_rank"], mod["d_out"]]])
+            self.stored(rkeys[2], [[res["total_rank"], mod["d_in"]]])
 
 
 def residual_ranks(reader: HeaderReader, meta: dict[str, Any], layout=None) -> dict[str, list[int]]:

@@ -41,6 +41,7 @@ import torch
 
 from . import __version__
 from .errors import ArtifactError, LorazipError, OptionError, SourceError, ValidationError
+from .models import check_dtype, load_base_model, load_tokenizer_for, require_hf, resolve_device
 
 FORMAT_NAME = "lorazip-calibration"
 FORMAT_VERSION = 1
@@ -48,17 +49,6 @@ DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_SIZE = 8
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 KINDS = ("linear", "embedding")
-
-
-def _require_transformers():
-    """transformers, or a clear error naming the extra to install."""
-    from .taskeval import MissingDependencyError
-
-    try:
-        import transformers
-    except ImportError:
-        raise MissingDependencyError("calibration needs transformers: pip install 'lorazip[eval]'") from None
-    return transformers
 
 
 # ------------------------------------------------------------------------ the statistics
@@ -443,60 +433,47 @@ def calibrate(
     MissingDependencyError without transformers; SourceError for missing or unreadable text or
     model; ValidationError for modules the base model lacks; OptionError for bad settings.
     """
-    from .taskeval import _DTYPES, _load_model, _load_tokenizer, _resolve_device
-
-    transformers = _require_transformers()
-    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens <= 0):
-        raise OptionError(f"max_tokens must be positive, got {max_tokens}")
-    if max_length < 1:
-        raise OptionError(f"max_length must be at least 1, got {max_length}")
-    if batch_size <= 0:
-        raise OptionError(f"batch_size must be positive, got {batch_size}")
-    if dtype not in _DTYPES:
-        raise OptionError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
-    dev = _resolve_device(device)
+    (transformers,) = require_hf("calibration", ("transformers",))
+    _check_settings(max_tokens, max_length, batch_size, dtype)
+    dev = resolve_device(device)
     docs, files = read_documents(data)
-    if isinstance(base_model, (str, os.PathLike)):
-        model_id = str(base_model)
-        model = _load_model(transformers, model_id, _DTYPES[dtype])
-        tok = tokenizer if tokenizer is not None else model_id
-    else:
-        if tokenizer is None:
-            raise OptionError("pass the tokenizer along with an already loaded base model")
-        model = base_model
-        model_id = getattr(getattr(model, "config", None), "_name_or_path", None) or "(in memory)"
-        tok = tokenizer
-    tok = _load_tokenizer(transformers, tok) if isinstance(tok, (str, os.PathLike)) else tok
+    model, model_id = load_base_model(transformers, base_model, tokenizer, dtype)
+    tok = load_tokenizer_for(transformers, tokenizer, model_id)
     targets = target_modules(model, transformers, adapters, modules, allow_pickle)
     encoded = [list(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
     wins = windows(encoded, max_length, max_tokens)
     total = sum(map(len, wins))
     if total == 0:
         raise SourceError("the calibration text has no tokens")
+    acc = _accumulate(model, tok, targets, wins, total, batch_size, dev, progress)
+    return _assemble(acc, targets, model_id, files, len(docs), len(wins), total, max_length, max_tokens, dtype)
+
+
+def _check_settings(max_tokens: int | None, max_length: int, batch_size: int, dtype: str) -> None:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens <= 0):
+        raise OptionError(f"max_tokens must be positive, got {max_tokens}")
+    if max_length < 1:
+        raise OptionError(f"max_length must be at least 1, got {max_length}")
+    if batch_size <= 0:
+        raise OptionError(f"batch_size must be positive, got {batch_size}")
+    check_dtype(dtype)
+
+
+def _accumulate(model, tok, targets: dict[str, tuple[str, int]], wins: list[list[int]], total: int,
+                batch_size: int, dev: str, progress) -> _Accumulator:
+    """Run the model on ``dev`` over the windows, in length-sorted batches (little padding), with
+    the accumulating hooks on ``targets``; the model's training mode is restored after."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     was_training = model.training
     model.to(dev).eval()
     acc = _Accumulator(model, targets, dev)
-    kwargs: dict[str, Any] = {"use_cache": False}
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    hooked = {id(m) for n, m in model.named_modules() if n in targets}
-    if out_emb is not None and id(out_emb) not in hooked:
-        import inspect
-
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            kwargs["logits_to_keep"] = 1  # the head is not calibrated: skip the full-vocabulary logits
-    order = sorted(range(len(wins)), key=lambda i: len(wins[i]))  # length-sorted batches, little padding
+    kwargs = _forward_kwargs(model, targets)
+    order = sorted(range(len(wins)), key=lambda i: len(wins[i]))
     done = 0
     try:
         with torch.inference_mode():
             for s in range(0, len(order), batch_size):
-                chunk = [wins[i] for i in order[s : s + batch_size]]
-                L = max(map(len, chunk))
-                ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), L), dtype=torch.long)
-                for r, w in enumerate(chunk):
-                    ids[r, : len(w)] = torch.tensor(w, dtype=torch.long)
-                    mask[r, : len(w)] = 1
+                ids, mask = _padded_batch([wins[i] for i in order[s : s + batch_size]], pad)
                 ids, mask = ids.to(dev), mask.to(dev)
                 acc.start_batch(mask)
                 model(input_ids=ids, attention_mask=mask, **kwargs)
@@ -506,7 +483,32 @@ def calibrate(
     finally:
         acc.close()
         model.train(was_training)
-    return _assemble(acc, targets, model_id, files, len(docs), len(wins), total, max_length, max_tokens, dtype)
+    return acc
+
+
+def _forward_kwargs(model, targets) -> dict[str, Any]:
+    """Forward-pass options: no KV cache, and logits of the last position only when the output
+    head is not calibrated (no full-vocabulary logits for nothing)."""
+    kwargs: dict[str, Any] = {"use_cache": False}
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hooked = {id(m) for n, m in model.named_modules() if n in targets}
+    if out_emb is not None and id(out_emb) not in hooked:
+        import inspect
+
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # the head is not calibrated: skip the full-vocabulary logits
+    return kwargs
+
+
+def _padded_batch(chunk: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (right-padded with ``pad``) and the attention mask of a batch of windows."""
+    L = max(map(len, chunk))
+    ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), L), dtype=torch.long)
+    for r, w in enumerate(chunk):
+        ids[r, : len(w)] = torch.tensor(w, dtype=torch.long)
+        mask[r, : len(w)] = 1
+    return ids, mask
 
 
 def _assemble(acc: _Accumulator, targets, model_id, files, n_docs, n_windows, n_tokens, max_length, max_tokens,

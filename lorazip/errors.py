@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad input files, bad options, bad artifacts) is a
 ``LorazipError``; the CLI prints its message on one line and exits non-zero.
-Anything else that escapes is a bug and keeps its traceback.
+Anything else that escapes is a bug and keeps its traceback. :func:`first_line` is how a
+message quotes a third-party exception it replaces.
 """
 
 from __future__ import annotations
@@ -38,3 +39,9 @@ class OutputError(LorazipError):
 
 class ClusterError(LorazipError):
     """A Ray cluster cannot be started or joined, or cannot run a task (its worker died too often)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

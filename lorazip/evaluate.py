@@ -212,8 +212,12 @@ def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str,
             **summary(relative(sq[have], n2[have]).tolist())}
 
 
-def _recompute(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool,
-               spectra_out: dict[int, torch.Tensor] | None = None):
+def recompute_errors(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool,
+                     spectra_out: dict[int, torch.Tensor] | None = None):
+    """``(rows, sq, nn2)``: the artifact's rows of the adapters found in ``sources`` and their exact
+    squared errors and squared norms (rows, modules), float64, against the re-read originals (whose
+    sha256 must match the artifact's record when ``check_hashes``). ``spectra_out``, when given,
+    receives each module's weight-space singular values of the originals."""
     coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
     by_name = {a.name: a for a in coll.adapters}
     rows = [i for i, name in enumerate(artifact.names) if name in by_name]
@@ -261,82 +265,20 @@ def evaluate(
     (``metric: "activation"``, what was optimised) and in weight space (``weight_errors``);
     errors recomputed against the originals are in weight space (``metric: "weight"``).
     """
-    names = artifact.names
     calibration = artifact.meta.get("calibration")
     weight_spectra = {} if calibration and sources is not None else None
     if sources is None:
-        rows = list(range(len(names)))
+        rows = list(range(len(artifact.names)))
         sq, nn2 = artifact.stats()
         sq, nn2 = sq.double(), nn2.double()
     else:
-        rows, sq, nn2 = _recompute(artifact, sources, allow_pickle, check_hashes, weight_spectra)
-    weight_err = None
-    if calibration and sources is None and artifact._has("stats/weight_sq_error"):
-        weight_err = relative(artifact.get("stats/weight_sq_error").double(),  # (n,): summed over modules
-                              artifact.get("stats/weight_norm2").double())
-    rel = relative(sq, nn2)  # (n, m)
+        rows, sq, nn2 = recompute_errors(artifact, sources, allow_pickle, check_hashes, weight_spectra)
+    weight_err = _recorded_weight_errors(artifact) if calibration and sources is None else None
     adapter_err = per_adapter(sq, nn2)
-
-    # SVD baselines from the stored spectra of the originals.
     st = storage(artifact)
-    base_same = torch.zeros_like(sq)  # per-adapter SVD at each (adapter, module)'s stored rank r_m + k_i
-    stored_rank = torch.zeros_like(sq)
-    spectra = []
-    for j, mod in enumerate(artifact.modules):
-        key = f"spectra/{mod['name']}"
-        sv = weight_spectra[j] if weight_spectra and j in weight_spectra else artifact.get_rows(key, rows).double()
-        kr = f"resid_ranks/{mod['name']}"
-        ks = artifact.get(kr).long().reshape(-1)[rows] if artifact._has(kr) else torch.zeros(len(rows), dtype=torch.long)
-        stored_rank[:, j] = mod["rank"] + ks
-        base_same[:, j] = truncation_errors(sv, mod["rank"] + ks) * nn2[:, j]
-        spectra.append(sv)
-    pairs = nn2 > 0
-    mixed_ranks = any(artifact._has(f"resid_ranks/{m['name']}") for m in artifact.modules) or len(
-        {m["rank"] for m in artifact.modules}) > 1
-    # numbers of the compressed parts of these adapters (all of them unless recomputing a subset)
-    numbers = int(st["compressed_params"] * len(rows) / max(len(names), 1))
-    int8 = artifact.meta.get("storage_dtype") == "int8"
     stored = storage_bits(artifact)
-    nbytes = stored["bytes"] * len(rows) / max(len(names), 1)  # the bytes of these adapters' parts
-    if any((m.get("residual") or {}).get("bits") for m in artifact.modules):  # low-bit rows: their bytes in int8
-        numbers = int(nbytes)
-    same = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers,
-                               [int8_rounding(m["d_out"], m["d_in"]) for m in artifact.modules] if int8 else None)
-    same["precision"] = artifact.meta.get("storage_dtype")
-    same["bytes"] = numbers * _itemsize(artifact.meta.get("storage_dtype"))
-    same["scheme"] = f"SVD in {same['precision'] or 'float32'}"
-    matched = best_svd_baseline(spectra, artifact.modules, nn2, nbytes, same)
-
-    clustering = artifact.meta.get("clustering")
-    assign = None
-    if clustering and clustering.get("n_clusters", 1) > 1:
-        clustering = dict(clustering)
-        clustering.pop("objective_history", None)
-        if not clustering.get("per_module"):
-            assign = artifact.get(f"assign/{artifact.modules[0]['name']}").long()
-            clustering["sizes"] = torch.bincount(assign, minlength=clustering["n_clusters"]).tolist()
-    adapters = []
-    for k, i in enumerate(rows):
-        meta = artifact.meta["adapters"][i]
-        adapters.append(
-            {
-                "name": names[i],
-                "error": float(adapter_err[k]),
-                **({"weight_error": float(weight_err[i])} if weight_err is not None else {}),
-                "svd_same_rank_error": float(per_adapter(base_same[k : k + 1], nn2[k : k + 1])[0]),
-                "missing_modules": missing_modules(artifact.modules, meta["ranks"]),
-                **({"cluster": int(assign[i])} if assign is not None else {}),
-            }
-        )
-    modules = []
-    for j, mod in enumerate(artifact.modules):
-        present = nn2[:, j] > 0
-        vals = rel[present, j].tolist()
-        modules.append({"name": mod["name"], **({"target": mod["target"]} if "target" in mod else {}), "rank": mod["rank"],
-                        **({"rank_out": mod["rank_out"]} if "rank_out" in mod else {}),
-                        **({"rank_capped": mod["rank_capped"]} if "rank_capped" in mod else {}),
-                        **({"residual": mod["residual"]} if "residual" in mod else {}),
-                        **{f"{k}_error": v for k, v in summary(vals).items()}})
+    base_same, baseline = _svd_baselines(artifact, rows, nn2, weight_spectra, st, stored)
+    clustering, assign = _clustering(artifact)
     return {
         "report_version": REPORT_VERSION,
         "artifact": str(artifact.path) if artifact.path else None,
@@ -353,15 +295,114 @@ def evaluate(
         "metric": "activation" if calibration and sources is None else "weight",
         **({"weight_errors": summary(weight_err.tolist())} if weight_err is not None else {}),
         **({"calibration": calibration} if calibration else {}),
-        "baseline": {
-            "svd_same_rank": {"rank": artifact.meta.get("rank"), "per_pair": mixed_ranks,
-                              "mean_rank": float(stored_rank[pairs].mean()) if bool(pairs.any()) else 0.0,
-                              **summary(per_adapter(base_same, nn2).tolist())},
-            "svd_matched_storage": matched,
-        },
+        "baseline": baseline,
         "storage": st,
         "bits": {k: stored[k] for k in ("histogram", "bits_per_number", "pairs_at_nothing", "pairs")},
         "split_modules": split_modules(artifact.modules, [artifact.meta["adapters"][i] for i in rows]),
-        "adapters": adapters,
-        "modules": modules,
+        "adapters": _adapter_rows(artifact, rows, adapter_err, weight_err, base_same, nn2, assign),
+        "modules": _module_rows(artifact, relative(sq, nn2), nn2),
     }
+
+
+def _recorded_weight_errors(artifact: Artifact) -> torch.Tensor | None:
+    """(n,) weight-space errors recorded by a calibrated compression (summed over modules), if any."""
+    if not artifact._has("stats/weight_sq_error"):
+        return None
+    return relative(artifact.get("stats/weight_sq_error").double(), artifact.get("stats/weight_norm2").double())
+
+
+def _svd_baselines(artifact: Artifact, rows: list[int], nn2: torch.Tensor, weight_spectra: dict[int, torch.Tensor] | None,
+                   st: dict[str, Any], stored: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The report's ``baseline``, per-adapter SVD from the spectra of the originals (the stored
+    ones, or ``weight_spectra`` where recomputed): at each pair's stored rank, and at the same
+    storage; with the squared errors (rows, modules) of the first."""
+    base_same, stored_rank, spectra = _svd_same_rank(artifact, rows, nn2, weight_spectra)
+    pairs = nn2 > 0
+    mixed_ranks = any(artifact._has(f"resid_ranks/{m['name']}") for m in artifact.modules) or len(
+        {m["rank"] for m in artifact.modules}) > 1
+    return base_same, {
+        "svd_same_rank": {"rank": artifact.meta.get("rank"), "per_pair": mixed_ranks,
+                          "mean_rank": float(stored_rank[pairs].mean()) if bool(pairs.any()) else 0.0,
+                          **summary(per_adapter(base_same, nn2).tolist())},
+        "svd_matched_storage": _svd_matched(artifact, rows, spectra, nn2, st, stored),
+    }
+
+
+def _svd_same_rank(artifact: Artifact, rows: list[int], nn2: torch.Tensor,
+                   weight_spectra: dict[int, torch.Tensor] | None):
+    """``(squared errors, stored ranks, spectra per module)`` of per-adapter SVD at each (adapter,
+    module)'s stored rank ``r_m + k_i``."""
+    base_same = torch.zeros_like(nn2)
+    stored_rank = torch.zeros_like(nn2)
+    spectra = []
+    for j, mod in enumerate(artifact.modules):
+        key = f"spectra/{mod['name']}"
+        sv = weight_spectra[j] if weight_spectra and j in weight_spectra else artifact.get_rows(key, rows).double()
+        kr = f"resid_ranks/{mod['name']}"
+        ks = artifact.get(kr).long().reshape(-1)[rows] if artifact._has(kr) else torch.zeros(len(rows), dtype=torch.long)
+        stored_rank[:, j] = mod["rank"] + ks
+        base_same[:, j] = truncation_errors(sv, mod["rank"] + ks) * nn2[:, j]
+        spectra.append(sv)
+    return base_same, stored_rank, spectra
+
+
+def _svd_matched(artifact: Artifact, rows: list[int], spectra: list[torch.Tensor], nn2: torch.Tensor,
+                 st: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """Per-adapter SVD in the bytes of these adapters' parts: the best of its precisions."""
+    names = artifact.names
+    # numbers of the compressed parts of these adapters (all of them unless recomputing a subset)
+    numbers = int(st["compressed_params"] * len(rows) / max(len(names), 1))
+    int8 = artifact.meta.get("storage_dtype") == "int8"
+    nbytes = stored["bytes"] * len(rows) / max(len(names), 1)  # the bytes of these adapters' parts
+    if any((m.get("residual") or {}).get("bits") for m in artifact.modules):  # low-bit rows: their bytes in int8
+        numbers = int(nbytes)
+    same = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers,
+                               [int8_rounding(m["d_out"], m["d_in"]) for m in artifact.modules] if int8 else None)
+    same["precision"] = artifact.meta.get("storage_dtype")
+    same["bytes"] = numbers * _itemsize(artifact.meta.get("storage_dtype"))
+    same["scheme"] = f"SVD in {same['precision'] or 'float32'}"
+    return best_svd_baseline(spectra, artifact.modules, nn2, nbytes, same)
+
+
+def _clustering(artifact: Artifact) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+    """The report's ``clustering`` (with cluster sizes for a shared assignment) and that assignment."""
+    clustering = artifact.meta.get("clustering")
+    assign = None
+    if clustering and clustering.get("n_clusters", 1) > 1:
+        clustering = dict(clustering)
+        clustering.pop("objective_history", None)
+        if not clustering.get("per_module"):
+            assign = artifact.get(f"assign/{artifact.modules[0]['name']}").long()
+            clustering["sizes"] = torch.bincount(assign, minlength=clustering["n_clusters"]).tolist()
+    return clustering, assign
+
+
+def _adapter_rows(artifact: Artifact, rows: list[int], adapter_err: torch.Tensor, weight_err: torch.Tensor | None,
+                  base_same: torch.Tensor, nn2: torch.Tensor, assign: torch.Tensor | None) -> list[dict[str, Any]]:
+    adapters = []
+    for k, i in enumerate(rows):
+        meta = artifact.meta["adapters"][i]
+        adapters.append(
+            {
+                "name": artifact.names[i],
+                "error": float(adapter_err[k]),
+                **({"weight_error": float(weight_err[i])} if weight_err is not None else {}),
+                "svd_same_rank_error": float(per_adapter(base_same[k : k + 1], nn2[k : k + 1])[0]),
+                "missing_modules": missing_modules(artifact.modules, meta["ranks"]),
+                **({"cluster": int(assign[i])} if assign is not None else {}),
+            }
+        )
+    return adapters
+
+
+def _module_rows(artifact: Artifact, rel: torch.Tensor, nn2: torch.Tensor) -> list[dict[str, Any]]:
+    modules = []
+    for j, mod in enumerate(artifact.modules):
+        present = nn2[:, j] > 0
+        vals = rel[present, j].tolist()
+        modules.append({"name": mod["name"], **({"target": mod["target"]} if "target" in mod else {}), "rank": mod["rank"],
+                        **({"rank_out": mod["rank_out"]} if "rank_out" in mod else {}),
+                        **({"rank_capped": mod["rank_capped"]} if "rank_capped" in mod else {}),
+                        **({"residual": mod["residual"]} if "residual" in mod else {}),
+                        **{f"{k}_error": v for k, v in summary(vals).items()}})
+    return modules

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import lowbit
 
-from .artifact import _CHECKED, _QUANTISABLE, QSCALE, Artifact, current_umask, module_path
+from .artifact import MUST_BE_FINITE, QSCALE, QUANTISABLE, Artifact, current_umask, module_path
 from .errors import ArtifactError, OptionError, OutputError
 from .io.safetensors_header import ST_WIDTHS, RawReader, header_bytes, short
 
@@ -478,7 +478,7 @@ class NumpySource:
             arr = lowbit.unpack(buf, bits[a:b], width)
         else:  # pragma: no cover - refused by _check
             raise Unsupported(f"tensor {short(key)} stored as {short(kind)}")
-        if key.startswith(_CHECKED) and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if key.startswith(MUST_BE_FINITE) and arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ArtifactError(f"{self.path}: tensor {short(key)} has NaN or Inf values")
         return arr
 
@@ -508,7 +508,7 @@ class NumpySource:
             if tuple(s.shape) != tuple(q.shape[:-1]):
                 raise ArtifactError(f"{self.path}: tensor {short(QSCALE + key)} does not match {short(key)}")
             return q.astype(np.float32) * s.astype(np.float32)[..., None]
-        if q.size == 0 and q.dtype == np.int8 and key.startswith(_QUANTISABLE[:-1]):
+        if q.size == 0 and q.dtype == np.int8 and key.startswith(QUANTISABLE[:-1]):
             return q.astype(np.float32)
         return q
 

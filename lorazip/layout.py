@@ -447,6 +447,6 @@ def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> No
 
 
 def _dtype_name(t: "torch.Tensor") -> str:
-    from .io.peft import _ST_DTYPE
+    from .io.peft import TORCH_ST
 
-    return _ST_DTYPE.get(t.dtype, "")
+    return TORCH_ST.get(t.dtype, "")

@@ -552,6 +552,21 @@ def apply(
     if getattr(model, _ATTR, None) is not None:
         raise OptionError("a lorazip collection is already attached to this model; call lorazip.serve.detach first")
     tdtype = _resolve_dtype(dtype)
+    names = _requested(artifact, adapters)
+    # Resolve and check every target before reading tensors or changing the model.
+    targets, unfit = _targets(model, artifact, names)
+    names = _fitting(names, unfit, explicit=adapters is not None)
+    serving = _Serving(names, {a: unfit.get(a, "") for a in artifact.names}, str(artifact.path or "<in memory>"))
+    wrappers = _wrap_targets(artifact, targets, names, tdtype, serving)
+    for m, (layer, _) in wrappers.items():
+        _set_submodule(model, m, layer)
+    serving.layers = wrappers
+    setattr(model, _ATTR, serving)
+    return model
+
+
+def _requested(artifact: Artifact, adapters: Sequence[str] | str | None) -> list[str]:
+    """The adapter names to serve (default: all), each in the artifact once."""
     if isinstance(adapters, str):
         adapters = [adapters]
     names = list(artifact.names if adapters is None else adapters)
@@ -561,10 +576,13 @@ def apply(
     if len(set(rows)) != len(rows):
         dup = next(n for n in names if names.count(n) > 1)
         raise OptionError(f"adapter {dup!r} requested twice")
+    return names
 
-    # Resolve and check every target before reading tensors or changing the model.
-    targets, unfit = _targets(model, artifact, names)
-    if unfit and adapters is not None:
+
+def _fitting(names: list[str], unfit: dict[str, str], explicit: bool) -> list[str]:
+    """``names`` less those that do not fit the model: an error when they were asked for
+    (``explicit``) or when none fits."""
+    if unfit and explicit:
         raise ValidationError(
             f"{len(unfit)} of the requested adapters do not fit this model: "
             + "; ".join(f"{a!r} ({why})" for a, why in unfit.items())
@@ -574,8 +592,14 @@ def apply(
         if not names:
             raise ValidationError("no adapter of the artifact fits this model: "
                                   + "; ".join(f"{a!r} ({why})" for a, why in unfit.items()))
-        rows = [artifact.index(n) for n in names]
-    serving = _Serving(names, {a: unfit.get(a, "") for a in artifact.names}, str(artifact.path or "<in memory>"))
+    return names
+
+
+def _wrap_targets(artifact: Artifact, targets, names: list[str], tdtype: torch.dtype | None,
+                  serving: _Serving) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """``{module path: (wrapper, wrapped module)}``: each target wrapped with the bases and the
+    ``names`` adapters' cores (and residual parts) of its module, read in one pass over the file."""
+    rows = [artifact.index(n) for n in names]
     metas = [artifact.meta["adapters"][i] for i in rows]
     wrappers: dict[str, tuple[nn.Module, nn.Module]] = {}
     with artifact.reader():  # one open file for all the reads
@@ -595,11 +619,7 @@ def apply(
             layer = cls(sub, U, V, cores, assign, name=path, dtype=tdtype, residual=(b, a) if b.shape[2] else None)
             layer._serving = serving
             wrappers[path] = (layer, sub)
-    for m, (layer, _) in wrappers.items():
-        _set_submodule(model, m, layer)
-    serving.layers = wrappers
-    setattr(model, _ATTR, serving)
-    return model
+    return wrappers
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -23,7 +23,8 @@ The base model is loaded once; each adapter is injected with PEFT, evaluated and
 Base and original losses are cached in a :class:`TaskEvaluator`, so evaluating several
 artifacts of one collection (a rank sweep) only recomputes the compressed losses.
 
-Needs the optional extra ``lorazip[eval]`` (transformers + peft), imported lazily.
+Needs the optional extra ``lorazip[eval]`` (transformers + peft), imported lazily; the base model
+and tokenizer are loaded by :mod:`lorazip.models`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,32 +40,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .artifact import Artifact
-from .errors import AdapterFormatError, LorazipError, OptionError, SourceError, ValidationError
+from .errors import AdapterFormatError, OptionError, SourceError, ValidationError, first_line
 from .metrics import summary
+from .models import check_dtype, load_base_model, load_tokenizer_for, quiet_warnings, require_hf, resolve_device
+from .models import MissingDependencyError  # noqa: F401  (raised here: importable from taskeval as before)
 
 REPORT_VERSION = 1
 DEFAULT_MAX_LENGTH = 128
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class MissingDependencyError(LorazipError):
-    """An optional dependency (``lorazip[eval]``: transformers, peft) is not installed."""
-
-
-def _require_hf():
-    """Import transformers and peft, or raise a clear error naming the extra to install."""
-    missing = []
-    mods = {}
-    for name in ("transformers", "peft"):
-        try:
-            mods[name] = __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise MissingDependencyError(
-            f"task-level evaluation needs {' and '.join(missing)}: pip install 'lorazip[eval]'"
-        )
-    return mods["transformers"], mods["peft"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,16 +127,6 @@ def mean_nll(model, encoded: list[list[int]], *, pad_id: int = 0, batch_size: in
     return Loss(total / count, count, len(seqs))
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise OptionError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError("--device cuda: CUDA is not available")
-    return device
-
-
 # ---------------------------------------------------------------------- evaluator
 class TaskEvaluator:
     """A base model loaded once, held-out texts per adapter, and cached base/original losses.
@@ -187,34 +158,25 @@ class TaskEvaluator:
         device: str = "cpu",
         dtype: str = "float32",
     ):
-        transformers, self._peft = _require_hf()
+        transformers, self._peft = require_hf("task-level evaluation")
         if max_texts is not None and max_texts <= 0:
             raise OptionError(f"max_texts must be positive, got {max_texts}")
         if max_length < 2:
             raise OptionError(f"max_length must be at least 2, got {max_length}")
         if batch_size <= 0:
             raise OptionError(f"batch_size must be positive, got {batch_size}")
-        if dtype not in _DTYPES:
-            raise OptionError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+        check_dtype(dtype)
         self.data_dir = Path(data_dir)
         if not self.data_dir.is_dir():
             raise SourceError(f"{self.data_dir}: no such data folder")
         self.max_texts, self.max_length, self.batch_size = max_texts, max_length, batch_size
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         t0 = time.perf_counter()
-        if isinstance(base_model, (str, os.PathLike)):
-            self.base_model_id = str(base_model)
-            self.model = _load_model(transformers, self.base_model_id, _DTYPES[dtype])
-        else:
-            if tokenizer is None:
-                raise OptionError("pass the tokenizer along with an already loaded base model")
-            self.base_model_id = getattr(getattr(base_model, "config", None), "_name_or_path", None) or "(in memory)"
-            self.model = base_model
+        self.model, self.base_model_id = load_base_model(transformers, base_model, tokenizer, dtype)
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
-        tok = tokenizer if tokenizer is not None else self.base_model_id
-        self.tokenizer = _load_tokenizer(transformers, tok) if isinstance(tok, (str, os.PathLike)) else tok
+        self.tokenizer = load_tokenizer_for(transformers, tokenizer, self.base_model_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         self.load_s = time.perf_counter() - t0
@@ -258,12 +220,12 @@ class TaskEvaluator:
                 if not allow_pickle:
                     raise AdapterFormatError(f"{folder}/adapter_model.bin: pickled weights are refused "
                                              "(they can run code); pass --allow-pickle to load them")
-            with _quiet():
+            with quiet_warnings():
                 try:
                     pm = self._peft.PeftModel.from_pretrained(self.model, str(folder), is_trainable=False)
                 except Exception as exc:
                     raise AdapterFormatError(f"{folder}: PEFT cannot load this adapter into the base model "
-                                             f"({_first_line(exc)})") from None
+                                             f"({first_line(exc)})") from None
             try:
                 self._orig[key] = self._loss(pm, name)
             finally:
@@ -273,7 +235,7 @@ class TaskEvaluator:
     def peft_loss(self, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> Loss:
         """Loss with an in-memory PEFT LoRA (``state`` and ``config`` as ``lorazip.to_peft`` returns)."""
         cfg = self._peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
-        with _quiet():
+        with quiet_warnings():
             pm = self._peft.get_peft_model(self.model, cfg)
         try:
             state = {k: v.to(self.device) for k, v in state.items()}
@@ -522,50 +484,3 @@ def table(rep: dict[str, Any], title: str | None = None):
         t.caption = head + "\nno originals found: retention needs --originals (or the recorded source folders)"
     t.caption_justify = "left"
     return t
-
-
-def _load_model(transformers, ident: str, dtype: torch.dtype):
-    p = Path(ident)
-    if not p.exists() and (ident.startswith((".", "/", "~")) or ident.count("/") != 1):
-        raise SourceError(f"{ident}: no such base model folder")
-    hf_logging = transformers.utils.logging
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # lorazip reports progress itself
-    try:
-        with _quiet():
-            return transformers.AutoModelForCausalLM.from_pretrained(ident, **{_dtype_kwarg(transformers): dtype})
-    except Exception as exc:
-        raise SourceError(f"{ident}: cannot load the base model ({_first_line(exc)})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _dtype_kwarg(transformers) -> str:
-    """``dtype`` since transformers 4.56, ``torch_dtype`` before."""
-    try:
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    except ValueError:
-        return "dtype"
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def _load_tokenizer(transformers, ident):
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(ident))
-    except Exception as exc:
-        raise SourceError(f"{ident}: cannot load the tokenizer ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-class _quiet(warnings.catch_warnings):
-    """Silence library warnings (PEFT / transformers deprecations) around model surgery."""
-
-    def __enter__(self):
-        super().__enter__()
-        warnings.simplefilter("ignore")
-        return self

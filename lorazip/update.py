@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -228,31 +229,59 @@ def add_adapters(
     SourceError, AdapterFormatError, ValidationError (base model, modules, shapes, a name
     already in the artifact, changed or missing originals with ``refit``), OptionError.
     """
+    art = _addable(artifact, threshold)
+    coll = _new_collection(art, sources, names, base_model, allow_pickle)
+    warn: list[str] = []
+    _same_files(art, coll, warn)
+    out, add = _project_added(art, coll, refit, keep_extras, hash_sources, max_iters, tol, progress)
+    refit_info = None
+    if refit:
+        out, refit_info = _refit(out, art, coll, add.weighting, allow_pickle, max_iters, tol, compute_dtype, progress)
+        add.objective["refit"] = _objective(out.tensors(), add.weighting)
+    if add.storage_dtype == "int8":  # store the bases and cores again as int8 (unchanged ones bit for bit)
+        out = Artifact(out.meta, tensors=requantized(out.tensors(), add.old, add.raw, add.storage_dtype))
+    report = _add_report(art, out, coll, add, threshold, refit, warn, refit_info)
+    for w in warn:
+        warnings.warn(w, UpdateWarning, stacklevel=2)
+    return out, report
+
+
+def _addable(artifact: Artifact | str | os.PathLike, threshold: float) -> Artifact:
+    """The artifact to add to (opened), after checking the threshold and that adding is supported."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise OptionError(f"--threshold must be a number >= 0, got {threshold!r}")
     art = _open(artifact)
     if art.meta.get("calibration"):  # its bases and errors are in the activation metric
         raise OptionError(f"{_label(art)} was compressed with calibration statistics: adding adapters to it is not "
                           "supported yet; compress the whole collection again with --calibration")
+    return art
+
+
+@dataclass
+class _Addition:
+    """What projecting the new adapters leaves for the refit, the int8 storage and the report."""
+
+    n_old: int  # adapters already in the artifact
+    weighting: str
+    storage_dtype: str | None
+    raw: dict[str, torch.Tensor]  # the artifact's tensors as stored ...
+    old: dict[str, torch.Tensor]  # ... and dequantised (with the new shape groups)
+    proj_err: torch.Tensor  # (n_new,) the new adapters' errors after projection (before their residual parts)
+    pick: torch.Tensor | None  # (n_new,) their cluster where all modules share one assignment
+    goal: float | None  # the error their own residual parts aimed at
+    objective: dict[str, float | None]
+
+
+def _project_added(art: Artifact, coll: Collection, refit: bool, keep_extras: bool, hash_sources: bool,
+                   max_iters: int | None, tol: float | None, progress) -> tuple[Artifact, _Addition]:
+    """The artifact with the new adapters appended: projected onto its bases (new shape groups
+    first), in the cluster that suits them, with their own residual parts where the artifact
+    stores such parts, their statistics, spectra, metadata and extras; in its storage dtype
+    except int8 (dequantised values, stored again by the caller)."""
     meta = copy.deepcopy(art.meta)
     meta.pop("checksum", None)
-    coll = load_collection(sources, base_model=base_model, allow_pickle=allow_pickle)
-    _rename(coll, names)
-    existing = set(art.names)
-    for a in coll.adapters:
-        if a.name in existing:
-            raise ValidationError(
-                f"{a.path}: adapter name {a.name!r} is already in the artifact {_label(art)} "
-                "(remove it first, or give another name)"
-            )
-    _check_compatible(art, coll, base_model)
-    warn: list[str] = []
-    _same_files(art, coll, warn)
-
-    n_old, n_new = len(art.names), len(coll)
+    n_old = len(art.names)
     weighting = meta.get("weighting", "relative")
-    clustering = meta.get("clustering") or {}
-    shared_assign = not clustering.get("per_module", False)
     sd = meta.get("storage_dtype")
     raw = art.tensors()
     old = dequantized(raw)  # int8 storage: computed on float32 values, stored again at the end
@@ -260,153 +289,37 @@ def add_adapters(
     mods = meta["modules"]
     _start_shape_groups(art, coll, old, mods, max_iters, tol)
     tensors.update({k: v for k, v in old.items() if k not in tensors})
-    n_mod = len(mods)
-    coll_mods = {m.name for m in coll.modules}
 
-    # 1. candidate cores and errors of every new adapter under every cluster of every module
-    cand: list[tuple[torch.Tensor, torch.Tensor]] = []  # per module: cores (n_new, K, ...), errors (n_new, K)
-    norm_new = torch.zeros(n_new, n_mod, dtype=torch.float64)
-    new_spectra = []
-    facs = []
-    for j, mod in enumerate(mods):
-        name = mod["name"]
-        B, A = _factors(coll, name, mod, coll_mods)
-        facs.append((B, A))
-        U, V, cores_old = old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"]
-        diagonal = cores_old.dim() == 2
-        norm_new[:, j] = factor_norms2(B, A)
-        new_spectra.append(spectra(B, A).float())
-        if progress:
-            progress(j + 1, n_mod, name)
-        if art.method == "svd":
-            cand.append((None, None))
-            continue
-        cs, es = [], []
-        for k in range(U.shape[0]):
-            S = _rounded(project_cores(B, A, U[k], V[k], diagonal), cores_old, sd)
-            e, _ = squared_errors(B, A, U[k], V[k], S)
-            cs.append(S)
-            es.append(e)
-        cand.append((torch.stack(cs, 1), torch.stack(es, 1)))
-
-    # 2. cluster choice: most weighted energy kept (summed over modules unless per-module clusters)
-    choice: list[torch.Tensor | None] = [None] * n_mod
-    Ks = {int(old[f"U/{m['name']}"].shape[0]) for m in mods}
-    if art.method != "svd":
-        if shared_assign and len(Ks) == 1 and next(iter(Ks)) > 1:
-            total = torch.zeros(n_new, next(iter(Ks)), dtype=torch.float64)
-            for j in range(n_mod):
-                total += _weights(norm_new[:, j], weighting)[:, None] * cand[j][1]
-            pick = total.argmin(1)
-            choice = [pick] * n_mod
-        else:
-            choice = [c[1].argmin(1) for c in cand]
-
-    # 3. append rows
-    sq_new = torch.zeros(n_new, n_mod, dtype=torch.float64)
-    for j, mod in enumerate(mods):
-        name = mod["name"]
-        cores_old = old[f"cores/{name}"]
-        akey = f"assign/{name}"
-        if art.method == "svd":
-            B, A = facs[j]
-            U, V = old[f"U/{name}"], old[f"V/{name}"]
-            res = individual_svd(B, A, U.shape[-1])
-            Un, Vn = _rounded(res.U, U, sd), _rounded(res.V, V, sd)
-            Sn = torch.stack([project_cores(B[i : i + 1], A[i : i + 1], Un[i], Vn[i], True)[0] for i in range(n_new)])
-            Sn = _rounded(Sn, cores_old, sd)
-            sq_new[:, j] = squared_errors(B, A, Un, Vn, Sn, torch.arange(n_new))[0]
-            tensors[f"U/{name}"] = torch.cat([U, Un]).contiguous()
-            tensors[f"V/{name}"] = torch.cat([V, Vn]).contiguous()
-            tensors[f"cores/{name}"] = torch.cat([cores_old, Sn]).contiguous()
-            tensors[akey] = torch.arange(n_old + n_new, dtype=torch.int32)
-            mod["n_clusters"] = n_old + n_new
-            continue
-        cs, es = cand[j]
-        k = choice[j]
-        rows = torch.arange(n_new)
-        tensors[f"cores/{name}"] = torch.cat([cores_old, cs[rows, k]]).contiguous()
-        sq_new[:, j] = es[rows, k]
-        if akey in old or int(old[f"U/{name}"].shape[0]) > 1:
-            prev = old[akey] if akey in old else torch.zeros(n_old, dtype=torch.int32)
-            tensors[akey] = torch.cat([prev, k.to(prev.dtype)]).contiguous()
-    for j, mod in enumerate(mods):
-        key = f"spectra/{mod['name']}"
-        tensors[key] = _cat_padded(old[key], new_spectra[j])
-        rkey = f"resid_ranks/{mod['name']}"
-        if rkey in old:  # format v2: the new adapters have no residual part (rank 0, no rows) ...
-            tensors[rkey] = torch.cat([old[rkey], torch.zeros(n_new, dtype=old[rkey].dtype)]).contiguous()
+    proj = _project(art, coll, old, mods, sd, progress)
+    shared_k = _shared_clusters(art, old, mods)
+    choice = _choose_clusters(art, proj, shared_k, weighting)
+    sq_new = _append_rows(art, tensors, old, mods, proj, choice, sd)
+    _append_spectra(tensors, old, mods, proj.spectra)
     proj_sq = sq_new.clone()
     goal = goal_error(meta, old["stats/sq_error"], old["stats/norm2"]) if art.method != "svd" else None
-    if goal is not None:  # ... unless the artifact stores per-adapter parts: then theirs, up to its goal
-        bases = []
-        for j, mod in enumerate(mods):
-            U, V = old[f"U/{mod['name']}"].double(), old[f"V/{mod['name']}"].double()
-            S = tensors[f"cores/{mod['name']}"][n_old:].double()
-            S = torch.diag_embed(S) if S.dim() == 2 else S
-            bases.append((U[choice[j]], V[choice[j]], S))
-        add_residuals(meta, tensors, raw, [(B.double(), A.double()) for B, A in facs], bases, sq_new, norm_new,
-                      n_old, goal)
-    sq_old, nn_old = old["stats/sq_error"], old["stats/norm2"]
-    tensors["stats/sq_error"] = torch.cat([sq_old, sq_new.to(sq_old.dtype)])
-    tensors["stats/norm2"] = torch.cat([nn_old, norm_new.to(nn_old.dtype)])
-    from .compress.provenance import SourceHashes, adapter_meta  # the same metadata compress records
-
-    hashes = SourceHashes(coll, hash_sources)
-    try:
-        meta["adapters"].extend(adapter_meta(a, hashes) for a in coll.adapters)
-    finally:
-        hashes.close()
-    ex_sq, ex_n2 = torch.zeros(n_new, dtype=torch.float64), torch.zeros(n_new, dtype=torch.float64)
-    for j, a in enumerate(coll.adapters):
-        if keep_extras and a.extras:  # converted as the artifact's extras were (extras_dtype)
-            ex_sq[j], ex_n2[j], orig = store_extras(tensors, n_old + j, a.extra_tensors(),
-                                                     meta.get("extras_dtype") or "auto")
-            if orig:
-                meta["adapters"][n_old + j]["extras_dtypes"] = orig
-    for key, new in (("stats/extras_sq_error", ex_sq), ("stats/extras_norm2", ex_n2)):
-        if key in old:
-            tensors[key] = torch.cat([old[key], new.to(old[key].dtype)])
-    proj_err = per_adapter(proj_sq, norm_new)
+    if goal is not None:  # the artifact stores per-adapter parts: the new adapters get theirs, up to its goal
+        _add_own_residuals(meta, tensors, raw, old, mods, proj, choice, sq_new, n_old, goal)
+    _append_stats(tensors, old, sq_new, proj.norm2)
+    _append_adapter_meta(meta, coll, hash_sources)
+    _append_extras(tensors, old, meta, coll, n_old, keep_extras)
     objective = {"projection": _objective(tensors, weighting), "refit": None}
     meta.setdefault("updates", []).append(
         {"op": "add", "adapters": coll.names, "refit": bool(refit), "lorazip_version": __version__}
     )
     trim_spectra(tensors, meta)
     round_small(tensors, meta)
-    out = Artifact(meta, tensors=tensors)
+    return Artifact(meta, tensors=tensors), _Addition(
+        n_old, weighting, sd, raw, old, per_adapter(proj_sq, proj.norm2), choice[0] if shared_k else None, goal,
+        objective)
 
-    refit_info = None
-    if refit:
-        out, refit_info = _refit(out, art, coll, weighting, allow_pickle, max_iters, tol, compute_dtype, progress)
-        objective["refit"] = _objective(out.tensors(), weighting)
-    if sd == "int8":  # store the bases and cores again as int8 (unchanged ones bit for bit)
-        out = Artifact(out.meta, tensors=requantized(out.tensors(), old, raw, sd))
 
+def _add_report(art: Artifact, out: Artifact, coll: Collection, add: _Addition, threshold: float, refit: bool,
+                warn: list[str], refit_info: dict | None) -> dict[str, Any]:
+    """The report of :func:`add_adapters`; ``warn`` gains a warning per adapter above the threshold."""
     sq_all, nn_all = out.stats()
     err_all = per_adapter(sq_all.double(), nn_all.double())
-    added = []
-    for j, a in enumerate(coll.adapters):
-        i = n_old + j
-        row = {
-            "name": a.name,
-            "source": meta["adapters"][i]["source"].get("path"),
-            "error": float(err_all[i]),
-            "projection_error": float(proj_err[j]),
-            "above_threshold": bool(err_all[i] > threshold),
-            "missing_modules": missing_modules(mods, a.modules),
-        }
-        if art.method != "svd" and choice[0] is not None and shared_assign and len(Ks) == 1 and next(iter(Ks)) > 1:
-            row["cluster"] = int(choice[0][j])
-        added.append(row)
-        if row["above_threshold"]:
-            warn.append(
-                f"adapter {a.name!r}: relative squared error {row['error']:.4f} is above the threshold "
-                f"{threshold:g}: the shared bases do not represent it well"
-                + ("" if refit else " (try --refit, or recompress the collection)")
-            )
-    for w in warn:
-        warnings.warn(w, UpdateWarning, stacklevel=2)
+    added = _added_rows(coll, out.meta, err_all, add, threshold)
+    warn += _threshold_warnings(added, threshold, refit)
     report = {
         "report_version": REPORT_VERSION,
         "operation": "add",
@@ -417,13 +330,247 @@ def add_adapters(
         "n_adapters": len(out.names),
         "added": added,
         "warnings": warn,
-        "objective": objective,
+        "objective": add.objective,
         "errors": summary(err_all.tolist()),
-        "residual_goal": goal,  # the error added adapters' own residual parts aimed at (None: none given)
+        "residual_goal": add.goal,  # the error added adapters' own residual parts aimed at (None: none given)
     }
     if refit_info is not None:
         report["refit_modules"] = refit_info
-    return out, report
+    return report
+
+
+def _new_collection(art: Artifact, sources, names: Sequence[str] | None, base_model: str | None,
+                    allow_pickle: bool) -> Collection:
+    """The adapters to add, renamed as asked; none may have a name already in the artifact, and
+    they must fit it (:func:`_check_compatible`, which aligns them with its modules)."""
+    coll = load_collection(sources, base_model=base_model, allow_pickle=allow_pickle)
+    _rename(coll, names)
+    existing = set(art.names)
+    for a in coll.adapters:
+        if a.name in existing:
+            raise ValidationError(
+                f"{a.path}: adapter name {a.name!r} is already in the artifact {_label(art)} "
+                "(remove it first, or give another name)"
+            )
+    _check_compatible(art, coll, base_model)
+    return coll
+
+
+@dataclass
+class _Projection:
+    """The new adapters on the artifact's modules (in its order): per module their float64
+    ``factors`` ``(B, A)``, spectra, and (unless per-adapter SVD, then None) the ``cores``
+    (n_new, K, ...) they would get in each of its K clusters, rounded as stored, with their exact
+    squared ``errors`` (n_new, K); ``norm2`` (n_new, M) their squared norms."""
+
+    factors: list[tuple[torch.Tensor, torch.Tensor]]
+    norm2: torch.Tensor
+    spectra: list[torch.Tensor]
+    cores: list[torch.Tensor | None]
+    errors: list[torch.Tensor | None]
+
+
+def _project(art: Artifact, coll: Collection, old: dict[str, torch.Tensor], mods: list[dict[str, Any]],
+             sd: str | None, progress) -> _Projection:
+    """Project every new adapter onto every cluster's bases of every module (reported as progress)."""
+    n_mod = len(mods)
+    coll_mods = {m.name for m in coll.modules}
+    proj = _Projection([], torch.zeros(len(coll), n_mod, dtype=torch.float64), [], [], [])
+    for j, mod in enumerate(mods):
+        name = mod["name"]
+        B, A = _factors(coll, name, mod, coll_mods)
+        proj.factors.append((B, A))
+        proj.norm2[:, j] = factor_norms2(B, A)
+        proj.spectra.append(spectra(B, A).float())
+        if progress:
+            progress(j + 1, n_mod, name)
+        if art.method == "svd":
+            cores = errors = None
+        else:
+            cores, errors = _cluster_candidates(B, A, old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"], sd)
+        proj.cores.append(cores)
+        proj.errors.append(errors)
+    return proj
+
+
+def _cluster_candidates(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                        cores_old: torch.Tensor, sd: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cores (n_new, K, ...) of the new adapters projected on each cluster's bases, rounded as
+    stored, and their exact squared errors (n_new, K)."""
+    diagonal = cores_old.dim() == 2
+    cs, es = [], []
+    for k in range(U.shape[0]):
+        S = _rounded(project_cores(B, A, U[k], V[k], diagonal), cores_old, sd)
+        e, _ = squared_errors(B, A, U[k], V[k], S)
+        cs.append(S)
+        es.append(e)
+    return torch.stack(cs, 1), torch.stack(es, 1)
+
+
+def _shared_clusters(art: Artifact, old: dict[str, torch.Tensor], mods: list[dict[str, Any]]) -> int:
+    """K where every module shares one assignment to K > 1 clusters (a new adapter then joins one
+    cluster for all modules); 0 otherwise."""
+    clustering = art.meta.get("clustering") or {}
+    Ks = {int(old[f"U/{m['name']}"].shape[0]) for m in mods}
+    if art.method == "svd" or clustering.get("per_module", False) or len(Ks) != 1:
+        return 0
+    K = next(iter(Ks))
+    return K if K > 1 else 0
+
+
+def _choose_clusters(art: Artifact, proj: _Projection, shared_k: int, weighting: str) -> list[torch.Tensor | None]:
+    """Per module, the cluster (n_new,) each new adapter joins: the one that keeps most weighted
+    energy, summed over modules with a shared assignment; None for per-adapter SVD."""
+    n_mod = len(proj.factors)
+    if art.method == "svd":
+        return [None] * n_mod
+    if shared_k:
+        total = torch.zeros(proj.norm2.shape[0], shared_k, dtype=torch.float64)
+        for j in range(n_mod):
+            total += _weights(proj.norm2[:, j], weighting)[:, None] * proj.errors[j]
+        return [total.argmin(1)] * n_mod
+    return [e.argmin(1) for e in proj.errors]
+
+
+def _append_rows(art: Artifact, tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor],
+                 mods: list[dict[str, Any]], proj: _Projection, choice: list[torch.Tensor | None],
+                 sd: str | None) -> torch.Tensor:
+    """Append the new adapters' cores (and, for per-adapter SVD, bases) and assignments to
+    ``tensors``; their exact squared errors (n_new, M)."""
+    n_old = len(art.names)
+    sq_new = torch.zeros(proj.norm2.shape, dtype=torch.float64)
+    for j, mod in enumerate(mods):
+        if art.method == "svd":
+            sq_new[:, j] = _append_own_bases(tensors, old, mod, *proj.factors[j], n_old, sd)
+        else:
+            sq_new[:, j] = _append_cores(tensors, old, mod["name"], proj.cores[j], proj.errors[j], choice[j], n_old)
+    return sq_new
+
+
+def _append_own_bases(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], mod: dict[str, Any],
+                      B: torch.Tensor, A: torch.Tensor, n_old: int, sd: str | None) -> torch.Tensor:
+    """Per-adapter SVD: each new adapter's own truncated-SVD bases and cores at the module's rank;
+    their exact squared errors."""
+    name = mod["name"]
+    n_new = B.shape[0]
+    U, V, cores_old = old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"]
+    res = individual_svd(B, A, U.shape[-1])
+    Un, Vn = _rounded(res.U, U, sd), _rounded(res.V, V, sd)
+    Sn = torch.stack([project_cores(B[i : i + 1], A[i : i + 1], Un[i], Vn[i], True)[0] for i in range(n_new)])
+    Sn = _rounded(Sn, cores_old, sd)
+    sq = squared_errors(B, A, Un, Vn, Sn, torch.arange(n_new))[0]
+    tensors[f"U/{name}"] = torch.cat([U, Un]).contiguous()
+    tensors[f"V/{name}"] = torch.cat([V, Vn]).contiguous()
+    tensors[f"cores/{name}"] = torch.cat([cores_old, Sn]).contiguous()
+    tensors[f"assign/{name}"] = torch.arange(n_old + n_new, dtype=torch.int32)
+    mod["n_clusters"] = n_old + n_new
+    return sq
+
+
+def _append_cores(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], name: str, cores: torch.Tensor,
+                  errors: torch.Tensor, k: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Shared bases: append each new adapter's cores in its cluster ``k`` (and the assignment
+    where the module has one); their exact squared errors."""
+    akey = f"assign/{name}"
+    rows = torch.arange(cores.shape[0])
+    tensors[f"cores/{name}"] = torch.cat([old[f"cores/{name}"], cores[rows, k]]).contiguous()
+    if akey in old or int(old[f"U/{name}"].shape[0]) > 1:
+        prev = old[akey] if akey in old else torch.zeros(n_old, dtype=torch.int32)
+        tensors[akey] = torch.cat([prev, k.to(prev.dtype)]).contiguous()
+    return errors[rows, k]
+
+
+def _append_spectra(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], mods: list[dict[str, Any]],
+                    new_spectra: list[torch.Tensor]) -> None:
+    """Append the new adapters' spectra and, in format v2, their residual ranks: 0, no rows (an
+    artifact with per-adapter parts then gives them theirs, :func:`_add_own_residuals`)."""
+    for j, mod in enumerate(mods):
+        key = f"spectra/{mod['name']}"
+        tensors[key] = _cat_padded(old[key], new_spectra[j])
+        rkey = f"resid_ranks/{mod['name']}"
+        if rkey in old:
+            n_new = new_spectra[j].shape[0]
+            tensors[rkey] = torch.cat([old[rkey], torch.zeros(n_new, dtype=old[rkey].dtype)]).contiguous()
+
+
+def _add_own_residuals(meta: dict[str, Any], tensors: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
+                       old: dict[str, torch.Tensor], mods: list[dict[str, Any]], proj: _Projection,
+                       choice: list[torch.Tensor | None], sq_new: torch.Tensor, n_old: int, goal: float) -> None:
+    """Per-adapter residual parts of the new adapters on top of their projection, up to ``goal``
+    (:func:`lorazip.add_residuals.add_residuals`; ``sq_new`` is updated in place)."""
+    bases = []
+    for j, mod in enumerate(mods):
+        U, V = old[f"U/{mod['name']}"].double(), old[f"V/{mod['name']}"].double()
+        S = tensors[f"cores/{mod['name']}"][n_old:].double()
+        S = torch.diag_embed(S) if S.dim() == 2 else S
+        bases.append((U[choice[j]], V[choice[j]], S))
+    add_residuals(meta, tensors, raw, [(B.double(), A.double()) for B, A in proj.factors], bases, sq_new,
+                  proj.norm2, n_old, goal)
+
+
+def _append_stats(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sq_new: torch.Tensor,
+                  norm_new: torch.Tensor) -> None:
+    sq_old, nn_old = old["stats/sq_error"], old["stats/norm2"]
+    tensors["stats/sq_error"] = torch.cat([sq_old, sq_new.to(sq_old.dtype)])
+    tensors["stats/norm2"] = torch.cat([nn_old, norm_new.to(nn_old.dtype)])
+
+
+def _append_adapter_meta(meta: dict[str, Any], coll: Collection, hash_sources: bool) -> None:
+    """The new adapters' metadata entries, as compress records them (source, file hashes, ranks)."""
+    from .compress.provenance import SourceHashes, adapter_meta
+
+    hashes = SourceHashes(coll, hash_sources)
+    try:
+        meta["adapters"].extend(adapter_meta(a, hashes) for a in coll.adapters)
+    finally:
+        hashes.close()
+
+
+def _append_extras(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], meta: dict[str, Any],
+                   coll: Collection, n_old: int, keep_extras: bool) -> None:
+    """The new adapters' extra tensors, converted as the artifact's were (``extras_dtype``), and
+    their rounding statistics where the artifact keeps them."""
+    n_new = len(coll)
+    ex_sq, ex_n2 = torch.zeros(n_new, dtype=torch.float64), torch.zeros(n_new, dtype=torch.float64)
+    for j, a in enumerate(coll.adapters):
+        if keep_extras and a.extras:
+            ex_sq[j], ex_n2[j], orig = store_extras(tensors, n_old + j, a.extra_tensors(),
+                                                     meta.get("extras_dtype") or "auto")
+            if orig:
+                meta["adapters"][n_old + j]["extras_dtypes"] = orig
+    for key, new in (("stats/extras_sq_error", ex_sq), ("stats/extras_norm2", ex_n2)):
+        if key in old:
+            tensors[key] = torch.cat([old[key], new.to(old[key].dtype)])
+
+
+def _added_rows(coll: Collection, meta: dict[str, Any], err_all: torch.Tensor, add: _Addition,
+                threshold: float) -> list[dict[str, Any]]:
+    """The report's ``added[]``: per new adapter its source, final and projection errors, whether
+    it is above the threshold, its missing modules and (one shared assignment) its cluster."""
+    added = []
+    for j, a in enumerate(coll.adapters):
+        i = add.n_old + j
+        row = {
+            "name": a.name,
+            "source": meta["adapters"][i]["source"].get("path"),
+            "error": float(err_all[i]),
+            "projection_error": float(add.proj_err[j]),
+            "above_threshold": bool(err_all[i] > threshold),
+            "missing_modules": missing_modules(meta["modules"], a.modules),
+        }
+        if add.pick is not None:
+            row["cluster"] = int(add.pick[j])
+        added.append(row)
+    return added
+
+
+def _threshold_warnings(added: list[dict[str, Any]], threshold: float, refit: bool) -> list[str]:
+    return [
+        f"adapter {row['name']!r}: relative squared error {row['error']:.4f} is above the threshold "
+        f"{threshold:g}: the shared bases do not represent it well"
+        + ("" if refit else " (try --refit, or recompress the collection)")
+        for row in added if row["above_threshold"]
+    ]
 
 
 def _start_shape_groups(art: Artifact, coll: Collection, old: dict[str, torch.Tensor], mods: list[dict[str, Any]],
@@ -511,90 +658,125 @@ def _same_files(art: Artifact, coll: Collection, warn: list[str]) -> None:
 
 # -- refit -------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _RefitSettings:
+    max_iters: int
+    tol: float
+    cdtype: torch.dtype
+    seed: int
+
+
 def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow_pickle: bool,
            max_iters: int | None, tol: float | None, compute_dtype: str | None, progress) -> tuple[Artifact, dict]:
     """JD-Full (per cluster on its members) on all adapters, warm-started from the current bases."""
-    solver = out.meta.get("solver") or {}
-    max_iters = int(max_iters or solver.get("max_iters") or 500)
-    tol = float(tol or solver.get("tol") or 1e-4)
-    cdtype = _COMPUTE.get(compute_dtype or solver.get("compute_dtype") or "float32")
-    if cdtype is None:
-        raise OptionError(f"unknown compute dtype {compute_dtype!r}; choose float64 or float32")
-    sd = out.meta.get("storage_dtype")
+    settings = _refit_settings(out.meta.get("solver") or {}, max_iters, tol, compute_dtype)
     olds = original_adapters(art, allow_pickle=allow_pickle)
     full = Collection(olds + list(coll.adapters), base_model=out.meta.get("base_model") or coll.base_model or "")
     full.align(_module_infos(out.modules))  # the artifact's shape groups, not a new keying
     names_full = {m.name for m in full.modules}
     tensors = dict(out.tensors())
     info = {"refit": 0, "kept_projection": 0, "skipped": 0}
-    method = out.method
     n_mod = len(out.modules)
     for j, mod in enumerate(out.modules):
         name = mod["name"]
         if progress:
             progress(j, n_mod, name)
-        if method == "svd" or name not in names_full or mod["rank"] == 0:
+        if out.method == "svd" or name not in names_full or mod["rank"] == 0:
             info["skipped"] += 1  # per-adapter SVD is already optimal; nobody adapts the module; no shared part
             continue
-        for key in (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}", f"qbits/{name}",
-                    f"{QSCALE}resid_B/{name}", f"{QSCALE}resid_A/{name}"):
-            tensors.pop(key, None)  # residual parts fit the old bases: a refit drops them
-        mod.pop("residual", None)
+        _drop_residuals(tensors, mod)
         fac = full.module_factors(name, dtype=torch.float64)
-        B, A = fac.B, fac.A
-        U_all, V_all = tensors[f"U/{name}"].clone(), tensors[f"V/{name}"].clone()
-        cores = tensors[f"cores/{name}"].clone()
-        akey = f"assign/{name}"
-        assign = tensors[akey].long() if akey in tensors else torch.zeros(B.shape[0], dtype=torch.long)
-        norms2 = fac.norms2()
-        sq, _ = squared_errors(B, A, U_all, V_all, cores, assign)  # the projection's exact errors
-        r = U_all.shape[-1]
-        diagonal = cores.dim() == 2
-        changed, iters, conv = False, 0, True
-        for k in range(U_all.shape[0]):
-            idx = (assign == k).nonzero().flatten()
-            if len(idx) == 0:
-                continue
-            w = _weights(norms2[idx], weighting)
-            if float((w * norms2[idx]).sum()) <= 0:
-                continue
-            Bk, Ak = B[idx], A[idx]
-            if method == "jd-diag":
-                res = jd_diag(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=max_iters, tol=tol,
-                              seed=int(solver.get("seed") or 0))
-                Un = res.U.double() / torch.linalg.norm(res.U.double(), dim=0).clamp_min(1e-300)
-                Vn = res.V.double() / torch.linalg.norm(res.V.double(), dim=0).clamp_min(1e-300)
-            else:
-                U0, V0 = orth(U_all[k].double()).to(cdtype), orth(V_all[k].double()).to(cdtype)
-                res = jd_full(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=max_iters, tol=tol,
-                              U0=U0, V0=V0)
-                Un, Vn = orth(res.U.double()), orth(res.V.double())
-            Un, Vn = _rounded(Un, U_all, sd), _rounded(Vn, V_all, sd)
-            Sn = _rounded(project_cores(Bk, Ak, Un, Vn, diagonal), cores, sd)
-            e_new, _ = squared_errors(Bk, Ak, Un, Vn, Sn)
-            if float((w * e_new).sum()) < float((w * sq[idx]).sum()):
-                U_all[k], V_all[k] = Un, Vn
-                cores[idx] = Sn
-                sq[idx] = e_new
-                changed = True
-                iters, conv = max(iters, res.n_iters), conv and res.converged
-                info["refit"] += 1
-            else:
-                info["kept_projection"] += 1
-        tensors[f"U/{name}"], tensors[f"V/{name}"] = U_all.contiguous(), V_all.contiguous()
-        tensors[f"cores/{name}"] = cores.contiguous()
-        stats_sq = tensors["stats/sq_error"].clone()
-        stats_nn = tensors["stats/norm2"].clone()
-        stats_sq[:, j] = sq.to(stats_sq.dtype)
-        stats_nn[:, j] = norms2.to(stats_nn.dtype)
-        tensors["stats/sq_error"], tensors["stats/norm2"] = stats_sq, stats_nn
-        if changed:
-            mod["iters"], mod["converged"] = iters, conv
+        _refit_module(tensors, j, mod, fac, out.method, weighting, settings, out.meta.get("storage_dtype"), info)
     if progress:
         progress(n_mod, n_mod, "")
     trim_spectra(tensors, out.meta)
     round_small(tensors, out.meta)
     return Artifact(out.meta, tensors=tensors), info
+
+
+def _refit_settings(solver: dict[str, Any], max_iters: int | None, tol: float | None,
+                    compute_dtype: str | None) -> _RefitSettings:
+    """The refit's solver settings: those given, else the artifact's, else the defaults."""
+    max_iters = int(max_iters or solver.get("max_iters") or 500)
+    tol = float(tol or solver.get("tol") or 1e-4)
+    cdtype = _COMPUTE.get(compute_dtype or solver.get("compute_dtype") or "float32")
+    if cdtype is None:
+        raise OptionError(f"unknown compute dtype {compute_dtype!r}; choose float64 or float32")
+    return _RefitSettings(max_iters, tol, cdtype, int(solver.get("seed") or 0))
+
+
+def _drop_residuals(tensors: dict[str, torch.Tensor], mod: dict[str, Any]) -> None:
+    """Residual parts fit the old bases: a refit of the module drops them."""
+    name = mod["name"]
+    for key in (f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}", f"qbits/{name}",
+                f"{QSCALE}resid_B/{name}", f"{QSCALE}resid_A/{name}"):
+        tensors.pop(key, None)
+    mod.pop("residual", None)
+
+
+def _refit_module(tensors: dict[str, torch.Tensor], j: int, mod: dict[str, Any], fac, method: str, weighting: str,
+                  settings: _RefitSettings, sd: str | None, info: dict[str, int]) -> None:
+    """Refit module ``j`` cluster by cluster, keeping the projection of a cluster wherever the
+    refit would not lower its weighted error; its bases, cores and statistics column are written
+    to ``tensors``, the counts to ``info``."""
+    name = mod["name"]
+    B, A = fac.B, fac.A
+    U_all, V_all = tensors[f"U/{name}"].clone(), tensors[f"V/{name}"].clone()
+    cores = tensors[f"cores/{name}"].clone()
+    akey = f"assign/{name}"
+    assign = tensors[akey].long() if akey in tensors else torch.zeros(B.shape[0], dtype=torch.long)
+    norms2 = fac.norms2()
+    sq, _ = squared_errors(B, A, U_all, V_all, cores, assign)  # the projection's exact errors
+    changed, iters, conv = False, 0, True
+    for k in range(U_all.shape[0]):
+        idx = (assign == k).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        w = _weights(norms2[idx], weighting)
+        if float((w * norms2[idx]).sum()) <= 0:
+            continue
+        Un, Vn, Sn, e_new, res = _refit_cluster(B[idx], A[idx], w, U_all, V_all, cores, k, method, settings, sd)
+        if float((w * e_new).sum()) < float((w * sq[idx]).sum()):
+            U_all[k], V_all[k] = Un, Vn
+            cores[idx] = Sn
+            sq[idx] = e_new
+            changed = True
+            iters, conv = max(iters, res.n_iters), conv and res.converged
+            info["refit"] += 1
+        else:
+            info["kept_projection"] += 1
+    tensors[f"U/{name}"], tensors[f"V/{name}"] = U_all.contiguous(), V_all.contiguous()
+    tensors[f"cores/{name}"] = cores.contiguous()
+    stats_sq = tensors["stats/sq_error"].clone()
+    stats_nn = tensors["stats/norm2"].clone()
+    stats_sq[:, j] = sq.to(stats_sq.dtype)
+    stats_nn[:, j] = norms2.to(stats_nn.dtype)
+    tensors["stats/sq_error"], tensors["stats/norm2"] = stats_sq, stats_nn
+    if changed:
+        mod["iters"], mod["converged"] = iters, conv
+
+
+def _refit_cluster(Bk: torch.Tensor, Ak: torch.Tensor, w: torch.Tensor, U_all: torch.Tensor, V_all: torch.Tensor,
+                   cores: torch.Tensor, k: int, method: str, s: _RefitSettings, sd: str | None):
+    """``(U, V, cores, errors, solver result)``: cluster ``k``'s bases fitted on its members
+    (JD-Diag, or JD-Full warm-started from its current bases), rounded as stored, with the
+    members' projected cores and exact squared errors."""
+    r = U_all.shape[-1]
+    cdtype = s.cdtype
+    if method == "jd-diag":
+        res = jd_diag(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=s.max_iters, tol=s.tol,
+                      seed=s.seed)
+        Un = res.U.double() / torch.linalg.norm(res.U.double(), dim=0).clamp_min(1e-300)
+        Vn = res.V.double() / torch.linalg.norm(res.V.double(), dim=0).clamp_min(1e-300)
+    else:
+        U0, V0 = orth(U_all[k].double()).to(cdtype), orth(V_all[k].double()).to(cdtype)
+        res = jd_full(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=s.max_iters, tol=s.tol,
+                      U0=U0, V0=V0)
+        Un, Vn = orth(res.U.double()), orth(res.V.double())
+    Un, Vn = _rounded(Un, U_all, sd), _rounded(Vn, V_all, sd)
+    Sn = _rounded(project_cores(Bk, Ak, Un, Vn, cores.dim() == 2), cores, sd)
+    e_new, _ = squared_errors(Bk, Ak, Un, Vn, Sn)
+    return Un, Vn, Sn, e_new, res
 
 
 # -- remove ------------------------------------------------------------------------------------
@@ -612,71 +794,17 @@ def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]
     for removing every adapter.
     """
     art = _open(artifact)
-    if isinstance(names, str):
-        names = [names]
-    names = list(names)
-    if not names:
-        raise OptionError("no adapter names given to remove")
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            raise OptionError(f"adapter {n!r} is named twice")
-        seen.add(n)
-    have = art.names
-    for n in names:
-        if n not in have:
-            near = ", ".join(have[:5]) + (" ..." if len(have) > 5 else "")
-            raise ArtifactError(f"{_label(art)}: no adapter named {n!r} (it has: {near})")
-    if len(names) == len(have):
-        raise OptionError("cannot remove every adapter: an artifact holds at least one")
-    drop = {have.index(n) for n in names}
-    keep = [i for i in range(len(have)) if i not in drop]
-    new_index = {old: new for new, old in enumerate(keep)}
-    idx = torch.tensor(keep, dtype=torch.long)
+    names = _names_to_remove(art, names)
+    drop = {art.names.index(n) for n in names}
+    keep = [i for i in range(len(art.names)) if i not in drop]
     meta = copy.deepcopy(art.meta)
     meta.pop("checksum", None)
     old = art.tensors()
     tensors: dict[str, torch.Tensor] = {}
+    idx = torch.tensor(keep, dtype=torch.long)
     for mod in meta["modules"]:  # format v2 residual parts: keep the row blocks of the kept adapters
-        name = mod["name"]
-        rkey, bkey, akey = f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}"
-        if rkey not in old:
-            continue
-        ks = old[rkey].long()
-        offs = (torch.cumsum(ks, 0) - ks).tolist()
-        blocks = [(offs[i], offs[i] + int(ks[i])) for i in keep if int(ks[i]) > 0]
-        if not blocks:  # no kept adapter has a residual part here
-            mod.pop("residual", None)
-            continue
-        rows = torch.cat([torch.arange(a, b) for a, b in blocks])
-        tensors[rkey] = old[rkey][idx].contiguous()
-        # int8 storage: the rows' scales too; low-bit rows: their scales and bits
-        for key in (bkey, akey, QSCALE + bkey, QSCALE + akey, f"qbits/{name}"):
-            if key in old:
-                tensors[key] = old[key][rows].contiguous()
-        bits = (mod.get("residual") or {}).get("bits")
-        mod["residual"] = {"max_rank": int(ks[idx].max()), "total_rank": int(rows.numel())}
-        if bits:
-            kept = tensors[f"qbits/{name}"].numpy()
-            mod["residual"]["bits"] = {**bits, "bytes": [packed_bytes(mod["d_out"], kept),
-                                                         packed_bytes(mod["d_in"], kept)]}
-    for key, t in old.items():
-        q = QSCALE if key.startswith(QSCALE) else ""  # int8 row scales follow their tensor's rows
-        base = key[len(q):]
-        if base.startswith(("resid_", "qbits/")):
-            continue  # above
-        if base.startswith("extras/"):
-            _, i, rest = base.split("/", 2)
-            if int(i) in new_index:
-                tensors[f"{q}extras/{new_index[int(i)]}/{rest}"] = t
-        elif base.startswith(("cores/", "spectra/", "stats/")):
-            tensors[key] = t[idx].contiguous()
-        elif base.startswith("assign/"):
-            tensors[key] = (torch.arange(len(keep), dtype=t.dtype) if art.method == "svd" else t[idx]).contiguous()
-        elif art.method == "svd" and base.startswith(("U/", "V/")):
-            tensors[key] = t[idx].contiguous()
-        else:
-            tensors[key] = t
+        _keep_residual_rows(tensors, old, mod, keep, idx)
+    _keep_adapter_rows(tensors, old, keep, art.method)
     if art.method == "svd":
         for mod in meta["modules"]:
             mod["n_clusters"] = len(keep)
@@ -696,6 +824,81 @@ def remove_adapters(artifact: Artifact | str | os.PathLike, names: Sequence[str]
     }
     return out, report
 
+
+def _names_to_remove(art: Artifact, names: Sequence[str] | str) -> list[str]:
+    """``names`` as a list, each in the artifact once, and not all of its adapters."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise OptionError("no adapter names given to remove")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise OptionError(f"adapter {n!r} is named twice")
+        seen.add(n)
+    have = art.names
+    for n in names:
+        if n not in have:
+            near = ", ".join(have[:5]) + (" ..." if len(have) > 5 else "")
+            raise ArtifactError(f"{_label(art)}: no adapter named {n!r} (it has: {near})")
+    if len(names) == len(have):
+        raise OptionError("cannot remove every adapter: an artifact holds at least one")
+    return names
+
+
+def _keep_residual_rows(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], mod: dict[str, Any],
+                        keep: list[int], idx: torch.Tensor) -> None:
+    """Format v2: the kept adapters' residual ranks and row blocks of module ``mod`` (with their
+    int8 row scales, or their low-bit scales and bits), and its updated ``residual`` entry."""
+    name = mod["name"]
+    rkey, bkey, akey = f"resid_ranks/{name}", f"resid_B/{name}", f"resid_A/{name}"
+    if rkey not in old:
+        return
+    ks = old[rkey].long()
+    offs = (torch.cumsum(ks, 0) - ks).tolist()
+    blocks = [(offs[i], offs[i] + int(ks[i])) for i in keep if int(ks[i]) > 0]
+    if not blocks:  # no kept adapter has a residual part here
+        mod.pop("residual", None)
+        return
+    rows = torch.cat([torch.arange(a, b) for a, b in blocks])
+    tensors[rkey] = old[rkey][idx].contiguous()
+    # int8 storage: the rows' scales too; low-bit rows: their scales and bits
+    for key in (bkey, akey, QSCALE + bkey, QSCALE + akey, f"qbits/{name}"):
+        if key in old:
+            tensors[key] = old[key][rows].contiguous()
+    bits = (mod.get("residual") or {}).get("bits")
+    mod["residual"] = {"max_rank": int(ks[idx].max()), "total_rank": int(rows.numel())}
+    if bits:
+        kept = tensors[f"qbits/{name}"].numpy()
+        mod["residual"]["bits"] = {**bits, "bytes": [packed_bytes(mod["d_out"], kept),
+                                                     packed_bytes(mod["d_in"], kept)]}
+
+
+def _keep_adapter_rows(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], keep: list[int],
+                       method: str) -> None:
+    """Every other tensor: the kept adapters' rows of cores, spectra, statistics and assignments
+    (int8 row scales follow their tensor), their extras renumbered; shared bases as they are
+    (per-adapter SVD: the kept adapters' bases)."""
+    new_index = {old_i: new_i for new_i, old_i in enumerate(keep)}
+    idx = torch.tensor(keep, dtype=torch.long)
+    for key, t in old.items():
+        q = QSCALE if key.startswith(QSCALE) else ""  # int8 row scales follow their tensor's rows
+        base = key[len(q):]
+        if base.startswith(("resid_", "qbits/")):
+            continue  # _keep_residual_rows
+        if base.startswith("extras/"):
+            _, i, rest = base.split("/", 2)
+            if int(i) in new_index:
+                tensors[f"{q}extras/{new_index[int(i)]}/{rest}"] = t
+        elif base.startswith(("cores/", "spectra/", "stats/")):
+            tensors[key] = t[idx].contiguous()
+        elif base.startswith("assign/"):
+            tensors[key] = (torch.arange(len(keep), dtype=t.dtype) if method == "svd" else t[idx]).contiguous()
+        elif method == "svd" and base.startswith(("U/", "V/")):
+            tensors[key] = t[idx].contiguous()
+        else:
+            tensors[key] = t
 
 __all__ = [
     "add_adapters", "remove_adapters", "project_cores", "original_adapters", "UpdateWarning", "DEFAULT_THRESHOLD",

@@ -216,7 +216,7 @@ def test_modules_the_base_model_lacks_and_bad_inputs(world, tmp_path):
 
 
 def test_missing_transformers_gives_clear_error(world, monkeypatch):
-    from lorazip.taskeval import MissingDependencyError
+    from lorazip.models import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingDependencyError, match=r"calibration needs transformers: pip install 'lorazip\[eval\]'"):

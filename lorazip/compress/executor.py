@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import ClusterError, LorazipError, OptionError, SourceError
+from ..errors import ClusterError, LorazipError, OptionError, SourceError, first_line
 
 RAY_HINT = "pip install 'lorazip[ray]'"
 CLOCK_KEYS = ("read_s", "solve_s", "error_s")
@@ -144,7 +144,7 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = "start a local Ray instance" if self.address is None else \
                     f"join the Ray cluster at {self.address}"
-                raise ClusterError(f"cannot {where}: {_first_line(exc)}") from None
+                raise ClusterError(f"cannot {where}: {first_line(exc)}") from None
             self._owned, self._local = True, self.address is None
         self._ray = ray
         self._remote = ray.remote(_module_task)
@@ -204,9 +204,9 @@ class RayExecutor:
                         raise
                     except errors.WorkerCrashedError as exc:
                         raise ClusterError(f"{labels[j]}: the Ray worker running it died "
-                                           f"{self.max_retries + 1} times ({_first_line(exc)})") from None
+                                           f"{self.max_retries + 1} times ({first_line(exc)})") from None
                     except errors.RayError as exc:
-                        raise ClusterError(f"{labels[j]}: Ray could not run it ({_first_line(exc)})") from None
+                        raise ClusterError(f"{labels[j]}: Ray could not run it ({first_line(exc)})") from None
                     self._record(phase, labels[j], stats, time.perf_counter() - t_submit, clock)
                     submit()
                     yield j, out
@@ -269,8 +269,3 @@ class RayExecutor:
             "busy_s": sum(t["busy_s"] for t in self._tasks),
             "workers": [{"worker": k, **v} for k, v in sorted(per.items())],
         }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

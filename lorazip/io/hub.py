@@ -457,12 +457,10 @@ def download_adapters(
         raise OptionError(f"retries must be >= 0, got {retries}")
     if retry_delay < 0:
         raise OptionError(f"retry_delay must be >= 0, got {retry_delay}")
-    total = len(ref_list)
     if progress is not None:
-        progress(0, total)
+        progress(0, len(ref_list))
     if not ref_list:
         return DownloadReport()
-
     job = _Job(
         endpoint=_resolve_endpoint(endpoint),
         cache_dir=_resolve_cache_dir(cache_dir),
@@ -473,7 +471,23 @@ def download_adapters(
         skip_failed=skip_failed,
         cancel=threading.Event(),
     )
+    results = _fetch_all(ref_list, job, max_workers, progress)
+    report = DownloadReport()
+    for ref, res in zip(ref_list, results):
+        if isinstance(res, DownloadedAdapter):
+            report.adapters.append(res)
+        else:
+            report.skipped.append((ref, str(res)))
+    return report
+
+
+def _fetch_all(ref_list: list[HubRef], job: _Job, max_workers: int,
+               progress: Callable[[int, int], None] | None) -> list[DownloadedAdapter | str | None]:
+    """Per ref, in order, its download or (``skip_failed``) the one-line reason it failed, with
+    ``max_workers`` downloads at a time; progress as each finishes. The first failure otherwise
+    raises, after stopping the others."""
     _silent_tqdm()  # create the class once, before the worker threads need it
+    total = len(ref_list)
     results: list[DownloadedAdapter | str | None] = [None] * total
     pool = ThreadPoolExecutor(max_workers=min(max_workers, total), thread_name_prefix="lorazip-hub")
     futures: dict[Future, int] = {}
@@ -488,7 +502,7 @@ def download_adapters(
                 try:
                     results[i] = fut.result()
                 except SourceError as e:
-                    if not skip_failed:
+                    if not job.skip_failed:
                         raise
                     results[i] = _one_line(e)
                 done_count += 1
@@ -499,14 +513,7 @@ def download_adapters(
         # Files already fetched stay in the cache for the next run.
         job.cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
-
-    report = DownloadReport()
-    for ref, res in zip(ref_list, results):
-        if isinstance(res, DownloadedAdapter):
-            report.adapters.append(res)
-        else:
-            report.skipped.append((ref, str(res)))
-    return report
+    return results
 
 
 def _fetch_one(ref: HubRef, job: _Job) -> DownloadedAdapter:
@@ -750,25 +757,37 @@ def _classify(ref: HubRef, e: Exception, job: _Job) -> Exception:
     """Map an exception from huggingface_hub to a SourceError (final) or a _Transient (retry)."""
     errors = _hf_errors()
     chain = _chain(e)
-    repo_url = f"{job.endpoint}/{ref.repo_id}"
+    for kind in (_offline_error, _repo_error, _http_error):
+        found = kind(ref, e, chain, errors, job)
+        if found is not None:
+            return found
+    return _transport_error(ref, e, chain, errors, job)
 
+
+def _offline_error(ref: HubRef, e: Exception, chain: list[BaseException], errors, job: _Job) -> Exception | None:
+    """Offline mode and a repo (or part of one) missing from the cache."""
     offline_err = _find(chain, errors.OfflineModeIsEnabled)
-    if offline_err is not None or (job.offline and isinstance(e, errors.LocalEntryNotFoundError)):
-        why = (
-            "offline mode is on"
-            if job.offline
-            else "HF_HUB_OFFLINE was set when huggingface_hub was imported"
-        )
-        incomplete = getattr(errors, "IncompleteSnapshotError", None)
-        if incomplete is not None and _find(chain, incomplete) is not None:
-            return SourceError(
-                f"{ref}: the cached copy is incomplete and {why}: rerun online to complete it"
-            )
+    if offline_err is None and not (job.offline and isinstance(e, errors.LocalEntryNotFoundError)):
+        return None
+    why = (
+        "offline mode is on"
+        if job.offline
+        else "HF_HUB_OFFLINE was set when huggingface_hub was imported"
+    )
+    incomplete = getattr(errors, "IncompleteSnapshotError", None)
+    if incomplete is not None and _find(chain, incomplete) is not None:
         return SourceError(
-            f"{ref}: not in the Hub cache ({job.cache_dir}) and {why}: download it online first "
-            "(lorazip download ...), or unset HF_HUB_OFFLINE"
+            f"{ref}: the cached copy is incomplete and {why}: rerun online to complete it"
         )
+    return SourceError(
+        f"{ref}: not in the Hub cache ({job.cache_dir}) and {why}: download it online first "
+        "(lorazip download ...), or unset HF_HUB_OFFLINE"
+    )
 
+
+def _repo_error(ref: HubRef, e: Exception, chain: list[BaseException], errors, job: _Job) -> Exception | None:
+    """A revision, repo or file the Hub does not have, or a gated repo."""
+    repo_url = f"{job.endpoint}/{ref.repo_id}"
     if _find(chain, errors.RevisionNotFoundError) is not None:
         return SourceError(
             f"{ref}: revision {ref.revision or 'main'!r} not found: check the branch, tag or commit sha "
@@ -803,27 +822,35 @@ def _classify(ref: HubRef, e: Exception, job: _Job) -> Exception:
         return SourceError(
             f"{ref}: a file listed by the Hub is missing (HTTP 404): the repo may be changing, try again later"
         )
+    return None
 
+
+def _http_error(ref: HubRef, e: Exception, chain: list[BaseException], errors, job: _Job) -> Exception | None:
+    """Any other HTTP status: server errors and rate limits are retried."""
     http = _find(chain, errors.HfHubHTTPError)
     status = _status(http) if http is not None else None
-    if status is not None:
-        if status in _RETRYABLE_STATUS or status >= 500:
-            return _Transient(f"Hub server error (HTTP {status})", _retry_after(http))
-        if status in (401, 403):
-            if job.token:
-                return SourceError(
-                    f"{ref}: access denied (HTTP {status}): the token was rejected or has no access; "
-                    "check HF_TOKEN / --token"
-                )
+    if status is None:
+        return None
+    if status in _RETRYABLE_STATUS or status >= 500:
+        return _Transient(f"Hub server error (HTTP {status})", _retry_after(http))
+    if status in (401, 403):
+        if job.token:
             return SourceError(
-                f"{ref}: access denied (HTTP {status}): needs a token: set HF_TOKEN or pass --token"
+                f"{ref}: access denied (HTTP {status}): the token was rejected or has no access; "
+                "check HF_TOKEN / --token"
             )
-        if status == 404:
-            return SourceError(f"{ref}: not found on {job.endpoint} (HTTP 404): check the name")
         return SourceError(
-            f"{ref}: the Hub refused the request (HTTP {status}): {_one_line(http, 160)}"
+            f"{ref}: access denied (HTTP {status}): needs a token: set HF_TOKEN or pass --token"
         )
+    if status == 404:
+        return SourceError(f"{ref}: not found on {job.endpoint} (HTTP 404): check the name")
+    return SourceError(
+        f"{ref}: the Hub refused the request (HTTP {status}): {_one_line(http, 160)}"
+    )
 
+
+def _transport_error(ref: HubRef, e: Exception, chain: list[BaseException], errors, job: _Job) -> Exception:
+    """Dropped connections and cut-short downloads (retried), bad repo ids, anything else."""
     net = _find(chain, _network_error_types())
     if net is None:
         net = next(

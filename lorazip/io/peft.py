@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, first_line
 from .files import CONFIG_NAME, sha256_file  # noqa: F401 (sha256_file: imported from here too)
 from .safetensors_header import (  # noqa: F401 (parse_json: imported from here too)
     FLOAT_DTYPES, ST_DTYPES, RawReader, decode_json, parse_header, parse_json, short,
@@ -51,7 +51,7 @@ ST_TORCH: dict[str, torch.dtype] = {
     if hasattr(torch, attr.removeprefix("torch."))
 }
 _DTYPES = {k: ST_DTYPES[k][0] for k in ST_TORCH}  # bytes per element
-_ST_DTYPE = {v: k for k, v in ST_TORCH.items()}
+TORCH_ST = {v: k for k, v in ST_TORCH.items()}  # torch dtype -> safetensors name
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Adapter:
             with safe_open(str(self.weights_file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as exc:  # safetensors raises several types for corrupt data
-            raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {_first_line(exc)}") from None
+            raise AdapterFormatError(f"{self.weights_file}: cannot read tensors: {first_line(exc)}") from None
 
     def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B, A)`` in ``dtype`` with ``M = B @ A`` (scale folded into ``B``).
@@ -152,11 +152,6 @@ class Adapter:
             if x.is_floating_point() and not torch.isfinite(x if x.element_size() > 1 else x.float()).all():
                 raise AdapterFormatError(f"{self.weights_file}: tensor {short(key)} has NaN or Inf values")
         return tensors
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _stored_key(spec, part: str) -> str:
@@ -224,6 +219,39 @@ def read_config(path: Path) -> dict[str, Any]:
     allowed where PEFT allows it), so nothing downstream meets a value of the wrong type.
     """
     cfg_path = path / CONFIG_NAME
+    cfg = _read_config_json(path, cfg_path)
+    peft_type = cfg.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise AdapterFormatError(
+            f"{cfg_path}: peft_type {short(peft_type)} is not supported; lorazip compresses plain LoRA"
+        )
+    for key, ok, kind in _CONFIG_TYPES:
+        value = cfg.get(key)
+        if value is not None and not ok(value):
+            raise AdapterFormatError(f"{cfg_path}: '{key}' must be {kind}, got {short(value)}")
+    if cfg.get("use_dora"):
+        raise AdapterFormatError(f"{cfg_path}: DoRA adapters (use_dora) are not supported")
+    _check_rank_and_alpha(cfg, cfg_path)
+    if cfg.get("lora_bias"):
+        raise AdapterFormatError(f"{cfg_path}: lora_bias adapters are not supported")
+    for key, what in _CHANGES_MEANING:
+        if cfg.get(key):
+            raise AdapterFormatError(f"{cfg_path}: '{key}' ({what}) is not supported; lorazip compresses plain LoRA")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.split("_")[0].lower() in _REDERIVED_INITS:
+        raise AdapterFormatError(
+            f"{cfg_path}: init_lora_weights {init!r}: PEFT changes the base weights when it loads this adapter, "
+            "so its factors alone are not its update; save it as plain LoRA first (PEFT's "
+            "path_initial_model_for_weight_conversion) and compress that"
+        )
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        _check_regex(targets, f"{cfg_path}: 'target_modules' {short(targets)}")
+    return cfg
+
+
+def _read_config_json(path: Path, cfg_path: Path) -> dict[str, Any]:
+    """The config file's JSON object (at most ``_MAX_CONFIG`` bytes)."""
     if not cfg_path.is_file():
         raise AdapterFormatError(f"{path}: no {CONFIG_NAME}")
     try:
@@ -236,17 +264,11 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg = decode_json(raw, lambda why: AdapterFormatError(f"{cfg_path}: invalid JSON ({why})"), encoding="utf-8-sig")
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{cfg_path}: expected a JSON object")
-    peft_type = cfg.get("peft_type", "LORA")
-    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        raise AdapterFormatError(
-            f"{cfg_path}: peft_type {short(peft_type)} is not supported; lorazip compresses plain LoRA"
-        )
-    for key, ok, kind in _CONFIG_TYPES:
-        value = cfg.get(key)
-        if value is not None and not ok(value):
-            raise AdapterFormatError(f"{cfg_path}: '{key}' must be {kind}, got {short(value)}")
-    if cfg.get("use_dora"):
-        raise AdapterFormatError(f"{cfg_path}: DoRA adapters (use_dora) are not supported")
+    return cfg
+
+
+def _check_rank_and_alpha(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """``r``, ``lora_alpha`` and their per-module patterns (valid regular expressions)."""
     if "r" not in cfg:
         raise AdapterFormatError(f"{cfg_path}: missing 'r' (the LoRA rank)")
     r = cfg["r"]
@@ -263,33 +285,14 @@ def read_config(path: Path) -> dict[str, Any]:
             kind = "positive integers" if key == "rank_pattern" else "positive numbers"
             raise AdapterFormatError(f"{cfg_path}: '{key}' must map module patterns to {kind}")
         for pattern in pat:
-            try:
-                re.compile(pattern)
-            except (re.error, RecursionError, OverflowError):
-                raise AdapterFormatError(
-                    f"{cfg_path}: '{key}' key {short(pattern)} is not a valid regular expression"
-                ) from None
-    if cfg.get("lora_bias"):
-        raise AdapterFormatError(f"{cfg_path}: lora_bias adapters are not supported")
-    for key, what in _CHANGES_MEANING:
-        if cfg.get(key):
-            raise AdapterFormatError(f"{cfg_path}: '{key}' ({what}) is not supported; lorazip compresses plain LoRA")
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init.split("_")[0].lower() in _REDERIVED_INITS:
-        raise AdapterFormatError(
-            f"{cfg_path}: init_lora_weights {init!r}: PEFT changes the base weights when it loads this adapter, "
-            "so its factors alone are not its update; save it as plain LoRA first (PEFT's "
-            "path_initial_model_for_weight_conversion) and compress that"
-        )
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        try:
-            re.compile(targets)
-        except (re.error, RecursionError, OverflowError):
-            raise AdapterFormatError(
-                f"{cfg_path}: 'target_modules' {short(targets)} is not a valid regular expression"
-            ) from None
-    return cfg
+            _check_regex(pattern, f"{cfg_path}: '{key}' key {short(pattern)}")
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        raise AdapterFormatError(f"{what} is not a valid regular expression") from None
 
 
 def _targeted(targets: str | list[str], module: str) -> bool:
@@ -421,7 +424,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AdapterFormatError(f"{path}: cannot load pickled weights: {_first_line(exc)}") from None
+        raise AdapterFormatError(f"{path}: cannot load pickled weights: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterFormatError(f"{path}: expected a dict of tensors")
     return state
@@ -442,10 +445,39 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
     state = None
     if pickled:
         state = _load_pickle(weights)
-        header = {k: {"dtype": _ST_DTYPE.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
+        header = {k: {"dtype": TORCH_ST.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
     else:
         header = read_safetensors_header(weights)
 
+    pairs, extras, dtypes = _lora_pairs(header, weights)
+    _unwrap_saved_heads(pairs)
+    if not pairs:
+        raise AdapterFormatError(f"{weights}: no LoRA tensors (lora_A / lora_B) found")
+    modules = {mod: _lora_module(cfg, header, weights, mod, slot) for mod, slot in sorted(pairs.items())}
+    targets = cfg.get("target_modules")
+    if targets and not any(_targeted(targets, mod) for mod in modules):
+        # PEFT would wrap other modules and ignore every tensor of the file: the adapter would load as a no-op.
+        raise AdapterFormatError(
+            f"{path / CONFIG_NAME}: target_modules {short(targets)} match none of the modules adapted in "
+            f"{weights.name} (e.g. {short(next(iter(modules)))})"
+        )
+
+    return Adapter(
+        name=name or path.resolve().name,
+        path=path,
+        config=cfg,
+        modules=modules,
+        extras=sorted(extras),
+        dtype="/".join(sorted(dtypes)),
+        weights_file=weights,
+        pickled=pickled,
+        _state=state,
+    )
+
+
+def _lora_pairs(header: dict[str, dict[str, Any]], weights: Path) -> tuple[dict[str, dict[str, str]], list[str], set[str]]:
+    """``(pairs, extras, dtypes)`` of a weights header: per module name its ``A`` and ``B`` keys and
+    layout, the keys of the other (non-LoRA) tensors, and the float dtypes of the factors."""
     pairs: dict[str, dict[str, str]] = {}
     extras: list[str] = []
     dtypes = set()
@@ -472,51 +504,32 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
         slot[kind[-1]] = key
         slot["layout"] = "embedding" if "embedding" in kind else "linear"
         dtypes.add(info["dtype"])
+    return pairs, extras, dtypes
 
-    _unwrap_saved_heads(pairs)
-    if not pairs:
-        raise AdapterFormatError(f"{weights}: no LoRA tensors (lora_A / lora_B) found")
-    modules: dict[str, LoraModule] = {}
-    for mod, slot in sorted(pairs.items()):
-        if "A" not in slot or "B" not in slot:
-            missing = "lora_B" if "B" not in slot else "lora_A"
-            raise AdapterFormatError(f"{weights}: module {short(mod)} has no {missing} tensor")
-        sa, sb = header[slot["A"]]["shape"], header[slot["B"]]["shape"]
-        if len(sa) != 2 or len(sb) != 2:
-            raise AdapterFormatError(
-                f"{weights}: module {short(mod)}: only 2-D LoRA factors are supported "
-                f"(got {short(sa)}, {short(sb)}; conv LoRA?)"
-            )
-        if slot["layout"] == "embedding":  # A_e: (r, num_embeddings), B_e: (dim, r)
-            rank, d_out, d_in, r_b = sa[0], sa[1], sb[0], sb[1]
-        else:  # A: (r, d_in), B: (d_out, r)
-            rank, d_in, d_out, r_b = sa[0], sa[1], sb[0], sb[1]
-        if rank == 0 or r_b == 0:
-            raise AdapterFormatError(f"{weights}: module {short(mod)}: rank 0 (lora_A {sa}, lora_B {sb})")
-        if rank != r_b:
-            raise AdapterFormatError(f"{weights}: module {short(mod)}: lora_A {sa} and lora_B {sb} ranks differ")
-        r_cfg, alpha, scale = module_scale(cfg, mod)
-        if r_cfg != rank:
-            raise AdapterFormatError(
-                f"{weights}: module {short(mod)} has rank {rank} but the config (r / rank_pattern) says {short(r_cfg)}"
-            )
-        modules[mod] = LoraModule(mod, slot["A"], slot["B"], rank, d_out, d_in, alpha, scale, slot["layout"])
-    targets = cfg.get("target_modules")
-    if targets and not any(_targeted(targets, mod) for mod in modules):
-        # PEFT would wrap other modules and ignore every tensor of the file: the adapter would load as a no-op.
+
+def _lora_module(cfg: dict[str, Any], header: dict[str, dict[str, Any]], weights: Path, mod: str,
+                 slot: dict[str, str]) -> LoraModule:
+    """Module ``mod`` from its two factors' shapes, checked against each other and the config's rank."""
+    if "A" not in slot or "B" not in slot:
+        missing = "lora_B" if "B" not in slot else "lora_A"
+        raise AdapterFormatError(f"{weights}: module {short(mod)} has no {missing} tensor")
+    sa, sb = header[slot["A"]]["shape"], header[slot["B"]]["shape"]
+    if len(sa) != 2 or len(sb) != 2:
         raise AdapterFormatError(
-            f"{path / CONFIG_NAME}: target_modules {short(targets)} match none of the modules adapted in "
-            f"{weights.name} (e.g. {short(next(iter(modules)))})"
+            f"{weights}: module {short(mod)}: only 2-D LoRA factors are supported "
+            f"(got {short(sa)}, {short(sb)}; conv LoRA?)"
         )
-
-    return Adapter(
-        name=name or path.resolve().name,
-        path=path,
-        config=cfg,
-        modules=modules,
-        extras=sorted(extras),
-        dtype="/".join(sorted(dtypes)),
-        weights_file=weights,
-        pickled=pickled,
-        _state=state,
-    )
+    if slot["layout"] == "embedding":  # A_e: (r, num_embeddings), B_e: (dim, r)
+        rank, d_out, d_in, r_b = sa[0], sa[1], sb[0], sb[1]
+    else:  # A: (r, d_in), B: (d_out, r)
+        rank, d_in, d_out, r_b = sa[0], sa[1], sb[0], sb[1]
+    if rank == 0 or r_b == 0:
+        raise AdapterFormatError(f"{weights}: module {short(mod)}: rank 0 (lora_A {sa}, lora_B {sb})")
+    if rank != r_b:
+        raise AdapterFormatError(f"{weights}: module {short(mod)}: lora_A {sa} and lora_B {sb} ranks differ")
+    r_cfg, alpha, scale = module_scale(cfg, mod)
+    if r_cfg != rank:
+        raise AdapterFormatError(
+            f"{weights}: module {short(mod)} has rank {rank} but the config (r / rank_pattern) says {short(r_cfg)}"
+        )
+    return LoraModule(mod, slot["A"], slot["B"], rank, d_out, d_in, alpha, scale, slot["layout"])

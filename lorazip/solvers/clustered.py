@@ -122,17 +122,8 @@ def jd_clustered(
     ranks = [rank] * len(modules) if isinstance(rank, int) else list(rank)
     run = map_modules or (lambda fn, args: [fn(*factors(m), *a) for m, a in zip(modules, args)])
     if per_module:
-        parts = run(_cluster_one, [
-            (n_clusters, ranks[j], weighting, max_rounds, max_iters, tol, seed, n_init,
-             None if init is None else init[j])
-            for j in range(len(modules))
-        ])
-        return ClusteredResult(
-            [p.U[0] for p in parts], [p.V[0] for p in parts], [p.cores[0] for p in parts],
-            [p.assignment[0] for p in parts], max(p.rounds for p in parts), all(p.converged for p in parts),
-            [sum(h) / len(parts) for h in zip(*[_pad(p.history, max_rounds + 1) for p in parts])],
-        )
-
+        return _cluster_per_module(run, len(modules), n_clusters, ranks, weighting, max_rounds, max_iters, tol, seed,
+                                   n_init, init)
     if dims is None:
         dims = [(B.shape[0], B.shape[1], A.shape[2]) for B, A in map(factors, modules)]
     n = dims[0][0]
@@ -155,29 +146,51 @@ def jd_clustered(
     weights = [st[2] for st in starts]
     energy = [st[3] for st in starts]
     total = float(sum(e.sum() for e in energy)) or 1.0
-    E = torch.stack(energy, 1).sum(1)  # (n,) weighted energy per adapter
-
     if K == 1:  # exactly JD-Full
-        zero = torch.zeros(n, dtype=torch.long)
-        cores = [st[4] for st in starts]
-        resid = float(sum(((e - (c.square().sum((1, 2)) * w)).sum()) for e, c, w in zip(energy, cores, weights)))
-        return ClusteredResult(Us, Vs, cores, [zero] * len(modules), 0, True, [resid / total])
+        return _jd_full_result(Us, Vs, [st[4] for st in starts], weights, energy, total)
     X = torch.cat([st[5] for st in starts], 1)
     del starts
-    U_start = [u.clone() for u in Us]
-    V_start = [v.clone() for v in Vs]
+    E = torch.stack(energy, 1).sum(1)  # (n,) weighted energy per adapter
+    Us, Vs, assign, history, rounds, converged = _best_start(run, X, gen, n_init, Us, Vs, weights, E, total, K, ranks,
+                                                             max_rounds, max_iters, tol, seed)
+    cores_out = run(_final_cores, [(Us[j], Vs[j], assign) for j in range(len(modules))])
+    return ClusteredResult(Us, Vs, cores_out, [assign] * len(modules), rounds, converged, history)
+
+
+def _cluster_per_module(run, n_modules, n_clusters, ranks, weighting, max_rounds, max_iters, tol, seed, n_init,
+                        init) -> ClusteredResult:
+    """Each module clustered on its own (its own assignment); the history is the mean over modules."""
+    parts = run(_cluster_one, [
+        (n_clusters, ranks[j], weighting, max_rounds, max_iters, tol, seed, n_init,
+         None if init is None else init[j])
+        for j in range(n_modules)
+    ])
+    return ClusteredResult(
+        [p.U[0] for p in parts], [p.V[0] for p in parts], [p.cores[0] for p in parts],
+        [p.assignment[0] for p in parts], max(p.rounds for p in parts), all(p.converged for p in parts),
+        [sum(h) / len(parts) for h in zip(*[_pad(p.history, max_rounds + 1) for p in parts])],
+    )
+
+
+def _jd_full_result(Us, Vs, cores, weights, energy, total: float) -> ClusteredResult:
+    """K = 1: the shared JD-Full start is the result, every adapter in cluster 0."""
+    zero = torch.zeros(energy[0].shape[0], dtype=torch.long)
+    resid = float(sum(((e - (c.square().sum((1, 2)) * w)).sum()) for e, c, w in zip(energy, cores, weights)))
+    return ClusteredResult(Us, Vs, cores, [zero] * len(Us), 0, True, [resid / total])
+
+
+def _best_start(run, X, gen, n_init, U_start, V_start, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed):
+    """The alternation from ``n_init`` independent k-means++ starts on the signatures ``X``, all
+    from the shared bases; the one of lowest final objective wins (ties: the first)."""
     best = None
-    for _ in range(n_init):  # independent k-means++ starts; the lowest final objective wins
+    for _ in range(n_init):
         start = kmeans(X, K, generator=gen)
         Us = [u.clone() for u in U_start]
         Vs = [v.clone() for v in V_start]
         res = _alternate(run, start, Us, Vs, weights, E, total, K, ranks, max_rounds, max_iters, tol, seed)
         if best is None or res[3][-1] < best[3][-1] - 1e-12:
             best = res
-    Us, Vs, assign, history, rounds, converged = best
-
-    cores_out = run(_final_cores, [(Us[j], Vs[j], assign) for j in range(len(modules))])
-    return ClusteredResult(Us, Vs, cores_out, [assign] * len(modules), rounds, converged, history)
+    return best
 
 
 def _cluster_one(B, A, n_clusters, rank, weighting, max_rounds, max_iters, tol, seed, n_init, init):
