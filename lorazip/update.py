@@ -37,6 +37,7 @@ import torch
 from . import __version__
 from .add_residuals import add_residuals, goal_error
 from .artifact import Artifact, load_artifact, missing_modules, module_path
+from .compress.options import CompressOptions
 from .layout import round_small, trim_spectra
 from .solvers.linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
@@ -189,12 +190,9 @@ def add_adapters(
     names: Sequence[str] | None = None,
     base_model: str | None = None,
     allow_pickle: bool = False,
-    keep_extras: bool = True,
-    hash_sources: bool = True,
-    max_iters: int | None = None,
-    tol: float | None = None,
-    compute_dtype: str | None = None,
+    options: CompressOptions | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    **settings: Any,
 ) -> tuple[Artifact, dict[str, Any]]:
     """Add adapters to a compressed collection.
 
@@ -214,7 +212,12 @@ def add_adapters(
         ``--rank`` artifact, residual rank 0.
     names : names for the new adapters (default: their folder / repo names).
     base_model : accept adapters whose config names another base model.
-    max_iters, tol, compute_dtype : refit solver settings (default: the artifact's).
+    options, settings : a :class:`~lorazip.compress.options.CompressOptions` (the run's own may be
+        passed: what it says of the plan is the artifact's already) and/or its fields as keywords.
+        An addition builds with the artifact's plan, its bases fixed (``refit``: refitted), so only
+        these settings apply: ``keep_extras``, ``hash_sources`` and the refit's solver settings
+        ``max_iters``, ``tol``, ``compute_dtype`` (default: the artifact's, unless given); another
+        keyword is an :class:`OptionError`.
 
     Returns
     -------
@@ -229,6 +232,7 @@ def add_adapters(
     SourceError, AdapterFormatError, ValidationError (base model, modules, shapes, a name
     already in the artifact, changed or missing originals with ``refit``), OptionError.
     """
+    keep_extras, hash_sources, max_iters, tol, compute_dtype = _add_settings(options, settings)
     art = _addable(artifact, threshold)
     coll = _new_collection(art, sources, names, base_model, allow_pickle)
     warn: list[str] = []
@@ -244,6 +248,24 @@ def add_adapters(
     for w in warn:
         warnings.warn(w, UpdateWarning, stacklevel=2)
     return out, report
+
+
+_ADD_SETTINGS = ("keep_extras", "hash_sources", "max_iters", "tol", "compute_dtype")
+
+
+def _add_settings(options: CompressOptions | None, settings: dict[str, Any]):
+    """``(keep_extras, hash_sources, max_iters, tol, compute_dtype)`` of an addition; the solver's are
+    None (the artifact's) unless given as keywords or in ``options``."""
+    other = sorted(set(settings) - set(_ADD_SETTINGS))
+    if other:
+        raise OptionError(f"adding adapters keeps the artifact's plan (its bases fixed, or refitted): "
+                          f"{', '.join(other)} do(es) not apply")
+    opts = CompressOptions.of(options, **settings)
+    defaults = CompressOptions()
+    given = set(settings) | ({k for k in _ADD_SETTINGS if getattr(opts, k) != getattr(defaults, k)}
+                             if options is not None else set())
+    solver = ("max_iters", "tol", "compute_dtype")
+    return (opts.keep_extras, opts.hash_sources, *(getattr(opts, k) if k in given else None for k in solver))
 
 
 def _addable(artifact: Artifact | str | os.PathLike, threshold: float) -> Artifact:

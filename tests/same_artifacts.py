@@ -101,9 +101,22 @@ def digest(art, root: Path, tmp: Path) -> str:
     return hashlib.sha256(text.encode() + b"\0" + data[8 + n:]).hexdigest()
 
 
-def build(name: str, src: Path, tmp: Path, executor=None) -> str:
+def scaled(kw: dict, coll) -> dict:
+    """The mode's settings for another collection: a budget of 10% of its bytes, a memory limit that
+    streams its largest module."""
+    kw = dict(kw)
+    if "budget" in kw:
+        kw["budget"] = sum(a.weights_file.stat().st_size for a in coll.adapters) // 10
+    if "memory_limit" in kw:
+        kw["memory_limit"] = 2 * max(4 * len(coll) * coll.max_rank(m.name) * (m.d_in + m.d_out) for m in coll.modules)
+    return kw
+
+
+def build(name: str, src: Path, tmp: Path, executor=None, scale: bool = False) -> str:
     kw = dict({**MODES, **RAY_MODES}[name])
     coll = lorazip.load_collection(src)
+    if scale:
+        kw = scaled(kw, coll)
     if kw.pop("calibration", False):
         kw["calibration"] = calibration_stats(coll)
     art = lorazip.compress(coll, executor=executor, **kw) if executor else lorazip.compress(coll, **kw)
@@ -190,6 +203,6 @@ if __name__ == "__main__":
             with tempfile.TemporaryDirectory() as d:
                 for name in MODES:
                     try:
-                        print(arg, name, build(name, Path(arg).resolve(), Path(d)), flush=True)
+                        print(arg, name, build(name, Path(arg).resolve(), Path(d), scale=True), flush=True)
                     except Exception as exc:  # noqa: BLE001 - a mode that does not apply to a collection
                         print(arg, name, "error:", type(exc).__name__, str(exc)[:100], flush=True)

@@ -121,3 +121,26 @@ def test_an_allocation_is_a_plan(tmp_path):
     groups = Clusters(2, [torch.tensor([0, 1, 1])])
     on_groups = alloc.plan([fit], "float16", groups)
     assert on_groups.method == "jd-clustered" and on_groups.clusters == 2 and on_groups.groups is groups
+
+
+def test_add_takes_the_options_and_refuses_what_does_not_apply(tmp_path):
+    from lorazip.update import add_adapters
+
+    write_collection(tmp_path / "c", n=4, modules={"l0.q": (12, 8)}, r=2, seed=6)
+    paths = sorted((tmp_path / "c").iterdir())
+    opts = CompressOptions(rank=2, hash_sources=False, storage_dtype="float32")
+    art = lorazip.compress(lorazip.load_collection(paths[:3]), options=opts)
+    by_kw, _ = add_adapters(art, paths[3:], hash_sources=False)
+    by_opts, _ = add_adapters(art, paths[3:], options=opts)  # the run's own options: the plan is the artifact's
+    a, b = (x.save(tmp_path / f"{i}.lorazip.safetensors") for i, x in enumerate((by_kw, by_opts)))
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(OptionError, match="budget do\\(es\\) not apply"):
+        add_adapters(art, paths[3:], budget=1000)
+    with pytest.raises(OptionError, match="max_iter do"):  # a misspelt setting is named
+        add_adapters(art, paths[3:], options=opts, max_iter=3)
+    from lorazip.update import _add_settings
+
+    # the refit's solver settings: the artifact's (None) unless given, as keywords or in the options
+    assert _add_settings(None, {}) == (True, True, None, None, None)
+    assert _add_settings(CompressOptions(max_iters=3, keep_extras=False), {}) == (False, True, 3, None, None)
+    assert _add_settings(None, {"tol": 1e-6, "compute_dtype": "float64"}) == (True, True, None, 1e-6, "float64")
