@@ -119,25 +119,60 @@ def _gather(sources, hub_author, hub_search, hub_collection, hub_list, token, sk
     return got
 
 
-@app.command()
-def compress(
-    sources: Optional[List[str]] = typer.Argument(
+# options of `lorazip compress` whose help runs over a line
+_SOURCES = typer.Argument(
         None, help="Adapter folders, folders of adapter folders, or Hub repo ids (org/name[@rev])."
-    ),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact to write (.lorazip.safetensors)."),
-    rank: Optional[int] = typer.Option(
+    )
+_RANK = typer.Option(
         None, "--rank", "-r", help="Shared rank per module, shared parts only (the paper's fixed-rank mode). "
         "Default: with no --budget / --target-error, a target mean error of 0.03 (about 99% of the adapters' "
-        "task gain kept, docs/task_eval.md); rank 16 for --method jd-diag / svd and where --clusters groups."),
+        "task gain kept, docs/task_eval.md); rank 16 for --method jd-diag / svd and where --clusters groups.")
+_DTYPE = typer.Option(
+        "auto", "--dtype", help="Storage dtype: auto (the adapters' own; with --budget/--target-error int8 where "
+        "that does better) | float32 | float16 | bfloat16 | int8 (per-row int8 with one scale per row: about half "
+        "the bytes of float16)."
+    )
+_EXTRAS_DTYPE = typer.Option(
+        "auto", "--extras-dtype", help="modules_to_save tensors (2+ dims): auto (stored as they came) | float32 | "
+        "float16 | bfloat16 | int8; their error is reported apart."
+    )
+_CLUSTERS = typer.Option(
+        None, "--clusters", "-k", help="K groups with their own bases (jd-clustered; with --budget/--target-error: their shared ranks and residuals allocated), or 'auto' with --target-error/--budget."
+    )
+_TARGET_ERROR = typer.Option(
+        None, help="Mean per-adapter error to reach with the least storage (ranks, or K with --clusters auto)."
+    )
+_BUDGET = typer.Option(
+        None, help="Artifact size limit (500MB, 2GiB, or a ratio like 50x): ranks (or K with --clusters auto) are chosen to fit."
+    )
+_MEMORY_LIMIT = typer.Option(
+        None, help="Memory for module factors (e.g. 4GB): a module needing more than a third streams from disk "
+        "in chunks of adapters (jd-full, jd-diag)."
+    )
+_CALIBRATION = typer.Option(
+        None, "--calibration", help="Statistics from `lorazip calibrate`: minimise the error of each module's outputs "
+        "on the calibration inputs instead of its weights (--budget / --target-error then bound that error)."
+    )
+_CALIBRATION_LAMBDA = typer.Option(
+        None, "--calibration-lambda", help="Regulariser of the statistics, C + lambda mean(diag C) I (default 0.01)."
+    )
+_RAY = typer.Option(False, "--ray", help="One Ray task per module (a local instance unless --ray-address); "
+                             "the workers read the adapters from a shared filesystem or HF cache.",
+                             rich_help_panel=RAY_HELP)
+_RAY_ADDRESS = typer.Option(None, "--ray-address", help="Join a running cluster: auto | HOST:PORT "
+                                              "(implies --ray).", rich_help_panel=RAY_HELP)
+
+
+@app.command()
+def compress(
+    sources: Optional[List[str]] = _SOURCES,
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact to write (.lorazip.safetensors)."),
+    rank: Optional[int] = _RANK,
     method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
     weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     backend: str = typer.Option("torch", help="Array library of the jd-full solver: torch | numpy | cupy."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="Storage dtype: auto (the adapters' own; with --budget/--target-error int8 where "
-        "that does better) | float32 | float16 | bfloat16 | int8 (per-row int8 with one scale per row: about half "
-        "the bytes of float16)."
-    ),
+    dtype: str = _DTYPE,
     compute_dtype: str = typer.Option("float32", help="Solver precision: float32 | float64 (errors always in float64)."),
     seed: int = typer.Option(0, help="Seed of the randomized initialisation."),
     max_iters: int = typer.Option(500, help="Maximum solver sweeps per module."),
@@ -145,35 +180,18 @@ def compress(
     base_model: Optional[str] = typer.Option(None, help="Override the base model check."),
     allow_pickle: bool = typer.Option(False, help="Also load adapter_model.bin (torch.load weights_only)."),
     no_extras: bool = typer.Option(False, "--no-extras", help="Do not store modules_to_save tensors."),
-    extras_dtype: str = typer.Option(
-        "auto", "--extras-dtype", help="modules_to_save tensors (2+ dims): auto (stored as they came) | float32 | "
-        "float16 | bfloat16 | int8; their error is reported apart."
-    ),
-    clusters: Optional[str] = typer.Option(
-        None, "--clusters", "-k", help="K groups with their own bases (jd-clustered; with --budget/--target-error: their shared ranks and residuals allocated), or 'auto' with --target-error/--budget."
-    ),
+    extras_dtype: str = _EXTRAS_DTYPE,
+    clusters: Optional[str] = _CLUSTERS,
     per_module_clusters: bool = typer.Option(False, help="Cluster each module separately (default: one group per adapter)."),
     max_rounds: int = typer.Option(30, help="Maximum fit/assign rounds of jd-clustered."),
-    target_error: Optional[float] = typer.Option(
-        None, help="Mean per-adapter error to reach with the least storage (ranks, or K with --clusters auto)."
-    ),
+    target_error: Optional[float] = _TARGET_ERROR,
     target_stat: str = typer.Option("mean", help="Which per-adapter error --target-error bounds: mean | max."),
-    budget: Optional[str] = typer.Option(
-        None, help="Artifact size limit (500MB, 2GiB, or a ratio like 50x): ranks (or K with --clusters auto) are chosen to fit."
-    ),
+    budget: Optional[str] = _BUDGET,
     max_rank: int = typer.Option(64, help="Largest rank considered by --budget / --target-error."),
     uniform_rank: bool = typer.Option(False, help="With --budget / --target-error: one rank for all modules."),
-    memory_limit: Optional[str] = typer.Option(
-        None, help="Memory for module factors (e.g. 4GB): a module needing more than a third streams from disk "
-        "in chunks of adapters (jd-full, jd-diag)."
-    ),
-    calibration: Optional[Path] = typer.Option(
-        None, "--calibration", help="Statistics from `lorazip calibrate`: minimise the error of each module's outputs "
-        "on the calibration inputs instead of its weights (--budget / --target-error then bound that error)."
-    ),
-    calibration_lambda: Optional[float] = typer.Option(
-        None, "--calibration-lambda", help="Regulariser of the statistics, C + lambda mean(diag C) I (default 0.01)."
-    ),
+    memory_limit: Optional[str] = _MEMORY_LIMIT,
+    calibration: Optional[Path] = _CALIBRATION,
+    calibration_lambda: Optional[float] = _CALIBRATION_LAMBDA,
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     hub_author: Optional[str] = _author,
@@ -184,11 +202,8 @@ def compress(
     skip_failed: bool = _skip,
     workers: Optional[int] = _compress_workers,
     offline: bool = _offline,
-    ray: bool = typer.Option(False, "--ray", help="One Ray task per module (a local instance unless --ray-address); "
-                             "the workers read the adapters from a shared filesystem or HF cache.",
-                             rich_help_panel=RAY_HELP),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running cluster: auto | HOST:PORT "
-                                              "(implies --ray).", rich_help_panel=RAY_HELP),
+    ray: bool = _RAY,
+    ray_address: Optional[str] = _RAY_ADDRESS,
 ) -> None:
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
