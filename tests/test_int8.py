@@ -123,7 +123,7 @@ def test_budget_int8_beats_float16(coll, tmp_path):
 
 
 def test_budget_int8_per_module_allocator(coll, tmp_path):
-    """The shared-only allocator (compress_to: jd-diag here) counts one byte per number for int8."""
+    """The shared-only allocator (compress_shared: jd-diag here) counts one byte per number for int8."""
     art = lorazip.compress(coll, budget=12_000, method="jd-diag", storage_dtype="int8", hash_sources=False)
     assert art.serialized_size() <= 12_000 and art.meta["storage_dtype"] == "int8"
     f16 = lorazip.compress(coll, budget=12_000, method="jd-diag", storage_dtype="float16", hash_sources=False)

@@ -6,7 +6,7 @@ Per module ``m`` the artifact may hold a shared part (JD-Full bases ``U``, ``V``
 truncated SVD, ``k = 0`` is plain JD-Full. Which mix is best depends on the collection: shared
 bases win when many adapters share directions, per-adapter parts win on small or diverse ones.
 :func:`compress_mixed` fits the curves (:mod:`.curves`), allocates (:mod:`.allocate`) for every
-storage candidate and grouping, and builds the best (:mod:`.build`); :func:`compress_to` does the
+storage candidate and grouping, and builds the best (:mod:`.build`); :func:`compress_shared` does the
 same with shared parts only (diagonal cores, a uniform rank, calibrated streaming). A budget holds
 on the real file: dry assemblies give the exact size of everything besides the parts.
 """

@@ -135,7 +135,7 @@ def _better(row: dict[str, Any], curve: list[dict[str, Any]], K, art: Artifact, 
 
 
 def grouping_of(art: Artifact):
-    """The :class:`~lorazip.compress.mixed.Clusters` of a jd-clustered artifact (K > 1)."""
+    """The :class:`~lorazip.compress.plan.Clusters` of a jd-clustered artifact (K > 1)."""
     cl = art.meta["clustering"]
     tensors = art.tensors()
     assign = [tensors[f"assign/{m['name']}"].long() for m in art.modules]

@@ -272,7 +272,7 @@ def finish_whitened(coll: WhitenedCollection, name: str, fac, U, V, cores, assig
 
 def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: torch.Tensor, k: torch.Tensor,
                        storage_dtype: str, core_scales: torch.dtype, assign: torch.Tensor | None = None):
-    """Pass 2 of :func:`lorazip.compress.mixed.compress_mixed` for one module, from its whitened fit:
+    """Pass 2 of :func:`lorazip.compress.budget.compress_mixed` for one module, from its whitened fit:
     ``U``, ``V`` (whitened, orthonormal, rank r; with clusters ``assign`` (n,): (K, d, r)) and
     residual ranks ``k`` (n,).
 
