@@ -82,9 +82,11 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
         return codes, scales
     pad = G * int(group) - L if G > 1 else 0
     xg = torch.nn.functional.pad(x, (0, pad)).reshape(N, G, -1)  # (N, G, g)
-    mask = torch.ones(L + pad, dtype=torch.float32)
-    mask[L:] = 0
-    mask = mask.reshape(G, -1)
+    mask = None  # with no padding every value counts (multiplying by ones would change nothing)
+    if pad:
+        mask = torch.ones(L + pad, dtype=torch.float32)
+        mask[L:] = 0
+        mask = mask.reshape(G, -1)
     step = max(1, _CHUNK // max(xg[0].numel(), 1))
     for bw in sorted(set(b.tolist())):
         idx = np.nonzero(b == bw)[0]
@@ -112,33 +114,38 @@ def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits: int) -> "torch.Tensor":
     return torch.round(xg / safe + h).clamp_(0, 2 * h)
 
 
-def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor", bits: int) -> "torch.Tensor":
+def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits: int) -> "torch.Tensor":
     """Per group (N, G) the scale with the least squared error among a few clipping levels (all
     tried at once), then :data:`_REFINE` least-squares refinements (the best scale for the codes it gives;
-    alternating codes and scale never increases the error)."""
+    alternating codes and scale never increases the error). ``mask`` (G, g) zeroes the padding of
+    the last group (None: no padding)."""
     import torch
 
+    def masked(t: "torch.Tensor") -> "torch.Tensor":
+        return t if mask is None else t * mask
+
     h = _levels(bits)
-    a = xg.abs() * mask
-    cnt = mask.sum(-1).clamp_min(1)
+    a = masked(xg.abs())
+    cnt = torch.tensor(float(xg.shape[-1])) if mask is None else mask.sum(-1).clamp_min(1)
     amax = a.amax(-1)
     mean = a.sum(-1) / cnt
     if bits == 1:  # ±s/2: the optimal s/2 is the mean magnitude (the codes are the signs)
         return 2 * mean
     if bits == 8:  # 255 levels: clipping gains nothing measurable; the largest value on the outermost level
         return amax / h
-    rms = ((xg * xg * mask).sum(-1) / cnt).sqrt()
+    rms = (masked(xg * xg).sum(-1) / cnt).sqrt()
     c0 = torch.minimum(rms * _GAUSS_CLIP[bits], amax)  # the best clip for Gaussian values, and near it
     cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / h  # (C, N, G)
-    err = ((torch.round(xg[None] / cand.clamp_min(1e-30)[..., None] + h).clamp_(0, 2 * h) - h) * cand[..., None]
-           - xg[None]).mul_(mask).square_().sum(-1)  # (C, N, G)
+    err = masked((torch.round(xg[None] / cand.clamp_min(1e-30)[..., None] + h).clamp_(0, 2 * h) - h)
+                 * cand[..., None] - xg[None]).square_().sum(-1)  # (C, N, G)
     s = cand.gather(0, err.argmin(0, keepdim=True))[0]
+    xm = masked(xg)
     for _ in range(_REFINE):
-        lv = (_codes(xg, s, bits) - h) * mask
+        lv = masked(_codes(xg, s, bits) - h)
         den = (lv * lv).sum(-1)
         ls = torch.where(den > 0, (lv * xg).sum(-1) / den.clamp_min(1e-30), s)
-        e_new = (lv * ls[..., None] - xg * mask).square().sum(-1)
-        e_old = (lv * s[..., None] - xg * mask).square().sum(-1)
+        e_new = (lv * ls[..., None] - xm).square().sum(-1)
+        e_old = (lv * s[..., None] - xm).square().sum(-1)
         s = torch.where((e_new < e_old) & (ls > 0), ls, s)
     return torch.where(amax > 0, s, torch.zeros_like(s))
 

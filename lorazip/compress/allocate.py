@@ -135,6 +135,7 @@ class StepCurves:
         n = len(E)
         c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)  # contribution to the mean
         self.fits, self.n, self.c, self.bits = fits, n, c, bits
+        self._shared_only: list[np.ndarray] | None = None
         self.opts: list[list[_Row]] = []
         for fit in fits:
             levels = bit_levels(fit) if bits else None
@@ -153,6 +154,14 @@ class StepCurves:
                 else:
                     rows.append(self._bit_row(r, base, spn[:, :cap], levels))
             self.opts.append(rows)
+
+    def shared_curves(self) -> list[np.ndarray]:
+        """Per module, the contribution to the mean error of its shared part alone at ranks 0..R
+        (computed once: every budget the bisection of a target tries uses them)."""
+        if self._shared_only is None:
+            self._shared_only = [np.array([float((self.c * f.shared[r].numpy()).sum())
+                                           for r in range(max(f.shared) + 1)]) for f in self.fits]
+        return self._shared_only
 
     def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: list) -> _Row:
         n, cap = sp.shape
@@ -473,7 +482,7 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
             uniform = (e, rk)
     if uniform is not None:
         add("uniform JD-Full", uniform[1], none)
-    add("per-module JD", _per_module_shared(fits, numbers, n, E, stat), none)
+    add("per-module JD", _per_module_shared(fits, numbers, n, curves.shared_curves()), none)
     if not cands:
         raise OptionError("the budget is too small for any part: raise it")
     best = min(a.predicted for a in cands)
@@ -513,12 +522,11 @@ def _priced(fits: list[ModuleFit], curves: StepCurves, numbers: int):
     return ranks, counts, seen_ranks
 
 
-def _per_module_shared(fits, numbers, n, E, stat) -> list[int]:
-    """Shared ranks only (no residual), greedy on error removed per number (the v1 allocator)."""
-    c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)
+def _per_module_shared(fits, numbers, n, curve: list[np.ndarray]) -> list[int]:
+    """Shared ranks only (no residual), greedy on error removed per number (the v1 allocator), on
+    each module's shared-only ``curve`` (:meth:`StepCurves.shared_curves`)."""
     ranks = [0] * len(fits)
     used = 0
-    curve = [np.array([float((c * f.shared[r].numpy()).sum()) for r in range(max(f.shared) + 1)]) for f in fits]
     heap = []
     for j, f in enumerate(fits):
         if len(curve[j]) > 1 and curve[j][0] - curve[j][1] > _FLOOR:
