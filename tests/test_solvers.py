@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lorazip.metrics import relative, squared_errors
@@ -256,6 +256,7 @@ def test_jd_full_never_worse_than_jd_diag(shape, rank):
 
 @prop
 @given(shapes, st.integers(1, 2))
+@example((2, 6, 13, 3, 210), 2)  # alternating ascent from the data-driven start stops at 0.1606 > 0.1526 here
 def test_joint_rank_n_k_is_never_worse_than_per_adapter_svd_rank_k(shape, k):
     # The span of all per-adapter rank-k SVD bases has dimension <= n k, so at rank n k some
     # shared basis reproduces every individual truncation: the JD-Full optimum's weighted

@@ -119,7 +119,8 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     d_out, d_in = fac.d_out, fac.d_in
     if R > 0:  # the JD-Full fit weighs adapters by its own (solver-precision) norms
         solver = fac if backend == "torch" else fac.converted(lambda t: to_backend(t, backend))
-        top = jd_full_factors(solver, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters)
+        top = jd_full_factors(solver, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
+                              second_start=False)  # the allocator weighs per-adapter SVD itself
         U, V = torch.linalg.qr(to_torch(top.U).double())[0], torch.linalg.qr(to_torch(top.V).double())[0]
         iters, conv = top.n_iters, top.converged
     else:
@@ -287,7 +288,7 @@ def module_curve_task(collection: Collection, j: int, max_rank: int, weighting: 
     r_cap = min(collection.shared_ranks(info.name, max_rank))  # square cores: the smaller side
     n2 = torch.cat([factor_norms2(ch.B, ch.A).clamp_min(0) for ch in fac]).double()
     w = adapter_weights(n2, weighting)
-    top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters)
+    top = jd_full_factors(fac, r_cap, weights=w, seed=seed, tol=tol, max_iters=max_iters, second_start=False)
     # Cores in float64; the nested fits see M_i through its projection S_i = U^T M_i V.
     U, V = top.U.double(), top.V.double()
     S = torch.cat([(ch.B.double().transpose(1, 2) @ U).transpose(1, 2) @ (ch.A.double() @ V)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backend import mT, namespace
-from ..backend import randn
+from ..backend import randn, to_torch
 from .linalg import adapter_weights, factor_norms2, orth, subspace_change, top_eigvecs
 from .factors import Factors
 
@@ -210,12 +210,60 @@ def jd_full_factors(
     V0=None,
     tol_scale: float = 1.0,
     n_power: int = 2,
+    second_start: bool = True,
 ) -> JDResult:
     """:func:`jd_full` on :class:`~lorazip.solvers.factors.Factors`: in memory or streamed
-    chunk by chunk (each sweep reads every chunk four times)."""
+    chunk by chunk (each sweep reads every chunk four times).
+
+    The objective is not concave: alternating ascent from the data-driven start can stop at a
+    local maximum. Where the theory gives a bound, at rank ``r >= n`` (the span of every adapter's
+    leading ``r // n`` singular directions is then feasible, and holds each adapter's truncated SVD),
+    a second ascent starts from that span and the better of the two is returned, so the result is
+    never worse than per-adapter truncated SVD at rank ``r // n`` (mean relative error).
+    ``second_start=False`` skips it (the allocator's pass 1, which weighs per-adapter SVD itself)."""
     d_out, d_in = fac.d_out, fac.d_in
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank {rank} must be between 1 and min(d_out, d_in) = {min(d_out, d_in)}")
+    args = dict(weights=weights, weighting=weighting, max_iters=max_iters, tol=tol, seed=seed, tol_scale=tol_scale,
+                n_power=n_power)
+    res = _ascend(fac, rank, U0=U0, V0=V0, **args)
+    if second_start and U0 is None and V0 is None and 2 <= fac.n <= rank:
+        U1, V1 = _union_start(fac, rank, res.U, res.V)
+        alt = _ascend(fac, rank, U0=U1, V0=V1, **args)
+        if alt.objective > res.objective:
+            alt.n_iters += res.n_iters
+            return alt
+    return res
+
+
+def _union_start(fac: Factors, rank: int, U, V):
+    """Bases spanning every adapter's leading ``rank // n`` left and right singular directions (from
+    its factors), completed to ``rank`` columns by the directions of ``U``, ``V``."""
+    k = rank // fac.n
+    left, right = [], []
+    for ch in fac:
+        B, A = to_torch(ch.B).double().cpu(), to_torch(ch.A).double().cpu()
+        Qb, Rb = torch.linalg.qr(B)
+        Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
+        W, _, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
+        left.append((Qb @ W[:, :, :k]).transpose(1, 2).reshape(-1, B.shape[1]))
+        right.append((Qa @ Zh.transpose(1, 2)[:, :, :k]).transpose(1, 2).reshape(-1, A.shape[2]))
+
+    def complete(rows, X):
+        cols = torch.cat([torch.cat(rows).T, to_torch(X).double().cpu()], 1)
+        Q, R = torch.linalg.qr(cols)
+        keep = R.diagonal().abs() > 1e-10 * max(float(R.diagonal().abs().max()), 1e-300)
+        return _like(Q[:, keep][:, :rank].contiguous(), fac.like)
+
+    U1, V1 = complete(left, U), complete(right, V)
+    if U1.shape[1] < rank or V1.shape[1] < rank:  # degenerate: fewer independent directions than rank
+        return U, V
+    return U1, V1
+
+
+def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int, tol: float, seed: int, U0, V0,
+            tol_scale: float, n_power: int) -> JDResult:
+    """Alternating ascent from ``U0``, ``V0`` (or the data-driven start)."""
     xp = namespace(fac.like)
     norms2, w = norms_and_weights(fac, weighting, weights)
     total = float(xp.sum(w * norms2))
