@@ -28,8 +28,8 @@ from helpers import write_collection  # noqa: E402
 
 import lorazip  # noqa: E402
 
-# One intra-op thread: with two, MKL's reductions may differ in the last bits from run to run, and a
-# near-tie of the allocator can then go either way (rarely). The digests check the code, not that.
+# One intra-op thread: a reduction split over another number of threads may round differently in the
+# last bits, and the digests must not depend on how many cores the machine running them has.
 torch.set_num_threads(1)
 
 RECORD = Path(__file__).parent / "data" / "artifact_sha256.json"
