@@ -420,20 +420,27 @@ def export(
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-a", help="Adapter name (repeatable; default all)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
     overwrite: bool = typer.Option(False, help="Replace existing adapter folders."),
+    memory_limit: Optional[str] = typer.Option(
+        None, help="Memory for the adapters being written (e.g. 2GB): they are built and written in chunks "
+        "of about half of it (default: chunks of about 1 GiB)."),
     as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
 ) -> None:
     """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""
     from lorazip.artifact import load_artifact
     from lorazip.export_core import Unsupported, export_numpy
 
+    from .parse import parse_size
+
+    limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
     art = load_artifact(artifact)
+    kw = dict(dtype=dtype, overwrite=overwrite, memory_limit=limit)
     try:  # NumPy and plain file reads: the same bytes as the torch export, without importing torch
-        paths = export_numpy(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
+        paths = export_numpy(art, outdir, adapter or None, **kw)
     except Unsupported:  # an artifact the NumPy reader does not know (raised before anything is written)
         _load_torch()
         from lorazip.export import export as run_export
 
-        paths = run_export(art, outdir, adapter or None, dtype=dtype, overwrite=overwrite)
+        paths = run_export(art, outdir, adapter or None, **kw)
     if as_json:
         _emit_json({"report_version": 1, "exported": [str(p) for p in paths]})
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")

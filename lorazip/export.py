@@ -102,14 +102,16 @@ def export(
     *,
     dtype: str = "float32",
     overwrite: bool = False,
+    memory_limit: int | None = None,
 ) -> list[Path]:
     """Write adapters as PEFT folders ``outdir/<name>/`` (all adapters when ``names`` is None).
 
     Each folder is written to a temporary folder and renamed into place, so a folder
     under its final name is always complete. Returns the folders written. Output folders are
     checked before anything is computed; the artifact is opened once, and each module's bases
-    are read once for all the adapters (up to about 1 GiB of exported tensors at a time).
+    are read once for all the adapters (up to about 1 GiB of exported tensors at a time, or half of
+    ``memory_limit`` bytes).
     ``lorazip export`` writes the same bytes without torch (:func:`lorazip.export_core.export_numpy`).
     """
     return export_folders(artifact, outdir, names, dtype=dtype, overwrite=overwrite,
-                          source=lambda rows: _TorchSource(artifact))
+                          source=lambda rows: _TorchSource(artifact), memory_limit=memory_limit)

@@ -183,8 +183,19 @@ def peft_config(meta: dict[str, Any], i: int, state, ranks: dict[str, int]) -> d
     }
 
 
-def chunks(meta: dict[str, Any], rows: list[int], dtype: str) -> list[list[int]]:
-    """``rows`` split so that the exported tensors of one chunk take at most about :data:`CHUNK_BYTES`."""
+def chunk_bytes(memory_limit: int | None) -> int:
+    """Bytes of exported tensors one chunk may hold: :data:`CHUNK_BYTES`, or half of ``memory_limit``
+    (the other half for the artifact's parts and the writes)."""
+    if memory_limit is None:
+        return CHUNK_BYTES
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0:
+        raise OptionError(f"memory limit must be a positive number of bytes, got {memory_limit!r}")
+    return memory_limit // 2
+
+
+def chunks(meta: dict[str, Any], rows: list[int], dtype: str, limit: int = CHUNK_BYTES) -> list[list[int]]:
+    """``rows`` split so that the exported tensors of one chunk take at most about ``limit`` bytes
+    (one adapter per chunk at least)."""
     out: list[list[int]] = []
     size = 0
     for i in rows:
@@ -193,7 +204,7 @@ def chunks(meta: dict[str, Any], rows: list[int], dtype: str) -> list[list[int]]
             (mod["rank"] + (mod.get("residual") or {}).get("max_rank", 0)) * (mod["d_in"] + mod["d_out"])
             for mod in meta["modules"] if mod["name"] in ranks
         )
-        if not out or size + need > CHUNK_BYTES:
+        if not out or size + need > limit:
             out.append([])
             size = 0
         out[-1].append(i)
@@ -211,13 +222,16 @@ def export_folders(
     dtype: str,
     overwrite: bool,
     source: Callable[[list[int]], Any],
+    memory_limit: int | None = None,
 ) -> list[Path]:
     """Write adapters as PEFT folders ``outdir/<name>/`` (all adapters when ``names`` is None), each
     atomically (:func:`write_folder`); returns the folders written. Dtype, names and output folders
     are checked before anything is computed; ``source(rows)`` is a context manager giving what
     :func:`peft_parts` computes with and a ``save(state, tmp, final)`` for the weights file (it is
-    entered before any folder is created, so an :class:`Unsupported` one leaves no trace)."""
+    entered before any folder is created, so an :class:`Unsupported` one leaves no trace). Adapters are
+    built and written a chunk at a time (:func:`chunk_bytes` of ``memory_limit``)."""
     check_dtype(dtype)
+    limit = chunk_bytes(memory_limit)
     names = list(dict.fromkeys(artifact.names if names is None else names))  # each adapter once
     for name in names:
         artifact.index(name)
@@ -232,7 +246,7 @@ def export_folders(
         for name in names:
             check_final(out, name, overwrite)
         written = []
-        for chunk in chunks(artifact.meta, rows, dtype):
+        for chunk in chunks(artifact.meta, rows, dtype, limit):
             for i, (state, ranks) in zip(chunk, peft_parts(src, artifact.meta, chunk, dtype)):
                 written.append(write_folder(out, artifact.names[i], lambda tmp, final: src.save(state, tmp, final),
                                             peft_config(artifact.meta, i, state, ranks), overwrite))
@@ -579,10 +593,11 @@ def export_numpy(
     *,
     dtype: str = "float32",
     overwrite: bool = False,
+    memory_limit: int | None = None,
 ) -> list[Path]:
     """:func:`lorazip.export.export` without torch, for an artifact opened from a file: the same
     folders, byte for byte. Raises :class:`Unsupported` (nothing written) for artifacts it cannot
     read; export those with torch."""
 
     return export_folders(artifact, outdir, names, dtype=dtype, overwrite=overwrite,
-                          source=lambda rows: NumpySource(artifact, rows))
+                          source=lambda rows: NumpySource(artifact, rows), memory_limit=memory_limit)

@@ -339,3 +339,26 @@ def test_rounding_is_torchs():
         assert bytes(memoryview(raw.data).cast("B")) == t.view(torch.uint8).numpy().tobytes(), dtype
     for name, limit in EXPORT_MAX.items():
         assert limit == torch.finfo(getattr(torch, name)).max
+
+
+def test_a_memory_limit_writes_in_chunks_and_the_same_bytes(colls, tmp_path, capsys, monkeypatch):
+    """``--memory-limit`` splits the adapters into chunks of about half of it (one adapter at least)
+    and writes the same folders as one chunk."""
+    art = _compress(colls["heads"], budget=1.5, storage_dtype="int8")
+    path = art.save(tmp_path / "a.lorazip.safetensors")
+    meta, rows = load_artifact(path).meta, list(range(len(art.names)))
+    one = export_core.chunks(meta, rows, "float32")
+    assert one == [rows]
+    tiny = export_core.chunks(meta, rows, "float32", export_core.chunk_bytes(2))  # 1 byte: one adapter each
+    assert tiny == [[i] for i in rows]
+    seen: list[list[int]] = []
+    real = export_core.peft_parts
+    monkeypatch.setattr(export_core, "peft_parts", lambda src, m, chunk, dt: (seen.append(list(chunk)),
+                                                                              real(src, m, chunk, dt))[1])
+    rc, _, err = run_cli(capsys, "export", path, tmp_path / "small", "--memory-limit", "2")
+    assert rc == 0, err
+    assert seen == [[i] for i in rows]
+    lorazip.export(load_artifact(path), tmp_path / "whole")
+    assert _tree(tmp_path / "small") == _tree(tmp_path / "whole")
+    with pytest.raises(OptionError, match="memory limit must be a positive number"):
+        export_numpy(load_artifact(path), tmp_path / "bad", memory_limit=0)
