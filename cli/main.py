@@ -422,7 +422,7 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace existing adapter folders."),
     memory_limit: Optional[str] = typer.Option(
         None, help="Memory for the adapters being written (e.g. 2GB): they are built and written in chunks "
-        "of about half of it (default: chunks of about 1 GiB)."),
+        "of about half of it (default: chunks of about 256 MiB)."),
     as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
 ) -> None:
     """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""

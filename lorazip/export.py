@@ -109,7 +109,7 @@ def export(
     Each folder is written to a temporary folder and renamed into place, so a folder
     under its final name is always complete. Returns the folders written. Output folders are
     checked before anything is computed; the artifact is opened once, and each module's bases
-    are read once for all the adapters (up to about 1 GiB of exported tensors at a time, or half of
+    are read once for all the adapters (up to about 256 MiB of exported tensors at a time, or half of
     ``memory_limit`` bytes).
     ``lorazip export`` writes the same bytes without torch (:func:`lorazip.export_core.export_numpy`).
     """

@@ -4,7 +4,7 @@
 it starts in a fraction of the time) share everything here:
 
 * :func:`export_folders`: the checks (dtype, adapter names, output folders), the chunks of about
-  1 GiB of exported tensors, and for each adapter its folder written atomically;
+  256 MiB of exported tensors, and for each adapter its folder written atomically;
 * :func:`peft_parts`: adapter ``i``, module ``m`` (cluster ``c``) becomes ``lora_B = [U_c S_i, b_i]``,
   ``lora_A = [V_c^T; a_i]`` (``lora_embedding_A/B`` transposed for embeddings) under the module's
   path, rank ``r + k_i``; extras (``modules_to_save``) back in their original dtypes. It runs on a
@@ -46,7 +46,9 @@ _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]+$")  # no path separators, NUL or con
 # export dtypes (PEFT loads float LoRA factors only): the largest finite value and bytes per number
 EXPORT_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 _WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2}
-CHUNK_BYTES = 1 << 30  # export builds the adapters of one chunk in memory, then writes them
+CHUNK_BYTES = 256 << 20  # export builds the adapters of one chunk in memory, then writes them (measured:
+# 256 MiB chunks export 128 Lots-of-LoRAs-shaped adapters in 1.9 s at 336 MB peak, 1 GiB ones in 2.4-3.7 s at 1.1 GB)
+
 # the artifact format versions NumpySource reads (v5: low-bit residual rows, lorazip.lowbit, unpacked here)
 FAST_VERSIONS = (1, 2, 3, 4, 5)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
