@@ -35,6 +35,14 @@ from helpers import write_collection
     (dict(backend="numpy", method="jd-diag", rank=2), "runs jd-full only"),
     (dict(compute_dtype="float16"), "unknown compute dtype 'float16'"),
     (dict(max_iters=0), "max_iters must be >= 1"),
+    (dict(budget=0), "budget must be a positive number of bytes"),
+    (dict(budget=0.5), "budget must be a positive number of bytes"),
+    (dict(budget="2MB"), "budget must be a positive number of bytes"),
+    (dict(memory_limit=-1), "memory limit must be a positive number of bytes"),
+    (dict(max_rank=0), "max_rank must be a positive integer"),
+    (dict(max_rounds=0), "max_rounds must be a positive integer"),
+    (dict(cache_bytes=-1), "cache_bytes must be a number of bytes >= 0"),
+    (dict(calibration_lambda=-0.5), "calibration lambda must be a number >= 0"),
 ])
 def test_each_bad_setting_is_one_error_naming_it(settings, says):
     with pytest.raises(OptionError, match=says):
@@ -61,6 +69,7 @@ def test_what_the_settings_mean():
     assert (fixed.budget, fixed.target_error, fixed.rank, fixed.method, fixed.clusters) == (None, None, 4,
                                                                                              "jd-clustered", 3)
     assert CompressOptions(clusters="3").clusters == 3  # the CLI's string
+    assert CompressOptions(budget=1.5e6).budget == 1_500_000  # bytes as a float: its whole part
 
 
 def test_options_are_frozen_and_picklable():

@@ -96,6 +96,7 @@ class CompressOptions:
             except ValueError:
                 raise OptionError(f"clusters must be a number or 'auto', got {self.clusters!r}") from None
         self._check_what()
+        self._check_numbers()
         self._check_goal()
         self._check_how()
 
@@ -130,6 +131,24 @@ class CompressOptions:
                                   "residuals: drop --method jd-diag and --uniform-rank")
         if not self.allocates and self.clusters not in (1, "auto") and self.method not in ("jd-full", "jd-clustered"):
             raise OptionError(f"clusters need method jd-clustered (jd-full per cluster), not {self.method}")
+
+    def _check_numbers(self) -> None:
+        def whole(name: str, value, least: int, what: str) -> None:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise OptionError(f"{name} must be {what}, got {value!r}")
+
+        for name in ("budget", "memory_limit"):  # bytes: a float (1.5e6) is taken as its whole part
+            value = getattr(self, name)
+            if isinstance(value, float) and value == value and value not in (float("inf"), -float("inf")):
+                object.__setattr__(self, name, int(value))
+        whole("budget", self.budget, 1, "a positive number of bytes")
+        whole("memory limit", self.memory_limit, 1, "a positive number of bytes")
+        whole("max_rank", self.max_rank, 1, "a positive integer")
+        whole("max_rounds", self.max_rounds, 1, "a positive integer")
+        whole("cache_bytes", self.cache_bytes, 0, "a number of bytes >= 0")
+        lam = self.calibration_lambda
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0):
+            raise OptionError(f"calibration lambda must be a number >= 0, got {lam!r}")
 
     def _check_how(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
