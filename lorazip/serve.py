@@ -66,12 +66,14 @@ class _Batch:
     all-zero core row every layer appends, so a plain ``index_select`` serves all rows.
     """
 
-    __slots__ = ("ids", "broadcast", "active", "token", "_dev")
+    __slots__ = ("ids", "broadcast", "active", "one", "token", "_dev")
 
     def __init__(self, ids: torch.Tensor, n: int, broadcast: bool, device_ids: torch.Tensor | None = None):
         self.ids = torch.where(ids < 0, n, ids)  # (L,) int64 on CPU; L = 1 when broadcast
         self.broadcast = broadcast
         self.active = bool((ids >= 0).any())
+        # the adapter of every row when they all use the same one (its core can be folded), else None
+        self.one = int(ids[0]) if len(ids) and int(ids[0]) >= 0 and bool((ids == ids[0]).all()) else None
         self.token = next(_tokens)
         self._dev: dict[torch.device, torch.Tensor] = {}
         if device_ids is not None:
@@ -221,6 +223,8 @@ class _BatchedLora(nn.Module):
         self._serving: _Serving | None = None
         self._groups_key: Any = None
         self._groups: list[tuple[int, torch.Tensor | None]] = []
+        self._fold_key: Any = None
+        self._fold: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects module.weight (dtype, tying) sees the base's
@@ -263,6 +267,17 @@ class _BatchedLora(nn.Module):
             self._groups_key, self._groups = key, groups
         return self._groups
 
+    def _folded(self, a: int) -> torch.Tensor:
+        """Adapter ``a``'s core times the output basis, (r, d_out): what a batch whose rows all use
+        ``a`` multiplies by, in one product instead of a gather, a batched product and the basis
+        (cached for the last adapter; rebuilt when the buffers move or change)."""
+        key = (a, self.U.data_ptr(), self.cores.data_ptr(), self.U.dtype, self.U._version, self.cores._version)
+        if self._fold_key != key:
+            S, out = self.cores[a], self._out_basis(0)
+            W = S[:, None] * out if self.diagonal else (S.T if self._transpose_core else S) @ out
+            self._fold_key, self._fold = key, W.contiguous()
+        return self._fold
+
     def _core_product(self, h: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         """Row-wise core product: h (b, T, r) times S (b, r, r), or diagonals (b, r) elementwise."""
         if self.diagonal:
@@ -290,16 +305,22 @@ class _BatchedLora(nn.Module):
         """``y`` plus every row's delta; ``inp`` is (b, T, ...) (features or token ids)."""
         b = inp.shape[0]
         host = batch.rows(b, self.name or "layer")
-        S = self.cores.index_select(0, batch.on(self.cores.device, b))  # (b, r, r) or (b, r); zero rows for id -1
-        if self.n_clusters == 1:
-            groups: list[tuple[int, torch.Tensor | None]] = [(0, None)]
-        else:
-            groups = self._cluster_groups(batch, host, inp.device)
         d_out = y.shape[-1]
         # Accumulate into the base output itself when nothing needs it unchanged (no autograd, same dtype).
         inplace = y.dtype == self.U.dtype and y.is_contiguous() and not (torch.is_grad_enabled() and y.requires_grad)
         acc = y.view(b, -1, d_out) if inplace else None
-        for k, rows in groups if self.shared else ():
+        groups: list[tuple[int, torch.Tensor | None]] = []
+        if self.shared and batch.one is not None and self.n_clusters == 1:  # one adapter for every row: its
+            h = self._project(inp, 0)                                         # core folded into the output basis
+            W = self._folded(batch.one)
+            if acc is None:
+                acc = (h.reshape(-1, h.shape[-1]) @ W).view(b, -1, d_out)
+            else:
+                acc.view(-1, d_out).addmm_(h.reshape(-1, h.shape[-1]), W)
+        elif self.shared:
+            S = self.cores.index_select(0, batch.on(self.cores.device, b))  # (b, r, r) or (b, r); 0 rows for id -1
+            groups = [(0, None)] if self.n_clusters == 1 else self._cluster_groups(batch, host, inp.device)
+        for k, rows in groups:
             if rows is None:  # all rows (those without an adapter have zero cores)
                 z = self._core_product(self._project(inp, k), S)  # (b, T, r)
                 if acc is None:

@@ -370,3 +370,10 @@ def test_layer_matches_dense_reference(K, diag, conv1d, seq, batch, seed):
     assert torch.equal(layer(x, adapter_ids=[-1] * batch), base(x))
     with pytest.raises(lorazip.OptionError, match="names need lorazip.apply"):
         layer(x, adapter_ids=["a"] * batch)
+    # one adapter for the whole batch (its core folded into the output basis) = that id on every row
+    a = int(torch.randint(0, n, (1,), generator=g))
+    one = _dense_reference(base.weight, base.bias, U, V, cores, assign if K > 1 else torch.zeros(n),
+                           torch.full((batch,), a), x, conv1d)
+    assert torch.allclose(layer(x, adapter_ids=a).double(), one, rtol=1e-5, atol=1e-5)
+    layer.double()  # the folded product follows the buffers
+    assert torch.allclose(layer(x.double(), adapter_ids=a), one, rtol=1e-9, atol=1e-9)
