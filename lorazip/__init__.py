@@ -40,6 +40,7 @@ _LAZY = {
     "Artifact": "artifact",
     "load_artifact": "artifact",
     "compress": "compress",
+    "CompressOptions": "compress.options",  # every setting of a run, checked once
     "evaluate": "evaluate",
     "export": "export",
     "to_peft": "export",
@@ -56,7 +57,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "__version__", "Artifact", "Collection", "load_artifact", "load_collection", "compress", "evaluate",
+    "__version__", "Artifact", "Collection", "load_artifact", "load_collection", "compress", "CompressOptions",
+    "evaluate",
     "export", "to_peft", "apply", "verify", "add_adapters", "remove_adapters", "analyze", "LorazipError", "AdapterFormatError", "ArtifactError", "OptionError", "OutputError",
     "SourceError", "ValidationError", "ClusterError", "RayExecutor", "calibrate", "load_calibration",
 ]
