@@ -9,7 +9,6 @@ collections (the bundled adapters, the fixture sets) to compare by hand before a
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -17,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import write_collection  # noqa: E402
 
 import lorazip  # noqa: E402
+from lorazip.layout import decode_meta  # noqa: E402
 
 # One intra-op thread: a reduction split over another number of threads may round differently in the
 # last bits, and the digests must not depend on how many cores the machine running them has.
@@ -96,7 +95,7 @@ def digest(art, root: Path, tmp: Path) -> str:
     n = int.from_bytes(data[:8], "little")  # the header's padding depends on the paths' length: left out
     header = json.loads(data[8:8 + n])
     meta = header.pop("__metadata__")
-    meta["lorazip_z"] = zlib.decompress(base64.b64decode(meta["lorazip_z"])).decode()
+    meta["lorazip_z"] = decode_meta(meta["lorazip_z"])
     text = json.dumps([header, meta], sort_keys=True).replace(str(root), "<root>")
     return hashlib.sha256(text.encode() + b"\0" + data[8 + n:]).hexdigest()
 

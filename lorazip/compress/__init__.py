@@ -111,10 +111,9 @@ def _allocated(collection: Collection, opts: CompressOptions, progress, executor
     """A budget or a target: shared parts only (jd-diag, a uniform rank, calibration streamed under
     a memory limit), or shared and per-adapter parts, on K groups found at the shared rank if asked."""
     from .budget import compress_mixed, compress_shared
-    from .whiten import whitening_of
+    from .whiten import streams_whitened
 
-    calibrated_stream = whitening_of(collection) is not None and opts.memory_limit is not None
-    if opts.method == "jd-diag" or opts.uniform_rank or calibrated_stream:
+    if opts.method == "jd-diag" or opts.uniform_rank or streams_whitened(collection, opts.memory_limit):
         art, report = compress_shared(collection, opts, progress=progress, executor=executor)
     else:
         groupings = None

@@ -134,9 +134,9 @@ class StepCurves:
     def __init__(self, fits: list[ModuleFit], E: np.ndarray, bits: bool = False):
         n = len(E)
         c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)  # contribution to the mean
-        self.fits, self.n, self.c, self.bits = fits, n, c, bits
+        self.fits, self.n, self.E, self.c, self.bits = fits, n, E, c, bits
         self._shared_only: list[np.ndarray] | None = None
-        self._uniform: dict[tuple, tuple] = {}
+        self._uniform: dict[str, list[tuple]] = {}
         self.opts: list[list[_Row]] = []
         for fit in fits:
             levels = bit_levels(fit) if bits else None
@@ -156,18 +156,17 @@ class StepCurves:
                     rows.append(self._bit_row(r, base, spn[:, :cap], levels))
             self.opts.append(rows)
 
-    def uniform_ranks(self, E: np.ndarray, score: Callable[[np.ndarray], float], stat: str) -> list[tuple]:
+    def uniform_ranks(self, score: Callable[[np.ndarray], float], stat: str) -> list[tuple]:
         """``(size, score, ranks)`` of one shared rank r = 1..R in every module (capped at each
-        module's largest), no residual parts; computed once per statistic for these ``E``."""
-        key = (stat, id(E))
-        if key not in self._uniform:
+        module's largest), no residual parts; computed once per statistic."""
+        if stat not in self._uniform:
             none = [np.zeros(self.n, dtype=np.int64) for _ in self.fits]
             table = []
             for r in range(1, max(max(f.shared) for f in self.fits) + 1):
                 rk = [min(r, max(f.shared)) for f in self.fits]
-                table.append((self.size(rk, none), score(self.errors(rk, none, E)), rk))
-            self._uniform[key] = (E, table)  # E kept: its id stays its own
-        return self._uniform[key][1]
+                table.append((self.size(rk, none), score(self.errors(rk, none, self.E)), rk))
+            self._uniform[stat] = table
+        return self._uniform[stat]
 
     def shared_curves(self) -> list[np.ndarray]:
         """Per module, the contribution to the mean error of its shared part alone at ranks 0..R
@@ -486,7 +485,7 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     # shared-only baselines on the full rank curves: uniform JD-Full and per-module JD
     none = [np.zeros(n, dtype=np.int64) for _ in fits]
     uniform = None
-    for size, e, rk in curves.uniform_ranks(E, score, stat):  # the best uniform rank that fits; of equal errors,
+    for size, e, rk in curves.uniform_ranks(score, stat):  # the best uniform rank that fits; of equal errors,
         if size > numbers:                                    # the smallest
             break
         if uniform is None or e < uniform[0] - max(_FLOOR, 1e-6 * e):

@@ -88,7 +88,7 @@ class _MixedRun:
         self.collection, self.opts, self.groupings = collection, opts, groupings
         self.progress, self.executor = progress, executor
         self.budget, self.target, self.stat = opts.budget, opts.goal, opts.target_stat
-        self.native = collection.storage_dtype() if opts.storage_dtype == "auto" else opts.storage_dtype
+        self.native = opts.stored_dtype(collection)
         # "auto": the adapters' own precision, float16 for float32 adapters, and int8 or, where bits can be
         # allocated (not under calibration), bits: residual components at 1-8 bits each, shared parts in int8
         # (which holds every int8 artifact: a component at 8 bits, with a smaller scale)
@@ -322,7 +322,7 @@ def compress_shared(collection: Collection, opts: CompressOptions, *,
     budget, target = opts.budget, opts.goal
     if (budget is None) == (target is None):
         raise OptionError("give exactly one of --budget or --target-error")
-    storage_dtype = collection.storage_dtype() if opts.storage_dtype == "auto" else opts.storage_dtype
+    storage_dtype = opts.stored_dtype(collection)
     # bytes per stored number: 1 for int8, whose row scales are overhead (measured on the probe below,
     # and the shrink loop takes back rank steps if the file is still over)
     itemsize = torch.tensor([], dtype=STORAGE_DTYPES[storage_dtype]).element_size()

@@ -91,7 +91,7 @@ def choose_clusters_or_mix(collection: Collection, opts: CompressOptions, progre
         mix = _mix_on(collection, opts, groups, executor)
         if mix is not None:
             k_mix = mix.allocation["n_clusters"]
-            row = {**_curve_row("mix" if k_mix == 1 else f"mix K={k_mix}", mix)}
+            row = _curve_row("mix" if k_mix == 1 else f"mix K={k_mix}", mix)
             curve.append(row)
             if art is None or _better(row, curve, K, art, opts):
                 art, K = mix, row["K"]
@@ -105,9 +105,9 @@ def choose_clusters_or_mix(collection: Collection, opts: CompressOptions, progre
 
 def _mixable(collection: Collection, opts: CompressOptions) -> bool:
     """Shared and per-adapter parts apply: jd-full, and not calibration streamed under a memory limit."""
-    from .whiten import whitening_of
+    from .whiten import streams_whitened
 
-    return opts.method == "jd-full" and not (whitening_of(collection) is not None and opts.memory_limit)
+    return opts.method == "jd-full" and not streams_whitened(collection, opts.memory_limit)
 
 
 def _mix_on(collection: Collection, opts: CompressOptions, groups: dict[int, Any], executor) -> Artifact | None:

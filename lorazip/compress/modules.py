@@ -254,11 +254,9 @@ def compress_modules(
         None (default): in this process. The artifact is the same either way.
     """
     opts = (opts or CompressOptions()).fixed()
-    if opts.storage_dtype == "auto":
-        opts = opts.replace(storage_dtype=collection.storage_dtype())
+    opts = opts.replace(storage_dtype=opts.stored_dtype(collection))
     if plan is None:
-        plan = fixed_rank_plan(collection, opts.method, opts.storage_dtype, opts.shared_rank, ranks,
-                               opts.clusters if opts.method == "jd-clustered" else 1)
+        plan = fixed_rank_plan(collection, opts.method, opts.storage_dtype, opts.shared_rank, ranks, opts.clusters)
     loop = _ModuleLoop(collection, opts, plan, progress, timings)
     try:
         clustering = loop.run_clustered(executor) if plan.method == "jd-clustered" else loop.run(executor)

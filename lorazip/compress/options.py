@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import models
 from ..artifact import STORAGE_DTYPES
 from ..backend import BACKENDS
 from ..errors import OptionError
@@ -187,13 +188,15 @@ class CompressOptions:
         """The rank of a fixed-rank run, and the rank at which clusters group the adapters."""
         return DEFAULT_RANK if self.rank is None else self.rank
 
+    def stored_dtype(self, collection) -> str:
+        """The storage dtype of a run on ``collection``: the one given, or for "auto" the adapters' own."""
+        return collection.storage_dtype() if self.storage_dtype == "auto" else self.storage_dtype
+
     def fixed(self, **changes: Any) -> "CompressOptions":
         """These settings for a fixed-rank build (no budget or target): what the module loop runs."""
         return self.replace(rank=self.shared_rank, budget=None, target_error=None, **changes)
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"``: CUDA where torch has it, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``"auto"``: CUDA where torch has it, else the CPU (:func:`lorazip.models.resolve_device`)."""
+    return torch.device(models.resolve_device(device))

@@ -89,7 +89,7 @@ class Plan:
 def fixed_rank_plan(collection, method: str, storage_dtype: str, rank: int, ranks: dict[str, int] | None = None,
                     clusters: int = 1) -> Plan:
     """The plan of a fixed-rank run: ``rank`` in every module (``ranks`` per module where given),
-    shared parts only. A rank means "at most": a module allowing less (``min(d_out, d_in)``, the sum
+    shared parts only, on ``clusters`` groups for jd-clustered (ignored otherwise). A rank means "at most": a module allowing less (``min(d_out, d_in)``, the sum
     of its adapters' ranks, or one small side kept whole) is stored at its limit, which is exact."""
     ranks = dict(ranks or {})
     unknown = set(ranks) - {m.name for m in collection.modules}

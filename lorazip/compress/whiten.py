@@ -216,6 +216,12 @@ def whitening_of(collection) -> Whitening | None:
     return getattr(collection, "whitening", None)
 
 
+def streams_whitened(collection, memory_limit: int | None) -> bool:
+    """Calibration under a memory limit: whitened modules are read in chunks, which only the
+    shared-only allocation does (pass 2 of the mixed one reads each module whole)."""
+    return whitening_of(collection) is not None and memory_limit is not None
+
+
 def annotate(whitening: Whitening, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
              weight_sq: torch.Tensor, weight_n2: torch.Tensor) -> None:
     """Record the calibration and the weight-space errors in an artifact being assembled: per
