@@ -37,7 +37,7 @@ import torch
 from . import __version__
 from .add_residuals import add_residuals, goal_error
 from .artifact import Artifact, load_artifact, missing_modules, module_path
-from .compress.options import CompressOptions
+from .compress.options import COMPUTE_DTYPES, CompressOptions
 from .layout import round_small, trim_spectra
 from .solvers.linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
@@ -53,7 +53,6 @@ from .solvers.svd import individual_svd
 
 REPORT_VERSION = 1
 DEFAULT_THRESHOLD = 0.6  # error above which an added adapter is flagged (the paper's figure)
-_COMPUTE = {"float64": torch.float64, "float32": torch.float32}
 
 
 class UpdateWarning(UserWarning):
@@ -721,7 +720,7 @@ def _refit_settings(solver: dict[str, Any], max_iters: int | None, tol: float | 
     """The refit's solver settings: those given, else the artifact's, else the defaults."""
     max_iters = int(max_iters or solver.get("max_iters") or 500)
     tol = float(tol or solver.get("tol") or 1e-4)
-    cdtype = _COMPUTE.get(compute_dtype or solver.get("compute_dtype") or "float32")
+    cdtype = COMPUTE_DTYPES.get(compute_dtype or solver.get("compute_dtype") or "float32")
     if cdtype is None:
         raise OptionError(f"unknown compute dtype {compute_dtype!r}; choose float64 or float32")
     return _RefitSettings(max_iters, tol, cdtype, int(solver.get("seed") or 0))
