@@ -246,3 +246,24 @@ def levels(d_out: int, d_in: int, quant) -> list[tuple[int, int, float]]:
                 break
         hull.append(p)
     return hull[1:]
+
+
+# -- shared bases and cores at one bit width (format v5, module metadata ``shared_bits``) ----------
+
+SHARED_ROLES = ("U", "V", "cores")  # stored low-bit in a module with ``shared_bits`` [bases, cores]
+
+
+def shared_width(role: str, shared_bits) -> int:
+    """The bit width of ``role`` ("U", "V" or "cores") in a module whose metadata has
+    ``shared_bits = [bases, cores]``."""
+    return int(shared_bits[1] if role == "cores" else shared_bits[0])
+
+
+def shared_values(codes: np.ndarray, scales: np.ndarray, bits: int, role: str) -> np.ndarray:
+    """float32 values of a low-bit shared tensor in its logical shape: bases ``U`` / ``V`` are
+    stored one basis vector per row, ``codes`` (K, r, d) -> (K, d, r); cores ``codes`` (n, r_out,
+    r_in) row by row -> (n, r_out, r_in). ``scales``: (..., rows, 1), one per row."""
+    lead, L = codes.shape[:-1], codes.shape[-1]
+    flat = dequantize(codes.reshape(-1, L), np.asarray(scales, dtype=np.float32).reshape(-1, 1), int(bits))
+    out = flat.reshape(*lead, L)
+    return np.ascontiguousarray(np.swapaxes(out, -1, -2)) if role != "cores" else out

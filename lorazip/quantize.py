@@ -115,6 +115,52 @@ class LowBit(NamedTuple):
         tensors[QSCALE + key] = self.scale.contiguous()
 
 
+class SharedLowBit(NamedTuple):
+    """Shared bases or cores at one bit width (format v5, module metadata ``shared_bits``): ``data``
+    uint8 codes, one per value, bases one basis vector per row ((K, r, d) for ``U`` (K, d, r)),
+    cores row by row ((n, r_out, r_in)); ``scale`` bfloat16 (..., rows, 1), one per row."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    role: str  # "U", "V" or "cores"
+
+    @property
+    def values(self) -> torch.Tensor:
+        """float32 values in the logical shape ((K, d, r) for bases)."""
+        from .lowbit import shared_values
+
+        return torch.from_numpy(shared_values(self.data.numpy(), self.scale.float().numpy(), self.bits, self.role))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def put(self, tensors: dict[str, torch.Tensor], key: str) -> None:
+        tensors[key] = self.data.contiguous()
+        tensors[QSCALE + key] = self.scale.contiguous()
+
+
+def to_shared_lowbit(t: torch.Tensor, bits: int, role: str) -> SharedLowBit:
+    """Bases ``t`` (K, d, r) (``role`` "U" or "V", each basis vector a row) or cores (n, r_out, r_in)
+    (``role`` "cores", row by row) at ``bits``, one bfloat16 scale per row (:func:`lorazip.lowbit.quantize`)."""
+    from . import lowbit
+
+    rows = t.transpose(-1, -2) if role != "cores" else t
+    lead, L = rows.shape[:-1], rows.shape[-1]
+    codes, scales = lowbit.quantize(rows.reshape(-1, L), int(bits))
+    return SharedLowBit(torch.from_numpy(codes).reshape(*lead, L), torch.from_numpy(scales).to(torch.bfloat16)
+                        .reshape(*lead, 1), int(bits), role)
+
+
+def dry_shared_lowbit(shape, bits: int, role: str) -> SharedLowBit:
+    """Zero codes and scales of :func:`to_shared_lowbit`'s shapes for a tensor of logical ``shape``."""
+    shape = tuple(int(d) for d in shape)
+    rows = shape[:-2] + (shape[-1], shape[-2]) if role != "cores" else shape
+    return SharedLowBit(torch.zeros(rows, dtype=torch.uint8), torch.zeros(rows[:-1] + (1,), dtype=torch.bfloat16),
+                        int(bits), role)
+
+
 def dequantize_lowbit(codes: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """float32 values of low-bit rows (:func:`lorazip.lowbit.dequantize`, one scale per row)."""
     from . import lowbit
