@@ -1,8 +1,9 @@
 """The allocator: pure functions from exact curves (:mod:`.curves`) to ranks and bits. No I/O.
 
-* :func:`allocate_mixed`: shared rank per module and residual rank (and bits) per (adapter,
-  module) for a budget of stored numbers or the fewest numbers meeting an error target. For the
-  mean, a Lagrangian search over the price of a number picks ``r_m`` per module, then the leftover
+* :func:`allocate_mixed`: shared rank (and, with bits, the widths of its bases and cores) per
+  module and residual rank (and bits) per (adapter, module) for a budget of stored numbers (or
+  bytes) or the fewest meeting an error target. For the mean, a Lagrangian search over the price
+  of a number picks ``r_m`` (and its widths) per module, then the leftover
   numbers go greedily to the residual steps that remove most error per number; for the max,
   residual numbers go to the worst adapter first. The result is compared with per-adapter SVD alone,
   uniform JD-Full and per-module JD (from the same curves) and the best is kept. A target is met
@@ -22,7 +23,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import OptionError
-from .curves import ModuleFit, RankCurves, bit_levels
+from .. import lowbit
+from .curves import SHARED_BITS, ModuleFit, RankCurves, bit_levels
 from .plan import Clusters, ModulePlan, Plan
 
 
@@ -32,7 +34,10 @@ _FLOOR = 1e-10  # a step removing less of the (relative) error than this only st
 STATS = ("mean", "max")
 
 
-BITS = "bits"  # the storage candidate with low-bit residual rows (meta storage_dtype: int8)
+BITS = "bits"  # the storage candidate with low-bit parts (meta storage_dtype: int8)
+# how a module's shared part may be stored with bits: (bits of the bases, bits of the cores)
+SHARED_OPTIONS = tuple((a, c) for a in SHARED_BITS for c in SHARED_BITS)
+_DEFAULT = SHARED_OPTIONS.index((8, 8))  # where nothing was measured (off the grid): 8 bits, no error predicted
 
 
 @dataclass
@@ -47,13 +52,16 @@ class Allocation:
     errors: np.ndarray = field(default=None, repr=False)  # (n,) predicted per-adapter error
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted statistic of each candidate
     bits: dict[str, np.ndarray | None] = field(default_factory=dict)  # per module: bits of each residual row
+    shared_bits: dict[str, tuple[int, int]] = field(default_factory=dict)  # per module: (bases, cores) bits
 
     def plan(self, fits: list[ModuleFit], storage_dtype: str, groups: Clusters | None = None) -> Plan:
         """This allocation as a :class:`~lorazip.compress.plan.Plan` stored in ``storage_dtype`` ("bits":
         residual rows at their bits), on one basis or the ``groups`` (K clusters)."""
         low = storage_dtype == BITS
         mods = tuple(ModulePlan(f.name, self.ranks[f.name], residual=np.asarray(self.residual[f.name], dtype=np.int64),
-                                bits=self.bits.get(f.name) if low else None) for f in fits)
+                                bits=self.bits.get(f.name) if low else None,
+                                shared_bits=self.shared_bits.get(f.name, (8, 8)) if low and self.ranks[f.name] else None)
+                     for f in fits)
         clustered = groups is not None and groups.K > 1
         return Plan("jd-clustered" if clustered else "jd-full", storage_dtype, mods, groups.K if clustered else 1,
                     groups if clustered else None, self.kind, self.errors)
@@ -61,6 +69,17 @@ class Allocation:
 
 def _shared_numbers(fit: ModuleFit, r: int, n: int) -> int:
     return fit.K * r * fit.dim + n * r * r
+
+
+def shared_bytes(fit: ModuleFit, r: int, n: int, option: tuple[int, int]) -> int:
+    """Bytes of a module's shared part at rank ``r`` stored low-bit (:func:`~lorazip.quantize.to_shared_lowbit`):
+    every basis vector a packed row at ``option[0]`` bits, every core row at ``option[1]``, each row
+    with a bfloat16 scale."""
+    if r == 0:
+        return 0
+    bu, bc = option
+    return (fit.K * r * (lowbit.row_bytes(fit.d_out, bu) + lowbit.row_bytes(fit.d_in, bu) + 4)
+            + n * r * (lowbit.row_bytes(r, bc) + 2))
 
 
 def _errors(fits: list[ModuleFit], ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
@@ -128,11 +147,15 @@ class _Row:
 
 class StepCurves:
     """Per module and grid rank: residual steps sorted for the Lagrangian and the greedy fill.
-    ``bits``: components may be stored at 1-8 bits (:func:`bit_levels`), costs are bytes and the
-    shared parts cost one byte a number (int8); otherwise a component costs ``dim`` numbers."""
+    ``bits``: components may be stored at 1-8 bits (:func:`bit_levels`), costs are bytes and each
+    module's shared part is stored at one of the ``shared`` (bases, cores) widths, its predicted
+    quantisation error (pass 1, :func:`~lorazip.compress.curves.shared_quant`) added to the
+    truncation error; otherwise a component costs ``dim`` numbers."""
 
-    def __init__(self, fits: list[ModuleFit], E: np.ndarray, bits: bool = False):
+    def __init__(self, fits: list[ModuleFit], E: np.ndarray, bits: bool = False,
+                 shared: tuple[tuple[int, int], ...] = SHARED_OPTIONS):
         n = len(E)
+        self.shared = tuple(shared)  # with bits: the (bases, cores) widths a shared part may take
         c = np.where(E > 0, 1.0 / (n * np.maximum(E, 1e-300)), 0.0)  # contribution to the mean
         self.fits, self.n, self.E, self.c, self.bits = fits, n, E, c, bits
         self._shared_only: list[np.ndarray] | None = None
@@ -204,14 +227,38 @@ class StepCurves:
         c = self.c[row.who[idx]]
         return np.where(c > 0, row.gains[idx] / np.where(c > 0, c, 1.0), 0.0)
 
-    def shared_cost(self, fit: ModuleFit, r: int) -> float:
-        """Cost of a module's shared part at rank ``r``: its numbers, or with bits its bytes in int8
-        with the row scales (float16, one per row of ``U``, ``V`` and of each core), which at small
-        ranks cost as much as the numbers."""
-        numbers = _shared_numbers(fit, r, self.n)
-        if not self.bits or r == 0:
-            return numbers
-        return numbers + 2 * (fit.K * fit.dim + self.n * r)
+    def shared_cost(self, fit: ModuleFit, r: int, option: int | None = None) -> float:
+        """Cost of a module's shared part at rank ``r``: its numbers, or with bits its bytes stored
+        as ``SHARED_OPTIONS[option]`` (bits of the bases, of the cores; None: 8 and 8)."""
+        if not self.bits:
+            return _shared_numbers(fit, r, self.n)
+        return shared_bytes(fit, r, self.n, SHARED_OPTIONS[_DEFAULT if option is None else option])
+
+    def shared_error(self, fit: ModuleFit, r: int, option: int | None) -> np.ndarray | None:
+        """(n,) predicted squared error of storing the shared part at ``SHARED_OPTIONS[option]``
+        (pass 1's measurement, :func:`~lorazip.compress.curves.shared_quant`); None without bits or
+        where nothing was measured (8 bits then: its error is below the solver's tolerance)."""
+        if not self.bits or option is None or r == 0 or not fit.squant or r not in fit.squant:
+            return None
+        a, c = SHARED_OPTIONS[option]
+        return fit.squant[r][:, SHARED_BITS.index(a), SHARED_BITS.index(c)]
+
+    def _options(self, fit: ModuleFit, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cost and weighted error (each (O,)) of every way to store a module's shared part at rank ``r``;
+        an option not measured costs an infinite error (8 bits, the default, is always allowed)."""
+        if not self.bits:
+            return np.array([self.shared_cost(fit, r)], dtype=np.float64), np.zeros(1)
+        cost = np.array([self.shared_cost(fit, r, o) for o in range(len(SHARED_OPTIONS))], dtype=np.float64)
+        err = np.full(len(SHARED_OPTIONS), np.inf)
+        if r == 0:
+            err[:] = 0.0
+            return cost, err
+        for o, option in enumerate(SHARED_OPTIONS):
+            if option not in self.shared:
+                continue
+            e = self.shared_error(fit, r, o)
+            err[o] = 0.0 if e is None and o == _DEFAULT else np.inf if e is None else float((self.c * e).sum())
+        return cost, err
 
     def row(self, j: int, r: int) -> _Row | None:
         return next((row for row in self.opts[j] if row.r == r), None)
@@ -230,7 +277,7 @@ class StepCurves:
                 cums.append(row.cums)
                 spend.append(np.arange(len(row.cums), dtype=np.float64) * fit.dim if native else row.cumc)
                 seg.append((pos, len(row.gains)))
-                seg_c.append((cpos, row.base, self.shared_cost(fit, row.r), j, row.r))
+                seg_c.append((cpos, row.base, self._options(fit, row.r), j, row.r))
                 pos += len(row.gains)
                 cpos += len(row.cums)
             rows_of.append(len(rows))
@@ -244,7 +291,8 @@ class StepCurves:
         self._depth = int(self._lens.max(initial=0)).bit_length() + 1
         self._cstart = np.array([c[0] for c in seg_c], dtype=np.int64)
         self._base = np.array([c[1] for c in seg_c], dtype=np.float64)
-        self._shared = np.array([c[2] for c in seg_c], dtype=np.float64)
+        self._ocost = np.array([c[2][0] for c in seg_c], dtype=np.float64).reshape(len(seg_c), -1)
+        self._oerr = np.array([c[2][1] for c in seg_c], dtype=np.float64).reshape(len(seg_c), -1)
         self._rank = np.array([c[4] for c in seg_c], dtype=np.int64)
         # the rows keep views into the flat arrays (their own copies are freed)
         at = 0
@@ -265,9 +313,11 @@ class StepCurves:
             self._grid[j, :cnt] = np.arange(at, at + cnt)
             at += cnt
 
-    def lagrangian(self, lam: float) -> tuple[list[int], list[int]]:
-        """Per module the grid rank and residual step count minimising error + lam * cost (the
-        first row in grid order that is lower by more than 1e-18 than those before it)."""
+    def lagrangian(self, lam: float) -> tuple[list[int], list[int], list[int | None]]:
+        """Per module the grid rank, residual step count and (with bits) way to store the shared part
+        (an index of :data:`SHARED_OPTIONS`) minimising error + lam * cost (the first row in grid order
+        that is lower by more than 1e-18 than those before it). The shared part's option does not
+        change the residual steps' gains, so it is chosen per row on its own."""
         if not hasattr(self, "_keys"):
             self._flatten()
         # per row the steps worth their price, key > lam * scale: a binary search in every row at once
@@ -284,7 +334,9 @@ class StepCurves:
             hi = np.where(active & ~right, mid, hi)
         cnt = lo
         at = self._cstart + cnt
-        val = self._base - self._cums[at] + lam * (self._shared + self._spend[at])
+        opt = (self._oerr + lam * self._ocost).argmin(1)
+        pick = np.arange(len(opt))
+        val = self._base - self._cums[at] + lam * (self._ocost[pick, opt] + self._spend[at]) + self._oerr[pick, opt]
         best_val = np.full(len(self.fits), np.inf)
         best = np.zeros(len(self.fits), dtype=np.int64)
         for k in range(self._grid.shape[1]):
@@ -294,17 +346,21 @@ class StepCurves:
             better = ok & ((k == 0) | (v < best_val - 1e-18))
             best = np.where(better, idx, best)
             best_val = np.where(better, v, best_val)
-        return self._rank[best].tolist(), cnt[best].tolist()
+        opts = opt[best].tolist() if self.bits else [None] * len(best)
+        return self._rank[best].tolist(), cnt[best].tolist(), opts
 
     def resid_from_counts(self, j: int, r: int, cnt: int) -> np.ndarray:
         """Steps per adapter (its residual rank at native precision) of the first ``cnt`` steps."""
         return np.bincount(self.row(j, r).who[:cnt], minlength=self.n)
 
-    def fill_mean(self, ranks: list[int], counts: list[int], numbers: int) -> list[np.ndarray]:
-        """Greedy: spend what is left of ``numbers`` on residual steps by error removed per cost unit."""
+    def fill_mean(self, ranks: list[int], counts: list[int], numbers: int,
+                  opts: list[int | None] | None = None) -> list[np.ndarray]:
+        """Greedy: spend what is left of ``numbers`` on residual steps by error removed per cost unit
+        (``opts``: how each module's shared part is stored, :meth:`lagrangian`)."""
         rows = [self.row(j, r) for j, r in enumerate(ranks)]
-        used = sum(self.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
-                   for f, r, c, row in zip(self.fits, ranks, counts, rows))
+        opts = opts or [None] * len(ranks)
+        used = sum(self.shared_cost(f, r, o) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for f, r, c, row, o in zip(self.fits, ranks, counts, rows, opts))
         heap = [(-row.gains[c] / row.cost(c, f.dim), j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
                 if c < len(row.gains) and row.gains[c] > _FLOOR]
         heapq.heapify(heap)
@@ -321,11 +377,12 @@ class StepCurves:
                 heapq.heappush(heap, (-row.gains[counts[j]] / row.cost(counts[j], f.dim), j))
         return [self.resid_from_counts(j, r, c) for j, (r, c) in enumerate(zip(ranks, counts))]
 
-    def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
+    def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray,
+                 opts: list[int | None] | None = None) -> list[np.ndarray]:
         """Greedy on the max: the worst adapter gets its best next step per cost unit, until the
         worst cannot improve within the budget."""
         if self.bits:
-            return self._fill_max_steps(ranks, numbers, E)
+            return self._fill_max_steps(ranks, numbers, E, opts or [None] * len(ranks))
         n, fits = self.n, self.fits
         resid = [np.zeros(n, dtype=np.int64) for _ in fits]
         used = sum(_shared_numbers(f, r, n) for f, r in zip(fits, ranks))
@@ -354,7 +411,7 @@ class StepCurves:
         _worst_first(err, steps, take)
         return resid
 
-    def _fill_max_steps(self, ranks: list[int], numbers: int, E: np.ndarray) -> list[np.ndarray]:
+    def _fill_max_steps(self, ranks: list[int], numbers: int, E: np.ndarray, opts: list) -> list[np.ndarray]:
         """:meth:`fill_max` over bit steps: each adapter's steps in its own order."""
         n, fits = self.n, self.fits
         rows = [self.row(j, r) for j, r in enumerate(ranks)]
@@ -364,8 +421,8 @@ class StepCurves:
             cnt = np.bincount(row.who, minlength=n) if row is not None else np.zeros(n, dtype=np.int64)
             own.append(np.split(by, np.cumsum(cnt)[:-1]))
         resid = [np.zeros(n, dtype=np.int64) for _ in fits]
-        used = float(sum(self.shared_cost(f, r) for f, r in zip(fits, ranks)))
-        err = self.errors(ranks, resid, E)
+        used = float(sum(self.shared_cost(f, r, o) for f, r, o in zip(fits, ranks, opts)))
+        err = self.errors(ranks, resid, E, opts)
         inv = np.where(E > 0, 1.0 / np.maximum(E, 1e-300), 0.0)
 
         def step(j: int, i: int):
@@ -399,12 +456,17 @@ class StepCurves:
     def _taken(self, row: _Row, counts: np.ndarray) -> np.ndarray:
         return row.pos < counts[row.who]
 
-    def errors(self, ranks: list[int], resid: list[np.ndarray], E: np.ndarray) -> np.ndarray:
-        """Predicted per-adapter error (n,) of ``ranks`` and residual steps ``resid`` per module."""
+    def errors(self, ranks: list[int], resid: list[np.ndarray], E: np.ndarray,
+               opts: list[int | None] | None = None) -> np.ndarray:
+        """Predicted per-adapter error (n,) of ``ranks`` and residual steps ``resid`` per module
+        (with bits, shared parts stored as ``opts``)."""
         if not self.bits:
             return _errors(self.fits, ranks, resid, E)
         tot = np.zeros_like(E)
-        for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
+        for j, (fit, r, k, o) in enumerate(zip(self.fits, ranks, resid, opts or [None] * len(ranks))):
+            q = self.shared_error(fit, r, o)
+            if q is not None:
+                tot += q
             row = self.row(j, r)
             if row is None:
                 tot += fit.shared[r].numpy()
@@ -414,13 +476,13 @@ class StepCurves:
             tot += np.maximum(fit.spectra[r].numpy().sum(1) - removed, 0)
         return np.where(E > 0, tot / np.maximum(E, 1e-300), 0.0)
 
-    def size(self, ranks: list[int], resid: list[np.ndarray]) -> float:
+    def size(self, ranks: list[int], resid: list[np.ndarray], opts: list[int | None] | None = None) -> float:
         """Cost (numbers, or bytes with bits) of ``ranks`` and residual steps ``resid``."""
         if not self.bits:
             return _mix_numbers(self.fits, ranks, resid, self.n)
         total = 0.0
-        for j, (fit, r, k) in enumerate(zip(self.fits, ranks, resid)):
-            total += self.shared_cost(fit, r)
+        for j, (fit, r, k, o) in enumerate(zip(self.fits, ranks, resid, opts or [None] * len(ranks))):
+            total += self.shared_cost(fit, r, o)
             row = self.row(j, r)
             if row is not None and np.any(k):
                 total += float(row.costs[self._taken(row, np.asarray(k))].sum())
@@ -466,22 +528,24 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
     score = (lambda e: float(e.mean())) if stat == "mean" else (lambda e: float(e.max()))
     cands: list[Allocation] = []
 
-    def add(kind, ranks, resid):
-        size = curves.size(ranks, resid)
+    def add(kind, ranks, resid, opts=None):
+        size = curves.size(ranks, resid, opts)
         if size <= numbers:
-            e = curves.errors(ranks, resid, E)
+            e = curves.errors(ranks, resid, E, opts)
+            stored = {f.name: SHARED_OPTIONS[o] for f, r, o in zip(fits, ranks, opts or []) if o is not None and r}
             cands.append(Allocation({f.name: r for f, r in zip(fits, ranks)},
-                                    {f.name: k for f, k in zip(fits, resid)}, size, score(e), kind, e))
+                                    {f.name: k for f, k in zip(fits, resid)}, size, score(e), kind, e,
+                                    shared_bits=stored))
 
     zeros = [0] * len(fits)
     # the mix: Lagrangian price per number, bisected to the budget, then greedy fill
-    ranks, counts, seen_ranks = _priced(fits, curves, numbers)
+    ranks, counts, opts, seen = _priced(fits, curves, numbers)
     if stat == "mean":
-        add("mix", ranks, curves.fill_mean(ranks, counts, numbers))
+        add("mix", ranks, curves.fill_mean(ranks, counts, numbers, opts), opts)
         add("per-adapter SVD", zeros, curves.fill_mean(zeros, [0] * len(fits), numbers))
     else:
-        for rk in seen_ranks[-6:] + [ranks, zeros]:
-            add("mix" if any(rk) else "per-adapter SVD", rk, curves.fill_max(rk, numbers, E))
+        for rk, op in seen[-6:] + [(ranks, opts), (zeros, None)]:
+            add("mix" if any(rk) else "per-adapter SVD", rk, curves.fill_max(rk, numbers, E, op), op)
     # shared-only baselines on the full rank curves: uniform JD-Full and per-module JD
     none = [np.zeros(n, dtype=np.int64) for _ in fits]
     uniform = None
@@ -508,28 +572,28 @@ def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None 
 
 
 def _priced(fits: list[ModuleFit], curves: StepCurves, numbers: int):
-    """The shared ranks and residual step counts of the lowest price per number whose Lagrangian
-    choice fits ``numbers`` (bisected in log space: prices span orders of magnitude), and every
-    distinct choice of shared ranks met on the way that fit."""
+    """The shared ranks, residual step counts and shared options of the lowest price per number whose
+    Lagrangian choice fits ``numbers`` (bisected in log space: prices span orders of magnitude), and
+    every distinct choice of shared ranks and options met on the way that fit."""
     hi = max((row.gains[0] / row.cost(0, f.dim) for f, rows in zip(fits, curves.opts) for row in rows
               if len(row.gains)), default=1.0) * 2 + 1e-30
     lo = hi * 1e-15
-    seen_ranks = []
+    seen = []
     for _ in range(80):
         lam = math.sqrt(lo * hi)
-        ranks, counts = curves.lagrangian(lam)
-        size = sum(curves.shared_cost(f, r) + (c * f.dim if row.costs is None else row.cumc[c])
-                   for j, (f, r, c) in enumerate(zip(fits, ranks, counts)) for row in [curves.row(j, r)])
+        ranks, counts, opts = curves.lagrangian(lam)
+        size = sum(curves.shared_cost(f, r, o) + (c * f.dim if row.costs is None else row.cumc[c])
+                   for j, (f, r, c, o) in enumerate(zip(fits, ranks, counts, opts)) for row in [curves.row(j, r)])
         if size > numbers:
             lo = lam
         else:
             hi = lam
-            if ranks not in seen_ranks:
-                seen_ranks.append(ranks)
+            if (ranks, opts) not in seen:
+                seen.append((ranks, opts))
         if hi <= lo * (1 + 1e-9):
             break
-    ranks, counts = curves.lagrangian(hi)
-    return ranks, counts, seen_ranks
+    ranks, counts, opts = curves.lagrangian(hi)
+    return ranks, counts, opts, seen
 
 
 def _per_module_shared(fits, numbers, n, curve: list[np.ndarray]) -> list[int]:

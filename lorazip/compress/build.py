@@ -17,7 +17,8 @@ from ..artifact import Artifact
 from ..io.collection import Collection
 from ..layout import round_small, trim_spectra
 from ..metrics import squared_errors
-from ..quantize import LowBit, cat_stored, dry_storage, store_extras, store_residual, to_storage
+from ..quantize import (LowBit, SharedLowBit, cat_stored, dry_shared_lowbit, dry_storage, store_extras, store_residual,
+                        to_shared_lowbit, to_storage)
 from ..solvers.residual import residual_factors
 from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
@@ -25,7 +26,7 @@ from .curves import ModuleFit, task_factors
 from .executor import map_modules
 from .measure import optimal_cores
 from .options import CompressOptions
-from .plan import Plan
+from .plan import ModulePlan, Plan
 from .provenance import SourceHashes, adapter_meta
 from .streaming import MemoryPlan
 from .whiten import annotate, build_mixed_module, whitening_of
@@ -127,7 +128,7 @@ class BuiltParts:
 
 
 def dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_scales, K: int = 1,
-               bits: np.ndarray | None = None) -> BuiltParts:
+               bits: np.ndarray | None = None, shared_bits: tuple[int, int] | None = None) -> BuiltParts:
     n = len(collection)
     if bits is not None:
         b = torch.from_numpy(np.asarray(bits, dtype=np.uint8))
@@ -137,23 +138,56 @@ def dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_sca
     else:
         rb = dry_storage((total, info.d_out), storage_dtype, torch.float32)
         ra = dry_storage((total, info.d_in), storage_dtype, torch.float32)
-    return BuiltParts(
-        dry_storage((K, info.d_out, r), storage_dtype), dry_storage((K, info.d_in, r), storage_dtype),
-        dry_storage((n, r, r), storage_dtype, core_scales), rb, ra,
-        torch.zeros(n, collection.max_rank(info.name), dtype=torch.float32),
-    )
+    if shared_bits:
+        U, V = (dry_shared_lowbit((K, d, r), shared_bits[0], role) for d, role in ((info.d_out, "U"), (info.d_in, "V")))
+        cores = dry_shared_lowbit((n, r, r), shared_bits[1], "cores")
+    else:
+        U, V = dry_storage((K, info.d_out, r), storage_dtype), dry_storage((K, info.d_in, r), storage_dtype)
+        cores = dry_storage((n, r, r), storage_dtype, core_scales)
+    return BuiltParts(U, V, cores, rb, ra, torch.zeros(n, collection.max_rank(info.name), dtype=torch.float32))
+
+
+def _least_squares_cores(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, assign) -> torch.Tensor:
+    """The cores ``(U^T U)^-1 S (V^T V)^-1`` minimising ``||M_i - U S_i V^T||`` for bases ``U``, ``V``
+    (K, d, r) that are not quite orthonormal (low-bit), given ``S_i = U^T M_i V`` (:func:`optimal_cores`)."""
+    out = S.clone()
+    for k in range(U.shape[0]):
+        idx = slice(None) if assign is None or U.shape[0] == 1 else assign == k
+        iu = torch.linalg.pinv(U[k].T @ U[k], hermitian=True)  # pseudo-inverses: rounding may make
+        iv = torch.linalg.pinv(V[k].T @ V[k], hermitian=True)  # tiny bases rank-deficient
+        out[idx] = iu @ S[idx] @ iv
+    return out
+
+
+def _shared_storage(UX: torch.Tensor, VY: torch.Tensor, storage_dtype: str, shared_bits):
+    """A module's bases as stored: at ``shared_bits[0]`` bits, or in the storage dtype (float16 scales
+    for int8: orthonormal columns have entries <= 1)."""
+    UX, VY = (t if t.dim() == 3 else t[None] for t in (UX, VY))
+    if shared_bits:
+        return to_shared_lowbit(UX, shared_bits[0], "U"), to_shared_lowbit(VY, shared_bits[0], "V")
+    return to_storage(UX, storage_dtype, torch.float16), to_storage(VY, storage_dtype, torch.float16)
+
+
+def _cat(parts: list):
+    """Stored chunks (along the adapters) as one."""
+    if isinstance(parts[0], SharedLowBit):
+        return SharedLowBit(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]), parts[0].bits,
+                            parts[0].role)
+    return cat_stored(parts)
 
 
 def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
                       Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
                       assign: torch.Tensor | None = None, chunk: int | None = None, bits: torch.Tensor | None = None,
-                      *, clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> BuiltParts:
+                      shared_bits: tuple[int, int] | None = None, *, clock: dict[str, float],
+                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> BuiltParts:
     """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r);
     with clusters ``assign`` (n,): ``U`` (K, d_out, R), ``X`` (K, R, r)) with its cores, and
     residual parts of ranks ``k`` (n,), from the factors (read in float32 unless given; ``chunk``
     adapters at a time for a module larger than the memory limit), rounded (``bits``: the bits of
-    every residual row, stored low-bit), with the exact errors of what is stored. In process or as
-    a Ray task."""
+    every residual row, stored low-bit; ``shared_bits``: those of the bases and of the cores, whose
+    cores are then the least-squares ones for the stored bases), with the exact errors of what is
+    stored. In process or as a Ray task."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
@@ -162,9 +196,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         return BuiltParts(*parts[:5], parts[7].float(), *parts[5:7], *parts[8:])
     fac = task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
-    UX, VY = U @ X, V @ Y
-    Us = to_storage(UX if UX.dim() == 3 else UX[None], storage_dtype, torch.float16)  # orthonormal: |entries| <= 1
-    Vs = to_storage(VY if VY.dim() == 3 else VY[None], storage_dtype, torch.float16)
+    Us, Vs = _shared_storage(U @ X, V @ Y, storage_dtype, shared_bits)
     U64, V64 = Us.values.double(), Vs.values.double()
     out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
     row_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(k.long(), 0)])
@@ -172,7 +204,11 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         B, A = ch.B.double(), ch.A.double()
         kc = k[ch.start : ch.stop]
         ac = None if assign is None else assign[ch.start : ch.stop]
-        Ss = to_storage(optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
+        if shared_bits:
+            Ss = to_shared_lowbit(_least_squares_cores(optimal_cores(B, A, U64, V64, ac), U64, V64, ac),
+                                  shared_bits[1], "cores")
+        else:
+            Ss = to_storage(optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
         S64 = Ss.values.double()
         # the residual of what is stored (rounded shared part), then rounded itself
         cb = None if bits is None else bits[int(row_at[ch.start]) : int(row_at[ch.stop])]
@@ -186,7 +222,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     sq, nn2, spectra = (torch.cat(out[key]) for key in ("sq", "n2", "sp"))
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
-    return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
+    return BuiltParts(Us, Vs, _cat(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
 
 
 def build_allocation(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], plan: Plan,
@@ -206,11 +242,12 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
     storage_dtype = "int8" if plan.storage_dtype == BITS else plan.storage_dtype  # the shared parts of low bits
     if dry:
         parts = ((j, dry_parts(collection, info, mod.rank, int(resid[j].sum()), storage_dtype, core_scales(fit),
-                               fit.K, rbits[j]))
+                               fit.K, rbits[j], mod.shared_bits))
                  for j, (info, fit, mod) in enumerate(zip(collection.modules, fits, plan.modules)))
     else:
         args = [(j, fit.U, fit.V, *fit.XY[mod.rank], resid[j], storage_dtype, core_scales(fit), fit.assign,
-                 memory.chunk.get(j) if memory else None, rbits[j]) for j, (fit, mod) in enumerate(zip(fits, plan.modules))]
+                 memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits)
+                for j, (fit, mod) in enumerate(zip(fits, plan.modules))]
         # whitened modules are re-read by their task
         reads = FactorReads(collection, kept=kept, plan=memory) if executor is None and not out.whitened else None
         parts = map_modules(executor, build_module_task, collection, args, labels=[m.name for m in collection.modules],
@@ -220,7 +257,7 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         arrived[j] = got
         while len(out.modules_meta) in arrived:  # stored in module order, whatever order they come in
             m = len(out.modules_meta)
-            out.add(m, arrived.pop(m), collection.modules[m], fits[m], plan.modules[m].rank, resid[m], rbits[m])
+            out.add(m, arrived.pop(m), collection.modules[m], fits[m], plan.modules[m], resid[m], rbits[m])
         if progress:
             progress(n_mod + count, 2 * n_mod, collection.modules[j].name)
     meta = _allocated_meta(opts, plan, storage_dtype, target_error)
@@ -242,10 +279,10 @@ class _Assembly:
         self.wnn2 = torch.zeros(n, n_mod, dtype=torch.float64) if whitened else None
         self.modules_meta: list[dict[str, Any]] = []
 
-    def add(self, m: int, p: BuiltParts, info, fit: ModuleFit, r: int, k: torch.Tensor,
+    def add(self, m: int, p: BuiltParts, info, fit: ModuleFit, plan: ModulePlan, k: torch.Tensor,
             bits: torch.Tensor | None) -> None:
-        """Module ``m``'s parts ``p`` at shared rank ``r`` with residual ranks ``k`` (rows at ``bits``)."""
-        tensors, name, total = self.tensors, info.name, int(k.sum())
+        """Module ``m``'s parts ``p`` as ``plan`` says, with residual ranks ``k`` (rows at ``bits``)."""
+        tensors, name, total, r = self.tensors, info.name, int(k.sum()), plan.rank
         if p.sq is not None:
             self.sq[:, m], self.nn2[:, m] = p.sq, p.nn2
         if p.wsq is not None and self.wsq is not None:
@@ -257,6 +294,8 @@ class _Assembly:
         if fit.K > 1:
             tensors[f"assign/{name}"] = fit.assign.to(torch.int32)
         entry = {**info.entry(), "rank": r, "n_clusters": fit.K, "iters": fit.iters, "converged": fit.converged}
+        if plan.shared_bits and r:
+            entry["shared_bits"] = [int(b) for b in plan.shared_bits]
         if fit.quant is not None:  # measured low-bit errors (lorazip.evaluate's baselines use them)
             entry["quant"] = [float(f"{x:.4g}") for x in fit.quant]
         if total > 0:

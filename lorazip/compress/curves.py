@@ -57,6 +57,8 @@ class ModuleFit:
     converged: bool = True
     assign: torch.Tensor | None = None  # (n,) cluster of each adapter when K > 1 (then U: (K, d_out, R))
     quant: np.ndarray | None = None  # (len(BITS),) relative error of a residual component at each bit width
+    squant: dict[int, np.ndarray] | None = None  # grid r -> (n, B, B) predicted error of the shared part stored
+    # with its bases at SHARED_BITS[a] and its cores at SHARED_BITS[c] bits (:func:`shared_quant`)
 
     @property
     def dim(self) -> int:
@@ -136,8 +138,10 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     on_grid = {r: XY[r] for r in grid if r <= R}
     spectra = nested_residual_spectra(None, None, U, V, S, on_grid, products=(GB, GA, BU, AV))
     first = next(iter(fac))
+    eps, pick = basis_quant(U) + basis_quant(V), _spread(S.shape[0])
+    squant = {r: shared_quant(eps, X.T @ S[pick] @ Y, n2 - shared[r]) for r, (X, Y) in on_grid.items() if r > 0}
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=quant_profile(first.B, first.A))
+                     quant=quant_profile(first.B, first.A), squant=squant)
 
 
 def _chunked(parts) -> tuple[torch.Tensor, ...]:
@@ -155,6 +159,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
     width = B.shape[2] + R
     shared = {r: torch.zeros(n, dtype=torch.float64) for r in range(R + 1)}
     spectra = {r: torch.zeros(n, width, dtype=torch.float64) for r in grid if r <= R}
+    squant = {r: np.zeros((n, len(SHARED_BITS), len(SHARED_BITS))) for r in spectra if r > 0}
     Us, Vs, XYs, n2 = [], [], [], torch.zeros(n, dtype=torch.float64)
     iters, conv = 0, True
     eye_o, eye_i, eye_r = (torch.eye(d, R, dtype=torch.float64) for d in (d_out, d_in, R))
@@ -175,10 +180,12 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
             shared[r][idx] = f.shared[r]
         for r in spectra:
             spectra[r][idx] = f.spectra[r]
+        for r in squant:
+            squant[r][idx.numpy()] = f.squant[r]
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long(), quant_profile(B, A))
+                     assign.long(), quant_profile(B, A), squant)
 
 
 _PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
@@ -215,6 +222,52 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -
     err = ((xs * xs).sum(1) * (ys * ys).sum(1) - 2 * (xs * xh).sum(1) * (ys * yh).sum(1)
            + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0).reshape(T, -1)
     return ((w[None] * err).sum(1) / (w * sv[i, q].square()).sum()).numpy()
+
+
+SHARED_BITS = (2, 3, 4, 8)  # widths the shared bases and the cores of a module may be stored at
+_SAMPLE = 32  # basis vectors and adapters' cores quantised to measure a width's relative error
+_ROWS = 256  # rows of those cores
+
+
+def _spread(n: int, k: int = _SAMPLE) -> torch.Tensor:
+    """Up to ``k`` indices evenly spaced over ``0 .. n - 1``."""
+    return torch.from_numpy(np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64)))
+
+
+def _relative_errors(rows: torch.Tensor) -> np.ndarray:
+    """(B,) squared error of storing ``rows`` (N, L) at each of :data:`SHARED_BITS` (one scale per
+    row), over their squared norm: one quantiser call for every width."""
+    N, L = rows.shape
+    total = float(rows.square().sum())
+    if N == 0 or L == 0 or total == 0:
+        return np.zeros(len(SHARED_BITS))
+    widths = np.repeat(np.array(SHARED_BITS), N)
+    x = rows.float().repeat(len(SHARED_BITS), 1)
+    back = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(x, widths), widths)).double()
+    err = (back - rows.double().repeat(len(SHARED_BITS), 1)).square().sum(1).reshape(len(SHARED_BITS), N).sum(1)
+    return err.numpy() / total
+
+
+def basis_quant(U: torch.Tensor) -> np.ndarray:
+    """(B,) squared error ``||u - u_hat||^2`` of a unit basis vector stored at each of
+    :data:`SHARED_BITS` (one scale per vector, :func:`~lorazip.quantize.to_shared_lowbit`), the mean
+    over up to 32 of the columns of ``U`` (d, R) (evenly spaced)."""
+    if U.shape[-1] == 0:
+        return np.zeros(len(SHARED_BITS))
+    return _relative_errors(U[:, _spread(U.shape[1])].T)
+
+
+def shared_quant(eps: np.ndarray, C: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+    """Predicted squared error (n, B, B) added by storing a shared part ``U C_i V^T`` (orthonormal
+    bases) with its bases at ``SHARED_BITS[a]`` bits and its cores at ``SHARED_BITS[c]``: ``eps[a]``
+    (:func:`basis_quant` of ``U`` plus that of ``V``) times the energy ``kept`` (n,) each adapter keeps
+    in the part (an error ``e`` on basis vector ``j`` costs ``||e||^2 ||C_i[j, :]||^2``, summed over
+    ``j``), plus the cores' relative error at that width, measured on up to 256 rows of ``C`` (the
+    cores of up to 32 adapters; rows evenly spaced), times ``kept``. First order: products of two errors are left out."""
+    rows = C.reshape(-1, C.shape[-1])
+    rel = _relative_errors(rows[_spread(rows.shape[0], _ROWS)])
+    k = kept.double().clamp_min(0).numpy()[:, None, None]
+    return k * (np.asarray(eps)[None, :, None] + rel[None, None, :])
 
 
 def bit_levels(fit: ModuleFit) -> list[tuple[int, int, float]]:

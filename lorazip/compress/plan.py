@@ -51,7 +51,8 @@ class Clusters:
 class ModulePlan:
     """What one module stores: shared bases of ``rank``, or, for a module whose small side is kept
     whole, ``one_side = (r_out, r_in)`` (exact in one step); residual parts of ``residual[i]``
-    components for adapter ``i`` (None: none), each row at ``bits`` (None: the storage dtype); and,
+    components for adapter ``i`` (None: none), each row at ``bits`` (None: the storage dtype); the
+    shared part's ``shared_bits`` (bits of the bases, of the cores; None: the storage dtype); and,
     when the rank asked for was more than the module allows, ``capped`` (what was asked and why)."""
 
     name: str
@@ -60,6 +61,7 @@ class ModulePlan:
     residual: np.ndarray | None = None
     bits: np.ndarray | None = None
     capped: dict[str, Any] | None = None
+    shared_bits: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class Plan:
     ``method`` says the core type and the grouping ("jd-full": full ``r x r`` cores on one basis;
     "jd-diag": diagonal cores; "svd": per-adapter cores; "jd-clustered": ``clusters`` groups found
     while solving); ``groups`` (a :class:`Clusters`) fixes the groups instead (an allocated run on K
-    clusters); ``storage_dtype`` is the precision of every part ("bits": residual rows at their
-    bits, shared parts in int8). ``kind`` and ``predicted`` say what the allocator chose and the
+    clusters); ``storage_dtype`` is the precision of every part ("bits": residual rows and shared
+    parts at their bits). ``kind`` and ``predicted`` say what the allocator chose and the
     per-adapter error it predicts (None for a fixed rank)."""
 
     method: str
