@@ -63,7 +63,8 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t.add_column()
     e, st, base = rep["errors"], rep["storage"], rep["baseline"]
     t.add_row("adapters x modules", f"{rep['n_adapters']} x {rep['n_modules']}")
-    dtype = rep["storage_dtype"] + (" + low-bit residual rows" if _low_bits(rep.get("bits")) else "")
+    dtype = rep["storage_dtype"] + (" + low-bit residual rows" if _low_bits(rep.get("bits")) else "") + _shared_note(
+        (rep.get("bits") or {}).get("shared"))
     t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, {dtype})")
     we = rep.get("weight_errors")
     label = "activation error" if rep.get("metric") == "activation" else "rel. sq. error"
@@ -188,6 +189,7 @@ def describe(art: lorazip.Artifact) -> dict[str, Any]:
         "split_modules": split_modules(m["modules"], m["adapters"]),
         "modules": [{**{k: mod.get(k) for k in ("name", "d_out", "d_in", "layout", "rank", "n_clusters", "iters", "converged")},
                      **({"target": mod["target"]} if "target" in mod else {}),
+                     **({"shared_bits": mod["shared_bits"]} if mod.get("shared_bits") else {}),
                      **({"residual": {"min_rank": res[mod["name"]][0], "max_rank": res[mod["name"]][1],
                                       "total_rank": mod["residual"]["total_rank"],
                                       **({"bits": mod["residual"]["bits"]} if mod["residual"].get("bits") else {})}}
@@ -203,7 +205,8 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
     t.add_column()
     t.add_row("base model", escape(str(d["base_model"])))
     low = any((m.get("residual") or {}).get("bits") for m in d.get("modules", []))
-    dtype = d["storage_dtype"] + (" + residual rows at 1-8 bits" if low else "")
+    shared = sorted({"/".join(map(str, m["shared_bits"])) for m in d.get("modules", []) if m.get("shared_bits")})
+    dtype = d["storage_dtype"] + (" + residual rows at 1-8 bits" if low else "") + _shared_note(shared)
     t.add_row("method / rank", f"{d['method']} / {d['rank']}  ({dtype}, weighting {d['weighting']})")
     t.add_row("adapters", str(len(d["adapters"])))
     split = d.get("split_modules") or {}
@@ -276,8 +279,16 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
 
 
 def _low_bits(bits: dict[str, Any] | None) -> bool:
-    """Whether an artifact's bits histogram has numbers below 8 bits (low-bit residual rows)."""
+    """Whether an artifact stores residual rows at 1-8 bits (its report says so, or, where it does
+    not, its bits histogram has numbers below 8 bits)."""
+    if bits and "low_residual" in bits:
+        return bool(bits["low_residual"])
     return bool(bits) and any(int(b) < 8 for b in bits.get("histogram", {}))
+
+
+def _shared_note(shared: list[str] | None) -> str:
+    """", shared parts at 4/3 bits" for the widths "bases/cores" of low-bit shared parts; "" for none."""
+    return f", shared parts at {', '.join(shared)} bits" if shared else ""
 
 
 def print_added(con: Console, rep: dict[str, Any]) -> None:

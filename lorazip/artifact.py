@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError, first_line
-from .layout import Layout
+from .layout import Layout, lowbit_meta, shared_bit, shared_shapes
 from .io.safetensors_header import (FLOAT_DTYPES, ST_DTYPES, ST_WIDTHS, RawReader, header_bytes, parse_header,
                                     parse_json, short)
 
@@ -49,12 +49,14 @@ if TYPE_CHECKING:
 # neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 5  # 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
+FORMAT_VERSION = 5  # 5: low-bit residual rows and shared parts (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
 MUST_BE_FINITE = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
 QSCALE = "qscale/"  # int8 storage: ``qscale/<key>``, the row scales of the int8 tensor ``<key>`` (lorazip.quantize)
 QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
+SHARED_ROLES = ("U", "V", "cores")  # low-bit shared parts of modules with ``shared_bits`` (lorazip.lowbit)
+BITS = (1, 2, 3, 4, 8)  # lorazip.lowbit.BITS, checked without numpy
 LOWBIT_GROUP = "row"  # low-bit rows have one scale per row (lorazip.lowbit.GROUP None; checked without numpy)
 EXTRAS_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")  # original dtypes of converted extras
 
@@ -396,6 +398,8 @@ class Artifact:
 
         from .quantize import dequantize_lowbit, dequantize_rows
 
+        if scale is not None and t.dtype == torch.uint8 and self._shared_bits(key):
+            return self._shared_values(key, t, scale)
         if scale is not None and t.dtype == torch.uint8:
             if bits is None or scale.shape[0] != t.shape[0] or bits.shape[0] != t.shape[0]:
                 raise ArtifactError(f"{self.path or 'artifact'}: low-bit tensor {short(key)} without matching "
@@ -409,6 +413,27 @@ class Artifact:
         if t.numel() == 0 and t.dtype == torch.int8 and key.startswith(QUANTISABLE[:-1]):
             return t.float()
         return t
+
+    def _shared_bits(self, key: str) -> int | None:
+        """The bit width of a low-bit shared tensor ``U/<m>``, ``V/<m>`` or ``cores/<m>`` (its module's
+        ``shared_bits``, format v5); None for any other key."""
+        role, _, name = key.partition("/")
+        if role not in SHARED_ROLES:
+            return None
+        sb = next((m.get("shared_bits") for m in self.modules if m["name"] == name), None)
+        return shared_bit(role, sb) if sb else None
+
+    def _shared_values(self, key: str, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """float32 values (logical shape) of low-bit shared codes ``t`` with their row ``scale``."""
+        import torch
+
+        from .lowbit import shared_values
+
+        if tuple(scale.shape) != (*t.shape[:-1], 1):
+            raise ArtifactError(f"{self.path or 'artifact'}: tensor {short(QSCALE + key)} does not match "
+                                f"{short(key)} (one scale per row)")
+        role = key.split("/", 1)[0]
+        return torch.from_numpy(shared_values(t.numpy(), scale.float().numpy(), self._shared_bits(key), role))
 
     def get(self, key: str) -> torch.Tensor:
         """Tensor ``key``; int8 tensors with row scales come back dequantised, in float32
@@ -680,9 +705,10 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
 
 
 def written_version(meta: dict[str, Any]) -> int:
-    """The format version a file of ``meta`` is written in: 5 with low-bit residual rows, else 4
+    """The format version a file of ``meta`` is written in: 5 with low-bit residual rows or shared
+    parts, else 4
     (which lorazip versions before low-bit storage read)."""
-    return FORMAT_VERSION if any((m.get("residual") or {}).get("bits") for m in meta["modules"]) else 4
+    return FORMAT_VERSION if lowbit_meta(meta) else 4
 
 
 def _bits_key(key: str) -> str:
@@ -752,13 +778,14 @@ def check_meta(meta: Any, header: dict[str, dict[str, Any]], path: Path | str = 
     if not adapters:
         raise _corrupt(path, "no adapters")
     _check_module_entries(modules, path)
+    _check_shared_bits(meta, path)
     _check_adapter_entries(adapters, path)
     if schema_only:
         return
     check = _HeaderCheck(header, path)
     check.scales()
     for mod in modules:
-        check.module(mod, len(adapters))
+        check.module(mod, len(adapters), meta.get("method", ""))
     for key in ("stats/sq_error", "stats/norm2"):
         check.tensor(key, [[len(adapters), len(modules)]], FLOAT_DTYPES)
     for key in ("stats/extras_sq_error", "stats/extras_norm2"):  # extras converted by extras_dtype
@@ -848,6 +875,22 @@ def _check_module_entry(j: int, mod: dict[str, Any], path: Path | str) -> None:
         raise _corrupt(path, f"modules[{j}].target must be a module path other than its name (a shape group's module)")
 
 
+def _check_shared_bits(meta: dict[str, Any], path: Path | str) -> None:
+    """``shared_bits``: two widths of :data:`BITS` (bases, cores), on modules of rank > 0 of an
+    artifact stored in int8 only (format v5)."""
+    for j, mod in enumerate(meta["modules"]):
+        sb = mod.get("shared_bits")
+        if sb is None:
+            continue
+        if not (isinstance(sb, list) and len(sb) == 2 and all(_is_int(b) and b in BITS for b in sb)):
+            raise _corrupt(path, f"modules[{j}].shared_bits must be two bit widths among "
+                                 f"{', '.join(map(str, BITS))} (bases, cores)")
+        if mod["rank"] == 0:
+            raise _corrupt(path, f"modules[{j}].shared_bits on a module of rank 0 (no shared part)")
+        if meta.get("storage_dtype") != "int8":
+            raise _corrupt(path, f"modules[{j}].shared_bits in an artifact whose storage_dtype is not int8")
+
+
 def _check_adapter_entries(adapters: list[dict[str, Any]], path: Path | str) -> None:
     """Every adapter entry: a unique name, ranks, source files, config and extras."""
     names: set[str] = set()
@@ -930,15 +973,30 @@ class _HeaderCheck:
                 if key[len(QSCALE):].startswith("extras/"):
                     self.stored(key[len(QSCALE):], [base["shape"]])
 
-    def module(self, mod: dict[str, Any], n: int) -> None:
+    def shared(self, mod: dict[str, Any], n: int, method: str) -> None:
+        """The low-bit bases and cores of a module with ``shared_bits``: uint8 codes of
+        :func:`lorazip.layout.shared_shapes` (cores: full or diagonal) and bfloat16 row scales."""
+        for role, shape in shared_shapes(mod, n, method).items():
+            key = f"{role}/{mod['name']}"
+            shapes = [shape]
+            if role == "cores":
+                shapes = [[n, mod.get("rank_out", mod["rank"]), mod["rank"]]] + (
+                    [[n, mod["rank"]]] if mod.get("rank_out", mod["rank"]) == mod["rank"] else [])
+            self.tensor(key, shapes, ("U8",))
+            self.tensor(QSCALE + key, [self.header[key]["shape"][:-1] + [1]], ("BF16",))
+
+    def module(self, mod: dict[str, Any], n: int, method: str = "") -> None:
         """A module's bases, cores, spectra, assignment and residual parts, for ``n`` adapters."""
         name, r, k = mod["name"], mod["rank"], mod.get("n_clusters", 1)
         r_out = mod.get("rank_out", r)
         if not _is_int(r_out):
             raise _corrupt(self.path, f"module {short(name)}: rank_out must be a non-negative integer")
-        self.stored(f"U/{name}", [[k, mod["d_out"], r_out]])
-        self.stored(f"V/{name}", [[k, mod["d_in"], r]])
-        self.stored(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []))
+        if mod.get("shared_bits"):
+            self.shared(mod, n, method)
+        else:
+            self.stored(f"U/{name}", [[k, mod["d_out"], r_out]])
+            self.stored(f"V/{name}", [[k, mod["d_in"], r]])
+            self.stored(f"cores/{name}", [[n, r_out, r]] + ([[n, r]] if r_out == r else []))
         spectra = self.header.get(f"spectra/{name}")
         if spectra is None or len(spectra["shape"]) != 2 or spectra["shape"][0] != n:
             raise ArtifactError(f"{self.path}: tensor {short(f'spectra/{name}')} missing or not of shape ({n}, r_max)")

@@ -18,6 +18,8 @@ from . import lowbit
 from .artifact import Artifact, missing_modules, split_modules
 from .artifact import storage_summary as storage  # noqa: F401 (lorazip.evaluate.storage)
 from .errors import ValidationError
+from .layout import shared_widths
+from .quantize import QSCALE
 from .io.collection import load_collection
 from .io.peft import sha256_file
 from .metrics import per_adapter, relative, squared_errors, summary
@@ -162,14 +164,17 @@ def best_svd_baseline(spectra, modules, norms2, nbytes: float, same: dict[str, A
 def storage_bits(artifact: Artifact) -> dict[str, Any]:
     """How the numbers of an artifact are stored: ``histogram`` {bits: numbers} of its bases,
     cores and residual rows (float parts at 16 or 32), ``bytes`` of those parts with their
-    scales and bit tables, ``bits_per_number`` (those bytes in bits over the numbers) and
+    scales and bit tables, ``bits_per_number`` (those bytes in bits over the numbers),
     ``pairs_at_nothing``: the (adapter, module) pairs an adapter adapts of which the artifact
-    stores nothing (relative error 1), of ``pairs``."""
+    stores nothing (relative error 1), of ``pairs``, ``shared``: the distinct widths "bases/cores"
+    of low-bit shared parts (format v5 ``shared_bits``) and ``low_residual``: whether residual rows
+    are stored at 1-8 bits."""
     from collections import Counter
 
     hist: Counter = Counter()
     nbytes = numbers = 0
     keys = set(artifact.keys())
+    shared = shared_widths(artifact.meta)
     for mod in artifact.modules:
         name, res = mod["name"], mod.get("residual") or {}
         low = res.get("bits")  # low-bit rows: packed (their bytes in the metadata), a bfloat16 scale per row
@@ -180,7 +185,12 @@ def storage_bits(artifact: Artifact) -> dict[str, Any]:
             count, width = artifact.tensor_size(key)
             if count == 0:
                 continue
-            if low and key.startswith("resid_"):
+            if key in shared:  # codes packed at the module's width, row by row, a bfloat16 scale per row
+                rows = artifact.tensor_size(QSCALE + key)[0]
+                length = count // rows
+                hist[shared[key]] += count
+                nbytes += rows * (lowbit.row_bytes(length, shared[key]) + 2)
+            elif low and key.startswith("resid_"):
                 for b, cnt in zip(*torch.unique(widths, return_counts=True)):
                     hist[int(b)] += int(cnt) * (count // len(widths))
                 nbytes += low["bytes"][0 if key.startswith("resid_B") else 1] + 2 * len(widths)
@@ -192,8 +202,10 @@ def storage_bits(artifact: Artifact) -> dict[str, Any]:
         if low:
             nbytes += res["total_rank"]  # the bits table
     sq, n2 = artifact.stats()
+    tags = sorted({"/".join(map(str, m["shared_bits"])) for m in artifact.modules if m.get("shared_bits")})
     return {"histogram": {str(b): hist[b] for b in sorted(hist)}, "numbers": numbers, "bytes": nbytes,
-            "bits_per_number": 8 * nbytes / numbers if numbers else 0.0,
+            "bits_per_number": 8 * nbytes / numbers if numbers else 0.0, "shared": tags,
+            "low_residual": any((m.get("residual") or {}).get("bits") for m in artifact.modules),
             "pairs_at_nothing": int(((n2 > 0) & (sq >= n2 * (1 - 1e-9))).sum()), "pairs": int((n2 > 0).sum())}
 
 
@@ -297,7 +309,8 @@ def evaluate(
         **({"calibration": calibration} if calibration else {}),
         "baseline": baseline,
         "storage": st,
-        "bits": {k: stored[k] for k in ("histogram", "bits_per_number", "pairs_at_nothing", "pairs")},
+        "bits": {k: stored[k] for k in ("histogram", "bits_per_number", "pairs_at_nothing", "pairs", "shared",
+                                        "low_residual")},
         "split_modules": split_modules(artifact.modules, [artifact.meta["adapters"][i] for i in rows]),
         "adapters": _adapter_rows(artifact, rows, adapter_err, weight_err, base_same, nn2, assign),
         "modules": _module_rows(artifact, relative(sq, nn2), nn2),

@@ -40,6 +40,7 @@ from . import lowbit
 from .artifact import MUST_BE_FINITE, QSCALE, QUANTISABLE, Artifact, current_umask, module_path
 from .errors import ArtifactError, OptionError, OutputError
 from .io.safetensors_header import ST_WIDTHS, RawReader, header_bytes, short
+from .layout import shared_span, shared_widths
 
 PREFIX = "base_model.model."
 _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]+$")  # no path separators, NUL or control characters
@@ -53,7 +54,8 @@ CHUNK_BYTES = 256 << 20  # export builds the adapters of one chunk in memory, th
 FAST_VERSIONS = (1, 2, 3, 4, 5)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
 _KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A",
-                "qbits", "lowbit/resid_B", "lowbit/resid_A")  # v5: low-bit rows (lorazip.lowbit)
+                "qbits", "lowbit/resid_B", "lowbit/resid_A",  # v5: low-bit rows (lorazip.lowbit)
+                "lowbit/U", "lowbit/V", "lowbit/cores")  # v5: low-bit shared parts (module metadata shared_bits)
 _KNOWN_PREFIXES = ("U/", "V/", "cores/", "assign/", "spectra/", "stats/", "resid_ranks/", "resid_B/", "resid_A/",
                    "qscale/", "extras/", "qbits/")
 
@@ -356,7 +358,7 @@ _NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
               "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1"}  # BF16: decoded to float32
 _FLOATS = ("F64", "F32", "F16", "BF16")
 _INTS = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
-_VIRTUAL = ("rows", "ranks", "empty", "lowbit")  # the lorazip.layout kinds NumpySource reads (spectra, stats: not needed)
+_VIRTUAL = ("rows", "ranks", "empty", "lowbit", "shared")  # the lorazip.layout kinds NumpySource reads (spectra, stats: not needed)
 
 
 class NumpySource:
@@ -374,6 +376,7 @@ class NumpySource:
         self.path = artifact.path
         self.layout = getattr(artifact, "_layout", None)
         self.modules = {mod["name"]: mod for mod in artifact.modules}
+        self.widths = shared_widths(artifact.meta)  # v5 low-bit shared parts: {key: bits}
         self._reader = RawReader(self.path, ArtifactError)
         self.header = self._reader.header
         self._table = None  # the (n, M) residual ranks of a packed file, once read
@@ -403,6 +406,8 @@ class NumpySource:
             return self.header["resid_ranks"]["dtype"]
         if how[0] == "lowbit":  # v5: packed codes, unpacked to one uint8 per value
             return "U8"
+        if how[0] == "shared":  # v5 shared parts: codes (unpacked), or their bfloat16 row scales
+            return "U8" if how[4] is not None else "BF16"
         return self.header[how[1]]["dtype"] if how[0] == "rows" else ""
 
     def _readable(self, key: str, kinds: tuple[str, ...]) -> None:
@@ -417,7 +422,7 @@ class NumpySource:
             m = mod["name"]
             low = f"qbits/{m}" in self.keys  # v5 low-bit residual rows: uint8 codes, bfloat16 row scales
             for key in (f"U/{m}", f"V/{m}", f"cores/{m}", f"resid_B/{m}", f"resid_A/{m}"):
-                lowbit_rows = low and key.startswith("resid_")
+                lowbit_rows = (low and key.startswith("resid_")) or key in self.widths
                 if key in self.keys:
                     self._readable(key, ("U8",) if lowbit_rows else _FLOATS + ("I8",))
                 if QSCALE + key in self.keys:
@@ -492,6 +497,16 @@ class NumpySource:
                 raise ArtifactError(f"{self.path}: tensor {short(key)}: {exc}") from None
             buf = np.frombuffer(self._reader.read_bytes(phys, start + int(offs[a]), int(offs[b] - offs[a])), "u1")
             arr = lowbit.unpack(buf, bits[a:b], width)
+        elif kind == "shared":  # v5 shared parts: rows of one width, each on a byte boundary
+            _, phys, start, shape, bits = how
+            a, b = (0, shape[0]) if a is None else (a, b)
+            lo, hi = shared_span(shape, bits, start, a, b)
+            if bits is None:  # the bfloat16 row scales
+                arr = self._decode("BF16", self._reader.read_bytes(phys, 2 * lo, 2 * (hi - lo)), [b - a, *shape[1:]])
+            else:
+                buf = np.frombuffer(self._reader.read_bytes(phys, lo, hi - lo), "u1")
+                rows = (b - a) * math.prod(shape[1:-1])
+                arr = lowbit.unpack(buf, np.full(rows, bits), shape[-1]).reshape(b - a, *shape[1:])
         else:  # pragma: no cover - refused by _check
             raise Unsupported(f"tensor {short(key)} stored as {short(kind)}")
         if key.startswith(MUST_BE_FINITE) and arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -516,6 +531,11 @@ class NumpySource:
         times their row scales in float32 (lorazip.quantize), empty int8 bases as float32. The one
         place that turns a stored tensor into numbers: a new storage kind is decoded here."""
         q = self._take(key, rows)
+        if key in self.widths:  # v5 low-bit shared parts: codes and one bfloat16 scale per row
+            s = self._take(QSCALE + key, rows)
+            if tuple(s.shape) != (*q.shape[:-1], 1):
+                raise ArtifactError(f"{self.path}: tensor {short(QSCALE + key)} does not match {short(key)}")
+            return lowbit.shared_values(q, s, self.widths[key], key.split("/", 1)[0])
         bits_key = "qbits/" + key.split("/", 1)[1]
         if q.dtype == np.uint8 and QSCALE + key in self.keys and bits_key in self.keys:  # v5 low-bit rows
             return lowbit.dequantize(q, self._take(QSCALE + key, rows), self._take(bits_key, rows))

@@ -55,8 +55,10 @@ QSCALE = "qscale/"  # int8 row scales (lorazip.quantize)
 QBITS = "qbits"  # format v5: bits of every low-bit residual row, module by module (uint8)
 LOWBIT = "lowbit/"  # format v5: ``lowbit/resid_B`` ... the packed codes of low-bit residual rows (uint8)
 RESID = {"resid_B": "d_out", "resid_A": "d_in"}  # packed residual rows: b_i^T, a_i; their row width
+SHARED = ("U", "V", "cores")  # format v5: shared parts of the modules with ``shared_bits``, in ``lowbit/U`` ...
 PACKED = (SPECTRA, RANKS, STATS, QBITS, *RESID, *(QSCALE + k for k in RESID), *(LOWBIT + k for k in RESID),
-          *(QSCALE + LOWBIT + k for k in RESID))  # physical keys that are no logical ones
+          *(QSCALE + LOWBIT + k for k in RESID), *(LOWBIT + k for k in SHARED),
+          *(QSCALE + LOWBIT + k for k in SHARED))  # physical keys that are no logical ones
 MAX_META = 256 * 2**20  # decompressed metadata larger than this is refused (a zlib bomb)
 _EMPTY_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
 
@@ -95,7 +97,9 @@ def _empty_shapes(mod: dict[str, Any], n: int) -> dict[str, list[int]]:
 class Layout:
     """Where a v3 file keeps each logical tensor: ``virtual`` maps the logical keys that are not
     physical tensors to how they are read (``("spectra", start, ranks, width)``,
-    ``("ranks", column)``, ``("stats", row, ranks)``, ``("rows", physical, start, rows, width)``
+    ``("ranks", column)``, ``("stats", row, ranks)``, ``("rows", physical, start, rows, width)``,
+    ``("lowbit", ...)`` (low-bit residual rows), ``("shared", physical, start, shape, bits)`` (low-bit
+    shared parts: codes at ``bits``, or their bfloat16 scales where ``bits`` is None)
     or ``("empty", dtype, shape)``); ``entries`` are their logical header entries (dtype, shape),
     for :func:`lorazip.artifact.check_meta`. Raises ``ValueError`` (a short reason) when a packed
     tensor is missing or does not have the shape the metadata implies."""
@@ -138,6 +142,7 @@ class Layout:
                 self.virtual[key] = ("stats", row, ranks)
                 self.entries[key] = {"dtype": "F64", "shape": [n, len(mods)]}
         self._place_lowbit(header)
+        self._place_shared(header, meta)
         for role, dim in RESID.items():
             self._place_residuals(header, role, dim)
         dtype = _EMPTY_DTYPES.get(meta.get("storage_dtype"), "F32")
@@ -190,6 +195,39 @@ class Layout:
                 raise ValueError(f"tensor {key!r} missing or not of shape ({size},) {dtype} (the low-bit residual "
                                  f"rows of {len(mods)} module(s), from their residual metadata)")
 
+    def _place_shared(self, header: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+        """Format v5: the modules with ``shared_bits`` keep their bases' and cores' codes in
+        ``lowbit/U``, ``lowbit/V``, ``lowbit/cores`` (each row packed at the module's width on a byte
+        boundary) and their bfloat16 row scales in ``qscale/lowbit/...``, module after module.
+        Logical tensors: ``U/<m>`` (K, r_out, d_out) uint8 codes, ``qscale/U/<m>`` (K, r_out, 1)
+        bfloat16 (``V/<m>`` likewise with r and d_in; ``cores/<m>`` (n, r_out, r), or (n, r) diagonal,
+        with (n, r_out, 1) or (n, 1) scales). Metadata only, like :meth:`_place_lowbit`."""
+        from .lowbit import row_bytes
+
+        mods = [m for m in self.modules if m.get("shared_bits")]
+        pos = {role: 0 for role in SHARED}
+        spos = {role: 0 for role in SHARED}
+        for mod in mods:
+            for role, shape in shared_shapes(mod, len(meta["adapters"]), meta.get("method", "")).items():
+                key, bits = f"{role}/{mod['name']}", shared_bit(role, mod["shared_bits"])
+                rows = _prod(shape[:-1])
+                self.virtual[key] = ("shared", LOWBIT + role, pos[role], shape, bits)
+                self.entries[key] = {"dtype": "U8", "shape": shape}
+                self.virtual[QSCALE + key] = ("shared", QSCALE + LOWBIT + role, spos[role], shape[:-1] + [1], None)
+                self.entries[QSCALE + key] = {"dtype": "BF16", "shape": shape[:-1] + [1]}
+                pos[role] += rows * row_bytes(shape[-1], bits)
+                spos[role] += rows
+        for role in SHARED:
+            for key, size, dtype in ((LOWBIT + role, pos[role], "U8"), (QSCALE + LOWBIT + role, spos[role], "BF16")):
+                info = header.get(key)
+                if not mods:
+                    if info is not None:
+                        raise ValueError(f"tensor {key!r} stored, but no module has shared_bits")
+                    continue
+                if info is None or info["shape"] != [size] or info["dtype"] != dtype:
+                    raise ValueError(f"tensor {key!r} missing or not of shape ({size},) {dtype} (the low-bit "
+                                     f"shared {role} of {len(mods)} module(s), from their metadata and shared_bits)")
+
     def _place_residuals(self, header: dict[str, dict[str, Any]], role: str, dim: str) -> None:
         """Logical ``<role>/<m>`` (and int8 ``qscale/<role>/<m>``) of the modules with ``residual``
         metadata that are not stored under their own key: consecutive blocks of ``<role>``."""
@@ -235,13 +273,15 @@ class Layout:
 
     def row_reads(self, key: str) -> bool:
         """Whether :meth:`read_rows` reads rows of ``key`` by offset (a packed residual tensor)."""
-        return self.virtual.get(key, ("",))[0] in ("rows", "lowbit")
+        return self.virtual.get(key, ("",))[0] in ("rows", "lowbit", "shared")
 
     def read_rows(self, key: str, handle, a: int, b: int) -> "torch.Tensor":
         """Rows ``a..b-1`` (fewer past the end, like a slice) of the packed logical tensor ``key``,
         reading only their bytes (low-bit rows: unpacked to one uint8 code per value)."""
         if self.virtual[key][0] == "lowbit":
             return self._read_lowbit(key, handle, a, b)
+        if self.virtual[key][0] == "shared":
+            return self._read_shared(key, handle, a, b)
         _, phys, start, total, width = self.virtual[key]
         a, b = min(max(a, 0), total), min(max(b, a), total)
         w = width or 1
@@ -264,6 +304,22 @@ class Layout:
         raw = handle.get_slice(phys)[start + int(offs[a]) : start + int(offs[b])]
         return torch.from_numpy(unpack(raw.numpy(), bits[a:b], width))
 
+    def _read_shared(self, key: str, handle, a: int, b: int) -> "torch.Tensor":
+        """Items ``a..b-1`` (dim 0) of a low-bit shared tensor: their bytes only, codes unpacked."""
+        import numpy as np
+        import torch
+
+        from .lowbit import unpack
+
+        _, phys, start, shape, bits = self.virtual[key]
+        a, b = min(max(a, 0), shape[0]), min(max(b, a), shape[0])
+        lo, hi = shared_span(shape, bits, start, a, b)
+        raw = handle.get_slice(phys)[lo:hi]
+        if bits is None:
+            return raw.reshape(b - a, *shape[1:])
+        rows = (b - a) * _prod(shape[1:-1])
+        return torch.from_numpy(unpack(raw.numpy(), np.full(rows, bits), shape[-1]).reshape(b - a, *shape[1:]))
+
     def read(self, key: str, handle) -> "torch.Tensor":
         """Logical tensor ``key`` from an open safetensors handle (``get_slice``: reads its bytes only)."""
         import torch
@@ -271,6 +327,8 @@ class Layout:
         how = self.virtual[key]
         if how[0] == "lowbit":
             return self._read_lowbit(key, handle, 0, how[3])
+        if how[0] == "shared":
+            return self._read_shared(key, handle, 0, how[3][0])
         if how[0] == "spectra":
             _, start, rs, width = how
             out = torch.zeros(len(rs), width, dtype=torch.float32)
@@ -307,8 +365,47 @@ class Layout:
 
 
 def lowbit_meta(meta: dict[str, Any]) -> bool:
-    """Whether an artifact has low-bit residual rows (a format v5 file)."""
-    return any((m.get("residual") or {}).get("bits") for m in meta["modules"])
+    """Whether an artifact has low-bit residual rows or low-bit shared parts (a format v5 file)."""
+    return any((m.get("residual") or {}).get("bits") or m.get("shared_bits") for m in meta["modules"])
+
+
+def shared_bit(role: str, shared_bits) -> int:
+    """The width of ``role`` ("U", "V", "cores") of a module with ``shared_bits`` [bases, cores]
+    (:func:`lorazip.lowbit.shared_width`, here without numpy)."""
+    return int(shared_bits[1] if role == "cores" else shared_bits[0])
+
+
+def shared_widths(meta: dict[str, Any] | None) -> dict[str, int]:
+    """``{key: bits}`` of the low-bit shared tensors (``U/<m>``, ``V/<m>``, ``cores/<m>``) of the
+    modules whose metadata has ``shared_bits`` (format v5); empty without ``meta``."""
+    return {f"{role}/{m['name']}": shared_bit(role, m["shared_bits"]) for m in (meta or {}).get("modules", [])
+            if m.get("shared_bits") for role in SHARED}
+
+
+def shared_shapes(mod: dict[str, Any], n: int, method: str) -> dict[str, list[int]]:
+    """Shapes of the low-bit codes of a module with ``shared_bits``: bases one basis vector per row,
+    ``U`` (K, r_out, d_out), ``V`` (K, r, d_in); ``cores`` (n, r_out, r), or (n, r) diagonal
+    (methods jd-diag and svd). The row scales have the shape less the last axis, plus 1."""
+    r, k = mod["rank"], mod.get("n_clusters", 1)
+    r_out = mod.get("rank_out", r)
+    cores = [n, r] if method in ("jd-diag", "svd") else [n, r_out, r]
+    return {"U": [k, r_out, mod["d_out"]], "V": [k, r, mod["d_in"]], "cores": cores}
+
+
+def shared_span(shape: list[int], bits: int | None, start: int, a: int, b: int) -> tuple[int, int]:
+    """Offsets (in the physical tensor's elements: bytes of codes, or scales where ``bits`` is None)
+    of items ``a..b-1`` (dim 0) of a low-bit shared tensor of logical ``shape`` placed at ``start``."""
+    from .lowbit import row_bytes
+
+    per = _prod(shape[1:-1]) * (1 if bits is None else row_bytes(shape[-1], bits))
+    return start + a * per, start + b * per
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
 
 
 def round_small(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
@@ -363,6 +460,7 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
             out[STATS] = out[STATS].contiguous()
             del out[STAT_KEYS[0]], out[STAT_KEYS[1]]
     _pack_lowbit(out, meta)
+    _pack_shared(out, meta)
     _pack_residuals(out, meta)
     for mod in mods:
         if mod["rank"] == 0:
@@ -398,6 +496,37 @@ def _pack_lowbit(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
             scales[role].append(out.pop(QSCALE + key).to(torch.bfloat16).reshape(-1))
     out[QBITS] = torch.cat(bits_all).contiguous()
     for role in RESID:
+        out[LOWBIT + role] = torch.cat(data[role]).contiguous()
+        out[QSCALE + LOWBIT + role] = torch.cat(scales[role]).contiguous()
+
+
+def _pack_shared(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
+    """Move the low-bit bases and cores of the modules with ``shared_bits`` (codes ``U/<m>`` ... and
+    their ``qscale/`` row scales, :class:`lorazip.quantize.SharedLowBit`) into the flat ``lowbit/U``,
+    ``lowbit/V``, ``lowbit/cores`` (rows packed by :func:`lorazip.lowbit.pack`) and
+    ``qscale/lowbit/...``, in place. ``ValueError`` when one is not of the shape its metadata implies."""
+    import numpy as np
+    import torch
+
+    from .lowbit import pack as pack_rows
+
+    mods = [m for m in meta["modules"] if m.get("shared_bits")]
+    if not mods:
+        return
+    data, scales = {r: [] for r in SHARED}, {r: [] for r in SHARED}
+    for mod in mods:
+        for role, shape in shared_shapes(mod, len(meta["adapters"]), meta.get("method", "")).items():
+            key, bits = f"{role}/{mod['name']}", shared_bit(role, mod["shared_bits"])
+            codes, scale = out.get(key), out.get(QSCALE + key)
+            if (codes is None or codes.dtype != torch.uint8 or list(codes.shape) != shape or scale is None
+                    or list(scale.shape) != shape[:-1] + [1]):
+                raise ValueError(f"tensor {key!r} (shared_bits {mod['shared_bits']}) is not uint8 codes of shape "
+                                 f"{tuple(shape)} with {QSCALE + key!r} of shape {tuple(shape[:-1] + [1])}")
+            del out[key], out[QSCALE + key]
+            rows = codes.reshape(-1, shape[-1]).numpy() & np.uint8((1 << bits) - 1)  # dry: any bytes
+            data[role].append(torch.from_numpy(pack_rows(rows, np.full(len(rows), bits))))
+            scales[role].append(scale.to(torch.bfloat16).reshape(-1))
+    for role in SHARED:
         out[LOWBIT + role] = torch.cat(data[role]).contiguous()
         out[QSCALE + LOWBIT + role] = torch.cat(scales[role]).contiguous()
 

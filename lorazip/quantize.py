@@ -22,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .layout import shared_widths
+
 QSCALE = "qscale/"  # prefix of the scale tensor of an int8 tensor
 QBITS = "qbits/"  # ``qbits/<m>``: bits of each low-bit residual row of module m (lorazip.lowbit)
 QUANTISED = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
@@ -242,15 +244,24 @@ def round_to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dty
     return to_storage(t, storage_dtype, scale_dtype).values.double()
 
 
-def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dequantized(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> dict[str, torch.Tensor]:
     """``tensors`` with every int8 tensor that has a ``qscale/`` companion replaced by its float32
-    values, the companions dropped (the view :mod:`lorazip.update` computes on)."""
+    values, the companions dropped (the view :mod:`lorazip.update` computes on). Low-bit shared
+    parts need the artifact's ``meta`` (their widths: ``shared_bits``)."""
+    from .lowbit import shared_values
+
+    widths = shared_widths(meta)
     out = {}
     for key, t in tensors.items():
         if key.startswith(QSCALE):
             continue
         scale = tensors.get(QSCALE + key)
-        if scale is not None and t.dtype == torch.uint8:  # low-bit residual rows
+        if scale is not None and t.dtype == torch.uint8 and key in widths:  # low-bit shared parts
+            out[key] = torch.from_numpy(shared_values(t.numpy(), scale.float().numpy(), widths[key],
+                                                      key.split("/", 1)[0]))
+        elif scale is not None and t.dtype == torch.uint8:  # low-bit residual rows
+            if QBITS + key.split("/", 1)[1] not in tensors:
+                raise ValueError(f"low-bit tensor {key!r} without its widths (qbits, or the metadata's shared_bits)")
             out[key] = dequantize_lowbit(t, scale, tensors[QBITS + key.split("/", 1)[1]])
         elif scale is not None:
             out[key] = dequantize_rows(t, scale)
@@ -262,11 +273,16 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def requantized(tensors: dict[str, torch.Tensor], view: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
-                storage_dtype: str) -> dict[str, torch.Tensor]:
+                storage_dtype: str, meta: dict | None = None, shared: "SharedRows | None" = None
+                ) -> dict[str, torch.Tensor]:
     """Store again what was computed on the :func:`dequantized` ``view`` of ``raw``: tensors still the
     view's objects get their raw int8 data and scales back (bit for bit); changed bases and cores
     are quantised (per row: rows that were already stored come back unchanged). Tensors already
-    in stored form (``qscale/`` keys and their int8 data) pass through."""
+    in stored form (``qscale/`` keys and their int8 data) pass through. Low-bit shared parts (the
+    modules of ``meta`` with ``shared_bits``) are stored at their widths through ``shared``: rows
+    it has seen (stored, or rounded by :meth:`SharedRows.round`) get those codes and scales back."""
+    widths = shared_widths(meta)
+    shared = shared if shared is not None else SharedRows()
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if key in out:
@@ -277,11 +293,67 @@ def requantized(tensors: dict[str, torch.Tensor], view: dict[str, torch.Tensor],
             out[key] = raw[key]
             if QSCALE + key in raw:
                 out[QSCALE + key] = raw[QSCALE + key]
+        elif key in widths and t.is_floating_point():
+            shared.store(t, widths[key], key.split("/", 1)[0]).put(out, key)
         elif storage_dtype == "int8" and key.startswith(QUANTISED[:-1]) and t.is_floating_point():
             to_storage(t, "int8", torch.float32 if key.startswith("resid_") else None).put(out, key)
         else:
             out[key] = t
     return out
+
+
+class SharedRows:
+    """Rows of low-bit shared parts already stored, by their float32 values: storing values that
+    came from such rows (the artifact's own, or ones :meth:`round` gave) gives back the same codes
+    and scale bit for bit (quantising the dequantised values again need not)."""
+
+    def __init__(self):
+        self._rows: dict[tuple[int, bytes], tuple[np.ndarray, torch.Tensor]] = {}
+
+    @staticmethod
+    def _value_rows(t: torch.Tensor, role: str) -> torch.Tensor:
+        rows = t.transpose(-1, -2) if role != "cores" else t
+        return rows.detach().to(torch.float32).reshape(-1, rows.shape[-1]).contiguous()
+
+    def learn(self, s: SharedLowBit) -> None:
+        """Remember the rows of the stored ``s`` (codes and scale by their values)."""
+        L = s.data.shape[-1]
+        codes, scales = s.data.reshape(-1, L).numpy(), s.scale.reshape(-1, 1)
+        for i, v in enumerate(self._value_rows(s.values, s.role).numpy()):
+            self._rows[(s.bits, v.tobytes())] = (codes[i], scales[i])
+
+    def learn_all(self, raw: dict[str, torch.Tensor], meta: dict) -> None:
+        """Remember every low-bit shared part of an artifact's stored tensors ``raw``."""
+        for key, bits in shared_widths(meta).items():
+            if key in raw and QSCALE + key in raw:
+                self.learn(SharedLowBit(raw[key], raw[QSCALE + key], bits, key.split("/", 1)[0]))
+
+    def round(self, t: torch.Tensor, bits: int, role: str) -> torch.Tensor:
+        """float32 values of ``t`` stored at ``bits`` (:func:`to_shared_lowbit`), remembered."""
+        s = to_shared_lowbit(t, bits, role)
+        self.learn(s)
+        return s.values
+
+    def store(self, t: torch.Tensor, bits: int, role: str) -> SharedLowBit:
+        """``t`` (logical shape) at ``bits``: rows seen before as they were stored, the others quantised."""
+        rows = self._value_rows(t, role)
+        N, L = rows.shape
+        codes = np.zeros((N, L), dtype=np.uint8)
+        scales = torch.zeros(N, 1, dtype=torch.bfloat16)
+        fresh = []
+        for i, v in enumerate(rows.numpy()):
+            hit = self._rows.get((int(bits), v.tobytes()))
+            if hit is None:
+                fresh.append(i)
+            else:
+                codes[i], scales[i] = hit
+        if fresh:
+            from . import lowbit
+
+            c, sc = lowbit.quantize(rows[fresh], int(bits))
+            codes[fresh], scales[fresh] = c, torch.from_numpy(sc).to(torch.bfloat16)
+        shape = tuple(t.shape[:-2]) + (t.shape[-1], t.shape[-2]) if role != "cores" else tuple(t.shape)
+        return SharedLowBit(torch.from_numpy(codes).reshape(shape), scales.reshape(*shape[:-1], 1), int(bits), role)
 
 
 # -- extras (modules_to_save heads) ---------------------------------------------------------------

@@ -46,7 +46,8 @@ from .io.collection import Collection, ModuleInfo, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
 from .lowbit import packed_bytes
-from .quantize import QSCALE, dequantized, requantized, round_to_storage, store_extras
+from .lowbit import shared_width
+from .quantize import QSCALE, SharedRows, dequantized, requantized, round_to_storage, store_extras
 from .solvers import jd_diag, jd_full, spectra
 from .solvers.linalg import adapter_weights, orth
 from .solvers.svd import individual_svd
@@ -63,9 +64,28 @@ def _open(artifact: Artifact | str | os.PathLike) -> Artifact:
     return artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
 
 
-def _rounded(t: torch.Tensor, like: torch.Tensor, storage_dtype: str | None) -> torch.Tensor:
-    """New bases or cores as they will be stored: in ``like``'s dtype, or (int8 storage, where
-    ``like`` holds dequantised float32 values) quantised per row and dequantised again."""
+@dataclass
+class _Store:
+    """How a module's new bases and cores are stored: the artifact's storage dtype and, for a module
+    with ``shared_bits`` (format v5), those widths and the :class:`SharedRows` that remembers the
+    codes of the values it rounds (stored later by :func:`requantized`, bit for bit)."""
+
+    dtype: str | None
+    bits: list[int] | None = None
+    rows: SharedRows | None = None
+
+
+def _store(storage_dtype: str | None, mod: dict[str, Any], rows: SharedRows | None) -> _Store:
+    return _Store(storage_dtype, mod.get("shared_bits"), rows)
+
+
+def _rounded(t: torch.Tensor, like: torch.Tensor, store: _Store, role: str) -> torch.Tensor:
+    """New bases (``role`` "U" / "V") or cores ("cores") as they will be stored: in ``like``'s dtype,
+    or (int8 storage, where ``like`` holds dequantised float32 values) quantised per row and
+    dequantised again, or (``shared_bits``) at the module's width for ``role``."""
+    if store.bits:
+        return store.rows.round(t, shared_width(role, store.bits), role).to(like.dtype)
+    storage_dtype = store.dtype
     if storage_dtype == "int8":
         return round_to_storage(t, "int8").to(like.dtype)
     return t.to(like.dtype)
@@ -239,10 +259,12 @@ def add_adapters(
     out, add = _project_added(art, coll, refit, keep_extras, hash_sources, max_iters, tol, progress)
     refit_info = None
     if refit:
-        out, refit_info = _refit(out, art, coll, add.weighting, allow_pickle, max_iters, tol, compute_dtype, progress)
+        out, refit_info = _refit(out, art, coll, add.weighting, allow_pickle, max_iters, tol, compute_dtype, progress,
+                                 add.shared)
         add.objective["refit"] = _objective(out.tensors(), add.weighting)
     if add.storage_dtype == "int8":  # store the bases and cores again as int8 (unchanged ones bit for bit)
-        out = Artifact(out.meta, tensors=requantized(out.tensors(), add.old, add.raw, add.storage_dtype))
+        out = Artifact(out.meta, tensors=requantized(out.tensors(), add.old, add.raw, add.storage_dtype, out.meta,
+                                                     add.shared))
     report = _add_report(art, out, coll, add, threshold, refit, warn, refit_info)
     for w in warn:
         warnings.warn(w, UpdateWarning, stacklevel=2)
@@ -291,6 +313,7 @@ class _Addition:
     pick: torch.Tensor | None  # (n_new,) their cluster where all modules share one assignment
     goal: float | None  # the error their own residual parts aimed at
     objective: dict[str, float | None]
+    shared: SharedRows  # the codes of low-bit shared rows, stored and rounded (format v5 shared_bits)
 
 
 def _project_added(art: Artifact, coll: Collection, refit: bool, keep_extras: bool, hash_sources: bool,
@@ -305,16 +328,18 @@ def _project_added(art: Artifact, coll: Collection, refit: bool, keep_extras: bo
     weighting = meta.get("weighting", "relative")
     sd = meta.get("storage_dtype")
     raw = art.tensors()
-    old = dequantized(raw)  # int8 storage: computed on float32 values, stored again at the end
+    old = dequantized(raw, meta)  # int8 storage: computed on float32 values, stored again at the end
+    shared = SharedRows()
+    shared.learn_all(raw, meta)
     tensors: dict[str, torch.Tensor] = dict(old)
     mods = meta["modules"]
     _start_shape_groups(art, coll, old, mods, max_iters, tol)
     tensors.update({k: v for k, v in old.items() if k not in tensors})
 
-    proj = _project(art, coll, old, mods, sd, progress)
+    proj = _project(art, coll, old, mods, sd, progress, shared)
     shared_k = _shared_clusters(art, old, mods)
     choice = _choose_clusters(art, proj, shared_k, weighting)
-    sq_new = _append_rows(art, tensors, old, mods, proj, choice, sd)
+    sq_new = _append_rows(art, tensors, old, mods, proj, choice, sd, shared)
     _append_spectra(tensors, old, mods, proj.spectra)
     proj_sq = sq_new.clone()
     goal = goal_error(meta, old["stats/sq_error"], old["stats/norm2"]) if art.method != "svd" else None
@@ -331,7 +356,7 @@ def _project_added(art: Artifact, coll: Collection, refit: bool, keep_extras: bo
     round_small(tensors, meta)
     return Artifact(meta, tensors=tensors), _Addition(
         n_old, weighting, sd, raw, old, per_adapter(proj_sq, proj.norm2), choice[0] if shared_k else None, goal,
-        objective)
+        objective, shared)
 
 
 def _add_report(art: Artifact, out: Artifact, coll: Collection, add: _Addition, threshold: float, refit: bool,
@@ -392,7 +417,7 @@ class _Projection:
 
 
 def _project(art: Artifact, coll: Collection, old: dict[str, torch.Tensor], mods: list[dict[str, Any]],
-             sd: str | None, progress) -> _Projection:
+             sd: str | None, progress, shared: SharedRows) -> _Projection:
     """Project every new adapter onto every cluster's bases of every module (reported as progress)."""
     n_mod = len(mods)
     coll_mods = {m.name for m in coll.modules}
@@ -408,20 +433,21 @@ def _project(art: Artifact, coll: Collection, old: dict[str, torch.Tensor], mods
         if art.method == "svd":
             cores = errors = None
         else:
-            cores, errors = _cluster_candidates(B, A, old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"], sd)
+            cores, errors = _cluster_candidates(B, A, old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"],
+                                                 _store(sd, mod, shared))
         proj.cores.append(cores)
         proj.errors.append(errors)
     return proj
 
 
 def _cluster_candidates(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-                        cores_old: torch.Tensor, sd: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        cores_old: torch.Tensor, sd: _Store) -> tuple[torch.Tensor, torch.Tensor]:
     """Cores (n_new, K, ...) of the new adapters projected on each cluster's bases, rounded as
     stored, and their exact squared errors (n_new, K)."""
     diagonal = cores_old.dim() == 2
     cs, es = [], []
     for k in range(U.shape[0]):
-        S = _rounded(project_cores(B, A, U[k], V[k], diagonal), cores_old, sd)
+        S = _rounded(project_cores(B, A, U[k], V[k], diagonal), cores_old, sd, "cores")
         e, _ = squared_errors(B, A, U[k], V[k], S)
         cs.append(S)
         es.append(e)
@@ -455,30 +481,31 @@ def _choose_clusters(art: Artifact, proj: _Projection, shared_k: int, weighting:
 
 def _append_rows(art: Artifact, tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor],
                  mods: list[dict[str, Any]], proj: _Projection, choice: list[torch.Tensor | None],
-                 sd: str | None) -> torch.Tensor:
+                 sd: str | None, shared: SharedRows) -> torch.Tensor:
     """Append the new adapters' cores (and, for per-adapter SVD, bases) and assignments to
     ``tensors``; their exact squared errors (n_new, M)."""
     n_old = len(art.names)
     sq_new = torch.zeros(proj.norm2.shape, dtype=torch.float64)
     for j, mod in enumerate(mods):
         if art.method == "svd":
-            sq_new[:, j] = _append_own_bases(tensors, old, mod, *proj.factors[j], n_old, sd)
+            sq_new[:, j] = _append_own_bases(tensors, old, mod, *proj.factors[j], n_old,
+                                                 _store(sd, mod, shared))
         else:
             sq_new[:, j] = _append_cores(tensors, old, mod["name"], proj.cores[j], proj.errors[j], choice[j], n_old)
     return sq_new
 
 
 def _append_own_bases(tensors: dict[str, torch.Tensor], old: dict[str, torch.Tensor], mod: dict[str, Any],
-                      B: torch.Tensor, A: torch.Tensor, n_old: int, sd: str | None) -> torch.Tensor:
+                      B: torch.Tensor, A: torch.Tensor, n_old: int, sd: _Store) -> torch.Tensor:
     """Per-adapter SVD: each new adapter's own truncated-SVD bases and cores at the module's rank;
     their exact squared errors."""
     name = mod["name"]
     n_new = B.shape[0]
     U, V, cores_old = old[f"U/{name}"], old[f"V/{name}"], old[f"cores/{name}"]
     res = individual_svd(B, A, U.shape[-1])
-    Un, Vn = _rounded(res.U, U, sd), _rounded(res.V, V, sd)
+    Un, Vn = _rounded(res.U, U, sd, "U"), _rounded(res.V, V, sd, "V")
     Sn = torch.stack([project_cores(B[i : i + 1], A[i : i + 1], Un[i], Vn[i], True)[0] for i in range(n_new)])
-    Sn = _rounded(Sn, cores_old, sd)
+    Sn = _rounded(Sn, cores_old, sd, "cores")
     sq = squared_errors(B, A, Un, Vn, Sn, torch.arange(n_new))[0]
     tensors[f"U/{name}"] = torch.cat([U, Un]).contiguous()
     tensors[f"V/{name}"] = torch.cat([V, Vn]).contiguous()
@@ -688,7 +715,8 @@ class _RefitSettings:
 
 
 def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow_pickle: bool,
-           max_iters: int | None, tol: float | None, compute_dtype: str | None, progress) -> tuple[Artifact, dict]:
+           max_iters: int | None, tol: float | None, compute_dtype: str | None, progress,
+           shared: SharedRows) -> tuple[Artifact, dict]:
     """JD-Full (per cluster on its members) on all adapters, warm-started from the current bases."""
     settings = _refit_settings(out.meta.get("solver") or {}, max_iters, tol, compute_dtype)
     olds = original_adapters(art, allow_pickle=allow_pickle)
@@ -707,7 +735,8 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
             continue
         _drop_residuals(tensors, mod)
         fac = full.module_factors(name, dtype=torch.float64)
-        _refit_module(tensors, j, mod, fac, out.method, weighting, settings, out.meta.get("storage_dtype"), info)
+        _refit_module(tensors, j, mod, fac, out.method, weighting, settings,
+                      _store(out.meta.get("storage_dtype"), mod, shared), info)
     if progress:
         progress(n_mod, n_mod, "")
     trim_spectra(tensors, out.meta)
@@ -736,7 +765,7 @@ def _drop_residuals(tensors: dict[str, torch.Tensor], mod: dict[str, Any]) -> No
 
 
 def _refit_module(tensors: dict[str, torch.Tensor], j: int, mod: dict[str, Any], fac, method: str, weighting: str,
-                  settings: _RefitSettings, sd: str | None, info: dict[str, int]) -> None:
+                  settings: _RefitSettings, sd: _Store, info: dict[str, int]) -> None:
     """Refit module ``j`` cluster by cluster, keeping the projection of a cluster wherever the
     refit would not lower its weighted error; its bases, cores and statistics column are written
     to ``tensors``, the counts to ``info``."""
@@ -778,7 +807,7 @@ def _refit_module(tensors: dict[str, torch.Tensor], j: int, mod: dict[str, Any],
 
 
 def _refit_cluster(Bk: torch.Tensor, Ak: torch.Tensor, w: torch.Tensor, U_all: torch.Tensor, V_all: torch.Tensor,
-                   cores: torch.Tensor, k: int, method: str, s: _RefitSettings, sd: str | None):
+                   cores: torch.Tensor, k: int, method: str, s: _RefitSettings, sd: _Store):
     """``(U, V, cores, errors, solver result)``: cluster ``k``'s bases fitted on its members
     (JD-Diag, or JD-Full warm-started from its current bases), rounded as stored, with the
     members' projected cores and exact squared errors."""
@@ -794,8 +823,8 @@ def _refit_cluster(Bk: torch.Tensor, Ak: torch.Tensor, w: torch.Tensor, U_all: t
         res = jd_full(Bk.to(cdtype), Ak.to(cdtype), r, weights=w.to(cdtype), max_iters=s.max_iters, tol=s.tol,
                       U0=U0, V0=V0)
         Un, Vn = orth(res.U.double()), orth(res.V.double())
-    Un, Vn = _rounded(Un, U_all, sd), _rounded(Vn, V_all, sd)
-    Sn = _rounded(project_cores(Bk, Ak, Un, Vn, cores.dim() == 2), cores, sd)
+    Un, Vn = _rounded(Un, U_all, sd, "U"), _rounded(Vn, V_all, sd, "V")
+    Sn = _rounded(project_cores(Bk, Ak, Un, Vn, cores.dim() == 2), cores, sd, "cores")
     e_new, _ = squared_errors(Bk, Ak, Un, Vn, Sn)
     return Un, Vn, Sn, e_new, res
 

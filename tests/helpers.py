@@ -259,3 +259,38 @@ def write_planted_groups(root: Path, sizes: tuple[int, ...], d: int, r_shared: i
             labels.append(grp)
             i += 1
     return labels
+
+
+def with_low_bit_shared(art, bases_bits, cores_bits):
+    """A new in-memory artifact: ``art`` (int8 storage, in memory or opened) with the bases and cores
+    of its modules of rank > 0 stored at low bits (format v5 ``shared_bits``) from their current
+    values (:func:`lorazip.quantize.to_shared_lowbit`), and ``stats/sq_error`` recomputed exactly
+    for the new stored values against the originals (the adapters' recorded source folders).
+    ``bases_bits`` / ``cores_bits``: a width, or a list of widths taken module by module (cycled)."""
+    import copy
+
+    from lorazip.artifact import Artifact
+    from lorazip.evaluate import recompute_errors
+    from lorazip.layout import round_small
+    from lorazip.quantize import QSCALE, to_shared_lowbit
+
+    def width(spec, j):
+        return int(spec) if isinstance(spec, int) else int(spec[j % len(spec)])
+
+    meta = copy.deepcopy(art.meta)
+    meta.pop("checksum", None)
+    tensors = dict(art.tensors())
+    shared = [mod for mod in meta["modules"] if mod["rank"] > 0]
+    for j, mod in enumerate(shared):
+        mod["shared_bits"] = [width(bases_bits, j), width(cores_bits, j)]
+        for role, bits in (("U", mod["shared_bits"][0]), ("V", mod["shared_bits"][0]), ("cores", mod["shared_bits"][1])):
+            key = f"{role}/{mod['name']}"
+            values = art.get(key)
+            tensors.pop(QSCALE + key, None)
+            to_shared_lowbit(values, bits, role).put(tensors, key)
+    out = Artifact(meta, tensors=tensors)
+    rows, sq, _ = recompute_errors(out, [a["source"]["path"] for a in meta["adapters"]], False, False)
+    assert rows == list(range(len(out.names)))
+    tensors["stats/sq_error"] = sq.to(tensors["stats/sq_error"].dtype)
+    round_small(tensors, meta)
+    return Artifact(meta, tensors=tensors)
