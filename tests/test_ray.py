@@ -74,10 +74,29 @@ def test_ray_artifact_is_byte_identical_to_single_process(cluster, coll, tmp_pat
     with RayExecutor() as ex:
         remote = _bytes(lorazip.compress(coll, executor=ex, **kw), tmp_path / "ray.safetensors")
         rep = ex.report()
-    assert remote == local
+    assert remote == local  # the sources' sha256 included: hashed by the workers (below), not the driver
     assert rep["tasks"] >= len(coll.modules)
     assert sum(w["tasks"] for w in rep["workers"]) == rep["tasks"]
     assert all(w["busy_s"] > 0 for w in rep["workers"])
+    assert sum(w.get("hash_s", 0.0) for w in rep["workers"]) > 0
+
+
+def test_source_hashes_not_computed_by_a_worker_are_computed_here(coll):
+    """A file no task hashed (a run stopped before its map) gets its sha256 on the driver when asked."""
+    from lorazip.compress.provenance import SourceHashes
+    from lorazip.io.files import sha256_file
+
+    class Never:  # an executor whose map never runs
+        def hash_sources(self, hashes):
+            self.hashes = hashes
+
+    ex = Never()
+    h = SourceHashes(coll, True, ex)
+    files = [f for a in coll.adapters for f in a.files()]
+    assert ex.hashes is h and h.pending() == files
+    h.put(files[0], "x" * 64)
+    assert h.get(files[0]) == "x" * 64 and h.get(files[1]) == sha256_file(files[1])
+    assert SourceHashes(coll, False, ex).get(files[0]) is None
 
 
 def test_progress_is_fed_by_completed_tasks(cluster, coll):

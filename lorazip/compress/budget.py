@@ -64,7 +64,7 @@ def compress_mixed(collection: Collection, opts: CompressOptions, *, groupings: 
     more than a third of it is read in chunks of adapters on every pass, and nothing is kept or
     read ahead beyond it."""
     run = _MixedRun(collection, opts, list(groupings or [None]), progress, executor)
-    hashes = SourceHashes(collection, opts.hash_sources)
+    hashes = SourceHashes(collection, opts.hash_sources, executor)
     t0 = time.perf_counter()
     try:
         for cand in run.groupings:

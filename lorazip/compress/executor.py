@@ -25,9 +25,10 @@ from collections import defaultdict
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import ClusterError, LorazipError, OptionError, SourceError, first_line
+from ..io.files import sha256_file
 
 RAY_HINT = "pip install 'lorazip[ray]'"
-CLOCK_KEYS = ("read_s", "solve_s", "error_s")
+CLOCK_KEYS = ("read_s", "solve_s", "error_s")  # what tasks add to the caller's clock (report: also hash_s)
 
 
 def map_modules(
@@ -57,9 +58,10 @@ def map_modules(
     yield from executor.map(fn, collection, args, labels=labels, clock=clock, memory=memory, phase=phase)
 
 
-def _module_task(collection, fn: Callable[..., Any], args: tuple, threads: int):
-    """What a Ray worker runs: ``fn(collection, *args)`` with ``threads`` torch threads, timed.
-    A source the worker cannot read becomes one clear :class:`SourceError`."""
+def _module_task(collection, fn: Callable[..., Any], args: tuple, threads: int, files: Sequence = ()):
+    """What a Ray worker runs: ``fn(collection, *args)`` with ``threads`` torch threads, timed, then
+    the sha256 of ``files`` (its share of the sources' provenance). A source the worker cannot read
+    becomes one clear :class:`SourceError`. Returns ``(result, stats, [(file, sha256), ...])``."""
     import torch
 
     torch.set_num_threads(threads)
@@ -72,8 +74,15 @@ def _module_task(collection, fn: Callable[..., Any], args: tuple, threads: int):
     except (LorazipError, OSError):
         _check_visible(collection, host, every=True)  # a missing file says so, not "cannot read tensors"
         raise
+    t1 = time.perf_counter()
+    try:
+        digests = [(f, sha256_file(f)) for f in files]
+    except OSError as exc:
+        raise SourceError(f"Ray worker on {host} cannot read {exc.filename}: {exc.strerror}") from None
+    if files:
+        clock["hash_s"] = time.perf_counter() - t1
     stats = {"worker": f"{host}:{os.getpid()}", "busy_s": time.perf_counter() - t0, **clock}
-    return out, stats
+    return out, stats, digests
 
 
 def _check_visible(collection, host: str, every: bool) -> None:
@@ -122,6 +131,7 @@ class RayExecutor:
         self._refs: dict[int, tuple[Any, Any]] = {}  # id(collection) -> (collection, object ref)
         self._tasks: list[dict[str, Any]] = []
         self._cpus = None
+        self._hashes = None  # source hashes the next map's tasks compute (SourceHashes)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -166,6 +176,11 @@ class RayExecutor:
 
     # -- tasks --------------------------------------------------------------------------------
 
+    def hash_sources(self, hashes) -> None:
+        """Have the tasks of the next :meth:`map` compute ``hashes``' source digests, an even share
+        each after its module, instead of the driver reading every file a second time."""
+        self._hashes = hashes
+
     def map(self, fn, collection, args: Sequence[tuple], *, labels: Sequence[str],
             clock: dict[str, float] | None = None, memory: int | None = None,
             phase: str = "modules") -> Iterator[tuple[int, Any]]:
@@ -182,11 +197,15 @@ class RayExecutor:
         cap = self.workers if (self.workers and not self._local) else len(args)  # a local instance has its CPUs
         todo = list(range(len(args)))[::-1]
         pending: dict[Any, tuple[int, float]] = {}
+        hashes, self._hashes = self._hashes, None
+        files = hashes.pending() if hashes is not None else []
+        share = [files[j :: len(args)] for j in range(len(args))] if args else []
 
         def submit() -> None:
             while todo and len(pending) < max(cap, 1):
                 j = todo.pop()
-                r = self._remote.options(name=f"lorazip:{phase}:{labels[j]}", **opts).remote(ref, fn, args[j], 1)
+                r = self._remote.options(name=f"lorazip:{phase}:{labels[j]}", **opts).remote(ref, fn, args[j], 1,
+                                                                                                share[j])
                 pending[r] = (j, time.perf_counter())
 
         try:
@@ -196,7 +215,7 @@ class RayExecutor:
                 for r in ready:
                     j, t_submit = pending.pop(r)
                     try:
-                        out, stats = ray.get(r)
+                        out, stats, digests = ray.get(r)
                     except errors.RayTaskError as exc:
                         cause = getattr(exc, "cause", None)
                         if isinstance(cause, LorazipError):
@@ -207,6 +226,8 @@ class RayExecutor:
                                            f"{self.max_retries + 1} times ({first_line(exc)})") from None
                     except errors.RayError as exc:
                         raise ClusterError(f"{labels[j]}: Ray could not run it ({first_line(exc)})") from None
+                    for f, digest in digests:
+                        hashes.put(f, digest)
                     self._record(phase, labels[j], stats, time.perf_counter() - t_submit, clock)
                     submit()
                     yield j, out
@@ -253,7 +274,7 @@ class RayExecutor:
         for t in self._tasks:
             w = per[t["worker"]]
             w["tasks"] += 1
-            for key in ("busy_s", *CLOCK_KEYS):
+            for key in ("busy_s", *CLOCK_KEYS, "hash_s"):
                 if key in t:
                     w[key] = w.get(key, 0.0) + t[key]
         phases: dict[str, int] = defaultdict(int)

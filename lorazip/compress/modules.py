@@ -257,7 +257,7 @@ def compress_modules(
     opts = opts.replace(storage_dtype=opts.stored_dtype(collection))
     if plan is None:
         plan = fixed_rank_plan(collection, opts.method, opts.storage_dtype, opts.shared_rank, ranks, opts.clusters)
-    loop = _ModuleLoop(collection, opts, plan, progress, timings)
+    loop = _ModuleLoop(collection, opts, plan, progress, timings, executor)
     try:
         clustering = loop.run_clustered(executor) if plan.method == "jd-clustered" else loop.run(executor)
     except BaseException:
@@ -271,7 +271,7 @@ def compress_modules(
 class _ModuleLoop:
     """One fixed-rank build: module tasks in process or on Ray, results stored in module order."""
 
-    def __init__(self, collection: Collection, opts: CompressOptions, plan: Plan, progress, timings):
+    def __init__(self, collection: Collection, opts: CompressOptions, plan: Plan, progress, timings, executor=None):
         self.collection, self.opts, self.plan, self.progress = collection, opts, plan, progress
         n, n_mod = len(collection), len(collection.modules)
         self.names = [m.name for m in collection.modules]
@@ -285,7 +285,7 @@ class _ModuleLoop:
         self.memory = MemoryPlan.make(collection, self.cdtype.itemsize, opts.memory_limit, plan.method)
         self.cache = _FactorCache(collection, resolve_device(opts.device), self.memory.cache_bytes(opts.cache_bytes),
                                   self.cdtype)
-        self.hashes = SourceHashes(collection, opts.hash_sources)
+        self.hashes = SourceHashes(collection, opts.hash_sources, executor)
         self.clock = timings if timings is not None else {}
         for key in ("read_s", "solve_s", "error_s"):
             self.clock.setdefault(key, 0.0)

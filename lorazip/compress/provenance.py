@@ -19,18 +19,42 @@ _CONFIG_FIELDS = (
 
 
 class SourceHashes:
-    """sha256 of every source file, computed in a background thread while modules are solved
-    (hashlib releases the GIL), so the extra read of the sources overlaps the solve."""
+    """sha256 of every source file, computed while modules are solved: in a background thread
+    here (hashlib releases the GIL), so the extra read of the sources overlaps the solve, or, with
+    a Ray ``executor``, by the workers, each task of its next map hashing a share of the files
+    after its module (reading them where they are; the driver only collects the digests). A file
+    no task hashed (a run stopped early) is hashed here when asked for."""
 
-    def __init__(self, collection: Collection, enabled: bool):
+    def __init__(self, collection: Collection, enabled: bool, executor=None):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-hash") if enabled else None
-        self._jobs = {f: self._pool.submit(sha256_file, f) for a in collection.adapters for f in a.files()} \
-            if self._pool else {}
+        self.enabled = enabled
+        self._files = [f for a in collection.adapters for f in a.files()] if enabled else []
+        self._done: dict[Any, str] = {}
+        self._pool, self._jobs = None, {}
+        if enabled and executor is not None and hasattr(executor, "hash_sources"):
+            executor.hash_sources(self)
+        elif enabled:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-hash")
+            self._jobs = {f: self._pool.submit(sha256_file, f) for f in self._files}
+
+    def pending(self) -> list:
+        """The files not hashed yet (none when a local thread hashes them)."""
+        return [] if self._pool is not None else [f for f in self._files if f not in self._done]
+
+    def put(self, path, digest: str) -> None:
+        """The sha256 of ``path``, computed elsewhere (a Ray worker)."""
+        self._done[path] = digest
 
     def get(self, path) -> str | None:
-        return self._jobs[path].result() if self._pool else None
+        if not self.enabled:
+            return None
+        if path in self._done:
+            return self._done[path]
+        if path in self._jobs:
+            return self._jobs[path].result()
+        self._done[path] = sha256_file(path)  # no worker hashed it
+        return self._done[path]
 
     def close(self) -> None:
         if self._pool is not None:
