@@ -367,7 +367,8 @@ def _svd_matched(artifact: Artifact, rows: list[int], spectra: list[torch.Tensor
     numbers = int(st["compressed_params"] * len(rows) / max(len(names), 1))
     int8 = artifact.meta.get("storage_dtype") == "int8"
     nbytes = stored["bytes"] * len(rows) / max(len(names), 1)  # the bytes of these adapters' parts
-    if any((m.get("residual") or {}).get("bits") for m in artifact.modules):  # low-bit rows: their bytes in int8
+    if any((m.get("residual") or {}).get("bits") or m.get("shared_bits") for m in artifact.modules):
+        # low-bit rows or shared parts: their bytes in int8
         numbers = int(nbytes)
     same = svd_matched_storage(spectra, [m["d_in"] + m["d_out"] for m in artifact.modules], nn2, numbers,
                                [int8_rounding(m["d_out"], m["d_in"]) for m in artifact.modules] if int8 else None)

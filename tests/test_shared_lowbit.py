@@ -3,6 +3,7 @@ every reader (Artifact, the torch-free export), add / remove, verification, the 
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -381,3 +382,16 @@ def test_stored_rows_come_back_bit_for_bit_even_where_quantising_again_differs()
     assert torch.equal(SharedLowBit(out["cores/m"], out[QSCALE + "cores/m"], 2, "cores").values, grown["cores/m"])
     unchanged = requantized(dict(view), view, raw, "int8", meta)  # the view's own tensor: the raw one back
     assert unchanged["cores/m"] is codes
+
+
+def test_baseline_of_the_same_bytes_counts_shared_parts_at_their_bits(clustered, monkeypatch):
+    """The per-adapter SVD baseline 'in the artifact's storage' gets the artifact's bytes in int8
+    numbers, not its numbers (which low-bit shared parts store in fewer bytes)."""
+    ev = importlib.import_module("lorazip.evaluate")
+
+    art = with_low_bit_shared(clustered, 2, 2)
+    seen = []
+    real = ev.svd_matched_storage
+    monkeypatch.setattr(ev, "svd_matched_storage", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    evaluate(art)
+    assert seen == [storage_bits(art)["bytes"]] and seen[0] < ev.storage(art)["compressed_params"]
