@@ -395,3 +395,27 @@ def test_baseline_of_the_same_bytes_counts_shared_parts_at_their_bits(clustered,
     monkeypatch.setattr(ev, "svd_matched_storage", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     evaluate(art)
     assert seen == [storage_bits(art)["bytes"]] and seen[0] < ev.storage(art)["compressed_params"]
+
+
+@pytest.mark.parametrize("method", ["jd-diag", "svd"])
+def test_diagonal_cores_round_trip_and_export(src, method, tmp_path):
+    """Diagonal cores ((n, r) codes, (n, 1) scales; jd-diag, and svd's per-adapter bases)."""
+    art = lorazip.compress(lorazip.load_collection(src), rank=3, method=method, storage_dtype="int8",
+                           hash_sources=False, keep_extras=False)
+    art = with_low_bit_shared(art, 3, 4)
+    path = art.save(tmp_path / "d.lorazip.safetensors")
+    back = load_artifact(path, verify=True)
+    _same_tensors(art.tensors(), back.tensors())
+    name = back.modules[0]["name"]
+    assert back.raw(f"cores/{name}").shape == (24, 3) and back.raw(f"{QSCALE}cores/{name}").shape == (24, 1)
+    assert np.array_equal(back.get_rows(f"cores/{name}", [4, 2]).numpy(), _expected_values(back, f"cores/{name}")[[4, 2]])
+    lorazip.export(back, tmp_path / "torch", back.names[:3])
+    export_numpy(load_artifact(path), tmp_path / "numpy", back.names[:3])
+    for n in back.names[:3]:
+        assert (tmp_path / "torch" / n / "adapter_model.safetensors").read_bytes() == (
+            tmp_path / "numpy" / n / "adapter_model.safetensors").read_bytes()
+        state = load_file(str(tmp_path / "torch" / n / "adapter_model.safetensors"))
+        B = state[f"base_model.model.{name}.lora_B.weight"].double().numpy()
+        A = state[f"base_model.model.{name}.lora_A.weight"].double().numpy()
+        want = _dense(back, back.names.index(n), name)
+        assert np.allclose(B @ A, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
