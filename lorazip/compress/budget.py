@@ -90,8 +90,8 @@ class _MixedRun:
         self.budget, self.target, self.stat = opts.budget, opts.goal, opts.target_stat
         self.native = opts.stored_dtype(collection)
         # "auto": the adapters' own precision, float16 for float32 adapters, and int8 or, where bits can be
-        # allocated (not under calibration), bits: residual components at 1-8 bits each, shared parts in int8
-        # (which holds every int8 artifact: a component at 8 bits, with a smaller scale)
+        # allocated (not under calibration), bits: residual components at 1-8 bits each, shared bases and
+        # cores at 2-8 bits (which holds every int8 artifact: a component at 8 bits, with a smaller scale)
         low = BITS if opts.bits and whitening_of(collection) is None else "int8"
         self.dtypes = [self.native] + ([d for d in ("float16", low) if d != self.native and
                                         (d == low or self.native == "float32")]
@@ -107,7 +107,9 @@ class _MixedRun:
             raise OptionError("calibration reads each module whole in pass 2: module "
                               f"{collection.modules[min(self.memory.chunk)].name} needs more than a third of the "
                               "memory limit")
-        self.top = _affordable_rank(collection, self.budget // self.size_of[self.native], opts.max_rank) \
+        # with bits a shared part may be stored at 3 bits a number (2 is rarely worth its error)
+        per_number = 3 / 8 if BITS in self.dtypes else self.size_of[self.native]
+        self.top = _affordable_rank(collection, int(self.budget / per_number), opts.max_rank) \
             if self.budget is not None else opts.max_rank
         self.kept: dict = {}  # pass-1 factors that pass 2 need not read again (and further candidates)
         self.best: dict[str, tuple] = {}  # per storage dtype: (key, alloc, fits, grouping, curves, goal, E)
