@@ -202,7 +202,6 @@ class Layout:
         Logical tensors: ``U/<m>`` (K, r_out, d_out) uint8 codes, ``qscale/U/<m>`` (K, r_out, 1)
         bfloat16 (``V/<m>`` likewise with r and d_in; ``cores/<m>`` (n, r_out, r), or (n, r) diagonal,
         with (n, r_out, 1) or (n, 1) scales). Metadata only, like :meth:`_place_lowbit`."""
-        from .lowbit import row_bytes
 
         mods = [m for m in self.modules if m.get("shared_bits")]
         pos = {role: 0 for role in SHARED}
@@ -395,10 +394,14 @@ def shared_shapes(mod: dict[str, Any], n: int, method: str) -> dict[str, list[in
 def shared_span(shape: list[int], bits: int | None, start: int, a: int, b: int) -> tuple[int, int]:
     """Offsets (in the physical tensor's elements: bytes of codes, or scales where ``bits`` is None)
     of items ``a..b-1`` (dim 0) of a low-bit shared tensor of logical ``shape`` placed at ``start``."""
-    from .lowbit import row_bytes
 
     per = _prod(shape[1:-1]) * (1 if bits is None else row_bytes(shape[-1], bits))
     return start + a * per, start + b * per
+
+
+def row_bytes(length: int, bits: int) -> int:
+    """Bytes of one packed row (:func:`lorazip.lowbit.row_bytes`, here without numpy: ``lorazip info``)."""
+    return (int(length) * int(bits) + 7) // 8
 
 
 def _prod(xs) -> int:
