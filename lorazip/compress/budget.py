@@ -107,10 +107,10 @@ class _MixedRun:
             raise OptionError("calibration reads each module whole in pass 2: module "
                               f"{collection.modules[min(self.memory.chunk)].name} needs more than a third of the "
                               "memory limit")
-        # with bits a shared part may be stored at 3 bits a number (2 is rarely worth its error)
-        per_number = 3 / 8 if BITS in self.dtypes else self.size_of[self.native]
-        self.top = _affordable_rank(collection, int(self.budget / per_number), opts.max_rank) \
-            if self.budget is not None else opts.max_rank
+        self.top = opts.max_rank if self.budget is None else \
+            _affordable_rank(collection, self.budget // self.size_of[self.native], opts.max_rank)
+        if self.budget is not None and BITS in self.dtypes:  # a shared part may be stored at 3 bits a number
+            self.top = max(self.top, _affordable_rank(collection, self.budget * 8 // 3, opts.max_rank, spread=1))
         self.kept: dict = {}  # pass-1 factors that pass 2 need not read again (and further candidates)
         self.best: dict[str, tuple] = {}  # per storage dtype: (key, alloc, fits, grouping, curves, goal, E)
         self.tried: list[dict[str, Any]] = []
@@ -285,15 +285,16 @@ def _too_small(dry: Artifact, budget: int, fixed: int) -> None:
                       f"statistics ({fixed:,} bytes{hint})")
 
 
-def _affordable_rank(collection: Collection, numbers: int, max_rank: int) -> int:
-    """The largest shared rank worth fitting under a budget: twice the largest uniform rank whose
-    bases and cores fit (a module may take more than the uniform share, hardly more than twice)."""
+def _affordable_rank(collection: Collection, numbers: int, max_rank: int, spread: int = 2) -> int:
+    """The largest shared rank worth fitting under a budget: twice (``spread``) the largest uniform
+    rank whose bases and cores fit (a module may take more than the uniform share, hardly more than
+    twice; with 3-bit parts, priced below what they cost with their scales, the uniform rank itself)."""
     n = len(collection)
     dims = [m.d_in + m.d_out for m in collection.modules]
     r = 0
     while r < max_rank and sum((r + 1) * d + n * (r + 1) ** 2 for d in dims) <= numbers:
         r += 1
-    return min(max_rank, max(2 * r, 1))
+    return min(max_rank, max(spread * r, 1))
 
 
 def _overhead_bytes(collection: Collection, fits: list[ModuleFit], keep_extras: bool) -> int:
