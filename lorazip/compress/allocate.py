@@ -356,26 +356,41 @@ class StepCurves:
     def fill_mean(self, ranks: list[int], counts: list[int], numbers: int,
                   opts: list[int | None] | None = None) -> list[np.ndarray]:
         """Greedy: spend what is left of ``numbers`` on residual steps by error removed per cost unit
-        (``opts``: how each module's shared part is stored, :meth:`lagrangian`)."""
+        (``opts``: how each module's shared part is stored, :meth:`lagrangian`). Each module's steps
+        are sorted by that ratio, so the greedy is a merge: every module's next steps (up to one that
+        removes nothing) in one stable sort (ties: the lower module first), taken in order while they
+        fit; a step that does not fit ends its module (it would not fit later either) and the others
+        go on, the sums of costs kept in the order a step-by-step greedy would add them."""
         rows = [self.row(j, r) for j, r in enumerate(ranks)]
         opts = opts or [None] * len(ranks)
         used = sum(self.shared_cost(f, r, o) + (c * f.dim if row.costs is None else row.cumc[c])
                    for f, r, c, row, o in zip(self.fits, ranks, counts, rows, opts))
-        heap = [(-row.gains[c] / row.cost(c, f.dim), j) for j, (f, row, c) in enumerate(zip(self.fits, rows, counts))
-                if c < len(row.gains) and row.gains[c] > _FLOOR]
-        heapq.heapify(heap)
-        counts = list(counts)
-        while heap:
-            _, j = heapq.heappop(heap)
-            f, row = self.fits[j], rows[j]
-            step = row.cost(counts[j], f.dim)
-            if used + step > numbers:
+        keys, costs, owner = [], [], []
+        for j, (f, row, c) in enumerate(zip(self.fits, rows, counts)):
+            g = row.gains[c:]
+            stop = int(np.argmax(g <= _FLOOR)) if len(g) and (g <= _FLOOR).any() else len(g)
+            if stop == 0:
                 continue
-            used += step
-            counts[j] += 1
-            if counts[j] < len(row.gains) and row.gains[counts[j]] > _FLOOR:
-                heapq.heappush(heap, (-row.gains[counts[j]] / row.cost(counts[j], f.dim), j))
-        return [self.resid_from_counts(j, r, c) for j, (r, c) in enumerate(zip(ranks, counts))]
+            cost = np.full(stop, float(f.dim)) if row.costs is None else row.costs[c : c + stop].astype(np.float64)
+            keys.append(g[:stop] / cost)
+            costs.append(cost)
+            owner.append(np.full(stop, j, dtype=np.int64))
+        taken = np.zeros(len(self.fits), dtype=np.int64)
+        if keys:
+            order = np.argsort(-np.concatenate(keys), kind="stable")
+            cost, who = np.concatenate(costs)[order], np.concatenate(owner)[order]
+            alive = np.ones(len(order), dtype=bool)
+            while True:
+                idx = np.nonzero(alive)[0]
+                cum = np.cumsum(np.concatenate([[float(used)], cost[idx]]))[1:]
+                k = int(np.argmax(cum > numbers)) if len(idx) and cum[-1] > numbers else len(idx)
+                np.add.at(taken, who[idx[:k]], 1)
+                if k == len(idx):
+                    break
+                used = cum[k - 1] if k else used
+                alive[idx[: k + 1]] = False
+                alive &= who != who[idx[k]]  # that module's next step did not fit: it is done
+        return [self.resid_from_counts(j, r, c + int(t)) for j, (r, c, t) in enumerate(zip(ranks, counts, taken))]
 
     def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray,
                  opts: list[int | None] | None = None) -> list[np.ndarray]:
