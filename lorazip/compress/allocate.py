@@ -318,6 +318,10 @@ class StepCurves:
         (an index of :data:`SHARED_OPTIONS`) minimising error + lam * cost (the first row in grid order
         that is lower by more than 1e-18 than those before it). The shared part's option does not
         change the residual steps' gains, so it is chosen per row on its own."""
+        return self.priced(lam)[:3]
+
+    def priced(self, lam: float) -> tuple[list[int], list[int], list[int | None], float]:
+        """:meth:`lagrangian` and the cost of its choice (added module by module, in order)."""
         if not hasattr(self, "_keys"):
             self._flatten()
         # per row the steps worth their price, key > lam * scale: a binary search in every row at once
@@ -347,7 +351,8 @@ class StepCurves:
             best = np.where(better, idx, best)
             best_val = np.where(better, v, best_val)
         opts = opt[best].tolist() if self.bits else [None] * len(best)
-        return self._rank[best].tolist(), cnt[best].tolist(), opts
+        size = sum((self._ocost[best, opt[best]] + self._spend[at[best]]).tolist())
+        return self._rank[best].tolist(), cnt[best].tolist(), opts, size
 
     def resid_from_counts(self, j: int, r: int, cnt: int) -> np.ndarray:
         """Steps per adapter (its residual rank at native precision) of the first ``cnt`` steps."""
@@ -596,9 +601,7 @@ def _priced(fits: list[ModuleFit], curves: StepCurves, numbers: int):
     seen = []
     for _ in range(80):
         lam = math.sqrt(lo * hi)
-        ranks, counts, opts = curves.lagrangian(lam)
-        size = sum(curves.shared_cost(f, r, o) + (c * f.dim if row.costs is None else row.cumc[c])
-                   for j, (f, r, c, o) in enumerate(zip(fits, ranks, counts, opts)) for row in [curves.row(j, r)])
+        ranks, counts, opts, size = curves.priced(lam)
         if size > numbers:
             lo = lam
         else:
