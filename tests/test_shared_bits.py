@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lorazip.compress import allocate as allocate_mod
 from lorazip.compress import curves as curves_mod
-from lorazip.compress.curves import SHARED_BITS, basis_quant, shared_quant
+from lorazip.compress.curves import SHARED_BITS, basis_quant, core_quant, shared_quant
 from lorazip.quantize import to_shared_lowbit
 
 
@@ -35,7 +35,7 @@ def test_shared_quantisation_prediction_against_float64(shape):
     U = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))[0]
     C = torch.randn(n, r, r, generator=g, dtype=torch.float64) * torch.logspace(0, -1, r, dtype=torch.float64)
-    q = shared_quant(basis_quant(U) + basis_quant(V), C, C.square().sum((1, 2)))
+    q = shared_quant(basis_quant(U) + basis_quant(V), core_quant(C), C.square().sum((1, 2)))
     assert q.shape == (n, len(SHARED_BITS), len(SHARED_BITS))
     M = U @ C @ V.T
     for a, bu in enumerate(SHARED_BITS):
@@ -113,14 +113,18 @@ def test_allocation_never_worse_than_one_shared_width(planted_fits, frac, pair):
 
 def test_predicted_errors_add_the_shared_quantisation(planted_fits):
     """``StepCurves.errors`` of a choice with low-bit shared parts is the truncation error plus
-    pass 1's measurement, adapter by adapter."""
+    pass 1's measurement, adapter by adapter, at any rank (off the grid too) and for every
+    candidate (no option given: 8 bits, whose error is predicted as well)."""
     fits, E = planted_fits
     cur = allocate_mod.StepCurves(fits, E, bits=True)
-    ranks = [8, 8]
+    truncation = allocate_mod.StepCurves(fits, E)
     none = [np.zeros(len(E), dtype=np.int64) for _ in fits]
+    for ranks in ([8, 8], [5, 3]):
+        plain = truncation.errors(ranks, none, E)
+        for pair, opts in (((3, 4), [allocate_mod.SHARED_OPTIONS.index((3, 4))] * 2), ((8, 8), None)):
+            got = cur.errors(ranks, none, E, opts)
+            a, c = SHARED_BITS.index(pair[0]), SHARED_BITS.index(pair[1])
+            extra = sum(f.shared_quant(r)[:, a, c] for f, r in zip(fits, ranks)) / E
+            assert np.allclose(got - plain, extra) and (extra > 0).all()
     o = allocate_mod.SHARED_OPTIONS.index((3, 4))
-    plain = cur.errors(ranks, none, E, [None, None])
-    low = cur.errors(ranks, none, E, [o, o])
-    extra = sum(f.squant[8][:, SHARED_BITS.index(3), SHARED_BITS.index(4)] for f in fits) / E
-    assert np.allclose(low - plain, extra)
-    assert cur.size(ranks, none, [o, o]) < cur.size(ranks, none, [None, None])
+    assert cur.size([8, 8], none, [o, o]) < cur.size([8, 8], none, None)

@@ -235,13 +235,14 @@ class StepCurves:
         return shared_bytes(fit, r, self.n, SHARED_OPTIONS[_DEFAULT if option is None else option])
 
     def shared_error(self, fit: ModuleFit, r: int, option: int | None) -> np.ndarray | None:
-        """(n,) predicted squared error of storing the shared part at ``SHARED_OPTIONS[option]``
-        (pass 1's measurement, :func:`~lorazip.compress.curves.shared_quant`); None without bits or
-        where nothing was measured (8 bits then: its error is below the solver's tolerance)."""
-        if not self.bits or option is None or r == 0 or not fit.squant or r not in fit.squant:
+        """(n,) predicted squared error of storing the shared part at ``SHARED_OPTIONS[option]`` (None:
+        8 bits; pass 1's measurement, :meth:`~lorazip.compress.curves.ModuleFit.shared_quant`); None
+        without bits or where nothing was measured."""
+        q = fit.shared_quant(r) if self.bits else None
+        if q is None:
             return None
-        a, c = SHARED_OPTIONS[option]
-        return fit.squant[r][:, SHARED_BITS.index(a), SHARED_BITS.index(c)]
+        a, c = SHARED_OPTIONS[_DEFAULT if option is None else option]
+        return q[:, SHARED_BITS.index(a), SHARED_BITS.index(c)]
 
     def _options(self, fit: ModuleFit, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Cost and weighted error (each (O,)) of every way to store a module's shared part at rank ``r``;
@@ -257,7 +258,7 @@ class StepCurves:
             if option not in self.shared:
                 continue
             e = self.shared_error(fit, r, o)
-            err[o] = 0.0 if e is None and o == _DEFAULT else np.inf if e is None else float((self.c * e).sum())
+            err[o] = (0.0 if o == _DEFAULT else np.inf) if e is None else float((self.c * e).sum())
         return cost, err
 
     def row(self, j: int, r: int) -> _Row | None:

@@ -57,8 +57,9 @@ class ModuleFit:
     converged: bool = True
     assign: torch.Tensor | None = None  # (n,) cluster of each adapter when K > 1 (then U: (K, d_out, R))
     quant: np.ndarray | None = None  # (len(BITS),) relative error of a residual component at each bit width
-    squant: dict[int, np.ndarray] | None = None  # grid r -> (n, B, B) predicted error of the shared part stored
-    # with its bases at SHARED_BITS[a] and its cores at SHARED_BITS[c] bits (:func:`shared_quant`)
+    basis_err: np.ndarray | None = None  # (n, B) squared error of a unit basis vector of U plus one of V (each
+    # adapter's cluster's) stored at each of SHARED_BITS (:func:`basis_quant`)
+    core_err: dict[int, np.ndarray] | None = None  # grid r -> (n, B) relative error of the rank-r cores' rows
 
     @property
     def dim(self) -> int:
@@ -70,6 +71,15 @@ class ModuleFit:
 
     def residual_cap(self, r: int) -> int:
         return min(self.spectra[r].shape[1], self.d_out, self.d_in)
+
+    def shared_quant(self, r: int) -> np.ndarray | None:
+        """(n, B, B) predicted squared error of the rank-``r`` shared part stored with its bases at
+        ``SHARED_BITS[a]`` bits and its cores at ``SHARED_BITS[c]`` (:func:`shared_quant`; the cores'
+        rows as measured at the nearest grid rank); None where nothing was measured."""
+        if not self.core_err or r <= 0 or r not in self.shared:
+            return None
+        g = min(self.core_err, key=lambda q: (abs(q - r), q))
+        return shared_quant(self.basis_err, self.core_err[g], self.norms2 - self.shared[r])
 
 
 def fit_module_task(collection: Collection, j: int, R: int, opts: CompressOptions,
@@ -138,10 +148,11 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     on_grid = {r: XY[r] for r in grid if r <= R}
     spectra = nested_residual_spectra(None, None, U, V, S, on_grid, products=(GB, GA, BU, AV))
     first = next(iter(fac))
-    eps, pick = basis_quant(U) + basis_quant(V), _spread(S.shape[0])
-    squant = {r: shared_quant(eps, X.T @ S[pick] @ Y, n2 - shared[r]) for r, (X, Y) in on_grid.items() if r > 0}
+    n, pick = S.shape[0], _spread(S.shape[0])
+    basis = np.tile(basis_quant(U) + basis_quant(V), (n, 1))
+    cores = {r: np.tile(core_quant(X.T @ S[pick] @ Y), (n, 1)) for r, (X, Y) in on_grid.items() if r > 0}
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=quant_profile(first.B, first.A), squant=squant)
+                     quant=quant_profile(first.B, first.A), basis_err=basis, core_err=cores)
 
 
 def _chunked(parts) -> tuple[torch.Tensor, ...]:
@@ -159,7 +170,8 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
     width = B.shape[2] + R
     shared = {r: torch.zeros(n, dtype=torch.float64) for r in range(R + 1)}
     spectra = {r: torch.zeros(n, width, dtype=torch.float64) for r in grid if r <= R}
-    squant = {r: np.zeros((n, len(SHARED_BITS), len(SHARED_BITS))) for r in spectra if r > 0}
+    basis = np.zeros((n, len(SHARED_BITS)))
+    cores = {r: np.zeros((n, len(SHARED_BITS))) for r in spectra if r > 0}
     Us, Vs, XYs, n2 = [], [], [], torch.zeros(n, dtype=torch.float64)
     iters, conv = 0, True
     eye_o, eye_i, eye_r = (torch.eye(d, R, dtype=torch.float64) for d in (d_out, d_in, R))
@@ -180,12 +192,13 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
             shared[r][idx] = f.shared[r]
         for r in spectra:
             spectra[r][idx] = f.spectra[r]
-        for r in squant:
-            squant[r][idx.numpy()] = f.squant[r]
+        basis[idx.numpy()] = f.basis_err
+        for r in cores:
+            cores[r][idx.numpy()] = f.core_err[r]
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long(), quant_profile(B, A), squant)
+                     assign.long(), quant_profile(B, A), basis, cores)
 
 
 _PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
@@ -257,17 +270,23 @@ def basis_quant(U: torch.Tensor) -> np.ndarray:
     return _relative_errors(U[:, _spread(U.shape[1])].T)
 
 
-def shared_quant(eps: np.ndarray, C: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+def core_quant(C: torch.Tensor) -> np.ndarray:
+    """(B,) relative squared error of the rows of cores ``C`` (m, r, r) stored at each of
+    :data:`SHARED_BITS` (one scale per row), measured on up to 256 of them (evenly spaced)."""
+    rows = C.reshape(-1, C.shape[-1])
+    return _relative_errors(rows[_spread(rows.shape[0], _ROWS)])
+
+
+def shared_quant(eps: np.ndarray, rel: np.ndarray, kept: torch.Tensor) -> np.ndarray:
     """Predicted squared error (n, B, B) added by storing a shared part ``U C_i V^T`` (orthonormal
     bases) with its bases at ``SHARED_BITS[a]`` bits and its cores at ``SHARED_BITS[c]``: ``eps[a]``
-    (:func:`basis_quant` of ``U`` plus that of ``V``) times the energy ``kept`` (n,) each adapter keeps
-    in the part (an error ``e`` on basis vector ``j`` costs ``||e||^2 ||C_i[j, :]||^2``, summed over
-    ``j``), plus the cores' relative error at that width, measured on up to 256 rows of ``C`` (the
-    cores of up to 32 adapters; rows evenly spaced), times ``kept``. First order: products of two errors are left out."""
-    rows = C.reshape(-1, C.shape[-1])
-    rel = _relative_errors(rows[_spread(rows.shape[0], _ROWS)])
+    (:func:`basis_quant` of ``U`` plus that of ``V``; (B,) or per adapter (n, B)) times the energy
+    ``kept`` (n,) each adapter keeps in the part (an error ``e`` on basis vector ``j`` costs
+    ``||e||^2 ||C_i[j, :]||^2``, summed over ``j``), plus the cores' relative error ``rel[c]``
+    (:func:`core_quant`) times ``kept``. First order: products of two errors are left out."""
     k = kept.double().clamp_min(0).numpy()[:, None, None]
-    return k * (np.asarray(eps)[None, :, None] + rel[None, None, :])
+    eps, rel = np.asarray(eps), np.asarray(rel)
+    return k * (eps[..., :, None] + rel[..., None, :])
 
 
 def bit_levels(fit: ModuleFit) -> list[tuple[int, int, float]]:
