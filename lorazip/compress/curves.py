@@ -150,7 +150,8 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     first = next(iter(fac))
     n, pick = S.shape[0], _spread(S.shape[0])
     basis = np.tile(basis_quant(U) + basis_quant(V), (n, 1))
-    cores = {r: np.tile(core_quant(X.T @ S[pick] @ Y), (n, 1)) for r, (X, Y) in on_grid.items() if r > 0}
+    measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
+    cores = {r: np.tile(core_quant(on_grid[r][0].T @ S[pick] @ on_grid[r][1]), (n, 1)) for r in measured}
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
                      quant=quant_profile(first.B, first.A), basis_err=basis, core_err=cores)
 
@@ -171,7 +172,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
     shared = {r: torch.zeros(n, dtype=torch.float64) for r in range(R + 1)}
     spectra = {r: torch.zeros(n, width, dtype=torch.float64) for r in grid if r <= R}
     basis = np.zeros((n, len(SHARED_BITS)))
-    cores = {r: np.zeros((n, len(SHARED_BITS))) for r in spectra if r > 0}
+    cores: dict[int, np.ndarray] = {}
     Us, Vs, XYs, n2 = [], [], [], torch.zeros(n, dtype=torch.float64)
     iters, conv = 0, True
     eye_o, eye_i, eye_r = (torch.eye(d, R, dtype=torch.float64) for d in (d_out, d_in, R))
@@ -193,8 +194,8 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         for r in spectra:
             spectra[r][idx] = f.spectra[r]
         basis[idx.numpy()] = f.basis_err
-        for r in cores:
-            cores[r][idx.numpy()] = f.core_err[r]
+        for r, err in f.core_err.items():
+            cores.setdefault(r, np.zeros((n, len(SHARED_BITS))))[idx.numpy()] = err
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
@@ -240,6 +241,7 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -
 SHARED_BITS = (2, 3, 4, 8)  # widths the shared bases and the cores of a module may be stored at
 _SAMPLE = 32  # basis vectors and adapters' cores quantised to measure a width's relative error
 _ROWS = 256  # rows of those cores
+_CORE_RANKS = (4, 16, 64)  # grid ranks whose cores are measured (the others use the nearest: rows of similar length)
 
 
 def _spread(n: int, k: int = _SAMPLE) -> torch.Tensor:
