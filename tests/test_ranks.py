@@ -148,3 +148,18 @@ def test_nested_fit_of_small_cores_matches_jd_full():
     planted = Ub @ torch.randn(n, 3, 3, generator=g, dtype=torch.float64) @ Ub.T
     kept = nested_kept(planted, torch.ones(n, dtype=torch.float64), X0[:, :3], X0[:, :3], tol=1e-14)
     assert torch.allclose(kept, planted.square().sum((1, 2)), rtol=1e-10)
+
+
+def test_nested_fit_kept_energies_are_those_of_its_bases():
+    """The energies nested_fit reports (leading blocks of one rotated core for the ranks it does not
+    refine, direct products for those it does) are ||X_r^T S_i Y_r||^2 of the bases it returns."""
+    from lorazip.compress.curves import nested_fit
+
+    g = torch.Generator().manual_seed(7)
+    n, R = 9, 8
+    S = torch.randn(n, R, R, generator=g, dtype=torch.float64) * torch.logspace(0, -2, R, dtype=torch.float64)
+    w = 1 / S.square().sum((1, 2))
+    XY, kept = nested_fit(S, w, R, refine={2, 5})
+    assert sorted(XY) == sorted(kept) == list(range(R + 1))
+    for r, (X, Y) in XY.items():
+        assert torch.allclose(kept[r], (X.T @ S @ Y).square().sum((1, 2)), rtol=1e-12, atol=1e-15), r

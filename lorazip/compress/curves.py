@@ -143,8 +143,8 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     n2 = (GB * GA).sum((1, 2)).clamp_min(0)
     w = adapter_weights(n2, weighting)
     S = BU.transpose(1, 2) @ AV
-    XY = nested_fit(S, w, R, tol=tol, max_iters=max_iters, refine=set(grid))
-    shared = {r: (n2 - (X.T @ S @ Y).square().sum((1, 2))).clamp_min(0) for r, (X, Y) in XY.items()}
+    XY, kept = nested_fit(S, w, R, tol=tol, max_iters=max_iters, refine=set(grid))
+    shared = {r: (n2 - kept[r]).clamp_min(0) for r in XY}
     on_grid = {r: XY[r] for r in grid if r <= R}
     spectra = nested_residual_spectra(None, None, U, V, S, on_grid, products=(GB, GA, BU, AV))
     first = next(iter(fac))
@@ -397,26 +397,34 @@ def nested_kept(S: torch.Tensor, w: torch.Tensor, X: torch.Tensor, Y: torch.Tens
 
 
 def nested_fit(S: torch.Tensor, w: torch.Tensor, R: int, *, tol: float = 1e-4, max_iters: int = 500,
-               refine: set[int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+               refine: set[int] | None = None) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]],
+                                                        dict[int, torch.Tensor]]:
     """Nested bases inside a rank-``R`` fit: ``{r: (X_r, Y_r)}`` for r = 0..R, (R, r) orthonormal,
     maximising ``sum_i w_i ||X^T S_i Y||^2`` for the cores ``S`` (n, R, R) (alternating exact
-    eigen-steps from the HOSVD order, as :func:`nested_kept`). With ``refine``, only those ranks
-    are refined; the others keep the HOSVD truncation (a valid basis, its error exact, slightly
-    above the refined one)."""
+    eigen-steps from the HOSVD order, as :func:`nested_kept`), and the energy ``||X_r^T S_i Y_r||^2``
+    each adapter keeps at each rank. With ``refine``, only those ranks are refined; the others keep
+    the HOSVD truncation (a valid basis, its error exact, slightly above the refined one), whose
+    kept energies are leading blocks of one rotated ``W^T S_i Z``: two cumulative sums, not a
+    product per rank."""
     eye = torch.eye(R, dtype=S.dtype)
     out = {0: (eye[:, :0], eye[:, :0])}
+    kept = {0: torch.zeros(S.shape[0], dtype=S.dtype)}
     if R == 0:
-        return out
+        return out, kept
     ww = w.double()[:, None, None]
     W = torch.linalg.eigh((ww * S @ S.transpose(1, 2)).sum(0))[1].flip(1)
     Z = torch.linalg.eigh((ww * S.transpose(1, 2) @ S).sum(0))[1].flip(1)
+    blocks = (W.T @ S @ Z).square().cumsum(1).cumsum(2)  # [i, a, b]: energy of the leading (a+1) x (b+1) block
     for r in range(1, R):
         if refine is None or r in refine:
             out[r] = _nested_xy(S, w.double(), W[:, :r], Z[:, :r], tol=tol, max_iters=max_iters)
+            kept[r] = (out[r][0].T @ S @ out[r][1]).square().sum((1, 2))
         else:
             out[r] = (W[:, :r], Z[:, :r])
+            kept[r] = blocks[:, r - 1, r - 1]
     out[R] = (eye, eye)
-    return out
+    kept[R] = S.square().sum((1, 2))
+    return out, kept
 
 
 def _nested_xy(S, w, X, Y, *, tol, max_iters):
