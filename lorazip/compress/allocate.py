@@ -396,6 +396,12 @@ class StepCurves:
                 used = cum[k - 1] if k else used
                 alive[idx[: k + 1]] = False
                 alive &= who != who[idx[k]]  # that module's next step did not fit: it is done
+                # so is every module whose next step does not fit now: what is left only shrinks
+                rest = np.nonzero(alive)[0]
+                mods, first = np.unique(who[rest], return_index=True)
+                done = mods[used + cost[rest[first]] > numbers]
+                if len(done):
+                    alive &= ~np.isin(who, done)
         return [self.resid_from_counts(j, r, c + int(t)) for j, (r, c, t) in enumerate(zip(ranks, counts, taken))]
 
     def fill_max(self, ranks: list[int], numbers: int, E: np.ndarray,
