@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 # neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 5  # 5: low-bit residual rows and shared parts (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
+FORMAT_VERSION = 6  # 6: low-bit shared parts (shared_bits); 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
 MUST_BE_FINITE = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
@@ -705,10 +705,12 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
 
 
 def written_version(meta: dict[str, Any]) -> int:
-    """The format version a file of ``meta`` is written in: 5 with low-bit residual rows or shared
-    parts, else 4
-    (which lorazip versions before low-bit storage read)."""
-    return FORMAT_VERSION if lowbit_meta(meta) else 4
+    """The format version a file of ``meta`` is written in: the oldest that holds it (6 with low-bit
+    shared parts, 5 with low-bit residual rows, else 4), so that older lorazip versions read what
+    they can and refuse the rest with "upgrade lorazip"."""
+    if any(m.get("shared_bits") for m in meta["modules"]):
+        return 6
+    return 5 if lowbit_meta(meta) else 4
 
 
 def _bits_key(key: str) -> str:

@@ -50,8 +50,9 @@ _WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2}
 CHUNK_BYTES = 256 << 20  # export builds the adapters of one chunk in memory, then writes them (measured:
 # 256 MiB chunks export 128 Lots-of-LoRAs-shaped adapters in 1.9 s at 336 MB peak, 1 GiB ones in 2.4-3.7 s at 1.1 GB)
 
-# the artifact format versions NumpySource reads (v5: low-bit residual rows, lorazip.lowbit, unpacked here)
-FAST_VERSIONS = (1, 2, 3, 4, 5)
+# the artifact format versions NumpySource reads (v5: low-bit residual rows, v6: low-bit shared parts; lorazip.lowbit,
+# unpacked here)
+FAST_VERSIONS = (1, 2, 3, 4, 5, 6)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
 _KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A",
                 "qbits", "lowbit/resid_B", "lowbit/resid_A",  # v5: low-bit rows (lorazip.lowbit)
