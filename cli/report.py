@@ -230,7 +230,9 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
         mt.add_column(col)
     for mod in d["modules"][:40]:
         res = mod.get("residual")  # format v2: per-adapter residual ranks k_i
-        rank = str(mod["rank"]) + (f", res {res['min_rank']}-{res['max_rank']}" if res else "")
+        sb = mod.get("shared_bits")  # format v6: bits of the bases / of the cores
+        rank = str(mod["rank"]) + (f" at {sb[0]}/{sb[1]} bits" if sb else "") + (
+            f", res {res['min_rank']}-{res['max_rank']}" if res else "")
         mt.add_row(escape(mod["name"]), f"{mod['d_out']} x {mod['d_in']}", rank, str(mod["n_clusters"]), str(mod["iters"]))
     con.print(mt)
     if len(d["modules"]) > 40:

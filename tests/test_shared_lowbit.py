@@ -293,6 +293,8 @@ def test_verify_eval_and_info(base, src, tmp_path, capsys):
     assert abs(rep["errors"]["mean"] - float(evaluate(load_artifact(path))["errors"]["mean"])) < 1e-5
     rc, out, err = run_cli(capsys, "info", path)
     assert rc == 0 and "shared parts" in out + err and "4/3 bits" in out + err, err  # (a table cell may wrap)
+    ranked = [m for m in art.meta["modules"] if m["rank"]]
+    assert (out + err).count(" at 4/3 bits") >= min(len(ranked), 40)  # each module's row in the modules table
     plain = load_artifact(_int8_shared(base).save(tmp_path / "plain.lorazip.safetensors"))
     assert "shared parts" not in "".join(run_cli(capsys, "eval", plain.path)[1:])
 
