@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ArtifactError, OutputError, first_line
-from .layout import Layout, lowbit_meta, shared_bit, shared_shapes
+from .layout import SHARED, Layout, lowbit_meta, shared_bit, shared_shapes
 from .io.safetensors_header import (FLOAT_DTYPES, ST_DTYPES, ST_WIDTHS, RawReader, header_bytes, parse_header,
                                     parse_json, short)
 
@@ -55,7 +55,6 @@ VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts
 MUST_BE_FINITE = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
 QSCALE = "qscale/"  # int8 storage: ``qscale/<key>``, the row scales of the int8 tensor ``<key>`` (lorazip.quantize)
 QUANTISABLE = ("U/", "V/", "cores/", "resid_B/", "resid_A/", "extras/")  # keys that may be stored as int8
-SHARED_ROLES = ("U", "V", "cores")  # low-bit shared parts of modules with ``shared_bits`` (lorazip.lowbit)
 BITS = (1, 2, 3, 4, 8)  # lorazip.lowbit.BITS, checked without numpy
 LOWBIT_GROUP = "row"  # low-bit rows have one scale per row (lorazip.lowbit.GROUP None; checked without numpy)
 EXTRAS_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")  # original dtypes of converted extras
@@ -416,9 +415,9 @@ class Artifact:
 
     def _shared_bits(self, key: str) -> int | None:
         """The bit width of a low-bit shared tensor ``U/<m>``, ``V/<m>`` or ``cores/<m>`` (its module's
-        ``shared_bits``, format v5); None for any other key."""
+        ``shared_bits``, format v6); None for any other key."""
         role, _, name = key.partition("/")
-        if role not in SHARED_ROLES:
+        if role not in SHARED:
             return None
         sb = next((m.get("shared_bits") for m in self.modules if m["name"] == name), None)
         return shared_bit(role, sb) if sb else None

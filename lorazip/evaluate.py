@@ -167,7 +167,7 @@ def storage_bits(artifact: Artifact) -> dict[str, Any]:
     scales and bit tables, ``bits_per_number`` (those bytes in bits over the numbers),
     ``pairs_at_nothing``: the (adapter, module) pairs an adapter adapts of which the artifact
     stores nothing (relative error 1), of ``pairs``, ``shared``: the distinct widths "bases/cores"
-    of low-bit shared parts (format v5 ``shared_bits``) and ``low_residual``: whether residual rows
+    of low-bit shared parts (format v6 ``shared_bits``) and ``low_residual``: whether residual rows
     are stored at 1-8 bits."""
     from collections import Counter
 

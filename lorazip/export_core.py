@@ -56,7 +56,7 @@ FAST_VERSIONS = (1, 2, 3, 4, 5, 6)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
 _KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A",
                 "qbits", "lowbit/resid_B", "lowbit/resid_A",  # v5: low-bit rows (lorazip.lowbit)
-                "lowbit/U", "lowbit/V", "lowbit/cores")  # v5: low-bit shared parts (module metadata shared_bits)
+                "lowbit/U", "lowbit/V", "lowbit/cores")  # v6: low-bit shared parts (module metadata shared_bits)
 _KNOWN_PREFIXES = ("U/", "V/", "cores/", "assign/", "spectra/", "stats/", "resid_ranks/", "resid_B/", "resid_A/",
                    "qscale/", "extras/", "qbits/")
 
@@ -377,7 +377,7 @@ class NumpySource:
         self.path = artifact.path
         self.layout = getattr(artifact, "_layout", None)
         self.modules = {mod["name"]: mod for mod in artifact.modules}
-        self.widths = shared_widths(artifact.meta)  # v5 low-bit shared parts: {key: bits}
+        self.widths = shared_widths(artifact.meta)  # v6 low-bit shared parts: {key: bits}
         self._reader = RawReader(self.path, ArtifactError)
         self.header = self._reader.header
         self._table = None  # the (n, M) residual ranks of a packed file, once read
@@ -407,7 +407,7 @@ class NumpySource:
             return self.header["resid_ranks"]["dtype"]
         if how[0] == "lowbit":  # v5: packed codes, unpacked to one uint8 per value
             return "U8"
-        if how[0] == "shared":  # v5 shared parts: codes (unpacked), or their bfloat16 row scales
+        if how[0] == "shared":  # v6 shared parts: codes (unpacked), or their bfloat16 row scales
             return "U8" if how[4] is not None else "BF16"
         return self.header[how[1]]["dtype"] if how[0] == "rows" else ""
 
@@ -498,7 +498,7 @@ class NumpySource:
                 raise ArtifactError(f"{self.path}: tensor {short(key)}: {exc}") from None
             buf = np.frombuffer(self._reader.read_bytes(phys, start + int(offs[a]), int(offs[b] - offs[a])), "u1")
             arr = lowbit.unpack(buf, bits[a:b], width)
-        elif kind == "shared":  # v5 shared parts: rows of one width, each on a byte boundary
+        elif kind == "shared":  # v6 shared parts: rows of one width, each on a byte boundary
             _, phys, start, shape, bits = how
             a, b = (0, shape[0]) if a is None else (a, b)
             lo, hi = shared_span(shape, bits, start, a, b)
@@ -532,7 +532,7 @@ class NumpySource:
         times their row scales in float32 (lorazip.quantize), empty int8 bases as float32. The one
         place that turns a stored tensor into numbers: a new storage kind is decoded here."""
         q = self._take(key, rows)
-        if key in self.widths:  # v5 low-bit shared parts: codes and one bfloat16 scale per row
+        if key in self.widths:  # v6 low-bit shared parts: codes and one bfloat16 scale per row
             s = self._take(QSCALE + key, rows)
             if tuple(s.shape) != (*q.shape[:-1], 1):
                 raise ArtifactError(f"{self.path}: tensor {short(QSCALE + key)} does not match {short(key)}")

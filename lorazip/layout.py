@@ -55,7 +55,7 @@ QSCALE = "qscale/"  # int8 row scales (lorazip.quantize)
 QBITS = "qbits"  # format v5: bits of every low-bit residual row, module by module (uint8)
 LOWBIT = "lowbit/"  # format v5: ``lowbit/resid_B`` ... the packed codes of low-bit residual rows (uint8)
 RESID = {"resid_B": "d_out", "resid_A": "d_in"}  # packed residual rows: b_i^T, a_i; their row width
-SHARED = ("U", "V", "cores")  # format v5: shared parts of the modules with ``shared_bits``, in ``lowbit/U`` ...
+SHARED = ("U", "V", "cores")  # format v6: shared parts of the modules with ``shared_bits``, in ``lowbit/U`` ...
 PACKED = (SPECTRA, RANKS, STATS, QBITS, *RESID, *(QSCALE + k for k in RESID), *(LOWBIT + k for k in RESID),
           *(QSCALE + LOWBIT + k for k in RESID), *(LOWBIT + k for k in SHARED),
           *(QSCALE + LOWBIT + k for k in SHARED))  # physical keys that are no logical ones
@@ -185,18 +185,11 @@ class Layout:
         for role in RESID:
             want[LOWBIT + role] = (pos[role], "U8")
             want[QSCALE + LOWBIT + role] = (spos[role], "BF16")
-        for key, (size, dtype) in want.items():
-            info = header.get(key)
-            if not mods:
-                if info is not None:
-                    raise ValueError(f"tensor {key!r} stored, but no module has low-bit residual rows")
-                continue
-            if info is None or info["shape"] != [size] or info["dtype"] != dtype:
-                raise ValueError(f"tensor {key!r} missing or not of shape ({size},) {dtype} (the low-bit residual "
-                                 f"rows of {len(mods)} module(s), from their residual metadata)")
+        _check_packed(header, want, bool(mods), "low-bit residual rows",
+                      f"the low-bit residual rows of {len(mods)} module(s), from their residual metadata")
 
     def _place_shared(self, header: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
-        """Format v5: the modules with ``shared_bits`` keep their bases' and cores' codes in
+        """Format v6: the modules with ``shared_bits`` keep their bases' and cores' codes in
         ``lowbit/U``, ``lowbit/V``, ``lowbit/cores`` (each row packed at the module's width on a byte
         boundary) and their bfloat16 row scales in ``qscale/lowbit/...``, module after module.
         Logical tensors: ``U/<m>`` (K, r_out, d_out) uint8 codes, ``qscale/U/<m>`` (K, r_out, 1)
@@ -217,15 +210,9 @@ class Layout:
                 pos[role] += rows * row_bytes(shape[-1], bits)
                 spos[role] += rows
         for role in SHARED:
-            for key, size, dtype in ((LOWBIT + role, pos[role], "U8"), (QSCALE + LOWBIT + role, spos[role], "BF16")):
-                info = header.get(key)
-                if not mods:
-                    if info is not None:
-                        raise ValueError(f"tensor {key!r} stored, but no module has shared_bits")
-                    continue
-                if info is None or info["shape"] != [size] or info["dtype"] != dtype:
-                    raise ValueError(f"tensor {key!r} missing or not of shape ({size},) {dtype} (the low-bit "
-                                     f"shared {role} of {len(mods)} module(s), from their metadata and shared_bits)")
+            _check_packed(header, {LOWBIT + role: (pos[role], "U8"), QSCALE + LOWBIT + role: (spos[role], "BF16")},
+                          bool(mods), "shared_bits",
+                          f"the low-bit shared {role} of {len(mods)} module(s), from their metadata and shared_bits")
 
     def _place_residuals(self, header: dict[str, dict[str, Any]], role: str, dim: str) -> None:
         """Logical ``<role>/<m>`` (and int8 ``qscale/<role>/<m>``) of the modules with ``residual``
@@ -363,20 +350,32 @@ class Layout:
         return {mod["name"]: list(table[j::m]) for j, mod in enumerate(self.modules)}
 
 
+def _check_packed(header: dict[str, dict[str, Any]], want: dict[str, tuple[int, str]], used: bool, what: str,
+                  whose: str) -> None:
+    """Packed 1-D tensors ``want`` (``{key: (length, dtype)}``) are in ``header`` as the metadata
+    implies when ``used``, and absent otherwise; else one ``ValueError`` naming the tensor."""
+    for key, (size, dtype) in want.items():
+        info = header.get(key)
+        if not used:
+            if info is not None:
+                raise ValueError(f"tensor {key!r} stored, but no module has {what}")
+        elif info is None or info["shape"] != [size] or info["dtype"] != dtype:
+            raise ValueError(f"tensor {key!r} missing or not of shape ({size},) {dtype} ({whose})")
+
+
 def lowbit_meta(meta: dict[str, Any]) -> bool:
-    """Whether an artifact has low-bit residual rows or low-bit shared parts (a format v5 file)."""
+    """Whether an artifact has low-bit residual rows (format v5) or low-bit shared parts (v6)."""
     return any((m.get("residual") or {}).get("bits") or m.get("shared_bits") for m in meta["modules"])
 
 
 def shared_bit(role: str, shared_bits) -> int:
-    """The width of ``role`` ("U", "V", "cores") of a module with ``shared_bits`` [bases, cores]
-    (:func:`lorazip.lowbit.shared_width`, here without numpy)."""
+    """The width of ``role`` ("U", "V", "cores") of a module with ``shared_bits`` [bases, cores]."""
     return int(shared_bits[1] if role == "cores" else shared_bits[0])
 
 
 def shared_widths(meta: dict[str, Any] | None) -> dict[str, int]:
     """``{key: bits}`` of the low-bit shared tensors (``U/<m>``, ``V/<m>``, ``cores/<m>``) of the
-    modules whose metadata has ``shared_bits`` (format v5); empty without ``meta``."""
+    modules whose metadata has ``shared_bits`` (format v6); empty without ``meta``."""
     return {f"{role}/{m['name']}": shared_bit(role, m["shared_bits"]) for m in (meta or {}).get("modules", [])
             if m.get("shared_bits") for role in SHARED}
 
@@ -400,7 +399,8 @@ def shared_span(shape: list[int], bits: int | None, start: int, a: int, b: int) 
 
 
 def row_bytes(length: int, bits: int) -> int:
-    """Bytes of one packed row (:func:`lorazip.lowbit.row_bytes`, here without numpy: ``lorazip info``)."""
+    """Bytes of one packed row of ``length`` values at ``bits`` bits (:mod:`lorazip.lowbit`; here, without
+    numpy, so that ``lorazip info`` plans reads with it)."""
     return (int(length) * int(bits) + 7) // 8
 
 

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .layout import row_bytes  # noqa: F401 (one definition, numpy-free for lorazip info; used here and imported from here)
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,11 +39,6 @@ BITS = (1, 2, 3, 4, 8)  # code widths a row may have
 DEFAULT_QUANT = (0.5286, 0.1836, 0.0558, 0.0165, 0.0001)
 GROUP = None  # values per scale; None: one scale per row (chosen by measurement: benchmarks/quant_groups.py)
 _GAUSS_CLIP = {2: 1.494, 3: 2.051, 4: 2.513, 8: 4.0}  # outermost level / rms of the best uniform grid of a Gaussian
-
-
-def row_bytes(length: int, bits: int) -> int:
-    """Bytes of one packed row of ``length`` values at ``bits`` bits."""
-    return (int(length) * int(bits) + 7) // 8
 
 
 def n_groups(length: int, group: int | None) -> int:
@@ -248,16 +245,7 @@ def levels(d_out: int, d_in: int, quant) -> list[tuple[int, int, float]]:
     return hull[1:]
 
 
-# -- shared bases and cores at one bit width (format v5, module metadata ``shared_bits``) ----------
-
-SHARED_ROLES = ("U", "V", "cores")  # stored low-bit in a module with ``shared_bits`` [bases, cores]
-
-
-def shared_width(role: str, shared_bits) -> int:
-    """The bit width of ``role`` ("U", "V" or "cores") in a module whose metadata has
-    ``shared_bits = [bases, cores]``."""
-    return int(shared_bits[1] if role == "cores" else shared_bits[0])
-
+# -- shared bases and cores at one bit width (format v6, module metadata ``shared_bits``) ----------
 
 def shared_values(codes: np.ndarray, scales: np.ndarray, bits: int, role: str) -> np.ndarray:
     """float32 values of a low-bit shared tensor in its logical shape: bases ``U`` / ``V`` are

@@ -113,12 +113,17 @@ class LowBit(NamedTuple):
         return self.data.shape
 
     def put(self, tensors: dict[str, torch.Tensor], key: str) -> None:
-        tensors[key] = self.data.contiguous()
-        tensors[QSCALE + key] = self.scale.contiguous()
+        _put_coded(tensors, key, self)
+
+
+def _put_coded(tensors: dict[str, torch.Tensor], key: str, part) -> None:
+    """``key`` and ``qscale/<key>``: the codes and scales of a low-bit part (:class:`LowBit`, :class:`SharedLowBit`)."""
+    tensors[key] = part.data.contiguous()
+    tensors[QSCALE + key] = part.scale.contiguous()
 
 
 class SharedLowBit(NamedTuple):
-    """Shared bases or cores at one bit width (format v5, module metadata ``shared_bits``): ``data``
+    """Shared bases or cores at one bit width (format v6, module metadata ``shared_bits``): ``data``
     uint8 codes, one per value, bases one basis vector per row ((K, r, d) for ``U`` (K, d, r)),
     cores row by row ((n, r_out, r_in)); ``scale`` bfloat16 (..., rows, 1), one per row."""
 
@@ -136,11 +141,12 @@ class SharedLowBit(NamedTuple):
 
     @property
     def shape(self) -> torch.Size:
-        return self.values.shape
+        """The logical shape (bases: the codes' last two axes swapped back)."""
+        s = self.data.shape
+        return s if self.role == "cores" else torch.Size((*s[:-2], s[-1], s[-2]))
 
     def put(self, tensors: dict[str, torch.Tensor], key: str) -> None:
-        tensors[key] = self.data.contiguous()
-        tensors[QSCALE + key] = self.scale.contiguous()
+        _put_coded(tensors, key, self)
 
 
 def to_shared_lowbit(t: torch.Tensor, bits: int, role: str) -> SharedLowBit:
@@ -203,11 +209,13 @@ def dry_storage(shape, storage_dtype: str, scale_dtype: torch.dtype = torch.floa
     return Stored(data, torch.zeros(shape[:-1], dtype=scale_dtype) if data.numel() else None)
 
 
-def cat_stored(parts: list) -> "Stored | LowBit":
+def cat_stored(parts: list) -> "Stored | LowBit | SharedLowBit":
     """Concatenate stored chunks along dim 0 (int8 scales widened to float32 if the chunks differ)."""
     data = torch.cat([p.data for p in parts])
     if isinstance(parts[0], LowBit):
         return LowBit(data, torch.cat([p.scale for p in parts]), torch.cat([p.bits for p in parts]))
+    if isinstance(parts[0], SharedLowBit):  # cores, chunk by chunk of adapters, at one width
+        return SharedLowBit(data, torch.cat([p.scale for p in parts]), parts[0].bits, parts[0].role)
     scales = [p.scale for p in parts if p.scale is not None]
     if not scales:
         return Stored(data)

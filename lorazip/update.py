@@ -46,7 +46,7 @@ from .io.collection import Collection, ModuleInfo, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
 from .lowbit import packed_bytes
-from .lowbit import shared_width
+from .layout import shared_bit
 from .quantize import QSCALE, SharedRows, dequantized, requantized, round_to_storage, store_extras
 from .solvers import jd_diag, jd_full, spectra
 from .solvers.linalg import adapter_weights, orth
@@ -67,7 +67,7 @@ def _open(artifact: Artifact | str | os.PathLike) -> Artifact:
 @dataclass
 class _Store:
     """How a module's new bases and cores are stored: the artifact's storage dtype and, for a module
-    with ``shared_bits`` (format v5), those widths and the :class:`SharedRows` that remembers the
+    with ``shared_bits`` (format v6), those widths and the :class:`SharedRows` that remembers the
     codes of the values it rounds (stored later by :func:`requantized`, bit for bit)."""
 
     dtype: str | None
@@ -84,7 +84,7 @@ def _rounded(t: torch.Tensor, like: torch.Tensor, store: _Store, role: str) -> t
     or (int8 storage, where ``like`` holds dequantised float32 values) quantised per row and
     dequantised again, or (``shared_bits``) at the module's width for ``role``."""
     if store.bits:
-        return store.rows.round(t, shared_width(role, store.bits), role).to(like.dtype)
+        return store.rows.round(t, shared_bit(role, store.bits), role).to(like.dtype)
     storage_dtype = store.dtype
     if storage_dtype == "int8":
         return round_to_storage(t, "int8").to(like.dtype)
@@ -313,7 +313,7 @@ class _Addition:
     pick: torch.Tensor | None  # (n_new,) their cluster where all modules share one assignment
     goal: float | None  # the error their own residual parts aimed at
     objective: dict[str, float | None]
-    shared: SharedRows  # the codes of low-bit shared rows, stored and rounded (format v5 shared_bits)
+    shared: SharedRows  # the codes of low-bit shared rows, stored and rounded (format v6 shared_bits)
 
 
 def _project_added(art: Artifact, coll: Collection, refit: bool, keep_extras: bool, hash_sources: bool,

@@ -1,4 +1,4 @@
-"""Low-bit shared bases and cores (format v5, module metadata ``shared_bits``): the packed layout,
+"""Low-bit shared bases and cores (format v6, module metadata ``shared_bits``): the packed layout,
 every reader (Artifact, the torch-free export), add / remove, verification, the report's bytes."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lorazip.artifact import file_checksum, load_artifact
 from lorazip.errors import ArtifactError
 from lorazip.evaluate import evaluate, recompute_errors, storage_bits
 from lorazip.export_core import export_numpy
-from lorazip.layout import LOWBIT
+from lorazip.layout import LOWBIT, shared_bit
 from lorazip.quantize import QSCALE
 from lorazip.update import add_adapters, remove_adapters
 
@@ -104,7 +104,7 @@ def _expected_values(art, key: str) -> np.ndarray:
     """Values of a low-bit shared tensor from its stored codes and scales (lorazip.lowbit)."""
     role, name = key.split("/", 1)
     mod = next(m for m in art.modules if m["name"] == name)
-    bits = lowbit.shared_width(role, mod["shared_bits"])
+    bits = shared_bit(role, mod["shared_bits"])
     return lowbit.shared_values(art.raw(key).numpy(), art.raw(QSCALE + key).float().numpy(), bits, role)
 
 
@@ -125,12 +125,12 @@ def test_write_open_round_trip_bit_for_bit(base, widths, tmp_path):
         assert {LOWBIT + r for r in ROLES} | {QSCALE + LOWBIT + r for r in ROLES} <= keys
         assert not any(k.startswith(("U/", "V/", "cores/", "qscale/U/", "qscale/cores/")) for k in keys)
         for role in ROLES:  # each row at its module's width, on a byte boundary, one bfloat16 scale per row
-            want = sum(t.shape[:-1].numel() * lowbit.row_bytes(t.shape[-1], lowbit.shared_width(role, m["shared_bits"]))
+            want = sum(t.shape[:-1].numel() * lowbit.row_bytes(t.shape[-1], shared_bit(role, m["shared_bits"]))
                        for m in art.modules for t in [art.raw(f"{role}/{m['name']}")])
             assert f.get_slice(LOWBIT + role).get_shape() == [want]
             assert f.get_slice(QSCALE + LOWBIT + role).get_dtype() == "BF16"
     for m in back.modules:
-        assert m["shared_bits"] == [lowbit.shared_width(r, m["shared_bits"]) for r in ("U", "cores")]
+        assert m["shared_bits"] == [shared_bit(r, m["shared_bits"]) for r in ("U", "cores")]
     # the errors recorded are those of the stored values
     _, sq, _ = recompute_errors(back, [str(p) for p in sorted({a["source"]["path"] for a in back.meta["adapters"]})],
                                 False, False)
@@ -273,7 +273,7 @@ def test_refit_stores_bases_and_cores_at_their_widths(base, src, tmp_path):
             continue
         for role in ROLES:
             codes = back.raw(f"{role}/{m['name']}")
-            assert codes.dtype == torch.uint8 and int(codes.max()) < 2 ** lowbit.shared_width(role, m["shared_bits"])
+            assert codes.dtype == torch.uint8 and int(codes.max()) < 2 ** shared_bit(role, m["shared_bits"])
     rows, sq, _ = recompute_errors(back, [str(src / n) for n in back.names], False, False)
     assert torch.allclose(sq, back.stats()[0][rows], rtol=1e-5, atol=1e-12)
 
@@ -315,7 +315,7 @@ def test_report_bytes_are_the_files_parts(base, tmp_path):
         shared_numbers = {}
         for m in a.modules:
             for role in ROLES:
-                w = lowbit.shared_width(role, m["shared_bits"])
+                w = shared_bit(role, m["shared_bits"])
                 shared_numbers[w] = shared_numbers.get(w, 0) + a.raw(f"{role}/{m['name']}").numel()
         for w, count in shared_numbers.items():
             assert hist.get(w, 0) >= count

@@ -160,6 +160,7 @@ class StepCurves:
         self.fits, self.n, self.E, self.c, self.bits = fits, n, E, c, bits
         self._shared_only: list[np.ndarray] | None = None
         self._uniform: dict[str, list[tuple]] = {}
+        self._squant: dict[tuple[str, int], np.ndarray | None] = {}  # (module, rank) -> ModuleFit.shared_quant
         self.opts: list[list[_Row]] = []
         for fit in fits:
             levels = bit_levels(fit) if bits else None
@@ -238,7 +239,11 @@ class StepCurves:
         """(n,) predicted squared error of storing the shared part at ``SHARED_OPTIONS[option]`` (None:
         8 bits; pass 1's measurement, :meth:`~lorazip.compress.curves.ModuleFit.shared_quant`); None
         without bits or where nothing was measured."""
-        q = fit.shared_quant(r) if self.bits else None
+        if not self.bits:
+            return None
+        if (fit.name, r) not in self._squant:  # every candidate and option asks again: computed once
+            self._squant[fit.name, r] = fit.shared_quant(r)
+        q = self._squant[fit.name, r]
         if q is None:
             return None
         a, c = SHARED_OPTIONS[_DEFAULT if option is None else option]
@@ -374,7 +379,8 @@ class StepCurves:
         keys, costs, owner = [], [], []
         for j, (f, row, c) in enumerate(zip(self.fits, rows, counts)):
             g = row.gains[c:]
-            stop = int(np.argmax(g <= _FLOOR)) if len(g) and (g <= _FLOOR).any() else len(g)
+            low = np.flatnonzero(g <= _FLOOR)
+            stop = int(low[0]) if len(low) else len(g)
             if stop == 0:
                 continue
             cost = np.full(stop, float(f.dim)) if row.costs is None else row.costs[c : c + stop].astype(np.float64)

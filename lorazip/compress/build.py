@@ -17,7 +17,7 @@ from ..artifact import Artifact
 from ..io.collection import Collection
 from ..layout import round_small, trim_spectra
 from ..metrics import squared_errors
-from ..quantize import (LowBit, SharedLowBit, cat_stored, dry_shared_lowbit, dry_storage, store_extras, store_residual,
+from ..quantize import (LowBit, cat_stored, dry_shared_lowbit, dry_storage, store_extras, store_residual,
                         to_shared_lowbit, to_storage)
 from ..solvers.residual import residual_factors
 from ..solvers.svd import spectra_from_grams
@@ -168,13 +168,6 @@ def _shared_storage(UX: torch.Tensor, VY: torch.Tensor, storage_dtype: str, shar
     return to_storage(UX, storage_dtype, torch.float16), to_storage(VY, storage_dtype, torch.float16)
 
 
-def _cat(parts: list):
-    """Stored chunks (along the adapters) as one."""
-    if isinstance(parts[0], SharedLowBit):
-        return SharedLowBit(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]), parts[0].bits,
-                            parts[0].role)
-    return cat_stored(parts)
-
 
 def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
                       Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
@@ -222,7 +215,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     sq, nn2, spectra = (torch.cat(out[key]) for key in ("sq", "n2", "sp"))
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
-    return BuiltParts(Us, Vs, _cat(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
+    return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
 
 
 def build_allocation(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], plan: Plan,
