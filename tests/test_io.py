@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 import lorazip
 from lorazip.errors import AdapterFormatError, SourceError
-from lorazip.io.peft import load_adapter, module_scale
+from lorazip.io.peft import load_adapter, module_scale, parse_safetensors
 
 GPT2 = "gpt2"
 DBERT = "distilbert-base-uncased"
@@ -310,10 +311,11 @@ def test_load_collection_reads_no_tensor_data(tmp_path, monkeypatch):
         mp.setattr(safetensors, "safe_open", boom)
         mp.setattr(safetensors.torch, "load_file", boom)
         mp.setattr(safetensors.torch, "load", boom)
+        mp.setattr(os, "preadv", boom)  # how factors are read (at the header's offsets)
         coll = lorazip.load_collection(tmp_path / "src")  # header only
         assert len(coll) == 2 and len(coll.modules) == 3
         assert coll.extras() == {n: ["base_model.model.score.weight"] for n in ("a0", "a1")}
-        with pytest.raises(AdapterFormatError, match="cannot read tensors"):
+        with pytest.raises(RuntimeError, match="must not be read"):
             coll.module_factors("transformer.h.0.attn.c_attn")
     fac = coll.module_factors("transformer.h.0.attn.c_attn")  # works once reading is allowed again
     assert _close(fac.B[1] @ fac.A[1], deltas["a1"]["transformer.h.0.attn.c_attn"])
@@ -322,30 +324,31 @@ def test_load_collection_reads_no_tensor_data(tmp_path, monkeypatch):
 def test_module_factors_reads_only_that_module(tmp_path, monkeypatch):
     write_collection(tmp_path / "src", n=2, seed=0)
     coll = lorazip.load_collection(tmp_path / "src")
-    import safetensors
+    wanted = set()  # (file offset, bytes) of the module's tensors, from each header
+    for ad in coll.adapters:
+        header, _, start = parse_safetensors(ad.weights_file)
+        for key, info in header.items():
+            if ".h.0.mlp.c_proj." in key:
+                wanted.add((start + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0]))
+    real, asked = os.preadv, []
 
-    real = safetensors.safe_open
-    asked: list[str] = []
+    def spy(fd, buffers, offset):
+        asked.append((offset, sum(len(b) for b in buffers)))
+        return real(fd, buffers, offset)
 
-    class Spy:
-        def __init__(self, *a, **k):
-            self._f = real(*a, **k)
-
-        def __enter__(self):
-            self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def get_tensor(self, key):
-            asked.append(key)
-            return self._f.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    monkeypatch.setattr(os, "preadv", spy)
     coll.module_factors("transformer.h.0.mlp.c_proj")
-    assert asked and all(".h.0.mlp.c_proj." in k for k in asked)
-    assert len(asked) == 4  # lora_A and lora_B of two adapters
+    assert set(asked) == wanted and len(asked) == 4  # lora_A and lora_B of two adapters, nothing else
+
+
+def test_a_file_changed_after_loading_is_refused(tmp_path):
+    write_collection(tmp_path / "src", n=2, seed=0)
+    coll = lorazip.load_collection(tmp_path / "src")
+    f = coll.adapters[1].weights_file
+    data = f.read_bytes()
+    f.write_bytes(data + b" ")  # another size: offsets read at load may no longer hold
+    with pytest.raises(AdapterFormatError, match="changed since it was loaded"):
+        coll.module_factors("transformer.h.0.mlp.c_proj")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -172,10 +172,11 @@ class Collection:
         B = torch.empty(len(idx), info.d_out, r_max, dtype=dtype)  # written once; only padding is zeroed
         A = torch.empty(len(idx), r_max, info.d_in, dtype=dtype)
         for j, i in enumerate(idx):
+            if ranks[j] == r_max:  # read straight into place
+                self.adapters[i].factors(name, dtype, out=(B[j], A[j]))
+                continue
             if ranks[j]:
-                b, a = self.adapters[i].factors(name, dtype)
-                B[j, :, : ranks[j]] = b
-                A[j, : ranks[j], :] = a
+                self.adapters[i].factors(name, dtype, out=(B[j, :, : ranks[j]], A[j, : ranks[j], :]))
             B[j, :, ranks[j] :] = 0
             A[j, ranks[j] :, :] = 0
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))
