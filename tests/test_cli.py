@@ -250,7 +250,7 @@ def test_methods(built, tmp_path, capsys, method, core_shape):
     rc, out2, err = run(capsys, "eval", out, src, "--json")
     assert rc == 0, err
     rcp = json.loads(out2)
-    assert rcp["errors"]["mean"] == pytest.approx(rep["errors"]["mean"], abs=1e-9)
+    assert rcp["errors"]["mean"] == pytest.approx(rep["errors"]["mean"], rel=3e-5)  # float32 products at errors >= 0.5
     if method == "svd":  # one basis per adapter: exact at each adapter's own rank
         assert U.shape[0] == 3 and assign.tolist() == [0, 1, 2]
         assert rep["errors"]["max"] < 1e-10

@@ -16,6 +16,9 @@ import lorazip
 from helpers import run_cli, write_collection
 from lorazip.quantize import dequantize_rows, quantize_rows, round_to_storage, to_storage
 
+# recorded errors come from float32 products where an error is >= 0.5 (lorazip.compress.measure):
+# exact to 3e-5 of themselves there, to float64 rounding elsewhere
+FLOAT32_MIN_ERROR_REL = 3e-5
 MODS = {"m.a": (96, 64), "m.b": (64, 128)}
 
 
@@ -92,7 +95,7 @@ def test_recorded_errors_exact_on_dequantised_factors(coll, src, tmp_path, kw):
     rec, again = lorazip.evaluate(loaded), lorazip.evaluate(loaded, src)
     assert again["recomputed"]
     for a, b in zip(rec["adapters"], again["adapters"]):
-        assert a["error"] == pytest.approx(b["error"], rel=1e-9, abs=1e-15)
+        assert a["error"] == pytest.approx(b["error"], rel=FLOAT32_MIN_ERROR_REL, abs=1e-15)
     assert rec["errors"]["mean"] > 0
 
 
@@ -163,21 +166,21 @@ def test_update_int8(coll, src, tmp_path):
             assert new[key].dtype == raw[key].dtype and torch.equal(new[key][:4], raw[key]), key
     rec, again = lorazip.evaluate(g), lorazip.evaluate(g, src)
     for a, b in zip(rec["adapters"], again["adapters"]):
-        assert a["error"] == pytest.approx(b["error"], rel=1e-9, abs=1e-15)
+        assert a["error"] == pytest.approx(b["error"], rel=FLOAT32_MIN_ERROR_REL, abs=1e-15)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lorazip.update.UpdateWarning)
         refit, _ = lorazip.add_adapters(art, [src / "a4", src / "a5"], refit=True)  # new bases, stored as int8
     r = _saved(refit, tmp_path / "r.lorazip.safetensors")
     assert r.tensors()[f"U/{r.modules[0]['name']}"].dtype == torch.int8
     for a, b in zip(lorazip.evaluate(r)["adapters"], lorazip.evaluate(r, src)["adapters"]):
-        assert a["error"] == pytest.approx(b["error"], rel=1e-9, abs=1e-15)
+        assert a["error"] == pytest.approx(b["error"], rel=FLOAT32_MIN_ERROR_REL, abs=1e-15)
     small, _ = lorazip.remove_adapters(g, ["a1"])
     s = _saved(small, tmp_path / "s.lorazip.safetensors")
     name = s.modules[0]["name"]
     assert torch.equal(s.tensors()[f"qscale/cores/{name}"], new[f"qscale/cores/{name}"][[0, 2, 3, 4, 5]])
     rec, again = lorazip.evaluate(s), lorazip.evaluate(s, src)
     for a, b in zip(rec["adapters"], again["adapters"]):
-        assert a["error"] == pytest.approx(b["error"], rel=1e-9, abs=1e-15)
+        assert a["error"] == pytest.approx(b["error"], rel=FLOAT32_MIN_ERROR_REL, abs=1e-15)
 
 
 # -- extras -----------------------------------------------------------------------------------------

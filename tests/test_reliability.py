@@ -356,7 +356,7 @@ def _mixed_dtypes(tmp: Path) -> Path:
 
 def _recorded_equals_recomputed(out, _tmp):
     for a, b in zip(out["report"]["adapters"], out["recomputed"]["adapters"]):
-        assert a["error"] == pytest.approx(b["error"], abs=1e-9)
+        assert a["error"] == pytest.approx(b["error"], rel=3e-5, abs=1e-12)  # float32 products where error >= 0.5
 
 
 case("st-mixed-dtypes", "F16, BF16, F32 and F64 factors in one file (works)", "adapter", None,

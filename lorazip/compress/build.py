@@ -24,7 +24,7 @@ from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
 from .curves import ModuleFit, task_factors
 from .executor import map_modules
-from .measure import optimal_cores
+from .measure import least_squares_cores, optimal_cores
 from .options import CompressOptions
 from .plan import ModulePlan, Plan
 from .provenance import SourceHashes, adapter_meta
@@ -147,18 +147,6 @@ def dry_parts(collection, info, r: int, total: int, storage_dtype: str, core_sca
     return BuiltParts(U, V, cores, rb, ra, torch.zeros(n, collection.max_rank(info.name), dtype=torch.float32))
 
 
-def _least_squares_cores(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, assign) -> torch.Tensor:
-    """The cores ``(U^T U)^-1 S (V^T V)^-1`` minimising ``||M_i - U S_i V^T||`` for bases ``U``, ``V``
-    (K, d, r) that are not quite orthonormal (low-bit), given ``S_i = U^T M_i V`` (:func:`optimal_cores`)."""
-    out = S.clone()
-    for k in range(U.shape[0]):
-        idx = slice(None) if assign is None or U.shape[0] == 1 else assign == k
-        iu = torch.linalg.pinv(U[k].T @ U[k], hermitian=True)  # pseudo-inverses: rounding may make
-        iv = torch.linalg.pinv(V[k].T @ V[k], hermitian=True)  # tiny bases rank-deficient
-        out[idx] = iu @ S[idx] @ iv
-    return out
-
-
 def _shared_storage(UX: torch.Tensor, VY: torch.Tensor, storage_dtype: str, shared_bits):
     """A module's bases as stored: at ``shared_bits[0]`` bits, or in the storage dtype (float16 scales
     for int8: orthonormal columns have entries <= 1)."""
@@ -198,7 +186,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         kc = k[ch.start : ch.stop]
         ac = None if assign is None else assign[ch.start : ch.stop]
         if shared_bits:
-            Ss = to_shared_lowbit(_least_squares_cores(optimal_cores(B, A, U64, V64, ac), U64, V64, ac),
+            Ss = to_shared_lowbit(least_squares_cores(optimal_cores(B, A, U64, V64, ac), U64, V64, ac),
                                   shared_bits[1], "cores")
         else:
             Ss = to_storage(optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)
