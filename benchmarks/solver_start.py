@@ -12,13 +12,15 @@ weighted error ``1 - objective`` (lower is better).
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 
 import torch
 
 import lorazip
-from lorazip.solvers import jd_full as J
 from lorazip.solvers.factors import Factors
+
+J = importlib.import_module("lorazip.solvers.jd_full")  # the module (lorazip.solvers.jd_full is also a function)
 
 
 def former_start(fac, wc, rank, generator, n_power):

@@ -10,7 +10,7 @@ import torch
 
 from ..metrics import squared_errors
 from ..quantize import cat_stored, to_storage
-from ..solvers.factors import Factors
+from ..solvers.factors import Chunk, Factors
 from ..solvers.linalg import orth
 from ..solvers.svd import spectra_from_grams
 
@@ -84,15 +84,13 @@ def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_d
     return Us, Vs, cat_stored(out["c"]), e2, n2, sv
 
 
-def _products(B, A, Bt2, A2, U, V):
+def _products(ch: Chunk, U, V):
     """``(B_i^T U, A_i V, B_i^T B_i, A_i A_i^T)`` of a chunk, in its dtype and on its device, then
-    float64 on the CPU: the first two as one matrix product each (``Bt2``, ``A2``: the chunk's
-    factors as ``(c r_i, d)`` matrices)."""
-    c, r_i = B.shape[0], B.shape[2]
-    D = (Bt2 @ U.to(Bt2)).reshape(c, r_i, U.shape[1])
-    C = (A2 @ V.to(A2)).reshape(c, r_i, V.shape[1])
-    Bt = Bt2.reshape(c, r_i, Bt2.shape[1])
-    return tuple(x.cpu().double() for x in (D, C, Bt @ Bt.transpose(1, 2), A @ A.transpose(1, 2)))
+    float64 on the CPU: the first two as one matrix product each (the chunk's ``(c r_i, d)`` layouts),
+    the Grams as the chunk has them (the solver made them already)."""
+    D = (ch.Bt2 @ U.to(ch.Bt2)).reshape(ch.size, ch.rank, U.shape[1])
+    C = (ch.A2 @ V.to(ch.A2)).reshape(ch.size, ch.rank, V.shape[1])
+    return tuple(x.cpu().double() for x in (D, C, ch.GB, ch.GA))
 
 
 class _Bases:
@@ -124,14 +122,13 @@ def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: st
     U, V = Ur[0], Vr[0]
     out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
     for ch in fac:
-        D, C, GB, GA = _products(ch.B, ch.A, ch.Bt2, ch.A2, U, V)
+        D, C, GB, GA = _products(ch, U, V)
         c = bases.cores(D, C) if refine else cores[ch.start : ch.stop].cpu().double()
         e2, n2 = bases.errors(D, C, GB, GA, to_storage(c, storage_dtype).values.double())
         low = torch.nonzero(e2 < FLOAT32_MIN_ERROR * n2).flatten()  # (an all-zero delta is exact as it is)
         for s in range(0, len(low), chunk):  # again in float64
             idx = low[s : s + chunk]
-            B, A = ch.B[idx].cpu().double(), ch.A[idx].cpu().double()
-            p = _products(B, A, B.transpose(1, 2).reshape(-1, B.shape[1]), A.reshape(-1, A.shape[2]), U, V)
+            p = _products(Chunk(0, ch.B[idx].cpu().double(), ch.A[idx].cpu().double()), U, V)
             for t, x in zip((D, C, GB, GA), p):
                 t[idx] = x
             if refine:

@@ -23,11 +23,12 @@ class Chunk:
     A streamed chunk reads ``A`` or ``B`` on first use, so a pass that needs one factor reads one.
     """
 
-    __slots__ = ("start", "size", "rank", "_B", "_A", "_Bt2", "_load")
+    __slots__ = ("start", "size", "rank", "_B", "_A", "_Bt2", "_load", "_GB", "_GA")
 
     def __init__(self, start: int, B=None, A=None, *, size: int = 0, rank: int = 0,
                  load: Callable[[str], Any] | None = None):
         self.start, self._B, self._A, self._Bt2, self._load = start, B, A, None, load
+        self._GB = self._GA = None
         self.size = B.shape[0] if B is not None else size
         self.rank = B.shape[2] if B is not None else rank
 
@@ -59,6 +60,22 @@ class Chunk:
             if self._load is not None:  # a chunk read from disk: B becomes a view of the copy
                 self._B = mT(xp.reshape(self._Bt2, (self.size, self.rank, d_out)))
         return self._Bt2
+
+    @property
+    def GB(self):
+        """``B_i^T B_i`` (size, rank, rank), computed once per chunk (norms, the solver's start and
+        the error pass all take it)."""
+        if self._GB is None:
+            Bt = namespace(self.Bt2).reshape(self.Bt2, (self.size, self.rank, self.Bt2.shape[1]))
+            self._GB = Bt @ mT(Bt)
+        return self._GB
+
+    @property
+    def GA(self):
+        """``A_i A_i^T`` (size, rank, rank), computed once per chunk."""
+        if self._GA is None:
+            self._GA = self.A @ mT(self.A)
+        return self._GA
 
 
 class Factors:

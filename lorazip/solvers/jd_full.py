@@ -12,8 +12,9 @@ Both steps apply an operator of one form, a sum over adapters of ``F_i^T C_i F_i
 Stacking the ``F_i`` as one ``(n r_i, d)`` matrix makes each application two matrix
 products. A step does Rayleigh-Ritz on ``span([V, G_V V])``, so the objective never
 decreases; ``G_V V = A^T (C L)`` reuses ``L``, and the projected ``2r x 2r`` matrix is
-``Z^T C Z`` with ``Z = A Q``, whose columns also give the next ``L``: a sweep costs three
-products with each factor, ``O(n r_i r (d_in + d_out))``. Every pass is a sum over chunks
+``Z^T C Z`` with ``Z = A Q = [L, A Q_new]`` (``Q = orth([V, G_V V])`` begins with ``V``), whose
+columns also give the next ``L``: a sweep costs two products of width ``r`` with each factor,
+``O(n r_i r (d_in + d_out))``. Every pass is a sum over chunks
 of adapters (:class:`~lorazip.solvers.factors.Factors`), so the same code runs in memory or
 streams a module larger than memory. ``V`` starts from a randomized range of ``sum_i w_i M_i^T M_i``
 and ``U`` from one of the U-step's operator for that ``V`` (data-driven, seeded; :func:`_start`). Iteration stops when both subspaces move less than ``tol``
@@ -29,7 +30,7 @@ import torch
 
 from ..backend import mT, namespace
 from ..backend import randn, to_torch
-from .linalg import adapter_weights, factor_norms2, orth, subspace_change, top_eigvecs
+from .linalg import adapter_weights, orth, subspace_change, top_eigvecs
 from .factors import Factors
 
 
@@ -114,6 +115,24 @@ def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int):
     return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
 
 
+def _ritz_extended(fac: Factors, side: str, C, X, P, Y, r: int):
+    """:func:`_rayleigh_ritz` on ``span([X, Y])`` for an orthonormal ``X`` whose projections
+    ``P_i = F_i X`` are known: ``Q = orth([X, Y])`` starts with ``X`` itself (a QR with positive
+    diagonal of orthonormal columns), so only the new columns are multiplied by the factors, half
+    the products of the step."""
+    xp, k = namespace(X), X.shape[1]
+    Q = orth(xp.concat([X, Y], axis=1))
+    Z, T = [], None
+    for ch, Cc, Pc in zip(fac, C, P):
+        Zc = xp.concat([Pc, _blocks(_F2(ch, side) @ Q[:, k:], *Cc.shape[:2])], axis=2)
+        Tc = xp.sum(mT(Zc) @ (Cc @ Zc), axis=0)
+        T = Tc if T is None else T + Tc
+        Z.append(Zc)
+        del ch
+    W, evals = top_eigvecs(T, r)
+    return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
+
+
 def _project(fac: Factors, side: str, X):
     """Projections ``F_i X`` per chunk, each (c, r_i, k)."""
     return [_blocks(_F2(ch, side) @ X, ch.size, ch.rank) for ch in fac]
@@ -128,9 +147,8 @@ def _grams(fac: Factors, side: str, w_chunks):
     """``w_i F_i F_i^T`` per chunk (the coefficients of ``sum_i w_i M_i^T M_i`` on the other side)."""
     out = []
     for ch, wc in zip(fac, w_chunks):
-        F = ch.A if side == "A" else mT(ch.B)  # (c, r_i, d)
-        out.append(wc[:, None, None] * (F @ mT(F)))
-        del ch, F
+        out.append(wc[:, None, None] * (ch.GA if side == "A" else ch.GB))
+        del ch
     return out
 
 
@@ -147,7 +165,7 @@ def _init_side(fac: Factors, side: str, C, d: int, r: int, generator, n_power: i
 def norms_and_weights(fac: Factors, weighting: str, weights=None):
     """``(||M_i||^2, w_i)`` for every adapter, one pass."""
     xp = namespace(fac.like)
-    parts = [factor_norms2(ch.B, ch.A) for ch in fac]
+    parts = [xp.sum(ch.GB * ch.GA, axis=(1, 2)) for ch in fac]  # factor_norms2, from the chunk's Grams
     norms2 = parts[0] if len(parts) == 1 else xp.concat(parts)
     w = adapter_weights(norms2, weighting) if weights is None else _like(weights, fac.like)
     return norms2, w
@@ -290,9 +308,9 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     for it in range(1, max_iters + 1):
         U_old, V_old = U, V
         C = _coefficients(K, wc)  # V-step: G_V = sum_i A_i^T C_i A_i
-        V, L, _ = _rayleigh_ritz(fac, "A", C, orth(xp.concat([V, _backproject(fac, "A", C, L)], axis=1)), rank)
+        V, L, _ = _ritz_extended(fac, "A", C, V, L, _backproject(fac, "A", C, L), rank)
         D = _coefficients(L, wc)  # U-step: G_U = sum_i B_i D_i B_i^T
-        U, K, cap = _rayleigh_ritz(fac, "B", D, orth(xp.concat([U, _backproject(fac, "B", D, K)], axis=1)), rank)
+        U, K, cap = _ritz_extended(fac, "B", D, U, K, _backproject(fac, "B", D, K), rank)
         history.append(cap / total if total else 1.0)
         gain = history[-1] - history[-2]
         # relative to the larger of captured and lost energy: when little can be captured (flat
