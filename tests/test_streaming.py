@@ -45,11 +45,14 @@ def test_chunked_jd_full_equals_in_memory(chunk):
     reads: list[tuple[int, str]] = []
     res = jd_full_factors(chunked(B, A, chunk, reads), 4, tol=1e-12, max_iters=3000)
     assert max(size for size, _ in reads) <= chunk
-    # per chunk: both factors for the norms, 6 single-factor passes for the start (V: B's Grams, a
-    # range of A with one power iteration and its Rayleigh-Ritz; U: a range of B and its
-    # Rayleigh-Ritz), then 4 per sweep
+    # per chunk: both factors for the norms, 5 single-factor passes for the start (V: B's Grams, a
+    # range of A and its Rayleigh-Ritz; U: a range of B and its Rayleigh-Ritz; one more for a power
+    # iteration while n r_i < d_in, not here: 11 x 5 >= 24), then 4 per sweep
     per_pass = -(-11 // chunk)
-    assert len(reads) == per_pass * (2 + 6 + 4 * res.n_iters)
+    assert len(reads) == per_pass * (2 + 5 + 4 * res.n_iters)
+    wide = []  # 4 adapters of rank 5 with d_in = 24: 20 < 24, one power iteration (one more read)
+    wres = jd_full_factors(chunked(B[:4], A[:4], chunk, wide), 3, tol=1e-12, max_iters=3000)
+    assert len(wide) == -(-4 // chunk) * (2 + 6 + 4 * wres.n_iters)
     assert abs(res.objective - ref.objective) < 1e-10
     assert span_distance(res.U, ref.U) < 1e-6 and span_distance(res.V, ref.V) < 1e-6
     assert float(torch.linalg.norm(res.U.T @ res.U - torch.eye(4, dtype=F64))) < 1e-12

@@ -181,15 +181,21 @@ def init_bases(
     return U, V
 
 
-def _start(fac: Factors, wc, rank: int, generator, n_power: int):
+def _start(fac: Factors, wc, rank: int, generator, n_power: int | None):
     """``(U, K, V, L)``: the start of the ascent, with the projections ``K_i = B_i^T U``, ``L_i = A_i V``.
 
     ``V`` from a randomized range of ``sum_i w_i M_i^T M_i`` (``n_power`` power iterations), then
-    ``U`` from one of the U-step's own operator ``G_U(V)``: the first half-sweep, sketched. With one
-    power iteration, six reads of the factors and eight products with them (both bases from their
-    Grams with two power iterations each took ten reads and sixteen products). benchmarks/solver_start.py:
-    at n = 1000 the solve takes 0.7x the time at the same errors, at n = 64 and 128 about the same
-    time and errors (within 2e-4), lower errors on the bundled and GPT-2 collections."""
+    ``U`` from one of the U-step's own operator ``G_U(V)``: the first half-sweep, sketched. ``None``:
+    one power iteration while the stacked factors are wider than tall (``n r_i < d_in``: few adapters
+    for the dimension, where the ascent runs many sweeps and a better start saves some), none
+    otherwise (many adapters: the operator's tail is too flat for a power step to sharpen the start,
+    and one or two sweeps finish; at 1000 Lots-of-LoRAs adapters the power step was an eighth of the
+    run). With one, six reads of the factors and eight products with them; without, five and six (both
+    bases from their Grams with two power iterations each took ten reads and sixteen products).
+    benchmarks/solver_start.py: at n = 1000 the solve takes 0.6x the time at the same errors, at n = 64
+    and 128 about the same time and errors (within 2e-4), lower errors on the bundled and GPT-2 ones."""
+    if n_power is None:
+        n_power = 1 if fac.n * fac.rank < fac.d_in else 0
     V, L, _ = _init_side(fac, "A", _grams(fac, "B", wc), fac.d_in, rank, generator, n_power)
     U, K, _ = _init_side(fac, "B", _coefficients(L, wc), fac.d_out, rank, generator, 0)
     return U, K, V, L
@@ -236,7 +242,7 @@ def jd_full_factors(
     U0=None,
     V0=None,
     tol_scale: float = 1.0,
-    n_power: int = 1,
+    n_power: int | None = None,
     second_start: bool = True,
 ) -> JDResult:
     """:func:`jd_full` on :class:`~lorazip.solvers.factors.Factors`: in memory or streamed
@@ -289,7 +295,7 @@ def _union_start(fac: Factors, rank: int, U, V):
 
 
 def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int, tol: float, seed: int, U0, V0,
-            tol_scale: float, n_power: int) -> JDResult:
+            tol_scale: float, n_power: int | None) -> JDResult:
     """Alternating ascent from ``U0``, ``V0`` (or the data-driven start)."""
     xp = namespace(fac.like)
     norms2, w = norms_and_weights(fac, weighting, weights)
