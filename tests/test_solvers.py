@@ -316,3 +316,15 @@ def test_default_compress_settings_are_within_one_percent_of_the_dense_optimum(t
         dense = float((w * (M - U @ cores @ V.T).square().sum((1, 2))).sum())
         ours = float((sq[:, j] / n2[:, j]).sum())
         assert ours <= dense * 1.01, (m["name"], ours, dense)
+
+
+def test_warm_start_need_not_be_orthonormal():
+    """A warm start that is not orthonormal (e.g. bases read back from fp16) ascends from its span:
+    the same optimum as from that span's orthonormal basis."""
+    B, A = random_factors(6, 30, 24, 4, seed=7)
+    g = torch.Generator().manual_seed(0)
+    U0, V0 = torch.randn(30, 3, generator=g, dtype=F64), torch.randn(24, 3, generator=g, dtype=F64)
+    a = jd_full(B, A, 3, U0=U0, V0=V0, tol=1e-12, max_iters=2000)
+    b = jd_full(B, A, 3, U0=orth(U0), V0=orth(V0), tol=1e-12, max_iters=2000)
+    assert abs(a.objective - b.objective) < 1e-10
+    assert float(torch.linalg.norm(a.U.T @ a.U - torch.eye(3, dtype=F64))) < 1e-12

@@ -133,6 +133,14 @@ def _ritz_extended(fac: Factors, side: str, C, X, P, Y, r: int):
     return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
 
 
+def _orthonormal(X):
+    """``X`` if its columns are orthonormal (to 1e-4), else an orthonormal basis of their span: a
+    sweep's Rayleigh-Ritz basis begins with ``X`` and reuses its projections, which needs it."""
+    xp = namespace(X)
+    err = float(xp.max(xp.abs(mT(X) @ X - xp.eye(X.shape[1], dtype=X.dtype, device=getattr(X, "device", None)))))
+    return X if err <= 1e-4 else orth(X)
+
+
 def _project(fac: Factors, side: str, X):
     """Projections ``F_i X`` per chunk, each (c, r_i, k)."""
     return [_blocks(_F2(ch, side) @ X, ch.size, ch.rank) for ch in fac]
@@ -304,7 +312,7 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     if U0 is None or V0 is None:
         U, K, V, L = _start(fac, wc, rank, torch.Generator().manual_seed(seed), n_power)
     else:
-        U, V = _like(U0, fac.like), _like(V0, fac.like)
+        U, V = (_orthonormal(_like(X, fac.like)) for X in (U0, V0))
         K, L = _project(fac, "B", U), _project(fac, "A", V)
 
     def captured(K, L):
