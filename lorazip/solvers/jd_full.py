@@ -97,16 +97,20 @@ def _backproject(fac: Factors, side: str, C, P):
     return out
 
 
-def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int):
+def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int, P=None):
     """Best ``r``-dimensional subspace of span(Q) (orthonormal) for ``G = sum_i F_i^T C_i F_i``.
 
     Returns ``(X, P, captured)``: the basis ``X = Q W``, its projections ``P_i = F_i X`` per
     chunk and ``tr(X^T G X)``. One pass: ``Q^T G Q = sum_i Z_i^T C_i Z_i`` with ``Z_i = F_i Q``.
+    ``P``: the projections ``F_i Q[:, :k]`` of ``Q``'s first ``k`` columns where they are known
+    (per chunk), so that only the other columns are multiplied by the factors.
     """
-    xp = namespace(Q)
+    xp, k = namespace(Q), 0 if P is None else P[0].shape[2]
     Z, T = [], None
-    for ch, Cc in zip(fac, C):
-        Zc = _blocks(_F2(ch, side) @ Q, *Cc.shape[:2])
+    for i, (ch, Cc) in enumerate(zip(fac, C)):
+        Zc = _blocks(_F2(ch, side) @ (Q if k == 0 else Q[:, k:]), *Cc.shape[:2])
+        if k:
+            Zc = xp.concat([P[i], Zc], axis=2)
         Tc = xp.sum(mT(Zc) @ (Cc @ Zc), axis=0)
         T = Tc if T is None else T + Tc
         Z.append(Zc)
@@ -120,17 +124,7 @@ def _ritz_extended(fac: Factors, side: str, C, X, P, Y, r: int):
     ``P_i = F_i X`` are known: ``Q = orth([X, Y])`` starts with ``X`` itself (a QR with positive
     diagonal of orthonormal columns), so only the new columns are multiplied by the factors, half
     the products of the step."""
-    xp, k = namespace(X), X.shape[1]
-    Q = orth(xp.concat([X, Y], axis=1))
-    Z, T = [], None
-    for ch, Cc, Pc in zip(fac, C, P):
-        Zc = xp.concat([Pc, _blocks(_F2(ch, side) @ Q[:, k:], *Cc.shape[:2])], axis=2)
-        Tc = xp.sum(mT(Zc) @ (Cc @ Zc), axis=0)
-        T = Tc if T is None else T + Tc
-        Z.append(Zc)
-        del ch
-    W, evals = top_eigvecs(T, r)
-    return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
+    return _rayleigh_ritz(fac, side, C, orth(namespace(X).concat([X, Y], axis=1)), r, P)
 
 
 def _orthonormal(X):
