@@ -24,7 +24,7 @@ from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
 from .curves import ModuleFit, task_factors
 from .executor import map_modules
-from .measure import least_squares_cores, optimal_cores
+from .measure import StoredBases, optimal_cores
 from .options import CompressOptions
 from .plan import ModulePlan, Plan
 from .provenance import SourceHashes, adapter_meta
@@ -179,6 +179,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     t1 = time.perf_counter()
     Us, Vs = _shared_storage(U @ X, V @ Y, storage_dtype, shared_bits)
     U64, V64 = Us.values.double(), Vs.values.double()
+    stored = StoredBases(U64, V64) if shared_bits else None
     out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
     row_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(k.long(), 0)])
     for ch in fac.split(_BUILD_CHUNK):  # every part below is per adapter: float64 a few adapters at a time
@@ -186,7 +187,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         kc = k[ch.start : ch.stop]
         ac = None if assign is None else assign[ch.start : ch.stop]
         if shared_bits:
-            Ss = to_shared_lowbit(least_squares_cores(optimal_cores(B, A, U64, V64, ac), U64, V64, ac),
+            Ss = to_shared_lowbit(stored.cores(optimal_cores(B, A, U64, V64, ac), ac),
                                   shared_bits[1], "cores")
         else:
             Ss = to_storage(optimal_cores(B, A, U64, V64, ac), storage_dtype, core_scales)

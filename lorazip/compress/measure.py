@@ -35,16 +35,36 @@ def optimal_cores(B, A, U, V, assign):
     return out
 
 
-def least_squares_cores(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, assign) -> torch.Tensor:
-    """The cores ``(U^T U)^-1 S (V^T V)^-1`` minimising ``||M_i - U S_i V^T||`` for bases ``U``, ``V``
-    (K, d, r) that are not quite orthonormal (low-bit), given ``S_i = U^T M_i V`` (:func:`optimal_cores`)."""
-    out = S.clone()
-    for k in range(U.shape[0]):
-        idx = slice(None) if assign is None or U.shape[0] == 1 else assign == k
-        iu = torch.linalg.pinv(U[k].T @ U[k], hermitian=True)  # pseudo-inverses: rounding may make
-        iv = torch.linalg.pinv(V[k].T @ V[k], hermitian=True)  # tiny bases rank-deficient
-        out[idx] = iu @ S[idx] @ iv
-    return out
+class StoredBases:
+    """A module's bases as stored (``U``, ``V``: (K, d, r), one pair per cluster; rounded bases are
+    not exactly orthonormal), in float64 with their Grams and the pseudo-inverses of those that make
+    cores least squares for them: made once per module, used for every chunk of adapters."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor):
+        self.U, self.V = U.double().cpu(), V.double().cpu()
+        self.GU, self.GV = (torch.stack([b.T @ b for b in X]) for X in (self.U, self.V))
+        # pseudo-inverses: rounding may leave tiny bases rank-deficient
+        self.iU = torch.stack([torch.linalg.pinv(g, hermitian=True) for g in self.GU])
+        self.iV = torch.stack([torch.linalg.pinv(g, hermitian=True) for g in self.GV])
+
+    def cores(self, S: torch.Tensor, assign=None) -> torch.Tensor:
+        """The cores ``(U_k^T U_k)^-1 S_i (V_k^T V_k)^-1`` minimising ``||M_i - U_k S_i V_k^T||``, given
+        ``S_i = U_k^T M_i V_k`` (:func:`optimal_cores`); ``assign``: each adapter's cluster ``k``."""
+        out = S.clone()
+        for k in range(self.U.shape[0]):
+            idx = slice(None) if assign is None or self.U.shape[0] == 1 else assign == k
+            out[idx] = self.iU[k] @ S[idx] @ self.iV[k]
+        return out
+
+    def errors(self, D, C, GB, GA, S):
+        """``(||M_i - U S_i V^T||^2, ||M_i||^2)`` (one basis) from ``D_i = B_i^T U``, ``C_i = A_i V``,
+        the adapters' Grams and the stored cores ``S``."""
+        if S.dim() == 2:  # JD-Diag
+            S = torch.diag_embed(S)
+        n2 = (GB * GA).sum(dim=(1, 2))
+        inner = ((D @ S) * C).sum(dim=(1, 2))
+        recon = ((self.GU[0] @ S) * (S @ self.GV[0])).sum(dim=(1, 2))
+        return (n2 - 2 * inner + recon).clamp_min(0), n2
 
 
 def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_dtype: str, chunk: int):
@@ -67,12 +87,13 @@ def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_d
     if U.shape[0] == 1 and fac.like.dtype == torch.float32:
         return (Us, Vs, *_measure_shared(fac, Us.values, Vs.values, cores, refine, storage_dtype, chunk))
     Ur, Vr = Us.values.double(), Vs.values.double()
+    bases = StoredBases(Ur, Vr)
     assign = None if assign is None else assign.long().cpu()
     out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
     for ch in fac.split(chunk):
         B, A = ch.B.cpu().double(), ch.A.cpu().double()
         k = None if assign is None else assign[ch.start : ch.stop]
-        c = least_squares_cores(optimal_cores(B, A, Ur, Vr, k), Ur, Vr, k) if refine else cores[ch.start : ch.stop].cpu()
+        c = bases.cores(optimal_cores(B, A, Ur, Vr, k), k) if refine else cores[ch.start : ch.stop].cpu()
         c = to_storage(c, storage_dtype)
         GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
         n2 = (GB * GA).sum(dim=(1, 2))
@@ -93,37 +114,14 @@ def _products(ch: Chunk, U, V):
     return tuple(x.cpu().double() for x in (D, C, ch.GB, ch.GA))
 
 
-class _Bases:
-    """The stored bases' Grams and the pseudo-inverses that make cores least squares for them."""
-
-    def __init__(self, Ur: torch.Tensor, Vr: torch.Tensor):
-        self.U, self.V = Ur.double().cpu(), Vr.double().cpu()
-        self.GU, self.GV = self.U.T @ self.U, self.V.T @ self.V
-        self.iU = torch.linalg.pinv(self.GU, hermitian=True)  # rounding may leave tiny bases rank-deficient
-        self.iV = torch.linalg.pinv(self.GV, hermitian=True)
-
-    def cores(self, D, C):
-        """``(U^T U)^-1 U^T M_i V (V^T V)^-1`` from ``D_i = B_i^T U``, ``C_i = A_i V``."""
-        return self.iU @ (D.transpose(1, 2) @ C) @ self.iV
-
-    def errors(self, D, C, GB, GA, S):
-        """``(||M_i - U S_i V^T||^2, ||M_i||^2)`` from the products and the stored cores ``S``."""
-        if S.dim() == 2:  # JD-Diag
-            S = torch.diag_embed(S)
-        n2 = (GB * GA).sum(dim=(1, 2))
-        inner = ((D @ S) * C).sum(dim=(1, 2))
-        recon = ((self.GU @ S) * (S @ self.GV)).sum(dim=(1, 2))
-        return (n2 - 2 * inner + recon).clamp_min(0), n2
-
-
 def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: str, chunk: int):
     """:func:`round_and_measure` for one shared basis and float32 factors (see there)."""
-    bases = _Bases(Ur[0], Vr[0])
+    bases = StoredBases(Ur, Vr)
     U, V = Ur[0], Vr[0]
     out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
     for ch in fac:
         D, C, GB, GA = _products(ch, U, V)
-        c = bases.cores(D, C) if refine else cores[ch.start : ch.stop].cpu().double()
+        c = bases.cores(D.transpose(1, 2) @ C) if refine else cores[ch.start : ch.stop].cpu().double()
         e2, n2 = bases.errors(D, C, GB, GA, to_storage(c, storage_dtype).values.double())
         low = torch.nonzero(e2 < FLOAT32_MIN_ERROR * n2).flatten()  # (an all-zero delta is exact as it is)
         for s in range(0, len(low), chunk):  # again in float64
@@ -132,7 +130,7 @@ def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: st
             for t, x in zip((D, C, GB, GA), p):
                 t[idx] = x
             if refine:
-                c[idx] = bases.cores(p[0], p[1])
+                c[idx] = bases.cores(p[0].transpose(1, 2) @ p[1])
         stored = to_storage(c, storage_dtype)
         e2, n2 = bases.errors(D, C, GB, GA, stored.values.double())
         for key, x in zip("cens", (stored, e2, n2, spectra_from_grams(GB, GA))):
