@@ -131,15 +131,9 @@ class Adapter:
             for key in (spec.key_A, spec.key_B):
                 if not torch.isfinite(t[key].float() if t[key].element_size() == 1 else t[key]).all():
                     raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
-        if out is None:
-            a, b = (_oriented(spec, part, t[_stored_key(spec, part)].to(dtype)) for part in "AB")
-        else:  # the same values: converted, then scaled in place
-            b, a = out
-            for part, dst in (("A", a), ("B", b)):
-                x = t[_stored_key(spec, part)]
-                dst.copy_(x.T if spec.layout == "embedding" else x)
-                if part == "B":
-                    dst.mul_(spec.scale)
+        b_out, a_out = (None, None) if out is None else out
+        a = _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, a_out)
+        b = _oriented(spec, "B", t[_stored_key(spec, "B")], dtype, b_out)
         # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
         # which would turn norms, weights and errors into inf/NaN downstream.
         bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)  # (inf, not OverflowError)
@@ -158,7 +152,7 @@ class Adapter:
         without the value checks: for re-reads of a module already read once."""
         spec = self.modules[module]
         key = _stored_key(spec, part)
-        return _oriented(spec, part, self._read_pair(spec, key)[key].to(dtype))
+        return _oriented(spec, part, self._read_pair(spec, key)[key], dtype)
 
     def _read_pair(self, spec: LoraModule, only: str | None = None) -> dict[str, torch.Tensor]:
         """A module's two factor tensors (or ``only`` one of them) as stored, read at the offsets the
@@ -213,11 +207,16 @@ def _stored_key(spec, part: str) -> str:
     return spec.key_A if part == "A" else spec.key_B
 
 
-def _oriented(spec, part: str, x: torch.Tensor) -> torch.Tensor:
-    """The stored tensor of factor ``part`` as ``A`` (r, d_in) or ``B`` (d_out, r), scale folded into ``B``."""
+def _oriented(spec, part: str, x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored tensor ``x`` of factor ``part`` as ``A`` (r, d_in) or ``B`` (d_out, r) in ``dtype``,
+    scale folded into ``B``; written into ``out`` (converted, then scaled in place) where given."""
     if spec.layout == "embedding":
         x = x.T
-    return x * spec.scale if part == "B" else x
+    if out is None:
+        x = x.to(dtype)
+        return x * spec.scale if part == "B" else x
+    out.copy_(x)
+    return out.mul_(spec.scale) if part == "B" else out
 
 
 def utf8_path(path: Path) -> bool:
