@@ -50,7 +50,7 @@ def n_groups(length: int, group: int | None) -> int:
 
 def packed_bytes(length: int, bits) -> int:
     """Bytes of rows of ``length`` values with the given per-row ``bits`` (any iterable)."""
-    return sum(row_bytes(length, b) for b in np.asarray(bits).reshape(-1).tolist())
+    return int(row_offsets(length, bits)[-1])
 
 
 def _levels(bits: int) -> float:
@@ -98,8 +98,8 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
     return codes, scales
 
 
-_CHUNK = 1 << 16
-_REFINE = 2  # least-squares refinements of a group's scale  # values per block of the scale search
+_CHUNK = 1 << 20  # values per block of the scale search (large blocks: fewer torch calls, same results)
+_REFINE = 2  # least-squares refinements of a group's scale
 
 
 def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits: int) -> "torch.Tensor":
@@ -162,35 +162,81 @@ def pack(codes: np.ndarray, bits) -> np.ndarray:
     """The rows of ``codes`` (N, L) uint8 at per-row ``bits``, packed one after the other (1-D uint8)."""
     N, L = codes.shape
     b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (N,))
-    sizes = np.array([row_bytes(L, w) for w in b.tolist()], dtype=np.int64)
-    offs = np.concatenate([[0], np.cumsum(sizes)])
+    offs = row_offsets(L, b)
     out = np.zeros(int(offs[-1]), dtype=np.uint8)
     for w in sorted(set(b.tolist())):
         idx = np.nonzero(b == w)[0]
-        if codes[idx].max(initial=0) >= 2 ** w:
-            raise ValueError(f"a code does not fit in {w} bits")
-        planes = ((codes[idx][..., None] >> np.arange(w, dtype=np.uint8)) & 1).astype(np.uint8)
-        packed = np.packbits(planes.reshape(len(idx), L * w), axis=1, bitorder="little")
-        for row, i in zip(packed, idx):
-            out[offs[i] : offs[i + 1]] = row
+        for lo in range(0, len(idx), _block_rows(L)):  # rows of one width have one size: a block lands at once
+            part = idx[lo : lo + _block_rows(L)]
+            rows = codes[part]
+            if rows.max(initial=0) >= 2 ** w:
+                raise ValueError(f"a code does not fit in {w} bits")
+            out[offs[part][:, None] + np.arange(row_bytes(L, w))] = _pack_width(rows, w)
     return out
+
+
+def _block_rows(length: int) -> int:
+    """Rows packed or unpacked at a time (about 4 M values)."""
+    return max(1, (1 << 22) // max(int(length), 1))
+
+
+def _pack_width(codes: np.ndarray, w: int) -> np.ndarray:
+    """(n, row_bytes(L, w)) packed bytes of codes (n, L) at ``w`` bits, least significant bit first:
+    at 1, 2 and 4 bits each byte holds ``8 / w`` whole values; at 3 bits each 8 values are the three
+    low bytes of the little-endian 32-bit word ``sum_j code_j << 3 j``; at 8 bits the codes are the bytes."""
+    n, L = codes.shape
+    if w == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    per, dt = (8, np.uint32) if w == 3 else (8 // w, np.uint8)  # values per word, and the word
+    groups = -(-L // per)
+    padded = np.zeros((n, groups * per), dtype=dt)  # zero codes past the end: zero bits
+    padded[:, :L] = codes
+    grouped = padded.reshape(n, groups, per)
+    word = grouped[..., 0].copy()
+    for j in range(1, per):  # a few whole-array operations (a reduction over a short axis is slow)
+        word |= grouped[..., j] << dt(w * j)
+    if w == 3:
+        word = word.astype("<u4").view(np.uint8).reshape(n, groups, 4)[..., :3]
+    return word.reshape(n, -1)[:, : row_bytes(L, w)]
+
+
+def _unpack_width(rows: np.ndarray, w: int, L: int) -> np.ndarray:
+    """Codes (n, L) of packed rows (n, row_bytes(L, w)) at ``w`` bits (:func:`_pack_width` undone)."""
+    n = rows.shape[0]
+    if w == 8:
+        return rows.reshape(n, L).astype(np.uint8)
+    per = 8 if w == 3 else 8 // w
+    groups = -(-L // per)
+    width = groups * (3 if w == 3 else 1)  # packed bytes of the padded row
+    flat = np.zeros((n, width), dtype=np.uint8)
+    flat[:, : rows.shape[1]] = rows
+    if w == 3:
+        four = np.zeros((n, groups, 4), dtype=np.uint8)
+        four[..., :3] = flat.reshape(n, groups, 3)
+        word = four.view("<u4")[..., 0].astype(np.uint32)
+    else:
+        word = flat
+    codes = np.empty((n, groups, per), dtype=np.uint8)
+    mask = word.dtype.type((1 << w) - 1)
+    for j in range(per):
+        codes[..., j] = (word >> word.dtype.type(w * j)) & mask
+    return codes.reshape(n, groups * per)[:, :L]
 
 
 def unpack(buf: np.ndarray, bits, length: int) -> np.ndarray:
     """Codes (N, length) uint8 of rows packed by :func:`pack` at per-row ``bits`` (N,)."""
     b = np.asarray(bits, dtype=np.int64).reshape(-1)
     N = len(b)
-    sizes = np.array([row_bytes(length, w) for w in b.tolist()], dtype=np.int64)
-    offs = np.concatenate([[0], np.cumsum(sizes)])
+    offs = row_offsets(length, b)
     buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
     if len(buf) != int(offs[-1]):
         raise ValueError(f"{len(buf)} packed bytes, but rows of {length} values at these bits need {int(offs[-1])}")
     out = np.zeros((N, length), dtype=np.uint8)
     for w in sorted(set(b.tolist())):
         idx = np.nonzero(b == w)[0]
-        rows = np.stack([buf[offs[i] : offs[i + 1]] for i in idx])
-        planes = np.unpackbits(rows, axis=1, count=length * w, bitorder="little").reshape(len(idx), length, w)
-        out[idx] = (planes << np.arange(w, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+        for lo in range(0, len(idx), _block_rows(length)):
+            part = idx[lo : lo + _block_rows(length)]
+            out[part] = _unpack_width(buf[offs[part][:, None] + np.arange(row_bytes(length, w))], w, length)
     return out
 
 

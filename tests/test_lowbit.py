@@ -89,6 +89,18 @@ def test_packing_round_trips_bit_for_bit(n, length, seed):
         assert np.array_equal(lowbit.unpack(buf[offs[i] : offs[i + 1]], bits[i : i + 1], length)[0], codes[i])
 
 
+@pytest.mark.parametrize("length", [1, 3, 7, 8, 9, 16, 17, 23, 64, 101])
+def test_packed_layout_is_least_significant_bit_first(length):
+    """The file's layout, bit by bit: a row's codes in order, each code's bits from the least
+    significant, filling bytes from their least significant bit (numpy's little bit order)."""
+    rng = np.random.default_rng(length)
+    bits = np.array(lowbit.BITS * 3)
+    codes = (rng.integers(0, 256, size=(len(bits), length)) & ((1 << bits) - 1)[:, None]).astype(np.uint8)
+    rows = [np.packbits(((c[:, None] >> np.arange(b)) & 1).astype(np.uint8).reshape(-1), bitorder="little")
+            for c, b in zip(codes, bits)]
+    assert np.array_equal(lowbit.pack(codes, bits), np.concatenate(rows))
+
+
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("lowbit") / "src"

@@ -153,7 +153,7 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
     cores = {r: np.tile(core_quant(on_grid[r][0].T @ S[pick] @ on_grid[r][1]), (n, 1)) for r in measured}
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=quant_profile(first.B, first.A), basis_err=basis, core_err=cores)
+                     quant=quant_profile(first.B, first.A, spectra=spectra.get(0)), basis_err=basis, core_err=cores)
 
 
 def _chunked(parts) -> tuple[torch.Tensor, ...]:
@@ -199,21 +199,34 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long(), quant_profile(B, A), basis, cores)
+                     assign.long(), quant_profile(B, A, spectra=spectra.get(0)), basis, cores)
 
 
 _PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
 
 
-def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS) -> np.ndarray:
+def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
+                  spectra: torch.Tensor | None = None) -> np.ndarray:
     """Relative squared error of a residual component stored at each of :data:`lowbit.BITS`,
     measured on the module's own per-adapter SVD components (the ``rows`` that matter most,
     each adapter's components weighed by its relative energy): ``sum err / sum sigma^2`` with
-    ``err = ||x y^T - x_hat y_hat^T||^2`` of the stored rows ``x = sqrt(sigma) u``, ``y = sqrt(sigma) v``."""
-    B, A = B.double(), A.double()
+    ``err = ||x y^T - x_hat y_hat^T||^2`` of the stored rows ``x = sqrt(sigma) u``, ``y = sqrt(sigma) v``.
+    ``spectra`` (n, m): the adapters' squared singular values where the caller has them (pass 1's
+    residual spectra at shared rank 0); they choose the rows, and only the adapters holding them
+    are decomposed."""
     n = B.shape[0]
     if n == 0 or B.shape[2] == 0:
         return np.zeros(len(lowbit.BITS))
+    if spectra is None:
+        sel = torch.arange(n)
+    else:
+        sq = spectra[:n].double().clamp_min(0)
+        share = sq / sq.sum(1, keepdim=True).clamp_min(1e-300)
+        top = torch.argsort(share.reshape(-1), descending=True, stable=True)[:rows]
+        sel = torch.unique(top[share.reshape(-1)[top] > 0] // share.shape[1])
+        if len(sel) == 0:
+            return np.zeros(len(lowbit.BITS))
+    B, A = B[sel].double(), A[sel].double()
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
     W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
