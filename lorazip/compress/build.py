@@ -65,11 +65,13 @@ class FactorReads:
     reading them again."""
 
     def __init__(self, collection: Collection, *, keep: dict | None = None, limit: int = 0,
-                 kept: dict | None = None, plan: MemoryPlan | None = None):
+                 kept: dict | None = None, plan: MemoryPlan | None = None, order: list[int] | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.collection = collection
         self.names = [m.name for m in collection.modules]
+        order = list(range(len(self.names))) if order is None else list(order)
+        self._after = dict(zip(order, order[1:] + [len(self.names)]))  # the module read ahead of each
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorazip-read")
         self._next = {}
         self._kept = kept if kept is not None else {}
@@ -77,8 +79,11 @@ class FactorReads:
         self._room = limit - sum(_nbytes(f) for f in (keep or {}).values())
         self._plan = plan  # under a memory limit: streamed modules are not read here, nor read ahead
 
-    def _submit(self, j: int, ahead: bool = False) -> None:
-        if self._plan is not None and (j in self._plan.chunk or (ahead and not self._plan.prefetch(j - 1))):
+    def _submit(self, j: int, now: int | None = None) -> None:
+        """Read module ``j`` in the thread; ``now``: the module being solved meanwhile (a read-ahead,
+        which the memory plan allows next to the module after it only)."""
+        if self._plan is not None and (j in self._plan.chunk or (now is not None and (
+                j != now + 1 or not self._plan.prefetch(now)))):
             return
         if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
@@ -93,8 +98,9 @@ class FactorReads:
             f = self._next.pop(j).result()
             if self._keep is not None and _nbytes(f) <= self._room:
                 self._keep[j], self._room = f, self._room - _nbytes(f)
-        self._submit(j + 1, ahead=True)
-        if j + 1 >= len(self.names):
+        nxt = self._after.get(j, j + 1)
+        self._submit(nxt, now=j)
+        if nxt >= len(self.names):
             self._pool.shutdown(wait=False)
         return f
 
@@ -102,7 +108,7 @@ class FactorReads:
         """Module ``j``'s factors as a task's ``factors`` argument (:func:`~.executor.map_modules`);
         none for a streamed module, whose task reads it in chunks."""
         if self._plan is not None and j in self._plan.chunk:
-            self._submit(j + 1, ahead=True)
+            self._submit(self._after.get(j, j + 1), now=j)
             return {}
         f = self.get(j)
         return {"factors": (f.B, f.A)}

@@ -83,18 +83,19 @@ class ModuleFit:
 
 
 def fit_module_task(collection: Collection, j: int, R: int, opts: CompressOptions,
-                    assign: torch.Tensor | None = None, chunk: int | None = None, *,
+                    assign: torch.Tensor | None = None, chunk: int | None = None, quant: np.ndarray | None = None, *,
                     clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleFit:
     """Pass 1 on module ``j`` at largest shared rank ``R`` with the solver settings of ``opts``
     (``assign``: (n,) clusters, each with its own bases), reading its factors in float32 unless
     given (the caller's read-ahead), or ``chunk`` adapters at a time on every pass (a module larger
-    than the memory limit); the same function runs in process and as a Ray task (:mod:`.executor`)."""
+    than the memory limit); ``quant``: the module's :func:`quant_profile` when an earlier fit made
+    it (it does not depend on ``R``). The same function runs in process and as a Ray task (:mod:`.executor`)."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     fac = task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
     fit = fit_factors(fac, name, R, weighting=opts.weighting, seed=opts.seed, tol=opts.tol, max_iters=opts.max_iters,
-                      backend=opts.backend, assign=assign)
+                      backend=opts.backend, assign=assign, quant=quant)
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return fit
@@ -120,14 +121,15 @@ def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting
 
 
 def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, tol: float, max_iters: int,
-                grid: tuple[int, ...] = GRID, backend: str = "torch", assign: torch.Tensor | None = None) -> ModuleFit:
+                grid: tuple[int, ...] = GRID, backend: str = "torch", assign: torch.Tensor | None = None,
+                quant: np.ndarray | None = None) -> ModuleFit:
     """:func:`fit_module` on :class:`~lorazip.solvers.factors.Factors`, in memory or streamed (then
     every product is a pass over the chunks; only ``(n, r, r)`` products are kept). ``backend``:
     the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch. With
     ``assign`` naming more than one cluster (factors in memory), :func:`_fit_clusters`."""
     if assign is not None and int(assign.max()) > 0:
         return _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
-                             max_iters=max_iters, grid=grid, backend=backend)
+                             max_iters=max_iters, grid=grid, backend=backend, quant=quant)
     d_out, d_in = fac.d_out, fac.d_in
     if R > 0:  # the JD-Full fit weighs adapters by its own (solver-precision) norms
         solver = fac if backend == "torch" else fac.converted(lambda t: to_backend(t, backend))
@@ -153,7 +155,7 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
     cores = {r: np.tile(core_quant(on_grid[r][0].T @ S[pick] @ on_grid[r][1]), (n, 1)) for r in measured}
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=quant_profile(first.B, first.A, spectra=spectra.get(0)), basis_err=basis, core_err=cores)
+                     quant=quant_profile(first.B, first.A, spectra=spectra.get(0)) if quant is None else quant, basis_err=basis, core_err=cores)
 
 
 def _chunked(parts) -> tuple[torch.Tensor, ...]:
@@ -162,7 +164,8 @@ def _chunked(parts) -> tuple[torch.Tensor, ...]:
     return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
 
 
-def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, grid, backend="torch") -> ModuleFit:
+def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, grid, backend="torch",
+                  quant=None) -> ModuleFit:
     """Pass 1 with K clusters: per cluster, the fit of :func:`fit_module` on its adapters (its own
     bases ``U_k``, ``V_k`` and nested ranks), the curves merged back into adapter order. One shared
     rank per module for every cluster, so ``U``: (K, d_out, R), ``XY[r]``: (K, R, r) each."""
@@ -199,7 +202,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long(), quant_profile(B, A, spectra=spectra.get(0)), basis, cores)
+                     assign.long(), quant_profile(B, A, spectra=spectra.get(0)) if quant is None else quant, basis, cores)
 
 
 _PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
