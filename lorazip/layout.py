@@ -487,19 +487,27 @@ def _pack_lowbit(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
     mods = [m for m in meta["modules"] if (m.get("residual") or {}).get("bits")]
     if not mods:
         return
-    bits_all, data, scales = [], {r: [] for r in RESID}, {r: [] for r in RESID}
-    for mod in mods:
-        bits = out.pop(f"qbits/{mod['name']}").reshape(-1).to(torch.uint8)
-        bits_all.append(bits)
-        b = bits.numpy().astype(np.int64)
+    from .lowbit import packed_bytes
+
+    bits_all, scales = [], {r: [] for r in RESID}
+    widths = [out[f"qbits/{mod['name']}"].reshape(-1).numpy().astype(np.int64) for mod in mods]
+    # each module's rows packed straight into its place in the flat tensor (no second copy of them)
+    data = {role: np.empty(sum(packed_bytes(out[f"{role}/{mod['name']}"].shape[-1], b) for mod, b in zip(mods, widths)),
+                           dtype=np.uint8) for role in RESID}
+    at = dict.fromkeys(RESID, 0)
+    for mod, b in zip(mods, widths):
+        bits_all.append(out.pop(f"qbits/{mod['name']}").reshape(-1).to(torch.uint8))
         for role in RESID:
             key = f"{role}/{mod['name']}"
             codes = out.pop(key).numpy() & ((1 << b) - 1).astype(np.uint8)[:, None]  # dry: any bytes
-            data[role].append(torch.from_numpy(pack_rows(codes, b)))
+            packed = pack_rows(codes, b)
+            data[role][at[role] : at[role] + len(packed)] = packed
+            at[role] += len(packed)
+            del codes, packed
             scales[role].append(out.pop(QSCALE + key).to(torch.bfloat16).reshape(-1))
     out[QBITS] = torch.cat(bits_all).contiguous()
     for role in RESID:
-        out[LOWBIT + role] = torch.cat(data[role]).contiguous()
+        out[LOWBIT + role] = torch.from_numpy(data[role])
         out[QSCALE + LOWBIT + role] = torch.cat(scales[role]).contiguous()
 
 

@@ -230,7 +230,7 @@ class _MixedRun:
         for attempt in range(1 if self.budget is not None or after is None else _RETARGETS + 1):
             art = build_allocation(self.collection, self.opts, fits, alloc.plan(fits, dt, cand), hashes,
                                    target_error=self.target, progress=self.progress, executor=self.executor,
-                                   kept=self.kept if after is None else dict(self.kept), memory=self.memory)
+                                   kept=self.kept, memory=self.memory)  # each kept module freed once built
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
             if self.budget is not None or after is None or got <= self.target + 1e-12 or attempt == _RETARGETS:
                 break
@@ -245,6 +245,7 @@ class _MixedRun:
             alloc = retry
             self.tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
                                "numbers": alloc.numbers, "retarget": goal})
+            del art  # the missed build is not kept while the re-aimed one is made (its parts: most of the peak)
         return art, alloc, cand, got
 
     def report(self, art: Artifact, dt: str, alloc: Allocation, cand, t_fit: float) -> dict[str, Any]:
