@@ -148,16 +148,16 @@ class _MixedRun:
         Pass 1 fits each module to shared rank :data:`_FIRST_RANK` first (or its largest, if lower). A
         module is fitted again to the largest rank worth trying, and everything allocated again, where
         its adapters share directions (:func:`_shares`) or an allocation at any precision gives it half
-        of that rank or more. A module whose adapters share nothing takes no shared part at any rank
-        (a shared direction then holds no more of the adapters than one of their own), so a collection
-        without shared structure costs a rank-16 fit, not a rank-64 one."""
+        of that rank or more. Where adapters share nothing, a shared direction holds no more of them
+        than one of their own at a higher cost, at any rank; such a collection (iid factors: every
+        module stays at rank 0 either way, tests/test_staged_fit.py) costs a rank-16 fit, not a rank-64 one."""
         coll = self.collection
         names = [m.name for m in coll.modules]
         caps = [min(self.top, min(coll.shared_ranks(name, self.opts.max_rank))) for name in names]
         tops = [min(c, _FIRST_RANK) for c in caps]
         fits = self.fit(cand, tops)
         while True:
-            chosen = self._allocations(cand, hashes, [fits[j] for j in range(len(names))])
+            chosen, tried = self._allocations(cand, hashes, [fits[j] for j in range(len(names))])
             grow = [j for j in range(len(names)) if tops[j] < caps[j] and (
                 _shares(fits[j], tops[j], self.opts.weighting) or
                 any(2 * alloc.ranks[names[j]] >= tops[j] for alloc, _, _ in chosen.values()))]
@@ -169,15 +169,16 @@ class _MixedRun:
         for dt, (alloc, entry, key) in chosen.items():
             if dt not in self.best or key < self.best[dt][0]:
                 self.best[dt] = (key, alloc, *entry)
-        self.tried.extend(self._tried)
+        self.tried.extend(tried)  # the final round's candidates
 
-    def _allocations(self, cand, hashes: SourceHashes, fits: list[ModuleFit]) -> dict[str, tuple]:
-        """Per storage precision: ``(allocation, (fits, grouping, curves, goal, E), key)`` of one
-        grouping's fits (the precisions that fail are left out, their reason kept)."""
+    def _allocations(self, cand, hashes: SourceHashes, fits: list[ModuleFit]) -> tuple[dict[str, tuple], list]:
+        """Per storage precision ``(allocation, (fits, grouping, curves, goal, E), key)`` of one
+        grouping's fits (the precisions that fail are left out, their reason kept), and what each
+        precision predicted (the report's ``clusters_tried``)."""
         E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
         plain = StepCurves(fits, E)  # shared by every dtype and every budget the dry assembly tries
         K = 1 if cand is None else cand.K
-        out, self._tried = {}, []
+        out, tried = {}, []
         for dt in self.dtypes:
             curves = StepCurves(fits, E, bits=True) if dt == BITS else plain
             goal = self.target
@@ -190,14 +191,14 @@ class _MixedRun:
                                           hashes, curves)
             except OptionError as exc:
                 self.failed = self.failed or exc  # the first reason (the adapters' own dtype, one basis) is said
-                self._tried.append({"K": K, "dtype": dt, "predicted": None})
+                tried.append({"K": K, "dtype": dt, "predicted": None})
                 continue
             size = alloc.numbers * self.size_of[dt]
-            self._tried.append({"K": K, "dtype": dt, "predicted": alloc.predicted, "numbers": alloc.numbers})
+            tried.append({"K": K, "dtype": dt, "predicted": alloc.predicted, "numbers": alloc.numbers})
             key = ((alloc.predicted > self.target + 1e-12, size, alloc.predicted) if self.budget is None
                    else (alloc.predicted, size))
             out[dt] = (alloc, (fits, cand, curves, goal, E), key)
-        return out
+        return out, tried
 
     def build_best(self, hashes: SourceHashes):
         """Build the candidates in order of prediction; returns the best built ``(art, dtype, alloc, grouping)``.
