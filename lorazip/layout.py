@@ -482,13 +482,11 @@ def _pack_lowbit(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from .lowbit import pack as pack_rows
+    from .lowbit import pack as pack_rows, packed_bytes
 
     mods = [m for m in meta["modules"] if (m.get("residual") or {}).get("bits")]
     if not mods:
         return
-    from .lowbit import packed_bytes
-
     bits_all, scales = [], {r: [] for r in RESID}
     widths = [out[f"qbits/{mod['name']}"].reshape(-1).numpy().astype(np.int64) for mod in mods]
     # each module's rows packed straight into its place in the flat tensor (no second copy of them)

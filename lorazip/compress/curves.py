@@ -223,10 +223,7 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
     if spectra is None:
         sel = torch.arange(n)
     else:
-        sq = spectra[:n].double().clamp_min(0)
-        share = sq / sq.sum(1, keepdim=True).clamp_min(1e-300)
-        top = torch.argsort(share.reshape(-1), descending=True, stable=True)[:rows]
-        sel = torch.unique(top[share.reshape(-1)[top] > 0] // share.shape[1])
+        sel = torch.unique(_leading(spectra[:n].double().clamp_min(0), rows) // spectra.shape[1])
         if len(sel) == 0:
             return np.zeros(len(lowbit.BITS))
     B, A = B[sel].double(), A[sel].double()
@@ -234,9 +231,7 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
     Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
     W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
     n2 = sv.square().sum(1).clamp_min(1e-300)
-    weight = sv.square() / n2[:, None]  # (n, m) each component's share of its adapter's energy
-    top = torch.argsort(weight.reshape(-1), descending=True, stable=True)[:rows]
-    top = top[weight.reshape(-1)[top] > 0]
+    top = _leading(sv.square(), rows)
     if len(top) == 0:
         return np.zeros(len(lowbit.BITS))
     i, q = top // sv.shape[1], top % sv.shape[1]
@@ -252,6 +247,14 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
     err = ((xs * xs).sum(1) * (ys * ys).sum(1) - 2 * (xs * xh).sum(1) * (ys * yh).sum(1)
            + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0).reshape(T, -1)
     return ((w[None] * err).sum(1) / (w * sv[i, q].square()).sum()).numpy()
+
+
+def _leading(sq: torch.Tensor, rows: int) -> torch.Tensor:
+    """Flat indices into ``sq`` (n, m) (adapters' squared singular values) of the ``rows`` components
+    holding the largest shares of their adapter's energy (ties in order; none of zero share)."""
+    share = (sq / sq.sum(1, keepdim=True).clamp_min(1e-300)).reshape(-1)
+    top = torch.argsort(share, descending=True, stable=True)[:rows]
+    return top[share[top] > 0]
 
 
 SHARED_BITS = (2, 3, 4, 8)  # widths the shared bases and the cores of a module may be stored at
