@@ -251,3 +251,27 @@ def _raylets() -> list[int]:
                 continue
     return out
 
+
+
+def test_clustered_rounds_keep_module_factors_in_the_object_store(cluster, coll, tmp_path):
+    """Clustering visits every module several times (the start, each round of each start, the
+    final cores, the errors): within ``cache_bytes`` each module is
+    read once (its first task leaves the factors in Ray's object store for the later rounds and
+    the final errors), with no cache once per task; the artifact is the same byte for byte."""
+    from lorazip.compress.executor import RayExecutor
+
+    kw = dict(rank=3, clusters=2, max_rounds=4)
+    local = _bytes(lorazip.compress(coll, **kw), tmp_path / "local.safetensors")
+    got = {}
+    for cache in (2 << 30, 0):
+        with RayExecutor() as ex:
+            art = lorazip.compress(coll, executor=ex, cache_bytes=cache, **kw)
+            got[cache] = (_bytes(art, tmp_path / f"ray{cache}.safetensors"), ex.report())
+    assert got[2 << 30][0] == local and got[0][0] == local
+    kept, every = got[2 << 30][1], got[0][1]
+    phases = every["tasks_by_phase"]
+    assert phases["start_module"] == phases["final_cores"] == phases["finish"] == len(coll.modules)
+    assert phases["round_step"] >= 3 * len(coll.modules)  # n_init = 3 starts, a round or more each
+    assert every["module_reads"] == every["tasks"]  # every task read its module
+    assert kept["module_reads"] == len(coll.modules)  # once each
+    assert sum(w.get("module_reads", 0) for w in kept["workers"]) == len(coll.modules)

@@ -69,7 +69,8 @@ def compress(
         (:mod:`lorazip.compress.whiten`; a budget or target then bounds that error). The artifact
         records errors in both metrics.
     executor : a :class:`~lorazip.compress.executor.RayExecutor`: one Ray task per module.
-    timings : filled with seconds spent reading, solving and measuring (fixed-rank runs).
+    timings : filled with seconds spent reading, solving and measuring (fixed-rank runs); on Ray
+        also ``module_reads``, how many times a task read a module's factors from the sources.
 
     Returns
     -------

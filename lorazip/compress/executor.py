@@ -22,13 +22,14 @@ import os
 import socket
 import time
 from collections import defaultdict
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, Sequence
 
 from ..errors import ClusterError, LorazipError, OptionError, SourceError, first_line
 from ..io.files import sha256_file
 
 RAY_HINT = "pip install 'lorazip[ray]'"
 CLOCK_KEYS = ("read_s", "solve_s", "error_s")  # what tasks add to the caller's clock (report: also hash_s)
+COUNT_KEYS = ("module_reads",)  # counted by tasks, summed in the report
 
 
 def map_modules(
@@ -42,6 +43,8 @@ def map_modules(
     local: Callable[[int], dict[str, Any]] | None = None,
     memory: int | None = None,
     phase: str = "modules",
+    held: dict[int, Any] | None = None,
+    keep: Container[int] = (),
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(j, fn(collection, *args[j], clock=...))`` for every task ``j``.
 
@@ -49,28 +52,44 @@ def map_modules(
     arguments (the caller's read-ahead of module factors) and ``clock`` itself. With one they
     run on its workers and come back as they complete; their clocks are added to ``clock``.
     ``memory``: bytes one task may use (a Ray resource request), ``labels``: what each task is.
+    ``held``, ``keep``: module factors kept in Ray's object store (see :meth:`RayExecutor.map`;
+    not used here, where the caller's ``local`` keeps them).
     """
     if executor is None:
         clk = clock if clock is not None else {}
         for j, a in enumerate(args):
             yield j, fn(collection, *a, clock=clk, **(local(j) if local is not None else {}))
         return
-    yield from executor.map(fn, collection, args, labels=labels, clock=clock, memory=memory, phase=phase)
+    yield from executor.map(fn, collection, args, labels=labels, clock=clock, memory=memory, phase=phase, held=held,
+                            keep=keep)
 
 
-def _module_task(collection, fn: Callable[..., Any], args: tuple, threads: int, files: Sequence = ()):
+def _module_task(collection, fn: Callable[..., Any], args: tuple, threads: int, files: Sequence = (),
+                 factors: Any = None, keep: bool = False):
     """What a Ray worker runs: ``fn(collection, *args)`` with ``threads`` torch threads, timed, then
     the sha256 of ``files`` (its share of the sources' provenance). A source the worker cannot read
-    becomes one clear :class:`SourceError`. Returns ``(result, stats, [(file, sha256), ...])``."""
+    becomes one clear :class:`SourceError`. Returns ``(result, stats, [(file, sha256), ...])``.
+
+    ``factors`` (the module's factors, from Ray's object store) are given to ``fn`` as ``factors=``;
+    with ``keep``, ``fn`` is asked for the factors it read (``keep=True``: it returns ``(result,
+    factors)``) and they come back as a second return value, to stay in the object store."""
     import torch
 
     torch.set_num_threads(threads)
     host = socket.gethostname()
     _check_visible(collection, host, every=False)
     clock: dict[str, float] = {}
+    kw: dict[str, Any] = {}
+    if factors is not None:
+        kw["factors"] = factors
+    if keep:
+        kw["keep"] = True
     t0 = time.perf_counter()
+    kept = None
     try:
-        out = fn(collection, *args, clock=clock)
+        out = fn(collection, *args, clock=clock, **kw)
+        if keep:
+            out, kept = out
     except (LorazipError, OSError):
         _check_visible(collection, host, every=True)  # a missing file says so, not "cannot read tensors"
         raise
@@ -82,7 +101,7 @@ def _module_task(collection, fn: Callable[..., Any], args: tuple, threads: int, 
     if files:
         clock["hash_s"] = time.perf_counter() - t1
     stats = {"worker": f"{host}:{os.getpid()}", "busy_s": time.perf_counter() - t0, **clock}
-    return out, stats, digests
+    return ((out, stats, digests), kept) if keep else (out, stats, digests)
 
 
 def _check_visible(collection, host: str, every: bool) -> None:
@@ -183,9 +202,15 @@ class RayExecutor:
 
     def map(self, fn, collection, args: Sequence[tuple], *, labels: Sequence[str],
             clock: dict[str, float] | None = None, memory: int | None = None,
-            phase: str = "modules") -> Iterator[tuple[int, Any]]:
+            phase: str = "modules", held: dict[int, Any] | None = None,
+            keep: Container[int] = ()) -> Iterator[tuple[int, Any]]:
         """Yield ``(j, result)`` of ``fn(collection, *args[j])`` as the Ray tasks complete (see
-        :func:`map_modules`). Pending tasks are cancelled if the caller stops early or fails."""
+        :func:`map_modules`). Pending tasks are cancelled if the caller stops early or fails.
+
+        ``held``: module factors kept in Ray's object store (refs by task): task ``j`` gets
+        ``held[j]`` as ``fn(..., factors=)``. Each task ``j`` in ``keep`` without one returns the
+        factors it read (``fn(..., keep=True)``) and ``held[j]`` is set to their ref, so a later map
+        over the same modules does not read them again. Drop the refs to free the store."""
         self.start()
         ray = self._ray
         errors = ray.exceptions
@@ -204,8 +229,13 @@ class RayExecutor:
         def submit() -> None:
             while todo and len(pending) < max(cap, 1):
                 j = todo.pop()
-                r = self._remote.options(name=f"lorazip:{phase}:{labels[j]}", **opts).remote(ref, fn, args[j], 1,
-                                                                                                share[j])
+                have = held.get(j) if held is not None else None
+                keeping = held is not None and have is None and j in keep
+                task = self._remote.options(name=f"lorazip:{phase}:{labels[j]}", num_returns=2 if keeping else 1,
+                                            **opts)
+                r = task.remote(ref, fn, args[j], 1, share[j], have, keeping)
+                if keeping:
+                    r, held[j] = r
                 pending[r] = (j, time.perf_counter())
 
         try:
@@ -274,7 +304,7 @@ class RayExecutor:
         for t in self._tasks:
             w = per[t["worker"]]
             w["tasks"] += 1
-            for key in ("busy_s", *CLOCK_KEYS, "hash_s"):
+            for key in ("busy_s", *CLOCK_KEYS, "hash_s", *COUNT_KEYS):
                 if key in t:
                     w[key] = w.get(key, 0.0) + t[key]
         phases: dict[str, int] = defaultdict(int)
@@ -288,5 +318,6 @@ class RayExecutor:
             "tasks": len(self._tasks),
             "tasks_by_phase": dict(phases),
             "busy_s": sum(t["busy_s"] for t in self._tasks),
+            "module_reads": sum(t.get("module_reads", 0) for t in self._tasks),
             "workers": [{"worker": k, **v} for k, v in sorted(per.items())],
         }

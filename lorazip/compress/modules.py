@@ -105,8 +105,11 @@ class ModuleResult:
     weight_norm2: torch.Tensor | None = None
 
 
-def _read_module(collection: Collection, name: str, dtype: torch.dtype, dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_module(collection: Collection, name: str, dtype: torch.dtype, dev,
+                 clock: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Module ``name``'s stacked factors on ``dev``; ``clock["module_reads"]`` counts the reads."""
     f = collection.module_factors(name, dtype=dtype)
+    clock["module_reads"] = clock.get("module_reads", 0) + 1
     return f.B.to(dev), f.A.to(dev)
 
 
@@ -125,7 +128,7 @@ def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple
         clock.setdefault(key, 0.0)
     t0 = time.perf_counter()
     if one_side is not None:  # exact in one step; small by construction
-        B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, "cpu")
+        B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, "cpu", clock)
         U, V = _one_side_solution(Chunk(0, B, A), *one_side, opts.weighting, 1)
         clock["read_s"] += time.perf_counter() - t0
         return finish_module(Factors.stacked(B, A), info, U, V, None, None, 0, True, opts, clock, collection)
@@ -134,7 +137,7 @@ def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple
         fac = streamed_factors(collection, info.name, chunk, cdtype, dev, to_solver)
         fac_t = fac if opts.backend == "torch" else streamed_factors(collection, info.name, chunk, cdtype, dev)
     else:
-        B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, dev)
+        B, A = factors if factors is not None else _read_module(collection, info.name, cdtype, dev, clock)
         fac_t = Factors.stacked(B, A)
         fac = fac_t if opts.backend == "torch" else Factors.stacked(to_solver(B), to_solver(A))
     t1 = time.perf_counter()
@@ -180,7 +183,7 @@ def finish_clustered_task(collection: Collection, j: int, U, V, cores, assign, o
     info = collection.modules[j]
     t0 = time.perf_counter()
     B, A = factors if factors is not None else _read_module(collection, info.name,
-                                                            COMPUTE_DTYPES[opts.compute_dtype], "cpu")
+                                                            COMPUTE_DTYPES[opts.compute_dtype], "cpu", clock)
     clock["read_s"] = clock.get("read_s", 0.0) + time.perf_counter() - t0
     if one_side is not None:
         U, V = _one_side_solution(Chunk(0, B, A), *one_side, opts.weighting, U.shape[0])
@@ -189,28 +192,38 @@ def finish_clustered_task(collection: Collection, j: int, U, V, cores, assign, o
 
 
 def module_step_task(collection: Collection, name: str, dtype: torch.dtype, device: str, fn, args: tuple, *,
-                     clock: dict[str, float]):
-    """``fn(B, A, *args)`` on module ``name``'s factors, read here in ``dtype`` onto ``device``: a
-    step of a solver that visits every module in turn (jd-clustered's rounds), as a Ray task."""
+                     clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     keep: bool = False):
+    """``fn(B, A, *args)`` on module ``name``'s factors, read here in ``dtype`` onto ``device``
+    unless given as ``factors`` (kept from an earlier step): a step of a solver that visits every
+    module in turn (jd-clustered's rounds), as a Ray task. With ``keep``, returns ``(result,
+    (B, A))``, the factors on the CPU, for the caller to keep for the next step."""
+    dev = resolve_device(device)
     t0 = time.perf_counter()
-    B, A = _read_module(collection, name, dtype, resolve_device(device))
+    if factors is None:
+        B, A = _read_module(collection, name, dtype, dev, clock)
+    else:
+        B, A = factors[0].to(dev), factors[1].to(dev)
     t1 = time.perf_counter()
     out = fn(B, A, *args)
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
-    return out
+    return (out, (B.cpu(), A.cpu())) if keep else out
 
 
-def _step_tasks(executor, collection: Collection, dtype: torch.dtype, device: str, memory: int | None):
+def _step_tasks(executor, collection: Collection, dtype: torch.dtype, device: str, memory: int | None,
+                held: dict[int, Any], keep: set[int]):
     """``map_modules`` for :func:`~lorazip.solvers.clustered.jd_clustered`: each per-module step
-    as a task on ``executor`` that reads its module's factors itself."""
+    as a task on ``executor`` that reads its module's factors itself, except the modules in
+    ``keep``: their factors, read by their first step, stay in Ray's object store (``held``)
+    for the later steps."""
     names = [m.name for m in collection.modules]
 
     def run(fn, args: list[tuple]) -> list:
         out: list = [None] * len(args)
         tasks = [(names[j], dtype, device, fn, a) for j, a in enumerate(args)]
         for j, got in map_modules(executor, module_step_task, collection, tasks, labels=names, memory=memory,
-                                  phase=fn.__name__.strip("_")):
+                                  phase=fn.__name__.strip("_"), held=held, keep=keep):
             out[j] = got
         return out
 
@@ -301,22 +314,37 @@ class _ModuleLoop:
         """jd-clustered: rounds over every module, then each module rounded and measured."""
         opts, K, n = self.opts, self.plan.clusters, len(self.collection)
         t0 = time.perf_counter()
+        held: dict[int, Any] = {}  # on Ray: module factors kept in its object store between rounds
         steps = None if executor is None else _step_tasks(executor, self.collection, self.cdtype, opts.device,
-                                                          opts.memory_limit)
-        res = jd_clustered(
-            list(range(len(self.names))), self.cache.device, K, [m.rank for m in self.plan.modules],
-            weighting=opts.weighting, per_module=opts.per_module_clusters, max_rounds=opts.max_rounds,
-            max_iters=opts.max_iters, tol=opts.tol, seed=opts.seed, map_modules=steps,
-            dims=[(n, m.d_out, m.d_in) for m in self.collection.modules],
-        )
-        self.clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
-        args = [(j, res.U[j], res.V[j], res.cores[j], res.assignment[j] if K > 1 else None, mod.one_side,
-                 res.rounds, res.converged, opts) for j, mod in enumerate(self.plan.modules)]
-        self._collect(map_modules(executor, finish_clustered_task, self.collection, args, labels=self.names,
-                                  clock=self.clock, local=lambda j: self._read_ahead(j, on_device=False),
-                                  memory=opts.memory_limit, phase="finish"))
+                                                          opts.memory_limit, held, self._kept_on_ray())
+        try:
+            res = jd_clustered(
+                list(range(len(self.names))), self.cache.device, K, [m.rank for m in self.plan.modules],
+                weighting=opts.weighting, per_module=opts.per_module_clusters, max_rounds=opts.max_rounds,
+                max_iters=opts.max_iters, tol=opts.tol, seed=opts.seed, map_modules=steps,
+                dims=[(n, m.d_out, m.d_in) for m in self.collection.modules],
+            )
+            self.clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
+            args = [(j, res.U[j], res.V[j], res.cores[j], res.assignment[j] if K > 1 else None, mod.one_side,
+                     res.rounds, res.converged, opts) for j, mod in enumerate(self.plan.modules)]
+            self._collect(map_modules(executor, finish_clustered_task, self.collection, args, labels=self.names,
+                                      clock=self.clock, local=lambda j: self._read_ahead(j, on_device=False),
+                                      memory=opts.memory_limit, phase="finish", held=held))
+        finally:
+            held.clear()  # frees the object store
         return {"n_clusters": K, "per_module": opts.per_module_clusters, "rounds": res.rounds,
                 "converged": res.converged, "objective_history": res.history}
+
+    def _kept_on_ray(self) -> set[int]:
+        """The modules whose factors stay in Ray's object store between clustering rounds: the
+        ones that fit, in module order, in the same ``cache_bytes`` as in one process."""
+        keep, used, limit = set(), 0, self.cache.limit
+        for j, size in enumerate(self.memory.module_bytes):
+            if used + size > limit:
+                continue
+            keep.add(j)
+            used += size
+        return keep
 
     def _collect(self, results) -> None:
         """Store module results in module order as they arrive (in any order on Ray)."""
