@@ -228,12 +228,19 @@ class _MixedRun:
         """Build precision ``dt``; for a target missed by rounding, aim lower by the miss (measured, not
         assumed) while that still needs fewer bytes than the next precision ``after``."""
         _, alloc, fits, cand, curves, goal, E = self.best[dt]
-        for attempt in range(1 if self.budget is not None or after is None else _RETARGETS + 1):
+        retargets = 0 if self.budget is not None or after is None else _RETARGETS
+        built: dict | None = {} if retargets else None  # a re-aimed build keeps what did not change
+        for attempt in range(retargets + 1):
+            before, built = built, {} if built is not None else None
             art = build_allocation(self.collection, self.opts, fits, alloc.plan(fits, dt, cand), hashes,
                                    target_error=self.target, progress=self.progress, executor=self.executor,
-                                   kept=self.kept, memory=self.memory)  # each kept module freed once built
+                                   kept=self.kept, memory=self.memory,  # each kept module freed once built
+                                   before=before, built=built)
+            del before
+            if built and sum(t.numel() * t.element_size() for t in art.tensors().values()) > keep_limit():
+                built = {}  # not kept beside the next build where memory is short
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
-            if self.budget is not None or after is None or got <= self.target + 1e-12 or attempt == _RETARGETS:
+            if attempt == retargets or got <= self.target + 1e-12:
                 break
             goal -= (got - self.target) * 1.25 + 1e-6
             try:

@@ -19,6 +19,7 @@ from ..layout import round_small, trim_spectra
 from ..metrics import squared_errors
 from ..quantize import (LowBit, cat_stored, dry_shared_lowbit, dry_storage, store_extras, store_residual,
                         to_shared_lowbit, to_storage)
+from ..solvers.factors import Factors
 from ..solvers.residual import residual_factors
 from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
@@ -163,18 +164,102 @@ def _shared_storage(UX: torch.Tensor, VY: torch.Tensor, storage_dtype: str, shar
 
 
 
+@dataclass
+class Built:
+    """A module's parts from a low-bit build with the residual ranks ``k`` (n,) and row ``bits`` they
+    were built with: a later build of the same shared part (rank, widths) keeps the adapters whose
+    ranks and bits did not change (:func:`build_module_task`'s ``before``)."""
+
+    parts: BuiltParts
+    rank: int
+    shared_bits: tuple[int, int] | None
+    k: torch.Tensor
+    bits: torch.Tensor
+
+    def same_shared(self, rank: int, shared_bits) -> bool:
+        return self.rank == rank and (tuple(self.shared_bits) if self.shared_bits else None) == (
+            tuple(shared_bits) if shared_bits else None)
+
+    def changed(self, k: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: the adapters whose residual ranks or row bits differ in ``k``, ``bits``."""
+        changed = self.k != k
+        same = torch.nonzero(~changed).flatten()
+        if len(same):
+            rows_old = _rows(self.k, same)
+            rows_new = _rows(k, same)
+            owner = torch.repeat_interleave(same, k[same].long())
+            diff = self.bits[rows_old] != bits[rows_new]
+            changed[owner[diff]] = True
+        return changed
+
+
+def _rows(k: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """Indices of the stored rows of adapters ``which`` (in order) when adapter ``i`` has ``k[i]`` rows."""
+    k = k.long()
+    start = torch.cumsum(k, 0) - k
+    lens = k[which]
+    base = torch.repeat_interleave(start[which] - (torch.cumsum(lens, 0) - lens), lens)
+    return base + torch.arange(int(lens.sum()))
+
+
+def _splice(old: LowBit, new: LowBit, k: torch.Tensor, changed: torch.Tensor, k_old: torch.Tensor) -> LowBit:
+    """Residual rows in adapter order: the changed adapters' from ``new`` (their rows only, in
+    order), the others' from ``old`` (built with ranks ``k_old``)."""
+    n_old = old.data.shape[0]
+    idx = torch.empty(int(k.sum()), dtype=torch.long)
+    keep, redo = torch.nonzero(~changed).flatten(), torch.nonzero(changed).flatten()
+    idx[_rows(k, keep)] = _rows(k_old, keep)
+    idx[_rows(k, redo)] = n_old + torch.arange(int(k[redo].sum()))
+    return type(old)(*(torch.cat([a, b])[idx] for a, b in zip(old, new)))
+
+
+def _rebuild(fac: Factors, before: Built, k: torch.Tensor, bits: torch.Tensor, assign) -> BuiltParts:
+    """:func:`build_module_task` for the adapters of ``before`` whose residual ranks or bits changed;
+    the others keep their parts and errors. The shared part (bases, cores) is ``before``'s: the
+    same inputs give the same values, and each adapter's residual is taken against them."""
+    prev = before.parts
+    changed = before.changed(k, bits)
+    redo = torch.nonzero(changed).flatten()
+    if len(redo) == 0:
+        return prev
+    ch = next(iter(fac))
+    U64, V64 = prev.U.values.double(), prev.V.values.double()
+    S_all = prev.cores.values
+    row_new = _rows(k, redo)
+    kr, br = k[redo], bits[row_new]
+    at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(kr.long(), 0)])
+    out: dict[str, list] = {key: [] for key in ("b", "a", "sq")}
+    for s in range(0, len(redo), _BUILD_CHUNK):
+        ids = redo[s : s + _BUILD_CHUNK]
+        B, A = ch.B[ids].double(), ch.A[ids].double()
+        kc = kr[s : s + _BUILD_CHUNK]
+        ac = None if assign is None else assign[ids]
+        S64 = S_all[ids].double()
+        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, "int8",
+                                         br[int(at[s]) : int(at[s + len(ids)])])
+        sq, _ = squared_errors(B, A, U64, V64, S64, ac, norms2=prev.nn2[ids], residual=(bq, aq))
+        for key, x in zip(("b", "a", "sq"), (bs, as_, sq)):
+            out[key].append(x)
+    sq = prev.sq.clone()
+    sq[redo] = torch.cat(out["sq"])
+    return BuiltParts(prev.U, prev.V, prev.cores, _splice(prev.resid_B, cat_stored(out["b"]), k, changed, before.k),
+                      _splice(prev.resid_A, cat_stored(out["a"]), k, changed, before.k), prev.spectra, sq, prev.nn2)
+
+
 def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
                       Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
                       assign: torch.Tensor | None = None, chunk: int | None = None, bits: torch.Tensor | None = None,
-                      shared_bits: tuple[int, int] | None = None, *, clock: dict[str, float],
-                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> BuiltParts:
+                      shared_bits: tuple[int, int] | None = None, before: Built | None = None, *,
+                      clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> BuiltParts:
     """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r);
     with clusters ``assign`` (n,): ``U`` (K, d_out, R), ``X`` (K, R, r)) with its cores, and
     residual parts of ranks ``k`` (n,), from the factors (read in float32 unless given; ``chunk``
     adapters at a time for a module larger than the memory limit), rounded (``bits``: the bits of
     every residual row, stored low-bit; ``shared_bits``: those of the bases and of the cores, whose
     cores are then the least-squares ones for the stored bases), with the exact errors of what is
-    stored. In process or as a Ray task."""
+    stored. In process or as a Ray task. ``before``: this module from an earlier build of the same
+    shared part at low bits (factors in memory): only the adapters whose residual ranks or bits
+    changed are built again (:func:`_rebuild`; the same values as a build from scratch)."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
@@ -183,6 +268,11 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         return BuiltParts(*parts[:5], parts[7].float(), *parts[5:7], *parts[8:])
     fac = task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
+    if before is not None:
+        parts = _rebuild(fac, before, k, bits, assign)
+        clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
+        clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
+        return parts
     Us, Vs = _shared_storage(U @ X, V @ Y, storage_dtype, shared_bits)
     U64, V64 = Us.values.double(), Vs.values.double()
     stored = StoredBases(U64, V64) if shared_bits else None
@@ -215,13 +305,17 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
 
 def build_allocation(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], plan: Plan,
                      hashes: SourceHashes, *, target_error: float | None, progress=None, dry: bool = False,
-                     executor=None, kept: dict | None = None, memory: MemoryPlan | None = None) -> Artifact:
+                     executor=None, kept: dict | None = None, memory: MemoryPlan | None = None,
+                     before: dict[int, Built] | None = None, built: dict[int, Built] | None = None) -> Artifact:
     """Pass 2 of an allocated ``plan``: each module's chosen parts from its factors and its pass-1
     ``fits``, rounded, with exact errors. ``dry`` builds the same tensors' shapes and dtypes without
     computing them, to measure the file size exactly. The shared part is rounded first (int8:
     quantised, then dequantised), the residual is taken against what is stored of it, then rounded
     itself; errors are those of the stored values. ``target_error``: what the file records as the
-    run's target; ``kept``: pass-1 factors to take instead of reading them again."""
+    run's target; ``kept``: pass-1 factors to take instead of reading them again. A low-bit build in
+    this process fills ``built`` (if given) with each module's parts; given as ``before`` to a later
+    build of the same fits, a module with the same shared part rebuilds only the adapters whose
+    residual ranks or bits changed, and one with none changed is not read at all."""
     n, n_mod = len(collection), len(fits)
     out = _Assembly(n, n_mod, whitening_of(collection) is not None)
     resid = [torch.from_numpy(np.asarray(m.residual, dtype=np.int64)) for m in plan.modules]
@@ -233,13 +327,22 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
                                fit.K, rbits[j], mod.shared_bits))
                  for j, (info, fit, mod) in enumerate(zip(collection.modules, fits, plan.modules)))
     else:
+        reuse = plan.storage_dtype == BITS and executor is None and not out.whitened
+        prev = {j: b for j, b in (before or {}).items() if reuse and rbits[j] is not None and
+                not (memory and j in memory.chunk) and b.same_shared(plan.modules[j].rank, plan.modules[j].shared_bits)}
+        same = {j for j, b in prev.items() if not bool(b.changed(resid[j], rbits[j]).any())}
+        todo = [j for j in range(n_mod) if j not in same]
         args = [(j, fit.U, fit.V, *fit.XY[mod.rank], resid[j], storage_dtype, core_scales(fit), fit.assign,
-                 memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits)
-                for j, (fit, mod) in enumerate(zip(fits, plan.modules))]
+                 memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits, prev.get(j))
+                for j, (fit, mod) in enumerate(zip(fits, plan.modules)) if j not in same]
         # whitened modules are re-read by their task
-        reads = FactorReads(collection, kept=kept, plan=memory) if executor is None and not out.whitened else None
-        parts = map_modules(executor, build_module_task, collection, args, labels=[m.name for m in collection.modules],
-                            local=reads.factors if reads else None, phase="build")
+        reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \
+            if executor is None and not out.whitened else None
+        tasks = map_modules(executor, build_module_task, collection, args, labels=[collection.modules[j].name for j in todo],
+                            local=(lambda pos: reads.factors(todo[pos])) if reads else None, phase="build")
+        parts = _in_order(((todo[pos], got) for pos, got in tasks), same, prev)
+        if built is not None and reuse:
+            parts = _keeping(parts, built, plan, resid, rbits)
     arrived: dict[int, BuiltParts] = {}
     for count, (j, got) in enumerate(parts, 1):
         arrived[j] = got
@@ -253,6 +356,21 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         annotate(whitening_of(collection), meta, out.tensors, out.wsq, out.wnn2)
     return assemble(collection, meta, out.modules_meta, out.tensors, out.sq, out.nn2, hashes, opts.keep_extras,
                     opts.extras_dtype)
+
+
+def _in_order(tasks, same: set[int], prev: dict[int, Built]):
+    """The built modules as they come, with the unchanged ones (``prev``'s parts) among them."""
+    for j in sorted(same):
+        yield j, prev[j].parts
+    yield from tasks
+
+
+def _keeping(parts, built: dict[int, Built], plan: Plan, resid, rbits):
+    """Pass ``parts`` on, recording each low-bit module in ``built``."""
+    for j, got in parts:
+        if rbits[j] is not None:
+            built[j] = Built(got, plan.modules[j].rank, plan.modules[j].shared_bits, resid[j], rbits[j])
+        yield j, got
 
 
 class _Assembly:

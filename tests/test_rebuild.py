@@ -1,0 +1,135 @@
+"""A re-aimed low-bit build keeps what did not change: only the adapters whose residual ranks or
+bits changed are built again, and the artifact is the one a build from scratch gives, byte for byte."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import lorazip
+from lorazip.compress import budget
+from lorazip.compress.build import build_allocation
+from lorazip.compress.provenance import SourceHashes
+
+from helpers import write_collection, write_planted_groups
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    write_planted_groups(root, (24,), d=64, r_shared=8, seed=5, noise=0.05)
+    return lorazip.load_collection(root)
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groups")
+    write_planted_groups(root, (16, 12), d=48, r_shared=6, seed=5, noise=0.05)
+    return lorazip.load_collection(root)
+
+
+@pytest.fixture(scope="module")
+def iid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iid")
+    write_collection(root, n=21, modules={"q": (40, 24), "v": (24, 24), "o": (24, 40)}, r=4, seed=2)
+    return lorazip.load_collection(root)
+
+
+def _captured(coll, monkeypatch, **kw):
+    """(fits, plan, opts) of the first real build of a compress run."""
+    got = []
+    real = budget.build_allocation
+
+    def spy(collection, opts, fits, plan, *a, **k):
+        if not k.get("dry") and not got:
+            got.append((fits, plan, opts))
+        return real(collection, opts, fits, plan, *a, **k)
+
+    monkeypatch.setattr(budget, "build_allocation", spy)
+    lorazip.compress(coll, hash_sources=False, **kw)
+    monkeypatch.undo()
+    return got[0]
+
+
+def _changed(plan):
+    """``plan`` with one adapter's last row dropped, one row's bits changed and one row added (in
+    other modules where there are, else in other adapters); the other modules as they were."""
+    mods = list(plan.modules)
+    with_rows = [j for j, m in enumerate(mods) if m.bits is not None and len(m.bits)]
+    assert with_rows
+    for step in range(3):
+        j = with_rows[step % len(with_rows)]
+        m = mods[j]
+        k, bits = np.array(m.residual), np.array(m.bits)
+        start = np.concatenate([[0], np.cumsum(k)])
+        nz = np.flatnonzero(k)
+        i = int(nz[(step * len(nz)) // 3])
+        if step == 0:  # drop adapter i's last row
+            bits = np.delete(bits, start[i + 1] - 1)
+            k[i] -= 1
+        elif step == 1:  # another width for one of its rows
+            bits[start[i]] = 2 if bits[start[i]] != 2 else 3
+        else:  # one more row for the adapter with the fewest
+            i = int(np.argmin(k))
+            bits = np.insert(bits, start[i + 1], 2)
+            k[i] += 1
+        mods[j] = dataclasses.replace(m, residual=k, bits=bits.astype(np.uint8))
+    return dataclasses.replace(plan, modules=tuple(mods)), sorted(set(with_rows[:3]))
+
+
+def _bytes(art, path) -> bytes:
+    art.save(path, overwrite=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["planted", "iid", "clusters"])
+def test_a_rebuild_keeps_unchanged_adapters_and_equals_a_build_from_scratch(case, planted, groups, iid,
+                                                                             monkeypatch, tmp_path):
+    coll = {"iid": iid, "planted": planted, "clusters": groups}[case]
+    kw = {"iid": dict(target_error=0.05), "planted": dict(target_error=0.002),
+          "clusters": dict(target_error=0.002, clusters=2)}[case]
+    fits, plan, opts = _captured(coll, monkeypatch, **kw)
+    assert plan.storage_dtype == "bits"
+    if case == "planted":
+        assert any(m.rank > 0 for m in plan.modules)  # the shared part is kept, the residual against it
+    if case == "clusters":
+        assert plan.groups is not None and plan.groups.K == 2
+    plan2, edited = _changed(plan)
+    hashes = SourceHashes(coll, False, None)
+    built: dict = {}
+    build_allocation(coll, opts, fits, plan, hashes, target_error=0.05, built=built)
+    assert set(built) >= set(edited)
+
+    reads = []
+    real = type(coll).module_factors
+
+    def counting(self, name, **k):
+        reads.append(name)
+        return real(self, name, **k)
+
+    monkeypatch.setattr(type(coll), "module_factors", counting)
+    again = build_allocation(coll, opts, fits, plan2, hashes, target_error=0.05, before=built)
+    assert sorted(reads) == sorted(coll.modules[j].name for j in edited)  # the others are not read
+    monkeypatch.undo()
+    fresh = build_allocation(coll, opts, fits, plan2, hashes, target_error=0.05)
+    assert _bytes(again, tmp_path / "again.safetensors") == _bytes(fresh, tmp_path / "fresh.safetensors")
+    before = build_allocation(coll, opts, fits, plan, hashes, target_error=0.05)
+    assert _bytes(before, tmp_path / "before.safetensors") != _bytes(fresh, tmp_path / "fresh.safetensors")
+
+
+def test_another_shared_part_is_built_from_scratch(planted, monkeypatch, tmp_path):
+    fits, plan, opts = _captured(planted, monkeypatch, target_error=0.002)
+    j = next(j for j, m in enumerate(plan.modules) if m.rank > 0)
+    m = plan.modules[j]
+    other = (2, 2) if tuple(m.shared_bits or (8, 8)) != (2, 2) else (3, 3)
+    plan2 = dataclasses.replace(plan, modules=tuple(dataclasses.replace(x, shared_bits=other) if i == j else x
+                                                    for i, x in enumerate(plan.modules)))
+    hashes = SourceHashes(planted, False, None)
+    built: dict = {}
+    build_allocation(planted, opts, fits, plan, hashes, target_error=0.05, built=built)
+    assert not built[j].same_shared(m.rank, other)
+    again = build_allocation(planted, opts, fits, plan2, hashes, target_error=0.05, before=built)
+    fresh = build_allocation(planted, opts, fits, plan2, hashes, target_error=0.05)
+    assert _bytes(again, tmp_path / "a.safetensors") == _bytes(fresh, tmp_path / "b.safetensors")
