@@ -14,6 +14,8 @@ From these curves the error of any choice is known exactly before anything is st
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -65,7 +67,7 @@ class ModuleFit:
     def dim(self) -> int:
         return self.d_in + self.d_out
 
-    @property
+    @functools.cached_property
     def K(self) -> int:
         return 1 if self.U.dim() == 2 else self.U.shape[0]
 
