@@ -28,7 +28,7 @@ from ..quantize import QSCALE
 from ..solvers.linalg import adapter_weights
 from .allocate import BITS, Allocation, StepCurves, allocate_mixed, allocate_shared, rank_numbers
 from .build import FactorReads, build_allocation, keep_limit
-from .curves import ModuleFit, fit_module_task, rank_curves
+from .curves import ModuleFit, fit_module_task, rank_curves, shares
 from .executor import RayExecutor, map_modules
 from .modules import compress_modules
 from .options import CompressOptions
@@ -42,7 +42,6 @@ _RETARGETS = 3  # a target missed by a quantised precision's rounding is aimed l
 _QUANT_ROOM = 1e-4  # of the relative error: int8's rounding adds 2-4e-5 (docs/method.md), kept below a target
 _SLACK = 16  # bytes kept free in case a header field differs between the dry and the real assembly
 _FIRST_RANK = 16  # the shared rank pass 1 fits first (:meth:`_MixedRun.allocate`)
-_SHARED_GAIN = 1.0  # a module's adapters share directions where a shared part holds this much more (:func:`_shares`)
 
 
 def _stat(errors: np.ndarray, stat: str) -> float:
@@ -120,16 +119,18 @@ class _MixedRun:
         self.failed: OptionError | None = None
 
     def fit(self, cand, tops: list[int], only: list[int] | None = None,
-            before: dict[int, ModuleFit] | None = None) -> dict[int, ModuleFit]:
+            before: dict[int, ModuleFit] | None = None, grow: list[int] | None = None) -> dict[int, ModuleFit]:
         """Pass 1 on one grouping: the exact curves of every module (or those in ``only``), module
-        ``j`` fitted to shared rank ``tops[j]`` (``before``: earlier fits, whose quantisation profiles
-        do not depend on the rank)."""
+        ``j`` fitted to shared rank ``tops[j]``, or to ``grow[j]`` where its adapters share
+        directions at ``tops[j]`` (``before``: earlier fits, whose quantisation profiles do not
+        depend on the rank)."""
         opts, coll = self.opts, self.collection
         names = [m.name for m in coll.modules]
         js = list(range(len(names))) if only is None else list(only)
         K = 1 if cand is None else cand.K
         args = [(j, tops[j], opts, None if cand is None or cand.K == 1 else cand.assign[j], self.memory.chunk.get(j),
-                 before[j].quant if before and j in before else None) for j in js]
+                 before[j].quant if before and j in before else None,
+                 grow[j] if grow and grow[j] > tops[j] else None) for j in js]
         reads = FactorReads(coll, keep=self.kept, limit=keep_limit() if opts.memory_limit is None else 0,
                             plan=self.memory, order=js) if self.executor is None else None
         fits: dict[int, ModuleFit] = {}
@@ -155,7 +156,8 @@ class _MixedRun:
         names = [m.name for m in coll.modules]
         caps = [min(self.top, min(coll.shared_ranks(name, self.opts.max_rank))) for name in names]
         tops = [min(c, _FIRST_RANK) for c in caps]
-        fits = self.fit(cand, tops)
+        fits = self.fit(cand, tops, grow=caps)  # a module sharing directions grows in its task
+        tops = [max(fits[j].shared) for j in range(len(names))]
         while True:
             chosen, tried = self._allocations(cand, hashes, [fits[j] for j in range(len(names))])
             grow = [j for j in range(len(names)) if tops[j] < caps[j] and (
@@ -288,27 +290,10 @@ class _MixedRun:
 
 
 def _shares(fit: ModuleFit, R: int, weighting: str) -> bool:
-    """Whether a module's adapters share directions: its rank-``R`` shared part (bases and cores)
-    holds at least :data:`_SHARED_GAIN` times the energy that per-adapter truncated SVD parts of as
-    many numbers hold (each adapter's leading ``numbers / (n (d_in + d_out))`` components, exact from
-    its spectrum), in the weighting of the fit. Where adapters share nothing a shared direction holds
-    no more of them than one of their own, so the ratio stays below 1 (iid factors of Lots-of-LoRAs
-    shapes at rank 16: 0.81-0.86 at n = 64, 0.70-0.76 at 128, 0.03-0.04 at 1000); a planted shared
-    subspace of rank 32 gives 5.2-5.8, the bundled and GPT-2 collections 0.96-1.34 (there the module
-    grows: a false grow costs time, a missed one bytes)."""
-    n2 = fit.norms2.double()
-    n, dim = len(n2), fit.d_in + fit.d_out
-    w = adapter_weights(n2, weighting).double()
-    total = float((w * n2).sum())
-    if total <= 0 or n == 0 or 0 not in fit.spectra:
+    """:func:`~lorazip.compress.curves.shares` of a fit at shared rank ``R``."""
+    if 0 not in fit.spectra:
         return False
-    k = (fit.K * R * dim + n * R * R) / (n * dim)  # per-adapter components of the same numbers
-    sp = fit.spectra[0].double().clamp_min(0)
-    cum = torch.cat([torch.zeros(n, 1, dtype=sp.dtype), sp.cumsum(1)], 1)
-    whole = min(int(k), sp.shape[1])
-    own = cum[:, whole] + (k - whole) * (sp[:, whole] if whole < sp.shape[1] else 0.0)
-    shared = (n2 - fit.shared[R].double()).clamp_min(0)
-    return float((w * shared).sum()) >= _SHARED_GAIN * float((w * own).sum())
+    return shares(fit.norms2, fit.shared[R], fit.spectra[0], R, fit.dim, fit.K, weighting)
 
 
 def _allocate_to_size(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], E: np.ndarray,
