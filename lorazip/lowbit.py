@@ -85,11 +85,12 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
         mask[L:] = 0
         mask = mask.reshape(G, -1)
     step = max(1, _CHUNK // max(xg[0].numel(), 1))
-    for bw in sorted(set(b.tolist())):
-        idx = np.nonzero(b == bw)[0]
+    for kind in (1, 3, 8):  # 1 bit and 8 bits need no clip search; 2, 3 and 4 bits search together
+        idx = np.nonzero((b == kind) if kind != 3 else ((b >= 2) & (b <= 4)))[0]
         for lo in range(0, len(idx), step):  # a few rows at a time: the clip search holds _CLIPS copies
             rows = torch.from_numpy(idx[lo : lo + step])
             part = xg[rows]
+            bw = kind if kind != 3 else b[idx[lo : lo + step]]
             s = _best_scales(part, mask, bw).to(torch.bfloat16).float()  # the codes are taken for the stored scale
             if not bool(torch.isfinite(s).all()):
                 raise ValueError("group scales overflow bfloat16")
@@ -102,13 +103,25 @@ _CHUNK = 1 << 20  # values per block of the scale search (large blocks: fewer to
 _REFINE = 2  # least-squares refinements of a group's scale
 
 
-def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits: int) -> "torch.Tensor":
-    """Nearest codes (same shape as ``xg`` (..., g)) for scales ``s`` (...); a 0 scale gives the code of -s/2."""
+def _half(bits) -> "float | torch.Tensor":
+    """``(2^b - 1) / 2``: a float for one width, or per row (N, 1, 1) float32 for widths (N,) of rows
+    (N, G, g) (the same float32 values either way, so the arithmetic below is the same)."""
     import torch
 
-    h = _levels(bits)
+    if isinstance(bits, (int, np.integer)):
+        return _levels(bits)
+    return torch.from_numpy(((2.0 ** np.asarray(bits, dtype=np.float64) - 1) / 2).astype(np.float32))[:, None, None]
+
+
+def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits) -> "torch.Tensor":
+    """Nearest codes (same shape as ``xg`` (N, G, g)) for scales ``s`` (N, G) at ``bits`` (one width,
+    or one per row); a 0 scale gives the code of -s/2."""
+    import torch
+
+    h = _half(bits)
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-    return (xg / safe).add_(h).round_().clamp_(0, 2 * h)  # in place: one block allocated, not three
+    q = (xg / safe).add_(h).round_().clamp_min_(0)  # in place: one block allocated, not three
+    return q.clamp_max_(2 * h) if not torch.is_tensor(h) else torch.minimum(q, 2 * h, out=q)
 
 
 def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits: int) -> "torch.Tensor":
@@ -121,21 +134,27 @@ def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits: int) -> 
     def masked(t: "torch.Tensor") -> "torch.Tensor":
         return t if mask is None else t * mask
 
-    h = _levels(bits)
+    one = isinstance(bits, (int, np.integer))
+    h = _half(bits)
+    hg = h if one else h[..., 0]  # per group: (N, 1) against (N, G)
     a = masked(xg.abs())
     cnt = torch.tensor(float(xg.shape[-1])) if mask is None else mask.sum(-1).clamp_min(1)
     amax = a.amax(-1)
     mean = a.sum(-1) / cnt
-    if bits == 1:  # ±s/2: the optimal s/2 is the mean magnitude (the codes are the signs)
+    if one and bits == 1:  # ±s/2: the optimal s/2 is the mean magnitude (the codes are the signs)
         return 2 * mean
-    if bits == 8:  # 255 levels: clipping gains nothing measurable; the largest value on the outermost level
+    if one and bits == 8:  # 255 levels: clipping gains nothing measurable; the largest value on the outermost level
         return amax / h
     rms = (masked(xg * xg).sum(-1) / cnt).sqrt()
-    c0 = torch.minimum(rms * _GAUSS_CLIP[bits], amax)  # the best clip for Gaussian values, and near it
-    cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / h  # (C, N, G)
+    clip = _GAUSS_CLIP[bits] if one else torch.tensor([_GAUSS_CLIP[int(w)] for w in bits],
+                                                      dtype=torch.float32)[:, None]
+    c0 = torch.minimum(rms * clip, amax)  # the best clip for Gaussian values, and near it
+    cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / hg  # (C, N, G)
     # the same operations as round(x / c + h) etc., in place on one (C, N, G, g) block (the scale
-    # search is most of a low-bit build: fewer allocations, the same values)
-    q = (xg[None] / cand.clamp_min(1e-30)[..., None]).add_(h).round_().clamp_(0, 2 * h).sub_(h)
+    # search is most of a low-bit build: fewer allocations, the same values); rows of 2, 3 and 4
+    # bits in one block, each with its own levels
+    q = (xg[None] / cand.clamp_min(1e-30)[..., None]).add_(h).round_().clamp_min_(0)
+    q = (q.clamp_max_(2 * h) if one else torch.minimum(q, 2 * h, out=q)).sub_(h)
     err = masked(q.mul_(cand[..., None]).sub_(xg[None])).square_().sum(-1)  # (C, N, G)
     del q
     s = cand.gather(0, err.argmin(0, keepdim=True))[0]

@@ -306,3 +306,18 @@ def test_corrupt_lowbit_metadata_is_one_error(art, tmp_path):
 
     with pytest.raises(ArtifactError, match="bit widths"):
         export_numpy(art_bad, tmp_path / "out")
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_rows_of_mixed_widths_are_quantised_as_if_alone(group):
+    """2, 3 and 4-bit rows share one clip search (each with its own levels): every row's codes and
+    scales are those it gets quantised on its own, at its own width."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(90, 200, generator=g) * torch.rand(90, 1, generator=g) ** 3
+    x[:2] = 0
+    bits = np.array(lowbit.BITS)[torch.randint(0, len(lowbit.BITS), (90,), generator=g).numpy()]
+    codes, scales = lowbit.quantize(x, bits, group)
+    for i in range(0, 90, 7):
+        c, s = lowbit.quantize(x[i : i + 1], int(bits[i]), group)
+        np.testing.assert_array_equal(codes[i : i + 1], c)
+        np.testing.assert_array_equal(scales[i : i + 1], s)
