@@ -81,3 +81,35 @@ def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
     assert built[0] == built[1] != "float32" and art.meta["storage_dtype"] == "int8"
     assert any(d.get("retarget") is not None for d in art.allocation["clusters_tried"])
     assert float(per_adapter(*art.stats()).mean()) <= 0.05
+
+
+@pytest.fixture(scope="module")
+def small_fp32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small-fp32")
+    write_collection(root, n=12, modules={"q": (40, 24), "v": (24, 24)}, r=4, seed=2)
+    return lorazip.load_collection(root)
+
+
+def test_a_precision_needing_twice_the_bytes_of_bits_is_not_allocated(small_fp32):
+    """Under a target, float32 and float16 are only probed at twice bits' bytes: they miss there,
+    bits meets the target, and they are never allocated (the report says what they need)."""
+    art = lorazip.compress(small_fp32, target_error=0.05, hash_sources=False)
+    assert art.meta["storage_dtype"] == "int8" and "qbits/q" in art.tensors()
+    assert art.allocation["dtypes"]["float16"] is None and art.allocation["dtypes"]["float32"] is None
+    bits = next(t for t in art.allocation["clusters_tried"] if t["dtype"] == "bits")
+    for t in art.allocation["clusters_tried"]:
+        if t["dtype"] != "bits":
+            assert t["needs_more_than_bytes"] == 2 * bits["numbers"]
+
+
+def test_a_deferred_precision_is_allocated_and_built_when_bits_miss(small_fp32, monkeypatch):
+    """With no re-aim allowed, a bits build that misses the target by its rounding hands over to the
+    deferred precisions: they are allocated then, and the smaller of them that meets it is kept."""
+    monkeypatch.setattr(budget, "_RETARGETS", 0)
+    art = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
+    assert per_adapter(*art.stats()).mean() <= 0.01 + 1e-12
+    assert art.meta["storage_dtype"] == "float16"
+    assert art.allocation["dtypes"]["float16"] is not None and art.allocation["dtypes"]["float32"] is not None
+    monkeypatch.undo()
+    aimed = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)  # re-aimed bits meet it
+    assert aimed.meta["storage_dtype"] == "int8" and aimed.serialized_size() < art.serialized_size()

@@ -14,6 +14,7 @@ on the real file: dry assemblies give the exact size of everything besides the p
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Callable
 
@@ -162,7 +163,8 @@ class _MixedRun:
             chosen, tried = self._allocations(cand, hashes, [fits[j] for j in range(len(names))])
             grow = [j for j in range(len(names)) if tops[j] < caps[j] and (
                 _shares(fits[j], tops[j], self.opts.weighting) or
-                any(2 * alloc.ranks[names[j]] >= tops[j] for alloc, _, _ in chosen.values()))]
+                any(2 * alloc.ranks[names[j]] >= tops[j] for alloc, _, _ in chosen.values()
+                    if not isinstance(alloc, _Deferred)))]
             if not grow:
                 break
             for j in grow:
@@ -181,13 +183,22 @@ class _MixedRun:
         plain = StepCurves(fits, E)  # shared by every dtype and every budget the dry assembly tries
         K = 1 if cand is None else cand.K
         out, tried = {}, []
-        for dt in self.dtypes:
+        # for a target, bits first: a precision that cannot meet it in twice bits' bytes is allocated
+        # only if it is needed (bits' builds all miss, or a re-aim reaches those bytes)
+        order = sorted(self.dtypes, key=lambda d: d != BITS) if self.target is not None else self.dtypes
+        for dt in order:
             curves = StepCurves(fits, E, bits=True) if dt == BITS else plain
             goal = self.target
             if dt != self.native and self.target is not None:  # leave int8's rounding room under the target
                 if self.target < 2 * _QUANT_ROOM:
                     continue
                 goal = self.target - _QUANT_ROOM
+            if self.target is not None and BITS in out and dt != BITS:
+                bound = 2 * out[BITS][0].numbers * self.size_of[BITS]  # bytes
+                if _misses(fits, E, bound // self.size_of[dt], goal, self.stat, curves):
+                    out[dt] = (_Deferred(bound), (fits, cand, curves, goal, E), (False, bound, math.inf))
+                    tried.append({"K": K, "dtype": dt, "predicted": None, "needs_more_than_bytes": bound})
+                    continue
             try:
                 alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
                                           hashes, curves)
@@ -202,22 +213,52 @@ class _MixedRun:
             out[dt] = (alloc, (fits, cand, curves, goal, E), key)
         return out, tried
 
+    def _resolve_all(self) -> None:
+        for d in list(self.best):
+            self._resolved(d)
+
+    def _resolved(self, dt: str) -> bool:
+        """Allocate a deferred precision now (see :meth:`_allocations`); False where it cannot be."""
+        key, alloc, fits, cand, curves, goal, E = self.best[dt]
+        if not isinstance(alloc, _Deferred):
+            return True
+        try:
+            alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand, None,
+                                      curves)
+        except OptionError:
+            del self.best[dt]
+            return False
+        size = alloc.numbers * self.size_of[dt]
+        self.best[dt] = ((alloc.predicted > self.target + 1e-12, size, alloc.predicted), alloc, fits, cand, curves,
+                         goal, E)
+        self.tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
+                           "numbers": alloc.numbers})
+        return True
+
     def build_best(self, hashes: SourceHashes):
         """Build the candidates in order of prediction; returns the best built ``(art, dtype, alloc, grouping)``.
         The curves of a quantised precision leave out (int8) or estimate (bits) its rounding: stop when
         what is built beats the next candidate's prediction (budget), or meets the target with fewer bytes."""
         order = sorted(self.best, key=lambda d: self.best[d][0])
         built = []  # (key, artifact, dtype, allocation, clusters): the best built is kept
-        for i, dt in enumerate(order):
-            last = i + 1 == len(order)
-            art, alloc, cand, got = self._build_aimed(dt, None if last else order[i + 1], hashes)
+        i = 0
+        while i < len(order):
+            if isinstance(self.best[order[i]][1], _Deferred):  # needed now: allocate the rest
+                self._resolve_all()
+            order = order[:i] + sorted((d for d in order[i:] if d in self.best), key=lambda d: self.best[d][0])
+            if i == len(order):
+                break
+            dt = order[i]
+            i += 1
+            last = i == len(order)
+            art, alloc, cand, got = self._build_aimed(dt, None if last else order[i], hashes)
             meets = self.budget is None and got <= self.target + 1e-12
             key = (got, art.serialized_size()) if self.budget is not None else (
                 (0, art.serialized_size()) if meets else (1, got))
             built.append((key, art, dt, alloc, cand))
             if last:
                 break
-            if (min(b[0] for b in built)[0] < self.best[order[i + 1]][1].predicted) if self.budget is not None \
+            if (min(b[0] for b in built)[0] < self.best[order[i]][1].predicted) if self.budget is not None \
                     else meets:
                 break
         _, art, dt, alloc, cand = min(built, key=lambda b: b[0])
@@ -250,7 +291,14 @@ class _MixedRun:
                                           hashes, curves)
             except OptionError:
                 break
-            if retry.numbers * self.size_of[dt] >= self.best[after][1].numbers * self.size_of[after]:
+            nxt = self.best[after][1]
+            if isinstance(nxt, _Deferred) and retry.numbers * self.size_of[dt] >= nxt.bytes:
+                self._resolve_all()  # needed now: the re-aim has reached the bytes they were known to need
+                rest = [d for d in self.best if d != dt and self.best[d][0] >= self.best[dt][0]]
+                after = min(rest, key=lambda d: self.best[d][0]) if rest else None
+                nxt = self.best[after][1] if after is not None else None
+            if nxt is not None and not isinstance(nxt, _Deferred) and \
+                    retry.numbers * self.size_of[dt] >= nxt.numbers * self.size_of[after]:
                 break
             alloc = retry
             self.tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
@@ -275,7 +323,7 @@ class _MixedRun:
             "n_clusters": 1 if cand is None else cand.K,
             "storage_dtype": "int8" if dt == BITS else dt,
             "bits": storage_bits(art),
-            "dtypes": {d: self.best[d][1].predicted for d in self.best},
+            "dtypes": {d: self.best[d][1].predicted for d in self.best},  # None: not allocated (needs more bytes)
             "ranks": alloc.ranks,
             "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
                                for m, k in alloc.residual.items()},
@@ -287,6 +335,23 @@ class _MixedRun:
         if len(self.groupings) > 1 or len(self.dtypes) > 1:
             report["clusters_tried"] = self.tried
         return report
+
+
+class _Deferred:
+    """A storage precision not allocated yet: at the target it needs more than ``bytes``."""
+
+    predicted = None
+
+    def __init__(self, bytes_: int):
+        self.bytes = bytes_
+
+
+def _misses(fits: list[ModuleFit], E: np.ndarray, numbers: int, goal: float, stat: str, curves: StepCurves) -> bool:
+    """Whether ``numbers`` stored values cannot meet ``goal`` (the allocation there predicts more)."""
+    try:
+        return allocate_mixed(fits, E, numbers=int(numbers), stat=stat, curves=curves).predicted > goal
+    except OptionError:
+        return True
 
 
 def _shares(fit: ModuleFit, R: int, weighting: str) -> bool:
