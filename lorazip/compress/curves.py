@@ -286,8 +286,8 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
         return np.zeros(len(lowbit.BITS))
     i, q = top // sv.shape[1], top % sv.shape[1]
     root = sv[i, q].sqrt()[:, None]
-    x = (Qb[i] @ W[i])[torch.arange(len(top)), :, q] * root  # (rows, d_out)
-    y = (Qa[i] @ Zh[i].transpose(1, 2))[torch.arange(len(top)), :, q] * root
+    x = (Qb[i] @ W[i, :, q, None])[..., 0] * root  # (rows, d_out): each row's one singular vector
+    y = (Qa[i] @ Zh[i, q, :, None])[..., 0] * root
     w = 1.0 / n2[i]
     T = len(lowbit.BITS)
     widths = np.repeat(np.array(lowbit.BITS), len(top))  # every row at every width, in one call per side
