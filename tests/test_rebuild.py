@@ -133,3 +133,32 @@ def test_another_shared_part_is_built_from_scratch(planted, monkeypatch, tmp_pat
     again = build_allocation(planted, opts, fits, plan2, hashes, target_error=0.05, before=built)
     fresh = build_allocation(planted, opts, fits, plan2, hashes, target_error=0.05)
     assert _bytes(again, tmp_path / "a.safetensors") == _bytes(fresh, tmp_path / "b.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reaimed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reaimed")
+    write_collection(root, n=12, modules={"q": (40, 24), "v": (24, 24)}, r=4, seed=2)
+    return lorazip.load_collection(root)
+
+
+def test_only_small_builds_are_kept_for_a_re_aim(reaimed, monkeypatch, tmp_path):
+    """A re-aimed build reuses the missed one's parts; one whose codes would take more than
+    ``_KEEP_CODES`` (one byte a number, beside the packed file) is rebuilt from scratch instead,
+    to the same artifact."""
+    befores = []
+    real = budget.build_allocation
+
+    def spy(*a, **k):
+        if not k.get("dry"):
+            befores.append(k.get("before"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(budget, "build_allocation", spy)
+    kept = lorazip.compress(reaimed, target_error=0.01, hash_sources=False)
+    assert len(befores) >= 2 and befores[0] is None and befores[1]  # missed, re-aimed on what it built
+    befores.clear()
+    monkeypatch.setattr(budget, "_KEEP_CODES", 0)
+    scratch = lorazip.compress(reaimed, target_error=0.01, hash_sources=False)
+    assert len(befores) >= 2 and all(b is None for b in befores)
+    assert _bytes(kept, tmp_path / "a.safetensors") == _bytes(scratch, tmp_path / "b.safetensors")

@@ -43,6 +43,9 @@ _RETARGETS = 3  # a target missed by a quantised precision's rounding is aimed l
 _QUANT_ROOM = 1e-4  # of the relative error: int8's rounding adds 2-4e-5 (docs/method.md), kept below a target
 _SLACK = 16  # bytes kept free in case a header field differs between the dry and the real assembly
 _FIRST_RANK = 16  # the shared rank pass 1 fits first (:meth:`_MixedRun.allocate`)
+# a build whose residual codes take more (one byte a number) is not kept for a re-aim: holding them
+# beside the packed artifact would raise the run's peak (a re-aim then builds from scratch)
+_KEEP_CODES = 256 << 20
 
 
 def _stat(errors: np.ndarray, stat: str) -> float:
@@ -272,16 +275,16 @@ class _MixedRun:
         assumed) while that still needs fewer bytes than the next precision ``after``."""
         _, alloc, fits, cand, curves, goal, E = self.best[dt]
         retargets = 0 if self.budget is not None or after is None else _RETARGETS
-        built: dict | None = {} if retargets else None  # a re-aimed build keeps what did not change
+        built: dict | None = None  # a re-aimed build keeps what did not change (small builds only)
         for attempt in range(retargets + 1):
-            before, built = built, {} if built is not None else None
-            art = build_allocation(self.collection, self.opts, fits, alloc.plan(fits, dt, cand), hashes,
+            plan = alloc.plan(fits, dt, cand)
+            keep = retargets and _codes_bytes(self.collection, plan) <= min(_KEEP_CODES, keep_limit())
+            before, built = built, {} if keep else None
+            art = build_allocation(self.collection, self.opts, fits, plan, hashes,
                                    target_error=self.target, progress=self.progress, executor=self.executor,
                                    kept=self.kept, memory=self.memory,  # each kept module freed once built
                                    before=before, built=built)
             del before
-            if built and sum(t.numel() * t.element_size() for t in art.tensors().values()) > keep_limit():
-                built = {}  # not kept beside the next build where memory is short
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
             if attempt == retargets or got <= self.target + 1e-12:
                 break
@@ -335,6 +338,12 @@ class _MixedRun:
         if len(self.groupings) > 1 or len(self.dtypes) > 1:
             report["clusters_tried"] = self.tried
         return report
+
+
+def _codes_bytes(collection: Collection, plan) -> int:
+    """Bytes of a build's residual codes held one byte per number (before the file packs them)."""
+    return sum(int(np.sum(m.residual)) * (info.d_out + info.d_in) for m, info in zip(plan.modules, collection.modules)
+               if m.residual is not None)
 
 
 class _Deferred:
