@@ -26,7 +26,6 @@ from ..errors import OptionError
 from ..io.collection import Collection
 from ..metrics import per_adapter
 from ..quantize import QSCALE
-from ..solvers.linalg import adapter_weights
 from .allocate import BITS, Allocation, StepCurves, allocate_mixed, allocate_shared, rank_numbers
 from .build import FactorReads, build_allocation, keep_limit
 from .curves import ModuleFit, fit_module_task, rank_curves, shares

@@ -177,6 +177,7 @@ class Built:
     bits: torch.Tensor
 
     def same_shared(self, rank: int, shared_bits) -> bool:
+        """Whether a plan's shared part (``rank``, ``shared_bits``) is the one these parts were built with."""
         return self.rank == rank and (tuple(self.shared_bits) if self.shared_bits else None) == (
             tuple(shared_bits) if shared_bits else None)
 
