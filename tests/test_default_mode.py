@@ -113,3 +113,34 @@ def test_a_deferred_precision_is_allocated_and_built_when_bits_miss(small_fp32, 
     monkeypatch.undo()
     aimed = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)  # re-aimed bits meet it
     assert aimed.meta["storage_dtype"] == "int8" and aimed.serialized_size() < art.serialized_size()
+
+
+@pytest.fixture(scope="module")
+def two_groups(tmp_path_factory):
+    from helpers import write_planted_groups
+
+    root = tmp_path_factory.mktemp("two-groups")
+    write_planted_groups(root, (16, 12), d=48, r_shared=6, seed=5, noise=0.05)
+    return lorazip.load_collection(root)
+
+
+@pytest.mark.parametrize("kw", [dict(target_error=0.01, clusters="auto"), dict(target_error=0.01)])
+def test_deferring_a_precision_never_changes_the_artifact(two_groups, monkeypatch, tmp_path, kw):
+    """Whatever is deferred (nothing, everything, or some groupings' float precisions and not
+    others'), the artifact is the one of allocating every precision."""
+    def run(name, misses):
+        if misses is not None:
+            monkeypatch.setattr(budget, "_misses", misses)
+        art = lorazip.compress(two_groups, hash_sources=False, **kw)
+        art.save(tmp_path / name, overwrite=True)
+        return (tmp_path / name).read_bytes(), art
+
+    real = budget._misses
+    every, _ = run("every", lambda *a: False)
+    calls = iter(range(10**6))
+    mixed, _ = run("mixed", lambda *a: next(calls) % 2 == 0 and real(*a))
+    calls = iter(range(10**6))  # deferred where it would not miss: another grouping's real one must resolve it
+    forced, _ = run("forced", lambda *a: next(calls) in (0, 3))
+    monkeypatch.setattr(budget, "_misses", real)
+    default, _ = run("default", None)
+    assert every == mixed == forced == default

@@ -173,6 +173,21 @@ class _MixedRun:
                 tops[j] = caps[j]
             fits.update(self.fit(cand, tops, only=grow, before=fits))
         for dt, (alloc, entry, key) in chosen.items():
+            if dt in self.best and isinstance(alloc, _Deferred) != isinstance(self.best[dt][1], _Deferred):
+                # another grouping's candidate: a deferred one's key is only a bound on its bytes, so
+                # where the bound does not decide, the deferred one is allocated to compare
+                prev = self.best[dt]
+                real, bound = (prev[0], alloc.bytes) if isinstance(alloc, _Deferred) else (key, prev[1].bytes)
+                if not real[0] and real[1] > bound:
+                    if isinstance(prev[1], _Deferred):
+                        self._resolved(dt)  # in place (or dropped where it cannot be allocated)
+                    else:
+                        self.best[dt] = (key, alloc, *entry)
+                        if not self._resolved(dt):
+                            self.best[dt] = prev
+                            continue
+                        key, alloc, *entry = self.best[dt]
+                        self.best[dt] = prev
             if dt not in self.best or key < self.best[dt][0]:
                 self.best[dt] = (key, alloc, *entry)
         self.tried.extend(tried)  # the final round's candidates
