@@ -271,13 +271,16 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
     if alloc.get("chosen"):
         con.print(f"chose {alloc['chosen']}: {alloc['why']}")
     tried = [t for t in alloc.get("clusters_tried", []) if t.get("predicted") is not None]
-    if len(tried) > 1:
+    deferred = [t for t in alloc.get("clusters_tried", []) if t.get("needs_more_than_bytes") is not None]
+    if len(tried) + len(deferred) > 1:
         how = alloc.get("storage_dtype")
         if _low_bits(alloc.get("bits")):
             how += ", residual rows at 1-8 bits"
         con.print(f"stored in {how}; tried (predicted {alloc.get('target_stat', 'mean')} "
-                  "error): " + ", ".join(f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}"
-                                         + (" (re-aimed)" if t.get("retarget") is not None else "") for t in tried))
+                  "error): " + ", ".join([f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}"
+                                          + (" (re-aimed)" if t.get("retarget") is not None else "") for t in tried]
+                                         + [f"K = {t['K']} {t['dtype']} not allocated (needs over "
+                                            f"{_b(t['needs_more_than_bytes'])})" for t in deferred]))
 
 
 def _low_bits(bits: dict[str, Any] | None) -> bool:

@@ -144,3 +144,12 @@ def test_deferring_a_precision_never_changes_the_artifact(two_groups, monkeypatc
     monkeypatch.setattr(budget, "_misses", real)
     default, _ = run("default", None)
     assert every == mixed == forced == default
+
+
+def test_the_report_says_which_precisions_were_not_allocated(small_fp32, tmp_path, capsys):
+    out = tmp_path / "d.lorazip.safetensors"
+    src = small_fp32.adapters[0].path.parent
+    rc, stdout, err = run(capsys, "compress", src, "-o", out, "--target-error", "0.05")
+    text = " ".join((stdout + err).split())
+    assert rc == 0, err
+    assert "float16 not allocated (needs over" in text and "float32 not allocated (needs over" in text
