@@ -85,12 +85,12 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
         mask[L:] = 0
         mask = mask.reshape(G, -1)
     step = max(1, _CHUNK // max(xg[0].numel(), 1))
-    for kind in (1, 3, 8):  # 1 bit and 8 bits need no clip search; 2, 3 and 4 bits search together
-        idx = np.nonzero((b == kind) if kind != 3 else ((b >= 2) & (b <= 4)))[0]
+    for widths in ((1,), (2, 3, 4), (8,)):  # 1 and 8 bits need no clip search; 2, 3 and 4 bits search together
+        idx = np.nonzero(np.isin(b, widths))[0]
         for lo in range(0, len(idx), step):  # a few rows at a time: the clip search holds _CLIPS copies
             rows = torch.from_numpy(idx[lo : lo + step])
             part = xg[rows]
-            bw = kind if kind != 3 else b[idx[lo : lo + step]]
+            bw = widths[0] if len(widths) == 1 else b[idx[lo : lo + step]]
             s = _best_scales(part, mask, bw).to(torch.bfloat16).float()  # the codes are taken for the stored scale
             if not bool(torch.isfinite(s).all()):
                 raise ValueError("group scales overflow bfloat16")
@@ -124,7 +124,7 @@ def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits) -> "torch.Tensor":
     return q.clamp_max_(2 * h) if not torch.is_tensor(h) else torch.minimum(q, 2 * h, out=q)
 
 
-def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits: int) -> "torch.Tensor":
+def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits) -> "torch.Tensor":
     """Per group (N, G) the scale with the least squared error among a few clipping levels (all
     tried at once), then :data:`_REFINE` least-squares refinements (the best scale for the codes it gives;
     alternating codes and scale never increases the error). ``mask`` (G, g) zeroes the padding of

@@ -25,3 +25,25 @@ def fixtures_dir() -> Path:
     if not FIXTURES_DIR.is_dir():
         pytest.skip(f"real adapter fixtures not found at {FIXTURES_DIR}")
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def small_fp32(tmp_path_factory):
+    """12 float32 adapters of two small modules: a target of 0.01 misses by rounding once (a re-aim)."""
+    import lorazip
+    from helpers import write_collection
+
+    root = tmp_path_factory.mktemp("small-fp32")
+    write_collection(root, n=12, modules={"q": (40, 24), "v": (24, 24)}, r=4, seed=2)
+    return lorazip.load_collection(root)
+
+
+@pytest.fixture(scope="session")
+def two_groups(tmp_path_factory):
+    """28 adapters in two planted groups (rank-6 subspaces of d = 48, noise 0.05)."""
+    import lorazip
+    from helpers import write_planted_groups
+
+    root = tmp_path_factory.mktemp("two-groups")
+    write_planted_groups(root, (16, 12), d=48, r_shared=6, seed=5, noise=0.05)
+    return lorazip.load_collection(root)

@@ -83,13 +83,6 @@ def test_a_target_missed_by_rounding_is_aimed_lower(f32, monkeypatch):
     assert float(per_adapter(*art.stats()).mean()) <= 0.05
 
 
-@pytest.fixture(scope="module")
-def small_fp32(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small-fp32")
-    write_collection(root, n=12, modules={"q": (40, 24), "v": (24, 24)}, r=4, seed=2)
-    return lorazip.load_collection(root)
-
-
 def test_a_precision_needing_twice_the_bytes_of_bits_is_not_allocated(small_fp32):
     """Under a target, float32 and float16 are only probed at twice bits' bytes: they miss there,
     bits meets the target, and they are never allocated (the report says what they need)."""
@@ -113,15 +106,6 @@ def test_a_deferred_precision_is_allocated_and_built_when_bits_miss(small_fp32, 
     monkeypatch.undo()
     aimed = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)  # re-aimed bits meet it
     assert aimed.meta["storage_dtype"] == "int8" and aimed.serialized_size() < art.serialized_size()
-
-
-@pytest.fixture(scope="module")
-def two_groups(tmp_path_factory):
-    from helpers import write_planted_groups
-
-    root = tmp_path_factory.mktemp("two-groups")
-    write_planted_groups(root, (16, 12), d=48, r_shared=6, seed=5, noise=0.05)
-    return lorazip.load_collection(root)
 
 
 @pytest.mark.parametrize("kw", [dict(target_error=0.01, clusters="auto"), dict(target_error=0.01)])

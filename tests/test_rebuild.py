@@ -24,13 +24,6 @@ def planted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def groups(tmp_path_factory):
-    root = tmp_path_factory.mktemp("groups")
-    write_planted_groups(root, (16, 12), d=48, r_shared=6, seed=5, noise=0.05)
-    return lorazip.load_collection(root)
-
-
-@pytest.fixture(scope="module")
 def iid(tmp_path_factory):
     root = tmp_path_factory.mktemp("iid")
     write_collection(root, n=21, modules={"q": (40, 24), "v": (24, 24), "o": (24, 40)}, r=4, seed=2)
@@ -85,9 +78,9 @@ def _bytes(art, path) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["planted", "iid", "clusters"])
-def test_a_rebuild_keeps_unchanged_adapters_and_equals_a_build_from_scratch(case, planted, groups, iid,
+def test_a_rebuild_keeps_unchanged_adapters_and_equals_a_build_from_scratch(case, planted, two_groups, iid,
                                                                              monkeypatch, tmp_path):
-    coll = {"iid": iid, "planted": planted, "clusters": groups}[case]
+    coll = {"iid": iid, "planted": planted, "clusters": two_groups}[case]
     kw = {"iid": dict(target_error=0.05), "planted": dict(target_error=0.002),
           "clusters": dict(target_error=0.002, clusters=2)}[case]
     fits, plan, opts = _captured(coll, monkeypatch, **kw)
@@ -135,14 +128,7 @@ def test_another_shared_part_is_built_from_scratch(planted, monkeypatch, tmp_pat
     assert _bytes(again, tmp_path / "a.safetensors") == _bytes(fresh, tmp_path / "b.safetensors")
 
 
-@pytest.fixture(scope="module")
-def reaimed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reaimed")
-    write_collection(root, n=12, modules={"q": (40, 24), "v": (24, 24)}, r=4, seed=2)
-    return lorazip.load_collection(root)
-
-
-def test_only_small_builds_are_kept_for_a_re_aim(reaimed, monkeypatch, tmp_path):
+def test_only_small_builds_are_kept_for_a_re_aim(small_fp32, monkeypatch, tmp_path):
     """A re-aimed build reuses the missed one's parts; one whose codes would take more than
     ``_KEEP_CODES`` (one byte a number, beside the packed file) is rebuilt from scratch instead,
     to the same artifact."""
@@ -155,10 +141,10 @@ def test_only_small_builds_are_kept_for_a_re_aim(reaimed, monkeypatch, tmp_path)
         return real(*a, **k)
 
     monkeypatch.setattr(budget, "build_allocation", spy)
-    kept = lorazip.compress(reaimed, target_error=0.01, hash_sources=False)
+    kept = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
     assert len(befores) >= 2 and befores[0] is None and befores[1]  # missed, re-aimed on what it built
     befores.clear()
     monkeypatch.setattr(budget, "_KEEP_CODES", 0)
-    scratch = lorazip.compress(reaimed, target_error=0.01, hash_sources=False)
+    scratch = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
     assert len(befores) >= 2 and all(b is None for b in befores)
     assert _bytes(kept, tmp_path / "a.safetensors") == _bytes(scratch, tmp_path / "b.safetensors")

@@ -409,7 +409,7 @@ class StepCurves:
         """Every step of the rows of shared ``ranks`` in the greedy's order (error removed per cost
         unit, descending; ties: the lower module, then the earlier step): their costs, modules and
         places in their rows, and per row where its steps removing nothing are. The same for every
-        budget a target's bisection tries, so computed once per choice of ranks (a few kept)."""
+        budget a target's search tries, so computed once per choice of ranks (a few kept)."""
         key = tuple(ranks)
         hit = self._merges.get(key)
         if hit is None:
@@ -423,8 +423,8 @@ class StepCurves:
                 step.append(np.arange(len(g), dtype=np.int64))
                 floors.append(np.flatnonzero(g <= _FLOOR))
             order = np.argsort(-np.concatenate(keys), kind="stable") if keys else np.zeros(0, dtype=np.int64)
-            cat = (lambda parts: np.concatenate(parts)[order]) if keys else (lambda parts: np.zeros(0))
-            hit = (cat(costs), cat(owner).astype(np.int64), cat(step).astype(np.int64), floors)
+            cat = (lambda parts: np.concatenate(parts)[order]) if keys else (lambda parts: np.zeros(0, dtype=np.int64))
+            hit = (cat(costs), cat(owner), cat(step), floors)
             if len(self._merges) >= 4:
                 self._merges.pop(next(iter(self._merges)))
             self._merges[key] = hit
@@ -688,8 +688,8 @@ def _for_target(fits, E, target, stat, curves) -> Allocation:
     (the curves fall roughly as a power of the numbers), each guess moved half the tolerance past
     the estimate, away from the end the last guess replaced, so that the bracket closes from both
     sides; a guess outside the bracket, or after three in a row that replaced the same end, or in a
-    bracket under twice the tolerance, is its (geometric) middle instead. Each guess is one allocation at a budget (:func:`_for_numbers`):
-    about half as many as a bisection's 12 to 16."""
+    bracket under twice the tolerance, is its (geometric) middle instead. Each guess is one
+    allocation at a budget (:func:`_for_numbers`): about half as many as a bisection's 12 to 16."""
     if not 0 <= target <= 1:
         raise OptionError(f"target error must be between 0 and 1, got {target}")
     hi = max(int(math.ceil(curves.max_size())), 1)

@@ -339,7 +339,8 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         # whitened modules are re-read by their task
         reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \
             if executor is None and not out.whitened else None
-        tasks = map_modules(executor, build_module_task, collection, args, labels=[collection.modules[j].name for j in todo],
+        tasks = map_modules(executor, build_module_task, collection, args,
+                            labels=[collection.modules[j].name for j in todo],
                             local=(lambda pos: reads.factors(todo[pos])) if reads else None, phase="build")
         parts = _in_order(((todo[pos], got) for pos, got in tasks), same, prev)
         if built is not None and reuse:

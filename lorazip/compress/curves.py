@@ -15,7 +15,6 @@ From these curves the error of any choice is known exactly before anything is st
 from __future__ import annotations
 
 import functools
-
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -129,21 +128,23 @@ def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting
 
 def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, tol: float, max_iters: int,
                 grid: tuple[int, ...] = GRID, backend: str = "torch", assign: torch.Tensor | None = None,
-                quant: np.ndarray | None = None, grow: int | None = None) -> ModuleFit:
+                quant: np.ndarray | None = None, grow: int | None = None, profile: bool = True) -> ModuleFit:
     """:func:`fit_module` on :class:`~lorazip.solvers.factors.Factors`, in memory or streamed (then
     every product is a pass over the chunks; only ``(n, r, r)`` products are kept). ``backend``:
     the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch. With
     ``assign`` naming more than one cluster (factors in memory), :func:`_fit_clusters`. ``grow``:
     fitted to that rank instead where the rank-``R`` bases show that the adapters share directions
-    (:func:`shares`, decided before any curve is made)."""
+    (:func:`shares`, decided before any curve is made). ``profile=False``: no :func:`quant_profile`
+    (a cluster's fit inside :func:`_fit_clusters`, which profiles the whole module)."""
     if assign is not None and int(assign.max()) > 0:
         return _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
                              max_iters=max_iters, grid=grid, backend=backend, quant=quant)
     U, V, iters, conv, (GB, GA, BU, AV) = _bases(fac, R, weighting, seed, tol, max_iters, backend)
     n2 = (GB * GA).sum((1, 2)).clamp_min(0)
     S = BU.transpose(1, 2) @ AV
-    if grow is not None and grow > R > 0 and shares(n2, n2 - S.square().sum((1, 2)), spectra_from_grams(GB, GA).square(),
-                                                    R, fac.d_out + fac.d_in, 1, weighting):
+    if grow is not None and grow > R > 0 and shares(n2, n2 - S.square().sum((1, 2)),
+                                                    spectra_from_grams(GB, GA).square(), R, fac.d_out + fac.d_in,
+                                                    1, weighting):
         R = grow
         U, V, iters, conv, (GB, GA, BU, AV) = _bases(fac, R, weighting, seed, tol, max_iters, backend)
         S = BU.transpose(1, 2) @ AV
@@ -159,7 +160,7 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
     cores = {r: np.tile(core_quant(on_grid[r][0].T @ S[pick] @ on_grid[r][1]), (n, 1)) for r in measured}
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=quant_profile(first.B, first.A, spectra=spectra.get(0)) if quant is None else quant, basis_err=basis, core_err=cores)
+                     quant=_profile(first.B, first.A, spectra, quant, profile), basis_err=basis, core_err=cores)
 
 
 def _bases(fac: Factors, R: int, weighting: str, seed: int, tol: float, max_iters: int, backend: str):
@@ -237,7 +238,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
             XYs.append({r: (eye_r[:, :r], eye_r[:, :r]) for r in range(R + 1)})
             continue
         f = fit_factors(Factors.stacked(B[idx], A[idx]), name, R, weighting=weighting, seed=seed, tol=tol,
-                        max_iters=max_iters, grid=grid, backend=backend)
+                        max_iters=max_iters, grid=grid, backend=backend, profile=False)
         Us.append(f.U)
         Vs.append(f.V)
         XYs.append(f.XY)
@@ -252,10 +253,18 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long(), quant_profile(B, A, spectra=spectra.get(0)) if quant is None else quant, basis, cores)
+                     assign.long(), _profile(B, A, spectra, quant, True), basis, cores)
 
 
 _PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
+
+
+def _profile(B, A, spectra: dict, quant: np.ndarray | None, measure: bool) -> np.ndarray | None:
+    """A fit's quantisation profile: ``quant`` where an earlier fit made it, else measured (rows
+    chosen by the residual spectra at shared rank 0) unless ``measure`` is False."""
+    if quant is not None or not measure:
+        return quant
+    return quant_profile(B, A, spectra=spectra.get(0))
 
 
 def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,

@@ -324,7 +324,7 @@ class _ModuleLoop:
                 max_iters=opts.max_iters, tol=opts.tol, seed=opts.seed, map_modules=steps,
                 dims=[(n, m.d_out, m.d_in) for m in self.collection.modules],
             )
-            self.clock["solve_s"] += time.perf_counter() - t0  # includes reads: modules are revisited each round
+            self.clock["solve_s"] += time.perf_counter() - t0  # includes reads (modules beyond the cache, each round)
             args = [(j, res.U[j], res.V[j], res.cores[j], res.assignment[j] if K > 1 else None, mod.one_side,
                      res.rounds, res.converged, opts) for j, mod in enumerate(self.plan.modules)]
             self._collect(map_modules(executor, finish_clustered_task, self.collection, args, labels=self.names,
