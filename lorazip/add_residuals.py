@@ -38,22 +38,25 @@ def goal_error(meta: dict[str, Any], sq: torch.Tensor, n2: torch.Tensor) -> floa
     return float(per_adapter(sq.double(), n2.double()).mean())
 
 
-def _levels(mod: dict[str, Any], low: bool, storage: str) -> list[tuple[int, float, float]]:
-    """(bits, bytes, relative error) a residual component of this module may be stored at."""
+def _levels(mod: dict[str, Any], low: bool, storage: str) -> tuple[list, list]:
+    """(bits, bytes, relative error) a residual component of this module may be stored at: those of
+    an adapter's leading component and those of its others."""
     if low:
-        return lowbit.levels(mod["d_out"], mod["d_in"], mod.get("quant") or lowbit.DEFAULT_QUANT)
+        return lowbit.class_levels(mod["d_out"], mod["d_in"], lowbit.stored_profile(mod))
     size = STORAGE_DTYPES[storage].itemsize
-    return [(8 * size, (mod["d_out"] + mod["d_in"]) * size, 0.0)]
+    one = [(8 * size, (mod["d_out"] + mod["d_in"]) * size, 0.0)]
+    return one, one
 
 
 def _choose(spectra: list[np.ndarray], levels: list[list], sq: np.ndarray, E: float, goal: float):
     """One adapter: per module the number of components and their levels, taken by error removed per
     byte (each module's steps in its components' order) until the predicted error is <= ``goal``."""
     steps = []  # (-gain per byte, module, component, level index)
-    for j, (sv2, lv) in enumerate(zip(spectra, levels)):
-        rho = [1.0] + [x[2] for x in lv]
-        cost = [0.0] + [float(x[1]) for x in lv]
+    for j, (sv2, classes) in enumerate(zip(spectra, levels)):
         for q, s2 in enumerate(sv2):
+            lv = classes[min(q, 1)]
+            rho = [1.0] + [x[2] for x in lv]
+            cost = [0.0] + [float(x[1]) for x in lv]
             for t in range(len(lv)):
                 gain = s2 * (rho[t] - rho[t + 1])
                 if gain > 0:
@@ -107,8 +110,7 @@ def _store(mod, tensors, raw, fac, base, svd, level, levels, low, storage, n_old
     k_max = int(ks.max())
     root = s[:, :k_max].clamp_min(0).sqrt()
     bp, ap = P[:, :, :k_max] * root[:, None, :], (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
-    widths = np.array([0] + [lv[0] for lv in levels])
-    bits = np.concatenate([widths[level[i, : ks[i]]] for i in range(len(ks))]).astype(np.uint8)
+    _, bits = lowbit.stored_bits(level, levels)
     sb, sa, bq, aq = store_residual(bp, ap, ks, storage, bits if low else None)
     U, V, S = base
     sq_new[:, j] = squared_errors(B, A, U, V, S, torch.arange(len(ks)), residual=(bq, aq))[0]

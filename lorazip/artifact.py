@@ -869,10 +869,11 @@ def _check_module_entry(j: int, mod: dict[str, Any], path: Path | str) -> None:
         and res["max_rank"] <= res["total_rank"]
     ):
         raise _corrupt(path, f"modules[{j}].residual must be an object with positive 'max_rank' <= 'total_rank'")
-    quant = mod.get("quant")
-    if quant is not None and not (isinstance(quant, list) and len(quant) == 5 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 4 for x in quant)):
-        raise _corrupt(path, f"modules[{j}].quant must be five relative errors (at 1, 2, 3, 4 and 8 bits)")
+    for key, low, high, what in (("quant", 0, 4, "relative errors"), ("quant_rest", 1, 1e4, "ratios >= 1")):
+        quant = mod.get(key)
+        if quant is not None and not (isinstance(quant, list) and len(quant) == 5 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high for x in quant)):
+            raise _corrupt(path, f"modules[{j}].{key} must be five {what} (at 1, 2, 3, 4 and 8 bits)")
     bits = (res or {}).get("bits")
     if bits is not None and not (
         isinstance(bits, dict) and bits.get("group") == LOWBIT_GROUP and isinstance(bits.get("bytes"), list)

@@ -55,24 +55,24 @@ def svd_matched_storage(spectra: list[torch.Tensor], dims: list[int], norms2: to
     :func:`int8_rounding`; the baseline then stores its numbers as the artifact does).
     Returns the per-adapter error summary plus ``numbers``, ``pairs`` and ``mean_rank``.
     """
-    kept = [1.0] * len(dims) if rounding is None else [1 - r for r in rounding]
+    kept = [(1.0, 1.0)] * len(dims) if rounding is None else [(1 - r, 1 - r) for r in rounding]
     err, spent, taken, pairs = _greedy_svd(spectra, kept, [float(d) for d in dims], norms2, numbers)
     return {**summary(err.tolist()), "numbers": int(spent), "pairs": pairs, "mean_rank": taken / max(pairs, 1)}
 
 
-def _greedy_svd(spectra: list[torch.Tensor], kept: list[float], costs: list[float], norms2: torch.Tensor,
-                budget: float) -> tuple[torch.Tensor, float, int, int]:
+def _greedy_svd(spectra: list[torch.Tensor], kept: list[tuple[float, float]], costs: list[float],
+                norms2: torch.Tensor, budget: float) -> tuple[torch.Tensor, float, int, int]:
     """Per-adapter truncated SVD, ranks spread greedily over all (adapter, module) pairs by error
-    removed per unit of ``budget``: a component of module j keeps the share ``kept[j]`` of its
-    energy and costs ``costs[j]``. Returns the per-adapter errors (n,), the budget spent, the
-    components kept and the (adapter, module) pairs."""
+    removed per unit of ``budget``: a component of module j keeps the share ``kept[j][0]`` of its
+    energy if it is its adapter's leading one, else ``kept[j][1]``, and costs ``costs[j]``. Returns
+    the per-adapter errors (n,), the budget spent, the components kept and the (adapter, module) pairs."""
     n = norms2.shape[0]
     E = norms2.sum(1).clamp_min(1e-300)
     gains, cost, who = [], [], []
     for sv, k, c in zip(spectra, kept, costs):
         g = sv.square() / E[:, None]  # (n, r_max): error removed from adapter i's relative error
-        if k != 1.0:
-            g = g * k
+        if k != (1.0, 1.0):
+            g = g * torch.tensor([k[0]] + [k[1]] * (g.shape[1] - 1), dtype=g.dtype)[: g.shape[1]]
         gains.append(g.flatten())
         cost.append(torch.full((g.numel(),), c, dtype=torch.float64))
         who.append(torch.arange(n).repeat_interleave(g.shape[1]))
@@ -85,20 +85,18 @@ def _greedy_svd(spectra: list[torch.Tensor], kept: list[float], costs: list[floa
 
 
 # The baselines use a module's own measured quantisation profile where the artifact records one
-# (module metadata "quant", written by --budget / --target-error runs), else lorazip.lowbit's.
-DEFAULT_QUANT = dict(zip(lowbit.BITS, lowbit.DEFAULT_QUANT))
+# (module metadata "quant" and "quant_rest", written by --budget / --target-error runs), else lorazip.lowbit's.
 BASELINE_BITS = (2, 3, 4, 8, 16)  # per-adapter SVD with every factor at one of these precisions
 LORAQUANT_GRID = [(ratio, hi, lo) for ratio in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99) for hi, lo in
                   ((3, 1), (4, 1), (3, 2), (4, 2), (8, 2), (8, 4))]
 
 
-def _quant(mod: dict[str, Any], bits: int) -> float:
+def _quant(mod: dict[str, Any], bits: int) -> tuple[float, float]:
+    """Relative error of a component stored at ``bits`` (the leading one of its adapter, the others)."""
     if bits >= 16:
-        return 0.0
-    prof = mod.get("quant")
-    if isinstance(prof, list) and len(prof) == 5:
-        return float(prof[lowbit.BITS.index(bits)])
-    return DEFAULT_QUANT[bits]
+        return 0.0, 0.0
+    lead, rest = lowbit.stored_profile(mod)[:, lowbit.BITS.index(bits)]
+    return float(lead), float(rest)
 
 
 def _component_bytes(mod: dict[str, Any], bits: int) -> int:
@@ -113,8 +111,8 @@ def svd_at_bits(spectra: list[torch.Tensor], modules: list[dict[str, Any]], norm
                 bits: int) -> dict[str, Any]:
     """Per-adapter truncated SVD with its factors at ``bits`` (16: float16), ranks spread greedily
     over all (adapter, module) pairs by error removed per byte within ``nbytes``; the error of a
-    kept component is its quantisation error (:data:`DEFAULT_QUANT` or the module's profile)."""
-    err, spent, taken, pairs = _greedy_svd(spectra, [1 - _quant(mod, bits) for mod in modules],
+    kept component is its quantisation error (the module's profile, else :data:`lowbit.DEFAULT_QUANT`)."""
+    err, spent, taken, pairs = _greedy_svd(spectra, [tuple(1 - q for q in _quant(mod, bits)) for mod in modules],
                                            [float(_component_bytes(mod, bits)) for mod in modules], norms2, nbytes)
     return {**summary(err.tolist()), "bytes": spent, "pairs": pairs, "mean_rank": taken / max(pairs, 1),
             "scheme": f"SVD at {bits} bits"}
@@ -137,7 +135,9 @@ def loraquant_style(spectra: list[torch.Tensor], modules: list[dict[str, Any]], 
             r = (s2 > 0).sum(1)
             lead = torch.minimum(lead, r)
             idx = torch.arange(s2.shape[1])[None, :]
-            err = s2 * torch.where(idx < lead[:, None], _quant(mod, hi), _quant(mod, lo))
+            q_hi, q_lo = (torch.tensor([q[0]] + [q[1]] * (s2.shape[1] - 1), dtype=s2.dtype)[: s2.shape[1]]
+                          for q in (_quant(mod, hi), _quant(mod, lo)))
+            err = s2 * torch.where(idx < lead[:, None], q_hi, q_lo)
             lost += err.sum(1)
             size += float((lead * _component_bytes(mod, hi) + (r - lead) * _component_bytes(mod, lo)).sum())
         if size > nbytes:

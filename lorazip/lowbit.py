@@ -315,6 +315,61 @@ def levels(d_out: int, d_in: int, quant) -> list[tuple[int, int, float]]:
     return hull[1:]
 
 
+def profile_rows(quant) -> np.ndarray:
+    """A residual quantisation profile as (2, len(BITS)): the relative error of each adapter's leading
+    component (row 0) and of the others (row 1) at each width. One row of len(BITS) (an artifact
+    written before the two classes, or :data:`DEFAULT_QUANT`) serves both."""
+    q = np.asarray(quant, dtype=np.float64)
+    return np.stack([q, q]) if q.ndim == 1 else q
+
+
+def profile_meta(quant) -> tuple[list[float], list[float]]:
+    """A profile as module metadata stores it: ``quant``, the leading components' relative errors (3
+    significant digits), and ``quant_rest``, the others' over those (ratios >= 1, 2 significant
+    digits; 1 where the leading error is 0): about the bytes of one row at 4 digits, which small
+    budgets feel."""
+    lead, rest = profile_rows(quant)
+    ratio = np.where(lead > 0, rest / np.where(lead > 0, lead, 1.0), 1.0)
+    return [float(f"{x:.3g}") for x in lead], [float(f"{max(x, 1.0):.2g}") for x in ratio]
+
+
+def stored_profile(mod: dict) -> np.ndarray:
+    """(2, len(BITS)) profile of a module from its metadata (:func:`profile_meta`): ``quant`` for the
+    leading components and ``quant`` times ``quant_rest`` for the others (``quant`` alone: both, as
+    artifacts before the two classes wrote it), else :data:`DEFAULT_QUANT`."""
+    lead = np.asarray(mod.get("quant") or DEFAULT_QUANT, dtype=np.float64)
+    ratio = np.asarray(mod.get("quant_rest") or np.ones(len(BITS)), dtype=np.float64)
+    return np.stack([lead, lead * ratio])
+
+
+def class_levels(d_out: int, d_in: int, quant) -> tuple[list, list]:
+    """:func:`levels` of the leading and of the other residual components of a module with
+    profile ``quant`` (:func:`profile_rows`)."""
+    lead, rest = profile_rows(quant)
+    return levels(d_out, d_in, lead), levels(d_out, d_in, rest)
+
+
+def stored_bits(level: np.ndarray, levels: tuple[list, list]) -> tuple[np.ndarray, np.ndarray]:
+    """Residual ranks (n,) and the bits of every stored row (adapter by adapter, component by
+    component) of ``level`` (n, cap): each component's level (0: not stored) in ``levels`` (those of
+    the leading component, those of the others). Stored components are a prefix of each adapter's:
+    the allocator's order guarantees it (the leading class's profile is capped by the others'), and
+    a component left out before a stored one (a tie broken the other way by rounding) is raised to
+    its class's first level."""
+    n, cap = level.shape
+    ranks = np.where(level > 0, np.arange(1, cap + 1)[None, :], 0).max(1, initial=0) if cap else np.zeros(n, int)
+    width = np.zeros((2, 1 + max((len(lv) for lv in levels), default=0)), dtype=np.uint8)
+    for c, lv in enumerate(levels):
+        width[c, 1 : 1 + len(lv)] = [x[0] for x in lv]
+    if not ranks.sum():
+        return ranks, np.zeros(0, dtype=np.uint8)
+    inside = np.arange(cap)[None, :] < ranks[:, None]
+    lv = np.where(inside, np.maximum(level, 1), 0)
+    cls = np.broadcast_to((np.arange(cap) > 0).astype(np.int64)[None, :], lv.shape)
+    bits = width[cls, lv][inside]  # row-major: adapter by adapter, component by component
+    return ranks, bits.astype(np.uint8)
+
+
 # -- shared bases and cores at one bit width (format v6, module metadata ``shared_bits``) ----------
 
 def shared_values(codes: np.ndarray, scales: np.ndarray, bits: int, role: str) -> np.ndarray:

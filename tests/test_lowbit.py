@@ -243,10 +243,11 @@ def test_allocation_never_worse_than_one_precision(coll, frac):
     total = curves.max_size()
     budget = frac * total
     spectra = [f.spectra[0].sqrt().float() for f in fits]
-    mods = [{"d_out": f.d_out, "d_in": f.d_in, "quant": [float(x) for x in f.quant]} for f in fits]
+    mods = [{"d_out": f.d_out, "d_in": f.d_in, "quant": [float(x) for x in f.quant[0]],  # the same profile,
+             "quant_rest": [float(b / a) if a > 0 else 1.0 for a, b in zip(*f.quant)]} for f in fits]  # unrounded
     norms2 = torch.stack([f.norms2 for f in fits], 1)
     best_single = min(svd_at_bits(spectra, mods, norms2, budget, b)["mean"] for b in (1, 2, 3, 4, 8))
-    rows_max = budget / min(lv[1] for f in fits for lv in curves_mod.bit_levels(f))
+    rows_max = budget / min(lv[1] for f in fits for cls in curves_mod.bit_levels(f) for lv in cls)
     alloc = allocate_mod.allocate_mixed(fits, E, numbers=budget + rows_max, curves=curves)
     step = max(float((f.spectra[0][:, 0] / torch.from_numpy(E)).max()) for f in fits) / len(E)  # one component
     assert alloc.predicted <= best_single + step + 1e-9

@@ -128,7 +128,7 @@ def test_another_shared_part_is_built_from_scratch(planted, monkeypatch, tmp_pat
     assert _bytes(again, tmp_path / "a.safetensors") == _bytes(fresh, tmp_path / "b.safetensors")
 
 
-def test_only_small_builds_are_kept_for_a_re_aim(small_fp32, monkeypatch, tmp_path):
+def test_only_small_builds_are_kept_for_a_re_aim(small_fp32, optimistic_profile, monkeypatch, tmp_path):
     """A re-aimed build reuses the missed one's parts; one whose codes would take more than
     ``_KEEP_CODES`` (one byte a number, beside the packed file) is rebuilt from scratch instead,
     to the same artifact."""

@@ -201,14 +201,19 @@ class StepCurves:
                                            for r in range(max(f.shared) + 1)]) for f in self.fits]
         return self._shared_only
 
-    def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: list) -> _Row:
+    def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: tuple[list, list]) -> _Row:
+        """``levels``: (those of each adapter's leading component, those of the others)."""
         n, cap = sp.shape
-        T = len(levels)
-        rho = np.array([1.0] + [lv[2] for lv in levels])
-        cost = np.array([0] + [lv[1] for lv in levels], dtype=np.float64)
-        raw = sp[:, :, None] * (rho[:-1] - rho[1:])[None, None, :]  # (n, cap, T) error removed by each move up
+        T = max(len(lv) for lv in levels)
+        rho = np.ones((2, T + 1))
+        cost = np.zeros((2, T + 1))
+        for c, lv in enumerate(levels):  # a class with fewer levels: steps that remove nothing, never taken
+            rho[c, 1:] = [x[2] for x in lv] + [lv[-1][2] if lv else 1.0] * (T - len(lv))
+            cost[c, 1:] = [x[1] for x in lv] + [(lv[-1][1] if lv else 0) + 1.0] * (T - len(lv))
+        cls = (np.arange(cap) > 0).astype(np.int64)
+        raw = sp[:, :, None] * (rho[:, :-1] - rho[:, 1:])[cls][None]  # (n, cap, T) error removed by each move up
         gain = (self.c[:, None, None] * raw).ravel()
-        dc = np.broadcast_to(np.diff(cost)[None, None, :], raw.shape).ravel()
+        dc = np.broadcast_to(np.diff(cost, axis=1)[cls][None], raw.shape).ravel()
         live = np.nonzero(gain > 0)[0]  # steps that remove nothing are never taken
         slope = gain[live] / dc[live]
         order = live[np.argsort(-slope, kind="stable")]
@@ -558,13 +563,7 @@ class StepCurves:
         cap = int(row.comp.max()) + 1 if len(row.comp) else 0
         level = np.zeros((self.n, cap), dtype=np.int64)
         np.maximum.at(level, (row.who[taken], row.comp[taken]), row.lvl[taken] + 1)
-        ranks = (level > 0).sum(1)
-        widths = np.array([0] + [lv[0] for lv in row.levels], dtype=np.uint8)
-        bits = np.concatenate([widths[level[i, : ranks[i]]] for i in range(self.n)]) if ranks.sum() else \
-            np.zeros(0, dtype=np.uint8)
-        if (bits == 0).any():
-            raise AssertionError("residual steps do not form a prefix of each adapter's components")  # pragma: no cover
-        return ranks, bits.astype(np.uint8)
+        return lowbit.stored_bits(level, row.levels)
 
 
 def allocate_mixed(fits: list[ModuleFit], E: np.ndarray, *, numbers: int | None = None,

@@ -302,7 +302,11 @@ class _MixedRun:
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
             if attempt == retargets or got <= self.target + 1e-12:
                 break
-            goal -= (got - self.target) * 1.25 + 1e-6
+            # the miss is the model's: measured from what this build was predicted to reach (an
+            # allocation can land below the goal it was given, so lowering the goal by the miss past
+            # the target alone may not move it)
+            miss = max(got - alloc.predicted, got - self.target)
+            goal = min(goal, self.target - miss * 1.25) - 1e-6
             try:
                 retry = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
                                           hashes, curves)

@@ -405,7 +405,7 @@ class _Assembly:
         if plan.shared_bits and r:
             entry["shared_bits"] = [int(b) for b in plan.shared_bits]
         if fit.quant is not None:  # measured low-bit errors (lorazip.evaluate's baselines use them)
-            entry["quant"] = [float(f"{x:.4g}") for x in fit.quant]
+            entry["quant"], entry["quant_rest"] = lowbit.profile_meta(fit.quant)
         if total > 0:
             tensors[f"resid_ranks/{name}"] = k.to(torch.int32)
             p.resid_B.put(tensors, f"resid_B/{name}")

@@ -58,7 +58,8 @@ class ModuleFit:
     iters: int = 0
     converged: bool = True
     assign: torch.Tensor | None = None  # (n,) cluster of each adapter when K > 1 (then U: (K, d_out, R))
-    quant: np.ndarray | None = None  # (len(BITS),) relative error of a residual component at each bit width
+    quant: np.ndarray | None = None  # (2, len(BITS)) relative error of a residual component at each bit width
+    # (row 0: each adapter's leading component, row 1: the others; :func:`quant_profile`)
     basis_err: np.ndarray | None = None  # (n, B) squared error of a unit basis vector of U plus one of V (each
     # adapter's cluster's) stored at each of SHARED_BITS (:func:`basis_quant`)
     core_err: dict[int, np.ndarray] | None = None  # grid r -> (n, B) relative error of the rank-r cores' rows
@@ -256,7 +257,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
                      assign.long(), _profile(B, A, spectra, quant, True), basis, cores)
 
 
-_PROFILE_ROWS = 48  # residual components whose quantisation is measured per module
+_PROFILE_ROWS = 32  # residual components of each class whose quantisation is measured per module
 
 
 def _profile(B, A, spectra: dict, quant: np.ndarray | None, measure: bool) -> np.ndarray | None:
@@ -269,49 +270,78 @@ def _profile(B, A, spectra: dict, quant: np.ndarray | None, measure: bool) -> np
 
 def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
                   spectra: torch.Tensor | None = None) -> np.ndarray:
-    """Relative squared error of a residual component stored at each of :data:`lowbit.BITS`,
-    measured on the module's own per-adapter SVD components (the ``rows`` that matter most,
-    each adapter's components weighed by its relative energy): ``sum err / sum sigma^2`` with
+    """(2, len(BITS)) relative squared error of a residual component stored at each of
+    :data:`lowbit.BITS`: row 0 for each adapter's leading component, row 1 for the others (whose
+    singular vectors quantise worse: 1.1-1.5x the leading one's error, more at more bits, on the
+    bundled and GPT-2 collections). Each row is measured on the module's own per-adapter SVD
+    components of its class (the ``rows`` holding the largest shares of their adapter's energy,
+    each adapter weighed by its relative energy): ``sum err / sum sigma^2`` with
     ``err = ||x y^T - x_hat y_hat^T||^2`` of the stored rows ``x = sqrt(sigma) u``, ``y = sqrt(sigma) v``.
-    ``spectra`` (n, m): the adapters' squared singular values where the caller has them (pass 1's
-    residual spectra at shared rank 0); they choose the rows, and only the adapters holding them
-    are decomposed."""
-    n = B.shape[0]
+    The leading row is capped by the other (:func:`_two_classes`). ``spectra`` (n, m): the adapters'
+    squared singular values where the caller has them (pass 1's residual spectra at shared rank 0);
+    they choose the components, and only the adapters holding them are decomposed."""
+    n, T = B.shape[0], len(lowbit.BITS)
     if n == 0 or B.shape[2] == 0:
-        return np.zeros(len(lowbit.BITS))
+        return np.zeros((2, T))
     if spectra is None:
         sel = torch.arange(n)
     else:
-        sel = torch.unique(_leading(spectra[:n].double().clamp_min(0), rows) // spectra.shape[1])
+        sq = spectra[:n].double().clamp_min(0)
+        sel = torch.unique(torch.cat([_leading(sq, rows, c) for c in (0, 1)]) // sq.shape[1])
         if len(sel) == 0:
-            return np.zeros(len(lowbit.BITS))
+            return np.zeros((2, T))
     B, A = B[sel].double(), A[sel].double()
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
     W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
     n2 = sv.square().sum(1).clamp_min(1e-300)
-    top = _leading(sv.square(), rows)
+    tops = [_leading(sv.square(), rows, c) for c in (0, 1)]
+    top = torch.cat(tops)
     if len(top) == 0:
-        return np.zeros(len(lowbit.BITS))
+        return np.zeros((2, T))
     i, q = top // sv.shape[1], top % sv.shape[1]
     root = sv[i, q].sqrt()[:, None]
     x = (Qb[i] @ W[i, :, q, None])[..., 0] * root  # (rows, d_out): each row's one singular vector
     y = (Qa[i] @ Zh[i, q, :, None])[..., 0] * root
     w = 1.0 / n2[i]
-    T = len(lowbit.BITS)
     widths = np.repeat(np.array(lowbit.BITS), len(top))  # every row at every width, in one call per side
     xs, ys = x.repeat(T, 1), y.repeat(T, 1)
     xh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(xs, widths), widths)).double()
     yh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(ys, widths), widths)).double()
     err = ((xs * xs).sum(1) * (ys * ys).sum(1) - 2 * (xs * xh).sum(1) * (ys * yh).sum(1)
            + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0).reshape(T, -1)
-    return ((w[None] * err).sum(1) / (w * sv[i, q].square()).sum()).numpy()
+    ref = w * sv[i, q].square()
+    out, at = [], 0
+    for t in tops:
+        k = slice(at, at + len(t))
+        at += len(t)
+        out.append((w[k][None] * err[:, k]).sum(1) / ref[k].sum() if len(t) else None)
+    return _two_classes(*(o.numpy() if o is not None else None for o in out))
 
 
-def _leading(sq: torch.Tensor, rows: int) -> torch.Tensor:
+def _two_classes(lead: np.ndarray | None, rest: np.ndarray | None) -> np.ndarray:
+    """(2, T) profile of the leading and the other components. A class with nothing measured takes the
+    other's row; the leading row is capped elementwise by the other's, so that a module's leading
+    component is never predicted to quantise worse than the next: its first step then always comes
+    first in the allocator's order (stored components stay a prefix of each adapter's)."""
+    if lead is None:
+        lead = rest
+    if rest is None:
+        rest = lead
+    return np.stack([np.minimum(lead, rest), rest])
+
+
+def _leading(sq: torch.Tensor, rows: int, cls: int | None = None) -> torch.Tensor:
     """Flat indices into ``sq`` (n, m) (adapters' squared singular values) of the ``rows`` components
-    holding the largest shares of their adapter's energy (ties in order; none of zero share)."""
-    share = (sq / sq.sum(1, keepdim=True).clamp_min(1e-300)).reshape(-1)
+    holding the largest shares of their adapter's energy (ties in order; none of zero share);
+    ``cls`` 0: among each adapter's leading component only, 1: among the others."""
+    share = sq / sq.sum(1, keepdim=True).clamp_min(1e-300)
+    if cls is not None:
+        keep = torch.zeros_like(share, dtype=torch.bool)
+        keep[:, :1] = cls == 0
+        keep[:, 1:] = cls == 1
+        share = torch.where(keep, share, torch.zeros_like(share))
+    share = share.reshape(-1)
     top = torch.argsort(share, descending=True, stable=True)[:rows]
     return top[share[top] > 0]
 
@@ -369,9 +399,11 @@ def shared_quant(eps: np.ndarray, rel: np.ndarray, kept: torch.Tensor) -> np.nda
     return k * (eps[..., :, None] + rel[..., None, :])
 
 
-def bit_levels(fit: ModuleFit) -> list[tuple[int, int, float]]:
-    """:func:`lorazip.lowbit.levels` of a module's residual components, from its measured profile."""
-    return lowbit.levels(fit.d_out, fit.d_in, fit.quant)
+def bit_levels(fit: ModuleFit) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """:func:`lorazip.lowbit.levels` of a module's residual components from its measured profile:
+    those of each adapter's leading component and those of the others."""
+    return lowbit.class_levels(fit.d_out, fit.d_in, fit.quant)
+
 
 
 @dataclass
