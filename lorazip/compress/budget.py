@@ -302,11 +302,10 @@ class _MixedRun:
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
             if attempt == retargets or got <= self.target + 1e-12:
                 break
-            # the miss is the model's: measured from what this build was predicted to reach (an
-            # allocation can land below the goal it was given, so lowering the goal by the miss past
-            # the target alone may not move it)
-            miss = max(got - alloc.predicted, got - self.target)
-            goal = min(goal, self.target - miss * 1.25) - 1e-6
+            # lower by 1.25 times the miss past the target, and at least to the target less the model's
+            # own miss (what was built over what was predicted): an allocation can land well below the
+            # goal it was given, and lowering the goal by the miss past the target alone may not move it
+            goal = min(goal - (got - self.target) * 1.25, self.target - (got - alloc.predicted)) - 1e-6
             try:
                 retry = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
                                           hashes, curves)
