@@ -108,6 +108,34 @@ def test_a_small_miss_is_re_aimed_below_the_prediction(small_fp32, monkeypatch):
     assert float(per_adapter(*art.stats()).mean()) <= 0.01
 
 
+def test_fits_and_curves_are_released_before_the_artifact_is_packed(small_fp32, monkeypatch):
+    """Packing the built artifact (its size, then the file) holds its codes and the packed tensors at
+    once; the pass-1 fits and the allocator's step curves (about half the codes' memory at 1000
+    adapters) are gone by then."""
+    import gc
+    import weakref
+
+    from lorazip.artifact import Artifact
+    from lorazip.compress import allocate
+
+    made, alive = [], {}
+    real_init, real_size = allocate.StepCurves.__init__, Artifact.serialized_size
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(weakref.ref(self))
+
+    def size(self):
+        gc.collect()
+        alive.setdefault(id(self), sum(r() is not None for r in made))
+        return real_size(self)
+
+    monkeypatch.setattr(allocate.StepCurves, "__init__", init)
+    monkeypatch.setattr(Artifact, "serialized_size", size)
+    art = lorazip.compress(small_fp32, target_error=0.05, hash_sources=False)
+    assert made and alive[id(art)] == 0
+
+
 def test_a_precision_needing_twice_the_bytes_of_bits_is_not_allocated(small_fp32):
     """Under a target, float32 and float16 are only probed at twice bits' bytes: they miss there,
     bits meets the target, and they are never allocated (the report says what they need)."""

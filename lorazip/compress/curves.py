@@ -405,7 +405,6 @@ def bit_levels(fit: ModuleFit) -> tuple[list[tuple[int, int, float]], list[tuple
     return lowbit.class_levels(fit.d_out, fit.d_in, fit.quant)
 
 
-
 @dataclass
 class RankCurves:
     """``errors[m]``: (n, max_rank_m) absolute squared error of each adapter at ranks 1..max_rank_m;
