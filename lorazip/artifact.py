@@ -95,11 +95,16 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
     import torch
 
+    from .layout import Streamed
+
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
+        if isinstance(t, Streamed):  # made a piece at a time (packed low-bit rows)
+            for piece in t.pieces():
+                h.update(memoryview(piece))
+        elif t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     return h.hexdigest()
 
@@ -247,10 +252,16 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     """Write a safetensors file with plain file I/O (streamed, any path, byte-for-byte deterministic)."""
     import torch
 
+    from .layout import Streamed
+
     head, order = safetensors_header(tensors, metadata)
     with open(path, "wb") as f:
         f.write(head)
         for key in order:
+            if isinstance(tensors[key], Streamed):  # made and written a piece at a time
+                for piece in tensors[key].pieces():
+                    f.write(piece.data)
+                continue
             t = tensors[key].detach().cpu().contiguous()
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)

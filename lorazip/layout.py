@@ -475,37 +475,80 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
     return out
 
 
+class Streamed:
+    """A flat uint8 tensor of the file made a piece at a time when it is hashed or written
+    (:func:`lorazip.artifact.tensor_checksum`, :func:`lorazip.artifact.write_safetensors`): its size
+    is known without making it. The low-bit residual rows (``lowbit/resid_B`` / ``lowbit/resid_A``)
+    are packed so, module by module, from the artifact's codes: at 1000 adapters the packed rows are
+    gigabytes, and holding them beside the codes was a run's peak."""
+
+    def __init__(self, size: int, pieces):
+        import torch
+
+        self.dtype, self.shape, self._pieces = torch.uint8, (int(size),), pieces
+
+    def numel(self) -> int:
+        return self.shape[0]
+
+    def element_size(self) -> int:
+        return 1
+
+    def contiguous(self) -> "Streamed":
+        return self
+
+    def pieces(self):
+        """The bytes, in order: 1-D uint8 arrays."""
+        return self._pieces()
+
+    def materialize(self) -> "torch.Tensor":
+        """The whole tensor (what a reader of the file gets)."""
+        import numpy as np
+        import torch
+
+        parts = list(self.pieces())
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8))
+
+
+def _packed_pieces(items):
+    """Each module's rows packed (:func:`lorazip.lowbit.pack`): ``items`` of (codes, bits)."""
+    import numpy as np
+
+    from .lowbit import pack as pack_rows
+
+    for codes, b in items:
+        yield pack_rows(codes.numpy() & ((1 << b) - 1).astype(np.uint8)[:, None], b)  # dry: any bytes
+
+
 def _pack_lowbit(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
     """Move the low-bit residual rows of the modules whose residual metadata has ``bits`` into
     the flat ``qbits``, ``lowbit/resid_B`` / ``lowbit/resid_A`` (codes packed by
-    :func:`lorazip.lowbit.pack`) and ``qscale/lowbit/...``, in place."""
+    :func:`lorazip.lowbit.pack`, module by module when the flat tensor is read: :class:`Streamed`)
+    and ``qscale/lowbit/...``, in place."""
+    import functools
+
     import numpy as np
     import torch
 
-    from .lowbit import pack as pack_rows, packed_bytes
+    from .lowbit import packed_bytes
 
     mods = [m for m in meta["modules"] if (m.get("residual") or {}).get("bits")]
     if not mods:
         return
     bits_all, scales = [], {r: [] for r in RESID}
     widths = [out[f"qbits/{mod['name']}"].reshape(-1).numpy().astype(np.int64) for mod in mods]
-    # each module's rows packed straight into its place in the flat tensor (no second copy of them)
-    data = {role: np.empty(sum(packed_bytes(out[f"{role}/{mod['name']}"].shape[-1], b) for mod, b in zip(mods, widths)),
-                           dtype=np.uint8) for role in RESID}
-    at = dict.fromkeys(RESID, 0)
+    items: dict[str, list] = {r: [] for r in RESID}
+    size = dict.fromkeys(RESID, 0)
     for mod, b in zip(mods, widths):
         bits_all.append(out.pop(f"qbits/{mod['name']}").reshape(-1).to(torch.uint8))
         for role in RESID:
             key = f"{role}/{mod['name']}"
-            codes = out.pop(key).numpy() & ((1 << b) - 1).astype(np.uint8)[:, None]  # dry: any bytes
-            packed = pack_rows(codes, b)
-            data[role][at[role] : at[role] + len(packed)] = packed
-            at[role] += len(packed)
-            del codes, packed
+            codes = out.pop(key)
+            size[role] += packed_bytes(codes.shape[-1], b)
+            items[role].append((codes, b))
             scales[role].append(out.pop(QSCALE + key).to(torch.bfloat16).reshape(-1))
     out[QBITS] = torch.cat(bits_all).contiguous()
     for role in RESID:
-        out[LOWBIT + role] = torch.from_numpy(data[role])
+        out[LOWBIT + role] = Streamed(size[role], functools.partial(_packed_pieces, items[role]))
         out[QSCALE + LOWBIT + role] = torch.cat(scales[role]).contiguous()
 
 
