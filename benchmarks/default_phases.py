@@ -61,6 +61,18 @@ def child(src: str, settings: dict) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def settings_from(items: list[str]) -> dict:
+    """``KEY=VALUE`` items as ``lorazip.compress`` settings (a value: a Python literal or a string)."""
+    settings = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return settings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", nargs="+")
@@ -69,13 +81,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    settings = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            settings[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            settings[key] = value
+    settings = settings_from(args.set)
     if args.child:
         print(json.dumps(child(args.src[0], settings)))
         return
