@@ -72,7 +72,7 @@ def _greedy_svd(spectra: list[torch.Tensor], kept: list[tuple[float, float]], co
     for sv, k, c in zip(spectra, kept, costs):
         g = sv.square() / E[:, None]  # (n, r_max): error removed from adapter i's relative error
         if k != (1.0, 1.0):
-            g = g * torch.tensor([k[0]] + [k[1]] * (g.shape[1] - 1), dtype=g.dtype)[: g.shape[1]]
+            g = g * _by_component(k, g.shape[1], g.dtype)
         gains.append(g.flatten())
         cost.append(torch.full((g.numel(),), c, dtype=torch.float64))
         who.append(torch.arange(n).repeat_interleave(g.shape[1]))
@@ -97,6 +97,12 @@ def _quant(mod: dict[str, Any], bits: int) -> tuple[float, float]:
         return 0.0, 0.0
     lead, rest = lowbit.stored_profile(mod)[:, lowbit.BITS.index(bits)]
     return float(lead), float(rest)
+
+
+def _by_component(pair: tuple[float, float], m: int, dtype: torch.dtype) -> torch.Tensor:
+    """(m,) a value per component index: ``pair[0]`` for an adapter's leading component, ``pair[1]``
+    for the others."""
+    return torch.tensor([pair[0]] + [pair[1]] * (m - 1), dtype=dtype)[:m]
 
 
 def _component_bytes(mod: dict[str, Any], bits: int) -> int:
@@ -135,8 +141,7 @@ def loraquant_style(spectra: list[torch.Tensor], modules: list[dict[str, Any]], 
             r = (s2 > 0).sum(1)
             lead = torch.minimum(lead, r)
             idx = torch.arange(s2.shape[1])[None, :]
-            q_hi, q_lo = (torch.tensor([q[0]] + [q[1]] * (s2.shape[1] - 1), dtype=s2.dtype)[: s2.shape[1]]
-                          for q in (_quant(mod, hi), _quant(mod, lo)))
+            q_hi, q_lo = (_by_component(_quant(mod, b), s2.shape[1], s2.dtype) for b in (hi, lo))
             err = s2 * torch.where(idx < lead[:, None], q_hi, q_lo)
             lost += err.sum(1)
             size += float((lead * _component_bytes(mod, hi) + (r - lead) * _component_bytes(mod, lo)).sum())

@@ -168,6 +168,26 @@ def write_doc(header_meta: dict[str, str], doc: Any) -> None:
         header_meta["lorazip"] = doc if isinstance(doc, str) else json.dumps(doc)
 
 
+def resave_artifact(path, dst, *, meta_edit=None, tensor_edit=None):
+    """A copy of the artifact file ``path`` at ``dst`` with its metadata document (checksum dropped)
+    edited in place by ``meta_edit(doc)`` and its stored tensors by ``tensor_edit(tensors)``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    doc = read_doc(meta)
+    doc.pop("checksum", None)
+    if meta_edit:
+        meta_edit(doc)
+    if tensor_edit:
+        tensor_edit(tensors)
+    write_doc(meta, doc)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
 def tiny_tokenizer(texts, out: Path):
     """A 300-token byte-level BPE tokenizer trained on ``texts`` (with <unk>, <pad>, <eos>), saved
     to ``out`` as a transformers fast tokenizer: what the tiny local models of the tests read."""

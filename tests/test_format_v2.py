@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GPT2_LIKE, make_peft_adapters, read_doc, run_cli, write_adapter, write_collection, write_doc
+from helpers import GPT2_LIKE, make_peft_adapters, resave_artifact, run_cli, write_adapter, write_collection
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -270,21 +270,6 @@ def test_v2_files_still_read_and_match_v3(small, tmp_path):
         assert torch.equal(back.get(key), v3.get(key)), key
 
 
-def _resave(path: Path, dst: Path, *, meta_edit=None, tensor_edit=None) -> Path:
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    doc = read_doc(meta)
-    doc.pop("checksum", None)
-    if meta_edit:
-        meta_edit(doc)
-    if tensor_edit:
-        tensor_edit(tensors)
-    write_doc(meta, doc)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 M0 = "transformer.h.0.attn.c_attn"
 
 
@@ -340,23 +325,23 @@ def _mod(doc, name=M0):
      "modules[0].rank must be a non-negative integer"),
 ])
 def test_bad_residual_parts(small, tmp_path, what, kw, message):
-    bad = _resave(small["path"], tmp_path / "bad.safetensors", **kw)
+    bad = resave_artifact(small["path"], tmp_path / "bad.safetensors", **kw)
     with pytest.raises(ArtifactError, match=re.escape(message)):
         load_artifact(bad)
 
 
 def test_rank_zero_top_level_and_nan(small, tmp_path):
-    ok = _resave(small["path"], tmp_path / "r0.safetensors", meta_edit=lambda d: d.update(rank=0))
+    ok = resave_artifact(small["path"], tmp_path / "r0.safetensors", meta_edit=lambda d: d.update(rank=0))
     assert load_artifact(ok).meta["rank"] == 0  # allowed in artifacts with rank-0 modules / residual parts
     v1 = small["v1"].save(tmp_path / "v1.lorazip.safetensors")
-    bad = _resave(v1, tmp_path / "v1r0.safetensors", meta_edit=lambda d: d.update(rank=0))
+    bad = resave_artifact(v1, tmp_path / "v1r0.safetensors", meta_edit=lambda d: d.update(rank=0))
     with pytest.raises(ArtifactError, match="'rank' must be a positive integer"):
         load_artifact(bad)
 
     def nan(t):
         t["resid_A"][4 * 8] = float("nan")  # row 4 of M0's a rows (M0 is first in the packed resid_A)
 
-    bad = load_artifact(_resave(small["path"], tmp_path / "nan.safetensors", tensor_edit=nan))
+    bad = load_artifact(resave_artifact(small["path"], tmp_path / "nan.safetensors", tensor_edit=nan))
     bad.module_residuals(M0, [0, 1])  # rows 0..3: finite
     with pytest.raises(ArtifactError, match="NaN or Inf"):
         bad.module_residuals(M0, [3])

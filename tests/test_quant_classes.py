@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import read_doc, write_doc
-from safetensors import safe_open
-from safetensors.torch import save_file
+from helpers import resave_artifact
 
 import lorazip
 from lorazip import lowbit
@@ -113,15 +111,10 @@ def test_prediction_of_a_real_collection_within_three_percent(distilbert_default
 
 def test_bad_profile_ratios_are_one_error(distilbert_default, tmp_path):
     path = distilbert_default.save(tmp_path / "d.lorazip.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    doc = read_doc(meta)
-    doc.pop("checksum", None)
-    mod = next(m for m in doc["modules"] if "quant_rest" in m)
-    mod["quant_rest"] = [0.5, 1, 1, 1, 1]
-    write_doc(meta, doc)
-    bad = tmp_path / "bad.lorazip.safetensors"
-    save_file(tensors, str(bad), metadata=meta)
+
+    def below_one(doc):
+        next(m for m in doc["modules"] if "quant_rest" in m)["quant_rest"] = [0.5, 1, 1, 1, 1]
+
+    bad = resave_artifact(path, tmp_path / "bad.lorazip.safetensors", meta_edit=below_one)
     with pytest.raises(ArtifactError, match=r"quant_rest must be five ratios >= 1"):
         lorazip.load_artifact(bad)
