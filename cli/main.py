@@ -147,7 +147,8 @@ _BUDGET = typer.Option(
     )
 _MEMORY_LIMIT = typer.Option(
         None, help="Memory for module factors (e.g. 4GB): a module needing more than a third streams from disk "
-        "in chunks of adapters (jd-full, jd-diag)."
+        "in chunks of adapters (jd-full, jd-diag); built rows beyond it are held in temporary files in TMPDIR "
+        "(default: beyond a quarter of the available memory)."
     )
 _CALIBRATION = typer.Option(
         None, "--calibration", help="Statistics from `lorazip calibrate`: minimise the error of each module's outputs "

@@ -34,7 +34,8 @@ from .modules import compress_modules
 from .options import CompressOptions
 from .plan import Clusters
 from .provenance import SourceHashes
-from .streaming import MemoryPlan
+from .spill import spill_for
+from .streaming import MemoryPlan, release_freed_memory
 from .whiten import whitening_of
 
 
@@ -296,6 +297,7 @@ class _MixedRun:
         for d, (key, alloc, *_) in list(self.best.items()):
             self.best[d] = (key, alloc, None, None, None, None, None)
         self.kept.clear()
+        release_freed_memory()
 
     def _build_aimed(self, dt: str, after: str | None, hashes: SourceHashes):
         """Build precision ``dt``; for a target missed by rounding, aim lower by the miss (measured, not
@@ -305,12 +307,13 @@ class _MixedRun:
         built: dict | None = None  # a re-aimed build keeps what did not change (small builds only)
         for attempt in range(retargets + 1):
             plan = alloc.plan(fits, dt, cand)
-            keep = retargets and _codes_bytes(self.collection, plan) <= min(_KEEP_CODES, keep_limit())
+            keep = retargets and _rows_bytes(self.collection, plan) <= min(_KEEP_CODES, keep_limit())
             before, built = built, {} if keep else None
             art = build_allocation(self.collection, self.opts, fits, plan, hashes,
                                    target_error=self.target, progress=self.progress, executor=self.executor,
                                    kept=self.kept, memory=self.memory,  # each kept module freed once built
-                                   before=before, built=built)
+                                   before=before, built=built,
+                                   spill=spill_for(_rows_bytes(self.collection, plan), self.opts.memory_limit))
             del before
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
             if attempt == retargets or got <= self.target + 1e-12:
@@ -370,10 +373,12 @@ class _MixedRun:
         return report
 
 
-def _codes_bytes(collection: Collection, plan) -> int:
-    """Bytes of a build's residual codes held one byte per number (before the file packs them)."""
-    return sum(int(np.sum(m.residual)) * (info.d_out + info.d_in) for m, info in zip(plan.modules, collection.modules)
-               if m.residual is not None)
+def _rows_bytes(collection: Collection, plan) -> int:
+    """Bytes of a build's residual rows in memory: low-bit codes one byte per number (before the file
+    packs them), other rows in their storage dtype."""
+    item = 1 if plan.storage_dtype == BITS else STORAGE_DTYPES[plan.storage_dtype].itemsize
+    return item * sum(int(np.sum(m.residual)) * (info.d_out + info.d_in)
+                      for m, info in zip(plan.modules, collection.modules) if m.residual is not None)
 
 
 class _Deferred:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,8 @@ from .measure import StoredBases, optimal_cores
 from .options import CompressOptions
 from .plan import ModulePlan, Plan
 from .provenance import SourceHashes, adapter_meta
-from .streaming import MemoryPlan
+from .spill import Spill
+from .streaming import MemoryPlan, release_freed_memory
 from .whiten import annotate, build_mixed_module, whitening_of
 
 
@@ -307,7 +308,8 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
 def build_allocation(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], plan: Plan,
                      hashes: SourceHashes, *, target_error: float | None, progress=None, dry: bool = False,
                      executor=None, kept: dict | None = None, memory: MemoryPlan | None = None,
-                     before: dict[int, Built] | None = None, built: dict[int, Built] | None = None) -> Artifact:
+                     before: dict[int, Built] | None = None, built: dict[int, Built] | None = None,
+                     spill: Spill | None = None) -> Artifact:
     """Pass 2 of an allocated ``plan``: each module's chosen parts from its factors and its pass-1
     ``fits``, rounded, with exact errors. ``dry`` builds the same tensors' shapes and dtypes without
     computing them, to measure the file size exactly. The shared part is rounded first (int8:
@@ -316,7 +318,8 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
     run's target; ``kept``: pass-1 factors to take instead of reading them again. A low-bit build in
     this process fills ``built`` (if given) with each module's parts; given as ``before`` to a later
     build of the same fits, a module with the same shared part rebuilds only the adapters whose
-    residual ranks or bits changed, and one with none changed is not read at all."""
+    residual ranks or bits changed, and one with none changed is not read at all. ``spill``: each
+    module's residual rows go to its files as they are built (:mod:`lorazip.compress.spill`)."""
     n, n_mod = len(collection), len(fits)
     out = _Assembly(n, n_mod, whitening_of(collection) is not None)
     resid = [torch.from_numpy(np.asarray(m.residual, dtype=np.int64)) for m in plan.modules]
@@ -343,6 +346,8 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
                             labels=[collection.modules[j].name for j in todo],
                             local=(lambda pos: reads.factors(todo[pos])) if reads else None, phase="build")
         parts = _in_order(((todo[pos], got) for pos, got in tasks), same, prev)
+        if spill is not None:
+            parts = _spilled(parts, spill)
         if built is not None and reuse:
             parts = _keeping(parts, built, plan, resid, rbits)
     arrived: dict[int, BuiltParts] = {}
@@ -365,6 +370,22 @@ def _in_order(tasks, same: set[int], prev: dict[int, Built]):
     for j in sorted(same):
         yield j, prev[j].parts
     yield from tasks
+
+
+def _spilled(parts, spill: Spill):
+    """Pass ``parts`` on with their rows file-backed; the memory the module's build freed (its factors,
+    read or kept from pass 1, and its rows) handed back to the OS (glibc keeps freed heap otherwise)."""
+    for j, got in parts:
+        got = _held(got, spill)
+        release_freed_memory()
+        yield j, got
+
+
+def _held(p: BuiltParts, spill: Spill) -> BuiltParts:
+    """``p`` with its residual rows (the codes of low-bit rows, the stored values otherwise) file-backed."""
+    rows = {key: part._replace(data=spill.hold(part.data)) for key in ("resid_B", "resid_A")
+            if (part := getattr(p, key)) is not None and isinstance(getattr(part, "data", None), torch.Tensor)}
+    return replace(p, **rows) if rows else p
 
 
 def _keeping(parts, built: dict[int, Built], plan: Plan, resid, rbits):

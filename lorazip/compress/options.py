@@ -47,7 +47,8 @@ class CompressOptions:
         "absolute"); ``calibration_lambda`` (the regulariser of calibration statistics).
     How to compute
         ``device``, ``backend`` (array library of the jd-full solver), ``compute_dtype``, ``seed``,
-        ``max_iters``, ``tol``, ``memory_limit`` (bytes for module factors: larger modules stream),
+        ``max_iters``, ``tol``, ``memory_limit`` (bytes for module factors: larger modules stream; and for
+        the rows a budget or target run builds: past it they are held in temporary files),
         ``cache_bytes`` (factors kept between clustering rounds), ``hash_sources`` (record sha256).
     """
 

@@ -1,0 +1,72 @@
+"""Built rows held in unnamed temporary files instead of memory (large default-mode runs).
+
+A run with per-adapter parts builds an artifact about as large as what it stores: at 1000
+Lots-of-LoRAs-shaped adapters and mean error 0.03, 9.4 GB of residual codes (one byte a number
+until the file packs them). Held in memory they set the run's peak and make a collection a few
+times larger impossible to compress on the same machine. When a build's rows exceed what the run
+may hold (``memory_limit``, else a quarter of the memory available when the build starts), each
+module's rows are written, as built, to an unnamed temporary file (``tempfile.TemporaryFile`` in
+``TMPDIR``: removed by the system when the last tensor mapping it is gone, even if the process
+dies) and mapped back copy-on-write: the same values in tensors every reader uses as before, whose
+pages the kernel reads back when needed and drops under pressure. The artifact's file, its
+statistics and every digest are the same as from rows held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+
+import numpy as np
+import torch
+
+from ..errors import OutputError
+
+
+class Spill:
+    """Writes tensors to unnamed temporary files in ``directory`` (None: ``tempfile.gettempdir()``)
+    and gives them back file-backed; ``bytes`` counts what it holds this way."""
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory
+        self.bytes = 0
+        self._held: dict[int, weakref.ref] = {}  # by id (a tensor's == compares values)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a tensor this spill gave back (already file-backed)."""
+        ref = self._held.get(id(t))
+        return ref is not None and ref() is t
+
+    def hold(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s values in a file-backed CPU tensor (the same dtype and shape; empty tensors as
+        they are)."""
+        if t.numel() == 0 or self.holds(t):
+            return t
+        arr = t.detach().cpu().contiguous().numpy()
+        where = self.directory or tempfile.gettempdir()
+        try:
+            with tempfile.TemporaryFile(dir=where, prefix="lorazip-rows-") as f:
+                f.write(memoryview(arr.reshape(-1)).cast("B"))
+                f.flush()
+                mapped = np.memmap(f, dtype=arr.dtype, mode="c", shape=arr.shape)  # the mapping keeps the file
+        except OSError as exc:
+            raise OutputError(f"{where}: cannot hold {arr.nbytes:,} bytes of built rows there ({exc.strerror or exc}); "
+                              "set TMPDIR to a directory with more room, or raise --memory-limit") from exc
+        out = torch.from_numpy(mapped)
+        key = id(out)
+        self._held[key] = weakref.ref(out, lambda _, key=key, held=self._held: held.pop(key, None))
+        self.bytes += arr.nbytes
+        return out
+
+
+def spill_for(nbytes: int, memory_limit: int | None) -> Spill | None:
+    """A :class:`Spill` for a build whose rows take ``nbytes`` in memory, when they exceed
+    ``memory_limit`` (else a quarter of the memory available now); None to hold them in memory
+    (also where the system does not say how much is available, or cannot map files this way)."""
+    from .build import keep_limit
+
+    limit = memory_limit if memory_limit is not None else keep_limit()
+    if os.name != "posix" or not limit or nbytes <= limit:
+        return None
+    return Spill()
