@@ -66,7 +66,7 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
     x = x.detach().to("cpu", torch.float32)
     if x.dim() != 2:
         raise ValueError("low-bit storage quantises rows: a 2-D tensor")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError("cannot quantise NaN or Inf values")
     N, L = x.shape
     b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (N,)).copy()
@@ -78,7 +78,7 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
     if N == 0 or L == 0:
         return codes, scales
     pad = G * int(group) - L if G > 1 else 0
-    xg = torch.nn.functional.pad(x, (0, pad)).reshape(N, G, -1)  # (N, G, g)
+    xg = (torch.nn.functional.pad(x, (0, pad)) if pad else x).reshape(N, G, -1)  # (N, G, g)
     mask = None  # with no padding every value counts (multiplying by ones would change nothing)
     if pad:
         mask = torch.ones(L + pad, dtype=torch.float32)
@@ -97,6 +97,14 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
             scales[rows.numpy()] = s.numpy()
             codes[rows.numpy()] = _codes(part, s, bw).reshape(len(rows), -1)[:, :L].to(torch.uint8).numpy()
     return codes, scales
+
+
+def all_finite(x: "torch.Tensor") -> bool:
+    """Whether every value of ``x`` is finite: its sum is (NaN and Inf reach the sum), else, since
+    a sum of finite values may overflow, a check of each value."""
+    import torch
+
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 _CHUNK = 1 << 20  # values per block of the scale search (large blocks: fewer torch calls, same results)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .layout import shared_widths
+from .lowbit import all_finite
 
 QSCALE = "qscale/"  # prefix of the scale tensor of an int8 tensor
 QBITS = "qbits/"  # ``qbits/<m>``: bits of each low-bit residual row of module m (lorazip.lowbit)
@@ -50,7 +51,7 @@ def quantize_rows(t: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tu
     x = t.detach().to("cpu", torch.float64)
     if x.dim() == 0:
         raise ValueError("int8 storage needs at least one dimension (rows along the last axis)")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError("cannot quantise NaN or Inf values")
     amax = x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
     s = amax / 127

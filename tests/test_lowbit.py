@@ -67,8 +67,15 @@ def test_quantiser_edge_rows():
         codes, scales = lowbit.quantize(x, bits)
         got = lowbit.dequantize(codes, scales, bits)
         assert np.all(got[0] == 0) and np.isfinite(got).all()
-    with pytest.raises(ValueError, match="NaN"):
-        lowbit.quantize(torch.tensor([[float("nan")]]), 2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = torch.ones(4, 9)
+        y[2, 5] = bad
+        with pytest.raises(ValueError, match="NaN"):
+            lowbit.quantize(y, 2)
+    big = torch.full((2, 4), 3e38)  # finite values whose float32 sum overflows: not refused
+    big[0, 0] = 1.0
+    codes, scales = lowbit.quantize(big, 8)
+    assert np.isfinite(lowbit.dequantize(codes, scales, 8)).all()
     with pytest.raises(ValueError, match="bits"):
         lowbit.quantize(torch.ones(2, 2), 5)
 
