@@ -56,9 +56,15 @@ def test_hold_gives_the_same_values_file_backed():
     assert sp.hold(empty) is empty
 
 
-def test_spill_only_past_the_limit():
+def test_spill_only_past_the_limit(tmp_path):
     assert spill_for(1000, memory_limit=1000) is None
-    assert isinstance(spill_for(1001, memory_limit=1000), Spill)
+    assert isinstance(spill_for(1001, memory_limit=1000, directory=str(tmp_path)), Spill)
+
+
+def test_no_spill_to_a_directory_in_memory(tmp_path, monkeypatch):
+    assert spill_mod.filesystem_type("/proc/self") == "proc"
+    monkeypatch.setattr(spill_mod, "filesystem_type", lambda path: "tmpfs")
+    assert spill_for(10**9, memory_limit=1000, directory=str(tmp_path)) is None  # it would free nothing
 
 
 def test_spilled_build_is_the_same_file(coll, tmp_path, monkeypatch):

@@ -60,13 +60,38 @@ class Spill:
         return out
 
 
-def spill_for(nbytes: int, memory_limit: int | None) -> Spill | None:
-    """A :class:`Spill` for a build whose rows take ``nbytes`` in memory, when they exceed
-    ``memory_limit`` (else a quarter of the memory available now); None to hold them in memory
-    (also where the system does not say how much is available, or cannot map files this way)."""
+_IN_MEMORY_FS = ("tmpfs", "ramfs")  # files there are memory themselves: spilling to them frees nothing
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding ``path`` (Linux: the longest mount point in /proc/mounts
+    that contains it); None where that cannot be told."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for point, fs in mounts:
+        point = point.replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fs
+    return kind
+
+
+def spill_for(nbytes: int, memory_limit: int | None, directory: str | None = None) -> Spill | None:
+    """A :class:`Spill` to ``directory`` (None: ``tempfile.gettempdir()``, i.e. ``TMPDIR``) for a build
+    whose rows take ``nbytes`` in memory, when they exceed ``memory_limit`` (else a quarter of the
+    memory available now); None to hold them in memory: also where the system does not say how much
+    is available, cannot map files this way, or the directory is itself in memory (tmpfs)."""
     from .build import keep_limit
 
     limit = memory_limit if memory_limit is not None else keep_limit()
     if os.name != "posix" or not limit or nbytes <= limit:
         return None
-    return Spill()
+    where = directory or tempfile.gettempdir()
+    if filesystem_type(where) in _IN_MEMORY_FS:
+        return None
+    return Spill(directory)
