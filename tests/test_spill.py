@@ -46,12 +46,12 @@ def _digest(art, path) -> str:
 def test_hold_gives_the_same_values_file_backed():
     sp = Spill()
     for t in (torch.randint(0, 255, (37, 129), dtype=torch.uint8), torch.randn(5, 7, dtype=torch.float16),
-              torch.randn(3, 4)):
+              torch.randn(3, 4), torch.randn(6, 5).to(torch.bfloat16)):
         got = sp.hold(t)
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
         assert _file_backed(got) and not _file_backed(t)
         assert sp.holds(got) and sp.hold(got) is got  # held once
-    assert sp.bytes == 37 * 129 + 5 * 7 * 2 + 3 * 4 * 4
+    assert sp.bytes == 37 * 129 + 5 * 7 * 2 + 3 * 4 * 4 + 6 * 5 * 2
     empty = torch.zeros(0, 8, dtype=torch.uint8)
     assert sp.hold(empty) is empty
 
@@ -67,9 +67,11 @@ def test_no_spill_to_a_directory_in_memory(tmp_path, monkeypatch):
     assert spill_for(10**9, memory_limit=1000, directory=str(tmp_path)) is None  # it would free nothing
 
 
-def test_spilled_build_is_the_same_file(coll, tmp_path, monkeypatch):
-    mem = lorazip.compress(coll, hash_sources=False)
-    assert any(m.get("residual", {}).get("bits") for m in mem.modules), "the default run stores low-bit rows"
+@pytest.mark.parametrize("settings", [{}, {"budget": 20_000, "storage_dtype": "bfloat16"}],
+                         ids=["default, low-bit rows", "budget, bfloat16 rows"])
+def test_spilled_build_is_the_same_file(coll, tmp_path, monkeypatch, settings):
+    mem = lorazip.compress(coll, hash_sources=False, **settings)
+    assert any(m.get("residual") for m in mem.modules), "the run stores per-adapter rows"
     made: list[Spill] = []
 
     def always(nbytes, memory_limit):
@@ -77,7 +79,7 @@ def test_spilled_build_is_the_same_file(coll, tmp_path, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(budget_mod, "spill_for", always)
-    art = lorazip.compress(coll, hash_sources=False)
+    art = lorazip.compress(coll, hash_sources=False, **settings)
     assert made and made[-1].bytes > 0
     held = _logical_rows(art)
     assert held and all(_file_backed(t) for t in held)

@@ -43,7 +43,9 @@ class Spill:
         they are)."""
         if t.numel() == 0 or self.holds(t):
             return t
-        arr = t.detach().cpu().contiguous().numpy()
+        src = t.detach().cpu().contiguous()
+        odd = src.dtype == torch.bfloat16  # numpy has no bfloat16: its bytes as int16, viewed back below
+        arr = (src.view(torch.int16) if odd else src).numpy()
         where = self.directory or tempfile.gettempdir()
         try:
             with tempfile.TemporaryFile(dir=where, prefix="lorazip-rows-") as f:
@@ -52,8 +54,9 @@ class Spill:
                 mapped = np.memmap(f, dtype=arr.dtype, mode="c", shape=arr.shape)  # the mapping keeps the file
         except OSError as exc:
             raise OutputError(f"{where}: cannot hold {arr.nbytes:,} bytes of built rows there ({exc.strerror or exc}); "
-                              "set TMPDIR to a directory with more room, or raise --memory-limit") from exc
+                              "set TMPDIR to a directory with more room, or raise the memory limit") from exc
         out = torch.from_numpy(mapped)
+        out = out.view(torch.bfloat16) if odd else out
         key = id(out)
         self._held[key] = weakref.ref(out, lambda _, key=key, held=self._held: held.pop(key, None))
         self.bytes += arr.nbytes
