@@ -49,6 +49,39 @@ def test_residual_factors_are_the_dense_truncated_svd_of_the_residual():
     assert torch.allclose(e2, dense, rtol=1e-9, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 9.0), shared=st.sampled_from([0, 2]),
+       inside=st.booleans())
+def test_residual_svd_both_routes_match_dense(seed, spread, shared, inside):
+    """The Gram route (well-conditioned stacked factors) and the QR route (columns scaled over up to
+    9 decades, or a shared part inside the adapter's own span: rank-deficient) give the dense
+    residual's truncated SVD, within 1e-10 of its energy, with orthonormal singular vectors."""
+    from lorazip.solvers import residual as res
+
+    n, d_out, d_in, r_i = 6, 17, 14, 4
+    B, A = _rand(n, d_out, r_i, seed=seed % 1000), _rand(n, r_i, d_in, seed=seed % 1000 + 1)
+    scale = torch.logspace(0, -spread, r_i, dtype=torch.float64)  # condition number up to 1e9
+    B[::2] = B[::2] * scale  # every other adapter ill-conditioned: both routes in one batch
+    U = torch.linalg.qr(_rand(d_out, max(shared, 1), seed=seed % 1000 + 2))[0][:, :shared]
+    V = torch.linalg.qr(_rand(d_in, max(shared, 1), seed=seed % 1000 + 3))[0][:, :shared]
+    if inside and shared:
+        U = torch.linalg.qr(B[1] @ _rand(r_i, shared, seed=seed % 1000 + 4))[0]  # inside adapter 1's span
+    S = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
+    P, s, Q = res.residual_svd(B, A, U, V, S)
+    eye = torch.eye(r_i + shared, dtype=torch.float64)
+    for i in range(n):
+        R = B[i] @ A[i] - U @ S[i] @ V.T
+        ref = torch.linalg.svdvals(R)
+        m = min(len(ref), r_i + shared)
+        assert torch.allclose(s[i, :m], ref[:m], rtol=0, atol=1e-10 * float(ref[0]) + 1e-300)
+        keep = s[i] > 1e-6 * s[i, 0]  # directions of a (numerically) nonzero singular value
+        for X in (P[i][:, keep], Q[i][:, keep]):
+            assert torch.allclose(X.T @ X, eye[: int(keep.sum()), : int(keep.sum())], atol=1e-8)
+        for k in range(m + 1):
+            got = (R - (P[i, :, :k] * s[i, :k]) @ Q[i, :, :k].T).square().sum()
+            assert abs(float(got - ref[k:].square().sum())) <= 1e-10 * float(R.square().sum()) + 1e-300
+
+
 def test_nested_residual_spectra_match_dense_svd(tmp_path):
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=3, seed=5)
     coll = lorazip.load_collection(tmp_path / "c")
