@@ -51,14 +51,15 @@ def test_residual_factors_are_the_dense_truncated_svd_of_the_residual():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 9.0), shared=st.sampled_from([0, 2]),
-       inside=st.booleans())
-def test_residual_svd_both_routes_match_dense(seed, spread, shared, inside):
+       inside=st.booleans(), d_out=st.sampled_from([3, 17]))
+def test_residual_svd_both_routes_match_dense(seed, spread, shared, inside, d_out):
     """The Gram route (well-conditioned stacked factors) and the QR route (columns scaled over up to
-    9 decades, or a shared part inside the adapter's own span: rank-deficient) give the dense
-    residual's truncated SVD, within 1e-10 of its energy, with orthonormal singular vectors."""
+    9 decades, a shared part inside the adapter's own span: rank-deficient, or fewer rows than
+    columns) give the dense residual's truncated SVD, within 1e-10 of its energy, with orthonormal
+    singular vectors."""
     from lorazip.solvers import residual as res
 
-    n, d_out, d_in, r_i = 6, 17, 14, 4
+    n, d_in, r_i = 6, 14, 4
     B, A = _rand(n, d_out, r_i, seed=seed % 1000), _rand(n, r_i, d_in, seed=seed % 1000 + 1)
     scale = torch.logspace(0, -spread, r_i, dtype=torch.float64)  # condition number up to 1e9
     B[::2] = B[::2] * scale  # every other adapter ill-conditioned: both routes in one batch
@@ -68,6 +69,7 @@ def test_residual_svd_both_routes_match_dense(seed, spread, shared, inside):
         U = torch.linalg.qr(B[1] @ _rand(r_i, shared, seed=seed % 1000 + 4))[0]  # inside adapter 1's span
     S = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
     P, s, Q = res.residual_svd(B, A, U, V, S)
+    assert s.shape == (n, min(d_out, d_in, r_i + shared)) and P.shape[2] == Q.shape[2] == s.shape[1]
     eye = torch.eye(r_i + shared, dtype=torch.float64)
     for i in range(n):
         R = B[i] @ A[i] - U @ S[i] @ V.T

@@ -42,7 +42,8 @@ def residual_svd(B, A, U, V, S):
 
     B : (n, d_out, r_i), A : (n, r_i, d_in) float64; U : (d_out, r) or (n, d_out, r) (per adapter,
     e.g. gathered cluster bases); V likewise; S : (n, r, r).
-    Returns ``(P, s, Q)``: P (n, d_out, m), s (n, m) descending, Q (n, d_in, m), ``m = r_i + r``.
+    Returns ``(P, s, Q)``: P (n, d_out, k), s (n, k) descending, Q (n, d_in, k), ``k = min(d_out, d_in,
+    m)``, ``m = r_i + r``.
 
     With ``L = [B_i, -U S_i] = Q_L R_L`` and ``Rt = [A_i^T, V] = Q_R R_R`` the residual is
     ``Q_L (R_L R_R^T) Q_R^T``: the SVD of the small middle matrix gives it. Where both stacked factors
@@ -53,15 +54,18 @@ def residual_svd(B, A, U, V, S):
     """
     L, Rt = _stack_factors(B, A, U, V, S)
     n, m = L.shape[0], L.shape[2]
-    P = L.new_empty(n, L.shape[1], m)
-    Q = Rt.new_empty(n, Rt.shape[1], m)
-    s = L.new_empty(n, m)
-    if n == 0 or m == 0:
+    k = min(L.shape[1], Rt.shape[1], m)
+    P = L.new_empty(n, L.shape[1], k)
+    Q = Rt.new_empty(n, Rt.shape[1], k)
+    s = L.new_empty(n, k)
+    if n == 0 or k == 0:
         return P, s, Q
-    eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
-    eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
-    good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
-        eR[:, -1] > 0)
+    good = torch.zeros(n, dtype=torch.bool)
+    if k == m:  # more columns than rows: the Grams are singular, QR
+        eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
+        eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
+        good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
+            eR[:, -1] > 0)
     fast = torch.nonzero(good).flatten()
     if len(fast):
         hL, hR = eL[fast].sqrt(), eR[fast].sqrt()
@@ -73,9 +77,10 @@ def residual_svd(B, A, U, V, S):
     if len(slow):
         Q1, R1 = torch.linalg.qr(L[slow])
         Q2, R2 = torch.linalg.qr(Rt[slow])
-        W, s[slow], Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
-        P[slow] = Q1 @ W
-        Q[slow] = Q2 @ Zh.transpose(1, 2)
+        W, sv, Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
+        s[slow] = sv[:, :k]
+        P[slow] = Q1 @ W[:, :, :k]
+        Q[slow] = Q2 @ Zh.transpose(1, 2)[:, :, :k]
     return P, s, Q
 
 
