@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,35 @@ def test_spilled_under_a_memory_limit(coll, monkeypatch):
     spilled = [s for nb, _, s in seen if nb > limit]
     assert spilled and all(isinstance(s, Spill) and s.bytes > 0 for s in spilled)
     assert all(_file_backed(t) for t in _logical_rows(art))
+
+
+def test_a_re_aim_reads_spilled_curves(small_fp32, optimistic_profile, monkeypatch, tmp_path):
+    """With every step array of the allocator's curves and every built row held in files (a large
+    run), a target missed by rounding is re-aimed on the file-backed curves: the same file as a run
+    held in memory."""
+    from lorazip.compress import allocate
+
+    builds = []
+    real_build = budget_mod.build_allocation
+
+    def count(*a, **k):
+        if not k.get("dry"):
+            builds.append(k.get("spill"))
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(budget_mod, "build_allocation", count)
+    mem = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
+    assert len(builds) >= 2, "the target is missed once and re-aimed"
+    builds.clear()
+    held: list[int] = []
+    real_hold = allocate.StepCurves.hold_in
+
+    def hold_all(self, spill, least=1 << 20):
+        real_hold(self, spill, least=0)
+        held.append(sum(isinstance(getattr(row, "gains"), np.memmap) for rows in self.opts for row in rows))
+
+    monkeypatch.setattr(allocate.StepCurves, "hold_in", hold_all)
+    monkeypatch.setattr(budget_mod, "spill_for", lambda nbytes, memory_limit: Spill())
+    art = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
+    assert len(builds) >= 2 and all(isinstance(s, Spill) for s in builds) and held and all(held)
+    assert _digest(art, tmp_path / "spilled.lorazip.safetensors") == _digest(mem, tmp_path / "mem.lorazip.safetensors")

@@ -181,6 +181,17 @@ class StepCurves:
                     rows.append(self._bit_row(r, base, spn[:, :cap], levels))
             self.opts.append(rows)
 
+    def hold_in(self, spill, least: int = 1 << 20) -> None:
+        """Hold the step arrays of ``least`` bytes or more in ``spill``'s files (a large run's build:
+        only a re-aim reads them again) and drop the merged steps (made again if needed)."""
+        for rows in self.opts:
+            for row in rows:
+                for name in ("gains", "cums", "who", "costs", "cumc", "slopes", "comp", "lvl", "pos"):
+                    arr = getattr(row, name)
+                    if isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap) and arr.nbytes >= least:
+                        setattr(row, name, spill.hold_array(arr))
+        self._merges.clear()
+
     def uniform_ranks(self, score: Callable[[np.ndarray], float], stat: str) -> list[tuple]:
         """``(size, score, ranks)`` of one shared rank r = 1..R in every module (capped at each
         module's largest), no residual parts; computed once per statistic."""

@@ -309,11 +309,16 @@ class _MixedRun:
             plan = alloc.plan(fits, dt, cand)
             keep = retargets and _rows_bytes(self.collection, plan) <= min(_KEEP_CODES, keep_limit())
             before, built = built, {} if keep else None
+            spill = spill_for(_rows_bytes(self.collection, plan), self.opts.memory_limit)
+            if spill is not None:  # a large build: the step curves too (only a re-aim reads them)
+                for entry in self.best.values():
+                    if entry[4] is not None:
+                        entry[4].hold_in(spill)
+                release_freed_memory()
             art = build_allocation(self.collection, self.opts, fits, plan, hashes,
                                    target_error=self.target, progress=self.progress, executor=self.executor,
                                    kept=self.kept, memory=self.memory,  # each kept module freed once built
-                                   before=before, built=built,
-                                   spill=spill_for(_rows_bytes(self.collection, plan), self.opts.memory_limit))
+                                   before=before, built=built, spill=spill)
             del before
             got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
             if attempt == retargets or got <= self.target + 1e-12:

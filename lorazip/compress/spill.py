@@ -45,7 +45,17 @@ class Spill:
             return t
         src = t.detach().cpu().contiguous()
         odd = src.dtype == torch.bfloat16  # numpy has no bfloat16: its bytes as int16, viewed back below
-        arr = (src.view(torch.int16) if odd else src).numpy()
+        out = torch.from_numpy(self.hold_array((src.view(torch.int16) if odd else src).numpy()))
+        out = out.view(torch.bfloat16) if odd else out
+        key = id(out)
+        self._held[key] = weakref.ref(out, lambda _, key=key, held=self._held: held.pop(key, None))
+        return out
+
+    def hold_array(self, arr: np.ndarray) -> np.ndarray:
+        """``arr``'s values in a file-backed (copy-on-write) array of the same dtype and shape."""
+        if arr.size == 0:
+            return arr
+        arr = np.ascontiguousarray(arr)
         where = self.directory or tempfile.gettempdir()
         try:
             with tempfile.TemporaryFile(dir=where, prefix="lorazip-rows-") as f:
@@ -55,12 +65,8 @@ class Spill:
         except OSError as exc:
             raise OutputError(f"{where}: cannot hold {arr.nbytes:,} bytes of built rows there ({exc.strerror or exc}); "
                               "set TMPDIR to a directory with more room, or raise the memory limit") from exc
-        out = torch.from_numpy(mapped)
-        out = out.view(torch.bfloat16) if odd else out
-        key = id(out)
-        self._held[key] = weakref.ref(out, lambda _, key=key, held=self._held: held.pop(key, None))
         self.bytes += arr.nbytes
-        return out
+        return mapped
 
 
 _IN_MEMORY_FS = ("tmpfs", "ramfs")  # files there are memory themselves: spilling to them frees nothing
