@@ -8,8 +8,10 @@ may hold (``memory_limit``, else a quarter of the memory available when the buil
 module's rows are written, as built, to an unnamed temporary file (``tempfile.TemporaryFile`` in
 ``TMPDIR``: removed by the system when the last tensor mapping it is gone, even if the process
 dies) and mapped back copy-on-write: the same values in tensors every reader uses as before, whose
-pages the kernel reads back when needed and drops under pressure. The artifact's file, its
-statistics and every digest are the same as from rows held in memory.
+pages the kernel reads back when needed and drops under pressure. The allocator's step curves,
+which only a re-aim reads again, go to such files too (:meth:`StepCurves.hold_in
+<lorazip.compress.allocate.StepCurves.hold_in>`). The artifact's file, its statistics and every
+digest are the same as from rows held in memory.
 """
 
 from __future__ import annotations
