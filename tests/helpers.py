@@ -188,6 +188,23 @@ def resave_artifact(path, dst, *, meta_edit=None, tensor_edit=None):
     return dst
 
 
+def record_builds(monkeypatch, argument: str) -> list:
+    """The ``argument`` keyword of every (not dry) ``build_allocation`` a budget or target run makes,
+    in order, as the returned list fills."""
+    from lorazip.compress import budget
+
+    seen: list = []
+    real = budget.build_allocation
+
+    def spy(*a, **k):
+        if not k.get("dry"):
+            seen.append(k.get(argument))
+        return real(*a, **k)
+
+    monkeypatch.setattr(budget, "build_allocation", spy)
+    return seen
+
+
 def tiny_tokenizer(texts, out: Path):
     """A 300-token byte-level BPE tokenizer trained on ``texts`` (with <unk>, <pad>, <eos>), saved
     to ``out`` as a transformers fast tokenizer: what the tiny local models of the tests read."""

@@ -13,7 +13,7 @@ from lorazip.compress import budget
 from lorazip.compress.build import build_allocation
 from lorazip.compress.provenance import SourceHashes
 
-from helpers import write_collection, write_planted_groups
+from helpers import record_builds, write_collection, write_planted_groups
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +132,7 @@ def test_only_small_builds_are_kept_for_a_re_aim(small_fp32, optimistic_profile,
     """A re-aimed build reuses the missed one's parts; one whose codes would take more than
     ``_KEEP_CODES`` (one byte a number, beside the packed file) is rebuilt from scratch instead,
     to the same artifact."""
-    befores = []
-    real = budget.build_allocation
-
-    def spy(*a, **k):
-        if not k.get("dry"):
-            befores.append(k.get("before"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(budget, "build_allocation", spy)
+    befores = record_builds(monkeypatch, "before")
     kept = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
     assert len(befores) >= 2 and befores[0] is None and befores[1]  # missed, re-aimed on what it built
     befores.clear()

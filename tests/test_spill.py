@@ -14,7 +14,7 @@ from lorazip.compress import budget as budget_mod
 from lorazip.compress import spill as spill_mod
 from lorazip.compress.spill import Spill, spill_for
 from lorazip.errors import OutputError
-from helpers import write_planted_groups
+from helpers import record_builds, write_planted_groups
 
 
 def _mapping_of(t: torch.Tensor) -> str:
@@ -122,15 +122,7 @@ def test_a_re_aim_reads_spilled_curves(small_fp32, optimistic_profile, monkeypat
     held in memory."""
     from lorazip.compress import allocate
 
-    builds = []
-    real_build = budget_mod.build_allocation
-
-    def count(*a, **k):
-        if not k.get("dry"):
-            builds.append(k.get("spill"))
-        return real_build(*a, **k)
-
-    monkeypatch.setattr(budget_mod, "build_allocation", count)
+    builds = record_builds(monkeypatch, "spill")
     mem = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
     assert len(builds) >= 2, "the target is missed once and re-aimed"
     builds.clear()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -184,12 +184,11 @@ class StepCurves:
     def hold_in(self, spill, least: int = 1 << 20) -> None:
         """Hold the step arrays of ``least`` bytes or more in ``spill``'s files (a large run's build:
         only a re-aim reads them again) and drop the merged steps (made again if needed)."""
-        for rows in self.opts:
-            for row in rows:
-                for name in ("gains", "cums", "who", "costs", "cumc", "slopes", "comp", "lvl", "pos"):
-                    arr = getattr(row, name)
-                    if isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap) and arr.nbytes >= least:
-                        setattr(row, name, spill.hold_array(arr))
+        for row in (row for rows in self.opts for row in rows):
+            for f in fields(row):
+                arr = getattr(row, f.name)
+                if isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap) and arr.nbytes >= least:
+                    setattr(row, f.name, spill.hold_array(arr))
         self._merges.clear()
 
     def uniform_ranks(self, score: Callable[[np.ndarray], float], stat: str) -> list[tuple]:

@@ -307,9 +307,10 @@ class _MixedRun:
         built: dict | None = None  # a re-aimed build keeps what did not change (small builds only)
         for attempt in range(retargets + 1):
             plan = alloc.plan(fits, dt, cand)
-            keep = retargets and _rows_bytes(self.collection, plan) <= min(_KEEP_CODES, keep_limit())
+            rows = _rows_bytes(self.collection, plan)
+            keep = retargets and rows <= min(_KEEP_CODES, keep_limit())
             before, built = built, {} if keep else None
-            spill = spill_for(_rows_bytes(self.collection, plan), self.opts.memory_limit)
+            spill = spill_for(rows, self.opts.memory_limit)
             if spill is not None:  # a large build: the step curves too (only a re-aim reads them)
                 for entry in self.best.values():
                     if entry[4] is not None:

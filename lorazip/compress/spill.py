@@ -79,7 +79,7 @@ def filesystem_type(path: str) -> str | None:
     that contains it); None where that cannot be told."""
     try:
         with open("/proc/mounts") as f:
-            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+            mounts = [parts[1:3] for parts in map(str.split, f) if len(parts) >= 3]
     except OSError:
         return None
     real = os.path.realpath(path)

@@ -55,33 +55,40 @@ def residual_svd(B, A, U, V, S):
     L, Rt = _stack_factors(B, A, U, V, S)
     n, m = L.shape[0], L.shape[2]
     k = min(L.shape[1], Rt.shape[1], m)
-    P = L.new_empty(n, L.shape[1], k)
-    Q = Rt.new_empty(n, Rt.shape[1], k)
-    s = L.new_empty(n, k)
     if n == 0 or k == 0:
-        return P, s, Q
-    good = torch.zeros(n, dtype=torch.bool)
-    if k == m:  # more columns than rows: the Grams are singular, QR
-        eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
-        eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
-        good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
-            eR[:, -1] > 0)
-    fast = torch.nonzero(good).flatten()
-    if len(fast):
-        hL, hR = eL[fast].sqrt(), eR[fast].sqrt()
-        VLf, VRf = VL[fast], VR[fast]
-        W, s[fast], Zh = torch.linalg.svd(hL[:, :, None] * (VLf.transpose(1, 2) @ VRf) * hR[:, None, :])
-        P[fast] = L[fast] @ (VLf @ (W / hL[:, :, None]))
-        Q[fast] = Rt[fast] @ (VRf @ (Zh.transpose(1, 2) / hR[:, :, None]))
-    slow = torch.nonzero(~good).flatten()
-    if len(slow):
-        Q1, R1 = torch.linalg.qr(L[slow])
-        Q2, R2 = torch.linalg.qr(Rt[slow])
-        W, sv, Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
-        s[slow] = sv[:, :k]
-        P[slow] = Q1 @ W[:, :, :k]
-        Q[slow] = Q2 @ Zh.transpose(1, 2)[:, :, :k]
-    return P, s, Q
+        return L.new_empty(n, L.shape[1], k), L.new_empty(n, k), Rt.new_empty(n, Rt.shape[1], k)
+    if k < m:  # more columns than rows: the Grams are singular
+        return _qr_route(L, Rt, k)
+    eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
+    eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
+    good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
+        eR[:, -1] > 0)
+    if bool(good.all()):  # the common case: no copies of the factors
+        return _gram_route(L, Rt, eL, VL, eR, VR)
+    if not bool(good.any()):
+        return _qr_route(L, Rt, k)
+    out = (L.new_empty(n, L.shape[1], k), L.new_empty(n, k), Rt.new_empty(n, Rt.shape[1], k))
+    fast, slow = torch.nonzero(good).flatten(), torch.nonzero(~good).flatten()
+    for rows, got in ((fast, _gram_route(L[fast], Rt[fast], eL[fast], VL[fast], eR[fast], VR[fast])),
+                      (slow, _qr_route(L[slow], Rt[slow], k))):
+        for whole, part in zip(out, got):
+            whole[rows] = part
+    return out
+
+
+def _gram_route(L, Rt, eL, VL, eR, VR):
+    """:func:`residual_svd` of well-conditioned stacked factors from their Grams' eigendecompositions."""
+    hL, hR = eL.sqrt(), eR.sqrt()
+    W, s, Zh = torch.linalg.svd(hL[:, :, None] * (VL.transpose(1, 2) @ VR) * hR[:, None, :])
+    return L @ (VL @ (W / hL[:, :, None])), s, Rt @ (VR @ (Zh.transpose(1, 2) / hR[:, :, None]))
+
+
+def _qr_route(L, Rt, k: int):
+    """:func:`residual_svd` from two thin Householder QRs (any conditioning), ``k`` columns."""
+    Q1, R1 = torch.linalg.qr(L)
+    Q2, R2 = torch.linalg.qr(Rt)
+    W, s, Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
+    return Q1 @ W[:, :, :k], s[:, :k], Q2 @ Zh.transpose(1, 2)[:, :, :k]
 
 
 def residual_factors(B, A, U, V, S, ranks: torch.Tensor, assign: torch.Tensor | None = None):
