@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 # neither torch nor numpy; torch is imported by the functions and methods that build tensors.
 
 FORMAT_NAME = "lorazip"
-FORMAT_VERSION = 6  # 6: low-bit shared parts (shared_bits); 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
+FORMAT_VERSION = 7  # 7: compact spectra, ranks and metadata of files with low-bit parts; 6: low-bit shared parts (shared_bits); 5: low-bit residual rows (lorazip.lowbit); 4: residual rows packed flat; 3: packed layout (lorazip.layout); 2: residual parts (resid_*), rank-0 modules; v1, v2 read
 VERIFY_AUTO_BYTES = 64 * 2**20  # load_artifact checks the checksum of artifacts up to this size by default
 # float tensors that must be finite
 MUST_BE_FINITE = ("U/", "V/", "cores/", "stats/", "spectra/", "resid_B/", "resid_A/", "qscale/")
@@ -640,7 +640,8 @@ class Artifact:
         tensors = {k: v.contiguous() for k, v in pack(logical, self.meta).items()}
         meta = dict(self.meta)
         meta["checksum"] = tensor_checksum(tensors)
-        header = {"format": FORMAT_NAME, "format_version": str(written_version(meta)), "lorazip_z": encode_meta(meta)}
+        version = written_version(meta)
+        header = {"format": FORMAT_NAME, "format_version": str(version), "lorazip_z": encode_meta(meta, version >= 7)}
         self._serialized = (key, (tensors, header, meta))
         return tensors, header, meta
 
@@ -727,12 +728,10 @@ def load_artifact(path: str | os.PathLike, *, verify: bool | None = None) -> Art
 
 
 def written_version(meta: dict[str, Any]) -> int:
-    """The format version a file of ``meta`` is written in: the oldest that holds it (6 with low-bit
-    shared parts, 5 with low-bit residual rows, else 4), so that older lorazip versions read what
-    they can and refuse the rest with "upgrade lorazip"."""
-    if any(m.get("shared_bits") for m in meta["modules"]):
-        return 6
-    return 5 if lowbit_meta(meta) else 4
+    """The format version a file of ``meta`` is written in: the oldest that holds it (7 with low-bit
+    parts, whose spectra, residual ranks and metadata are stored compactly; else 4), so that older
+    lorazip versions read what they can and refuse the rest with "upgrade lorazip"."""
+    return 7 if lowbit_meta(meta) else 4
 
 
 def _bits_key(key: str) -> str:
@@ -741,14 +740,17 @@ def _bits_key(key: str) -> str:
 
 
 def read_meta(meta_raw: dict[str, str], path: Path | str, version: int) -> Any:
-    """The ``lorazip`` metadata document of a header: plain JSON (v1, v2) or ``lorazip_z`` (v3)."""
-    from .layout import META_Z, decode_meta
+    """The ``lorazip`` metadata document of a header: plain JSON (v1, v2) or ``lorazip_z`` (v3; v7: ranks as lists, expanded)."""
+    from .layout import META_Z, decode_meta, expand_ranks
 
     key = META_Z if version >= 3 else "lorazip"
     if key not in meta_raw:
         raise ArtifactError(f"{path}: corrupt lorazip metadata (no '{key}' document)")
     try:
-        return parse_json(decode_meta(meta_raw[key]) if key == META_Z else meta_raw[key])
+        doc = parse_json(decode_meta(meta_raw[key]) if key == META_Z else meta_raw[key])
+        if version >= 7:
+            expand_ranks(doc)
+        return doc
     except ValueError as exc:
         raise ArtifactError(f"{path}: corrupt lorazip metadata ({exc})") from None
 

@@ -52,7 +52,7 @@ CHUNK_BYTES = 256 << 20  # export builds the adapters of one chunk in memory, th
 
 # the artifact format versions NumpySource reads (v5: low-bit residual rows, v6: low-bit shared parts; lorazip.lowbit,
 # unpacked here)
-FAST_VERSIONS = (1, 2, 3, 4, 5, 6)
+FAST_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 # the physical tensors of the formats it reads: these names, and names under these prefixes
 _KNOWN_NAMES = ("spectra", "stats", "resid_ranks", "resid_B", "resid_A", "qscale/resid_B", "qscale/resid_A",
                 "qbits", "lowbit/resid_B", "lowbit/resid_A",  # v5: low-bit rows (lorazip.lowbit)

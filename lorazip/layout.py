@@ -5,13 +5,20 @@
 stores them with less fixed overhead, which matters for small budgets and small collections:
 
 * the ``lorazip`` metadata document is zlib-compressed and base64-encoded under ``lorazip_z``
-  (JSON of many adapters' configs and ranks compresses 20x);
+  (JSON of many adapters' configs and ranks compresses 20x); format v7 (files with low-bit parts)
+  writes ``x:`` and base85 of its LZMA instead, each adapter's ``ranks`` a list in module order
+  (:func:`encode_meta`; 1.6x smaller again on the bundled collection);
 * ``spectra``: one 1-D float32 tensor holding, module by module (metadata order) and adapter by
   adapter, the first ``r_im`` singular values of each delta, ``r_im`` the adapter's LoRA rank
   there (``adapters[i].ranks``; 0 where it lacks the module). The rest of a logical
   ``(n, r_max)`` row is zero by construction. A module whose spectra do not have that shape is
   stored as its own ``spectra/<m>`` tensor, as in v2;
-* ``resid_ranks``: one ``(n, M)`` int16 (int32 when needed) table of the residual ranks ``k_i``
+  Format v7 (files with low-bit parts) stores uint8 codes instead, :func:`code_spectra`: for
+  each pair, the norms of its spectrum's tails ``sqrt(sum_{j>=k} s_j^2)``, k = 2..r, relative to
+  the delta's norm ``sqrt(stats/norm2)``, on a log scale of 20 codes an octave: every truncation
+  error within 3.5%, in ``r - 1`` bytes where bfloat16 took ``2 r``;
+* ``resid_ranks``: one ``(n, M)`` int16 (int32 when needed; v7: uint8 when every rank is below 256)
+  table of the residual ranks ``k_i``
   of every module (0 where none); the logical ``resid_ranks/<m>`` (n,) int32 tensors exist for
   the modules with ``residual`` metadata;
 * ``resid_B`` / ``resid_A``: one 1-D tensor each, in the storage dtype, holding module by module
@@ -63,14 +70,46 @@ MAX_META = 256 * 2**20  # decompressed metadata larger than this is refused (a z
 _EMPTY_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
 
 
-def encode_meta(meta: dict[str, Any]) -> str:
-    """The metadata document as stored under ``lorazip_z``: base64 of zlib (level 9) of its JSON."""
-    raw = json.dumps(meta, separators=(",", ":")).encode("utf-8")
-    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+def encode_meta(meta: dict[str, Any], compact: bool = False) -> str:
+    """The metadata document as stored under ``lorazip_z``: base64 of zlib (level 9) of its JSON; with
+    ``compact`` (format v7), ``x:`` and base85 of LZMA ("alone" format, preset 9e, a dictionary no
+    larger than the text, at least 4 KiB) of its JSON with
+    each adapter's ``ranks`` a list in module order (0 where it lacks the module; see :func:`expand_ranks`)."""
+    if not compact:
+        raw = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+        return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+    import lzma
+
+    names = {m["name"]: j for j, m in enumerate(meta["modules"])}
+    adapters = []
+    for a in meta["adapters"]:
+        ranks = a.get("ranks")
+        if isinstance(ranks, dict) and all(k in names and type(r) is int and r > 0 for k, r in ranks.items()):
+            row = [0] * len(names)
+            for k, r in ranks.items():
+                row[names[k]] = r
+            a = {**a, "ranks": row}
+        adapters.append(a)
+    raw = json.dumps({**meta, "adapters": adapters}, separators=(",", ":")).encode("utf-8")
+    window = 1 << max(12, (len(raw) - 1).bit_length())  # the dictionary a reader allocates: no larger than the text
+    filters = [{"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": window}]
+    return "x:" + base64.b85encode(lzma.compress(raw, format=lzma.FORMAT_ALONE, filters=filters)).decode("ascii")
 
 
 def decode_meta(text: str) -> str:
-    """The JSON text of a ``lorazip_z`` value; ``ValueError`` (short reason) when it is not one."""
+    """The JSON text of a ``lorazip_z`` value (either encoding of :func:`encode_meta`; a v7 document's
+    ``ranks`` are still lists: :func:`expand_ranks`); ``ValueError`` (short reason) when it is not one."""
+    if text.startswith("x:"):
+        import lzma
+
+        try:
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=2 * MAX_META)
+            raw = d.decompress(base64.b85decode(text[2:].encode("ascii")), MAX_META)
+            if not d.eof:
+                raise ValueError(f"truncated LZMA stream, or larger than {MAX_META >> 20} MiB")
+            return raw.decode("utf-8")
+        except (UnicodeError, ValueError, lzma.LZMAError) as exc:
+            raise ValueError(f"not base85 of LZMA-compressed UTF-8 ({exc})") from None
     try:
         packed = base64.b64decode(text.encode("ascii"), validate=True)
         d = zlib.decompressobj()
@@ -82,6 +121,25 @@ def decode_meta(text: str) -> str:
         return raw.decode("utf-8")
     except (UnicodeError, binascii.Error, zlib.error) as exc:
         raise ValueError(f"not base64 of zlib-compressed UTF-8 ({exc})") from None
+
+
+def expand_ranks(meta: Any) -> None:
+    """In place: each adapter's ``ranks`` given as a list in module order (format v7) made the
+    ``{module: rank}`` of every module it has; ``ValueError`` (short reason) when a list is not one
+    non-negative integer per module. Documents of other shapes are left to the metadata checks."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("adapters"), list) \
+            or not isinstance(meta.get("modules"), list):
+        return
+    names = [m.get("name") if isinstance(m, dict) else None for m in meta["modules"]]
+    for i, a in enumerate(meta["adapters"]):
+        ranks = a.get("ranks") if isinstance(a, dict) else None
+        if not isinstance(ranks, list):
+            continue
+        if len(ranks) != len(names) or not all(type(r) is int and r >= 0 for r in ranks) \
+                or not all(isinstance(nm, str) for nm in names):
+            raise ValueError(f"adapters[{i}].ranks: a list that is not one non-negative integer per module "
+                             f"({len(names)})")
+        a["ranks"] = {nm: r for nm, r in zip(names, ranks) if r}
 
 
 def lora_ranks(meta: dict[str, Any]) -> list[list[int]]:
@@ -110,23 +168,27 @@ class Layout:
         self.virtual: dict[str, tuple] = {}
         self.entries: dict[str, dict[str, Any]] = {}
         ranks = lora_ranks(meta)
+        self.spectra_coded = header.get(SPECTRA, {}).get("dtype") == "U8"  # v7: code_spectra
         pos = 0
         for j, mod in enumerate(mods):
             key = f"spectra/{mod['name']}"
             if key in header:
                 continue
             rs = ranks[j]
-            self.virtual[key] = ("spectra", pos, rs, max(rs, default=0))
+            self.virtual[key] = ("spectra", pos, rs, max(rs, default=0), j)
             self.entries[key] = {"dtype": "F32", "shape": [n, max(rs, default=0)]}
-            pos += sum(rs)
+            pos += coded_length(rs) if self.spectra_coded else sum(rs)
         self.spectra_len = pos
-        if pos and (SPECTRA not in header or header[SPECTRA]["dtype"] not in ("F32", "BF16")
-                    or header[SPECTRA]["shape"] != [pos]):
-            raise ValueError(f"tensor 'spectra' missing or not of shape ({pos},) float32 (or bfloat16)")
+        if (pos or self.spectra_coded and any(map(any, ranks))) and (
+                SPECTRA not in header or header[SPECTRA]["dtype"] not in ("F32", "BF16", "U8")
+                or header[SPECTRA]["shape"] != [pos]):
+            raise ValueError(f"tensor 'spectra' missing or not of shape ({pos},) float32 (or bfloat16, uint8)")
+        if self.spectra_coded and STATS not in header and STAT_KEYS[1] not in header:
+            raise ValueError("tensor 'spectra' holds uint8 codes, but no 'stats' give the norms they are relative to")
         if any(mod.get("residual") for mod in mods):
             info = header.get(RANKS)
-            if info is None or info["shape"] != [n, len(mods)] or info["dtype"] not in ("I16", "I32"):
-                raise ValueError(f"tensor 'resid_ranks' missing or not of shape ({n}, {len(mods)}) int16/int32")
+            if info is None or info["shape"] != [n, len(mods)] or info["dtype"] not in ("I16", "I32", "U8"):
+                raise ValueError(f"tensor 'resid_ranks' missing or not of shape ({n}, {len(mods)}) int16/int32/uint8")
             for j, mod in enumerate(mods):
                 if mod.get("residual"):
                     key = f"resid_ranks/{mod['name']}"
@@ -316,7 +378,13 @@ class Layout:
         if how[0] == "shared":
             return self._read_shared(key, handle, 0, how[3][0])
         if how[0] == "spectra":
-            _, start, rs, width = how
+            _, start, rs, width, j = how
+            if self.spectra_coded:
+                norm2 = (self.read(STAT_KEYS[1], handle) if STAT_KEYS[1] in self.virtual
+                         else handle.get_slice(STAT_KEYS[1])[:].double())[:, j]
+                codes = handle.get_slice(SPECTRA)[start : start + coded_length(rs)] if coded_length(rs) else \
+                    torch.zeros(0, dtype=torch.uint8)
+                return decode_spectra(codes, norm2, rs, width).float()
             out = torch.zeros(len(rs), width, dtype=torch.float32)
             total = sum(rs)
             if total:
@@ -412,40 +480,128 @@ def _prod(xs) -> int:
 
 
 def round_small(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
-    """In place: the spectra and statistics of a v5 artifact as its file stores them (spectra
-    bfloat16, statistics float32), so the artifact in memory equals what its file reads back."""
+    """In place: the spectra and statistics of an artifact with low-bit parts as its file stores them
+    (statistics float32; spectra as :func:`code_spectra` codes where :func:`pack` codes them, else
+    bfloat16), so the artifact in memory equals what its file reads back."""
     import torch
 
     if not lowbit_meta(meta):
         return
-    for key, t in list(tensors.items()):
-        if key.startswith("spectra/") and t.is_floating_point():
+    for key in STAT_KEYS:
+        if key in tensors:
+            tensors[key] = tensors[key].float().double()
+    norm2 = _norm2(tensors, meta)
+    ranks = lora_ranks(meta)
+    n = len(meta["adapters"])
+    for j, mod in enumerate(meta["modules"]):
+        key = f"spectra/{mod['name']}"
+        t = tensors.get(key)
+        if t is None or not t.is_floating_point():
+            continue
+        if norm2 is not None and _packable(t, ranks[j], n):
+            tensors[key] = decode_spectra(code_spectra(t, norm2[:, j], ranks[j]), norm2[:, j], ranks[j],
+                                          t.shape[1]).float()
+        else:
             tensors[key] = t.to(torch.bfloat16).float()
-        elif key in STAT_KEYS:
-            tensors[key] = t.float().double()
+
+
+SPECTRA_STEPS = 20  # v7 spectra: codes an octave of a tail's norm (a tail's energy within 2**(1/20) - 1 = 3.5%)
+
+
+def coded_length(rs: list[int]) -> int:
+    """Codes :func:`code_spectra` stores for a module whose adapters have LoRA ranks ``rs``."""
+    return sum(r - 1 for r in rs if r > 0)
+
+
+def code_spectra(sv: "torch.Tensor", norm2: "torch.Tensor", rs: list[int]) -> "torch.Tensor":
+    """uint8 codes of one module's spectra ``sv`` (n, r_max) (format v7), ``norm2`` (n,) its deltas'
+    squared norms, ``rs`` their LoRA ranks: for each adapter with ``r = rs[i] > 0``, adapter after
+    adapter, the ``r - 1`` tails ``t_k = sqrt(sum_{j>=k} s_j^2 / norm2)``, k = 2..r (``t_1 = 1``), as
+    ``c = 255 + round(20 log2 t_k)`` clamped to 0..255, 0 for a zero tail (or norm). Singular values
+    only feed the SVD baselines, whose errors are tails: :func:`decode_spectra` gives every tail
+    within 1.75% (its energy within 3.5%) from ``2**-12.7`` up (an energy of 2.4e-8 of the delta's;
+    below, 0 or the smallest code), and coding decoded values gives their codes back."""
+    import torch
+
+    out = []
+    s2 = sv.double().square()
+    tails = torch.flip(torch.cumsum(torch.flip(s2, [1]), 1), [1])  # (n, r_max): sum_{j >= k} s_j^2
+    for i, r in enumerate(rs):
+        if r <= 1:
+            continue
+        e = float(norm2[i])
+        t = (tails[i, 1:r] / e).clamp(0, 1).sqrt() if e > 0 else torch.zeros(r - 1, dtype=torch.float64)
+        c = (torch.round(torch.log2(torch.where(t > 0, t, 1.0)) * SPECTRA_STEPS) + 255).clamp(0, 255)
+        out.append(torch.where(t > 0, c, 0.0))
+    return torch.cat(out).to(torch.uint8) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def decode_spectra(codes: "torch.Tensor", norm2: "torch.Tensor", rs: list[int], width: int) -> "torch.Tensor":
+    """(n, width) float64 singular values of one module's :func:`code_spectra` codes: from the tails
+    ``t_1 = 1, t_2 .. t_r, t_{r+1} = 0``, ``s_k = sqrt(norm2 (t_k^2 - t_{k+1}^2))`` (zero past ``r``)."""
+    import torch
+
+    c = codes.double()
+    t = torch.where(c > 0, torch.exp2((c - 255) / SPECTRA_STEPS), 0.0)
+    out = torch.zeros(len(rs), width, dtype=torch.float64)
+    pos = 0
+    for i, r in enumerate(rs):
+        if r <= 0:
+            continue
+        e = torch.cat([torch.ones(1, dtype=torch.float64), t[pos : pos + r - 1].square(),
+                       torch.zeros(1, dtype=torch.float64)])
+        out[i, :r] = ((e[:-1] - e[1:]).clamp_min(0) * float(norm2[i])).sqrt()
+        pos += r - 1
+    return out
+
+
+def _norm2(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> "torch.Tensor | None":
+    """(n, M) float64 squared norms of the deltas (``stats/norm2``) that v7 spectra are coded against,
+    None where the artifact has no such statistics (its spectra are then stored in bfloat16)."""
+    import torch
+
+    t = tensors.get(STAT_KEYS[1])
+    if t is None or t.dtype != torch.float64 or tuple(t.shape) != (len(meta["adapters"]), len(meta["modules"])):
+        return None
+    return t.clamp_min(0)
+
+
+def _packable(t: "torch.Tensor", rs: list[int], n: int) -> bool:
+    """Whether :func:`pack` puts logical spectra ``t`` (of a module with LoRA ranks ``rs``) in ``spectra``."""
+    import torch
+
+    return t.dtype == torch.float32 and tuple(t.shape) == (n, max(rs, default=0))
 
 
 def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, "torch.Tensor"]:
     """Physical tensors of a v3 file for the logical ``tensors`` of an artifact with ``meta``.
 
     Spectra whose row ``i`` is longer than adapter ``i``'s rank keep only their first ``r_im``
-    values (the rest are zero; :func:`trim_spectra` zeroes them when an artifact is built)."""
+    values (the rest are zero; :func:`trim_spectra` zeroes them when an artifact is built). With
+    low-bit parts (format v7) the spectra are :func:`code_spectra` codes (tails against ``stats/norm2``)
+    (bfloat16 without it), the statistics float32 and the residual ranks uint8 where they fit."""
     import torch
 
     n, mods = len(meta["adapters"]), meta["modules"]
     out = dict(tensors)
     ranks = lora_ranks(meta)
+    small = lowbit_meta(meta)  # format v7: spectra coded (else bfloat16), statistics float32, ranks uint8
+    norm2 = _norm2(tensors, meta) if small else None
     parts = []
     for j, mod in enumerate(mods):
         key = f"spectra/{mod['name']}"
         t = tensors.get(key)
         rs = ranks[j]
-        if t is None or t.dtype != torch.float32 or tuple(t.shape) != (n, max(rs, default=0)):
+        if t is None or not _packable(t, rs, n):
             continue  # kept as its own tensor
-        parts.extend(t[i, :r] for i, r in enumerate(rs) if r)
+        if norm2 is not None:
+            parts.append(code_spectra(t, norm2[:, j], rs))
+        else:
+            parts.extend(t[i, :r] for i, r in enumerate(rs) if r)
         del out[key]
-    small = lowbit_meta(meta)  # format v5: the spectra in bfloat16, the statistics in float32 (small budgets)
-    if parts:
+    if norm2 is not None and parts:
+        out[SPECTRA] = torch.cat(parts)
+    elif parts:
         out[SPECTRA] = torch.cat(parts).to(torch.bfloat16 if small else torch.float32).contiguous()
     if any(mod.get("residual") for mod in mods):
         table = torch.zeros(n, len(mods), dtype=torch.int64)
@@ -453,8 +609,9 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
             key = f"resid_ranks/{mod['name']}"
             if mod.get("residual") and key in out:
                 table[:, j] = out.pop(key).reshape(-1).long()
-        big = bool(table.numel()) and int(table.abs().max()) >= 2**15
-        out[RANKS] = table.to(torch.int32 if big else torch.int16)
+        top = int(table.abs().max()) if table.numel() else 0
+        byte = small and top < 256 and not (table < 0).any()  # v7: one byte a rank
+        out[RANKS] = table.to(torch.uint8 if byte else torch.int32 if top >= 2**15 else torch.int16)
     if all(k in out for k in STAT_KEYS) and ranks:
         mask = torch.tensor(ranks).T > 0  # (n, M)
         sq, n2 = out[STAT_KEYS[0]], out[STAT_KEYS[1]]

@@ -232,7 +232,7 @@ def test_low_bit_rows_are_exported_without_torch(tmp_path, capsys):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["format_version"] == "5", "no low-bit rows: the case tests nothing"
+        assert "lowbit/resid_B" in f.keys(), "no low-bit rows: the case tests nothing"
     for dtype in ("float32", "float16", "bfloat16"):
         export_numpy(load_artifact(path), tmp_path / f"numpy-{dtype}", dtype=dtype)
         lorazip.export(load_artifact(path), tmp_path / f"lib-{dtype}", dtype=dtype)

@@ -120,7 +120,7 @@ def small(tmp_path_factory):
 def test_header_and_metadata(small):
     art = small["art"]
     with safe_open(str(small["path"]), framework="pt") as f:
-        assert f.metadata()["format_version"] == "4" and FORMAT_VERSION == 6  # 5, 6 only with low-bit parts
+        assert f.metadata()["format_version"] == "4" and FORMAT_VERSION == 7  # 7 only with low-bit parts
         keys = set(f.keys())
     # format v3 packs the residual ranks into one (n, M) table, all spectra into one tensor and the
     # residual rows of all modules into one flat tensor per role (module by module, metadata order)

@@ -128,8 +128,10 @@ def test_budget_held_on_the_file_and_errors_exact(art, coll, tmp_path):
     path = art.save(tmp_path / "a.lorazip.safetensors")
     assert path.stat().st_size == art.serialized_size() <= budget
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["format_version"] == "5"
+        assert f.metadata()["format_version"] == "7"  # low-bit parts: compact spectra, ranks, metadata
         assert {"qbits", "lowbit/resid_B", "lowbit/resid_A"} <= set(f.keys())
+        assert f.get_slice("spectra").get_dtype() == "U8" and f.get_slice("resid_ranks").get_dtype() == "U8"
+        assert f.metadata()["lorazip_z"].startswith("x:")
     back = lorazip.load_artifact(path)
     for key, t in art.tensors().items():  # the file reads back as what was built
         assert torch.equal(back.raw(key), t), key
@@ -174,7 +176,7 @@ def test_packed_rows_are_made_a_module_at_a_time_and_write_the_same_file(art, tm
     path = art.save(tmp_path / "s.lorazip.safetensors")
     doc = dict(art.meta)
     header = {"format": "lorazip", "format_version": str(lorazip.artifact.written_version(doc)),
-              "lorazip_z": encode_meta(doc)}
+              "lorazip_z": encode_meta(doc, True)}
     write_safetensors(whole, tmp_path / "w.safetensors", header)
     assert (tmp_path / "w.safetensors").read_bytes() == path.read_bytes()
     assert path.stat().st_size == art.serialized_size()

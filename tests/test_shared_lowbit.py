@@ -120,7 +120,7 @@ def test_write_open_round_trip_bit_for_bit(base, widths, tmp_path):
     _same_tensors(art.tensors(), back.tensors())
     assert back.meta["checksum"] == file_checksum(path)
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["format_version"] == "6"
+        assert f.metadata()["format_version"] == "7"
         keys = set(f.keys())
         assert {LOWBIT + r for r in ROLES} | {QSCALE + LOWBIT + r for r in ROLES} <= keys
         assert not any(k.startswith(("U/", "V/", "cores/", "qscale/U/", "qscale/cores/")) for k in keys)
