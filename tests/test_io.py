@@ -451,3 +451,85 @@ def test_fixtures_untouched_and_match_provenance(fixtures_dir):
         assert {m.rank for m in ad.modules.values()} == {entry["r"]}
         assert {m.alpha for m in ad.modules.values()} == {float(entry["lora_alpha"])}
         assert 2 * len(ad.modules) + len(ad.extras) == entry["n_tensors"]
+
+
+@pytest.mark.parametrize("stored", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["linear", "embedding"])
+def test_numpy_read_path_gives_torchs_values_and_runs_no_torch_operator(tmp_path, stored, layout):
+    """float32 / float64 factors are read and converted by NumPy alone (a read in a background thread then
+    starts no second OpenMP team beside a solver's): bit for bit what the torch path gives, with and
+    without ``out``, and no torch operator but views and wrapping runs."""
+    from safetensors.torch import save_file
+    from torch.overrides import TorchFunctionMode
+
+    gen = torch.Generator().manual_seed(3)
+    if layout == "linear":
+        write_adapter(tmp_path / "a", {"l.0.q": (24, 40)}, r=5, alpha=7, seed=4, dtype=stored)
+        name = "l.0.q"
+    else:
+        (tmp_path / "a").mkdir()
+        save_file({"base_model.model.emb.lora_embedding_A": torch.randn(5, 30, generator=gen).to(stored),
+                   "base_model.model.emb.lora_embedding_B": torch.randn(12, 5, generator=gen).to(stored)},
+                  str(tmp_path / "a" / "adapter_model.safetensors"))
+        (tmp_path / "a" / "adapter_config.json").write_text(
+            '{"peft_type": "LORA", "r": 5, "lora_alpha": 7, "target_modules": ["emb"], "base_model_name_or_path": "x"}')
+        name = "emb"
+    ad = load_adapter(tmp_path / "a")
+    spec = ad.modules[name]
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    for dtype in (torch.float32, torch.float64):
+        t = ad._read_pair(spec)  # the torch path, as before
+        want_a = torch.empty(spec.rank, spec.d_in, dtype=dtype)
+        want_b = torch.empty(spec.d_out, spec.rank, dtype=dtype)
+        from lorazip.io.peft import _oriented, _stored_key
+
+        _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, want_a)
+        _oriented(spec, "B", t[_stored_key(spec, "B")], dtype, want_b)
+        with Calls() as calls:
+            b, a = ad.factors(name, dtype)
+            out = (torch.zeros(2, spec.d_out, spec.rank + 1, dtype=dtype)[1, :, : spec.rank],
+                   torch.zeros(spec.rank + 2, spec.d_in, dtype=dtype)[1 : spec.rank + 1])
+            b2, a2 = ad.factors(name, dtype, out=out)
+        assert b.dtype == a.dtype == dtype
+        for got in (b, b2):
+            assert torch.equal(got, want_b)
+        for got in (a, a2):
+            assert torch.equal(got, want_a)
+        assert b2 is out[0] and a2 is out[1]
+        computing = {n for n in calls.names if not n.startswith(("__get__", "__set__"))} - {
+            "numpy", "from_numpy", "zeros", "__getitem__", "empty", "__init__"}
+        assert not computing, computing
+
+
+def test_module_factors_of_mixed_ranks_run_no_torch_operator(tmp_path):
+    """A module's stacked factors (zero padding included) in float32 are made with NumPy alone."""
+    from torch.overrides import TorchFunctionMode
+
+    write_adapter(tmp_path / "a", {"l.0.q": (24, 40)}, r=3, seed=1)
+    write_adapter(tmp_path / "b", {"l.0.q": (24, 40)}, r=6, seed=2)
+    coll = lorazip.load_collection([tmp_path / "a", tmp_path / "b"])
+    want = coll.module_factors("l.0.q", dtype=torch.float64)
+
+    class Calls(TorchFunctionMode):
+        names: set = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Calls.names.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Calls():
+        got = coll.module_factors("l.0.q", dtype=torch.float32)
+    assert torch.allclose(got.B, want.B.float(), rtol=1e-6, atol=0) and torch.equal(got.A, want.A.float())
+    assert not got.B[0, :, 3:].any() and not got.A[0, 3:].any()
+    computing = {n for n in Calls.names if not n.startswith(("__get__", "__set__"))} - {
+        "numpy", "from_numpy", "__getitem__", "tensor", "__init__"}
+    assert not computing, computing

@@ -51,6 +51,15 @@ class ModuleInfo:
         return out
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor; float32/64 ones allocated by NumPy (no torch operator)."""
+    if dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        return torch.from_numpy(np.empty(shape, dtype=np.float32 if dtype == torch.float32 else np.float64))
+    return torch.empty(shape, dtype=dtype)
+
+
 @dataclass
 class ModuleFactors:
     """Factors of one module for all adapters, zero-padded to the largest rank.
@@ -169,16 +178,19 @@ class Collection:
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
         r_max = max(max(ranks, default=0), width or 0, 1)
-        B = torch.empty(len(idx), info.d_out, r_max, dtype=dtype)  # written once; only padding is zeroed
-        A = torch.empty(len(idx), r_max, info.d_in, dtype=dtype)
+        B = _empty((len(idx), info.d_out, r_max), dtype)  # written once; only padding is zeroed
+        A = _empty((len(idx), r_max, info.d_in), dtype)
+        # float32/64: the padding zeroed through NumPy (and the factors read by it, Adapter.factors), so a
+        # read in a background thread runs no torch operator beside the solver
+        Bz, Az = (B.numpy(), A.numpy()) if dtype in (torch.float32, torch.float64) else (B, A)
         for j, i in enumerate(idx):
             if ranks[j] == r_max:  # read straight into place
                 self.adapters[i].factors(name, dtype, out=(B[j], A[j]))
                 continue
             if ranks[j]:
                 self.adapters[i].factors(name, dtype, out=(B[j, :, : ranks[j]], A[j, : ranks[j], :]))
-            B[j, :, ranks[j] :] = 0
-            A[j, ranks[j] :, :] = 0
+            Bz[j, :, ranks[j] :] = 0
+            Az[j, ranks[j] :, :] = 0
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))
 
     def module_factor(
