@@ -169,6 +169,7 @@ class Layout:
         self.entries: dict[str, dict[str, Any]] = {}
         ranks = lora_ranks(meta)
         self.spectra_coded = header.get(SPECTRA, {}).get("dtype") == "U8"  # v7: code_spectra
+        self._norm2 = None  # (n, M) stats/norm2 of a v7 file, once its spectra are read
         pos = 0
         for j, mod in enumerate(mods):
             key = f"spectra/{mod['name']}"
@@ -380,8 +381,10 @@ class Layout:
         if how[0] == "spectra":
             _, start, rs, width, j = how
             if self.spectra_coded:
-                norm2 = (self.read(STAT_KEYS[1], handle) if STAT_KEYS[1] in self.virtual
-                         else handle.get_slice(STAT_KEYS[1])[:].double())[:, j]
+                if self._norm2 is None:  # read once: every module's spectra are coded against it
+                    self._norm2 = (self.read(STAT_KEYS[1], handle) if STAT_KEYS[1] in self.virtual
+                                   else handle.get_slice(STAT_KEYS[1])[:].double())
+                norm2 = self._norm2[:, j]
                 codes = handle.get_slice(SPECTRA)[start : start + coded_length(rs)] if coded_length(rs) else \
                     torch.zeros(0, dtype=torch.uint8)
                 return decode_spectra(codes, norm2, rs, width).float()

@@ -486,14 +486,14 @@ def test_numpy_read_path_gives_torchs_values_and_runs_no_torch_operator(tmp_path
             self.names.add(getattr(func, "__name__", str(func)))
             return func(*args, **(kwargs or {}))
 
+    stored = ad.read([spec.key_A, spec.key_B])  # torch, by name
+    if layout == "linear":
+        sa, sb = stored[spec.key_A], stored[spec.key_B]
+    else:  # embedding: delta = (B_e A_e)^T, so A = B_e^T and B = A_e^T
+        sa, sb = stored[spec.key_B].T, stored[spec.key_A].T
     for dtype in (torch.float32, torch.float64):
-        t = ad._read_pair(spec)  # the torch path, as before
-        want_a = torch.empty(spec.rank, spec.d_in, dtype=dtype)
-        want_b = torch.empty(spec.d_out, spec.rank, dtype=dtype)
-        from lorazip.io.peft import _oriented, _stored_key
-
-        _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, want_a)
-        _oriented(spec, "B", t[_stored_key(spec, "B")], dtype, want_b)
+        want_a = sa.to(dtype)  # what torch's conversion and in-dtype scaling give (the reader before)
+        want_b = torch.empty(spec.d_out, spec.rank, dtype=dtype).copy_(sb).mul_(spec.scale)
         with Calls() as calls:
             b, a = ad.factors(name, dtype)
             out = (torch.zeros(2, spec.d_out, spec.rank + 1, dtype=dtype)[1, :, : spec.rank],

@@ -121,82 +121,36 @@ class Adapter:
         """Return ``(B, A)`` in ``dtype`` with ``M = B @ A`` (scale folded into ``B``).
 
         ``B``: (d_out, r_i), ``A``: (r_i, d_in). Raises on NaN/Inf and on values whose squares overflow.
-        ``out``: tensors of those shapes and ``dtype`` to write them into (no temporaries).
+        ``out``: CPU tensors of those shapes and ``dtype`` to write them into (no temporaries).
 
-        float32 / float64 factors of float64/32/16 or bfloat16 tensors (CPU ``out``) are read and
-        converted with NumPy alone, the same values as torch gives: no torch operator runs, so a
-        read in a background thread does not start a second OpenMP team beside a solver's (on two
-        cores that slowed the solver by 30-50%)."""
+        Read and converted with NumPy (float32 / float64; the values torch's conversion gives): no
+        torch operator runs, so a read in a background thread does not start a second OpenMP team
+        beside a solver's (on two cores that slowed the solver by 30-50%)."""
         spec = self.modules[module]
-        got = self._factors_numpy(spec, dtype, out)
-        if got is not None:
-            return got
-        t = self._read_pair(spec)
-        # Sums of squares of the stored values in float64 (an exact conversion): one pass that NaN or
-        # Inf would make non-finite; isfinite runs only then, to name the problem.
-        ss = [float(t[key].double().square().sum()) for key in (spec.key_A, spec.key_B)]
-        if not all(map(math.isfinite, ss)):
-            for key in (spec.key_A, spec.key_B):
-                if not torch.isfinite(t[key].float() if t[key].element_size() == 1 else t[key]).all():
-                    raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
-        b_out, a_out = (None, None) if out is None else out
-        a = _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, a_out)
-        b = _oriented(spec, "B", t[_stored_key(spec, "B")], dtype, b_out)
-        # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
-        # which would turn norms, weights and errors into inf/NaN downstream.
-        bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)  # (inf, not OverflowError)
-        narrowed = any(t[k].element_size() > torch.empty(0, dtype=dtype).element_size() for k in (spec.key_A, spec.key_B))
-        if narrowed and math.isfinite(bound):  # a cast to a narrower dtype may overflow on its own
-            bound = float(b.double().square().sum()) * float(a.double().square().sum())
-        self._check_bound(module, bound, dtype)
-        return b, a
-
-    def _check_bound(self, module: str, bound: float, dtype: torch.dtype) -> None:
+        t = self._stored(spec, [spec.key_A, spec.key_B])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked, and refused, below
+            # Sums of squares of the stored values in float64 (an exact conversion): one pass that NaN
+            # or Inf would make non-finite; isfinite runs only then, to name the problem.
+            ss = [float(np.square(t[key], dtype=np.float64).sum()) for key in (spec.key_A, spec.key_B)]
+            if not all(map(math.isfinite, ss)):
+                for key in (spec.key_A, spec.key_B):
+                    if not np.isfinite(t[key]).all():
+                        raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
+            b_out, a_out = (None, None) if out is None else out
+            b = _oriented(spec, "B", t[_stored_key(spec, "B")], dtype, b_out)
+            a = _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, a_out)
+            # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
+            # which would turn norms, weights and errors into inf/NaN downstream.
+            bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)  # (inf, not OverflowError)
+            if max(t[k].itemsize for k in t) > _itemsize(dtype) and math.isfinite(bound):
+                # a cast to a narrower dtype may overflow on its own
+                bound = float(np.square(_values(b), dtype=np.float64).sum()) * float(
+                    np.square(_values(a), dtype=np.float64).sum())
         if not math.isfinite(bound) or bound > (_MAX_NORM2 if dtype == torch.float64 else _MAX_NORM2_F32):
             raise AdapterFormatError(
                 f"{self.weights_file}: module {short(module)}: values too large "
                 f"(|B|^2 |A|^2 = {bound:.3g} overflows {str(dtype).replace('torch.', '')})"
             )
-
-    def _factors_numpy(self, spec: LoraModule, dtype: torch.dtype,
-                       out: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """:meth:`factors` with NumPy alone, or None where it does not apply (another dtype, a
-        stored dtype NumPy lacks, pickled weights, a file changed since load, ``out`` off the CPU)."""
-        want = _NP_FLOATS.get(dtype)
-        if want is None or not {spec.dtype_A, spec.dtype_B} <= _NP_STORED.keys():
-            return None
-        if out is not None and any(o.device.type != "cpu" or o.dtype != dtype for o in out):
-            return None
-        raw = self._read_raw(spec, [spec.key_A, spec.key_B])
-        if raw is None:
-            return None
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked, and refused, below
-            return self._convert_numpy(spec, dtype, want, out, raw)
-
-    def _convert_numpy(self, spec: LoraModule, dtype: torch.dtype, want, out, raw) -> tuple[torch.Tensor, torch.Tensor]:
-        t = {key: _np_values(buf, dt, shape) for key, (buf, dt, shape) in raw.items()}
-        ss = [float(np.square(t[key], dtype=np.float64).sum()) for key in (spec.key_A, spec.key_B)]
-        if not all(map(math.isfinite, ss)):
-            for key in (spec.key_A, spec.key_B):
-                if not np.isfinite(t[key]).all():
-                    raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
-        res = []
-        for part, target in zip(("B", "A"), (None, None) if out is None else out):
-            x = t[_stored_key(spec, part)]
-            if spec.layout == "embedding":
-                x = x.T
-            y = np.empty(x.shape, dtype=want) if target is None else target.numpy()
-            np.copyto(y, x, casting="unsafe")
-            if part == "B":
-                np.multiply(y, want(spec.scale), out=y)
-            res.append(torch.from_numpy(y) if target is None else target)
-        b, a = res
-        bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)
-        narrowed = any(_DTYPES[d] > np.dtype(want).itemsize for d in (spec.dtype_A, spec.dtype_B))
-        if narrowed and math.isfinite(bound):
-            bound = float(np.square(b.numpy(), dtype=np.float64).sum()) * float(
-                np.square(a.numpy(), dtype=np.float64).sum())
-        self._check_bound(spec.name, bound, dtype)
         return b, a
 
     def factor(self, module: str, part: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -204,20 +158,20 @@ class Adapter:
         without the value checks: for re-reads of a module already read once."""
         spec = self.modules[module]
         key = _stored_key(spec, part)
-        return _oriented(spec, part, self._read_pair(spec, key)[key], dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _oriented(spec, part, self._stored(spec, [key])[key], dtype)
 
-    def _read_pair(self, spec: LoraModule, only: str | None = None) -> dict[str, torch.Tensor]:
-        """A module's two factor tensors (or ``only`` one of them) as stored, read at the offsets the
-        header gave at load (one open and a positioned read each: no header parsed again, 5x faster
-        than ``safe_open`` on 1000 small files). A weights file whose size or modification time
-        differs from what it was at load (rewritten, or another copy at the same path, as on a Ray
-        worker with its own Hub cache) is read by name through its own header, as checked then."""
-        keys = [spec.key_A, spec.key_B] if only is None else [only]
-        raw = self._read_raw(spec, keys)
-        if raw is None:
-            return self.read(keys)
-        return {key: torch.frombuffer(buf, dtype=ST_TORCH[dt]).reshape(shape) if buf else
-                torch.empty(shape, dtype=ST_TORCH[dt]) for key, (buf, dt, shape) in raw.items()}
+    def _stored(self, spec: LoraModule, keys: list[str]) -> dict[str, np.ndarray]:
+        """A module's factor tensors ``keys`` as stored, as NumPy arrays (bfloat16 and float8 widened
+        to float32, exactly), read at the offsets the header gave at load (one open and a positioned
+        read each: no header parsed again, 5x faster than ``safe_open`` on 1000 small files). A weights
+        file whose size or modification time differs from what it was at load (rewritten, or another
+        copy at the same path, as on a Ray worker with its own Hub cache) is read by name through its
+        own header, as checked then; pickled weights come from their loaded state."""
+        raw = self._read_raw(spec, keys) if {spec.dtype_A, spec.dtype_B} <= _NP_STORED.keys() else None
+        if raw is not None:
+            return {key: _np_values(buf, dt, shape) for key, (buf, dt, shape) in raw.items()}
+        return {key: _tensor_values(x) for key, x in self.read(keys).items()}
 
     def _read_raw(self, spec: LoraModule, keys: list[str]) -> dict[str, tuple[bytearray, str, list[int]]] | None:
         """``{key: (bytes, dtype, shape)}`` of factor tensors as stored, read at the offsets of load;
@@ -263,12 +217,23 @@ _NP_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}  # factors N
 _NP_STORED = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # read by NumPy (bfloat16: its bits)
 
 
-def _np_values(buf: bytearray, dt: str, shape: list[int]):
+def _np_values(buf: bytearray, dt: str, shape: list[int]) -> np.ndarray:
     """A stored tensor's values as a NumPy array (bfloat16 widened to float32 exactly)."""
     x = np.frombuffer(buf, dtype=_NP_STORED[dt]).reshape(shape)
     if dt == "BF16":
         return (x.astype(np.uint32) << 16).view(np.float32)
     return x
+
+
+def _tensor_values(x: torch.Tensor) -> np.ndarray:
+    """A tensor read by name (or from pickled weights) as NumPy: float16/32/64 as they are, bfloat16
+    through its bits, float8 and the rest widened to float32 (exact for float8)."""
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        return (x.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if x.dtype in (torch.float16, torch.float32, torch.float64):
+        return x.numpy()
+    return x.float().numpy()
 
 
 def _stored_key(spec, part: str) -> str:
@@ -279,16 +244,30 @@ def _stored_key(spec, part: str) -> str:
     return spec.key_A if part == "A" else spec.key_B
 
 
-def _oriented(spec, part: str, x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored tensor ``x`` of factor ``part`` as ``A`` (r, d_in) or ``B`` (d_out, r) in ``dtype``,
-    scale folded into ``B``; written into ``out`` (converted, then scaled in place) where given."""
+def _oriented(spec, part: str, x: np.ndarray, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored values ``x`` of factor ``part`` as ``A`` (r, d_in) or ``B`` (d_out, r) in ``dtype``,
+    scale folded into ``B`` (multiplied in ``dtype``, as torch's ``mul_`` does); written into ``out``
+    where given. float32 / float64 with NumPy alone; another dtype through float64, then torch."""
     if spec.layout == "embedding":
         x = x.T
-    if out is None:
-        x = x.to(dtype)
-        return x * spec.scale if part == "B" else x
-    out.copy_(x)
-    return out.mul_(spec.scale) if part == "B" else out
+    want = _NP_FLOATS.get(dtype)
+    if want is None:  # (no lorazip caller asks for one)
+        y = torch.from_numpy(np.array(x, dtype=np.float64) * (float(spec.scale) if part == "B" else 1.0)).to(dtype)
+        return y if out is None else out.copy_(y)
+    y = np.empty(x.shape, dtype=want) if out is None else out.numpy()
+    np.copyto(y, x, casting="unsafe")
+    if part == "B":
+        np.multiply(y, want(spec.scale), out=y)
+    return torch.from_numpy(y) if out is None else out
+
+
+def _values(t: torch.Tensor) -> np.ndarray:
+    """A CPU float tensor's values as NumPy (no torch operator for float32 / float64)."""
+    return t.numpy() if t.dtype in _NP_FLOATS else t.double().numpy()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() if dtype not in _NP_FLOATS else np.dtype(_NP_FLOATS[dtype]).itemsize
 
 
 def utf8_path(path: Path) -> bool:
