@@ -99,6 +99,28 @@ def write_collection(root, n: int = 3, modules=None, r: int = 4, alpha: float = 
     }
 
 
+# Six rank-8 adapters of three small modules (float32): the collection the low-bit tests compress
+LOWBIT_MODULES = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}
+LOWBIT_BYTES = sum(8 * (a + b) * 4 * 6 for a, b in LOWBIT_MODULES.values())  # its LoRA factors' bytes
+
+
+def lowbit_collection(root, seed: int):
+    """The low-bit tests' collection, written at ``root`` and loaded."""
+    import lorazip
+
+    write_collection(root, n=6, modules=LOWBIT_MODULES, r=8, seed=seed)
+    return lorazip.load_collection(root)
+
+
+def lowbit_artifact(coll, fraction: float = 0.12):
+    """``coll`` compressed at ``fraction`` of its bytes, where the allocation stores low-bit parts."""
+    import lorazip
+
+    got = lorazip.compress(coll, budget=int(fraction * LOWBIT_BYTES), hash_sources=False, keep_extras=False)
+    assert got.allocation["bits"]["histogram"].keys() - {"8", "16", "32"}, "expected low-bit parts here"
+    return got
+
+
 def write_raw_safetensors(path, header: dict[str, Any], data: bytes) -> None:
     """Hand-craft a safetensors file: 8-byte little-endian header length, JSON header, data."""
     raw = json.dumps(header).encode("utf-8")

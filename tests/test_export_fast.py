@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import GPT2_LIKE, run_cli, write_adapter, write_collection
+from helpers import GPT2_LIKE, lowbit_artifact, lowbit_collection, run_cli, write_adapter, write_collection
 from test_cli_startup import _child, _run_main
 from test_format_v2 import _write_unpacked, make_v2
 from test_packed_residuals import with_residuals, write_unpacked_v3
@@ -223,11 +223,7 @@ def test_unknown_tensors_or_versions_are_exported_with_torch(artifact_file, tmp_
 def test_low_bit_rows_are_exported_without_torch(tmp_path, capsys):
     """Format v5 (low-bit residual rows): the NumPy reader unpacks and dequantises them; the same bytes
     as the torch export, every export dtype, a subset of adapters, and no torch in the command."""
-    modules = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}  # as tests/test_lowbit.py
-    write_collection(tmp_path / "src", n=6, modules=modules, r=8, seed=5)
-    full = sum(8 * (a + b) * 4 * 6 for a, b in modules.values())
-    art = lorazip.compress(lorazip.load_collection(tmp_path / "src"), budget=int(0.12 * full), hash_sources=False,
-                           keep_extras=False)
+    art = lowbit_artifact(lowbit_collection(tmp_path / "src", seed=5))
     path = art.save(tmp_path / "v5.lorazip.safetensors")
     from safetensors import safe_open
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import read_doc, resave_artifact, write_collection
+from helpers import lowbit_artifact, lowbit_collection, read_doc, resave_artifact
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -18,7 +18,6 @@ from lorazip.layout import (SPECTRA_STEPS, code_spectra, decode_meta, decode_spe
                             lora_ranks, pack)
 from lorazip.solvers import spectra
 
-MODULES = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}
 WITHIN = 2 ** (1 / (2 * SPECTRA_STEPS)) - 1  # half a code step of a tail's norm: 1.75%
 FLOOR = 2.0 ** ((0.5 - 254) / SPECTRA_STEPS)  # the smallest tail (relative to the delta's norm) coded
 
@@ -89,17 +88,12 @@ def test_compact_metadata_round_trip_and_refusals():
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
-    root = tmp_path_factory.mktemp("v7") / "src"
-    write_collection(root, n=6, modules=MODULES, r=8, seed=7)
-    return lorazip.load_collection(root)
+    return lowbit_collection(tmp_path_factory.mktemp("v7") / "src", seed=7)
 
 
 @pytest.fixture(scope="module")
 def art(coll):
-    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
-    got = lorazip.compress(coll, budget=int(0.12 * full), hash_sources=False, keep_extras=False)
-    assert got.allocation["bits"]["histogram"].keys() - {"8", "16", "32"}, "expected low-bit parts here"
-    return got
+    return lowbit_artifact(coll)
 
 
 def test_the_file_is_compact_and_reads_back_as_built(art, coll, tmp_path):

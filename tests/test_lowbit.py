@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_cli as run
-from helpers import write_collection
+from helpers import LOWBIT_BYTES, LOWBIT_MODULES, lowbit_artifact, lowbit_collection, write_collection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -21,7 +21,6 @@ from lorazip.metrics import per_adapter
 
 curves_mod = importlib.import_module("lorazip.compress.curves")
 allocate_mod = importlib.import_module("lorazip.compress.allocate")
-MODULES = {"l.0.q": (64, 48), "l.0.v": (48, 64), "l.1.q": (64, 48)}
 
 
 def _reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
@@ -110,17 +109,12 @@ def test_packed_layout_is_least_significant_bit_first(length):
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lowbit") / "src"
-    write_collection(root, n=6, modules=MODULES, r=8, seed=5)
-    return lorazip.load_collection(root)
+    return lowbit_collection(tmp_path_factory.mktemp("lowbit") / "src", seed=5)
 
 
 @pytest.fixture(scope="module")
 def art(coll):
-    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
-    got = lorazip.compress(coll, budget=int(0.12 * full), hash_sources=False, keep_extras=False)
-    assert got.allocation["bits"]["histogram"].keys() - {"8", "16", "32"}, "expected low-bit rows here"
-    return got
+    return lowbit_artifact(coll)
 
 
 def test_budget_held_on_the_file_and_errors_exact(art, coll, tmp_path):
@@ -221,7 +215,7 @@ def test_remove_and_add_keep_the_stored_rows(art, coll, tmp_path):
     back = lorazip.load_artifact(out.save(tmp_path / "removed.lorazip.safetensors"))
     assert back.names == [n for n in art.names if n != art.names[1]]
     root = tmp_path / "new"
-    write_collection(root, n=2, modules=MODULES, r=8, seed=99)
+    write_collection(root, n=2, modules=LOWBIT_MODULES, r=8, seed=99)
     for p in list(root.iterdir()):
         p.rename(root / f"new_{p.name}")
     added, _ = add_adapters(art, root)
@@ -241,7 +235,7 @@ def test_target_met_on_the_exact_error(coll):
 
 def test_max_statistic_with_bits(coll):
     """--target-stat max: the worst adapter gets the next step per byte first; budget and target hold."""
-    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
+    full = LOWBIT_BYTES
     got = lorazip.compress(coll, budget=int(0.12 * full), target_stat="max", hash_sources=False, keep_extras=False)
     assert got.serialized_size() <= int(0.12 * full) and "qbits/l.0.q" in got.tensors()
     errs = per_adapter(*got.stats())
@@ -252,7 +246,7 @@ def test_max_statistic_with_bits(coll):
 
 
 def test_fixed_dtype_fixes_the_bits(coll):
-    full = sum(8 * (a + b) * 4 * 6 for a, b in MODULES.values())
+    full = LOWBIT_BYTES
     got = lorazip.compress(coll, budget=int(0.2 * full), storage_dtype="int8", hash_sources=False, keep_extras=False)
     assert got.allocation["bits"]["histogram"].keys() <= {"8"}
     assert not any(k.startswith("qbits/") for k in got.tensors())
