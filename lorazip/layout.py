@@ -526,17 +526,15 @@ def code_spectra(sv: "torch.Tensor", norm2: "torch.Tensor", rs: list[int]) -> "t
     below, 0 or the smallest code), and coding decoded values gives their codes back."""
     import torch
 
-    out = []
+    n, width = sv.shape
+    r = torch.tensor(rs, dtype=torch.long).reshape(n, 1)
     s2 = sv.double().square()
-    tails = torch.flip(torch.cumsum(torch.flip(s2, [1]), 1), [1])  # (n, r_max): sum_{j >= k} s_j^2
-    for i, r in enumerate(rs):
-        if r <= 1:
-            continue
-        e = float(norm2[i])
-        t = (tails[i, 1:r] / e).clamp(0, 1).sqrt() if e > 0 else torch.zeros(r - 1, dtype=torch.float64)
-        c = (torch.round(torch.log2(torch.where(t > 0, t, 1.0)) * SPECTRA_STEPS) + 255).clamp(0, 255)
-        out.append(torch.where(t > 0, c, 0.0))
-    return torch.cat(out).to(torch.uint8) if out else torch.zeros(0, dtype=torch.uint8)
+    tails = torch.flip(torch.cumsum(torch.flip(s2, [1]), 1), [1])[:, 1:]  # (n, w - 1): sum_{j >= k} s_j^2, k >= 2
+    e = norm2.double().reshape(n, 1)
+    t = torch.where(e > 0, (tails / torch.where(e > 0, e, 1.0)).clamp(0, 1), 0.0).sqrt()
+    c = (torch.round(torch.log2(torch.where(t > 0, t, 1.0)) * SPECTRA_STEPS) + 255).clamp(0, 255)
+    keep = torch.arange(max(width - 1, 0)).reshape(1, -1) < r - 1  # k = 2 .. r of each adapter, in order
+    return torch.where(t > 0, c, 0.0)[keep].to(torch.uint8)
 
 
 def decode_spectra(codes: "torch.Tensor", norm2: "torch.Tensor", rs: list[int], width: int) -> "torch.Tensor":
@@ -544,18 +542,16 @@ def decode_spectra(codes: "torch.Tensor", norm2: "torch.Tensor", rs: list[int], 
     ``t_1 = 1, t_2 .. t_r, t_{r+1} = 0``, ``s_k = sqrt(norm2 (t_k^2 - t_{k+1}^2))`` (zero past ``r``)."""
     import torch
 
+    n = len(rs)
+    r = torch.tensor(rs, dtype=torch.long).reshape(n, 1)
     c = codes.double()
-    t = torch.where(c > 0, torch.exp2((c - 255) / SPECTRA_STEPS), 0.0)
-    out = torch.zeros(len(rs), width, dtype=torch.float64)
-    pos = 0
-    for i, r in enumerate(rs):
-        if r <= 0:
-            continue
-        e = torch.cat([torch.ones(1, dtype=torch.float64), t[pos : pos + r - 1].square(),
-                       torch.zeros(1, dtype=torch.float64)])
-        out[i, :r] = ((e[:-1] - e[1:]).clamp_min(0) * float(norm2[i])).sqrt()
-        pos += r - 1
-    return out
+    t = torch.zeros(n, width + 1, dtype=torch.float64)  # t_1 .. t_{width + 1}; zero from t_{r + 1} on
+    t[:, 0] = 1.0
+    t[:, 1:width][torch.arange(max(width - 1, 0)).reshape(1, -1) < r - 1] = torch.where(
+        c > 0, torch.exp2((c - 255) / SPECTRA_STEPS), 0.0)
+    e = t.square()
+    out = ((e[:, :-1] - e[:, 1:]).clamp_min(0) * norm2.double().reshape(n, 1)).sqrt()
+    return torch.where(torch.arange(width).reshape(1, -1) < r, out, 0.0)
 
 
 def _norm2(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> "torch.Tensor | None":
