@@ -314,3 +314,65 @@ def test_real_smollm2_adapter_lowers_held_out_loss(tmp_path):
     assert a["n_texts"] == 4
     assert a["loss_original"] < a["loss_base"]
     assert a["retention"] == pytest.approx(1.0, abs=1e-3)
+
+
+# ------------------------------------------------------- examples/fortunes/retention_ratio.py
+def _retention_ratio():
+    sys.path.insert(0, str(REPO / "examples" / "fortunes"))
+    try:
+        import retention_ratio
+    finally:
+        sys.path.pop(0)
+    return retention_ratio
+
+
+def test_retention_ratio_reweighted_copies_round_trip(world, tmp_path):
+    """The copies weighing every module alike: each module of the copy has unit energy, and a lossless
+    compression of the copy scaled back reproduces every original delta (error 0 against the originals)."""
+    rr = _retention_ratio()
+    back = {n: rr.scaled_copy(world.src / n, tmp_path / n, 1.0) for n in ("t0", "t1")}
+    for n in back:
+        assert all(v == pytest.approx(1.0, rel=1e-5) for v in rr.module_norms(tmp_path / n).values())
+        assert len(back[n]) == {"t0": 4, "t1": 8}[n]  # 2 layers x its target modules
+    art = lorazip.compress(lorazip.load_collection([str(tmp_path / n) for n in back]), 12, device="cpu")
+    from lorazip.export import to_peft
+
+    for n in back:
+        state, _ = to_peft(art, n, dtype="float32")
+        assert rr.weight_errors(rr.unscaled(state, back[n]), world.src / n) < 1e-9
+        assert rr.weight_errors(state, world.src / n) > 1e-3  # not scaled back: not the original
+
+
+def test_retention_ratio_threshold_interpolation():
+    rr = _retention_ratio()
+    pts = [(10.0, 0.995), (20.0, 0.985), (40.0, 0.95)]
+    assert rr.ratio_at(pts, 0.99) == pytest.approx(math.exp(math.log(10) + 0.5 * math.log(2)))
+    assert rr.ratio_at(pts, 0.95) == 40.0  # the last point is on the level
+    assert rr.ratio_at(pts, 0.999) is None  # below the smallest ratio already
+    assert rr.ratio_at([(10.0, 0.999)], 0.99) == 10.0
+
+
+def test_retention_ratio_run(world, tmp_path):
+    """End to end on the tiny world: every configuration's artifacts evaluated, the weight errors of the
+    reweighted configuration measured against the originals, the tables and the plot written."""
+    rr = _retention_ratio()
+    args = rr.parse_args(["--adapters", str(world.src), "--data", str(world.data), "--base-model",
+                          str(world.base_dir), "--ratios", "3", "--targets", "0.2", "--configs",
+                          "e:auto:energy,m:auto:module,q:auto:q2", "--work", str(tmp_path / "w"),
+                          "--batch-size", "3"])
+    res = rr.run(args)
+    rows = {(r["config"], r["budget"] is None, r["target"]): r for r in res["rows"]}
+    assert set(rows) == {("e", True, None), ("e", True, 0.2), ("e", False, None), ("m", False, None),
+                         ("q", False, None)}
+    assert rows["e", True, 0.2]["weight_error"]["mean"] <= 0.2 + 1e-9
+    for r in res["rows"]:
+        assert len(r["adapters"]) == 2 and 0 < r["weight_error"]["mean"] < 1
+        assert all(math.isfinite(a["loss_compressed"]) for a in r["adapters"])
+        if r["budget"] is not None:
+            assert r["bytes"] <= r["budget"]
+    e, m = rows["e", False, None], rows["m", False, None]
+    assert [a["loss_original"] for a in e["adapters"]] == [a["loss_original"] for a in m["adapters"]]
+    res["thresholds"], res["paired"] = rr.thresholds(res), rr.paired(res)
+    assert {p["config"] for p in res["paired"]} == {"m", "q"} and all(p["n"] <= 2 for p in res["paired"])
+    rr.plot(res, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 0 and "| m | e |" in rr.markdown(res)
