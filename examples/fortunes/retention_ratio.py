@@ -289,7 +289,7 @@ def plot(res: dict, path: str) -> None:
     axes[1].set_ylabel("retention loss (1 - mean retention)")
     axes[1].set_yscale("log")
     axes[1].yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ticks = sorted({round(r["ratio"]) for r in res["rows"] if r["budget"] is not None})
+    ticks = sorted({round(res["original_bytes"] / r["budget"]) for r in res["rows"] if r["budget"] is not None})
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks(ticks)
@@ -299,7 +299,7 @@ def plot(res: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"fortunes, {res['n_adapters']} adapters x {res['max_texts']} held-out texts "
-                 "(stars: the default target)", fontsize=10)
+                 "(stars: the default and --target-error runs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
