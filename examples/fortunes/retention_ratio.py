@@ -70,7 +70,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-texts", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--work", default="/tmp/lorazip-retention-ratio", help="scaled copies of the collection")
+    ap.add_argument("--work", default="/tmp/lorazip-retention-ratio",
+                    help="scaled copies of the collection (reused when present: remove it if the adapters change)")
     ap.add_argument("--json", default=str(REPO / "docs" / "retention_ratio.json"))
     ap.add_argument("--png", default=str(REPO / "docs" / "retention_ratio.png"))
     ap.add_argument("--md", default=None)
@@ -143,6 +144,8 @@ def weight_errors(state, folder: Path) -> float:
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise SystemExit(f"{folder}: rank_pattern / alpha_pattern are not handled by this script")
     st = load_file(str(folder / "adapter_model.safetensors"))
     r, alpha = cfg["r"], cfg["lora_alpha"]
     s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
