@@ -171,6 +171,10 @@ def compress(
     rank: Optional[int] = _RANK,
     method: str = typer.Option("jd-full", help="jd-full | jd-diag | svd (per-adapter baseline)."),
     weighting: str = typer.Option("relative", help="relative (each adapter counts equally) | absolute."),
+    objective: str = typer.Option(
+        "energy", help="How a budget or target weighs each adapter's modules: energy (its relative error "
+        "over all its modules) | sqrt (each module by the square root of its energy) | module (every "
+        "module alike; docs/task_eval.md)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     backend: str = typer.Option("torch", help="Array library of the jd-full solver: torch | numpy | cupy."),
     dtype: str = _DTYPE,
@@ -229,7 +233,7 @@ def compress(
         target_stat=target_stat, method=method, clusters=clusters if clusters is not None else 1,
         per_module_clusters=per_module_clusters, max_rounds=max_rounds, uniform_rank=uniform_rank, max_rank=max_rank,
         storage_dtype=dtype, keep_extras=not no_extras, extras_dtype=extras_dtype, weighting=weighting,
-        calibration_lambda=calibration_lambda, device=device, backend=backend, compute_dtype=compute_dtype, seed=seed,
+        objective=objective, calibration_lambda=calibration_lambda, device=device, backend=backend, compute_dtype=compute_dtype, seed=seed,
         max_iters=max_iters, tol=tol, memory_limit=limit)
     if opts.is_default_run:  # the library aims at the same target; said here once
         err.print(f"no --rank, --budget or --target-error: the least storage for mean error {opts.goal} "

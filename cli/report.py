@@ -70,6 +70,10 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     label = "activation error" if rep.get("metric") == "activation" else "rel. sq. error"
     t.add_row(label + (" (optimised)" if we else ""),
               f"mean {e['mean']:.4f}  median {e['median']:.4f}  max {e['max']:.4f}")
+    ob = rep.get("objective")
+    if ob:  # a budget or target run under another objective: the error it bounded
+        t.add_row(f"{ob['name']} objective", f"mean {ob['mean']:.4f}  median {ob['median']:.4f}  max {ob['max']:.4f}  "
+                  "(what --budget / --target-error minimised or bounded)")
     if we:  # calibration: the error of the outputs on the calibration inputs, and the weight error
         t.add_row("weight error", f"mean {we['mean']:.4f}  median {we['median']:.4f}  max {we['max']:.4f}")
     ex = rep.get("extras_error")

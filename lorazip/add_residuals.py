@@ -21,7 +21,7 @@ import torch
 
 from . import lowbit
 from .artifact import STORAGE_DTYPES
-from .metrics import per_adapter, squared_errors
+from .metrics import module_weights, objective_errors, squared_errors
 from .quantize import QBITS, QSCALE, store_residual
 from .solvers.residual import residual_svd
 
@@ -29,13 +29,14 @@ from .solvers.residual import residual_svd
 
 def goal_error(meta: dict[str, Any], sq: torch.Tensor, n2: torch.Tensor) -> float | None:
     """The error an added adapter's residual parts aim at: the artifact's target error, else the mean
-    error of its adapters; None for an artifact without per-adapter parts (a ``--rank`` run)."""
+    error of its adapters (under the artifact's ``objective``); None for an artifact without
+    per-adapter parts (a ``--rank`` run)."""
     alloc = meta.get("allocation") or {}
     if alloc.get("mode") != "mixed":
         return None
     if alloc.get("target_error") is not None:
         return float(alloc["target_error"])
-    return float(per_adapter(sq.double(), n2.double()).mean())
+    return float(objective_errors(sq.double(), n2.double(), meta.get("objective", "energy")).mean())
 
 
 def _levels(mod: dict[str, Any], low: bool, storage: str) -> tuple[list, list]:
@@ -87,13 +88,16 @@ def add_residuals(meta: dict[str, Any], tensors: dict[str, torch.Tensor], raw: d
     n_new = sq_new.shape[0]
     svd = [residual_svd(B, A, *base) for (B, A), base in zip(facs, bases)]
     levels = [_levels(m, low, storage) for m in mods]
-    E = norm_new.sum(1).numpy()
+    objective = meta.get("objective", "energy")
+    w = None if objective == "energy" else module_weights(norm_new.double(), objective).numpy()  # (n_new, M)
+    E = norm_new.sum(1).numpy() if w is None else (norm_new.double().numpy() * w).sum(1)
     chosen = [np.zeros((n_new, s.shape[1]), dtype=np.int64) for _, s, _ in svd]
     for i in range(n_new):
         if E[i] <= 0:
             continue
-        sp = [s[i].square().numpy() for _, s, _ in svd]
-        picked = _choose(sp, levels, sq_new[i].numpy(), float(E[i]), goal)
+        sp = [s[i].square().numpy() * (1.0 if w is None else w[i, j]) for j, (_, s, _) in enumerate(svd)]
+        picked = _choose(sp, levels, sq_new[i].numpy() if w is None else sq_new[i].double().numpy() * w[i],
+                         float(E[i]), goal)
         for j, lv in enumerate(picked):
             chosen[j][i] = lv
     for j, mod in enumerate(mods):

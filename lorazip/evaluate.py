@@ -22,7 +22,7 @@ from .layout import shared_widths
 from .quantize import QSCALE
 from .io.collection import load_collection
 from .io.peft import sha256_file
-from .metrics import per_adapter, relative, squared_errors, summary
+from .metrics import objective_errors, per_adapter, relative, squared_errors, summary
 from .solvers.svd import spectra_from_grams, truncation_errors
 
 REPORT_VERSION = 2  # 2: svd_matched_storage is the greedy per-adapter SVD frontier (was one rank for all)
@@ -309,6 +309,9 @@ def evaluate(
         "n_adapters": len(rows),
         "n_modules": len(artifact.modules),
         "errors": summary(adapter_err.tolist()),
+        **({"objective": {"name": artifact.meta["objective"],
+                          **summary(objective_errors(sq, nn2, artifact.meta["objective"]).tolist())}}
+           if artifact.meta.get("objective", "energy") != "energy" else {}),
         "metric": "activation" if calibration and sources is None else "weight",
         **({"weight_errors": summary(weight_err.tolist())} if weight_err is not None else {}),
         **({"calibration": calibration} if calibration else {}),

@@ -88,6 +88,24 @@ def per_adapter(errors2: torch.Tensor, norms2: torch.Tensor) -> torch.Tensor:
     return relative(errors2.sum(1), norms2.sum(1))
 
 
+def objective_errors(errors2: torch.Tensor, norms2: torch.Tensor, objective: str = "energy") -> torch.Tensor:
+    """Each adapter's error under a budget or target objective (:data:`~lorazip.compress.options.OBJECTIVES`),
+    inputs (n, m): module ``m`` weighted by ``||dW_im||^(-2p)`` (``p`` = 0 energy, 1/2 sqrt, 1 module;
+    modules of no energy weigh nothing), ``sum_m w_im err_im / sum_m w_im ||dW_im||^2``. "energy" is
+    :func:`per_adapter`; "module" the mean of the modules' relative errors."""
+    w = module_weights(norms2, objective)
+    return per_adapter(errors2 * w, norms2 * w)
+
+
+def module_weights(norms2: torch.Tensor, objective: str) -> torch.Tensor:
+    """(n, m) weight of each (adapter, module) pair under ``objective`` (see :func:`objective_errors`)."""
+    p = {"energy": 0.0, "sqrt": 0.5, "module": 1.0}[objective]
+    if p == 0:
+        return torch.ones_like(norms2)
+    n2 = norms2.double()
+    return torch.where(n2 > 0, n2.clamp_min(1e-300) ** -p, torch.zeros_like(n2)).to(norms2.dtype)
+
+
 def summary(values) -> dict[str, float]:
     """mean / median / min / max of a sequence of numbers."""
     vals = [float(v) for v in values]

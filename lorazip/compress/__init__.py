@@ -115,6 +115,9 @@ def _allocated(collection: Collection, opts: CompressOptions, progress, executor
     from .whiten import streams_whitened
 
     if opts.method == "jd-diag" or opts.uniform_rank or streams_whitened(collection, opts.memory_limit):
+        if opts.objective != "energy":  # jd-diag and a uniform rank are refused by the options already
+            raise OptionError(f"objective {opts.objective} weighs per-adapter parts, which calibration streamed "
+                              "under a memory limit does not store: raise --memory-limit or drop --objective")
         art, report = compress_shared(collection, opts, progress=progress, executor=executor)
     else:
         groupings = None

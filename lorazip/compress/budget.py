@@ -24,7 +24,7 @@ import torch
 from ..artifact import STORAGE_DTYPES, Artifact
 from ..errors import OptionError
 from ..io.collection import Collection
-from ..metrics import per_adapter
+from ..metrics import module_weights, objective_errors
 from ..quantize import QSCALE
 from .allocate import BITS, Allocation, StepCurves, allocate_mixed, allocate_shared, rank_numbers
 from .build import FactorReads, build_allocation, keep_limit
@@ -121,6 +121,7 @@ class _MixedRun:
         self.best: dict[str, tuple] = {}  # per storage dtype: (key, alloc, fits, grouping, curves, goal, E)
         self.tried: list[dict[str, Any]] = []
         self.failed: OptionError | None = None
+        self._objective_fits: dict[int, tuple] = {}  # id of a list of fits -> (fits, their weighted copies)
 
     def fit(self, cand, tops: list[int], only: list[int] | None = None,
             before: dict[int, ModuleFit] | None = None, grow: list[int] | None = None) -> dict[int, ModuleFit]:
@@ -197,6 +198,7 @@ class _MixedRun:
         """Per storage precision ``(allocation, (fits, grouping, curves, goal, E), key)`` of one
         grouping's fits (the precisions that fail are left out, their reason kept), and what each
         precision predicted (the report's ``clusters_tried``)."""
+        real, fits = fits, self._weighted(fits)  # the allocator's curves; the builds use the real fits
         E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
         plain = StepCurves(fits, E)  # shared by every dtype and every budget the dry assembly tries
         K = 1 if cand is None else cand.K
@@ -214,12 +216,12 @@ class _MixedRun:
             if self.target is not None and BITS in out and dt != BITS:
                 bound = 2 * out[BITS][0].numbers * self.size_of[BITS]  # bytes
                 if _misses(fits, E, bound // self.size_of[dt], goal, self.stat, curves):
-                    out[dt] = (_Deferred(bound), (fits, cand, curves, goal, E), (False, bound, math.inf))
+                    out[dt] = (_Deferred(bound), (real, cand, curves, goal, E), (False, bound, math.inf))
                     tried.append({"K": K, "dtype": dt, "predicted": None, "needs_more_than_bytes": bound})
                     continue
             try:
-                alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
-                                          hashes, curves)
+                alloc = _allocate_to_size(self.collection, self.opts, real, E, goal, dt, self.size_of[dt], cand,
+                                          hashes, curves, fits)
             except OptionError as exc:
                 self.failed = self.failed or exc  # the first reason (the adapters' own dtype, one basis) is said
                 tried.append({"K": K, "dtype": dt, "predicted": None})
@@ -228,8 +230,23 @@ class _MixedRun:
             tried.append({"K": K, "dtype": dt, "predicted": alloc.predicted, "numbers": alloc.numbers})
             key = ((alloc.predicted > self.target + 1e-12, size, alloc.predicted) if self.budget is None
                    else (alloc.predicted, size))
-            out[dt] = (alloc, (fits, cand, curves, goal, E), key)
+            out[dt] = (alloc, (real, cand, curves, goal, E), key)
         return out, tried
+
+    def _weighted(self, fits: list[ModuleFit]) -> list[ModuleFit]:
+        """The fits the allocator works on: ``fits`` themselves for the energy objective, else copies with
+        each (adapter, module)'s energies weighted by the objective (:meth:`ModuleFit.weighted`), made once
+        per list of fits."""
+        if self.opts.objective == "energy":
+            return fits
+        if id(fits) not in self._objective_fits:
+            self._objective_fits[id(fits)] = (fits, [f.weighted(module_weights(f.norms2[:, None], self.opts.objective)[:, 0])
+                                                     for f in fits])
+        return self._objective_fits[id(fits)][1]
+
+    def _errors(self, art: Artifact) -> np.ndarray:
+        """Each adapter's exact error under the run's objective (the energy objective: :func:`per_adapter`)."""
+        return objective_errors(*art.stats(), self.opts.objective).numpy()
 
     def _resolve_all(self) -> None:
         for d in list(self.best):
@@ -242,7 +259,7 @@ class _MixedRun:
             return True
         try:
             alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand, None,
-                                      curves)
+                                      curves, self._weighted(fits))
         except OptionError:
             del self.best[dt]
             return False
@@ -296,6 +313,7 @@ class _MixedRun:
         file at once: that moment was the run's peak."""
         for d, (key, alloc, *_) in list(self.best.items()):
             self.best[d] = (key, alloc, None, None, None, None, None)
+        self._objective_fits.clear()
         self.kept.clear()
         release_freed_memory()
 
@@ -321,7 +339,7 @@ class _MixedRun:
                                    kept=self.kept, memory=self.memory,  # each kept module freed once built
                                    before=before, built=built, spill=spill)
             del before
-            got = _stat(per_adapter(*art.stats()).numpy(), self.stat)
+            got = _stat(self._errors(art), self.stat)
             if attempt == retargets or got <= self.target + 1e-12:
                 break
             # lower by 1.25 times the miss past the target, and at least to the target less the model's
@@ -330,7 +348,7 @@ class _MixedRun:
             goal = min(goal - (got - self.target) * 1.25, self.target - (got - alloc.predicted)) - 1e-6
             try:
                 retry = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
-                                          hashes, curves)
+                                          hashes, curves, self._weighted(fits))
             except OptionError:
                 break
             nxt = self.best[after][1]
@@ -369,6 +387,7 @@ class _MixedRun:
             "ranks": alloc.ranks,
             "residual_ranks": {m: {"total": int(k.sum()), "max": int(k.max()) if len(k) else 0}
                                for m, k in alloc.residual.items()},
+            **({"objective": self.opts.objective} if self.opts.objective != "energy" else {}),
             "predicted_mean_error": float(errs.mean()),
             "predicted_max_error": float(errs.max()),
             "artifact_bytes": art.serialized_size(),
@@ -413,16 +432,19 @@ def _shares(fit: ModuleFit, R: int, weighting: str) -> bool:
 
 def _allocate_to_size(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], E: np.ndarray,
                       target_error: float | None, storage_dtype: str, itemsize: int, clusters, hashes: SourceHashes,
-                      curves: StepCurves | None = None) -> Allocation:
+                      curves: StepCurves | None = None, weighted: list[ModuleFit] | None = None) -> Allocation:
     """The allocation for ``opts.budget`` bytes of the file (numbers refined on dry assemblies, which
-    give the exact size of everything besides the parts) or for ``target_error``."""
+    give the exact size of everything besides the parts) or for ``target_error``. ``weighted``: the
+    fits the allocator works on where the objective weights them (:meth:`_MixedRun._weighted`);
+    the dry assemblies use ``fits``."""
     budget, stat = opts.budget, opts.target_stat
+    alloc_fits = fits if weighted is None else weighted
     if budget is None:
-        return allocate_mixed(fits, E, target_error=target_error, stat=stat, curves=curves)
+        return allocate_mixed(alloc_fits, E, target_error=target_error, stat=stat, curves=curves)
     numbers = max((budget - _overhead_bytes(collection, fits, opts.keep_extras)) // itemsize, 0)  # a first guess
     best = None
     for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
-        alloc = allocate_mixed(fits, E, numbers=numbers, stat=stat, curves=curves)
+        alloc = allocate_mixed(alloc_fits, E, numbers=numbers, stat=stat, curves=curves)
         dry = build_allocation(collection, opts, fits, alloc.plan(fits, storage_dtype, clusters), hashes,
                                target_error=target_error, dry=True)
         size = dry.serialized_size()

@@ -448,6 +448,7 @@ def _allocated_meta(opts: CompressOptions, plan: Plan, storage_dtype: str, targe
         "rank": max(set(ranks), key=ranks.count),
         "per_module_ranks": len(set(ranks)) > 1,
         "weighting": opts.weighting,
+        **({"objective": opts.objective} if opts.objective != "energy" else {}),
         "storage_dtype": storage_dtype,
         "solver": {"max_iters": opts.max_iters, "tol": opts.tol, "seed": opts.seed, "device": "cpu",
                    "compute_dtype": "float32"},

@@ -14,6 +14,7 @@ From these curves the error of any choice is known exactly before anything is st
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -74,6 +75,16 @@ class ModuleFit:
 
     def residual_cap(self, r: int) -> int:
         return min(self.spectra[r].shape[1], self.d_out, self.d_in)
+
+    def weighted(self, w: torch.Tensor) -> "ModuleFit":
+        """This fit with every adapter's energies (its norm, shared-part errors and residual spectra)
+        times ``w`` (n,): the curves of an objective weighting module ``m`` of adapter ``i`` by
+        ``w_i`` (:func:`lorazip.metrics.module_weights`) for the allocator. Bases, cores and the
+        relative quantisation profiles are shared with this fit; the build uses the fit itself."""
+        w = w.to(self.norms2.dtype)
+        return dataclasses.replace(self, norms2=self.norms2 * w,
+                                   shared={r: e * w.to(e.dtype) for r, e in self.shared.items()},
+                                   spectra={r: sp * w.to(sp.dtype)[:, None] for r, sp in self.spectra.items()})
 
     def shared_quant(self, r: int) -> np.ndarray | None:
         """(n, B, B) predicted squared error of the rank-``r`` shared part stored with its bases at

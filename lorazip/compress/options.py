@@ -22,6 +22,10 @@ from ..solvers.linalg import WEIGHTINGS
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 STATS = ("mean", "max")
+# How a budget or target run weighs an adapter's modules (lorazip.metrics.objective_errors): "energy",
+# its relative error over all its modules together (each module by its energy: what every report
+# states); "sqrt", each module by the square root of its energy; "module", every module alike.
+OBJECTIVES = ("energy", "sqrt", "module")
 DEFAULT_RANK = 16  # the paper's fixed-rank mode, and the rank at which --clusters groups the adapters
 # With none of rank, budget and target: the mean error at which the bundled collection keeps >= 99% of
 # its adapters' task gain (docs/task_eval.md: every adapter with error <= 0.031 kept >= 0.99, and the
@@ -44,7 +48,9 @@ class CompressOptions:
         ``storage_dtype`` ("auto", "float32", "float16", "bfloat16", "int8"); ``bits`` (with "auto"
         under a budget or target: residual rows at 1-8 bits); ``keep_extras`` and ``extras_dtype``
         (``modules_to_save`` tensors); ``weighting`` ("relative": each adapter counts alike, or
-        "absolute"); ``calibration_lambda`` (the regulariser of calibration statistics).
+        "absolute"); ``objective`` (how a budget or target weighs each adapter's modules: "energy",
+        "sqrt" or "module", :data:`OBJECTIVES`); ``calibration_lambda`` (the regulariser of
+        calibration statistics).
     How to compute
         ``device``, ``backend`` (array library of the jd-full solver), ``compute_dtype``, ``seed``,
         ``max_iters``, ``tol``, ``memory_limit`` (bytes for module factors: larger modules stream; and for
@@ -67,6 +73,7 @@ class CompressOptions:
     keep_extras: bool = True
     extras_dtype: str = "auto"
     weighting: str = "relative"
+    objective: str = "energy"
     calibration_lambda: float | None = None
     device: str = "auto"
     backend: str = "torch"
@@ -115,6 +122,8 @@ class CompressOptions:
             raise OptionError(f"unknown dtype {self.storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
         if self.extras_dtype not in EXTRAS_DTYPES:
             raise OptionError(f"unknown extras dtype {self.extras_dtype!r}; choose from {', '.join(EXTRAS_DTYPES)}")
+        if self.objective not in OBJECTIVES:
+            raise OptionError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         if self.target_stat not in STATS:
             raise OptionError(f"target statistic must be mean or max, got {self.target_stat!r}")
         if self.clusters != "auto" and (isinstance(self.clusters, bool) or self.clusters < 1):
@@ -131,6 +140,9 @@ class CompressOptions:
             if self.clusters != 1 and (self.method != "jd-full" or self.uniform_rank):
                 raise OptionError("a budget or a target error with K clusters allocates jd-full parts with "
                                   "residuals: drop --method jd-diag and --uniform-rank")
+        if self.objective != "energy" and (not self.allocates or self.method != "jd-full" or self.uniform_rank):
+            raise OptionError(f"objective {self.objective} weighs the modules of a budget or target run of shared "
+                              "and per-adapter parts (jd-full, without --rank or --uniform-rank)")
         if not self.allocates and self.clusters not in (1, "auto") and self.method not in ("jd-full", "jd-clustered"):
             raise OptionError(f"clusters need method jd-clustered (jd-full per cluster), not {self.method}")
 
@@ -194,8 +206,10 @@ class CompressOptions:
         return collection.storage_dtype() if self.storage_dtype == "auto" else self.storage_dtype
 
     def fixed(self, **changes: Any) -> "CompressOptions":
-        """These settings for a fixed-rank build (no budget or target): what the module loop runs."""
-        return self.replace(rank=self.shared_rank, budget=None, target_error=None, **changes)
+        """These settings for a fixed-rank build (no budget or target, so no objective): what the module
+        loop runs."""
+        return self.replace(**{"rank": self.shared_rank, "budget": None, "target_error": None,
+                               "objective": "energy", **changes})
 
 
 def resolve_device(device: str) -> torch.device:
