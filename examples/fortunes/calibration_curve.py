@@ -62,10 +62,6 @@ def _bytes(text: str) -> int:
     return int(float(t))
 
 
-def _summ(vals):
-    return {"mean": statistics.fmean(vals), "median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-
-
 def markdown(res: dict) -> str:
     out = ["| budget | objective | bytes | weight error | activation error | mean retention | median | min | "
            "retention loss (mean 1 - r) | loss ratio act/weight |", "| --- " * 10 + "|"]
@@ -125,7 +121,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import lorazip
     from lorazip.compress.whiten import activation_errors, whiten_collection
-    from lorazip.metrics import per_adapter
+    from lorazip.metrics import per_adapter, summary
     from lorazip.taskeval import TaskEvaluator
 
     names = sorted(p.name for p in Path(args.adapters).iterdir() if (p / "adapter_model.safetensors").is_file()
@@ -153,7 +149,7 @@ def main(argv=None) -> int:
             vals = [v for v in ret.values() if v is not None]
             row = {"budget": b, "objective": obj, "bytes": art.serialized_size(), "compress_s": t_c,
                    "chosen": (art.allocation or {}).get("chosen"), "weight_error": werr,
-                   "activation_error": _summ(aerr), "retention": _summ(vals),
+                   "activation_error": summary(aerr), "retention": summary(vals),
                    "retention_loss": statistics.fmean(1 - v for v in vals),
                    "adapters": [{"name": a["name"], "retention": a["retention"], "loss_base": a["loss_base"],
                                  "loss_original": a["loss_original"], "loss_compressed": a["loss_compressed"],

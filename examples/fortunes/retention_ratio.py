@@ -80,10 +80,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _summ(vals):
-    return {"mean": statistics.fmean(vals), "median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-
-
 # ------------------------------------------------------------------- the reweighted copies
 def _pairs(state):
     """{module path: (A key, B key)} of a PEFT state dict."""
@@ -314,6 +310,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     import lorazip
     from lorazip.export import to_peft
+    from lorazip.metrics import summary
     from lorazip.taskeval import TaskEvaluator
 
     src = Path(args.adapters)
@@ -361,9 +358,9 @@ def run(args) -> dict:
             row = {"config": label, "dtype": dtype, "objective": objective, "budget": None if b is None else int(b),
                    "target": target,
                    "ratio": orig_bytes / size, "bytes": size, "compress_s": t_c,
-                   "weight_error": _summ([a["weight_error"] for a in adapters]),
+                   "weight_error": summary([a["weight_error"] for a in adapters]),
                    "pairs_at_nothing": bits.get("pairs_at_nothing"), "bits_per_number": bits.get("bits_per_number"),
-                   "retention": _summ(vals), "adapters": adapters}
+                   "retention": summary(vals), "adapters": adapters}
             rows.append(row)
             print(f"{label:10s} {_budget(b, target)} {size:,} B ({row['ratio']:.1f}x) "
                   f"weight error {row['weight_error']['mean']:.4f} retention {row['retention']['mean']:.4f} "
