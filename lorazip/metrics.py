@@ -98,7 +98,8 @@ def objective_errors(errors2: torch.Tensor, norms2: torch.Tensor, objective: str
 
 
 def module_weights(norms2: torch.Tensor, objective: str) -> torch.Tensor:
-    """(n, m) weight of each (adapter, module) pair under ``objective`` (see :func:`objective_errors`)."""
+    """Weight of each (adapter, module) pair under ``objective`` (see :func:`objective_errors`), elementwise
+    on squared norms of any shape."""
     p = {"energy": 0.0, "sqrt": 0.5, "module": 1.0}[objective]
     if p == 0:
         return torch.ones_like(norms2)

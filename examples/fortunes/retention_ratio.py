@@ -94,15 +94,13 @@ def _pairs(state):
 def module_norms(folder: Path) -> dict[str, float]:
     """``||B A||_F`` of every LoRA module of a PEFT folder (the adapter's scale is the same for all its
     modules here, and a per-adapter factor does not change a relative objective)."""
-    import torch
     from safetensors.torch import load_file
 
+    from lorazip.solvers.linalg import factor_norms2
+
     st = load_file(str(folder / "adapter_model.safetensors"))
-    out = {}
-    for m, (ka, kb) in _pairs(st).items():
-        A, B = st[ka].double(), st[kb].double()
-        out[m] = float(torch.sqrt(torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0)))
-    return out
+    return {m: float(factor_norms2(st[kb].double()[None], st[ka].double()[None])[0].clamp_min(0).sqrt())
+            for m, (ka, kb) in _pairs(st).items()}
 
 
 def scaled_copy(src: Path, dst: Path, p: float) -> dict[str, float]:

@@ -242,7 +242,7 @@ class _MixedRun:
         if id(fits) not in self._objective_fits:
             live = {id(entry[2]) for entry in self.best.values()}  # copies of fits no candidate holds: dropped
             self._objective_fits = {k: v for k, v in self._objective_fits.items() if k in live}
-            self._objective_fits[id(fits)] = (fits, [f.weighted(module_weights(f.norms2[:, None], self.opts.objective)[:, 0])
+            self._objective_fits[id(fits)] = (fits, [f.weighted(module_weights(f.norms2, self.opts.objective))
                                                      for f in fits])
         return self._objective_fits[id(fits)][1]
 
