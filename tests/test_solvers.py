@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lorazip.metrics import relative, squared_errors
 from lorazip.solvers import individual_svd, jd_diag, jd_full, solve_module, spectra, truncation_errors
-from lorazip.solvers.linalg import orth
+from lorazip.solvers.linalg import orth, orth_complement, top_eigvecs
 
 F64 = torch.float64
 
@@ -328,3 +328,40 @@ def test_warm_start_need_not_be_orthonormal():
     b = jd_full(B, A, 3, U0=orth(U0), V0=orth(V0), tol=1e-12, max_iters=2000)
     assert abs(a.objective - b.objective) < 1e-10
     assert float(torch.linalg.norm(a.U.T @ a.U - torch.eye(3, dtype=F64))) < 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 8), st.integers(1, 8), st.sampled_from([1.0, 1e-3, 1e-6, 1e-9, 0.0]),
+       st.sampled_from(["float32", "float64"]), st.integers(0, 10_000))
+def test_orth_complement_extends_an_orthonormal_basis(d, k, m, eps, dtype, seed):
+    """``[X, orth_complement(X, Y)]`` is orthonormal, begins with ``X`` and spans ``Y`` (to rounding),
+    whether ``Y`` lies far from, near or inside ``span(X)``, has dependent columns, or ``X`` spans the
+    whole space; a complement never has more columns than there is room for."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, d)
+    X = orth(torch.randn(d, k, generator=g, dtype=F64)).to(dt)
+    Y = X @ torch.randn(k, m, generator=g, dtype=F64).to(dt) + eps * torch.randn(d, m, generator=g, dtype=F64).to(dt)
+    if m > 1:
+        Y[:, -1] = Y[:, 0]  # a dependent column
+    Q = orth_complement(X, Y)
+    tol = 1e-5 if dt == torch.float32 else 1e-12
+    assert Q.shape[1] <= min(m, d - k)
+    M = torch.cat([X, Q], 1)
+    assert (M.T @ M - torch.eye(M.shape[1], dtype=dt)).abs().max() < tol
+    scale = max(float(Y.norm()), 1e-300)
+    assert float((Y - M @ (M.T @ Y)).norm()) / scale < 10 * tol
+    if eps == 0.0 or k == d:
+        assert float((Q.T @ Y).norm()) / scale < 10 * tol  # nothing of Y outside span(X) but rounding
+
+
+def test_top_eigvecs_are_descending_with_fixed_signs():
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(9, 9, generator=g, dtype=F64)
+    T = Z @ Z.T
+    W, evals = top_eigvecs(T, 4)
+    ref = torch.linalg.eigvalsh(T).flip(0)[:4]
+    assert torch.allclose(evals, ref, rtol=1e-12)
+    assert torch.allclose(T @ W, W * evals, atol=1e-10)
+    idx = W.abs().argmax(0)
+    assert bool((W[idx, torch.arange(4)] > 0).all())

@@ -12,7 +12,8 @@ Both steps apply an operator of one form, a sum over adapters of ``F_i^T C_i F_i
 Stacking the ``F_i`` as one ``(n r_i, d)`` matrix makes each application two matrix
 products. A step does Rayleigh-Ritz on ``span([V, G_V V])``, so the objective never
 decreases; ``G_V V = A^T (C L)`` reuses ``L``, and the projected ``2r x 2r`` matrix is
-``Z^T C Z`` with ``Z = A Q = [L, A Q_new]`` (``Q = orth([V, G_V V])`` begins with ``V``), whose
+``Z^T C Z`` with ``Z = A Q = [L, A Q_new]`` (``Q = [V, Q_new]``, ``Q_new`` an orthonormal basis of ``G_V V``
+orthogonal to ``V``), whose
 columns also give the next ``L``: a sweep costs two products of width ``r`` with each factor,
 ``O(n r_i r (d_in + d_out))``. Every pass is a sum over chunks
 of adapters (:class:`~lorazip.solvers.factors.Factors`), so the same code runs in memory or
@@ -30,7 +31,7 @@ import torch
 
 from ..backend import mT, namespace
 from ..backend import randn, to_torch
-from .linalg import adapter_weights, orth, subspace_change, top_eigvecs
+from .linalg import adapter_weights, orth, orth_complement, top_eigvecs
 from .factors import Factors
 
 
@@ -116,15 +117,22 @@ def _rayleigh_ritz(fac: Factors, side: str, C, Q, r: int, P=None):
         Z.append(Zc)
         del ch
     W, evals = top_eigvecs(T, r)
-    return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals))
+    return Q @ W, [Zc @ W for Zc in Z], float(xp.sum(evals)), W
 
 
 def _ritz_extended(fac: Factors, side: str, C, X, P, Y, r: int):
     """:func:`_rayleigh_ritz` on ``span([X, Y])`` for an orthonormal ``X`` whose projections
-    ``P_i = F_i X`` are known: ``Q = orth([X, Y])`` starts with ``X`` itself (a QR with positive
-    diagonal of orthonormal columns), so only the new columns are multiplied by the factors, half
-    the products of the step."""
-    return _rayleigh_ritz(fac, side, C, orth(namespace(X).concat([X, Y], axis=1)), r, P)
+    ``P_i = F_i X`` are known: ``Q = [X, orth_complement(X, Y)]`` starts with ``X`` itself, so only the
+    new columns are multiplied by the factors, half the products of the step.
+
+    Returns ``(X_new, P_new, captured, moved)``; ``moved`` is how far the subspace moved,
+    ``||X_new - X X^T X_new||_F / ||X_new||_F``, read off the Ritz vectors' coefficients on the new
+    columns (``X_new = X W_1 + Q_new W_2`` with ``Q_new`` orthonormal and orthogonal to ``X``, so it is
+    ``||W_2||_F / sqrt(r)``) without a product of width ``d``."""
+    xp = namespace(X)
+    X_new, P_new, cap, W = _rayleigh_ritz(fac, side, C, xp.concat([X, orth_complement(X, Y)], axis=1), r, P)
+    W2 = W[X.shape[1]:, :]
+    return X_new, P_new, cap, float(xp.linalg.vector_norm(W2)) / max(r, 1) ** 0.5
 
 
 def _orthonormal(X):
@@ -161,7 +169,7 @@ def _init_side(fac: Factors, side: str, C, d: int, r: int, generator, n_power: i
     Q = orth(_apply(fac, side, C, randn(xp, fac.like, (d, k), generator)))
     for _ in range(n_power):
         Q = orth(_apply(fac, side, C, Q))
-    return _rayleigh_ritz(fac, side, C, Q, r)
+    return _rayleigh_ritz(fac, side, C, Q, r)[:3]
 
 
 def norms_and_weights(fac: Factors, weighting: str, weights=None):
@@ -316,17 +324,16 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     converged = False
     it = 0
     for it in range(1, max_iters + 1):
-        U_old, V_old = U, V
         C = _coefficients(K, wc)  # V-step: G_V = sum_i A_i^T C_i A_i
-        V, L, _ = _ritz_extended(fac, "A", C, V, L, _backproject(fac, "A", C, L), rank)
+        V, L, _, moved_V = _ritz_extended(fac, "A", C, V, L, _backproject(fac, "A", C, L), rank)
         D = _coefficients(L, wc)  # U-step: G_U = sum_i B_i D_i B_i^T
-        U, K, cap = _ritz_extended(fac, "B", D, U, K, _backproject(fac, "B", D, K), rank)
+        U, K, cap, moved_U = _ritz_extended(fac, "B", D, U, K, _backproject(fac, "B", D, K), rank)
         history.append(cap / total if total else 1.0)
         gain = history[-1] - history[-2]
         # relative to the larger of captured and lost energy: when little can be captured (flat
         # spectra), the error is what must be accurate, not the small captured fraction
         scale = max(history[-1], 1.0 - history[-1])
-        if max(subspace_change(U_old, U), subspace_change(V_old, V)) < tol or gain <= tol * tol_scale * scale:
+        if max(moved_U, moved_V) < tol or gain <= tol * tol_scale * scale:
             converged = True
             break
     parts = [mT(Ki) @ Li for Ki, Li in zip(K, L)]
