@@ -56,30 +56,25 @@ def orth_complement(X, Y, *, floor: float = 1e-3):
     """Orthonormal basis of the part of ``span(Y)`` orthogonal to the orthonormal ``X``: ``[X, Q]`` is
     then an orthonormal basis of ``span([X, Y])`` that begins with ``X`` itself, exactly.
 
-    Block classical Gram-Schmidt twice against ``X``; SVQB (the eigendecomposition of the Gram
-    ``Y^T Y``, in float64 whatever ``Y``'s dtype), which normalises every direction however small (a
-    spectrum decaying over many decades needs its small directions: only those under ``floor`` times
-    the dtype's rounding of ``||Y||_F`` are left out, so nothing overflows); once more against ``X``,
-    which removes what rounding left along ``X`` in the small ones; and SVQB again, which drops the
-    directions that were mostly rounding (under half their length left), so ``Q`` may have fewer
-    columns than ``Y`` (none for a ``Y`` inside ``span(X)``). Products of width ``Y.shape[1]`` only:
-    for a thin ``(d, r)`` block about twice as fast as a Householder QR of ``[X, Y]``.
+    Block Gram-Schmidt against ``X``; SVQB (the eigenvectors of the Gram ``Y^T Y``, in float64 whatever
+    ``Y``'s dtype), which normalises every direction however small (a spectrum decaying over many
+    decades needs its small directions; only those under ``floor`` times the dtype's rounding of the
+    largest are left out, so nothing overflows); Gram-Schmidt against ``X`` again, which removes what
+    rounding left along ``X`` in the small ones; and SVQB again, which drops the directions that were
+    mostly rounding (under half their length left). So ``Q`` may have fewer columns than ``Y`` (none
+    for a ``Y`` inside ``span(X)`` when ``X`` spans the whole space). Seven products of width
+    ``Y.shape[1]``: for a thin ``(d, r)`` block about twice as fast as a Householder QR of ``[X, Y]``.
     """
     xp = namespace(X, Y)
-    empty = Y[:, :0]
-    scale = float(xp.linalg.vector_norm(Y))
-    if X.shape[1] >= X.shape[0] or not scale > 0:
-        return empty
-    for _ in range(2):
-        Y = Y - X @ (mT(X) @ Y)
-    least = (floor * float(xp.finfo(Y.dtype).eps) * scale) ** 2
+    if X.shape[1] >= X.shape[0]:
+        return Y[:, :0]
+    least = (floor * float(xp.finfo(Y.dtype).eps)) ** 2
     for step in range(2):
+        Y = Y - X @ (mT(X) @ Y)
         G = xp.astype(mT(Y) @ Y, xp.float64)
         lam, S = xp.linalg.eigh(0.5 * (G + mT(G)))
-        keep = lam > (least if step == 0 else 0.25)
+        keep = lam > (least * max(float(lam[-1]), 0.0) if step == 0 else 0.25)
         if not bool(xp.any(keep)):
-            return empty
+            return Y[:, :0]
         Y = Y @ xp.astype(S[:, keep] / xp.sqrt(lam[keep]), Y.dtype)
-        if step == 0:
-            Y = Y - X @ (mT(X) @ Y)
     return Y
