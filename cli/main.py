@@ -71,6 +71,19 @@ def _load_torch() -> None:
     _torch_threads()
 
 
+def _hash_early(sources: list[Path]) -> None:
+    """Start hashing local adapters' files (the artifact records their sha256) while torch loads, on
+    the core its import leaves idle, rather than beside the solver. Sources that do not resolve are
+    left to the load, which reports them."""
+    from lorazip.io.files import CONFIG_NAME, WEIGHTS_NAME, hash_early, resolve_sources
+
+    try:
+        found = resolve_sources(sources)
+    except lorazip.LorazipError:
+        return
+    hash_early([d / name for _, d, _ in found for name in (CONFIG_NAME, WEIGHTS_NAME)])
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -213,6 +226,8 @@ def compress(
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    if not (ray or ray_address or hub_author or hub_search or hub_collection or hub_list):
+        _hash_early(sources)
     _load_torch()
     from lorazip.compress import CompressOptions, compress as run_compress
     from lorazip.io.collection import load_collection

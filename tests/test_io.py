@@ -533,3 +533,50 @@ def test_module_factors_of_mixed_ranks_run_no_torch_operator(tmp_path):
     computing = {n for n in Calls.names if not n.startswith(("__get__", "__set__"))} - {
         "numpy", "from_numpy", "__getitem__", "tensor", "__init__"}
     assert not computing, computing
+
+
+def test_hash_early_digests_are_those_of_the_files(tmp_path, monkeypatch):
+    """``hash_early`` hashes in the background; ``sha256_file`` takes its digest for the same file,
+    and hashes again a file changed since (or never queued, or gone when queued)."""
+    import hashlib
+    import time
+
+    from lorazip.io import files
+
+    monkeypatch.setattr(files, "_early", {})
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(os.urandom(300_000 + i))
+        paths.append(p)
+    files.hash_early(paths + [tmp_path / "missing.bin"])
+    assert set(files._early) == {os.path.realpath(p) for p in paths}
+    want = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert [files.sha256_file(p) for p in paths] == want
+    calls = []
+    real = files._sha256
+    monkeypatch.setattr(files, "_sha256", lambda path, chunk=1 << 20: calls.append(path) or real(path, chunk))
+    assert files.sha256_file(paths[0]) == want[0] and not calls  # the early digest, no second read
+    time.sleep(0.01)
+    paths[1].write_bytes(b"changed")  # a new size and modification time: hashed again
+    assert files.sha256_file(paths[1]) == hashlib.sha256(b"changed").hexdigest() and len(calls) == 1
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x")
+    assert files.sha256_file(other) == hashlib.sha256(b"x").hexdigest()
+
+
+def test_cli_records_the_sources_sha256_when_hashed_early(tmp_path):
+    """The CLI hashes local sources before torch loads; the artifact records the files' own digests."""
+    import hashlib
+    import subprocess
+    import sys
+
+    write_collection(tmp_path / "coll", n=3, modules={"l0.q": (16, 12)}, r=2)
+    out = tmp_path / "a.lorazip.safetensors"
+    subprocess.run([sys.executable, "-m", "cli.main", "compress", str(tmp_path / "coll"), "-o", str(out), "--rank", "2"],
+                   check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    art = lorazip.load_artifact(out)
+    for a in art.meta["adapters"]:
+        folder = tmp_path / "coll" / a["name"]
+        for name, rec in a["source"]["files"].items():
+            assert rec["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()

@@ -7,19 +7,76 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..errors import SourceError
 
 CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def _sha256(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# real path -> (the file's identity when its hashing was queued, the digest to come): see hash_early
+_early: dict[str, tuple[tuple[int, int, int, int], Future]] = {}
+
+
+def hash_early(paths) -> None:
+    """Start hashing ``paths`` now, in order, in a daemon thread (hashlib releases the GIL): a later
+    :func:`sha256_file` of one of them takes this digest, waiting for it if it is not ready, instead
+    of reading the file again, as long as the file has the identity (device, inode, size, modification
+    time) it had when queued. The CLI calls it before importing torch, which keeps one core busy for
+    about a second while the other would be idle."""
+    queued = []
+    for p in paths:
+        key = os.path.realpath(p)
+        try:
+            ident = _identity(os.stat(key))
+        except OSError:
+            continue
+        if key not in _early:
+            _early[key] = (ident, Future())
+            queued.append(key)
+
+    def run():
+        for key in queued:
+            fut = _early[key][1]
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(_sha256(key))
+                except BaseException as e:  # reported (by hashing again) when the digest is asked for
+                    fut.set_exception(e)
+
+    if queued:
+        threading.Thread(target=run, name="lorazip-hash-early", daemon=True).start()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of the file at ``path`` (from :func:`hash_early` where it hashed this very file)."""
+    if _early:
+        key = os.path.realpath(path)
+        got = _early.get(key)
+        if got is not None:
+            ident, fut = got
+            try:
+                digest = fut.result()
+                if _identity(os.stat(key)) == ident:
+                    return digest
+            except Exception:
+                pass  # hashed again below, which raises the error where it still happens
+    return _sha256(path, chunk)
 
 
 def _is_adapter_dir(path: Path) -> bool:

@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 from ..errors import AdapterFormatError, first_line
-from .files import CONFIG_NAME, sha256_file  # noqa: F401 (sha256_file: imported from here too)
+from .files import CONFIG_NAME, WEIGHTS_NAME, sha256_file  # noqa: F401 (sha256_file: imported from here too)
 from .safetensors_header import (  # noqa: F401 (parse_json: imported from here too)
     FLOAT_DTYPES, ST_DTYPES, RawReader, decode_json, parse_header, parse_json, short,
 )
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
 # <module>.lora_A[.<adapter>].weight | <module>.lora_embedding_A[.<adapter>]
