@@ -332,11 +332,22 @@ def test_warm_start_need_not_be_orthonormal():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 40), st.integers(1, 8), st.integers(1, 8), st.sampled_from([1.0, 1e-3, 1e-6, 1e-9, 0.0]),
-       st.sampled_from(["float32", "float64"]), st.integers(0, 10_000))
-def test_orth_complement_extends_an_orthonormal_basis(d, k, m, eps, dtype, seed):
+       st.sampled_from(["float32", "float64"]), st.integers(0, 10_000), st.sampled_from(["svqb", "qr"]))
+def test_orth_complement_extends_an_orthonormal_basis(d, k, m, eps, dtype, seed, route):
     """``[X, orth_complement(X, Y)]`` is orthonormal, begins with ``X`` and spans ``Y`` (to rounding),
     whether ``Y`` lies far from, near or inside ``span(X)``, has dependent columns, or ``X`` spans the
-    whole space; a complement never has more columns than there is room for."""
+    whole space; a complement never has more columns than there is room for. Both routes: Gram-Schmidt
+    with SVQB (forced here by a row threshold of 0) and the QR of ``[X, Y]`` taken for few rows."""
+    from lorazip.solvers import linalg
+
+    small, linalg._SMALL_D = linalg._SMALL_D, (0 if route == "svqb" else 10**9)
+    try:
+        _check_orth_complement(d, k, m, eps, dtype, seed)
+    finally:
+        linalg._SMALL_D = small
+
+
+def _check_orth_complement(d, k, m, eps, dtype, seed):
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
     k = min(k, d)
