@@ -12,9 +12,9 @@ Both steps apply an operator of one form, a sum over adapters of ``F_i^T C_i F_i
 Stacking the ``F_i`` as one ``(n r_i, d)`` matrix makes each application two matrix
 products. A step does Rayleigh-Ritz on ``span([V, G_V V])``, so the objective never
 decreases; ``G_V V = A^T (C L)`` reuses ``L``, and the projected ``2r x 2r`` matrix is
-``Z^T C Z`` with ``Z = A Q = [L, A Q_new]`` (``Q = [V, Q_new]``, ``Q_new`` an orthonormal basis of ``G_V V``
-orthogonal to ``V``), whose
-columns also give the next ``L``: a sweep costs two products of width ``r`` with each factor,
+``Z^T C Z`` with ``Z = A Q = [L, A Q_new]`` (``Q = [V, Q_new]``, ``Q_new`` an orthonormal basis of
+the part of ``G_V V`` orthogonal to ``V``), whose columns also give the next ``L``: a sweep costs two
+products of width ``r`` with each factor,
 ``O(n r_i r (d_in + d_out))``. Every pass is a sum over chunks
 of adapters (:class:`~lorazip.solvers.factors.Factors`), so the same code runs in memory or
 streams a module larger than memory. ``V`` starts from a randomized range of ``sum_i w_i M_i^T M_i``
