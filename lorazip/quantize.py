@@ -231,20 +231,17 @@ def store_residual(bp: torch.Tensor, ap: torch.Tensor, k: torch.Tensor, storage_
     (:class:`LowBit`), and what a reader gets back, zero-padded again like ``bp``, ``ap``.
 
     Returns ``(bs, as_, bp_stored, ap_stored)``, ``bs`` / ``as_`` :class:`Stored` (sum k_i, d)."""
-    n = bp.shape[0]
-    offs = (torch.cumsum(k, 0) - k).tolist()
-    rows_b = torch.cat([bp[i, :, : k[i]].T for i in range(n)])
-    rows_a = torch.cat([ap[i, : k[i], :] for i in range(n)])
+    kept = torch.arange(bp.shape[2])[None, :] < k.reshape(-1, 1)  # (n, m): adapter i's first k_i columns
+    rows_b = bp.transpose(1, 2)[kept]  # adapter by adapter, k_i rows each
+    rows_a = ap[kept]
     if bits is not None:
         bs, as_ = to_lowbit(rows_b, bits), to_lowbit(rows_a, bits)
     else:
         bs = to_storage(rows_b, storage_dtype, torch.float32)
         as_ = to_storage(rows_a, storage_dtype, torch.float32)
-    bh, ah = bs.values.double(), as_.values.double()
     bq, aq = torch.zeros_like(bp), torch.zeros_like(ap)
-    for i in range(n):
-        bq[i, :, : k[i]] = bh[offs[i] : offs[i] + k[i]].T
-        aq[i, : k[i], :] = ah[offs[i] : offs[i] + k[i]]
+    bq.transpose(1, 2)[kept] = bs.values.to(bq.dtype)
+    aq[kept] = as_.values.to(aq.dtype)
     return bs, as_, bq, aq
 
 

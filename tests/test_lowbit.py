@@ -96,15 +96,19 @@ def test_packing_round_trips_bit_for_bit(n, length, seed):
 
 
 @pytest.mark.parametrize("length", [1, 3, 7, 8, 9, 16, 17, 23, 64, 101])
-def test_packed_layout_is_least_significant_bit_first(length):
+@pytest.mark.parametrize("order", ["interleaved", "runs", "mixed"])
+def test_packed_layout_is_least_significant_bit_first(length, order):
     """The file's layout, bit by bit: a row's codes in order, each code's bits from the least
-    significant, filling bytes from their least significant bit (numpy's little bit order)."""
+    significant, filling bytes from their least significant bit (numpy's little bit order). Rows of
+    one width interleaved with others, in long runs, and both (the packer's two ways of placing a block)."""
     rng = np.random.default_rng(length)
-    bits = np.array(lowbit.BITS * 3)
+    bits = {"interleaved": np.array(lowbit.BITS * 3), "runs": np.repeat(lowbit.BITS, 9),
+            "mixed": np.concatenate([np.repeat(lowbit.BITS, 6), lowbit.BITS * 2, [3] * 11])}[order]
     codes = (rng.integers(0, 256, size=(len(bits), length)) & ((1 << bits) - 1)[:, None]).astype(np.uint8)
     rows = [np.packbits(((c[:, None] >> np.arange(b)) & 1).astype(np.uint8).reshape(-1), bitorder="little")
             for c, b in zip(codes, bits)]
     assert np.array_equal(lowbit.pack(codes, bits), np.concatenate(rows))
+    assert np.array_equal(lowbit.unpack(np.concatenate(rows), bits, length), codes)
 
 
 @pytest.fixture(scope="module")
