@@ -156,7 +156,7 @@ _TARGET_ERROR = typer.Option(
         None, help="Mean per-adapter error to reach with the least storage (ranks, or K with --clusters auto)."
     )
 _BUDGET = typer.Option(
-        None, help="Artifact size limit (500MB, 2GiB, or a ratio like 50x): ranks (or K with --clusters auto) are chosen to fit."
+        None, help="Artifact size limit (500MB, 2GiB, a ratio like 50x, or a share of the original bytes like 2%): ranks (or K with --clusters auto) are chosen to fit."
     )
 _MEMORY_LIMIT = typer.Option(
         None, help="Memory for module factors (e.g. 4GB): a module needing more than a third streams from disk "

@@ -1,4 +1,4 @@
-"""Parsers of command-line values: sizes ("500MB", "2GiB", "50x") and lists."""
+"""Parsers of command-line values: sizes ("500MB", "2GiB", "50x", "2%") and lists."""
 
 from __future__ import annotations
 
@@ -11,21 +11,22 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(text: str, original_bytes: int | None = None, what: str = "budget") -> int:
-    """Bytes from ``"500MB"``, ``"1.5GiB"``, ``"123456"`` or a ratio ``"50x"`` of ``original_bytes``
-    (``what`` names the quantity in error messages)."""
+    """Bytes from ``"500MB"``, ``"1.5GiB"``, ``"123456"``, a ratio ``"50x"`` of ``original_bytes`` or a
+    share ``"2%"`` of them (``what`` names the quantity in error messages)."""
     t = text.strip().upper().replace(" ", "")
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)X", t)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(X|%)", t)
     if m:
+        kind = "ratio" if m.group(2) == "X" else "percentage"
         if not original_bytes:
-            raise OptionError(f"{what} {text!r} is a ratio but the original size is unknown")
-        ratio = float(m.group(1))
-        if ratio <= 0:
-            raise OptionError(f"{what} ratio must be positive, got {text!r}")
-        return int(original_bytes / ratio)
+            raise OptionError(f"{what} {text!r} is a {kind} but the original size is unknown")
+        value = float(m.group(1))
+        if value <= 0:
+            raise OptionError(f"{what} {kind} must be positive, got {text!r}")
+        return int(original_bytes / value) if kind == "ratio" else int(original_bytes * value / 100)
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]I?B|B)?", t)
     if not m:
         raise OptionError(
-            f"cannot read {what} {text!r}: use bytes like 500MB / 2GiB" + (", or a ratio like 50x" if original_bytes else "")
+            f"cannot read {what} {text!r}: use bytes like 500MB / 2GiB" + (", a ratio like 50x or a share like 2%" if original_bytes else "")
         )
     return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 

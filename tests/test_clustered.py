@@ -161,8 +161,12 @@ def test_parse_size_and_candidates():
     assert parse_size("500MB") == 500_000_000
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("50x", original_bytes=1000) == 20
-    with pytest.raises(lorazip.OptionError):
-        parse_size("lots")
+    assert parse_size("2%", original_bytes=1000) == 20 and parse_size("0.5 %", original_bytes=10**6) == 5000
+    for bad, says in (("lots", "cannot read"), ("0%", "positive"), ("0x", "positive")):
+        with pytest.raises(lorazip.OptionError, match=says):
+            parse_size(bad, original_bytes=1000)
+    with pytest.raises(lorazip.OptionError, match="percentage but the original size is unknown"):
+        parse_size("2%")
     assert candidate_ks(5) == [1, 2, 3, 4, 5]
     assert candidate_ks(40)[:9] == [1, 2, 3, 4, 6, 8, 12, 16, 24]
 
