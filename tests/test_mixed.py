@@ -232,17 +232,23 @@ def test_never_worse_than_the_alternatives_at_equal_file_bytes(tmp_path, seed):
             assert err <= min(fits) + 1e-9, (frac, err, min(fits))
 
 
+@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("groupings", [1, 2])
 @pytest.mark.parametrize("limit", [0, 1 << 40])
-def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypatch, limit):
-    """Pass 1 keeps the factors it read (within a memory limit) and pass 2 takes them instead of
-    reading every module again; the artifact is the same either way."""
+def test_pass_one_reads_are_kept_for_the_next_grouping_with_the_same_result(tmp_path, monkeypatch, limit, groupings,
+                                                                            small):
+    """With several groupings (candidate clusterings), or factors small in all, pass 1 keeps the
+    factors it read (within a memory limit): the next grouping's pass 1 and pass 2 take them instead
+    of reading every module again. With one grouping of large factors nothing is kept (pass 2 reads
+    again, from the page cache). The artifact is the same either way."""
     import sys
 
     budget = sys.modules["lorazip.compress.budget"]  # lorazip.compress is also the function compress
 
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=4, seed=5)
     coll = lorazip.load_collection(tmp_path / "c")
-    ref, _ = compress_mixed(coll, CompressOptions(budget=12_000, hash_sources=False, storage_dtype="float32"))  # one pass 2
+    opts = CompressOptions(budget=12_000, hash_sources=False, storage_dtype="float32")
+    ref, _ = compress_mixed(coll, opts)
     calls = []
     real = type(coll).module_factors
 
@@ -252,8 +258,10 @@ def test_pass_two_reuses_pass_one_reads_with_the_same_result(tmp_path, monkeypat
 
     monkeypatch.setattr(type(coll), "module_factors", counting)
     monkeypatch.setattr(budget, "keep_limit", lambda: limit)
-    art, _ = compress_mixed(coll, CompressOptions(budget=12_000, hash_sources=False, storage_dtype="float32"))
-    assert len(calls) == len(MODULES) * (1 if limit else 2)
+    monkeypatch.setattr(budget, "_KEEP_ALL", 1 << 40 if small else 0)
+    art, _ = compress_mixed(coll, opts, groupings=[None] * groupings)
+    kept = limit and (groupings > 1 or small)
+    assert len(calls) == len(MODULES) * (1 if kept else groupings + 1)  # each pass 1, then pass 2
     assert ref.tensors().keys() == art.tensors().keys()
     for key, t in ref.tensors().items():
         assert torch.equal(t, art.tensors()[key]), key
