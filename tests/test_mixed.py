@@ -325,3 +325,30 @@ def test_auto_dtype_stores_int8_only_where_it_does_better(tmp_path):
     assert t_auto.meta["storage_dtype"] == "int8" and t_auto.serialized_size() < t_fp16.serialized_size()
     near = lorazip.compress(coll, target_error=1e-4, hash_sources=False)  # below int8's room: not tried
     assert near.meta["storage_dtype"] == "float16" and mean(near) <= 1e-4
+
+
+def test_build_takes_norms_and_spectra_from_pass_one_with_the_same_result(tmp_path, monkeypatch):
+    """Pass 1 keeps each adapter's norm and singular values (``ModuleFit.own``, from the float32
+    factors' Grams); the build takes them instead of making the Grams again: the same artifact, bit
+    for bit, as a build that makes them (a fit without ``own``, as from factors of another dtype)."""
+    import dataclasses
+    import sys
+
+    budget = sys.modules["lorazip.compress.budget"]
+    build = sys.modules["lorazip.compress.build"]
+    write_collection(tmp_path / "c", n=5, modules=MODULES, r=4, seed=9)
+    coll = lorazip.load_collection(tmp_path / "c")
+    opts = CompressOptions(target_error=0.05, hash_sources=False)
+    calls = []
+    real_spectra = build.spectra_from_grams
+    monkeypatch.setattr(build, "spectra_from_grams", lambda *a: calls.append(1) or real_spectra(*a))
+    art, _ = compress_mixed(coll, opts)
+    assert not calls  # every module's build took pass 1's
+    real_fit = budget.fit_module_task
+    monkeypatch.setattr(budget, "fit_module_task",
+                        lambda *a, **k: dataclasses.replace(real_fit(*a, **k), own=None))
+    ref, _ = compress_mixed(coll, opts)
+    assert len(calls) >= len(MODULES)
+    assert ref.tensors().keys() == art.tensors().keys()
+    for key, t in ref.tensors().items():
+        assert torch.equal(t, art.tensors()[key]), key

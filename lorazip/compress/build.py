@@ -251,7 +251,8 @@ def _rebuild(fac: Factors, before: Built, k: torch.Tensor, bits: torch.Tensor, a
 def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.Tensor, X: torch.Tensor,
                       Y: torch.Tensor, k: torch.Tensor, storage_dtype: str, core_scales: torch.dtype,
                       assign: torch.Tensor | None = None, chunk: int | None = None, bits: torch.Tensor | None = None,
-                      shared_bits: tuple[int, int] | None = None, before: Built | None = None, *,
+                      shared_bits: tuple[int, int] | None = None, before: Built | None = None,
+                      known: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                       clock: dict[str, float], factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> BuiltParts:
     """Pass 2 on module ``j``: the shared part ``U X``, ``V Y`` (``U``: (d_out, R), ``X``: (R, r);
     with clusters ``assign`` (n,): ``U`` (K, d_out, R), ``X`` (K, R, r)) with its cores, and
@@ -261,7 +262,9 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     cores are then the least-squares ones for the stored bases), with the exact errors of what is
     stored. In process or as a Ray task. ``before``: this module from an earlier build of the same
     shared part at low bits (factors in memory): only the adapters whose residual ranks or bits
-    changed are built again (:func:`_rebuild`; the same values as a build from scratch)."""
+    changed are built again (:func:`_rebuild`; the same values as a build from scratch). ``known``:
+    every adapter's ``||M_i||^2`` (n,) and singular values (n, r) from pass 1 (``ModuleFit.norms2``,
+    ``ModuleFit.own``: the same float64 values from the same Grams), taken instead of the Grams."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     if whitening_of(collection) is not None:  # calibration: from the whitened fit (lorazip.compress.whiten)
@@ -293,10 +296,13 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         # the residual of what is stored (rounded shared part), then rounded itself
         cb = None if bits is None else bits[int(row_at[ch.start]) : int(row_at[ch.stop])]
         bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, storage_dtype, cb)
-        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
-        n2 = (GB * GA).sum((1, 2))
+        if known is None:
+            GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+            n2, own = (GB * GA).sum((1, 2)), spectra_from_grams(GB, GA)
+        else:
+            n2, own = known[0][ch.start : ch.stop], known[1][ch.start : ch.stop]
         sq, nn2 = squared_errors(B, A, U64, V64, S64, ac, norms2=n2, residual=(bq, aq))
-        for key, x in zip(("S", "b", "a", "sq", "n2", "sp"), (Ss, bs, as_, sq, nn2, spectra_from_grams(GB, GA))):
+        for key, x in zip(("S", "b", "a", "sq", "n2", "sp"), (Ss, bs, as_, sq, nn2, own)):
             out[key].append(x)
         del ch, B, A
     sq, nn2, spectra = (torch.cat(out[key]) for key in ("sq", "n2", "sp"))
@@ -337,7 +343,8 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         same = {j for j, b in prev.items() if not bool(b.changed(resid[j], rbits[j]).any())}
         todo = [j for j in range(n_mod) if j not in same]
         args = [(j, fit.U, fit.V, *fit.XY[mod.rank], resid[j], storage_dtype, core_scales(fit), fit.assign,
-                 memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits, prev.get(j))
+                 memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits, prev.get(j),
+                 None if fit.own is None else (fit.norms2, fit.own))
                 for j, (fit, mod) in enumerate(zip(fits, plan.modules)) if j not in same]
         # whitened modules are re-read by their task
         reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \

@@ -64,6 +64,9 @@ class ModuleFit:
     basis_err: np.ndarray | None = None  # (n, B) squared error of a unit basis vector of U plus one of V (each
     # adapter's cluster's) stored at each of SHARED_BITS (:func:`basis_quant`)
     core_err: dict[int, np.ndarray] | None = None  # grid r -> (n, B) relative error of the rank-r cores' rows
+    own: torch.Tensor | None = None  # (n, r_max) singular values of each adapter's delta (spectra_from_grams of
+    # its Grams, as the build would compute them: it takes these and the norms instead of the Grams; None
+    # where the fit's factors were not float32, the build's)
 
     @property
     def dim(self) -> int:
@@ -153,10 +156,10 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
                              max_iters=max_iters, grid=grid, backend=backend, quant=quant)
     U, V, iters, conv, (GB, GA, BU, AV) = _bases(fac, R, weighting, seed, tol, max_iters, backend)
     n2 = (GB * GA).sum((1, 2)).clamp_min(0)
+    own = spectra_from_grams(GB, GA)
     S = BU.transpose(1, 2) @ AV
-    if grow is not None and grow > R > 0 and shares(n2, n2 - S.square().sum((1, 2)),
-                                                    spectra_from_grams(GB, GA).square(), R, fac.d_out + fac.d_in,
-                                                    1, weighting):
+    if grow is not None and grow > R > 0 and shares(n2, n2 - S.square().sum((1, 2)), own.square(), R,
+                                                    fac.d_out + fac.d_in, 1, weighting):
         R = grow
         U, V, iters, conv, (GB, GA, BU, AV) = _bases(fac, R, weighting, seed, tol, max_iters, backend)
         S = BU.transpose(1, 2) @ AV
@@ -171,8 +174,11 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     basis = np.tile(basis_quant(U) + basis_quant(V), (n, 1))
     measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
     cores = {r: np.tile(core_quant(on_grid[r][0].T @ S[pick] @ on_grid[r][1]), (n, 1)) for r in measured}
+    # the build reads float32 factors: the same Grams, so it may take these (not those of other dtypes)
+    same = getattr(fac.like, "dtype", None) == torch.float32
     return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=_profile(first.B, first.A, spectra, quant, profile), basis_err=basis, core_err=cores)
+                     quant=_profile(first.B, first.A, spectra, quant, profile), basis_err=basis, core_err=cores,
+                     own=own if same else None)
 
 
 def _bases(fac: Factors, R: int, weighting: str, seed: int, tol: float, max_iters: int, backend: str):
@@ -240,6 +246,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
     basis = np.zeros((n, len(SHARED_BITS)))
     cores: dict[int, np.ndarray] = {}
     Us, Vs, XYs, n2 = [], [], [], torch.zeros(n, dtype=torch.float64)
+    own = torch.zeros(n, B.shape[2], dtype=torch.float64)
     iters, conv = 0, True
     eye_o, eye_i, eye_r = (torch.eye(d, R, dtype=torch.float64) for d in (d_out, d_in, R))
     for k in range(K):
@@ -255,6 +262,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         Vs.append(f.V)
         XYs.append(f.XY)
         n2[idx] = f.norms2
+        own = None if own is None or f.own is None else own.index_copy_(0, idx, f.own)
         for r in shared:
             shared[r][idx] = f.shared[r]
         for r in spectra:
@@ -265,7 +273,7 @@ def _fit_clusters(B, A, name, R, assign, *, weighting, seed, tol, max_iters, gri
         iters, conv = max(iters, f.iters), conv and f.converged
     XY = {r: (torch.stack([xy[r][0] for xy in XYs]), torch.stack([xy[r][1] for xy in XYs])) for r in range(R + 1)}
     return ModuleFit(name, d_out, d_in, torch.stack(Us), torch.stack(Vs), XY, shared, spectra, n2, iters, conv,
-                     assign.long(), _profile(B, A, spectra, quant, True), basis, cores)
+                     assign.long(), _profile(B, A, spectra, quant, True), basis, cores, own)
 
 
 _PROFILE_ROWS = 32  # residual components of each class whose quantisation is measured per module
