@@ -83,9 +83,10 @@ class ModuleFit:
         """This fit with every adapter's energies (its norm, shared-part errors and residual spectra)
         times ``w`` (n,): the curves of an objective weighting module ``m`` of adapter ``i`` by
         ``w_i`` (:func:`lorazip.metrics.module_weights`) for the allocator. Bases, cores and the
-        relative quantisation profiles are shared with this fit; the build uses the fit itself."""
+        relative quantisation profiles are shared with this fit; the build uses the fit itself (a
+        weighted copy has no ``own``, so a build given one makes the true norms from the factors)."""
         w = w.to(self.norms2.dtype)
-        return dataclasses.replace(self, norms2=self.norms2 * w,
+        return dataclasses.replace(self, norms2=self.norms2 * w, own=None,
                                    shared={r: e * w.to(e.dtype) for r, e in self.shared.items()},
                                    spectra={r: sp * w.to(sp.dtype)[:, None] for r, sp in self.spectra.items()})
 
