@@ -201,18 +201,18 @@ def pack(codes: np.ndarray, bits) -> np.ndarray:
                 raise ValueError(f"a code does not fit in {w} bits")
             packed = _pack_width(rows, w)
             for at, (s, e) in _runs(part, offs, row_bytes(L, w)):
-                out[at] = packed[s:e].reshape(-1) if isinstance(at, slice) else packed
+                out[at] = packed[s:e].reshape(-1)
     return out
 
 
 def _runs(part: np.ndarray, offs: np.ndarray, nbytes: int):
     """Where rows ``part`` (ascending) of ``nbytes`` packed bytes each lie in the packed buffer: each run
     of consecutive rows as one slice (``(slice, (first, end))`` in ``part``), or, where runs are short
-    (on average under 4 rows), one index array of every byte for the whole block (one assignment
-    instead of many small ones)."""
+    (on average under 4 rows), one flat index of every byte for the whole block (one assignment
+    instead of many small ones). Either way ``buf[at]`` is the rows ``first .. end - 1``, row after row."""
     brk = np.flatnonzero(np.diff(part) != 1) + 1
     if 4 * (len(brk) + 1) > len(part):
-        yield offs[part][:, None] + np.arange(nbytes), (0, len(part))
+        yield (offs[part][:, None] + np.arange(nbytes)).reshape(-1), (0, len(part))
         return
     for s, e in zip([0, *brk.tolist()], [*brk.tolist(), len(part)]):
         at = int(offs[part[s]])
