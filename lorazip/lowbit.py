@@ -39,6 +39,9 @@ BITS = (1, 2, 3, 4, 8)  # code widths a row may have
 DEFAULT_QUANT = (0.5286, 0.1836, 0.0558, 0.0165, 0.0001)
 GROUP = None  # values per scale; None: one scale per row (chosen by measurement: benchmarks/quant_groups.py)
 _GAUSS_CLIP = {2: 1.494, 3: 2.051, 4: 2.513, 8: 4.0}  # outermost level / rms of the best uniform grid of a Gaussian
+_CLIP_OF = np.zeros(9, dtype=np.float32)  # _GAUSS_CLIP by width, for rows of several widths
+for _w, _c in _GAUSS_CLIP.items():
+    _CLIP_OF[_w] = _c
 
 
 def n_groups(length: int, group: int | None) -> int:
@@ -70,8 +73,9 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
         raise ValueError("cannot quantise NaN or Inf values")
     N, L = x.shape
     b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (N,)).copy()
-    if not set(b.tolist()) <= set(BITS):
-        raise ValueError(f"bits must be among {BITS}, got {sorted(set(b.tolist()) - set(BITS))}")
+    known = np.isin(b, BITS)
+    if not known.all():
+        raise ValueError(f"bits must be among {BITS}, got {sorted(set(b[~known].tolist()))}")
     G = n_groups(L, group)
     codes = np.zeros((N, L), dtype=np.uint8)
     scales = np.zeros((N, G), dtype=np.float32)
@@ -85,17 +89,23 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
         mask[L:] = 0
         mask = mask.reshape(G, -1)
     step = max(1, _CHUNK // max(xg[0].numel(), 1))
-    for widths in ((1,), (2, 3, 4), (8,)):  # 1 and 8 bits need no clip search; 2, 3 and 4 bits search together
-        idx = np.nonzero(np.isin(b, widths))[0]
+    klass = np.where(b == 1, 0, np.where(b == 8, 2, 1))  # 1 and 8 bits need no clip search; 2, 3 and 4 bits search together
+    for k, widths in enumerate(((1,), (2, 3, 4), (8,))):
+        idx = np.nonzero(klass == k)[0]
         for lo in range(0, len(idx), step):  # a few rows at a time: the clip search holds _CLIPS copies
-            rows = torch.from_numpy(idx[lo : lo + step])
-            part = xg[rows]
-            bw = widths[0] if len(widths) == 1 else b[idx[lo : lo + step]]
-            s = _best_scales(part, mask, bw).to(torch.bfloat16).float()  # the codes are taken for the stored scale
+            sel = idx[lo : lo + step]
+            whole = len(sel) == N  # every row: the block is x itself (no gathered copy)
+            part = xg if whole else xg[torch.from_numpy(sel)]
+            bw = widths[0] if len(widths) == 1 else (b if whole else b[sel])
+            h = _half(bw)
+            s = _best_scales(part, mask, bw, h).to(torch.bfloat16).float()  # the codes are taken for the stored scale
             if not bool(torch.isfinite(s).all()):
                 raise ValueError("group scales overflow bfloat16")
-            scales[rows.numpy()] = s.numpy()
-            codes[rows.numpy()] = _codes(part, s, bw).reshape(len(rows), -1)[:, :L].to(torch.uint8).numpy()
+            q = _codes(part, s, h).reshape(len(sel), -1)[:, :L].to(torch.uint8).numpy()
+            if whole:
+                scales[:], codes[:] = s.numpy(), q
+            else:
+                scales[sel], codes[sel] = s.numpy(), q
     return codes, scales
 
 
@@ -122,32 +132,30 @@ def _half(bits) -> "float | torch.Tensor":
     return torch.from_numpy(((2.0 ** np.asarray(bits, dtype=np.float64) - 1) / 2).astype(np.float32))[:, None, None]
 
 
-def _codes(xg: "torch.Tensor", s: "torch.Tensor", bits) -> "torch.Tensor":
-    """Nearest codes (same shape as ``xg`` (N, G, g)) for scales ``s`` (N, G) at ``bits`` (one width,
-    or one per row); a 0 scale gives the code of -s/2."""
+def _codes(xg: "torch.Tensor", s: "torch.Tensor", h) -> "torch.Tensor":
+    """Nearest codes (same shape as ``xg`` (N, G, g)) for scales ``s`` (N, G) with half-ranges ``h``
+    (:func:`_half`: one width, or one per row); a 0 scale gives the code of -s/2."""
     import torch
 
-    h = _half(bits)
-    safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    safe = torch.where(s > 0, s, 1.0)[..., None]
     q = (xg / safe).add_(h).round_().clamp_min_(0)  # in place: one block allocated, not three
     return q.clamp_max_(2 * h) if not torch.is_tensor(h) else torch.minimum(q, 2 * h, out=q)
 
 
-def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits) -> "torch.Tensor":
+def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits, h) -> "torch.Tensor":
     """Per group (N, G) the scale with the least squared error among a few clipping levels (all
     tried at once), then :data:`_REFINE` least-squares refinements (the best scale for the codes it gives;
     alternating codes and scale never increases the error). ``mask`` (G, g) zeroes the padding of
-    the last group (None: no padding)."""
+    the last group (None: no padding); ``h``: :func:`_half` of ``bits``."""
     import torch
 
     def masked(t: "torch.Tensor") -> "torch.Tensor":
         return t if mask is None else t * mask
 
     one = isinstance(bits, (int, np.integer))
-    h = _half(bits)
     hg = h if one else h[..., 0]  # per group: (N, 1) against (N, G)
     a = masked(xg.abs())
-    cnt = torch.tensor(float(xg.shape[-1])) if mask is None else mask.sum(-1).clamp_min(1)
+    cnt = float(xg.shape[-1]) if mask is None else mask.sum(-1).clamp_min(1)
     amax = a.amax(-1)
     mean = a.sum(-1) / cnt
     if one and bits == 1:  # ±s/2: the optimal s/2 is the mean magnitude (the codes are the signs)
@@ -155,8 +163,7 @@ def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits) -> "torc
     if one and bits == 8:  # 255 levels: clipping gains nothing measurable; the largest value on the outermost level
         return amax / h
     rms = (masked(xg * xg).sum(-1) / cnt).sqrt()
-    clip = _GAUSS_CLIP[bits] if one else torch.tensor([_GAUSS_CLIP[int(w)] for w in bits],
-                                                      dtype=torch.float32)[:, None]
+    clip = _GAUSS_CLIP[bits] if one else torch.from_numpy(_CLIP_OF[np.asarray(bits)])[:, None]
     c0 = torch.minimum(rms * clip, amax)  # the best clip for Gaussian values, and near it
     cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / hg  # (C, N, G)
     # the same operations as round(x / c + h) etc., in place on one (C, N, G, g) block (the scale
@@ -168,11 +175,11 @@ def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits) -> "torc
     del q
     s = cand.gather(0, err.argmin(0, keepdim=True))[0]
     for _ in range(_REFINE):  # for fixed codes the error is a parabola in the scale: its minimum, in closed form
-        lv = masked(_codes(xg, s, bits).sub_(h))
+        lv = masked(_codes(xg, s, h).sub_(h))
         den = torch.linalg.vecdot(lv, lv)
         ls = torch.linalg.vecdot(lv, xg) / den.clamp_min(1e-30)
         s = torch.where((den > 0) & (ls > 0), ls, s)
-    return torch.where(amax > 0, s, torch.zeros_like(s))
+    return s.masked_fill_(amax <= 0, 0.0)
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, bits, group: int | None = GROUP) -> np.ndarray:
