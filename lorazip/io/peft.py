@@ -172,7 +172,7 @@ class Adapter:
             return {key: _np_values(buf, dt, shape) for key, (buf, dt, shape) in raw.items()}
         return {key: _tensor_values(x) for key, x in self.read(keys).items()}
 
-    def _read_raw(self, spec: LoraModule, keys: list[str]) -> dict[str, tuple[bytearray, str, list[int]]] | None:
+    def _read_raw(self, spec: LoraModule, keys: list[str]) -> dict[str, tuple[np.ndarray, str, list[int]]] | None:
         """``{key: (bytes, dtype, shape)}`` of factor tensors as stored, read at the offsets of load;
         None where those may not hold (pickled weights, no offsets, a file changed since load)."""
         if self._state is not None or spec.at_A is None or self._stat is None:
@@ -191,9 +191,9 @@ class Adapter:
                 shape = [spec.rank, spec.d_in] if key == spec.key_A else [spec.d_out, spec.rank]
                 if spec.layout == "embedding":  # A_e (r, num_embeddings) and B_e (dim, r) as stored
                     shape = [spec.rank, spec.d_out] if key == spec.key_A else [spec.d_in, spec.rank]
-                buf = bytearray(math.prod(shape) * _DTYPES[dt])
+                buf = np.empty(math.prod(shape) * _DTYPES[dt], dtype=np.uint8)  # (not zero-filled: read over)
                 try:
-                    got = os.preadv(fd, [buf], at) if buf else 0
+                    got = os.preadv(fd, [buf], at) if len(buf) else 0
                 except OSError as exc:
                     raise AdapterFormatError(f"{self.weights_file}: cannot read ({exc.strerror or exc})") from None
                 if got != len(buf):
@@ -216,11 +216,11 @@ _NP_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}  # factors N
 _NP_STORED = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # read by NumPy (bfloat16: its bits)
 
 
-def _np_values(buf: bytearray, dt: str, shape: list[int]) -> np.ndarray:
+def _np_values(buf: np.ndarray, dt: str, shape: list[int]) -> np.ndarray:
     """A stored tensor's values as a NumPy array (bfloat16 widened to float32 exactly)."""
     x = np.frombuffer(buf, dtype=_NP_STORED[dt]).reshape(shape)
-    if dt == "BF16":
-        return (x.astype(np.uint32) << 16).view(np.float32)
+    if dt == "BF16":  # one pass, no uint32 temporary
+        return np.left_shift(x, 16, dtype=np.uint32).view(np.float32)
     return x
 
 
