@@ -3,10 +3,12 @@
     python benchmarks/solver_start.py SRC --rank R [--modules N] [--threads T]
 
 Compares lorazip's start (``V`` from a randomized range of ``sum w_i M_i^T M_i``, ``U`` from one of
-the U-step's operator for that ``V``; :func:`lorazip.solvers.jd_full._start`) with the former one
-(both bases from their Gram operators with two power iterations each), over the first N modules of
-SRC read in float32, at ``tol = 1e-4``. Prints per module and in total: seconds, sweeps and the
-weighted error ``1 - objective`` (lower is better).
+the U-step's operator for that ``V``; :func:`lorazip.solvers.jd_full._start`; replaced by the span of
+the best single-adapter components where those hold twice as much,
+:func:`lorazip.solvers.jd_full._individual_start`) with the data-driven start alone and with the
+former one (both bases from their Gram operators with two power iterations each), over the first N
+modules of SRC read in float32, at ``tol = 1e-4``. Prints per module and in total: seconds, sweeps
+and the weighted error ``1 - objective`` (lower is better).
 """
 
 from __future__ import annotations
@@ -40,21 +42,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     coll = lorazip.load_collection(args.source)
-    starts = {"lorazip": J._start, "former": former_start}
+    # name -> (start, the single-adapter start allowed)
+    starts = {"lorazip": (J._start, True), "data-driven": (J._start, False), "former": (former_start, False)}
     total = {k: [0.0, 0, 0.0] for k in starts}
     for m in coll.modules[: args.modules]:
         f = coll.module_factors(m.name, dtype=torch.float32)
         fac = Factors.stacked(f.B, f.A)
         _ = next(iter(fac)).Bt2  # the transposed copy, made once (as in a run)
         row = []
-        for name, start in starts.items():
+        for name, (start, individual) in starts.items():
             saved, J._start = J._start, start
+            gain, J._INDIVIDUAL_GAIN = J._INDIVIDUAL_GAIN, (J._INDIVIDUAL_GAIN if individual else float("inf"))
             try:
                 t0 = time.perf_counter()
                 res = J.jd_full_factors(fac, min(args.rank, fac.d_in, fac.d_out), tol=1e-4)
                 dt = time.perf_counter() - t0
             finally:
-                J._start = saved
+                J._start, J._INDIVIDUAL_GAIN = saved, gain
             total[name][0] += dt
             total[name][1] += res.n_iters
             total[name][2] += 1 - res.objective

@@ -101,6 +101,66 @@ def test_jd_full_objective_reaches_dense_optimum_on_unstructured_data():
     assert abs(res.objective - float((w * res.cores.square().sum((1, 2))).sum() / len(M))) < 1e-12
 
 
+def _top_components(B, A, rank):
+    """The weighted energy (relative weighting, as a fraction of the total) of the ``rank`` largest
+    singular components of single adapters: what the span of their vectors holds at least."""
+    sv2 = spectra(B, A).square()
+    share = (sv2 / sv2.sum(1, keepdim=True)).flatten()
+    return float(share.sort(descending=True).values[:rank].sum()) / B.shape[0]
+
+
+@pytest.mark.parametrize("n,d,r,rank,seed", [(30, 200, 4, 4, 0), (40, 120, 4, 6, 1), (24, 96, 3, 5, 2)])
+def test_adapters_sharing_nothing_start_from_single_adapters_directions(n, d, r, rank, seed):
+    # iid adapters: the data-driven start mixes all of them (it holds 0.014-0.050 here) and its ascent
+    # takes 19-78 sweeps to a lower maximum; the span of the best single-adapter components holds more
+    # at once, and the result holds at least that, against the dense HOOI reference too
+    B, A = random_factors(n, d, d, r, seed)
+    res = jd_full(B, A, rank, max_iters=500, tol=1e-6)
+    data = jd_full(B, A, rank, max_iters=500, tol=1e-6, second_start=False)  # the data-driven start only
+    assert res.history[0] >= 2 * data.history[0]
+    assert res.objective >= _top_components(B, A, rank) - 1e-12
+    assert res.objective > data.objective and res.n_iters < data.n_iters
+    M = B @ A
+    w = 1 / M.square().sum((1, 2))
+    U, V, _ = dense_hooi(M, w, rank)
+    assert res.objective >= float((w * (U.T @ M @ V).square().sum((1, 2))).sum() / n)
+    assert proj_dist(res.U.T @ res.U, torch.eye(rank, dtype=F64)) < 1e-10  # orthonormal
+
+
+def test_single_adapter_start_streams_like_in_memory():
+    from lorazip.solvers.factors import Factors
+    from lorazip.solvers.jd_full import jd_full_factors
+
+    B, A = random_factors(30, 120, 100, 4, seed=5, ranks=[4, 2, 3] * 10)
+    ref = jd_full(B, A, 5, max_iters=200, tol=1e-10)
+    reads = []
+
+    def read(start, stop, part):
+        reads.append(part)
+        return (B if part == "B" else A)[start:stop].clone()
+
+    streamed = jd_full_factors(Factors.from_reader(30, 120, 100, 4, read, 7, like=B[:0]), 5, max_iters=200, tol=1e-10)
+    data = jd_full(B, A, 5, max_iters=1, second_start=False)
+    assert ref.history[0] >= 2 * data.history[0]  # the single-adapter start was taken
+    assert proj_dist(ref.U, streamed.U) < 1e-9 and proj_dist(ref.V, streamed.V) < 1e-9
+    assert abs(ref.objective - streamed.objective) < 1e-12
+    # reads per chunk (5 chunks of 7): the norms' pass (both factors; the components come from its
+    # Grams), the data-driven start (6: one power step, 30 x 4 < 100), both factors for the
+    # projections of the new start, 4 a sweep; both factors once more where a chosen adapter is
+    base = 5 * (2 + 6 + 2 + 4 * streamed.n_iters)
+    assert base + 2 <= len(reads) <= base + 2 * 5
+
+
+def test_shared_directions_keep_the_data_driven_start():
+    # a planted shared basis: the data-driven start holds nearly everything, single adapters' directions
+    # much less, so the result is exactly that of the data-driven start alone
+    B, A, U0, _ = planted_factors(12, 40, 30, 4, 3, seed=4, noise=0.01)
+    a = jd_full(B, A, 4, tol=1e-10)
+    b = jd_full(B, A, 4, tol=1e-10, second_start=False)
+    assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V) and torch.equal(a.cores, b.cores)
+    assert proj_dist(a.U, U0) < 0.05
+
+
 def test_jd_diag_matches_dense_als_on_planted_diagonal_structure():
     g = torch.Generator().manual_seed(3)
     n, d_out, d_in, r = 12, 25, 15, 4
@@ -270,6 +330,20 @@ def test_joint_rank_n_k_is_never_worse_than_per_adapter_svd_rank_k(shape, k):
     e2, n2 = squared_errors(B, A, res.U, res.V, res.cores)
     svd_err = truncation_errors(spectra(B, A), k)
     assert float(relative(e2, n2).mean()) <= float(svd_err.mean()) + 1e-8
+
+
+@prop
+@given(st.tuples(st.integers(5, 40), st.integers(6, 40), st.integers(6, 40), st.integers(1, 4), st.integers(0, 10_000)),
+       st.integers(1, 4))
+def test_objective_holds_half_of_the_best_single_adapter_components(shape, rank):
+    # n > rank: the ascent starts from the best single-adapter components' span wherever they hold at
+    # least twice the data-driven start (then the objective holds all of them), else from the
+    # data-driven start, which then holds more than half of them: either way at least half
+    n, d_out, d_in, r, seed = shape
+    rank = min(rank, n - 1, d_out, d_in)
+    B, A = random_factors(n, d_out, d_in, r, seed)
+    res = jd_full(B, A, rank, max_iters=300)
+    assert res.objective >= 0.5 * _top_components(B, A, rank) - 1e-12
 
 
 @prop
