@@ -50,8 +50,14 @@ def test_chunked_jd_full_equals_in_memory(chunk):
     # iteration while n r_i < d_in, not here: 11 x 5 >= 24), then 4 per sweep
     per_pass = -(-11 // chunk)
     assert len(reads) == per_pass * (2 + 5 + 4 * res.n_iters)
-    wide = []  # 4 adapters of rank 5 with d_in = 24: 20 < 24, one power iteration (one more read)
-    wres = jd_full_factors(chunked(B[:4], A[:4], chunk, wide), 3, tol=1e-12, max_iters=3000)
+    # 4 adapters of rank 5 with d_in = 24: 20 < 24, one power iteration (one more read); the data-driven
+    # start alone (its 3 largest energies could hold twice what it holds: the singular values of every
+    # adapter are made, from both factors read again, and the single-adapter start is not taken)
+    wide = []
+    wres = jd_full_factors(chunked(B[:4], A[:4], chunk, wide), 3, tol=1e-12, max_iters=3000, second_start=False)
+    both = []
+    wboth = jd_full_factors(chunked(B[:4], A[:4], chunk, both), 3, tol=1e-12, max_iters=3000)
+    assert len(both) == len(wide) + 2 * -(-4 // chunk) and torch.equal(wboth.U, wres.U)
     assert len(wide) == -(-4 // chunk) * (2 + 6 + 4 * wres.n_iters)
     assert abs(res.objective - ref.objective) < 1e-10
     assert span_distance(res.U, ref.U) < 1e-6 and span_distance(res.V, ref.V) < 1e-6

@@ -33,6 +33,7 @@ from ..backend import mT, namespace
 from ..backend import randn, to_torch
 from .linalg import adapter_weights, orth, orth_complement, top_eigvecs
 from .factors import Factors
+from .svd import spectra_from_grams
 
 
 def _like(x, ref):
@@ -172,31 +173,36 @@ def _init_side(fac: Factors, side: str, C, d: int, r: int, generator, n_power: i
     return _rayleigh_ritz(fac, side, C, Q, r)[:3]
 
 
-def norms_and_weights(fac: Factors, weighting: str, weights=None, components: list | None = None):
-    """``(||M_i||^2, w_i)`` for every adapter, one pass; with a list ``components``, each chunk's
-    :func:`_components` are appended to it in the same pass."""
+def norms_and_weights(fac: Factors, weighting: str, weights=None):
+    """``(||M_i||^2, w_i)`` for every adapter, one pass."""
     xp = namespace(fac.like)
-    parts = []
-    for ch in fac:
-        parts.append(xp.sum(ch.GB * ch.GA, axis=(1, 2)))  # factor_norms2, from the chunk's Grams
-        if components is not None:
-            components.append(_components(ch.GB, ch.GA))
-        del ch
+    parts = [xp.sum(ch.GB * ch.GA, axis=(1, 2)) for ch in fac]  # factor_norms2, from the chunk's Grams
     norms2 = parts[0] if len(parts) == 1 else xp.concat(parts)
     w = adapter_weights(norms2, weighting) if weights is None else _like(weights, fac.like)
     return norms2, w
 
 
-def _components(GB, GA):
-    """Each adapter's singular values and the coefficients of its singular vectors in its factors, from
-    its Grams (float64, CPU): ``(S (c, r), X (c, r, r), Y (c, r, r))`` with ``u_j = B_i X_i[:, j]`` and
-    ``v_j = A_i^T Y_i[:, j]``. ``M_i = Q_b H_b H_a Q_a^T`` (``H`` the Grams' square roots,
-    ``Q_b = B_i H_b^+``, ``Q_a = A_i^T H_a^+``) and ``H_b H_a = W S Z^T``: ``X = H_b^+ W``, ``Y = H_a^+ Z``."""
-    GB, GA = (to_torch(G).double().cpu() for G in (GB, GA))
+def _components(fac: Factors) -> list:
+    """Per chunk, each adapter's singular values (c, r), descending, from its Grams, with the Grams
+    (float64, CPU) for :func:`_vectors` of the few adapters chosen later (a chunk in memory keeps its
+    Grams; a streamed one is read again)."""
+    out = []
+    for ch in fac:
+        GB, GA = (to_torch(G).double().cpu() for G in (ch.GB, ch.GA))
+        out.append((spectra_from_grams(GB, GA), GB, GA))
+        del ch
+    return out
+
+
+def _vectors(GB, GA):
+    """The coefficients of adapters' singular vectors in their factors, from their Grams (float64):
+    ``(X, Y)`` (k, r, r) with ``u_j = B_i X_i[:, j]`` and ``v_j = A_i^T Y_i[:, j]``. ``M_i = Q_b H_b H_a
+    Q_a^T`` (``H`` the Grams' square roots, ``Q_b = B_i H_b^+``, ``Q_a = A_i^T H_a^+``) and ``H_b H_a =
+    W S Z^T``: ``X = H_b^+ W``, ``Y = H_a^+ Z``."""
     Hb, Hb_inv = _root_and_pinv(GB)
     Ha, Ha_inv = _root_and_pinv(GA)
-    W, S, Zh = torch.linalg.svd(Hb @ Ha)
-    return S, Hb_inv @ W, Ha_inv @ Zh.transpose(1, 2)
+    W, _, Zh = torch.linalg.svd(Hb @ Ha)
+    return Hb_inv @ W, Ha_inv @ Zh.transpose(1, 2)
 
 
 def init_bases(
@@ -222,11 +228,41 @@ def _start(fac: Factors, wc, rank: int, generator, n_power: int | None):
     bases from their Grams with two power iterations each took ten reads and sixteen products).
     benchmarks/solver_start.py: at n = 1000 the solve takes 0.6x the time at the same errors, at n = 64
     and 128 about the same time and errors (within 2e-4), lower errors on the bundled and GPT-2 ones."""
-    if n_power is None:
-        n_power = 1 if fac.n * fac.rank < fac.d_in else 0
-    V, L, _ = _init_side(fac, "A", _grams(fac, "B", wc), fac.d_in, rank, generator, n_power)
+    V, L, _ = _start_v(fac, wc, rank, generator, n_power)
     U, K, _ = _init_side(fac, "B", _coefficients(L, wc), fac.d_out, rank, generator, 0)
     return U, K, V, L
+
+
+def _start_v(fac: Factors, wc, rank: int, generator, n_power: int | None):
+    """The first half of :func:`_start`: ``(V, L, tr(V^T G_V V))`` for the V-step's operator of the
+    weighted Grams, ``G_V = sum_i w_i M_i^T M_i``."""
+    if n_power is None:
+        n_power = 1 if fac.n * fac.rank < fac.d_in else 0
+    return _init_side(fac, "A", _grams(fac, "B", wc), fac.d_in, rank, generator, n_power)
+
+
+def _individual_or_start(fac: Factors, wc, energies, rank: int, generator, n_power: int | None, captured):
+    """``(U, K, V, L)``: :func:`_individual_start` where it holds twice what :func:`_start` does, else
+    :func:`_start` (the same result as deciding after both). ``energies``: ``w_i ||M_i||^2`` (n,).
+
+    The data-driven ``V`` holds at most ``tr(V^T G_V V)`` whatever ``U`` (``||U^T M_i V|| <= ||M_i V||``):
+    where the single components hold twice that, the U half of the data-driven start is not made. No
+    ``r`` components hold more than the ``r`` largest energies: where those are under twice what the
+    data-driven start holds (adapters that share directions), no adapter's SVD is made."""
+    most = float(torch.sort(to_torch(energies).double().cpu().flatten(), descending=True).values[:rank].sum())
+    V, L, bound = _start_v(fac, wc, rank, generator, n_power)
+    comps = None
+    if most >= _INDIVIDUAL_GAIN * bound:
+        comps = _components(fac)
+        alt = _individual_start(fac, wc, comps, rank, None, V, bound)
+        if alt is not None:
+            return alt
+    U, K, _ = _init_side(fac, "B", _coefficients(L, wc), fac.d_out, rank, generator, 0)
+    c0 = captured(K, L)
+    if most < _INDIVIDUAL_GAIN * c0:
+        return U, K, V, L
+    alt = _individual_start(fac, wc, comps if comps is not None else _components(fac), rank, U, V, c0)
+    return (U, K, V, L) if alt is None else alt
 
 
 def jd_full(
@@ -325,7 +361,9 @@ _INDIVIDUAL_GAIN = 2.0  # single adapters' directions replace the data-driven st
 def _individual_start(fac: Factors, wc, comps: list, rank: int, U, V, captured: float):
     """``(U, K, V, L)`` spanning the ``rank`` singular directions of single adapters with the most
     weighted energy ``w_i sigma_ij^2`` (and their projections), where those alone hold at least
-    :data:`_INDIVIDUAL_GAIN` times ``captured`` (the data-driven start's objective); else ``None``.
+    :data:`_INDIVIDUAL_GAIN` times ``captured`` (the data-driven start's objective, or a bound of it);
+    else ``None``. ``U``, ``V``: the data-driven bases, which complete the spans where the chosen
+    directions span fewer than ``rank`` (``U`` None: then ``None``).
 
     ``U^T M_i V`` holds every chosen component of adapter ``i`` exactly (its left and right vectors are
     in the spans, and orthogonal to the adapter's others), so the objective of this start is at least
@@ -341,11 +379,10 @@ def _individual_start(fac: Factors, wc, comps: list, rank: int, U, V, captured: 
     start at 2x or more (docs/method.md).
     ``M_i = B_i A_i`` with ``B_i = Q_b H_b``, ``A_i^T = Q_a H_a`` (``H`` the Grams' square roots) and
     ``H_b H_a = W S Z^T``: the components' vectors are ``B_i H_b^+ w_j`` and ``A_i^T H_a^+ z_j``
-    (``comps``: :func:`_components` per chunk, from the norms' pass). Reads the chunks that hold a
-    chosen adapter once more, and every chunk for the projections, only where it is taken."""
+    (``comps``: :func:`_components`). Reads the chunks that hold a chosen adapter once more, and every
+    chunk for the projections, only where it is taken."""
     xp = namespace(fac.like)
     scores = [to_torch(w).double().cpu()[:, None] * S.square() for w, (S, _, _) in zip(wc, comps)]
-    maps = [(X, Y) for _, X, Y in comps]
     flat = torch.cat(scores).flatten()
     order = torch.argsort(flat, descending=True, stable=True)[:rank]
     order = order[flat[order] > 0]
@@ -354,18 +391,20 @@ def _individual_start(fac: Factors, wc, comps: list, rank: int, U, V, captured: 
     width = scores[0].shape[1]
     pick_i, pick_j = order // width, order % width
     cols_u, cols_v = [], []
-    for (start, stop), ch, (cb, ca) in zip(fac.spans(), fac, maps):
+    for (start, stop), ch, (_, GB, GA) in zip(fac.spans(), fac, comps):
         here = (pick_i >= start) & (pick_i < stop)
         if not bool(here.any()):
             continue
         i, j = pick_i[here] - start, pick_j[here]
+        cb, ca = _vectors(GB[i], GA[i])
+        at = torch.arange(len(i))
         B = to_torch(xp.take(ch.B, xp.asarray(i.numpy(), device=getattr(fac.like, "device", None)), axis=0))
         A = to_torch(xp.take(ch.A, xp.asarray(i.numpy(), device=getattr(fac.like, "device", None)), axis=0))
-        cols_u.append((B.double().cpu() @ cb[i, :, j, None])[..., 0])
-        cols_v.append((A.double().cpu().transpose(1, 2) @ ca[i, :, j, None])[..., 0])
+        cols_u.append((B.double().cpu() @ cb[at, :, j, None])[..., 0])
+        cols_v.append((A.double().cpu().transpose(1, 2) @ ca[at, :, j, None])[..., 0])
         del ch
     U1, V1 = (_like(_spanning(torch.cat(cols), X, rank), fac.like) for cols, X in ((cols_u, U), (cols_v, V)))
-    if U1.shape[1] < rank or V1.shape[1] < rank:  # fewer independent directions than the rank
+    if U1.shape[1] < rank or V1.shape[1] < rank:  # fewer independent directions than the rank (U None)
         return None
     return U1, _project(fac, "B", U1), V1, _project(fac, "A", V1)
 
@@ -383,8 +422,8 @@ def _root_and_pinv(G):
 
 def _spanning(rows, X, rank: int):
     """An orthonormal basis (d, at most ``rank``; float64, CPU) of the span of ``rows`` (k, d), completed
-    by the directions of ``X`` where they span fewer than ``rank``."""
-    cols = torch.cat([rows.T, to_torch(X).double().cpu()], 1)
+    by the directions of ``X`` (if given) where they span fewer than ``rank``."""
+    cols = rows.T if X is None else torch.cat([rows.T, to_torch(X).double().cpu()], 1)
     Q, R = torch.linalg.qr(cols)
     keep = R.diagonal().abs() > 1e-10 * max(float(R.diagonal().abs().max()), 1e-300)
     return Q[:, keep][:, :rank].contiguous()
@@ -396,26 +435,21 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     :func:`_individual_start` where that holds twice as much)."""
     xp = namespace(fac.like)
     individual = individual and U0 is None and V0 is None
-    comps: list | None = [] if individual else None
-    norms2, w = norms_and_weights(fac, weighting, weights, comps)
+    norms2, w = norms_and_weights(fac, weighting, weights)
     total = float(xp.sum(w * norms2))
     wc = _chunk_weights(fac, w)
-    if U0 is None or V0 is None:
+    def captured(K, L):
+        return sum(float(xp.sum(wi[:, None, None] * (mT(Ki) @ Li) ** 2)) for Ki, Li, wi in zip(K, L, wc))
+
+    if individual and total:
+        U, K, V, L = _individual_or_start(fac, wc, w * norms2, rank, torch.Generator().manual_seed(seed), n_power,
+                                          captured)
+    elif U0 is None or V0 is None:
         U, K, V, L = _start(fac, wc, rank, torch.Generator().manual_seed(seed), n_power)
     else:
         U, V = (_orthonormal(_like(X, fac.like)) for X in (U0, V0))
         K, L = _project(fac, "B", U), _project(fac, "A", V)
-
-    def captured(K, L):
-        return sum(float(xp.sum(wi[:, None, None] * (mT(Ki) @ Li) ** 2)) for Ki, Li, wi in zip(K, L, wc))
-
-    c0 = captured(K, L)
-    if individual and total:
-        alt = _individual_start(fac, wc, comps, rank, U, V, c0)
-        if alt is not None:
-            U, K, V, L = alt
-            c0 = captured(K, L)
-    history = [c0 / total if total else 1.0]
+    history = [captured(K, L) / total if total else 1.0]
     converged = False
     it = 0
     for it in range(1, max_iters + 1):
