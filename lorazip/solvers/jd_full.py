@@ -438,6 +438,7 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     norms2, w = norms_and_weights(fac, weighting, weights)
     total = float(xp.sum(w * norms2))
     wc = _chunk_weights(fac, w)
+
     def captured(K, L):
         return sum(float(xp.sum(wi[:, None, None] * (mT(Ki) @ Li) ** 2)) for Ki, Li, wi in zip(K, L, wc))
 
