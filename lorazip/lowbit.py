@@ -39,9 +39,7 @@ BITS = (1, 2, 3, 4, 8)  # code widths a row may have
 DEFAULT_QUANT = (0.5286, 0.1836, 0.0558, 0.0165, 0.0001)
 GROUP = None  # values per scale; None: one scale per row (chosen by measurement: benchmarks/quant_groups.py)
 _GAUSS_CLIP = {2: 1.494, 3: 2.051, 4: 2.513, 8: 4.0}  # outermost level / rms of the best uniform grid of a Gaussian
-_CLIP_OF = np.zeros(9, dtype=np.float32)  # _GAUSS_CLIP by width, for rows of several widths
-for _w, _c in _GAUSS_CLIP.items():
-    _CLIP_OF[_w] = _c
+_CLIP_OF = np.array([_GAUSS_CLIP.get(w, 0.0) for w in range(9)], dtype=np.float32)  # by width, for rows of several
 
 
 def n_groups(length: int, group: int | None) -> int:
@@ -101,11 +99,8 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
             s = _best_scales(part, mask, bw, h).to(torch.bfloat16).float()  # the codes are taken for the stored scale
             if not bool(torch.isfinite(s).all()):
                 raise ValueError("group scales overflow bfloat16")
-            q = _codes(part, s, h).reshape(len(sel), -1)[:, :L].to(torch.uint8).numpy()
-            if whole:
-                scales[:], codes[:] = s.numpy(), q
-            else:
-                scales[sel], codes[sel] = s.numpy(), q
+            scales[sel] = s.numpy()
+            codes[sel] = _codes(part, s, h).reshape(len(sel), -1)[:, :L].to(torch.uint8).numpy()
     return codes, scales
 
 

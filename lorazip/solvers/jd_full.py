@@ -242,8 +242,9 @@ def _start_v(fac: Factors, wc, rank: int, generator, n_power: int | None):
 
 
 def _individual_or_start(fac: Factors, wc, energies, rank: int, generator, n_power: int | None, captured):
-    """``(U, K, V, L)``: :func:`_individual_start` where it holds twice what :func:`_start` does, else
-    :func:`_start` (the same result as deciding after both). ``energies``: ``w_i ||M_i||^2`` (n,).
+    """``(U, K, V, L)``: :func:`_individual_start` where its components hold :data:`_INDIVIDUAL_GAIN`
+    times what :func:`_start` does, else :func:`_start` (the same result as deciding after both).
+    ``energies``: ``w_i ||M_i||^2`` (n,).
 
     The data-driven ``V`` holds at most ``tr(V^T G_V V)`` whatever ``U`` (``||U^T M_i V|| <= ||M_i V||``):
     where the single components hold twice that, the U half of the data-driven start is not made. No
@@ -251,17 +252,21 @@ def _individual_or_start(fac: Factors, wc, energies, rank: int, generator, n_pow
     data-driven start holds (adapters that share directions), no adapter's SVD is made."""
     most = float(torch.sort(to_torch(energies).double().cpu().flatten(), descending=True).values[:rank].sum())
     V, L, bound = _start_v(fac, wc, rank, generator, n_power)
-    comps = None
+    def enough(held: float, than: float) -> bool:
+        return held > 0 and held >= _INDIVIDUAL_GAIN * than
+
+    chosen = None
     if most >= _INDIVIDUAL_GAIN * bound:
-        comps = _components(fac)
-        alt = _individual_start(fac, wc, comps, rank, None, V, bound)
+        chosen = _best_components(fac, wc, rank)
+        alt = _individual_start(fac, chosen, rank, None, V) if enough(chosen[3], bound) else None
         if alt is not None:
             return alt
     U, K, _ = _init_side(fac, "B", _coefficients(L, wc), fac.d_out, rank, generator, 0)
     c0 = captured(K, L)
     if most < _INDIVIDUAL_GAIN * c0:
         return U, K, V, L
-    alt = _individual_start(fac, wc, comps if comps is not None else _components(fac), rank, U, V, c0)
+    chosen = chosen if chosen is not None else _best_components(fac, wc, rank)
+    alt = _individual_start(fac, chosen, rank, U, V) if enough(chosen[3], c0) else None
     return (U, K, V, L) if alt is None else alt
 
 
@@ -358,11 +363,22 @@ def _union_start(fac: Factors, rank: int, U, V):
 _INDIVIDUAL_GAIN = 2.0  # single adapters' directions replace the data-driven start where they hold this much more
 
 
-def _individual_start(fac: Factors, wc, comps: list, rank: int, U, V, captured: float):
-    """``(U, K, V, L)`` spanning the ``rank`` singular directions of single adapters with the most
-    weighted energy ``w_i sigma_ij^2`` (and their projections), where those alone hold at least
-    :data:`_INDIVIDUAL_GAIN` times ``captured`` (the data-driven start's objective, or a bound of it);
-    else ``None``. ``U``, ``V``: the data-driven bases, which complete the spans where the chosen
+def _best_components(fac: Factors, wc, rank: int):
+    """The ``rank`` singular components of single adapters with the most weighted energy
+    ``w_i sigma_ij^2`` (every adapter's from its Grams, :func:`_components`): ``(comps, adapters,
+    indices, held)``, ``held`` their energies' sum (0 where every adapter is zero)."""
+    comps = _components(fac)
+    scores = [to_torch(w).double().cpu()[:, None] * S.square() for w, (S, _, _) in zip(wc, comps)]
+    flat = torch.cat(scores).flatten()
+    order = torch.argsort(flat, descending=True, stable=True)[:rank]
+    order = order[flat[order] > 0]
+    width = scores[0].shape[1]
+    return comps, order // width, order % width, float(flat[order].sum())
+
+
+def _individual_start(fac: Factors, chosen, rank: int, U, V):
+    """``(U, K, V, L)`` spanning the components ``chosen`` (:func:`_best_components`, at least one), with
+    their projections; ``U``, ``V``: the data-driven bases, which complete the spans where the chosen
     directions span fewer than ``rank`` (``U`` None: then ``None``).
 
     ``U^T M_i V`` holds every chosen component of adapter ``i`` exactly (its left and right vectors are
@@ -376,20 +392,12 @@ def _individual_start(fac: Factors, wc, comps: list, rank: int, U, V, captured: 
     fixture collections: 1.0-1.5x) and its ascent ends higher (GPT-2's c_attn at ranks 1-3: 0.16-0.41
     against 0.13-0.37 from this start, at 1.01-1.18x); no module measured (the bundled, GPT-2 and
     DistilBERT collections at ranks 1-16, the tests' collections, 64 iid adapters) ended lower from this
-    start at 2x or more (docs/method.md).
+    start at 2x or more (docs/method.md), hence :data:`_INDIVIDUAL_GAIN`.
     ``M_i = B_i A_i`` with ``B_i = Q_b H_b``, ``A_i^T = Q_a H_a`` (``H`` the Grams' square roots) and
-    ``H_b H_a = W S Z^T``: the components' vectors are ``B_i H_b^+ w_j`` and ``A_i^T H_a^+ z_j``
-    (``comps``: :func:`_components`). Reads the chunks that hold a chosen adapter once more, and every
-    chunk for the projections, only where it is taken."""
+    ``H_b H_a = W S Z^T``: the components' vectors are ``B_i H_b^+ w_j`` and ``A_i^T H_a^+ z_j``.
+    Reads the chunks that hold a chosen adapter once more, and every chunk for the projections."""
     xp = namespace(fac.like)
-    scores = [to_torch(w).double().cpu()[:, None] * S.square() for w, (S, _, _) in zip(wc, comps)]
-    flat = torch.cat(scores).flatten()
-    order = torch.argsort(flat, descending=True, stable=True)[:rank]
-    order = order[flat[order] > 0]
-    if len(order) == 0 or float(flat[order].sum()) < _INDIVIDUAL_GAIN * captured:
-        return None
-    width = scores[0].shape[1]
-    pick_i, pick_j = order // width, order % width
+    comps, pick_i, pick_j, _ = chosen
     cols_u, cols_v = [], []
     for (start, stop), ch, (_, GB, GA) in zip(fac.spans(), fac, comps):
         here = (pick_i >= start) & (pick_i < stop)
