@@ -91,6 +91,9 @@ class HeaderReader(RawReader):
         super().__init__(path, ArtifactError)
 
 
+_DRY_CHECKSUM = hashlib.sha256(b"dry assembly").hexdigest()  # a dry assembly's stand-in (hexadecimal, 64 digits)
+
+
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
     import torch
@@ -290,6 +293,9 @@ class Artifact:
         self._handle = None  # the open file while in a ``with artifact.reader():`` block
         self._layout = None  # format v3 file: where the logical tensors are (lorazip.layout.Layout)
         self._entries: dict[str, dict[str, Any]] | None = None  # a file's logical header (dtype, shape)
+        # a dry assembly (its parts zeros, for its size alone): the checksum recorded in its metadata
+        # is a stand-in of the same length, not a pass over its bytes (see :meth:`serialized_size`)
+        self.dry = False
 
     # -- metadata views -------------------------------------------------
     @property
@@ -637,16 +643,18 @@ class Artifact:
         memo = getattr(self, "_serialized", None)
         if memo is not None and memo[0] == key:
             return memo[1]
-        tensors = {k: v.contiguous() for k, v in pack(logical, self.meta).items()}
+        tensors = {k: v.contiguous() for k, v in pack(logical, self.meta, self.dry).items()}
         meta = dict(self.meta)
-        meta["checksum"] = tensor_checksum(tensors)
+        meta["checksum"] = _DRY_CHECKSUM if self.dry else tensor_checksum(tensors)
         version = written_version(meta)
         header = {"format": FORMAT_NAME, "format_version": str(version), "lorazip_z": encode_meta(meta, version >= 7)}
         self._serialized = (key, (tensors, header, meta))
         return tensors, header, meta
 
     def serialized_size(self) -> int:
-        """Exact size in bytes of the file :meth:`save` would write (no data is serialized)."""
+        """Exact size in bytes of the file :meth:`save` would write (no data is serialized). Of a
+        :attr:`dry` assembly, whose checksum is a stand-in: exact but for the compressed metadata,
+        where one 64-digit hexadecimal string stands for another (a byte or two either way)."""
         tensors, header, _ = self._serialize_inputs()
         head, _order = safetensors_header(tensors, header)
         return len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
@@ -658,6 +666,8 @@ class Artifact:
         a file under the final name is always complete.
         """
         path = Path(path)
+        if self.dry:
+            raise ValueError("a dry assembly (zeros in place of its parts) is not written")
         tensors, header, meta = self._serialize_inputs()
         with atomic_path(path, overwrite) as tmp:
             save_safetensors(tensors, tmp, header, path)

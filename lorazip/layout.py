@@ -572,8 +572,9 @@ def _packable(t: "torch.Tensor", rs: list[int], n: int) -> bool:
     return t.dtype == torch.float32 and tuple(t.shape) == (n, max(rs, default=0))
 
 
-def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, "torch.Tensor"]:
-    """Physical tensors of a v3 file for the logical ``tensors`` of an artifact with ``meta``.
+def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any], dry: bool = False) -> dict[str, "torch.Tensor"]:
+    """Physical tensors of a v3 file for the logical ``tensors`` of an artifact with ``meta``
+    (``dry``: the spectra's codes as zeros, their number alone counts: a dry assembly's size).
 
     Spectra whose row ``i`` is longer than adapter ``i``'s rank keep only their first ``r_im``
     values (the rest are zero; :func:`trim_spectra` zeroes them when an artifact is built). With
@@ -594,7 +595,7 @@ def pack(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> dict[str, 
         if t is None or not _packable(t, rs, n):
             continue  # kept as its own tensor
         if norm2 is not None:
-            parts.append(code_spectra(t, norm2[:, j], rs))
+            parts.append(torch.zeros(coded_length(rs), dtype=torch.uint8) if dry else code_spectra(t, norm2[:, j], rs))
         else:
             parts.extend(t[i, :r] for i, r in enumerate(rs) if r)
         del out[key]

@@ -146,6 +146,29 @@ def test_budget_held_on_the_file_and_errors_exact(art, coll, tmp_path):
     assert rep["errors"]["mean"] <= sm["mean"] * 1.05  # at or ahead of the best per-adapter alternative
 
 
+def test_dry_assembly_sizes_the_file_without_its_bytes(coll, monkeypatch, tmp_path):
+    """A budget's dry assemblies (zeros for parts, a stand-in checksum, spectra codes not made) give
+    the size of the same assembly made in full to within the budget's slack, and are never written."""
+    budget = importlib.import_module("lorazip.compress.budget")
+    build = importlib.import_module("lorazip.compress.build")
+    real, sizes = build.build_allocation, []
+
+    def spy(*a, **k):
+        art = real(*a, **k)
+        if k.get("dry"):
+            full = real(*a, **k)
+            full.dry = False  # the same zeros, with the checksum, the spectra's codes and the rounding
+            sizes.append((art.serialized_size(), full.serialized_size()))
+            with pytest.raises(ValueError, match="dry assembly"):
+                art.save(tmp_path / "dry.lorazip.safetensors")
+        return art
+
+    monkeypatch.setattr(budget, "build_allocation", spy)
+    lorazip.compress(coll, budget=LOWBIT_BYTES, hash_sources=False)
+    assert sizes and all(abs(a - b) <= budget._SLACK // 2 for a, b in sizes), sizes
+    assert not (tmp_path / "dry.lorazip.safetensors").exists()
+
+
 def test_predicted_quantisation_error_matches_the_exact_one(art):
     predicted = art.allocation["predicted_mean_error"]
     exact = float(per_adapter(*art.stats()).mean())

@@ -368,8 +368,10 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
     meta = _allocated_meta(opts, plan, storage_dtype, target_error)
     if out.whitened:
         annotate(whitening_of(collection), meta, out.tensors, out.wsq, out.wnn2)
-    return assemble(collection, meta, out.modules_meta, out.tensors, out.sq, out.nn2, hashes, opts.keep_extras,
-                    opts.extras_dtype)
+    art = assemble(collection, meta, out.modules_meta, out.tensors, out.sq, out.nn2, hashes, opts.keep_extras,
+                   opts.extras_dtype, dry)
+    art.dry = dry
+    return art
 
 
 def _in_order(tasks, same: set[int], prev: dict[int, Built]):
@@ -470,11 +472,12 @@ def _allocated_meta(opts: CompressOptions, plan: Plan, storage_dtype: str, targe
 
 def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, tensors: dict[str, torch.Tensor],
              sq_error: torch.Tensor, norm2: torch.Tensor, hashes: SourceHashes, keep_extras: bool,
-             extras_dtype: str = "auto") -> Artifact:
+             extras_dtype: str = "auto", dry: bool = False) -> Artifact:
     """The artifact of solved modules: statistics, provenance (waits for the source hashes),
     kept non-LoRA tensors (converted to ``extras_dtype`` unless "auto", their error recorded in
     ``stats/extras_sq_error`` / ``stats/extras_norm2``), and ``meta`` (method, ranks, solver
-    settings) completed."""
+    settings) completed. ``dry``: a dry assembly's (its size alone counts: the spectra and
+    statistics are not rounded to what a file holds)."""
     tensors["stats/sq_error"] = sq_error
     tensors["stats/norm2"] = norm2
     try:
@@ -494,5 +497,6 @@ def assemble(collection: Collection, meta: dict[str, Any], modules_meta: list, t
     meta = {"lorazip_version": __version__, "base_model": collection.base_model, **meta,
             "modules": modules_meta, "adapters": adapters_meta}
     trim_spectra(tensors, meta)
-    round_small(tensors, meta)
+    if not dry:
+        round_small(tensors, meta)
     return Artifact(meta, tensors=tensors)
