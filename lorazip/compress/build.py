@@ -25,16 +25,13 @@ from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
 from .curves import ModuleFit, task_factors
 from .executor import map_modules
-from .measure import StoredBases, optimal_cores
+from .measure import StoredBases, adapter_chunk, optimal_cores
 from .options import CompressOptions
 from .plan import ModulePlan, Plan
 from .provenance import SourceHashes, adapter_meta
 from .spill import Spill
 from .streaming import MemoryPlan, release_freed_memory
 from .whiten import annotate, build_mixed_module, whitening_of
-
-
-_BUILD_CHUNK = 16  # adapters per float64 chunk in pass 2 (kept in cache, as the errors of compress_modules)
 
 
 def core_scales(fit: ModuleFit) -> torch.dtype:
@@ -231,10 +228,11 @@ def _rebuild(fac: Factors, before: Built, k: torch.Tensor, bits: torch.Tensor, a
     kr, br = k[redo], bits[row_new]
     at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(kr.long(), 0)])
     out: dict[str, list] = {key: [] for key in ("b", "a", "sq")}
-    for s in range(0, len(redo), _BUILD_CHUNK):
-        ids = redo[s : s + _BUILD_CHUNK]
+    step = adapter_chunk(fac)
+    for s in range(0, len(redo), step):
+        ids = redo[s : s + step]
         B, A = ch.B[ids].double(), ch.A[ids].double()
-        kc = kr[s : s + _BUILD_CHUNK]
+        kc = kr[s : s + step]
         ac = None if assign is None else assign[ids]
         S64 = S_all[ids].double()
         bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, "int8",
@@ -283,7 +281,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     stored = StoredBases(U64, V64) if shared_bits else None
     out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
     row_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(k.long(), 0)])
-    for ch in fac.split(_BUILD_CHUNK):  # every part below is per adapter: float64 a few adapters at a time
+    for ch in fac.split(adapter_chunk(fac)):  # every part below is per adapter: float64 a few adapters at a time
         B, A = ch.B.double(), ch.A.double()
         kc = k[ch.start : ch.stop]
         ac = None if assign is None else assign[ch.start : ch.stop]

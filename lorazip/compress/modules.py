@@ -25,7 +25,7 @@ from ..solvers.linalg import adapter_weights, factor_norms2
 from ..solvers.one_side import one_side_bases
 from .build import assemble
 from .executor import RayExecutor, map_modules
-from .measure import ERROR_CHUNK, round_and_measure
+from .measure import adapter_chunk, round_and_measure
 from .options import COMPUTE_DTYPES, CompressOptions, resolve_device
 from .plan import Plan, fixed_rank_plan
 from .provenance import SourceHashes
@@ -159,10 +159,10 @@ def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converg
     wsq = wn2 = None
     if whitening_of(collection) is None:
         U, V, cores, sq, n2, sv = round_and_measure(fac, U, V, cores, assign, refine, opts.storage_dtype,
-                                          min(ERROR_CHUNK, fac.chunk))
+                                          adapter_chunk(fac))
     else:  # calibration: a solution in whitened coordinates, mapped back (lorazip.compress.whiten)
         U, V, cores, sq, n2, sv, wsq, wn2 = finish_whitened(collection, info.name, fac, U, V, cores, assign, refine,
-                                                            opts.storage_dtype, min(ERROR_CHUNK, fac.chunk))
+                                                            opts.storage_dtype, adapter_chunk(fac))
     tensors: dict[str, torch.Tensor] = {}
     U.put(tensors, f"U/{info.name}")
     V.put(tensors, f"V/{info.name}")
