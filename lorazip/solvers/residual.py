@@ -140,13 +140,16 @@ def _gram_factor(G):
     return F
 
 
-def factor_products(B, A, U=None, V=None, chunk: int = 16, grams: bool | None = None):
+def factor_products(B, A, U=None, V=None, chunk: int | None = None, grams: bool | None = None):
     """float64 ``(B^T B, A A^T)`` or, given bases, ``(B^T U, A V)`` (with ``grams=True`` all four:
     ``(B^T B, A A^T, B^T U, A V)``) of stacked factors in any dtype, converted ``chunk`` adapters at
     a time (no float64 copy of the factors; each chunk converted once and used while it is in cache:
     16 adapters of 4096 x 16 are 8 MB in float64; chunks of 64 made the products 1.8x slower at
-    n = 1000, with the same results bit for bit)."""
+    n = 1000, with the same results bit for bit). By default as many adapters as 16 MiB of float64
+    factors hold, at least 16 (16 at those shapes; a small module's adapters at once)."""
     n = B.shape[0]
+    if chunk is None:
+        chunk = max(16, (16 << 20) // (8 * max(B.shape[2], 1) * (B.shape[1] + A.shape[2])))
     grams = U is None if grams is None else grams
     outs = None
     for s in range(0, n, chunk):
