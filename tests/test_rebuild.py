@@ -140,3 +140,36 @@ def test_only_small_builds_are_kept_for_a_re_aim(small_fp32, optimistic_profile,
     scratch = lorazip.compress(small_fp32, target_error=0.01, hash_sources=False)
     assert len(befores) >= 2 and all(b is None for b in befores)
     assert _bytes(kept, tmp_path / "a.safetensors") == _bytes(scratch, tmp_path / "b.safetensors")
+
+
+def test_parts_that_store_nothing_are_not_read_and_equal_a_full_build(iid, monkeypatch, tmp_path):
+    """Without a shared part, an adapter storing no residual row is neither read nor built (its error
+    is its norm, from pass 1), and a module storing nothing is not read at all: the artifact is the
+    one the build that reads and computes everything (no pass-1 norms to take) gives, byte for byte."""
+    fits, plan, opts = _captured(iid, monkeypatch, target_error=0.05)
+    mods = list(plan.modules)
+    assert all(m.rank == 0 for m in mods) and plan.storage_dtype == "bits"
+    # module 0 stores nothing; in module 1 the first two adapters store nothing, the others as planned
+    mods[0] = dataclasses.replace(mods[0], residual=np.zeros_like(mods[0].residual), bits=np.zeros(0, np.uint8))
+    k, bits = np.array(mods[1].residual), np.array(mods[1].bits)
+    assert k[2:].sum() > 0
+    mods[1] = dataclasses.replace(mods[1], residual=np.concatenate([[0, 0], k[2:]]), bits=bits[k[:2].sum():])
+    plan = dataclasses.replace(plan, modules=tuple(mods))
+    hashes = SourceHashes(iid, False, None)
+
+    reads = []
+    real = type(iid).module_factors
+
+    def counting(self, name, **k):
+        reads.append(name)
+        return real(self, name, **k)
+
+    monkeypatch.setattr(type(iid), "module_factors", counting)
+    quick = build_allocation(iid, opts, fits, plan, hashes, target_error=0.05)
+    assert iid.modules[0].name not in reads and len(reads) == len(iid.modules) - 1
+    monkeypatch.undo()
+    full = build_allocation(iid, opts, [dataclasses.replace(f, own=None) for f in fits], plan, hashes,
+                            target_error=0.05)
+    assert _bytes(quick, tmp_path / "quick.safetensors") == _bytes(full, tmp_path / "full.safetensors")
+    sq, n2 = quick.stats()
+    assert bool((sq[:, 0] == n2[:, 0]).all()) and bool((sq[:2, 1] == n2[:2, 1]).all()) and bool((n2 > 0).all())

@@ -3,6 +3,8 @@ errors (never a ``d x d`` matrix), and the assembly of any run's artifact (:func
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import time
 from dataclasses import dataclass, replace
@@ -281,9 +283,21 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     stored = StoredBases(U64, V64) if shared_bits else None
     out: dict[str, list] = {k_: [] for k_ in ("S", "b", "a", "sq", "n2", "sp")}
     row_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(k.long(), 0)])
+    # no shared part: an adapter that stores no residual row has nothing to build, its error is its
+    # norm (exactly what the products below give: every term is zero), known from pass 1
+    bare = X.shape[-1] == 0 and known is not None and not shared_bits
     for ch in fac.split(adapter_chunk(fac)):  # every part below is per adapter: float64 a few adapters at a time
-        B, A = ch.B.double(), ch.A.double()
         kc = k[ch.start : ch.stop]
+        live = torch.nonzero(kc > 0).flatten() if bare else None
+        if live is not None and len(live) < len(kc):
+            out_ch = _bare_chunk(ch, kc, live, U64, V64, storage_dtype, core_scales,
+                                 None if bits is None else bits[int(row_at[ch.start]) : int(row_at[ch.stop])],
+                                 None if assign is None else assign[ch.start : ch.stop],
+                                 known[0][ch.start : ch.stop], known[1][ch.start : ch.stop])
+            for key, x in zip(("S", "b", "a", "sq", "n2", "sp"), out_ch):
+                out[key].append(x)
+            continue
+        B, A = ch.B.double(), ch.A.double()
         ac = None if assign is None else assign[ch.start : ch.stop]
         if shared_bits:
             Ss = to_shared_lowbit(stored.cores(optimal_cores(B, A, U64, V64, ac), ac),
@@ -307,6 +321,28 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
+
+
+def _bare_chunk(ch, kc: torch.Tensor, live: torch.Tensor, U64, V64, storage_dtype: str, core_scales, cb,
+                ac, n2: torch.Tensor, own: torch.Tensor):
+    """One chunk of :func:`build_module_task` of a module with no shared part where some adapters store
+    no residual row: only the ``live`` ones are read, converted and built (each part is per adapter:
+    the same values as the whole chunk's); the others' errors are their norms ``n2``. Returns the
+    chunk's (cores, b rows, a rows, errors, norms, spectra)."""
+    S = torch.zeros(len(kc), 0, 0, dtype=torch.float64)  # rank 0: what optimal_cores gives
+    Ss = to_storage(S, storage_dtype, core_scales)
+    sq = n2.double().clone()
+    if len(live):
+        B, A = ch.B[live].double(), ch.A[live].double()
+        al = None if ac is None else ac[live]
+        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S[live], kc[live], al), kc[live],
+                                         storage_dtype, cb)
+        sq[live] = squared_errors(B, A, U64, V64, S[live], al, norms2=n2[live], residual=(bq, aq))[0]
+    else:  # nothing read: the empty rows store_residual gives
+        empty = kc[:0]
+        bs, as_, _, _ = store_residual(torch.zeros(0, U64.shape[-2], 0, dtype=torch.float64),
+                                       torch.zeros(0, 0, V64.shape[-2], dtype=torch.float64), empty, storage_dtype, cb)
+    return Ss, bs, as_, sq, n2.double(), own
 
 
 def build_allocation(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], plan: Plan,
@@ -339,18 +375,28 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         prev = {j: b for j, b in (before or {}).items() if reuse and rbits[j] is not None and
                 not (memory and j in memory.chunk) and b.same_shared(plan.modules[j].rank, plan.modules[j].shared_bits)}
         same = {j for j, b in prev.items() if not bool(b.changed(resid[j], rbits[j]).any())}
-        todo = [j for j in range(n_mod) if j not in same]
-        args = [(j, fit.U, fit.V, *fit.XY[mod.rank], resid[j], storage_dtype, core_scales(fit), fit.assign,
-                 memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits, prev.get(j),
-                 None if fit.own is None else (fit.norms2, fit.own))
-                for j, (fit, mod) in enumerate(zip(fits, plan.modules)) if j not in same]
+        args = {j: (j, fit.U, fit.V, *fit.XY[mod.rank], resid[j], storage_dtype, core_scales(fit), fit.assign,
+                    memory.chunk.get(j) if memory else None, rbits[j], mod.shared_bits, prev.get(j),
+                    None if fit.own is None else (fit.norms2, fit.own))
+                for j, (fit, mod) in enumerate(zip(fits, plan.modules)) if j not in same}
+        # a module that stores nothing (no shared part, no residual row) is not read: every adapter's
+        # error is its norm, from pass 1 (build_module_task's own shortcut, on factors never read)
+        unread = {j for j in args if executor is None and not out.whitened and plan.modules[j].rank == 0 and
+                  not int(resid[j].sum()) and fits[j].own is not None and not plan.modules[j].shared_bits and
+                  prev.get(j) is None}
+        todo = [j for j in args if j not in unread]
+        for j in unread if kept is not None else ():
+            kept.pop(j, None)  # pass 1's factors of a module not read again: freed now
         # whitened modules are re-read by their task
         reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \
             if executor is None and not out.whitened else None
-        tasks = map_modules(executor, build_module_task, collection, args,
+        tasks = map_modules(executor, build_module_task, collection, [args[j] for j in todo],
                             labels=[collection.modules[j].name for j in todo],
                             local=(lambda pos: reads.factors(todo[pos])) if reads else None, phase="build")
-        parts = _in_order(((todo[pos], got) for pos, got in tasks), same, prev)
+        nothing = ((j, build_module_task(collection, *args[j], clock={}, factors=_unread(collection.modules[j],
+                                                                                         fits[j].own.shape[1], n)))
+                   for j in sorted(unread))
+        parts = _in_order(itertools.chain(nothing, ((todo[pos], got) for pos, got in tasks)), same, prev)
         if spill is not None:
             parts = _spilled(parts, spill)
         if built is not None and reuse:
@@ -370,6 +416,13 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
                    opts.extras_dtype, dry)
     art.dry = dry
     return art
+
+
+def _unread(info, rank: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins of a module's factors ``B`` (n, d_out, rank), ``A`` (n, rank, d_in) that hold no memory
+    (one zero, expanded): for a build that reads none of them."""
+    zero = torch.zeros((), dtype=torch.float32)
+    return zero.expand(n, info.d_out, rank), zero.expand(n, rank, info.d_in)
 
 
 def _in_order(tasks, same: set[int], prev: dict[int, Built]):
