@@ -139,6 +139,36 @@ def test_never_worse_than_per_adapter_svd_at_equal_numbers(tmp_path_factory, see
             break
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), target=st.floats(0.02, 0.5), lower=st.floats(0.5, 0.999),
+       stat=st.sampled_from(["mean", "max"]))
+def test_a_seeded_target_search_meets_the_lower_target_in_as_few_numbers(tmp_path_factory, seed, target, lower,
+                                                                          stat):
+    """A re-aim's search starts from the missed allocation (a lower target): it meets the new target,
+    in the fewest numbers to within the search's tolerance (1/2000 of them), as the search from scratch."""
+    import importlib
+
+    allocate = importlib.import_module("lorazip.compress.allocate")
+    root = tmp_path_factory.mktemp("seeded")
+    write_collection(root / "c", n=5, modules=MODULES, r=4, seed=seed)
+    coll = lorazip.load_collection(root / "c")
+    fits = [fit_module(f.B, f.A, m.name, min(coll.shared_ranks(m.name, 8)), weighting="relative", seed=0,
+                       tol=1e-8, max_iters=500) for m in coll.modules for f in [coll.module_factors(m.name)]]
+    E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+    curves = allocate.StepCurves(fits, E)
+    first = allocate_mixed(fits, E, target_error=target, stat=stat, curves=curves)
+    goal = first.predicted * lower
+    scratch = allocate_mixed(fits, E, target_error=goal, stat=stat, curves=curves)
+    seeded = allocate_mixed(fits, E, target_error=goal, stat=stat, curves=curves,
+                            seed=(first.numbers, first.predicted))
+    if scratch.predicted > goal:  # nothing meets it: both give the most there is
+        assert seeded.predicted == scratch.predicted
+        return
+    assert seeded.predicted <= goal and seeded.numbers >= first.numbers
+    tol = max(seeded.numbers, scratch.numbers) // 2000 + 1  # each search's own tolerance
+    assert seeded.numbers <= scratch.numbers + 2 * tol
+
+
 def test_planted_shared_bases_are_chosen_and_exact(tmp_path):
     write_planted_groups(tmp_path / "p", (30,), d=64, r_shared=3, seed=0)  # one group
     coll = lorazip.load_collection(tmp_path / "p")

@@ -357,7 +357,7 @@ class _MixedRun:
             goal = min(goal - (got - self.target) * 1.25, self.target - (got - alloc.predicted)) - 1e-6
             try:
                 retry = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
-                                          hashes, curves, self._weighted(fits))
+                                          hashes, curves, self._weighted(fits), seed=(alloc.numbers, alloc.predicted))
             except OptionError:
                 break
             nxt = self.best[after][1]
@@ -441,15 +441,16 @@ def _shares(fit: ModuleFit, R: int, weighting: str) -> bool:
 
 def _allocate_to_size(collection: Collection, opts: CompressOptions, fits: list[ModuleFit], E: np.ndarray,
                       target_error: float | None, storage_dtype: str, itemsize: int, clusters, hashes: SourceHashes,
-                      curves: StepCurves | None = None, weighted: list[ModuleFit] | None = None) -> Allocation:
+                      curves: StepCurves | None = None, weighted: list[ModuleFit] | None = None,
+                      seed: tuple[float, float] | None = None) -> Allocation:
     """The allocation for ``opts.budget`` bytes of the file (numbers refined on dry assemblies, which
     give the exact size of everything besides the parts) or for ``target_error``. ``weighted``: the
     fits the allocator works on where the objective weights them (:meth:`_MixedRun._weighted`);
-    the dry assemblies use ``fits``."""
+    the dry assemblies use ``fits``. ``seed``: where a target's search starts (:func:`allocate_mixed`)."""
     budget, stat = opts.budget, opts.target_stat
     alloc_fits = fits if weighted is None else weighted
     if budget is None:
-        return allocate_mixed(alloc_fits, E, target_error=target_error, stat=stat, curves=curves)
+        return allocate_mixed(alloc_fits, E, target_error=target_error, stat=stat, curves=curves, seed=seed)
     numbers = max((budget - _overhead_bytes(collection, fits, opts.keep_extras)) // itemsize, 0)  # a first guess
     best = None
     for _attempt in range(6):  # sizes are exact from a dry assembly; the solve runs once
