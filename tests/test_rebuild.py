@@ -72,6 +72,19 @@ def _changed(plan):
     return dataclasses.replace(plan, modules=tuple(mods)), sorted(set(with_rows[:3]))
 
 
+def _counting_reads(coll, monkeypatch) -> list[str]:
+    """The names of the modules whose factors are read from now on (until ``monkeypatch.undo()``)."""
+    reads: list[str] = []
+    real = type(coll).module_factors
+
+    def counting(self, name, **k):
+        reads.append(name)
+        return real(self, name, **k)
+
+    monkeypatch.setattr(type(coll), "module_factors", counting)
+    return reads
+
+
 def _bytes(art, path) -> bytes:
     art.save(path, overwrite=True)
     return path.read_bytes()
@@ -95,14 +108,7 @@ def test_a_rebuild_keeps_unchanged_adapters_and_equals_a_build_from_scratch(case
     build_allocation(coll, opts, fits, plan, hashes, target_error=0.05, built=built)
     assert set(built) >= set(edited)
 
-    reads = []
-    real = type(coll).module_factors
-
-    def counting(self, name, **k):
-        reads.append(name)
-        return real(self, name, **k)
-
-    monkeypatch.setattr(type(coll), "module_factors", counting)
+    reads = _counting_reads(coll, monkeypatch)
     again = build_allocation(coll, opts, fits, plan2, hashes, target_error=0.05, before=built)
     assert sorted(reads) == sorted(coll.modules[j].name for j in edited)  # the others are not read
     monkeypatch.undo()
@@ -157,14 +163,7 @@ def test_parts_that_store_nothing_are_not_read_and_equal_a_full_build(iid, monke
     plan = dataclasses.replace(plan, modules=tuple(mods))
     hashes = SourceHashes(iid, False, None)
 
-    reads = []
-    real = type(iid).module_factors
-
-    def counting(self, name, **k):
-        reads.append(name)
-        return real(self, name, **k)
-
-    monkeypatch.setattr(type(iid), "module_factors", counting)
+    reads = _counting_reads(iid, monkeypatch)
     quick = build_allocation(iid, opts, fits, plan, hashes, target_error=0.05)
     assert iid.modules[0].name not in reads and len(reads) == len(iid.modules) - 1
     monkeypatch.undo()

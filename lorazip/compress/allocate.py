@@ -704,7 +704,7 @@ def _for_target(fits, E, target, stat, curves, seed: tuple[float, float] | None 
     allocation at a budget (:func:`_for_numbers`): about half as many as a bisection's 12 to 16.
     A ``seed`` (numbers, predicted ``stat``) of an earlier allocation on the same curves (a re-aim
     after a build missed the target: a lower target, so more numbers) is one end of the first
-    bracket and the first secant's other point: 3-4 guesses instead of 8-10."""
+    bracket and the first secant's other point: 3-5 guesses instead of 8-10."""
     if not 0 <= target <= 1:
         raise OptionError(f"target error must be between 0 and 1, got {target}")
     hi = max(int(math.ceil(curves.max_size())), 1)

@@ -4,7 +4,6 @@ errors (never a ``d x d`` matrix), and the assembly of any run's artifact (:func
 from __future__ import annotations
 
 import itertools
-
 import os
 import time
 from dataclasses import dataclass, replace

@@ -10,29 +10,25 @@ import torch
 
 from ..metrics import squared_errors
 from ..quantize import cat_stored, to_storage
-from ..solvers.factors import Chunk, Factors
+from ..solvers.factors import Chunk, Factors, float64_chunk
 from ..solvers.linalg import orth
 from ..solvers.svd import spectra_from_grams
 
 
 ERROR_CHUNK = 16  # adapters per chunk when measuring errors in float64 (kept in cache: 1.7x faster than 256)
-CHUNK_BYTES = 16 << 20  # ... at Lots-of-LoRAs shapes (rank 16, 4096 + 4096): 16 MiB of float64 factors
-
-
-def adapter_chunk(fac: Factors) -> int:
-    """Adapters per float64 chunk of a module's factors in the builds and error passes: as many as
-    :data:`CHUNK_BYTES` hold, at least :data:`ERROR_CHUNK` (16 at Lots-of-LoRAs shapes; every adapter
-    of a small module, whose chunks were a loop of small operators: the bundled collection's 27
-    adapters in one chunk, not two, each part per adapter as before, so the same values), and at
-    most what the factors are read in (``fac.chunk``)."""
-    per = 8 * max(fac.rank, 1) * (fac.d_out + fac.d_in)
-    return max(1, min(max(ERROR_CHUNK, CHUNK_BYTES // per), fac.chunk))
 # An adapter whose relative error, measured from float32 products, is at least this is kept as
 # measured; below it, it is measured again in float64. A float32 product of length d is within about
 # sqrt(d) u32 of its float64 value (u32 = 6e-8; probabilistic bound, Higham & Mary 2019), so the
 # relative squared error e is known to ~4 sqrt(d) u32 / e: at e >= 0.5 and d = 4096 that is 3e-5 of e
 # (measured on Lots-of-LoRAs shapes and the fixtures: at most 1e-6 of ||M||^2 absolute).
 FLOAT32_MIN_ERROR = 0.5
+
+
+def adapter_chunk(fac: Factors) -> int:
+    """Adapters per float64 chunk of a module's factors in the builds and error passes
+    (:func:`~lorazip.solvers.factors.float64_chunk`, at least :data:`ERROR_CHUNK`), at most what the
+    factors are read in (``fac.chunk``)."""
+    return max(1, min(float64_chunk(fac.d_out, fac.d_in, fac.rank, ERROR_CHUNK), fac.chunk))
 
 
 def optimal_cores(B, A, U, V, assign):

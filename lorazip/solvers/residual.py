@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .factors import float64_chunk
+
 
 def _stack_factors(B, A, U, V, S):
     """``[B_i, -U S_i]`` (n, d_out, r_i + r) and ``[A_i^T, V]`` (n, d_in, r_i + r)."""
@@ -145,11 +147,11 @@ def factor_products(B, A, U=None, V=None, chunk: int | None = None, grams: bool 
     ``(B^T B, A A^T, B^T U, A V)``) of stacked factors in any dtype, converted ``chunk`` adapters at
     a time (no float64 copy of the factors; each chunk converted once and used while it is in cache:
     16 adapters of 4096 x 16 are 8 MB in float64; chunks of 64 made the products 1.8x slower at
-    n = 1000, with the same results bit for bit). By default as many adapters as 16 MiB of float64
-    factors hold, at least 16 (16 at those shapes; a small module's adapters at once)."""
+    n = 1000, with the same results bit for bit). By default :func:`~lorazip.solvers.factors.float64_chunk`
+    (16 at those shapes; a small module's adapters at once)."""
     n = B.shape[0]
     if chunk is None:
-        chunk = max(16, (16 << 20) // (8 * max(B.shape[2], 1) * (B.shape[1] + A.shape[2])))
+        chunk = float64_chunk(B.shape[1], A.shape[2], B.shape[2])
     grams = U is None if grams is None else grams
     outs = None
     for s in range(0, n, chunk):
