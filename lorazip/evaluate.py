@@ -132,19 +132,29 @@ def loraquant_style(spectra: list[torch.Tensor], modules: list[dict[str, Any]], 
     ``nbytes`` (None if none fits)."""
     E = norms2.sum(1).clamp_min(1e-300)
     best = None
+    # what does not depend on the setting, made once per module (the grid has 36 settings): the squared
+    # singular values, each adapter's rank, the components before the one reaching each ratio, the
+    # profile's errors and a component's bytes at each width
+    widths = sorted({b for _, hi, lo in LORAQUANT_GRID for b in (hi, lo)})
+    per_module = []
+    for sv, mod in zip(spectra, modules):
+        s2 = sv.square()
+        cum = torch.cumsum(s2, 1)
+        r = (s2 > 0).sum(1)
+        idx = torch.arange(s2.shape[1])[None, :]
+        leads = {ratio: torch.minimum((cum < ratio * cum[:, -1:]).sum(1) + 1, r)  # up to the one reaching it
+                 for ratio in {g[0] for g in LORAQUANT_GRID}}
+        below = {ratio: idx < lead[:, None] for ratio, lead in leads.items()}
+        q = {b: _by_component(_quant(mod, b), s2.shape[1], s2.dtype) for b in widths}
+        nb = {b: _component_bytes(mod, b) for b in widths}
+        per_module.append((s2, r, leads, below, q, nb))
     for ratio, hi, lo in LORAQUANT_GRID:
         size, lost = 0.0, torch.zeros_like(E)
-        for sv, mod in zip(spectra, modules):
-            s2 = sv.square()
-            cum = torch.cumsum(s2, 1)
-            lead = (cum < ratio * cum[:, -1:]).sum(1) + 1  # components up to the one reaching the ratio
-            r = (s2 > 0).sum(1)
-            lead = torch.minimum(lead, r)
-            idx = torch.arange(s2.shape[1])[None, :]
-            q_hi, q_lo = (_by_component(_quant(mod, b), s2.shape[1], s2.dtype) for b in (hi, lo))
-            err = s2 * torch.where(idx < lead[:, None], q_hi, q_lo)
+        for s2, r, leads, below, q, nb in per_module:
+            lead = leads[ratio]
+            err = s2 * torch.where(below[ratio], q[hi], q[lo])
             lost += err.sum(1)
-            size += float((lead * _component_bytes(mod, hi) + (r - lead) * _component_bytes(mod, lo)).sum())
+            size += float((lead * nb[hi] + (r - lead) * nb[lo]).sum())
         if size > nbytes:
             continue
         err = torch.where(norms2.sum(1) > 0, (lost / E).clamp(0, 1), torch.zeros_like(E))
