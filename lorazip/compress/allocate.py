@@ -728,19 +728,17 @@ def _for_target(fits, E, target, stat, curves, seed: tuple[float, float] | None 
         # numbers are an upper end every allocation meets, and one guess just below it tells whether
         # sharing does better (where it does not, the bracket is closed there)
         top = _per_adapter_meets(fits, E, target, curves, hi)
-        if top is not None:
-            got = _for_numbers(fits, E, top, stat, curves)
-            if got.predicted <= target:
-                hi, best, last = top, got, [(top, got.predicted)]
-                tol = max(1, hi // 2000)
-                if hi - 2 * tol > 0:
-                    mid = hi - 2 * tol
-                    low = _for_numbers(fits, E, mid, stat, curves)
-                    last.append((mid, low.predicted))
-                    if low.predicted <= target:
-                        hi, best = mid, low
-                    else:
-                        lo, moved = mid, "lo"
+        got = _try_numbers(fits, E, top, stat, curves) if top is not None else None
+        if got is not None and got.predicted <= target:
+            hi, best, last = top, got, [(top, got.predicted)]
+            mid = hi - 2 * max(1, hi // 2000)
+            low = _try_numbers(fits, E, mid, stat, curves) if mid > 0 else None
+            if low is not None:
+                last.append((mid, low.predicted))
+                if low.predicted <= target:
+                    hi, best = mid, low
+                else:
+                    lo, moved = mid, "lo"
     if best is None:
         best = _for_numbers(fits, E, hi, stat, curves)
         if best.predicted > target:
@@ -775,6 +773,14 @@ def _for_target(fits, E, target, stat, curves, seed: tuple[float, float] | None 
         moved = side
         last = (last + [(mid, 1.0 if got is None else got.predicted)])[-2:]
     return best
+
+
+def _try_numbers(fits, E, numbers: int, stat: str, curves: "StepCurves") -> Allocation | None:
+    """:func:`_for_numbers`, or None where ``numbers`` hold no part at all."""
+    try:
+        return _for_numbers(fits, E, numbers, stat, curves)
+    except OptionError:
+        return None
 
 
 def _per_adapter_meets(fits, E, target: float, curves: "StepCurves", hi: int) -> int | None:
