@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -18,6 +19,8 @@ from lorazip.compress.curves import fit_module
 from lorazip.metrics import squared_errors
 from lorazip.solvers.residual import residual_factors
 from helpers import svd_frontier, write_collection, write_planted_groups
+
+allocate = importlib.import_module("lorazip.compress.allocate")
 
 MODULES = {"m.q": (20, 12), "m.v": (9, 14), "m.o": (16, 16)}
 
@@ -139,6 +142,15 @@ def test_never_worse_than_per_adapter_svd_at_equal_numbers(tmp_path_factory, see
             break
 
 
+def _fitted(coll):
+    """Pass 1 of every module of ``coll`` to its largest shared rank (at most 8): the fits, each
+    adapter's energy and the allocator's step curves."""
+    fits = [fit_module(f.B, f.A, m.name, min(coll.shared_ranks(m.name, 8)), weighting="relative", seed=0,
+                       tol=1e-8, max_iters=500) for m in coll.modules for f in [coll.module_factors(m.name)]]
+    E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
+    return fits, E, allocate.StepCurves(fits, E)
+
+
 @settings(max_examples=8, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), target=st.floats(0.02, 0.5), lower=st.floats(0.5, 0.999),
@@ -147,16 +159,9 @@ def test_a_seeded_target_search_meets_the_lower_target_in_as_few_numbers(tmp_pat
                                                                           stat):
     """A re-aim's search starts from the missed allocation (a lower target): it meets the new target,
     in the fewest numbers to within the search's tolerance (1/2000 of them), as the search from scratch."""
-    import importlib
-
-    allocate = importlib.import_module("lorazip.compress.allocate")
     root = tmp_path_factory.mktemp("seeded")
     write_collection(root / "c", n=5, modules=MODULES, r=4, seed=seed)
-    coll = lorazip.load_collection(root / "c")
-    fits = [fit_module(f.B, f.A, m.name, min(coll.shared_ranks(m.name, 8)), weighting="relative", seed=0,
-                       tol=1e-8, max_iters=500) for m in coll.modules for f in [coll.module_factors(m.name)]]
-    E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
-    curves = allocate.StepCurves(fits, E)
+    fits, E, curves = _fitted(lorazip.load_collection(root / "c"))
     first = allocate_mixed(fits, E, target_error=target, stat=stat, curves=curves)
     goal = first.predicted * lower
     scratch = allocate_mixed(fits, E, target_error=goal, stat=stat, curves=curves)
@@ -178,19 +183,12 @@ def test_a_target_search_from_the_per_adapter_curve_meets_it_in_as_few_numbers(t
     """The first search of a mean target starts from the numbers at which per-adapter parts alone meet
     it (an upper end every allocation meets): it meets the target in the fewest numbers to within the
     search's tolerance, as the search from every part at its most does, with or without shared bases."""
-    import importlib
-
-    allocate = importlib.import_module("lorazip.compress.allocate")
     root = tmp_path_factory.mktemp("percurve")
     if planted:
         write_planted_groups(root / "c", (8,), d=24, r_shared=4, seed=seed, noise=0.05)
     else:
         write_collection(root / "c", n=5, modules=MODULES, r=4, seed=seed)
-    coll = lorazip.load_collection(root / "c")
-    fits = [fit_module(f.B, f.A, m.name, min(coll.shared_ranks(m.name, 8)), weighting="relative", seed=0,
-                       tol=1e-8, max_iters=500) for m in coll.modules for f in [coll.module_factors(m.name)]]
-    E = torch.stack([f.norms2 for f in fits], 1).sum(1).numpy()
-    curves = allocate.StepCurves(fits, E)
+    fits, E, curves = _fitted(lorazip.load_collection(root / "c"))
     got = allocate_mixed(fits, E, target_error=target, curves=curves)
     with monkeypatch.context() as m:
         m.setattr(allocate, "_per_adapter_meets", lambda *a: None)

@@ -760,10 +760,7 @@ def _for_target(fits, E, target, stat, curves, seed: tuple[float, float] | None 
             mid = int(math.sqrt(lo * hi)) if hi > 4 * lo else (lo + hi) // 2
             slow = 0
         mid = min(max(mid, lo + 1), hi - 1)
-        try:
-            got = _for_numbers(fits, E, mid, stat, curves)
-        except OptionError:
-            got = None
+        got = _try_numbers(fits, E, mid, stat, curves)
         side = "hi" if got is not None and got.predicted <= target else "lo"
         if side == "hi":
             hi, best = mid, got
