@@ -275,7 +275,8 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
     if alloc.get("chosen"):
         con.print(f"chose {alloc['chosen']}: {alloc['why']}")
     tried = [t for t in alloc.get("clusters_tried", []) if t.get("predicted") is not None]
-    deferred = [t for t in alloc.get("clusters_tried", []) if t.get("needs_more_than_bytes") is not None]
+    deferred = [t for t in alloc.get("clusters_tried", []) if t.get("needs_more_than_bytes") is not None
+                or t.get("predicted_at_least") is not None]
     if len(tried) + len(deferred) > 1:
         how = alloc.get("storage_dtype")
         if _low_bits(alloc.get("bits")):
@@ -283,8 +284,15 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
         con.print(f"stored in {how}; tried (predicted {alloc.get('target_stat', 'mean')} "
                   "error): " + ", ".join([f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}"
                                           + (" (re-aimed)" if t.get("retarget") is not None else "") for t in tried]
-                                         + [f"K = {t['K']} {t['dtype']} not allocated (needs over "
-                                            f"{_b(t['needs_more_than_bytes'])})" for t in deferred]))
+                                         + [f"K = {t['K']} {t['dtype']} not allocated ({_deferred_why(t)})"
+                                            for t in deferred]))
+
+
+def _deferred_why(t: dict[str, Any]) -> str:
+    """Why a precision was not allocated: what it needs under a target, what it cannot beat under a budget."""
+    if t.get("needs_more_than_bytes") is not None:
+        return f"needs over {_b(t['needs_more_than_bytes'])}"
+    return f"at least {t['predicted_at_least']:.4g} with the whole budget"
 
 
 def _low_bits(bits: dict[str, Any] | None) -> bool:

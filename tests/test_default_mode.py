@@ -6,6 +6,7 @@ import importlib
 import json
 
 import pytest
+import torch
 from helpers import run_cli as run
 from helpers import write_collection
 
@@ -191,3 +192,49 @@ def test_the_report_says_which_precisions_were_not_allocated(small_fp32, tmp_pat
     text = " ".join((stdout + err).split())
     assert rc == 0, err
     assert "float16 not allocated (needs over" in text and "float32 not allocated (needs over" in text
+
+
+def _tensors(art):
+    return {k: v.clone() for k, v in art.tensors().items()}
+
+
+def test_a_precision_that_cannot_beat_bits_under_a_budget_is_not_allocated(small_fp32, monkeypatch):
+    """Under a budget, float32 and float16 are first bounded by one allocation of the whole budget's
+    numbers: above bits' prediction there, they are never allocated (no dry assemblies), the report
+    says their bound, and the artifact is the one a run allocating every precision gives."""
+    nbytes = 3000
+    art = lorazip.compress(small_fp32, budget=nbytes, hash_sources=False)
+    assert art.meta["storage_dtype"] == "int8" and "qbits/q" in art.tensors()
+    assert art.allocation["dtypes"]["float16"] is None and art.allocation["dtypes"]["float32"] is None
+    bits = next(t for t in art.allocation["clusters_tried"] if t["dtype"] == "bits")
+    floors = {t["dtype"]: t["predicted_at_least"] for t in art.allocation["clusters_tried"] if t["dtype"] != "bits"}
+    assert set(floors) == {"float16", "float32"} and min(floors.values()) > bits["predicted"]
+    monkeypatch.setattr(budget, "_floor", lambda *a, **k: float("-inf"))  # every precision allocated
+    every = lorazip.compress(small_fp32, budget=nbytes, hash_sources=False)
+    assert all(every.allocation["dtypes"][d] >= floors[d] for d in floors)  # the floors are bounds
+    a, b = _tensors(art), _tensors(every)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_deferred_precision_is_built_when_bits_come_out_above_its_floor(small_fp32, monkeypatch):
+    """A bits build whose exact error lands above a deferred precision's floor hands over: the
+    deferred precisions are allocated (with dry assemblies: the budget holds) and built, and the
+    best built one is kept."""
+    real = budget.build_allocation
+    built = []
+
+    def worse_bits(*a, **kw):
+        art = real(*a, **kw)
+        plan = a[3]
+        if not kw.get("dry"):
+            built.append(plan.storage_dtype)
+            if plan.storage_dtype == "bits":
+                sq, nn = art.stats()
+                art.stats = lambda: (nn.clone(), nn)  # every adapter at error 1
+        return art
+
+    monkeypatch.setattr(budget, "build_allocation", worse_bits)
+    art = lorazip.compress(small_fp32, budget=3000, hash_sources=False)
+    assert built[0] == "bits" and len(built) >= 2 and art.meta["storage_dtype"] in ("float16", "float32")
+    assert art.allocation["dtypes"]["float16"] is not None and art.serialized_size() <= 3000
+    assert float(per_adapter(*art.stats()).mean()) < 1

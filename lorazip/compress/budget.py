@@ -123,6 +123,7 @@ class _MixedRun:
         self.tried: list[dict[str, Any]] = []
         self.failed: OptionError | None = None
         self._objective_fits: dict[int, tuple] = {}  # id of a list of fits -> (fits, their weighted copies)
+        self.hashes: SourceHashes | None = None
 
     def fit(self, cand, tops: list[int], only: list[int] | None = None,
             before: dict[int, ModuleFit] | None = None, grow: list[int] | None = None) -> dict[int, ModuleFit]:
@@ -165,6 +166,7 @@ class _MixedRun:
         than one of their own at a higher cost, at any rank; such a collection (iid factors: every
         module stays at rank 0 either way, tests/test_staged_fit.py) costs a rank-16 fit, not a rank-64 one."""
         coll = self.collection
+        self.hashes = hashes  # for the dry assemblies of a deferred precision allocated later
         names = [m.name for m in coll.modules]
         caps = [min(self.top, min(coll.shared_ranks(name, self.opts.max_rank))) for name in names]
         tops = [min(c, _FIRST_RANK) for c in caps]
@@ -186,8 +188,10 @@ class _MixedRun:
                 # another grouping's candidate: a deferred one's key is only a bound on its bytes, so
                 # where the bound does not decide, the deferred one is allocated to compare
                 prev = self.best[dt]
-                real, bound = (prev[0], alloc.bytes) if isinstance(alloc, _Deferred) else (key, prev[1].bytes)
-                if not real[0] and real[1] > bound:
+                real, deferred = (prev[0], alloc) if isinstance(alloc, _Deferred) else (key, prev[1])
+                # a budget: the real one's prediction above the deferred one's floor; a target: the real
+                # one meets it with more bytes than the deferred one is known to need
+                if (real[0] > deferred.floor) if self.budget is not None else (not real[0] and real[1] > deferred.bytes):
                     if isinstance(prev[1], _Deferred):
                         self._resolved(dt)  # in place (or dropped where it cannot be allocated)
                     else:
@@ -210,9 +214,11 @@ class _MixedRun:
         plain = StepCurves(fits, E)  # shared by every dtype and every budget the dry assembly tries
         K = 1 if cand is None else cand.K
         out, tried = {}, []
-        # for a target, bits first: a precision that cannot meet it in twice bits' bytes is allocated
-        # only if it is needed (bits' builds all miss, or a re-aim reaches those bytes)
-        order = sorted(self.dtypes, key=lambda d: d != BITS) if self.target is not None else self.dtypes
+        # bits first: under a target a precision that cannot meet it in twice bits' bytes, under a
+        # budget one whose error at the whole budget is above bits' prediction, is allocated only if
+        # it is needed (bits' builds all miss the target, a re-aim reaches those bytes, or the bits
+        # build comes out above that error)
+        order = sorted(self.dtypes, key=lambda d: d != BITS)
         for dt in order:
             curves = StepCurves(fits, E, bits=True) if dt == BITS else plain
             goal = self.target
@@ -225,6 +231,12 @@ class _MixedRun:
                 if _misses(fits, E, bound // self.size_of[dt], goal, self.stat, curves):
                     out[dt] = (_Deferred(bound), (real, cand, curves, goal, E), (False, bound, math.inf))
                     tried.append({"K": K, "dtype": dt, "predicted": None, "needs_more_than_bytes": bound})
+                    continue
+            if self.budget is not None and BITS in out and dt != BITS:
+                floor = _floor(fits, E, self.budget // self.size_of[dt], self.stat, curves)
+                if floor > out[BITS][0].predicted:
+                    out[dt] = (_Deferred(floor=floor), (real, cand, curves, goal, E), (floor, self.budget))
+                    tried.append({"K": K, "dtype": dt, "predicted": None, "predicted_at_least": floor})
                     continue
             try:
                 alloc = _allocate_to_size(self.collection, self.opts, real, E, goal, dt, self.size_of[dt], cand,
@@ -267,14 +279,15 @@ class _MixedRun:
         if not isinstance(alloc, _Deferred):
             return True
         try:
-            alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand, None,
-                                      curves, self._weighted(fits))
+            alloc = _allocate_to_size(self.collection, self.opts, fits, E, goal, dt, self.size_of[dt], cand,
+                                      self.hashes, curves, self._weighted(fits))
         except OptionError:
             del self.best[dt]
             return False
         size = alloc.numbers * self.size_of[dt]
-        self.best[dt] = ((alloc.predicted > self.target + 1e-12, size, alloc.predicted), alloc, fits, cand, curves,
-                         goal, E)
+        key = (alloc.predicted, size) if self.budget is not None else \
+            (alloc.predicted > self.target + 1e-12, size, alloc.predicted)
+        self.best[dt] = (key, alloc, fits, cand, curves, goal, E)
         self.tried.append({"K": 1 if cand is None else cand.K, "dtype": dt, "predicted": alloc.predicted,
                            "numbers": alloc.numbers})
         return True
@@ -299,8 +312,9 @@ class _MixedRun:
             built.append((art, dt, alloc, cand, got))
             if last:
                 break
-            if (min(b[4] for b in built) < self.best[order[i]][1].predicted) if self.budget is not None \
-                    else got <= self.target + 1e-12:
+            nxt = self.best[order[i]][1]
+            if (min(b[4] for b in built) < (nxt.floor if isinstance(nxt, _Deferred) else nxt.predicted)) \
+                    if self.budget is not None else got <= self.target + 1e-12:
                 break
         self._release()  # before the sizes below pack the artifact (its codes and the packed file at once)
 
@@ -416,12 +430,23 @@ def _rows_bytes(collection: Collection, plan) -> int:
 
 
 class _Deferred:
-    """A storage precision not allocated yet: at the target it needs more than ``bytes``."""
+    """A storage precision not allocated yet: at the target it needs more than ``bytes``; under a
+    budget its predicted error is at least ``floor``."""
 
     predicted = None
 
-    def __init__(self, bytes_: int):
-        self.bytes = bytes_
+    def __init__(self, bytes_: int | None = None, floor: float | None = None):
+        self.bytes, self.floor = bytes_, floor
+
+
+def _floor(fits: list[ModuleFit], E: np.ndarray, numbers: int, stat: str, curves: StepCurves) -> float:
+    """The error a precision's allocation cannot go below under a budget of ``numbers`` stored values
+    (the greedy allocation of all of them, the file's own bytes not deducted: its prediction falls
+    as numbers are added); -inf where that allocation fails (then the precision is allocated as usual)."""
+    try:
+        return allocate_mixed(fits, E, numbers=int(numbers), stat=stat, curves=curves).predicted
+    except OptionError:
+        return -math.inf
 
 
 def _misses(fits: list[ModuleFit], E: np.ndarray, numbers: int, goal: float, stat: str, curves: StepCurves) -> bool:
