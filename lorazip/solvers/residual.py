@@ -148,7 +148,7 @@ def factor_products(B, A, U=None, V=None, chunk: int | None = None, grams: bool 
     a time (no float64 copy of the factors; each chunk converted once and used while it is in cache:
     16 adapters of 4096 x 16 are 8 MB in float64; chunks of 64 made the products 1.8x slower at
     n = 1000, with the same results bit for bit). By default :func:`~lorazip.solvers.factors.float64_chunk`
-    (16 at those shapes; a small module's adapters at once)."""
+    (8 at those shapes; a small module's adapters at once)."""
     n = B.shape[0]
     if chunk is None:
         chunk = float64_chunk(B.shape[1], A.shape[2], B.shape[2])
