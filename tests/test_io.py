@@ -244,6 +244,27 @@ def test_mixed_ranks_padded(tmp_path):
     assert _close(fac.B[0] @ fac.A[0], d2["transformer.h.0.attn.c_attn"])
 
 
+def test_stacked_modules_on_huge_pages_read_the_same(tmp_path, monkeypatch):
+    """A module's stacked factors mapped onto huge pages (every size here, by lowering the threshold)
+    hold the same values as in an ordinary array, padding zeroed, in float32 and float64."""
+    import lorazip.io.collection as collection
+
+    write_adapter(tmp_path / "src" / "a", GPT2_LIKE, r=2, alpha=4, seed=1)
+    write_adapter(tmp_path / "src" / "b", GPT2_LIKE, r=6, alpha=3, seed=2)
+    coll = lorazip.load_collection(tmp_path / "src")
+    for dtype in (torch.float32, torch.float64):
+        plain = {m: coll.module_factors(m, dtype=dtype) for m in GPT2_LIKE}
+        monkeypatch.setattr(collection, "_HUGE", 0)
+        mapped = {m: coll.module_factors(m, dtype=dtype) for m in GPT2_LIKE}
+        monkeypatch.undo()
+        for m in GPT2_LIKE:
+            assert torch.equal(plain[m].B, mapped[m].B) and torch.equal(plain[m].A, mapped[m].A)
+            assert mapped[m].B.is_contiguous() and mapped[m].B.numpy().flags.writeable
+    big = collection._empty((3, 1 << 20, 4), torch.float32)  # 48 MiB: past the threshold
+    big[1, -1, 3] = 7.0
+    assert big.shape == (3, 1 << 20, 4) and float(big[1, -1, 3]) == 7.0
+
+
 def test_missing_module_is_zero_delta(tmp_path):
     full = write_adapter(tmp_path / "src" / "a", GPT2_LIKE, seed=1)
     part_mods = {"transformer.h.0.attn.c_attn": GPT2_LIKE["transformer.h.0.attn.c_attn"]}
