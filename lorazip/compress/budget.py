@@ -185,8 +185,9 @@ class _MixedRun:
             fits.update(self.fit(cand, tops, only=grow, before=fits))
         for dt, (alloc, entry, key) in chosen.items():
             if dt in self.best and isinstance(alloc, _Deferred) != isinstance(self.best[dt][1], _Deferred):
-                # another grouping's candidate: a deferred one's key is only a bound on its bytes, so
-                # where the bound does not decide, the deferred one is allocated to compare
+                # another grouping's candidate: a deferred one's key is only a bound (on its bytes under a
+                # target, on its error under a budget), so where the bound does not decide, the deferred
+                # one is allocated to compare
                 prev = self.best[dt]
                 real, deferred = (prev[0], alloc) if isinstance(alloc, _Deferred) else (key, prev[1])
                 # a budget: the real one's prediction above the deferred one's floor; a target: the real

@@ -146,7 +146,7 @@ def factor_products(B, A, U=None, V=None, chunk: int | None = None, grams: bool 
     """float64 ``(B^T B, A A^T)`` or, given bases, ``(B^T U, A V)`` (with ``grams=True`` all four:
     ``(B^T B, A A^T, B^T U, A V)``) of stacked factors in any dtype, converted ``chunk`` adapters at
     a time (no float64 copy of the factors; each chunk converted once and used while it is in cache:
-    16 adapters of 4096 x 16 are 8 MB in float64; chunks of 64 made the products 1.8x slower at
+    8 adapters' 4096 x 16 factors are 8 MB in float64; chunks of 64 made the products 1.8x slower at
     n = 1000, with the same results bit for bit). By default :func:`~lorazip.solvers.factors.float64_chunk`
     (8 at those shapes; a small module's adapters at once)."""
     n = B.shape[0]
