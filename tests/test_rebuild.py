@@ -10,7 +10,7 @@ import pytest
 
 import lorazip
 from lorazip.compress import budget
-from lorazip.compress.build import build_allocation
+from lorazip.compress.build import FactorReads, build_allocation
 from lorazip.compress.provenance import SourceHashes
 
 from helpers import record_builds, write_collection, write_planted_groups
@@ -163,9 +163,13 @@ def test_parts_that_store_nothing_are_not_read_and_equal_a_full_build(iid, monke
     plan = dataclasses.replace(plan, modules=tuple(mods))
     hashes = SourceHashes(iid, False, None)
 
+    prefetched: list[int] = []
+    real_prefetch = FactorReads.prefetch
+    monkeypatch.setattr(FactorReads, "prefetch", lambda self, j: (prefetched.append(j), real_prefetch(self, j))[1])
     reads = _counting_reads(iid, monkeypatch)
     quick = build_allocation(iid, opts, fits, plan, hashes, target_error=0.05)
     assert iid.modules[0].name not in reads and len(reads) == len(iid.modules) - 1
+    assert prefetched == [1]  # the first module to read is read while module 0, storing nothing, is built
     monkeypatch.undo()
     full = build_allocation(iid, opts, [dataclasses.replace(f, own=None) for f in fits], plan, hashes,
                             target_error=0.05)

@@ -88,6 +88,10 @@ class FactorReads:
         if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
 
+    def prefetch(self, j: int) -> None:
+        """Start reading module ``j`` now (the first one a pass will ask for, while other work goes on)."""
+        self._submit(j)
+
     def get(self, j: int):
         self._submit(j)
         if self._keep is not None and j in self._keep:
@@ -389,6 +393,8 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         # whitened modules are re-read by their task
         reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \
             if executor is None and not out.whitened else None
+        if reads is not None and todo and unread:
+            reads.prefetch(todo[0])  # read while the modules that store nothing are built first
         tasks = map_modules(executor, build_module_task, collection, [args[j] for j in todo],
                             labels=[collection.modules[j].name for j in todo],
                             local=(lambda pos: reads.factors(todo[pos])) if reads else None, phase="build")
