@@ -163,16 +163,25 @@ def test_parts_that_store_nothing_are_not_read_and_equal_a_full_build(iid, monke
     plan = dataclasses.replace(plan, modules=tuple(mods))
     hashes = SourceHashes(iid, False, None)
 
-    prefetched: list[int] = []
-    real_prefetch = FactorReads.prefetch
-    monkeypatch.setattr(FactorReads, "prefetch", lambda self, j: (prefetched.append(j), real_prefetch(self, j))[1])
     reads = _counting_reads(iid, monkeypatch)
     quick = build_allocation(iid, opts, fits, plan, hashes, target_error=0.05)
     assert iid.modules[0].name not in reads and len(reads) == len(iid.modules) - 1
-    assert prefetched == [1]  # the first module to read is read while module 0, storing nothing, is built
     monkeypatch.undo()
     full = build_allocation(iid, opts, [dataclasses.replace(f, own=None) for f in fits], plan, hashes,
                             target_error=0.05)
     assert _bytes(quick, tmp_path / "quick.safetensors") == _bytes(full, tmp_path / "full.safetensors")
     sq, n2 = quick.stats()
     assert bool((sq[:, 0] == n2[:, 0]).all()) and bool((sq[:2, 1] == n2[:2, 1]).all()) and bool((n2 > 0).all())
+
+
+def test_reads_start_with_the_first_module_of_their_order(iid):
+    """A reader starts on the first module of its order when made (a build first builds the modules
+    that store nothing, reading none), and hands over the same factors a direct read gives."""
+    import torch
+
+    reads = FactorReads(iid, order=[1, 2])
+    assert set(reads._next) == {1}
+    got = reads.get(1)
+    direct = iid.module_factors(iid.modules[1].name, dtype=torch.float32)
+    assert torch.equal(got.B, direct.B) and torch.equal(got.A, direct.A)
+    assert 2 in reads._next  # the next one read ahead

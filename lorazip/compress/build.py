@@ -57,8 +57,9 @@ def _nbytes(f) -> int:
 
 
 class FactorReads:
-    """Module factors in float32, module by module, the next one read in a thread meanwhile
-    (torch and the safetensors reads release the GIL), each module freed once taken.
+    """Module factors in float32, module by module in ``order``, the first read from construction
+    on and each next one in a thread meanwhile (torch and the safetensors reads release the GIL),
+    each module freed once taken.
 
     Pass 1 may ``keep`` modules (up to ``limit`` bytes in all): a later pass 1 (another grouping)
     takes them from ``keep`` as they are, and pass 2 from ``kept`` (freeing each) instead of
@@ -78,6 +79,8 @@ class FactorReads:
         self._keep = keep
         self._room = limit - sum(_nbytes(f) for f in (keep or {}).values())
         self._plan = plan  # under a memory limit: streamed modules are not read here, nor read ahead
+        if order:  # the first module is read from now on: a build does other work first (modules storing nothing)
+            self._submit(order[0])
 
     def _submit(self, j: int, now: int | None = None) -> None:
         """Read module ``j`` in the thread; ``now``: the module being solved meanwhile (a read-ahead,
@@ -87,10 +90,6 @@ class FactorReads:
             return
         if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
-
-    def prefetch(self, j: int) -> None:
-        """Start reading module ``j`` now (the first one a pass will ask for, while other work goes on)."""
-        self._submit(j)
 
     def get(self, j: int):
         self._submit(j)
@@ -393,8 +392,6 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         # whitened modules are re-read by their task
         reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \
             if executor is None and not out.whitened else None
-        if reads is not None and todo and unread:
-            reads.prefetch(todo[0])  # read while the modules that store nothing are built first
         tasks = map_modules(executor, build_module_task, collection, [args[j] for j in todo],
                             labels=[collection.modules[j].name for j in todo],
                             local=(lambda pos: reads.factors(todo[pos])) if reads else None, phase="build")
