@@ -28,7 +28,7 @@ from ..metrics import module_weights, objective_errors
 from ..quantize import QSCALE
 from .allocate import BITS, Allocation, StepCurves, allocate_mixed, allocate_shared, rank_numbers
 from .build import FactorReads, build_allocation, keep_limit
-from .curves import ModuleFit, fit_module_task, rank_curves, shares
+from .curves import ModuleFit, QuantBatch, fit_module_task, rank_curves, shares
 from .executor import RayExecutor, map_modules
 from .modules import compress_modules
 from .options import CompressOptions
@@ -135,9 +135,10 @@ class _MixedRun:
         names = [m.name for m in coll.modules]
         js = list(range(len(names))) if only is None else list(only)
         K = 1 if cand is None else cand.K
+        batch = QuantBatch() if self.executor is None else None  # in process: the modules' quantiser calls together
         args = [(j, tops[j], opts, None if cand is None or cand.K == 1 else cand.assign[j], self.memory.chunk.get(j),
                  before[j].quant if before and j in before else None,
-                 grow[j] if grow and grow[j] > tops[j] else None) for j in js]
+                 grow[j] if grow and grow[j] > tops[j] else None, batch) for j in js]
         # factors are kept for the next grouping's pass 1 (and then pass 2) where there is one, or where
         # all of them are small: for pass 2 alone the page cache serves the second read as well, in the
         # sources' own (often bfloat16) bytes; kept float32 copies only took memory from it (1000
@@ -154,6 +155,8 @@ class _MixedRun:
             fits[js[pos]] = fit
             if self.progress:
                 self.progress(count, len(js) + len(names), names[js[pos]] if K == 1 else f"K={K}: {names[js[pos]]}")
+        if batch is not None:
+            batch.run()  # every fit's quantisation measurements
         return fits
 
     def allocate(self, cand, hashes: SourceHashes) -> None:

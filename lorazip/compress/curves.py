@@ -102,22 +102,23 @@ class ModuleFit:
 
 def fit_module_task(collection: Collection, j: int, R: int, opts: CompressOptions,
                     assign: torch.Tensor | None = None, chunk: int | None = None, quant: np.ndarray | None = None,
-                    grow: int | None = None, *, clock: dict[str, float],
+                    grow: int | None = None, batch: "QuantBatch | None" = None, *, clock: dict[str, float],
                     factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleFit:
     """Pass 1 on module ``j`` at largest shared rank ``R`` with the solver settings of ``opts``
     (``assign``: (n,) clusters, each with its own bases), reading its factors in float32 unless
     given (the caller's read-ahead), or ``chunk`` adapters at a time on every pass (a module larger
     than the memory limit); ``quant``: the module's :func:`quant_profile` when an earlier fit made
     it (it does not depend on ``R``); ``grow``: a larger rank to fit to instead where the module's
-    adapters share directions at ``R`` (:func:`shares`; one basis only). The same function runs in
-    process and as a Ray task (:mod:`.executor`)."""
+    adapters share directions at ``R`` (:func:`shares`; one basis only); ``batch``: in process, the
+    :class:`QuantBatch` its quantisation measurements join (the caller runs it). The same function
+    runs in process and as a Ray task (:mod:`.executor`)."""
     t0 = time.perf_counter()
     name = collection.modules[j].name
     fac = task_factors(collection, name, chunk, factors)
     t1 = time.perf_counter()
     fit = fit_factors(fac, name, R, weighting=opts.weighting, seed=opts.seed, tol=opts.tol, max_iters=opts.max_iters,
                       backend=opts.backend, assign=assign, quant=quant,
-                      grow=grow if assign is None or int(assign.max()) == 0 else None)
+                      grow=grow if assign is None or int(assign.max()) == 0 else None, batch=batch)
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return fit
@@ -144,14 +145,17 @@ def fit_module(B: torch.Tensor, A: torch.Tensor, name: str, R: int, *, weighting
 
 def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, tol: float, max_iters: int,
                 grid: tuple[int, ...] = GRID, backend: str = "torch", assign: torch.Tensor | None = None,
-                quant: np.ndarray | None = None, grow: int | None = None, profile: bool = True) -> ModuleFit:
+                quant: np.ndarray | None = None, grow: int | None = None, profile: bool = True,
+                batch: "QuantBatch | None" = None) -> ModuleFit:
     """:func:`fit_module` on :class:`~lorazip.solvers.factors.Factors`, in memory or streamed (then
     every product is a pass over the chunks; only ``(n, r, r)`` products are kept). ``backend``:
     the array library of the JD-Full step (:mod:`lorazip.backend`); the rest runs in torch. With
     ``assign`` naming more than one cluster (factors in memory), :func:`_fit_clusters`. ``grow``:
     fitted to that rank instead where the rank-``R`` bases show that the adapters share directions
     (:func:`shares`, decided before any curve is made). ``profile=False``: no :func:`quant_profile`
-    (a cluster's fit inside :func:`_fit_clusters`, which profiles the whole module)."""
+    (a cluster's fit inside :func:`_fit_clusters`, which profiles the whole module). ``batch``: a
+    :class:`QuantBatch` the quantisation measurements (profile, bases', cores') are queued on; the
+    fit's ``quant``, ``basis_err`` and ``core_err`` are set once it has run (by default, before return)."""
     if assign is not None and int(assign.max()) > 0:
         return _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
                              max_iters=max_iters, grid=grid, backend=backend, quant=quant)
@@ -172,14 +176,33 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     spectra = nested_residual_spectra(None, None, U, V, S, on_grid, products=(GB, GA, BU, AV))
     first = next(iter(fac))
     n, pick = S.shape[0], _spread(S.shape[0])
-    basis = np.tile(basis_quant(U) + basis_quant(V), (n, 1))
-    measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
-    cores = {r: np.tile(core_quant(on_grid[r][0].T @ S[pick] @ on_grid[r][1]), (n, 1)) for r in measured}
     # the build reads float32 factors: the same Grams, so it may take these (not those of other dtypes)
     same = getattr(fac.like, "dtype", None) == torch.float32
-    return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv,
-                     quant=_profile(first.B, first.A, spectra, quant, profile), basis_err=basis, core_err=cores,
-                     own=own if same else None)
+    # the quantisation measurements: queued on the caller's batch (run with other modules'), else run now;
+    # they fill arrays and a dict the fit holds (and so does any copy of it made meanwhile)
+    now = batch is None
+    batch = QuantBatch() if now else batch
+    basis, cores, basis_parts = np.zeros((n, len(SHARED_BITS))), {}, []
+
+    def basis_done(err: np.ndarray) -> None:
+        basis_parts.append(err)
+        if len(basis_parts) == 2:
+            basis[:] = np.tile(basis_parts[0] + basis_parts[1], (n, 1))
+
+    batch.add(_basis_steps(U), basis_done)
+    batch.add(_basis_steps(V), basis_done)
+    measured = [r for r in on_grid if r in _CORE_RANKS] or [r for r in on_grid if r > 0][-1:]
+    for r in measured:
+        batch.add(_core_steps(on_grid[r][0].T @ S[pick] @ on_grid[r][1]),
+                  functools.partial(lambda r, err: cores.__setitem__(r, np.tile(err, (n, 1))), r))
+    if quant is None and profile:
+        quant = np.zeros((2, len(lowbit.BITS)))
+        batch.add(_quant_profile_steps(first.B, first.A, _PROFILE_ROWS, spectra.get(0)),
+                  functools.partial(np.copyto, quant))
+    if now:
+        batch.run()
+    return ModuleFit(name, d_out, d_in, U, V, XY, shared, spectra, n2, iters, conv, quant=quant, basis_err=basis,
+                     core_err=cores, own=own if same else None)
 
 
 def _bases(fac: Factors, R: int, weighting: str, seed: int, tol: float, max_iters: int, backend: str):
@@ -303,6 +326,11 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
     The leading row is capped by the other (:func:`_two_classes`). ``spectra`` (n, m): the adapters'
     squared singular values where the caller has them (pass 1's residual spectra at shared rank 0);
     they choose the components, and only the adapters holding them are decomposed."""
+    return run_quantised(_quant_profile_steps(B, A, rows, spectra))
+
+
+def _quant_profile_steps(B, A, rows: int, spectra):
+    """:func:`quant_profile` as quantiser steps (:func:`run_quantised`)."""
     n, T = B.shape[0], len(lowbit.BITS)
     if n == 0 or B.shape[2] == 0:
         return np.zeros((2, T))
@@ -327,19 +355,83 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
     x = (Qb[i] @ W[i, :, q, None])[..., 0] * root  # (rows, d_out): each row's one singular vector
     y = (Qa[i] @ Zh[i, q, :, None])[..., 0] * root
     w = 1.0 / n2[i]
-    widths = np.repeat(np.array(lowbit.BITS), len(top))  # every row at every width, in one call per side
+    ref = w * sv[i, q].square()
+    lens = [len(t) for t in tops]
+    del B, A, Qb, Qa, Rb, Ra, W, Zh, sv, n2, tops, top, i, q, root  # only the rows wait for the quantiser
+    widths = np.repeat(np.array(lowbit.BITS), len(x))  # every row at every width, in one call per side
     xs, ys = x.repeat(T, 1), y.repeat(T, 1)
-    xh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(xs, widths), widths)).double()
-    yh = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(ys, widths), widths)).double()
+    xh, yh = yield [(xs, widths), (ys, widths)]
+    xh, yh = torch.from_numpy(xh).double(), torch.from_numpy(yh).double()
     err = ((xs * xs).sum(1) * (ys * ys).sum(1) - 2 * (xs * xh).sum(1) * (ys * yh).sum(1)
            + (xh * xh).sum(1) * (yh * yh).sum(1)).clamp_min(0).reshape(T, -1)
-    ref = w * sv[i, q].square()
     out, at = [], 0
-    for t in tops:
-        k = slice(at, at + len(t))
-        at += len(t)
-        out.append((w[k][None] * err[:, k]).sum(1) / ref[k].sum() if len(t) else None)
+    for m in lens:
+        k = slice(at, at + m)
+        at += m
+        out.append((w[k][None] * err[:, k]).sum(1) / ref[k].sum() if m else None)
     return _two_classes(*(o.numpy() if o is not None else None for o in out))
+
+
+def run_quantised(steps):
+    """Run quantiser ``steps`` (a generator that yields one list of ``(rows, widths)`` requests, is sent
+    the dequantised rows of each as float32 NumPy, and returns its result) with the quantiser called now."""
+    try:
+        requests = next(steps)
+    except StopIteration as done:
+        return done.value
+    try:
+        steps.send([lowbit.dequantize(*lowbit.quantize(x, w), w) for x, w in requests])
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("quantiser steps yield once")
+
+
+class QuantBatch:
+    """Quantiser requests of many modules' pass-1 measurements, run together: rows of one length are
+    quantised in one call (each row's codes and scale are its own, so the values are those of a call
+    per module; on the bundled collection 720 calls of a few hundred rows each were a fifth of pass 1,
+    most of it each call's fixed cost). ``limit``: bytes of pending rows at which the batch runs
+    (large modules' rows are not held long)."""
+
+    def __init__(self, limit: int = 32 << 20):
+        self.limit, self._pending, self._bytes = limit, [], 0
+
+    def add(self, steps, done: Callable) -> None:
+        """Queue ``steps`` (see :func:`run_quantised`); ``done(result)`` is called once they have run."""
+        try:
+            requests = next(steps)
+        except StopIteration as finished:
+            done(finished.value)
+            return
+        self._pending.append((steps, requests, done))
+        self._bytes += sum(x.numel() * x.element_size() for x, _ in requests)
+        if self._bytes >= self.limit:
+            self.run()
+
+    def run(self) -> None:
+        """Quantise every pending request (one call per row length) and finish their steps."""
+        pending, self._pending, self._bytes = self._pending, [], 0
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for a, (_, requests, _) in enumerate(pending):
+            for b, (x, _) in enumerate(requests):
+                by_length.setdefault(int(x.shape[1]), []).append((a, b))
+        backs: dict[tuple[int, int], np.ndarray] = {}
+        for keys in by_length.values():
+            xs = [pending[a][1][b][0].float() for a, b in keys]
+            ws = [np.asarray(pending[a][1][b][1]) for a, b in keys]
+            widths = np.concatenate(ws)
+            back = lowbit.dequantize(*lowbit.quantize(torch.cat(xs), widths), widths)
+            at = 0
+            for key, x in zip(keys, xs):
+                backs[key] = back[at : at + len(x)]
+                at += len(x)
+        for a, (steps, requests, done) in enumerate(pending):
+            try:
+                steps.send([backs[(a, b)] for b in range(len(requests))])
+            except StopIteration as finished:
+                done(finished.value)
+            else:
+                raise RuntimeError("quantiser steps yield once")
 
 
 def _two_classes(lead: np.ndarray | None, rest: np.ndarray | None) -> np.ndarray:
@@ -383,13 +475,19 @@ def _spread(n: int, k: int = _SAMPLE) -> torch.Tensor:
 def _relative_errors(rows: torch.Tensor) -> np.ndarray:
     """(B,) squared error of storing ``rows`` (N, L) at each of :data:`SHARED_BITS` (one scale per
     row), over their squared norm: one quantiser call for every width."""
+    return run_quantised(_relative_steps(rows))
+
+
+def _relative_steps(rows: torch.Tensor):
+    """:func:`_relative_errors` as quantiser steps (:func:`run_quantised`)."""
     N, L = rows.shape
     total = float(rows.square().sum())
     if N == 0 or L == 0 or total == 0:
         return np.zeros(len(SHARED_BITS))
     widths = np.repeat(np.array(SHARED_BITS), N)
     x = rows.float().repeat(len(SHARED_BITS), 1)
-    back = torch.from_numpy(lowbit.dequantize(*lowbit.quantize(x, widths), widths)).double()
+    (back,) = yield [(x, widths)]
+    back = torch.from_numpy(back).double()
     err = (back - rows.double().repeat(len(SHARED_BITS), 1)).square().sum(1).reshape(len(SHARED_BITS), N).sum(1)
     return err.numpy() / total
 
@@ -398,16 +496,24 @@ def basis_quant(U: torch.Tensor) -> np.ndarray:
     """(B,) squared error ``||u - u_hat||^2`` of a unit basis vector stored at each of
     :data:`SHARED_BITS` (one scale per vector, :func:`~lorazip.quantize.to_shared_lowbit`), the mean
     over up to 32 of the columns of ``U`` (d, R) (evenly spaced)."""
+    return run_quantised(_basis_steps(U))
+
+
+def _basis_steps(U: torch.Tensor):
     if U.shape[-1] == 0:
         return np.zeros(len(SHARED_BITS))
-    return _relative_errors(U[:, _spread(U.shape[1])].T)
+    return (yield from _relative_steps(U[:, _spread(U.shape[1])].T))
 
 
 def core_quant(C: torch.Tensor) -> np.ndarray:
     """(B,) relative squared error of the rows of cores ``C`` (m, r, r) stored at each of
     :data:`SHARED_BITS` (one scale per row), measured on up to 256 of them (evenly spaced)."""
+    return run_quantised(_core_steps(C))
+
+
+def _core_steps(C: torch.Tensor):
     rows = C.reshape(-1, C.shape[-1])
-    return _relative_errors(rows[_spread(rows.shape[0], _ROWS)])
+    return (yield from _relative_steps(rows[_spread(rows.shape[0], _ROWS)]))
 
 
 def shared_quant(eps: np.ndarray, rel: np.ndarray, kept: torch.Tensor) -> np.ndarray:
