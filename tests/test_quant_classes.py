@@ -118,3 +118,27 @@ def test_bad_profile_ratios_are_one_error(distilbert_default, tmp_path):
     bad = resave_artifact(path, tmp_path / "bad.lorazip.safetensors", meta_edit=below_one)
     with pytest.raises(ArtifactError, match=r"quant_rest must be five ratios >= 1"):
         lorazip.load_artifact(bad)
+
+
+@pytest.mark.parametrize("limit", [32 << 20, 1])
+def test_pass_one_measurements_batched_across_modules_equal_one_call_each(limit):
+    """Pass 1's quantisation measurements (residual profile, bases' and cores' errors) of several
+    modules of different shapes, queued on one QuantBatch (run at the end, or flushed as it goes with
+    a tiny ``limit``), give exactly what each module's own quantiser calls give."""
+    from lorazip.compress.curves import QuantBatch, fit_factors
+    from lorazip.solvers import Factors
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(40, 24, 4), (24, 24, 6), (64, 16, 3), (24, 40, 4)]
+    facs = [Factors.stacked(torch.randn(7, d_out, r, generator=g), torch.randn(7, r, d_in, generator=g))
+            for d_out, d_in, r in shapes]
+    kw = dict(weighting="relative", seed=0, tol=1e-6, max_iters=200)
+    alone = [fit_factors(f, f"m{i}", 4, **kw) for i, f in enumerate(facs)]
+    batch = QuantBatch(limit=limit)
+    later = [fit_factors(f, f"m{i}", 4, batch=batch, **kw) for i, f in enumerate(facs)]
+    batch.run()
+    for a, b in zip(alone, later):
+        assert np.array_equal(a.quant, b.quant) and np.array_equal(a.basis_err, b.basis_err)
+        assert a.core_err.keys() == b.core_err.keys() and all(np.array_equal(a.core_err[r], b.core_err[r])
+                                                              for r in a.core_err)
+        assert a.quant.shape == (2, len(lowbit.BITS)) and a.quant.max() > 0 and a.basis_err.max() > 0
