@@ -374,16 +374,12 @@ def _quant_profile_steps(B, A, rows: int, spectra):
 
 def run_quantised(steps):
     """Run quantiser ``steps`` (a generator that yields one list of ``(rows, widths)`` requests, is sent
-    the dequantised rows of each as float32 NumPy, and returns its result) with the quantiser called now."""
-    try:
-        requests = next(steps)
-    except StopIteration as done:
-        return done.value
-    try:
-        steps.send([lowbit.dequantize(*lowbit.quantize(x, w), w) for x, w in requests])
-    except StopIteration as done:
-        return done.value
-    raise RuntimeError("quantiser steps yield once")
+    the dequantised rows of each as float32 NumPy, and returns its result) now: a batch of one."""
+    result: list = []
+    batch = QuantBatch()
+    batch.add(steps, result.append)
+    batch.run()
+    return result[0]
 
 
 class QuantBatch:
