@@ -329,7 +329,9 @@ def _bare_chunk(ch, kc: torch.Tensor, live: torch.Tensor, U64, V64, storage_dtyp
                 ac, n2: torch.Tensor, own: torch.Tensor):
     """One chunk of :func:`build_module_task` of a module with no shared part where some adapters store
     no residual row: only the ``live`` ones are read, converted and built (each part is per adapter:
-    the same values as the whole chunk's); the others' errors are their norms ``n2``. Returns the
+    the values of the whole chunk's, to their last bits, which batched products of fewer adapters may
+    round differently, :func:`~lorazip.solvers.factors.float64_chunk`); the others' errors are their
+    norms ``n2``. Returns the
     chunk's (cores, b rows, a rows, errors, norms, spectra)."""
     S = torch.zeros(len(kc), 0, 0, dtype=torch.float64)  # rank 0: what optimal_cores gives
     Ss = to_storage(S, storage_dtype, core_scales)

@@ -147,7 +147,8 @@ def factor_products(B, A, U=None, V=None, chunk: int | None = None, grams: bool 
     ``(B^T B, A A^T, B^T U, A V)``) of stacked factors in any dtype, converted ``chunk`` adapters at
     a time (no float64 copy of the factors; each chunk converted once and used while it is in cache:
     8 adapters' 4096 x 16 factors are 8 MB in float64; chunks of 64 made the products 1.8x slower at
-    n = 1000, with the same results bit for bit). By default :func:`~lorazip.solvers.factors.float64_chunk`
+    n = 1000, with the same results bit for bit there; other sizes may differ in the last bits,
+    :func:`~lorazip.solvers.factors.float64_chunk`). By default :func:`~lorazip.solvers.factors.float64_chunk`
     (8 at those shapes; a small module's adapters at once)."""
     n = B.shape[0]
     if chunk is None:
