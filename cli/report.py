@@ -63,8 +63,8 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     t.add_column()
     e, st, base = rep["errors"], rep["storage"], rep["baseline"]
     t.add_row("adapters x modules", f"{rep['n_adapters']} x {rep['n_modules']}")
-    dtype = rep["storage_dtype"] + (" + low-bit residual rows" if _low_bits(rep.get("bits")) else "") + _shared_note(
-        (rep.get("bits") or {}).get("shared"))
+    dtype = storage_words(rep["storage_dtype"], _low_bits(rep.get("bits")), (rep.get("bits") or {}).get("shared"),
+                          [m["rank"] for m in rep.get("modules") or []])
     t.add_row("method / rank", f"{rep['method']} / {rank_summary(rep)}  (weighting {rep['weighting']}, {dtype})")
     we = rep.get("weight_errors")
     label = "activation error" if rep.get("metric") == "activation" else "rel. sq. error"
@@ -210,7 +210,7 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
     t.add_row("base model", escape(str(d["base_model"])))
     low = any((m.get("residual") or {}).get("bits") for m in d.get("modules", []))
     shared = sorted({"/".join(map(str, m["shared_bits"])) for m in d.get("modules", []) if m.get("shared_bits")})
-    dtype = d["storage_dtype"] + (" + residual rows at 1-8 bits" if low else "") + _shared_note(shared)
+    dtype = storage_words(d["storage_dtype"], low, shared, [m["rank"] for m in d.get("modules", [])])
     t.add_row("method / rank", f"{d['method']} / {d['rank']}  ({dtype}, weighting {d['weighting']})")
     t.add_row("adapters", str(len(d["adapters"])))
     split = d.get("split_modules") or {}
@@ -278,10 +278,9 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
     deferred = [t for t in alloc.get("clusters_tried", []) if t.get("needs_more_than_bytes") is not None
                 or t.get("predicted_at_least") is not None]
     if len(tried) + len(deferred) > 1:
-        how = alloc.get("storage_dtype")
-        if _low_bits(alloc.get("bits")):
-            how += ", residual rows at 1-8 bits"
-        con.print(f"stored in {how}; tried (predicted {alloc.get('target_stat', 'mean')} "
+        how = storage_words(alloc.get("storage_dtype"), _low_bits(alloc.get("bits")),
+                            (alloc.get("bits") or {}).get("shared"), list(alloc["ranks"].values()))
+        con.print(f"stored as {how}; tried (predicted {alloc.get('target_stat', 'mean')} "
                   "error): " + ", ".join([f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}"
                                           + (" (re-aimed)" if t.get("retarget") is not None else "") for t in tried]
                                          + [f"K = {t['K']} {t['dtype']} not allocated ({_deferred_why(t)})"
@@ -293,6 +292,16 @@ def _deferred_why(t: dict[str, Any]) -> str:
     if t.get("needs_more_than_bytes") is not None:
         return f"needs over {_b(t['needs_more_than_bytes'])}"
     return f"at least {t['predicted_at_least']:.4g} with the whole budget"
+
+
+def storage_words(dtype: str, low: bool, shared: list[str] | None, shared_ranks: list[int]) -> str:
+    """How an artifact's numbers are stored, in words: its storage dtype, unless every module's shared
+    rank is 0 and the rows are low-bit (nothing is stored in that dtype), then "residual rows at 1-8
+    bits" where they are (``low``), then the widths of low-bit shared parts (``shared``, "4/3")."""
+    words = [] if low and not shared and shared_ranks and not any(shared_ranks) else [dtype]
+    if low:
+        words.append("residual rows at 1-8 bits")
+    return " + ".join(words) + _shared_note(shared)
 
 
 def _low_bits(bits: dict[str, Any] | None) -> bool:

@@ -380,3 +380,15 @@ def test_rows_of_mixed_widths_are_quantised_as_if_alone(group):
         c, s = lowbit.quantize(x[i : i + 1], int(bits[i]), group)
         np.testing.assert_array_equal(codes[i : i + 1], c)
         np.testing.assert_array_equal(scales[i : i + 1], s)
+
+
+def test_storage_words_name_only_what_is_stored():
+    """The reports' storage wording: no storage dtype where every shared rank is 0 and the rows are low-bit
+    (nothing is stored in it), the dtype wherever shared parts are, the low-bit shared parts' widths."""
+    from lorazip.cli.report import storage_words
+
+    assert storage_words("int8", True, None, [0, 0]) == "residual rows at 1-8 bits"
+    assert storage_words("int8", True, None, [0, 2]) == "int8 + residual rows at 1-8 bits"
+    assert storage_words("int8", True, ["4/3"], [0, 2]) == "int8 + residual rows at 1-8 bits, shared parts at 4/3 bits"
+    assert storage_words("float16", False, None, [0, 0]) == "float16"
+    assert storage_words("float16", False, None, [16]) == "float16"
