@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -76,3 +78,54 @@ def test_shares_compares_with_unshared_directions(planted, iid):
     assert budget._shares(fit(planted, planted.modules[0].name), 16, "relative")
     for m in iid.modules:
         assert not budget._shares(fit(iid, m.name), 16, "relative")
+
+
+def test_a_growing_module_stops_its_rank_16_ascent_at_the_bar(planted, monkeypatch):
+    """Where the rank-16 ascent comes to hold the energy that makes the module grow, it stops there
+    (the rank-16 fit is not used), and the module's fit is exactly the one after a converged rank-16 fit."""
+    jd = importlib.import_module("lorazip.solvers.jd_full")
+
+    coll = planted
+    name = coll.modules[0].name
+    f = coll.module_factors(name, dtype=torch.float32)
+    opts = dict(weighting="relative", seed=0, tol=1e-6, max_iters=500, grow=64)
+    results = []
+    real = jd.jd_full_factors
+
+    def spy(fac, rank, **kw):
+        res = real(fac, rank, **kw)
+        results.append((rank, res.stopped, res.n_iters, res.converged))
+        return res
+
+    monkeypatch.setattr(curves, "jd_full_factors", spy)
+    fast = curves.fit_factors(curves.Factors.stacked(f.B, f.A), name, 16, **opts)
+    assert results[0][:3] == (16, True, 0), results  # the start already held it: no sweep at rank 16
+    assert results[1][0] == 64 and not results[1][1] and max(fast.shared) == 64
+    results.clear()
+    monkeypatch.setattr(curves, "grow_stop", lambda *a: None)  # the rank-16 ascent to convergence, then the test
+    slow = curves.fit_factors(curves.Factors.stacked(f.B, f.A), name, 16, **opts)
+    assert results[0][0] == 16 and results[0][3] and results[0][2] > 0 and results[1][0] == 64, results
+    assert torch.equal(fast.U, slow.U) and torch.equal(fast.V, slow.V) and fast.iters == slow.iters
+    for r in slow.XY:
+        assert all(torch.equal(a, b) for a, b in zip(fast.XY[r], slow.XY[r]))
+    assert all(torch.equal(fast.spectra[r], slow.spectra[r]) for r in slow.spectra)
+    assert all(torch.equal(fast.shared[r], slow.shared[r]) for r in slow.shared)
+
+
+def test_stop_ends_the_ascent_where_it_says_so(planted):
+    jd = importlib.import_module("lorazip.solvers.jd_full")
+
+    f = planted.module_factors(planted.modules[0].name, dtype=torch.float32)
+    fac = curves.Factors.stacked(f.B, f.A)
+    whole = jd.jd_full_factors(fac, 8, second_start=False)
+    assert whole.converged and not whole.stopped
+    held = whole.objective * fac.n  # relative weighting: every adapter's energy weighs 1
+    seen = []
+    out = jd.jd_full_factors(fac, 8, second_start=False, stop=lambda cap: seen.append(cap) or cap >= 10 * held)
+    assert not out.stopped and out.n_iters == whole.n_iters and torch.equal(out.U, whole.U)  # the same ascent
+    assert len(seen) == whole.n_iters + 1 and seen == sorted(seen)  # the start and every sweep; never lower
+    assert abs(seen[-1] - held) <= 1e-4 * held
+    early = jd.jd_full_factors(fac, 8, second_start=False, stop=lambda cap: True)  # held at the start
+    assert early.stopped and early.n_iters == 0 and not early.converged
+    mid = jd.jd_full_factors(fac, 8, second_start=False, stop=lambda cap: cap >= seen[1])  # after one sweep
+    assert mid.stopped and mid.n_iters == 1

@@ -159,12 +159,20 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
     if assign is not None and int(assign.max()) > 0:
         return _fit_clusters(fac.B, fac.A, name, R, assign, weighting=weighting, seed=seed, tol=tol,
                              max_iters=max_iters, grid=grid, backend=backend, quant=quant)
-    U, V, iters, conv, (GB, GA, BU, AV) = _bases(fac, R, weighting, seed, tol, max_iters, backend)
+    growing = grow is not None and grow > R > 0
+    # where the rank-R ascent comes to hold the energy that makes it grow, it stops there (the rank-R
+    # fit is then not used): the same decision as after its convergence, without its sweeps
+    stop = grow_stop(fac, R, weighting) if growing else None
+    U, V, iters, conv, products = _bases(fac, R, weighting, seed, tol, max_iters, backend, stop=stop)
+    if products is None:  # it held the bar: shares(), exactly as at convergence
+        R = grow
+        U, V, iters, conv, products = _bases(fac, R, weighting, seed, tol, max_iters, backend)
+        growing = False
+    GB, GA, BU, AV = products
     n2 = (GB * GA).sum((1, 2)).clamp_min(0)
     own = spectra_from_grams(GB, GA)
     S = BU.transpose(1, 2) @ AV
-    if grow is not None and grow > R > 0 and shares(n2, n2 - S.square().sum((1, 2)), own.square(), R,
-                                                    fac.d_out + fac.d_in, 1, weighting):
+    if growing and shares(n2, n2 - S.square().sum((1, 2)), own.square(), R, fac.d_out + fac.d_in, 1, weighting):
         R = grow
         U, V, iters, conv, (GB, GA, BU, AV) = _bases(fac, R, weighting, seed, tol, max_iters, backend)
         S = BU.transpose(1, 2) @ AV
@@ -205,14 +213,18 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
                      core_err=cores, own=own if same else None)
 
 
-def _bases(fac: Factors, R: int, weighting: str, seed: int, tol: float, max_iters: int, backend: str):
+def _bases(fac: Factors, R: int, weighting: str, seed: int, tol: float, max_iters: int, backend: str,
+           stop: Callable[[float], bool] | None = None):
     """JD-Full bases at rank ``R`` (float64, orthonormal), the solver's iterations and convergence,
     and every float64 product the curves need (``factor_products``), made in one pass over the
-    factors (each chunk converted once)."""
+    factors (each chunk converted once). ``stop``: where it says the ascent holds enough
+    (:func:`grow_stop`), the ascent stops there, and the products are None (not made)."""
     if R > 0:  # the JD-Full fit weighs adapters by its own (solver-precision) norms
         solver = fac if backend == "torch" else fac.converted(lambda t: to_backend(t, backend))
         top = jd_full_factors(solver, R, weighting=weighting, seed=seed, tol=tol, max_iters=max_iters,
-                              second_start=False)  # the allocator weighs per-adapter SVD itself
+                              second_start=False, stop=stop)  # the allocator weighs per-adapter SVD itself
+        if top.stopped:
+            return None, None, top.n_iters, False, None
         U, V = torch.linalg.qr(to_torch(top.U).double())[0], torch.linalg.qr(to_torch(top.V).double())[0]
         iters, conv = top.n_iters, top.converged
     else:
@@ -240,18 +252,61 @@ def shares(n2: torch.Tensor, shared_err: torch.Tensor, spectra0: torch.Tensor, R
     changed no allocation measured there by more than 0.1% of its bytes or error and took a tenth of
     the bundled default run (a false grow costs time, a missed one bytes)."""
     n2 = n2.double()
+    w = adapter_weights(n2, weighting).double()
+    if float((w * n2).sum()) <= 0 or len(n2) == 0:
+        return False
+    shared = (n2 - shared_err.double()).clamp_min(0)
+    return float((w * shared).sum()) >= SHARED_GAIN * own_energy(n2, spectra0, R, dim, K, weighting)
+
+
+def own_energy(n2: torch.Tensor, spectra0: torch.Tensor, R: int, dim: int, K: int, weighting: str) -> float:
+    """``sum_i w_i own_i``: the weighted energy that per-adapter truncated SVD parts of as many numbers
+    as a rank-``R`` shared part (``K`` bases) hold, each adapter's leading ``numbers / (n dim)``
+    components (:func:`shares`)."""
+    n2 = n2.double()
     n = len(n2)
     w = adapter_weights(n2, weighting).double()
-    total = float((w * n2).sum())
-    if total <= 0 or n == 0:
-        return False
     k = (K * R * dim + n * R * R) / (n * dim)  # per-adapter components of the same numbers
     sp = spectra0.double().clamp_min(0)
     cum = torch.cat([torch.zeros(n, 1, dtype=sp.dtype), sp.cumsum(1)], 1)
     whole = min(int(k), sp.shape[1])
     own = cum[:, whole] + (k - whole) * (sp[:, whole] if whole < sp.shape[1] else 0.0)
-    shared = (n2 - shared_err.double()).clamp_min(0)
-    return float((w * shared).sum()) >= SHARED_GAIN * float((w * own).sum())
+    return float((w * own).sum())
+
+
+_BAR_MARGIN = 1e-3  # relative: the solver's float32 weights and energies against the test's float64 ones
+
+
+def grow_stop(fac: Factors, R: int, weighting: str) -> Callable[[float], bool] | None:
+    """For a rank-``R`` JD-Full fit of ``fac`` (in memory) that grows where :func:`shares` says so:
+    whether a weighted captured energy already passes that test whatever the ascent's sweeps still add
+    (it reaches :data:`SHARED_GAIN` times :func:`own_energy`, from the chunk's Grams in the solver's
+    float32, plus :data:`_BAR_MARGIN`). Each adapter's ``own`` is at least ``min(k, r) / r`` of its
+    energy (its leading ``k`` of ``r`` components: a concave sum over descending values), so below
+    that the test is not made (adapters that share nothing: no SVD of their Grams). None for streamed
+    factors (their Grams are not kept, and making them would cost a pass)."""
+    if not fac.in_memory:
+        return None
+    memo: dict = {}  # the Grams in float64, the lower bound, the bar: made once, on first need
+
+    def enough(captured: float) -> bool:
+        if "lower" not in memo:
+            ch = next(iter(fac))
+            memo["GB"], memo["GA"] = to_torch(ch.GB).double().cpu(), to_torch(ch.GA).double().cpu()  # the solver's
+            n2 = (memo["GB"] * memo["GA"]).sum((1, 2)).clamp_min(0)
+            w = adapter_weights(n2, weighting).double()
+            k = (R * (fac.d_out + fac.d_in) + fac.n * R * R) / (fac.n * (fac.d_out + fac.d_in))
+            memo["lower"] = SHARED_GAIN * float((w * n2).sum()) * min(k, fac.rank) / max(fac.rank, 1)
+        if captured < memo["lower"] or memo["lower"] <= 0:
+            return False
+        if "bar" not in memo:
+            GB, GA = memo["GB"], memo["GA"]
+            n2 = (GB * GA).sum((1, 2)).clamp_min(0)
+            own = own_energy(n2, spectra_from_grams(GB, GA).square(), R, fac.d_out + fac.d_in, 1, weighting)
+            memo["bar"] = SHARED_GAIN * own * (1 + _BAR_MARGIN)
+        return captured >= memo["bar"]
+
+    return enough
 
 
 def _chunked(parts) -> tuple[torch.Tensor, ...]:

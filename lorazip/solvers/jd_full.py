@@ -26,6 +26,7 @@ and ``U`` from one of the U-step's operator for that ``V`` (data-driven, seeded;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -52,6 +53,7 @@ class JDResult:
 
     ``U``: (d_out, r), ``V``: (d_in, r), ``cores``: (n, r, r) (JD-Full) or (n, r) (JD-Diag).
     ``objective``: weighted captured fraction ``sum w_i ||U^T M_i V||^2 / sum w_i ||M_i||^2``.
+    ``stopped``: the ascent ended early, where its ``stop`` said it held enough (:func:`jd_full_factors`).
     """
 
     U: torch.Tensor
@@ -61,6 +63,7 @@ class JDResult:
     converged: bool
     objective: float
     history: list[float] = field(default_factory=list)
+    stopped: bool = False
 
 
 def _F2(ch, side: str):
@@ -313,9 +316,16 @@ def jd_full_factors(
     tol_scale: float = 1.0,
     n_power: int | None = None,
     second_start: bool = True,
+    stop: Callable[[float], bool] | None = None,
 ) -> JDResult:
     """:func:`jd_full` on :class:`~lorazip.solvers.factors.Factors`: in memory or streamed
     chunk by chunk (each sweep reads every chunk four times).
+
+    ``stop``: called with the weighted captured energy ``sum w_i ||U^T M_i V||^2`` (absolute, in the
+    solver's precision and weights) at the start and after every sweep; where it returns True the
+    ascent ends there (``stopped=True``, not converged). The ascent never lowers that energy, so a
+    caller that only needs to know the optimum holds at least some amount (pass 1 deciding to fit a
+    larger rank) learns it without the sweeps to convergence.
 
     The objective is not concave: alternating ascent from the data-driven start can stop at a
     local maximum. Where the theory gives a bound, at rank ``r >= n`` (the span of every adapter's
@@ -331,7 +341,9 @@ def jd_full_factors(
         raise ValueError(f"rank {rank} must be between 1 and min(d_out, d_in) = {min(d_out, d_in)}")
     args = dict(weights=weights, weighting=weighting, max_iters=max_iters, tol=tol, seed=seed, tol_scale=tol_scale,
                 n_power=n_power)
-    res = _ascend(fac, rank, U0=U0, V0=V0, individual=second_start and fac.n > rank, **args)
+    res = _ascend(fac, rank, U0=U0, V0=V0, individual=second_start and fac.n > rank, stop=stop, **args)
+    if res.stopped:
+        return res
     if second_start and U0 is None and V0 is None and 2 <= fac.n <= rank:
         U1, V1 = _union_start(fac, rank, res.U, res.V)
         alt = _ascend(fac, rank, U0=U1, V0=V1, individual=False, **args)
@@ -438,9 +450,11 @@ def _spanning(rows, X, rank: int):
 
 
 def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int, tol: float, seed: int, U0, V0,
-            tol_scale: float, n_power: int | None, individual: bool = False) -> JDResult:
+            tol_scale: float, n_power: int | None, individual: bool = False,
+            stop: Callable[[float], bool] | None = None) -> JDResult:
     """Alternating ascent from ``U0``, ``V0`` (or the data-driven start; with ``individual``, from
-    :func:`_individual_start` where that holds twice as much)."""
+    :func:`_individual_start` where that holds twice as much), ended early where it holds
+    ``stop`` (:func:`jd_full_factors`)."""
     xp = namespace(fac.like)
     individual = individual and U0 is None and V0 is None
     norms2, w = norms_and_weights(fac, weighting, weights)
@@ -461,7 +475,12 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     history = [captured(K, L) / total if total else 1.0]
     converged = False
     it = 0
-    for it in range(1, max_iters + 1):
+
+    def holds() -> bool:
+        return stop is not None and total > 0 and bool(stop(history[-1] * total))
+
+    stopped = holds()  # the start may hold it already: no sweep
+    for it in range(1, 1 if stopped else max_iters + 1):
         C = _coefficients(K, wc)  # V-step: G_V = sum_i A_i^T C_i A_i
         V, L, _, moved_V = _ritz_extended(fac, "A", C, V, L, _backproject(fac, "A", C, L), rank)
         D = _coefficients(L, wc)  # U-step: G_U = sum_i B_i D_i B_i^T
@@ -471,9 +490,12 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
         # relative to the larger of captured and lost energy: when little can be captured (flat
         # spectra), the error is what must be accurate, not the small captured fraction
         scale = max(history[-1], 1.0 - history[-1])
+        if holds():
+            stopped = True
+            break
         if max(moved_U, moved_V) < tol or gain <= tol * tol_scale * scale:
             converged = True
             break
     parts = [mT(Ki) @ Li for Ki, Li in zip(K, L)]
     cores = parts[0] if len(parts) == 1 else xp.concat(parts)
-    return JDResult(U, V, cores, it, converged, history[-1], history)
+    return JDResult(U, V, cores, it, converged, history[-1], history, stopped)
