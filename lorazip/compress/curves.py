@@ -271,12 +271,18 @@ def own_energy(n2: torch.Tensor, spectra0: torch.Tensor, R: int, dim: int, K: in
     n2 = n2.double()
     n = len(n2)
     w = adapter_weights(n2, weighting).double()
-    k = (K * R * dim + n * R * R) / (n * dim)  # per-adapter components of the same numbers
+    k = own_components(R, dim, n, K)
     sp = spectra0.double().clamp_min(0)
     cum = torch.cat([torch.zeros(n, 1, dtype=sp.dtype), sp.cumsum(1)], 1)
     whole = min(int(k), sp.shape[1])
     own = cum[:, whole] + (k - whole) * (sp[:, whole] if whole < sp.shape[1] else 0.0)
     return float((w * own).sum())
+
+
+def own_components(R: int, dim: int, n: int, K: int = 1) -> float:
+    """Per-adapter SVD components (of ``dim`` numbers each) holding as many numbers as a rank-``R``
+    shared part of ``K`` bases and ``n`` cores."""
+    return (K * R * dim + n * R * R) / (n * dim)
 
 
 _BAR_MARGIN = 1e-3  # relative: the solver's float32 weights and energies against the test's float64 ones
@@ -292,23 +298,22 @@ def grow_stop(fac: Factors, R: int, weighting: str) -> Callable[[float], bool] |
     factors (their Grams are not kept, and making them would cost a pass)."""
     if not fac.in_memory:
         return None
-    memo: dict = {}  # the Grams in float64, the lower bound, the bar: made once, on first need
+    memo: dict = {}  # the Grams in float64 and norms, the lower bound, the bar: made once, on first need
+    dim = fac.d_out + fac.d_in
 
     def enough(captured: float) -> bool:
         if "lower" not in memo:
             ch = next(iter(fac))
             memo["GB"], memo["GA"] = to_torch(ch.GB).double().cpu(), to_torch(ch.GA).double().cpu()  # the solver's
-            n2 = (memo["GB"] * memo["GA"]).sum((1, 2)).clamp_min(0)
+            memo["n2"] = n2 = (memo["GB"] * memo["GA"]).sum((1, 2)).clamp_min(0)
             w = adapter_weights(n2, weighting).double()
-            k = (R * (fac.d_out + fac.d_in) + fac.n * R * R) / (fac.n * (fac.d_out + fac.d_in))
+            k = own_components(R, dim, fac.n)
             memo["lower"] = SHARED_GAIN * float((w * n2).sum()) * min(k, fac.rank) / max(fac.rank, 1)
         if captured < memo["lower"] or memo["lower"] <= 0:
             return False
         if "bar" not in memo:
-            GB, GA = memo["GB"], memo["GA"]
-            n2 = (GB * GA).sum((1, 2)).clamp_min(0)
-            own = own_energy(n2, spectra_from_grams(GB, GA).square(), R, fac.d_out + fac.d_in, 1, weighting)
-            memo["bar"] = SHARED_GAIN * own * (1 + _BAR_MARGIN)
+            spectra = spectra_from_grams(memo["GB"], memo["GA"]).square()
+            memo["bar"] = SHARED_GAIN * own_energy(memo["n2"], spectra, R, dim, 1, weighting) * (1 + _BAR_MARGIN)
         return captured >= memo["bar"]
 
     return enough
