@@ -245,6 +245,29 @@ def store_residual(bp: torch.Tensor, ap: torch.Tensor, k: torch.Tensor, storage_
     return bs, as_, bq, aq
 
 
+def store_rows(rb: torch.Tensor, ra: torch.Tensor, k: torch.Tensor, storage_dtype: str, bits=None):
+    """:func:`store_residual` of parts given as rows (:func:`~lorazip.solvers.residual.residual_rows`):
+    ``rb`` (n, m, d_out) the ``b_i^T``, ``ra`` (n, m, d_in) the ``a_i``, adapter ``i``'s first ``k_i``
+    rows stored. Returns ``(bs, as_, bq, aq)`` with what a reader gets back in float32, zero-padded:
+    ``bq`` (n, d_out, m) (a transposed view of rows), ``aq`` (n, m, d_in)."""
+    n, m = rb.shape[0], rb.shape[1]
+    kept = torch.arange(m)[None, :] < k.reshape(-1, 1)
+    every = bool(kept.all())  # every adapter keeps m rows: the rows are the tensors themselves
+    rows_b = rb.reshape(n * m, rb.shape[2]) if every else rb[kept]
+    rows_a = ra.reshape(n * m, ra.shape[2]) if every else ra[kept]
+    if bits is not None:
+        bs, as_ = to_lowbit(rows_b, bits), to_lowbit(rows_a, bits)
+    else:
+        bs = to_storage(rows_b, storage_dtype, torch.float32)
+        as_ = to_storage(rows_a, storage_dtype, torch.float32)
+    if every:
+        bq, aq = bs.values.float().reshape(rb.shape), as_.values.float().reshape(ra.shape)
+    else:
+        bq, aq = torch.zeros_like(rb), torch.zeros_like(ra)
+        bq[kept], aq[kept] = bs.values.float(), as_.values.float()
+    return bs, as_, bq.transpose(1, 2), aq
+
+
 def round_to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The values a reader gets back after storing ``t`` in ``storage_dtype``, as float64."""
     return to_storage(t, storage_dtype, scale_dtype).values.double()

@@ -87,6 +87,53 @@ def test_residual_svd_both_routes_match_dense(seed, spread, shared, inside, d_ou
             assert abs(float(got - ref[k:].square().sum())) <= 1e-10 * float(R.square().sum()) + 1e-300
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 9.0), shared=st.sampled_from([0, 2]),
+       clusters=st.booleans(), d_out=st.sampled_from([3, 17]))
+def test_residual_rows_are_residual_factors_in_float32(seed, spread, shared, clusters, d_out):
+    """The float32 rows of the builds below float32 storage (:func:`residual_rows`) are
+    :func:`residual_factors`' parts (well-conditioned adapters through the Gram route with float32
+    products, ill-conditioned ones through float64 QR; clusters; ranks 0 to full) within float32
+    rounding of the residual's scale; stored low-bit and int8 (:func:`store_rows`), they give what
+    :func:`store_residual` gives of the same values, and exact errors on them."""
+    from lorazip.quantize import store_residual, store_rows
+    from lorazip.solvers.residual import residual_rows
+
+    n, d_in, r_i = 7, 14, 4
+    B, A = _rand(n, d_out, r_i, seed=seed % 1000), _rand(n, r_i, d_in, seed=seed % 1000 + 1)
+    B[::2] = B[::2] * torch.logspace(0, -spread, r_i, dtype=torch.float64)
+    B, A = B.float().double(), A.float().double()  # what the builds read: float32 values
+    K = 2 if clusters else 1
+    U = torch.stack([torch.linalg.qr(_rand(d_out, max(shared, 1), seed=seed % 1000 + 2 + c))[0][:, :shared]
+                     for c in range(K)])
+    V = torch.stack([torch.linalg.qr(_rand(d_in, max(shared, 1), seed=seed % 1000 + 4 + c))[0][:, :shared]
+                     for c in range(K)])
+    assign = torch.arange(n) % K if clusters else None
+    Ua, Va = (U[assign], V[assign]) if clusters else (U[0], V[0])
+    S = (B.transpose(1, 2) @ Ua).transpose(1, 2) @ (A @ Va)
+    k = torch.tensor([0, 1, 2, 3, 5, 6, 2])[:n].clamp_max(min(d_out, d_in, r_i + shared))  # at most the rank
+    UU, VV = (U, V) if clusters else (U[0], V[0])
+    b, a = residual_factors(B, A, UU, VV, S, k, assign)
+    rb, ra = residual_rows(B, A, UU, VV, S, k, assign)
+    assert rb.dtype == ra.dtype == torch.float32
+    assert rb.shape == (n, b.shape[2], d_out) and ra.shape == a.shape
+    for i in range(n):
+        scale = float((B[i] @ A[i]).norm()) + 1e-30
+        assert torch.allclose(rb[i].double().T @ ra[i].double(), b[i] @ a[i], rtol=0, atol=2e-5 * scale)
+        assert not rb[i, int(k[i]):].any() and not ra[i, int(k[i]):].any()
+    bits = torch.tensor([1, 2, 3, 4, 8] * 4, dtype=torch.uint8)[: int(k.sum())]
+    for storage, bb in (("int8", None), ("int8", bits)):
+        got = store_rows(rb, ra, k, storage, bb)
+        want = store_residual(rb.transpose(1, 2).double(), ra.double(), k, storage, bb)
+        for x, y in zip(got[:2], want[:2]):
+            assert all(torch.equal(p, q) for p, q in zip(x, y))
+        assert torch.equal(got[2].double(), want[2]) and torch.equal(got[3].double(), want[3])
+        e2, _ = squared_errors(B, A, U, V, S, assign, residual=(got[2], got[3]))
+        dense = torch.stack([(B[i] @ A[i] - Ua[i if clusters else slice(None)] @ S[i] @ Va[i if clusters else slice(None)].T
+                              - got[2][i].double() @ got[3][i].double()).square().sum() for i in range(n)])
+        assert torch.allclose(e2, dense, rtol=1e-9, atol=1e-12)
+
+
 def test_nested_residual_spectra_match_dense_svd(tmp_path):
     write_collection(tmp_path / "c", n=4, modules=MODULES, r=3, seed=5)
     coll = lorazip.load_collection(tmp_path / "c")

@@ -19,9 +19,9 @@ from ..io.collection import Collection
 from ..layout import round_small, trim_spectra
 from ..metrics import squared_errors
 from ..quantize import (LowBit, cat_stored, dry_shared_lowbit, dry_storage, store_extras, store_residual,
-                        to_shared_lowbit, to_storage)
+                        store_rows, to_shared_lowbit, to_storage)
 from ..solvers.factors import Factors
-from ..solvers.residual import residual_factors
+from ..solvers.residual import residual_factors, residual_rows
 from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
 from .curves import ModuleFit, task_factors
@@ -235,12 +235,13 @@ def _rebuild(fac: Factors, before: Built, k: torch.Tensor, bits: torch.Tensor, a
     step = adapter_chunk(fac)
     for s in range(0, len(redo), step):
         ids = redo[s : s + step]
-        B, A = ch.B[ids].double(), ch.A[ids].double()
+        B32, A32 = ch.B[ids], ch.A[ids]
+        B, A = B32.double(), A32.double()
         kc = kr[s : s + step]
         ac = None if assign is None else assign[ids]
         S64 = S_all[ids].double()
-        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, "int8",
-                                         br[int(at[s]) : int(at[s + len(ids)])])
+        bs, as_, bq, aq = stored_residual(B, A, U64, V64, S64, kc, ac, "int8", br[int(at[s]) : int(at[s + len(ids)])],
+                                          B32, A32)
         sq, _ = squared_errors(B, A, U64, V64, S64, ac, norms2=prev.nn2[ids], residual=(bq, aq))
         for key, x in zip(("b", "a", "sq"), (bs, as_, sq)):
             out[key].append(x)
@@ -309,7 +310,7 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
         S64 = Ss.values.double()
         # the residual of what is stored (rounded shared part), then rounded itself
         cb = None if bits is None else bits[int(row_at[ch.start]) : int(row_at[ch.stop])]
-        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S64, kc, ac), kc, storage_dtype, cb)
+        bs, as_, bq, aq = stored_residual(B, A, U64, V64, S64, kc, ac, storage_dtype, cb, ch.B, ch.A)
         if known is None:
             GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
             n2, own = (GB * GA).sum((1, 2)), spectra_from_grams(GB, GA)
@@ -325,6 +326,18 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
 
 
+def stored_residual(B, A, U64, V64, S64, k: torch.Tensor, assign, storage_dtype: str, bits, B32, A32):
+    """A chunk's residual parts of ranks ``k`` against the stored shared part, as stored and as a reader
+    gets them back (:func:`~lorazip.quantize.store_residual`'s ``(bs, as_, bq, aq)``), from float64
+    factors ``B``, ``A`` (``B32``, ``A32``: the same in the dtype they were read in). Parts stored below
+    float32 (low-bit, int8, 16-bit) come from float32 rows (:func:`~lorazip.solvers.residual.residual_rows`:
+    the same small SVD, the products with the factors in float32), float32 parts from float64."""
+    if storage_dtype == "float32" and bits is None:
+        return store_residual(*residual_factors(B, A, U64, V64, S64, k, assign), k, storage_dtype, bits)
+    f32 = [t if t.dtype == torch.float32 else None for t in (B32, A32)]
+    return store_rows(*residual_rows(B, A, U64, V64, S64, k, assign, *f32), k, storage_dtype, bits)
+
+
 def _bare_chunk(ch, kc: torch.Tensor, live: torch.Tensor, U64, V64, storage_dtype: str, core_scales, cb,
                 ac, n2: torch.Tensor, own: torch.Tensor):
     """One chunk of :func:`build_module_task` of a module with no shared part where some adapters store
@@ -337,10 +350,10 @@ def _bare_chunk(ch, kc: torch.Tensor, live: torch.Tensor, U64, V64, storage_dtyp
     Ss = to_storage(S, storage_dtype, core_scales)
     sq = n2.double().clone()
     if len(live):
-        B, A = ch.B[live].double(), ch.A[live].double()
+        B32, A32 = ch.B[live], ch.A[live]
+        B, A = B32.double(), A32.double()
         al = None if ac is None else ac[live]
-        bs, as_, bq, aq = store_residual(*residual_factors(B, A, U64, V64, S[live], kc[live], al), kc[live],
-                                         storage_dtype, cb)
+        bs, as_, bq, aq = stored_residual(B, A, U64, V64, S[live], kc[live], al, storage_dtype, cb, B32, A32)
         sq[live] = squared_errors(B, A, U64, V64, S[live], al, norms2=n2[live], residual=(bq, aq))[0]
     else:  # nothing read: the empty rows store_residual gives
         empty = kc[:0]
