@@ -19,14 +19,14 @@ from ..io.collection import Collection
 from ..layout import round_small, trim_spectra
 from ..metrics import squared_errors
 from ..quantize import (LowBit, cat_stored, dry_shared_lowbit, dry_storage, store_extras, store_residual,
-                        store_rows, to_shared_lowbit, to_storage)
+                        to_shared_lowbit, to_storage)
 from ..solvers.factors import Factors
-from ..solvers.residual import residual_factors, residual_rows
+from ..solvers.residual import residual_factors
 from ..solvers.svd import spectra_from_grams
 from .allocate import BITS
 from .curves import ModuleFit, task_factors
 from .executor import map_modules
-from .measure import StoredBases, adapter_chunk, optimal_cores
+from .measure import StoredBases, adapter_chunk, optimal_cores, stored_residual
 from .options import CompressOptions
 from .plan import ModulePlan, Plan
 from .provenance import SourceHashes, adapter_meta
@@ -324,18 +324,6 @@ def build_module_task(collection: Collection, j: int, U: torch.Tensor, V: torch.
     clock["read_s"] = clock.get("read_s", 0.0) + t1 - t0
     clock["solve_s"] = clock.get("solve_s", 0.0) + time.perf_counter() - t1
     return BuiltParts(Us, Vs, cat_stored(out["S"]), cat_stored(out["b"]), cat_stored(out["a"]), spectra.float(), sq, nn2)
-
-
-def stored_residual(B, A, U64, V64, S64, k: torch.Tensor, assign, storage_dtype: str, bits, B32, A32):
-    """A chunk's residual parts of ranks ``k`` against the stored shared part, as stored and as a reader
-    gets them back (:func:`~lorazip.quantize.store_residual`'s ``(bs, as_, bq, aq)``), from float64
-    factors ``B``, ``A`` (``B32``, ``A32``: the same in the dtype they were read in). Parts stored below
-    float32 (low-bit, int8, 16-bit) come from float32 rows (:func:`~lorazip.solvers.residual.residual_rows`:
-    the same small SVD, the products with the factors in float32), float32 parts from float64."""
-    if storage_dtype == "float32" and bits is None:
-        return store_residual(*residual_factors(B, A, U64, V64, S64, k, assign), k, storage_dtype, bits)
-    f32 = [t if t.dtype == torch.float32 else None for t in (B32, A32)]
-    return store_rows(*residual_rows(B, A, U64, V64, S64, k, assign, *f32), k, storage_dtype, bits)
 
 
 def _bare_chunk(ch, kc: torch.Tensor, live: torch.Tensor, U64, V64, storage_dtype: str, core_scales, cb,

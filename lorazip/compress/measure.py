@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..metrics import squared_errors
-from ..quantize import cat_stored, to_storage
+from ..quantize import cat_stored, store_residual, store_rows, to_storage
 from ..solvers.factors import Chunk, Factors, float64_chunk
 from ..solvers.linalg import orth
+from ..solvers.residual import residual_factors, residual_rows
 from ..solvers.svd import spectra_from_grams
 
 
@@ -145,3 +146,15 @@ def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: st
         del ch  # a streamed chunk is freed before the next one is read
     e2, n2, sv = (torch.cat(out[key]) for key in "ens")
     return cat_stored(out["c"]), e2, n2, sv
+
+
+def stored_residual(B, A, U64, V64, S64, k: torch.Tensor, assign, storage_dtype: str, bits, B32, A32):
+    """A chunk's residual parts of ranks ``k`` against the stored shared part, as stored and as a reader
+    gets them back (:func:`~lorazip.quantize.store_residual`'s ``(bs, as_, bq, aq)``), from float64
+    factors ``B``, ``A`` (``B32``, ``A32``: the same in the dtype they were read in). Parts stored below
+    float32 (low-bit, int8, 16-bit) come from float32 rows (:func:`~lorazip.solvers.residual.residual_rows`:
+    the same small SVD, the products with the factors in float32), float32 parts from float64."""
+    if storage_dtype == "float32" and bits is None:
+        return store_residual(*residual_factors(B, A, U64, V64, S64, k, assign), k, storage_dtype, bits)
+    f32 = [t if t.dtype == torch.float32 else None for t in (B32, A32)]
+    return store_rows(*residual_rows(B, A, U64, V64, S64, k, assign, *f32), k, storage_dtype, bits)

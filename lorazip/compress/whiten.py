@@ -42,7 +42,7 @@ from ..quantize import cat_stored, store_residual, to_storage
 from ..solvers.linalg import orth
 from ..solvers.residual import residual_factors
 from ..solvers.svd import spectra_from_grams
-from .measure import optimal_cores, round_and_measure
+from .measure import optimal_cores, round_and_measure, stored_residual
 
 DEFAULT_LAMBDA = 1e-2  # chosen on held-out calibration text, docs/calibration.md#lambda
 
@@ -300,9 +300,13 @@ def build_mixed_module(coll: WhitenedCollection, name: str, U: torch.Tensor, V: 
     Uw, Vw = wm.bases_fwd(Ur, Vr)
     Ss = to_storage(optimal_cores(B, A, Uw, Vw, assign), storage_dtype, core_scales)
     S64 = Ss.values.double()
-    parts = residual_factors(B, A, Uw, Vw, S64, k, assign)
-    bs, as_, bp, ap = store_residual(*wm.residual_back(*parts), k, storage_dtype)
-    bw, aw = wm.residual_fwd(bp, ap)
+    if wm.identity:  # C = I: the residual as pass 2 makes it without calibration (bit for bit)
+        bs, as_, bp, ap = stored_residual(B, A, Uw, Vw, S64, k, assign, storage_dtype, None, f.B, f.A)
+        bw, aw = bp, ap
+    else:
+        parts = residual_factors(B, A, Uw, Vw, S64, k, assign)
+        bs, as_, bp, ap = store_residual(*wm.residual_back(*parts), k, storage_dtype)
+        bw, aw = wm.residual_fwd(bp, ap)
     GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
     n2 = (GB * GA).sum((1, 2))
     sq, n2 = squared_errors(B, A, Uw, Vw, S64, assign, norms2=n2, residual=(bw, aw))
