@@ -1,5 +1,5 @@
-"""The residual quantisation profile in two classes: each adapter's leading component, and the others
-(issue 23, part 2: the quantisation error predicted from the parts themselves)."""
+"""The residual quantisation profile by component class: each adapter's leading component, the second, the
+3rd-4th, the 5th-8th and the rest (issue 23, part 2: the quantisation error predicted from the parts themselves)."""
 
 from __future__ import annotations
 
@@ -31,34 +31,84 @@ def _planted(n: int = 4, r: int = 4, d_out: int = 96, d_in: int = 80, seed: int 
     return torch.stack(B).float(), torch.stack(A).float()
 
 
-def _reference(B: torch.Tensor, A: torch.Tensor) -> np.ndarray:
-    """(2, T) energy-weighted relative error of every adapter's leading and other components stored
-    at each width, in float64 from a dense SVD of every delta (every component counted)."""
-    out = np.zeros((2, len(lowbit.BITS)))
-    den = np.zeros(2)
+def _reference(B: torch.Tensor, A: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(N_CLASSES, T) energy-weighted relative error of every adapter's components of each class
+    (:func:`lowbit.component_class`) stored at each width, in float64 from a dense SVD of every delta
+    (every component counted), and the number of components of each class."""
+    C = lowbit.N_CLASSES
+    out = np.zeros((C, len(lowbit.BITS)))
+    den, count = np.zeros(C), np.zeros(C)
     for Bi, Ai in zip(B.double(), A.double()):
         M = (Bi @ Ai).numpy()
         u, s, vt = np.linalg.svd(M, full_matrices=False)
         w = 1.0 / float((s ** 2).sum())
         for q in range(int((s > 1e-9 * s[0]).sum())):
-            c = min(q, 1)
+            c = int(lowbit.component_class(q))
             x, y = u[:, q] * np.sqrt(s[q]), vt[q] * np.sqrt(s[q])
             den[c] += w * s[q] ** 2
+            count[c] += 1
             for t, b in enumerate(lowbit.BITS):
                 xh = lowbit.dequantize(*lowbit.quantize(torch.from_numpy(x[None]), b), b)[0].astype(np.float64)
                 yh = lowbit.dequantize(*lowbit.quantize(torch.from_numpy(y[None]), b), b)[0].astype(np.float64)
                 out[c, t] += w * float(((np.outer(x, y) - np.outer(xh, yh)) ** 2).sum())
-    return out / den[:, None]
+    return out / np.where(den > 0, den, 1.0)[:, None], count
 
 
 def test_profile_of_each_class_against_a_dense_float64_reference():
+    """Each class measured on its own components (here every one: 4 adapters of rank 4, classes 0, 1
+    and 2), made non-decreasing by the weighted least-squares monotone fit, which keeps each class's
+    weighted sum; classes no adapter reaches take the last measured one's row."""
     B, A = _planted()
     prof = quant_profile(B, A)
-    ref = _reference(B, A)
-    assert prof.shape == (2, len(lowbit.BITS))
-    assert prof[1] == pytest.approx(ref[1], rel=2e-3, abs=1e-9)
-    assert prof[0] == pytest.approx(np.minimum(ref[0], ref[1]), rel=2e-3, abs=1e-9)
+    ref, count = _reference(B, A)
+    assert prof.shape == (lowbit.N_CLASSES, len(lowbit.BITS))
+    assert np.all(np.diff(prof, axis=0) >= -1e-12)
+    assert prof[0] == pytest.approx(ref[0], rel=2e-3, abs=1e-9)  # flat leading vectors: below the others
+    measured = count > 0
+    assert measured.tolist() == [True, True, True, False, False]
+    assert (count[measured] @ prof[measured]) == pytest.approx(count[measured] @ ref[measured], rel=2e-3)
+    assert prof[3] == pytest.approx(prof[2]) and prof[4] == pytest.approx(prof[2])
     assert prof[0, 0] < 0.05 < 0.3 < prof[1, 0]  # flat leading vectors: exact at 1 bit; Gaussian ones are not
+
+
+def test_later_components_are_measured_in_their_own_class():
+    """Components 5-8 of each adapter with heavy-tailed singular vectors (a few large entries: one scale per
+    row then rounds the rest coarsely) are predicted to quantise worse than the second ones, as measured."""
+    g = torch.Generator().manual_seed(3)
+    n, r, d = 6, 8, 128
+    B, A = [], []
+    for i in range(n):
+        P = torch.randn(d, r, generator=g, dtype=torch.float64)
+        Q = torch.randn(d, r, generator=g, dtype=torch.float64)
+        P[:, 4:] = P[:, 4:] ** 5  # heavy tails in the later directions
+        Q[:, 4:] = Q[:, 4:] ** 5
+        P, Q = torch.linalg.qr(P)[0], torch.linalg.qr(Q)[0]
+        s = torch.logspace(0, -0.5, r, dtype=torch.float64) * (1 + i)
+        B.append(P * s.sqrt())
+        A.append((Q * s.sqrt()).T)
+    B, A = torch.stack(B).float(), torch.stack(A).float()
+    prof = quant_profile(B, A)
+    ref, count = _reference(B, A)
+    assert ref[3, 2] > 1.5 * ref[1, 2]  # the construction: 5th-8th components quantise worse at 3 bits
+    assert prof[3, 2] > 1.5 * prof[1, 2]
+    assert prof[3] == pytest.approx(ref[3], rel=0.05)
+
+
+def test_classes_are_the_monotone_least_squares_fit():
+    from lorazip.compress.curves import _monotone
+
+    y, w = np.array([1.0, 3.0, 2.0, 4.0, 0.5]), np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    got = _monotone(y, w)
+    assert got.tolist() == [1.0, 2.5, 2.5, 4.0, 4.0]  # 3 and 2 pooled; a weightless entry follows its block
+    assert _monotone(np.array([0.1, 0.2, 0.2, 0.3]), np.ones(4)).tolist() == [0.1, 0.2, 0.2, 0.3]
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # against the best non-decreasing fit found by brute force over sorted candidates
+        y, w = rng.random(4), rng.random(4) + 0.1
+        got = _monotone(y, w)
+        assert np.all(np.diff(got) >= -1e-12) and float(w @ got) == pytest.approx(float(w @ y))
+        grid = np.linspace(0, 1, 41)
+        best = min(float(w @ (np.array(c) - y) ** 2) for c in __import__("itertools").combinations_with_replacement(grid, 4))
+        assert float(w @ (got - y) ** 2) <= best + 1e-9
 
 
 def test_leading_class_is_capped_by_the_others():
@@ -69,6 +119,16 @@ def test_leading_class_is_capped_by_the_others():
     A2[:, 0, :] *= 1.5
     prof = quant_profile(B2, A2)
     assert np.all(prof[0] <= prof[1])
+
+
+def test_stored_bits_by_position_class():
+    """Five classes: the leading component, the second, the 3rd-4th, the 5th-8th and the rest, each
+    with its own widths."""
+    lv = [[(b, 10 * b, 0.5 / b)] for b in (1, 2, 3, 4, 8)]  # class c: one level at BITS[c]
+    level = np.ones((1, 10), dtype=np.int64)
+    ranks, bits = lowbit.stored_bits(level, tuple(lv))
+    assert ranks.tolist() == [10]
+    assert bits.tolist() == [1, 2, 3, 3, 4, 4, 4, 4, 8, 8]
 
 
 def test_stored_bits_are_a_prefix_with_each_class_widths():
@@ -141,4 +201,4 @@ def test_pass_one_measurements_batched_across_modules_equal_one_call_each(limit)
         assert np.array_equal(a.quant, b.quant) and np.array_equal(a.basis_err, b.basis_err)
         assert a.core_err.keys() == b.core_err.keys() and all(np.array_equal(a.core_err[r], b.core_err[r])
                                                               for r in a.core_err)
-        assert a.quant.shape == (2, len(lowbit.BITS)) and a.quant.max() > 0 and a.basis_err.max() > 0
+        assert a.quant.shape == (lowbit.N_CLASSES, len(lowbit.BITS)) and a.quant.max() > 0 and a.basis_err.max() > 0

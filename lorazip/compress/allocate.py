@@ -211,16 +211,16 @@ class StepCurves:
                                            for r in range(max(f.shared) + 1)]) for f in self.fits]
         return self._shared_only
 
-    def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: tuple[list, list]) -> _Row:
-        """``levels``: (those of each adapter's leading component, those of the others)."""
+    def _bit_row(self, r: int, base: float, sp: np.ndarray, levels: tuple[list, ...]) -> _Row:
+        """``levels``: those of each class of components (:func:`lorazip.lowbit.component_class`)."""
         n, cap = sp.shape
         T = max(len(lv) for lv in levels)
-        rho = np.ones((2, T + 1))
-        cost = np.zeros((2, T + 1))
+        rho = np.ones((len(levels), T + 1))
+        cost = np.zeros((len(levels), T + 1))
         for c, lv in enumerate(levels):  # a class with fewer levels: steps that remove nothing, never taken
             rho[c, 1:] = [x[2] for x in lv] + [lv[-1][2] if lv else 1.0] * (T - len(lv))
             cost[c, 1:] = [x[1] for x in lv] + [(lv[-1][1] if lv else 0) + 1.0] * (T - len(lv))
-        cls = (np.arange(cap) > 0).astype(np.int64)
+        cls = np.minimum(lowbit.component_class(np.arange(cap)), len(levels) - 1)
         raw = sp[:, :, None] * (rho[:, :-1] - rho[:, 1:])[cls][None]  # (n, cap, T) error removed by each move up
         gain = (self.c[:, None, None] * raw).ravel()
         dc = np.broadcast_to(np.diff(cost, axis=1)[cls][None], raw.shape).ravel()

@@ -60,8 +60,8 @@ class ModuleFit:
     iters: int = 0
     converged: bool = True
     assign: torch.Tensor | None = None  # (n,) cluster of each adapter when K > 1 (then U: (K, d_out, R))
-    quant: np.ndarray | None = None  # (2, len(BITS)) relative error of a residual component at each bit width
-    # (row 0: each adapter's leading component, row 1: the others; :func:`quant_profile`)
+    quant: np.ndarray | None = None  # (N_CLASSES, len(BITS)) relative error of a residual component at each bit
+    # width, by its position in its adapter's spectrum (lowbit.component_class; :func:`quant_profile`)
     basis_err: np.ndarray | None = None  # (n, B) squared error of a unit basis vector of U plus one of V (each
     # adapter's cluster's) stored at each of SHARED_BITS (:func:`basis_quant`)
     core_err: dict[int, np.ndarray] | None = None  # grid r -> (n, B) relative error of the rank-r cores' rows
@@ -209,7 +209,7 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
         batch.add(_core_steps(XY[r][0].T @ S[pick] @ XY[r][1]),
                   functools.partial(lambda r, err: cores.__setitem__(r, np.tile(err, (n, 1))), r))
     if quant is None and profile:
-        quant = np.zeros((2, len(lowbit.BITS)))
+        quant = np.zeros((lowbit.N_CLASSES, len(lowbit.BITS)))
         batch.add(_quant_profile_steps(first.B, first.A, _PROFILE_ROWS, spectra.get(0)),
                   functools.partial(np.copyto, quant))
     if now:
@@ -381,14 +381,15 @@ def _profile(B, A, spectra: dict, quant: np.ndarray | None, measure: bool) -> np
 
 def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
                   spectra: torch.Tensor | None = None) -> np.ndarray:
-    """(2, len(BITS)) relative squared error of a residual component stored at each of
-    :data:`lowbit.BITS`: row 0 for each adapter's leading component, row 1 for the others (whose
-    singular vectors quantise worse: 1.1-1.5x the leading one's error, more at more bits, on the
-    bundled and GPT-2 collections). Each row is measured on the module's own per-adapter SVD
+    """(N_CLASSES, len(BITS)) relative squared error of a residual component stored at each of
+    :data:`lowbit.BITS`, by its class (:func:`lorazip.lowbit.component_class`: each adapter's leading
+    component, the second, the 3rd-4th, the 5th-8th, the rest; later singular vectors quantise worse,
+    the second 1.1-1.5x the leading one's error and the 9th-16th up to 1.6x, more at more bits, on the
+    bundled, GPT-2 and DistilBERT collections). Each row is measured on the module's own per-adapter SVD
     components of its class (the ``rows`` holding the largest shares of their adapter's energy,
     each adapter weighed by its relative energy): ``sum err / sum sigma^2`` with
     ``err = ||x y^T - x_hat y_hat^T||^2`` of the stored rows ``x = sqrt(sigma) u``, ``y = sqrt(sigma) v``.
-    The leading row is capped by the other (:func:`_two_classes`). ``spectra`` (n, m): the adapters'
+    The rows never decrease with the class (:func:`_classes`). ``spectra`` (n, m): the adapters'
     squared singular values where the caller has them (pass 1's residual spectra at shared rank 0);
     they choose the components, and only the adapters holding them are decomposed."""
     return run_quantised(_quant_profile_steps(B, A, rows, spectra))
@@ -396,33 +397,38 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
 
 def _quant_profile_steps(B, A, rows: int, spectra):
     """:func:`quant_profile` as quantiser steps (:func:`run_quantised`)."""
-    n, T = B.shape[0], len(lowbit.BITS)
+    n, T, C = B.shape[0], len(lowbit.BITS), lowbit.N_CLASSES
     if n == 0 or B.shape[2] == 0:
-        return np.zeros((2, T))
+        return np.zeros((C, T))
     if spectra is None:
         sel = torch.arange(n)
     else:
         sq = spectra[:n].double().clamp_min(0)
-        sel = torch.unique(torch.cat([_leading(sq, rows, c) for c in (0, 1)]) // sq.shape[1])
+        sel = torch.unique(torch.cat([_leading(sq, rows, c) for c in range(C)]) // sq.shape[1])
         if len(sel) == 0:
-            return np.zeros((2, T))
-    B, A = B[sel].double(), A[sel].double()
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
-    W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
+            return np.zeros((C, T))
+    # the selected adapters' SVDs a block at a time, keeping only the rows measured (the QR factors of up to
+    # N_CLASSES * rows adapters in float64 at once were a few hundred MB at Lots-of-LoRAs shapes)
+    parts = [_svd_rows(B[blk].double(), A[blk].double()) for blk in torch.split(sel, _PROFILE_BLOCK)]
+    sv = torch.cat([p[0] for p in parts])
     n2 = sv.square().sum(1).clamp_min(1e-300)
-    tops = [_leading(sv.square(), rows, c) for c in (0, 1)]
+    tops = [_leading(sv.square(), rows, c) for c in range(C)]
     top = torch.cat(tops)
     if len(top) == 0:
-        return np.zeros((2, T))
+        return np.zeros((C, T))
     i, q = top // sv.shape[1], top % sv.shape[1]
     root = sv[i, q].sqrt()[:, None]
-    x = (Qb[i] @ W[i, :, q, None])[..., 0] * root  # (rows, d_out): each row's one singular vector
-    y = (Qa[i] @ Zh[i, q, :, None])[..., 0] * root
+    at = torch.cumsum(torch.tensor([0] + [len(p[0]) for p in parts]), 0)
+    x, y = torch.empty(len(top), B.shape[1], dtype=torch.float64), torch.empty(len(top), A.shape[2], dtype=torch.float64)
+    for k, (_, Qb, W, Qa, Zh) in enumerate(parts):  # each row's one singular vector, from its block
+        mine = torch.nonzero((i >= at[k]) & (i < at[k + 1])).flatten()
+        il, ql = i[mine] - at[k], q[mine]
+        x[mine] = (Qb[il] @ W[il, :, ql, None])[..., 0] * root[mine]
+        y[mine] = (Qa[il] @ Zh[il, ql, :, None])[..., 0] * root[mine]
     w = 1.0 / n2[i]
     ref = w * sv[i, q].square()
     lens = [len(t) for t in tops]
-    del B, A, Qb, Qa, Rb, Ra, W, Zh, sv, n2, tops, top, i, q, root  # only the rows wait for the quantiser
+    del parts, sv, n2, tops, top, i, q, root  # only the rows wait for the quantiser
     widths = np.repeat(np.array(lowbit.BITS), len(x))  # every row at every width, in one call per side
     xs, ys = x.repeat(T, 1), y.repeat(T, 1)
     xh, yh = yield [(xs, widths), (ys, widths)]
@@ -434,7 +440,20 @@ def _quant_profile_steps(B, A, rows: int, spectra):
         k = slice(at, at + m)
         at += m
         out.append((w[k][None] * err[:, k]).sum(1) / ref[k].sum() if m else None)
-    return _two_classes(*(o.numpy() if o is not None else None for o in out))
+    return _classes([o.numpy() if o is not None else None for o in out], lens)
+
+
+_PROFILE_BLOCK = 32  # adapters decomposed at a time by the profile
+
+
+def _svd_rows(B: torch.Tensor, A: torch.Tensor):
+    """Singular values (n, r) of each ``B_i A_i`` (float64) with what gives its singular vectors:
+    ``(s, Q_B, W, Q_A, Z^T)``, the vectors being ``Q_B W`` and ``Q_A Z`` (thin QRs, then the SVD of the
+    small product of their triangles)."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
+    W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
+    return sv, Qb, W, Qa, Zh
 
 
 def run_quantised(steps):
@@ -495,27 +514,49 @@ class QuantBatch:
                 raise RuntimeError("quantiser steps yield once")
 
 
-def _two_classes(lead: np.ndarray | None, rest: np.ndarray | None) -> np.ndarray:
-    """(2, T) profile of the leading and the other components. A class with nothing measured takes the
-    other's row; the leading row is capped elementwise by the other's, so that a module's leading
-    component is never predicted to quantise worse than the next: its first step then always comes
-    first in the allocator's order (stored components stay a prefix of each adapter's)."""
-    if lead is None:
-        lead = rest
-    if rest is None:
-        rest = lead
-    return np.stack([np.minimum(lead, rest), rest])
+def _classes(rows: list, counts: list[int]) -> np.ndarray:
+    """(N_CLASSES, T) profile from each class's measured row (None: nothing measured, as a class past
+    every adapter's rank; it takes the nearest earlier class's row, the first measured one for the
+    classes before it), made non-decreasing with the class, width by width, by the least-squares
+    monotone fit (pool-adjacent-violators, each class weighed by the ``counts`` of rows it was measured
+    on): a component is never predicted to quantise better than a later one of its adapter, so each
+    adapter's steps come in the allocator's order by position (stored components stay a prefix of each
+    adapter's), and classes that quantise alike (iid factors) are pooled, not raised to the worst."""
+    got = [i for i, r in enumerate(rows) if r is not None]
+    if not got:
+        return np.zeros((len(rows), len(lowbit.BITS)))
+    filled = np.stack([rows[max([i for i in got if i <= c], default=got[0])] for c in range(len(rows))])
+    weight = np.array([float(counts[c]) if rows[c] is not None else 0.0 for c in range(len(rows))])
+    return np.stack([_monotone(filled[:, t], weight) for t in range(filled.shape[1])], 1)
+
+
+def _monotone(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``y`` in ``w``-weighted least squares (pool-adjacent-
+    violators); entries of weight 0 follow their block."""
+    blocks: list[list[float]] = []  # [weighted sum, weight, length]
+    for v, c in zip(y, w):
+        blocks.append([v * c, c, 1, v])
+        while len(blocks) > 1 and _mean(blocks[-2]) > _mean(blocks[-1]):
+            s2, c2, n2, v2 = blocks.pop()
+            blocks[-1][0] += s2
+            blocks[-1][1] += c2
+            blocks[-1][2] += n2
+            if blocks[-1][1] == 0:
+                blocks[-1][3] = max(blocks[-1][3], v2)
+    return np.concatenate([[_mean(b)] * b[2] for b in blocks])
+
+
+def _mean(block: list[float]) -> float:
+    return block[0] / block[1] if block[1] > 0 else block[3]
 
 
 def _leading(sq: torch.Tensor, rows: int, cls: int | None = None) -> torch.Tensor:
     """Flat indices into ``sq`` (n, m) (adapters' squared singular values) of the ``rows`` components
     holding the largest shares of their adapter's energy (ties in order; none of zero share);
-    ``cls`` 0: among each adapter's leading component only, 1: among the others."""
+    ``cls``: among the components of that class only (:func:`lorazip.lowbit.component_class`)."""
     share = sq / sq.sum(1, keepdim=True).clamp_min(1e-300)
     if cls is not None:
-        keep = torch.zeros_like(share, dtype=torch.bool)
-        keep[:, :1] = cls == 0
-        keep[:, 1:] = cls == 1
+        keep = torch.from_numpy(lowbit.component_class(np.arange(share.shape[1])) == cls)[None, :]
         share = torch.where(keep, share, torch.zeros_like(share))
     share = share.reshape(-1)
     top = torch.argsort(share, descending=True, stable=True)[:rows]
