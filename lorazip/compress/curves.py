@@ -418,11 +418,11 @@ def _quant_profile_steps(B, A, rows: int, spectra):
         return np.zeros((C, T))
     i, q = top // sv.shape[1], top % sv.shape[1]
     root = sv[i, q].sqrt()[:, None]
-    at = torch.cumsum(torch.tensor([0] + [len(p[0]) for p in parts]), 0)
+    first = torch.cumsum(torch.tensor([0] + [len(p[0]) for p in parts]), 0)  # each block's first adapter
     x, y = torch.empty(len(top), B.shape[1], dtype=torch.float64), torch.empty(len(top), A.shape[2], dtype=torch.float64)
     for k, (_, Qb, W, Qa, Zh) in enumerate(parts):  # each row's one singular vector, from its block
-        mine = torch.nonzero((i >= at[k]) & (i < at[k + 1])).flatten()
-        il, ql = i[mine] - at[k], q[mine]
+        mine = torch.nonzero((i >= first[k]) & (i < first[k + 1])).flatten()
+        il, ql = i[mine] - first[k], q[mine]
         x[mine] = (Qb[il] @ W[il, :, ql, None])[..., 0] * root[mine]
         y[mine] = (Qa[il] @ Zh[il, ql, :, None])[..., 0] * root[mine]
     w = 1.0 / n2[i]
