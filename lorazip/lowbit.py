@@ -58,10 +58,11 @@ def _levels(bits: int) -> float:
     return (2 ** int(bits) - 1) / 2.0
 
 
-def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
+def quantize(x: "torch.Tensor", bits, group: int | None = GROUP, values: bool = False):
     """Codes and scales of the rows of ``x`` (N, L) at ``bits`` (an int, or (N,) per row):
     ``(codes (N, L) uint8, scales (N, G) float32)``, numpy; the scales are bfloat16 values (what
-    the file stores) and a reader gets :func:`dequantize` of the two."""
+    the file stores) and a reader gets :func:`dequantize` of the two. ``values``: also those float32
+    values (N, L), the same bit for bit, made from the codes while they are at hand."""
     import torch
 
     x = x.detach().to("cpu", torch.float32)
@@ -77,8 +78,9 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
     G = n_groups(L, group)
     codes = np.zeros((N, L), dtype=np.uint8)
     scales = np.zeros((N, G), dtype=np.float32)
+    vals = np.zeros((N, L), dtype=np.float32) if values else None
     if N == 0 or L == 0:
-        return codes, scales
+        return (codes, scales, vals) if values else (codes, scales)
     pad = G * int(group) - L if G > 1 else 0
     xg = (torch.nn.functional.pad(x, (0, pad)) if pad else x).reshape(N, G, -1)  # (N, G, g)
     mask = None  # with no padding every value counts (multiplying by ones would change nothing)
@@ -100,8 +102,11 @@ def quantize(x: "torch.Tensor", bits, group: int | None = GROUP):
             if not bool(torch.isfinite(s).all()):
                 raise ValueError("group scales overflow bfloat16")
             scales[sel] = s.numpy()
-            codes[sel] = _codes(part, s, h).reshape(len(sel), -1)[:, :L].to(torch.uint8).numpy()
-    return codes, scales
+            q = _codes(part, s, h)
+            codes[sel] = q.reshape(len(sel), -1)[:, :L].to(torch.uint8).numpy()
+            if values:  # dequantize's arithmetic, in float32: (code - h) * scale
+                vals[sel] = q.sub_(h).mul_(s[..., None]).reshape(len(sel), -1)[:, :L].numpy()
+    return (codes, scales, vals) if values else (codes, scales)
 
 
 def all_finite(x: "torch.Tensor") -> bool:

@@ -180,13 +180,16 @@ def dequantize_lowbit(codes: torch.Tensor, scale: torch.Tensor, bits: torch.Tens
     return torch.from_numpy(lowbit.dequantize(codes.numpy(), scale.float().numpy(), bits.numpy()))
 
 
-def to_lowbit(t: torch.Tensor, bits) -> LowBit:
-    """Rows of ``t`` (N, L) at per-row ``bits`` (N,) (:func:`lorazip.lowbit.quantize`)."""
+def to_lowbit(t: torch.Tensor, bits, values: bool = False):
+    """Rows of ``t`` (N, L) at per-row ``bits`` (N,) (:func:`lorazip.lowbit.quantize`); ``values``:
+    ``(LowBit, what a reader gets back)``, the float32 values from the quantiser itself (those of
+    :attr:`LowBit.values`, bit for bit, without decoding the codes again)."""
     from . import lowbit
 
     b = np.asarray(bits, dtype=np.uint8).reshape(-1)
-    codes, scales = lowbit.quantize(t, b.astype(np.int64))
-    return LowBit(torch.from_numpy(codes), torch.from_numpy(scales).to(torch.bfloat16), torch.from_numpy(b.copy()))
+    codes, scales, *vals = lowbit.quantize(t, b.astype(np.int64), values=values)
+    part = LowBit(torch.from_numpy(codes), torch.from_numpy(scales).to(torch.bfloat16), torch.from_numpy(b.copy()))
+    return (part, torch.from_numpy(vals[0])) if values else part
 
 
 def to_storage(t: torch.Tensor, storage_dtype: str, scale_dtype: torch.dtype | None = None) -> Stored:
@@ -256,15 +259,16 @@ def store_rows(rb: torch.Tensor, ra: torch.Tensor, k: torch.Tensor, storage_dtyp
     rows_b = rb.reshape(n * m, rb.shape[2]) if every else rb[kept]
     rows_a = ra.reshape(n * m, ra.shape[2]) if every else ra[kept]
     if bits is not None:
-        bs, as_ = to_lowbit(rows_b, bits), to_lowbit(rows_a, bits)
+        (bs, vb), (as_, va) = to_lowbit(rows_b, bits, values=True), to_lowbit(rows_a, bits, values=True)
     else:
         bs = to_storage(rows_b, storage_dtype, torch.float32)
         as_ = to_storage(rows_a, storage_dtype, torch.float32)
+        vb, va = bs.values.float(), as_.values.float()
     if every:
-        bq, aq = bs.values.float().reshape(rb.shape), as_.values.float().reshape(ra.shape)
+        bq, aq = vb.reshape(rb.shape), va.reshape(ra.shape)
     else:
         bq, aq = torch.zeros_like(rb), torch.zeros_like(ra)
-        bq[kept], aq[kept] = bs.values.float(), as_.values.float()
+        bq[kept], aq[kept] = vb, va
     return bs, as_, bq.transpose(1, 2), aq
 
 
