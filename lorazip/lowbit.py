@@ -377,6 +377,13 @@ def component_class(position) -> np.ndarray:
     return np.searchsorted(np.asarray(BANDS), np.asarray(position), side="right")
 
 
+def position_classes(count: int, classes: int) -> np.ndarray:
+    """(count,) the class of each of an adapter's first ``count`` components where a profile has
+    ``classes`` of them (two: the leading one and the others): :func:`component_class`, the last
+    class holding every later one."""
+    return np.minimum(component_class(np.arange(count)), classes - 1)
+
+
 def profile_rows(quant) -> np.ndarray:
     """A residual quantisation profile as (N_CLASSES, len(BITS)): the relative error of the components
     of each class (:func:`component_class`) at each width. Fewer rows serve the later classes with
@@ -428,7 +435,7 @@ def stored_bits(level: np.ndarray, levels: tuple[list, ...]) -> tuple[np.ndarray
         return ranks, np.zeros(0, dtype=np.uint8)
     inside = np.arange(cap)[None, :] < ranks[:, None]
     lv = np.where(inside, np.maximum(level, 1), 0)
-    cls = np.broadcast_to(np.minimum(component_class(np.arange(cap)), len(levels) - 1)[None, :], lv.shape)
+    cls = np.broadcast_to(position_classes(cap, len(levels))[None, :], lv.shape)
     bits = width[cls, lv][inside]  # row-major: adapter by adapter, component by component
     return ranks, bits.astype(np.uint8)
 

@@ -220,7 +220,7 @@ class StepCurves:
         for c, lv in enumerate(levels):  # a class with fewer levels: steps that remove nothing, never taken
             rho[c, 1:] = [x[2] for x in lv] + [lv[-1][2] if lv else 1.0] * (T - len(lv))
             cost[c, 1:] = [x[1] for x in lv] + [(lv[-1][1] if lv else 0) + 1.0] * (T - len(lv))
-        cls = np.minimum(lowbit.component_class(np.arange(cap)), len(levels) - 1)
+        cls = lowbit.position_classes(cap, len(levels))
         raw = sp[:, :, None] * (rho[:, :-1] - rho[:, 1:])[cls][None]  # (n, cap, T) error removed by each move up
         gain = (self.c[:, None, None] * raw).ravel()
         dc = np.broadcast_to(np.diff(cost, axis=1)[cls][None], raw.shape).ravel()

@@ -30,7 +30,7 @@ from ..io.collection import Collection
 from ..solvers import Factors
 from ..solvers.jd_full import jd_full_factors
 from ..solvers.linalg import adapter_weights, factor_norms2
-from ..solvers.residual import factor_products, nested_residual_spectra
+from ..solvers.residual import factor_products, nested_residual_spectra, qr_svd
 from ..solvers.svd import spectra_from_grams
 from .executor import map_modules
 from .options import CompressOptions
@@ -409,8 +409,8 @@ def _quant_profile_steps(B, A, rows: int, spectra):
             return np.zeros((C, T))
     # the selected adapters' SVDs a block at a time, keeping only the rows measured (the QR factors of up to
     # N_CLASSES * rows adapters in float64 at once were a few hundred MB at Lots-of-LoRAs shapes)
-    parts = [_svd_rows(B[blk].double(), A[blk].double()) for blk in torch.split(sel, _PROFILE_BLOCK)]
-    sv = torch.cat([p[0] for p in parts])
+    parts = [qr_svd(B[blk].double(), A[blk].double().transpose(1, 2)) for blk in torch.split(sel, _PROFILE_BLOCK)]
+    sv = torch.cat([p[2] for p in parts])
     n2 = sv.square().sum(1).clamp_min(1e-300)
     tops = [_leading(sv.square(), rows, c) for c in range(C)]
     top = torch.cat(tops)
@@ -418,9 +418,9 @@ def _quant_profile_steps(B, A, rows: int, spectra):
         return np.zeros((C, T))
     i, q = top // sv.shape[1], top % sv.shape[1]
     root = sv[i, q].sqrt()[:, None]
-    first = torch.cumsum(torch.tensor([0] + [len(p[0]) for p in parts]), 0)  # each block's first adapter
+    first = torch.cumsum(torch.tensor([0] + [len(p[2]) for p in parts]), 0)  # each block's first adapter
     x, y = torch.empty(len(top), B.shape[1], dtype=torch.float64), torch.empty(len(top), A.shape[2], dtype=torch.float64)
-    for k, (_, Qb, W, Qa, Zh) in enumerate(parts):  # each row's one singular vector, from its block
+    for k, (Qb, W, _, Zh, Qa) in enumerate(parts):  # each row's one singular vector, from its block
         mine = torch.nonzero((i >= first[k]) & (i < first[k + 1])).flatten()
         il, ql = i[mine] - first[k], q[mine]
         x[mine] = (Qb[il] @ W[il, :, ql, None])[..., 0] * root[mine]
@@ -444,16 +444,6 @@ def _quant_profile_steps(B, A, rows: int, spectra):
 
 
 _PROFILE_BLOCK = 32  # adapters decomposed at a time by the profile
-
-
-def _svd_rows(B: torch.Tensor, A: torch.Tensor):
-    """Singular values (n, r) of each ``B_i A_i`` (float64) with what gives its singular vectors:
-    ``(s, Q_B, W, Q_A, Z^T)``, the vectors being ``Q_B W`` and ``Q_A Z`` (thin QRs, then the SVD of the
-    small product of their triangles)."""
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.transpose(1, 2))
-    W, sv, Zh = torch.linalg.svd(Rb @ Ra.transpose(1, 2))
-    return sv, Qb, W, Qa, Zh
 
 
 def run_quantised(steps):

@@ -61,10 +61,7 @@ def residual_svd(B, A, U, V, S):
         return L.new_empty(n, L.shape[1], k), L.new_empty(n, k), Rt.new_empty(n, Rt.shape[1], k)
     if k < m:  # more columns than rows: the Grams are singular
         return _qr_route(L, Rt, k)
-    eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
-    eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
-    good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
-        eR[:, -1] > 0)
+    good, (eL, VL, eR, VR) = _gram_eigs(L, Rt)
     if bool(good.all()):  # the common case: no copies of the factors
         return _gram_route(L, Rt, eL, VL, eR, VR)
     if not bool(good.any()):
@@ -78,19 +75,70 @@ def residual_svd(B, A, U, V, S):
     return out
 
 
-def _gram_route(L, Rt, eL, VL, eR, VR):
-    """:func:`residual_svd` of well-conditioned stacked factors from their Grams' eigendecompositions."""
+def _gram_eigs(L, Rt):
+    """``(good, (eL, VL, eR, VR))``: the eigendecompositions of the stacked factors' Grams and which
+    adapters may take the Gram route (both Grams conditioned within :data:`_GRAM_COND`, neither zero)."""
+    eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
+    eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
+    good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
+        eR[:, -1] > 0)
+    return good, (eL, VL, eR, VR)
+
+
+def _gram_mixers(eL, VL, eR, VR):
+    """``(M_L, s, M_R)`` of well-conditioned stacked factors from their Grams' eigendecompositions: the
+    residual's singular values ``s`` and the ``m x m`` matrices that give its singular vectors,
+    ``L M_L`` and ``Rt M_R``."""
     hL, hR = eL.sqrt(), eR.sqrt()
     W, s, Zh = torch.linalg.svd(hL[:, :, None] * (VL.transpose(1, 2) @ VR) * hR[:, None, :])
-    return L @ (VL @ (W / hL[:, :, None])), s, Rt @ (VR @ (Zh.transpose(1, 2) / hR[:, :, None]))
+    return VL @ (W / hL[:, :, None]), s, VR @ (Zh.transpose(1, 2) / hR[:, :, None])
+
+
+def _gram_route(L, Rt, eL, VL, eR, VR):
+    """:func:`residual_svd` of well-conditioned stacked factors from their Grams' eigendecompositions."""
+    ML, s, MR = _gram_mixers(eL, VL, eR, VR)
+    return L @ ML, s, Rt @ MR
+
+
+def qr_svd(L, Rt):
+    """``(Q_1, W, s, Z^T, Q_2)``: thin Householder QRs ``L = Q_1 R_1``, ``Rt = Q_2 R_2`` (batched, any
+    conditioning) and the SVD ``R_1 R_2^T = W diag(s) Z^T``; the singular vectors of ``L Rt^T`` are
+    ``Q_1 W`` and ``Q_2 Z``."""
+    Q1, R1 = torch.linalg.qr(L)
+    Q2, R2 = torch.linalg.qr(Rt)
+    W, s, Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
+    return Q1, W, s, Zh, Q2
 
 
 def _qr_route(L, Rt, k: int):
     """:func:`residual_svd` from two thin Householder QRs (any conditioning), ``k`` columns."""
-    Q1, R1 = torch.linalg.qr(L)
-    Q2, R2 = torch.linalg.qr(Rt)
-    W, s, Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
+    Q1, W, s, Zh, Q2 = qr_svd(L, Rt)
     return Q1 @ W[:, :, :k], s[:, :k], Q2 @ Zh.transpose(1, 2)[:, :, :k]
+
+
+def _residual_cap(B, A, U, ranks: torch.Tensor) -> int:
+    """The most residual components any adapter keeps: its requested ``ranks``, at most the rank every
+    residual has at most."""
+    cap = min(B.shape[1], A.shape[2], B.shape[2] + U.shape[-1])
+    return min(int(ranks.max()), cap) if ranks.numel() else 0
+
+
+def _groups(U, V, ranks: torch.Tensor, assign):
+    """``(U_c, V_c, rows)`` of each cluster (one for 2-D bases; ``assign`` (n,) each adapter's, all
+    cluster 0 when None) with the adapters of it that keep a residual, taken one cluster at a time (no
+    per-adapter copies of the bases); clusters with none are left out."""
+    groups = [(U, V, ranks > 0)] if U.dim() == 2 else [
+        (U[c], V[c], (ranks > 0) & (assign == c if assign is not None else c == 0)) for c in range(U.shape[0])]
+    for Uc, Vc, sel in groups:
+        rows = torch.nonzero(sel).flatten()
+        if len(rows):
+            yield Uc, Vc, rows
+
+
+def _roots(s, k_max: int, keep):
+    """Square roots of the first ``k_max`` singular values, zero where ``keep`` (n, k_max) is: what each
+    factor of a kept component carries."""
+    return s[:, :k_max].clamp_min(0).sqrt() * keep
 
 
 def residual_factors(B, A, U, V, S, ranks: torch.Tensor, assign: torch.Tensor | None = None):
@@ -100,20 +148,14 @@ def residual_factors(B, A, U, V, S, ranks: torch.Tensor, assign: torch.Tensor | 
     ``U``, ``V``: (d, r) bases, or (K, d, r) the bases of K clusters with ``assign`` (n,) each
     adapter's (all cluster 0 when None), taken one cluster at a time (no per-adapter copies)."""
     n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
-    cap = min(d_out, d_in, B.shape[2] + U.shape[-1])  # the rank of every residual is at most this
-    k_max = min(int(ranks.max()), cap) if ranks.numel() else 0
+    k_max = _residual_cap(B, A, U, ranks)
     b, a = B.new_zeros(n, d_out, k_max), A.new_zeros(n, k_max, d_in)
     if k_max == 0:
         return b, a
-    groups = [(U, V, ranks > 0)] if U.dim() == 2 else [
-        (U[c], V[c], (ranks > 0) & (assign == c if assign is not None else c == 0)) for c in range(U.shape[0])]
-    for Uc, Vc, sel in groups:
-        rows = torch.nonzero(sel).flatten()  # only adapters that keep a residual
-        if len(rows) == 0:
-            continue
+    for Uc, Vc, rows in _groups(U, V, ranks, assign):
         P, s, Q = residual_svd(B[rows], A[rows], Uc, Vc, S[rows])
         keep = (torch.arange(k_max)[None, :] < ranks[rows][:, None]).to(s.dtype)
-        root = s[:, :k_max].clamp_min(0).sqrt() * keep
+        root = _roots(s, k_max, keep)
         b[rows] = P[:, :, :k_max] * root[:, None, :]
         a[rows] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2)
     return b, a
@@ -131,44 +173,30 @@ def residual_rows(B, A, U, V, S, ranks: torch.Tensor, assign: torch.Tensor | Non
     1 on real collections): far below the rounding of 16-bit, int8 and low-bit storage, whose errors
     are measured on the stored values anyway. Ill-conditioned adapters take the float64 QR route."""
     n, d_out, d_in = B.shape[0], B.shape[1], A.shape[2]
-    cap = min(d_out, d_in, B.shape[2] + U.shape[-1])
-    k_max = min(int(ranks.max()), cap) if ranks.numel() else 0
+    k_max = _residual_cap(B, A, U, ranks)
     rb, ra = torch.zeros(n, k_max, d_out), torch.zeros(n, k_max, d_in)
     if k_max == 0:
         return rb, ra
     B32 = B.float() if B32 is None else B32
     A32 = A.float() if A32 is None else A32
-    groups = [(U, V, ranks > 0)] if U.dim() == 2 else [
-        (U[c], V[c], (ranks > 0) & (assign == c if assign is not None else c == 0)) for c in range(U.shape[0])]
-    for Uc, Vc, sel in groups:
-        rows = torch.nonzero(sel).flatten()
-        if len(rows) == 0:
-            continue
+    for Uc, Vc, rows in _groups(U, V, ranks, assign):
         whole = len(rows) == n
         Bs, As, Ss = (B, A, S) if whole else (B[rows], A[rows], S[rows])
         L, Rt = _stack_factors(Bs, As, Uc, Vc, Ss)
-        m = L.shape[2]
         keep = (torch.arange(k_max)[None, :] < ranks[rows][:, None]).double()
-        if min(L.shape[1], Rt.shape[1]) < m:  # the Grams are singular: QR (float64)
-            P, s, Q = _qr_route(L, Rt, min(L.shape[1], Rt.shape[1], m))
-            root = s[:, :k_max].clamp_min(0).sqrt() * keep
-            rb[rows] = (P[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
-            ra[rows] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
+        if min(L.shape[1], Rt.shape[1]) < L.shape[2]:  # the Grams are singular: QR (float64)
+            rb[rows], ra[rows] = _qr_rows(L, Rt, k_max, keep)
             continue
-        eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
-        eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
-        good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
-            eR[:, -1] > 0)
+        good, (eL, VL, eR, VR) = _gram_eigs(L, Rt)
         fast = torch.nonzero(good).flatten()
         if len(fast):
             every = len(fast) == len(rows)  # the common case: no gathered copies
             f = slice(None) if every else fast
-            hL, hR = eL[f].sqrt(), eR[f].sqrt()
-            W, s, Zh = torch.linalg.svd(hL[:, :, None] * (VL[f].transpose(1, 2) @ VR[f]) * hR[:, None, :])
-            root = s[:, :k_max].clamp_min(0).sqrt() * keep[f]
-            # rows b_i^T = (M_L[:, :k] root)^T L_i^T with M_L = V_L W / h_L, likewise a_i from T_i
-            mb = ((VL[f] @ (W / hL[:, :, None]))[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
-            ma = ((VR[f] @ (Zh.transpose(1, 2) / hR[:, :, None]))[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
+            ML, s, MR = _gram_mixers(eL[f], VL[f], eR[f], VR[f])
+            root = _roots(s, k_max, keep[f])
+            # rows b_i^T = (M_L[:, :k] root)^T L_i^T, likewise a_i from T_i
+            mb = (ML[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
+            ma = (MR[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
             sub = rows[f]
             Lt, T = _stack_rows(B32 if whole and every else B32[sub], A32 if whole and every else A32[sub],
                                 Uc, Vc, Ss[f])
@@ -178,11 +206,16 @@ def residual_rows(B, A, U, V, S, ranks: torch.Tensor, assign: torch.Tensor | Non
                 rb[sub], ra[sub] = mb @ Lt, ma @ T
         slow = torch.nonzero(~good).flatten()
         if len(slow):
-            P, s, Q = _qr_route(L[slow], Rt[slow], min(L.shape[1], Rt.shape[1], m))
-            root = s[:, :k_max].clamp_min(0).sqrt() * keep[slow]
-            rb[rows[slow]] = (P[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
-            ra[rows[slow]] = (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float()
+            rb[rows[slow]], ra[rows[slow]] = _qr_rows(L[slow], Rt[slow], k_max, keep[slow])
     return rb, ra
+
+
+def _qr_rows(L, Rt, k_max: int, keep):
+    """:func:`residual_rows` of stacked factors through :func:`_qr_route` (float64, any conditioning)."""
+    P, s, Q = _qr_route(L, Rt, min(L.shape[1], Rt.shape[1], L.shape[2]))
+    root = _roots(s, k_max, keep)
+    return ((P[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float(),
+            (Q[:, :, :k_max] * root[:, None, :]).transpose(1, 2).float())
 
 
 def _stack_rows(B32, A32, U, V, S):
