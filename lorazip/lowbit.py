@@ -138,15 +138,34 @@ def _codes(xg: "torch.Tensor", s: "torch.Tensor", h) -> "torch.Tensor":
     import torch
 
     safe = torch.where(s > 0, s, 1.0)[..., None]
-    q = (xg / safe).add_(h).round_().clamp_min_(0)  # in place: one block allocated, not three
-    return q.clamp_max_(2 * h) if not torch.is_tensor(h) else torch.minimum(q, 2 * h, out=q)
+    return _clamped((xg / safe).add_(h).round_(), h)  # in place: one block allocated, not three
+
+
+def _clamped(q: "torch.Tensor", h) -> "torch.Tensor":
+    """``q`` clamped to the codes ``0 .. 2h`` in place (``h`` one half-range or one per row)."""
+    import torch
+
+    return q.clamp_(0, 2 * h) if not torch.is_tensor(h) else torch.minimum(q.clamp_min_(0), 2 * h, out=q)
+
+
+def _sums(lv: "torch.Tensor", x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(l.l, l.x)`` over the last axis of levels ``lv`` (overwritten) and values ``x`` (broadcast
+    against them): the first without the products' array (``torch.linalg.vecdot`` writes them first,
+    and takes twice as long), the second in ``lv``'s place."""
+    import torch
+
+    return torch.einsum("...k,...k->...", lv, lv), lv.mul_(x).sum(-1)
 
 
 def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits, h) -> "torch.Tensor":
     """Per group (N, G) the scale with the least squared error among a few clipping levels (all
     tried at once), then :data:`_REFINE` least-squares refinements (the best scale for the codes it gives;
     alternating codes and scale never increases the error). ``mask`` (G, g) zeroes the padding of
-    the last group (None: no padding); ``h``: :func:`_half` of ``bits``."""
+    the last group (None: no padding); ``h``: :func:`_half` of ``bits``.
+
+    For codes ``u`` (levels ``l = u - h``) at scale ``c`` the error is ``c^2 l.l - 2 c l.x + x.x``: each
+    clipping level's error, and the first refinement (``l.x / l.l`` of the best level's codes), come
+    from the two sums of its levels, without the dequantised values."""
     import torch
 
     def masked(t: "torch.Tensor") -> "torch.Tensor":
@@ -166,18 +185,17 @@ def _best_scales(xg: "torch.Tensor", mask: "torch.Tensor | None", bits, h) -> "t
     clip = _GAUSS_CLIP[bits] if one else torch.from_numpy(_CLIP_OF[np.asarray(bits)])[:, None]
     c0 = torch.minimum(rms * clip, amax)  # the best clip for Gaussian values, and near it
     cand = torch.stack([c0 * 0.8, c0, torch.minimum(c0 * 1.25, amax), amax]) / hg  # (C, N, G)
-    # the same operations as round(x / c + h) etc., in place on one (C, N, G, g) block (the scale
-    # search is most of a low-bit build: fewer allocations, the same values); rows of 2, 3 and 4
-    # bits in one block, each with its own levels
-    q = (xg[None] / cand.clamp_min(1e-30)[..., None]).add_(h).round_().clamp_min_(0)
-    q = (q.clamp_max_(2 * h) if one else torch.minimum(q, 2 * h, out=q)).sub_(h)
-    err = masked(q.mul_(cand[..., None]).sub_(xg[None])).square_().sum(-1)  # (C, N, G)
-    del q
-    s = cand.gather(0, err.argmin(0, keepdim=True))[0]
-    for _ in range(_REFINE):  # for fixed codes the error is a parabola in the scale: its minimum, in closed form
-        lv = masked(_codes(xg, s, h).sub_(h))
-        den = torch.linalg.vecdot(lv, lv)
-        ls = torch.linalg.vecdot(lv, xg) / den.clamp_min(1e-30)
+    # every level's codes in one (C, N, G, g) block, in place (the scale search is most of a low-bit
+    # build); rows of 2, 3 and 4 bits in one block, each with its own levels
+    lv = masked(_clamped((xg[None] / cand.clamp_min(1e-30)[..., None]).add_(h).round_(), h).sub_(h))
+    den, num = _sums(lv, xg)  # (C, N, G)
+    del lv
+    best = (cand * (cand * den - 2 * num)).argmin(0, keepdim=True)  # the error less x.x
+    s, den, num = (t.gather(0, best)[0] for t in (cand, den, num))
+    for it in range(_REFINE):  # for fixed codes the error is a parabola in the scale: its minimum, in closed form
+        if it:
+            den, num = _sums(masked(_codes(xg, s, h).sub_(h)), xg)
+        ls = num / den.clamp_min(1e-30)
         s = torch.where((den > 0) & (ls > 0), ls, s)
     return s.masked_fill_(amax <= 0, 0.0)
 

@@ -78,6 +78,55 @@ def test_quantiser_values_are_the_readers_bit_for_bit(n, length, group, seed):
         assert np.array_equal(again[0], codes) and np.array_equal(again[1], scales)
 
 
+def _search_reference(x: np.ndarray, bits: int) -> np.ndarray:
+    """float64 errors per row of the documented scale search done plainly: each clipping level's codes
+    and dequantised values, the least error's level, two least-squares refinements, the scale rounded
+    to bfloat16 and the codes taken again."""
+    h = (2**bits - 1) / 2
+    a = np.abs(x)
+    amax, rms = a.max(1), np.sqrt((x * x).mean(1))
+
+    def levels(s):
+        return np.clip(np.round(x / np.where(s > 0, s, 1.0)[:, None] + h), 0, 2 * h) - h
+
+    if bits == 1:
+        s = 2 * a.mean(1)
+    elif bits == 8:
+        s = amax / h
+    else:
+        c0 = np.minimum(rms * lowbit._GAUSS_CLIP[bits], amax)
+        cand = np.stack([c0 * 0.8, c0, np.minimum(c0 * 1.25, amax), amax]) / h
+        err = np.stack([((levels(c) * c[:, None] - x) ** 2).sum(1) for c in cand])
+        s = cand[err.argmin(0), np.arange(len(x))]
+        for _ in range(2):
+            lv = levels(s)
+            den, num = (lv * lv).sum(1), (lv * x).sum(1)
+            ls = num / np.maximum(den, 1e-30)
+            s = np.where((den > 0) & (ls > 0), ls, s)
+    s = torch.from_numpy(np.where(amax > 0, s, 0.0)).to(torch.bfloat16).double().numpy()
+    return ((levels(s) * s[:, None] - x) ** 2).sum(1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 12), length=st.integers(2, 400), seed=st.integers(0, 2**31 - 1),
+       tail=st.sampled_from(["gauss", "laplace", "outlier"]))
+def test_quantiser_scale_search_against_a_plain_float64_one(n, length, seed, tail):
+    """The search's clipping levels are compared by the error's closed form (``c^2 l.l - 2 c l.x``) and
+    its first refinement is read off the same sums: each row's error is the plain search's (levels
+    compared on their dequantised values, in float64), to float32's precision."""
+    rng = np.random.default_rng(seed)
+    x = {"gauss": rng.standard_normal, "laplace": rng.laplace,
+         "outlier": rng.standard_normal}[tail]((n, length)) * rng.uniform(0.01, 10, (n, 1))
+    if tail == "outlier":
+        x[:, rng.integers(length)] *= 25
+    x = x.astype(np.float32).astype(np.float64)
+    for bits in lowbit.BITS:
+        codes, scales = lowbit.quantize(torch.from_numpy(x), bits)
+        got = ((lowbit.dequantize(codes, scales, bits).astype(np.float64) - x) ** 2).sum(1)
+        want = _search_reference(x, bits)
+        assert np.all(got <= want * (1 + 2e-3) + 1e-12 * (x * x).sum(1)), (bits, got / want)
+
+
 def test_quantiser_edge_rows():
     x = torch.zeros(3, 10, dtype=torch.float64)
     x[1, 4] = 3.0
