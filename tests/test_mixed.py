@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 
 import numpy as np
 import pytest
@@ -291,8 +292,11 @@ def test_a_budget_below_the_kept_heads_says_so(tmp_path):
     heads = {"base_model.model.classifier.modules_to_save.default.weight": torch.randn(64, 64)}
     write_collection(tmp_path / "c", n=2, modules=MODULES, r=4, seed=1, extra_tensors=heads)
     coll = lorazip.load_collection(tmp_path / "c")
-    with pytest.raises(lorazip.OptionError, match="modules_to_save"):
+    with pytest.raises(lorazip.OptionError, match="modules_to_save") as err:
         compress_mixed(coll, CompressOptions(budget=20_000, hash_sources=False))
+    # whole bytes, and the two ways out by their flags
+    assert re.search(r"\(\d[\d,]* bytes, of which", str(err.value)) and ".0 bytes" not in str(err.value)
+    assert "--extras-dtype int8" in str(err.value) and "--no-extras" in str(err.value)
     art, _ = compress_mixed(coll, CompressOptions(budget=20_000, keep_extras=False, hash_sources=False))
     assert art.serialized_size() <= 20_000
 

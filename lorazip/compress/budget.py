@@ -512,9 +512,9 @@ def _too_small(dry: Artifact, budget: int, fixed: int) -> None:
     """The error of a budget that cannot hold even the header and statistics."""
     extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items() if k.startswith("extras/"))
     hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
-            "store them in int8 or leave them out") if extras else ""
+            "store them in int8 (--extras-dtype int8) or leave them out (--no-extras)") if extras else ""
     raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
-                      f"statistics ({fixed:,} bytes{hint})")
+                      f"statistics ({int(fixed):,} bytes{hint})")
 
 
 def _affordable_rank(collection: Collection, numbers: int, max_rank: int, spread: int = 2) -> int:
