@@ -280,6 +280,11 @@ def _ray_executor(ray: bool, address: Optional[str], workers: Optional[int]):
     return RayExecutor(address=address, workers=workers).start()
 
 
+def _listed(names: list[str], most: int = 5) -> str:
+    """``a, b, c`` (the first ``most`` names, then `` ...``)."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
 def _run_with_progress(what: str, run):
     """``run(progress)`` under a progress bar titled ``what``."""
     with _progress() as bar:
@@ -295,6 +300,7 @@ def _compress_report(art, coll, got, timing: dict, executor, budget: Optional[st
     rep["timing"] = timing
     rep["missing_modules"] = coll.missing_modules()
     rep["extras"] = coll.extras()
+    rep["extras_kept"] = any(k.startswith("extras/") for k in art.keys())
     rep["skipped"] = [{"repo": r, "reason": why} for r, why in got.skipped]
     if art.cluster_choice is not None:
         rep["k_selection"] = {**art.cluster_choice, "budget": budget}  # as given
@@ -453,17 +459,29 @@ def export(
 
     limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
     art = load_artifact(artifact)
-    kw = dict(dtype=dtype, overwrite=overwrite, memory_limit=limit)
+    empty: list[str] = []
+    kw = dict(dtype=dtype, overwrite=overwrite, memory_limit=limit, empty=empty)
     try:  # NumPy and plain file reads: the same bytes as the torch export, without importing torch
         paths = export_numpy(art, outdir, adapter or None, **kw)
     except Unsupported:  # an artifact the NumPy reader does not know (raised before anything is written)
         _load_torch()
         from lorazip.export import export as run_export
 
+        empty.clear()
         paths = run_export(art, outdir, adapter or None, **kw)
+    written, kept = {p.name for p in paths}, {k.split("/")[1] for k in art.keys() if k.startswith("extras/")}
+    dropped = [a["name"] for i, a in enumerate(art.meta["adapters"])
+               if a.get("extras") and a["name"] in written and str(i) not in kept]
     if as_json:
-        _emit_json({"report_version": 1, "exported": [str(p) for p in paths]})
+        _emit_json({"report_version": 1, "exported": [str(p) for p in paths], "zero": empty, "extras_left_out": dropped})
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")
+    if empty:
+        err.print(f"note: {len(empty)} adapter(s) are stored at nothing in every module (a budget left them out, or their update is zero), "
+                  f"exported as a zero LoRA that computes the base model: {escape(_listed(empty))}")
+    if dropped:
+        err.print(f"note: {len(dropped)} adapter(s) had non-LoRA tensors (modules_to_save heads) that the artifact "
+                  f"does not keep (compressed with --no-extras); their folders lack them, so PEFT keeps the base "
+                  f"model's: {escape(_listed(dropped))}")
 
 
 @app.command()

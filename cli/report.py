@@ -115,7 +115,20 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     con.print(t)
 
 
+def _names(names: list[str], most: int = 5) -> str:
+    return escape(", ".join(names[:most]) + (" ..." if len(names) > most else ""))
+
+
 def print_notes(con: Console, rep: dict[str, Any]) -> None:
+    bits = rep.get("bits") or {}
+    if bits.get("adapters_at_nothing"):
+        gone = bits["adapters_at_nothing"]
+        con.print(f"note: {len(gone)} adapter(s) stored at nothing in every module (error 1: the base model's "
+                  f"outputs; export writes them as zero LoRAs): {_names(gone)}")
+    if bits.get("zero_update"):
+        zero = bits["zero_update"]
+        con.print(f"note: {len(zero)} adapter(s) have a zero update in every module (LoRA B or A all zero: "
+                  f"untrained?); their error is 0 and counts in the statistics: {_names(zero)}")
     capped = [m for m in rep.get("modules", []) if "rank_capped" in m]
     if capped:
         parts = [f"{escape(m['name'])} {m['rank_capped']['requested']} -> "
@@ -138,6 +151,9 @@ def print_notes(con: Console, rep: dict[str, Any]) -> None:
         keys = sorted({k for v in extras.values() for k in v})
         ex = rep.get("extras_error")
         how = f"stored as {ex['dtype']}" if ex else "stored uncompressed (--extras-dtype int8 shrinks them)"
+        if not rep.get("extras_kept", True):
+            how = ("left out (--no-extras: exported adapters lack them and PEFT keeps the base model's; "
+                   "the ratio compares without them)")
         con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, {how}: "
                   f"{escape(', '.join(keys[:4]))}{' ...' if len(keys) > 4 else ''}")
 

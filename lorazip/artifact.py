@@ -145,6 +145,11 @@ def storage_summary(artifact: "Artifact") -> dict[str, Any]:
         f["bytes"] for a in artifact.meta["adapters"] for name, f in a["source"]["files"].items()
         if not name.endswith(".json")
     )
+    if any(a.get("extras_bytes") for a in artifact.meta["adapters"]):  # heads left out (--no-extras) are
+        # compared with nothing: the originals' bytes are then those of what the artifact represents
+        kept = {k.split("/")[1] for k in artifact.keys() if k.startswith("extras/")}
+        orig_bytes -= sum(a.get("extras_bytes", 0) for i, a in enumerate(artifact.meta["adapters"])
+                          if str(i) not in kept)
     art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
     return {
         "original_params": orig,

@@ -181,7 +181,9 @@ def storage_bits(artifact: Artifact) -> dict[str, Any]:
     cores and residual rows (float parts at 16 or 32), ``bytes`` of those parts with their
     scales and bit tables, ``bits_per_number`` (those bytes in bits over the numbers),
     ``pairs_at_nothing``: the (adapter, module) pairs an adapter adapts of which the artifact
-    stores nothing (relative error 1), of ``pairs``, ``shared``: the distinct widths "bases/cores"
+    stores nothing (relative error 1), of ``pairs``, ``adapters_at_nothing``: the names of the adapters
+    stored at nothing in every module, ``zero_update``: those whose update is zero in every module (an
+    untrained LoRA: its error is 0, and it counts in the statistics), ``shared``: the distinct widths "bases/cores"
     of low-bit shared parts (format v6 ``shared_bits``) and ``low_residual``: whether residual rows
     are stored at 1-8 bits."""
     from collections import Counter
@@ -217,11 +219,15 @@ def storage_bits(artifact: Artifact) -> dict[str, Any]:
         if low:
             nbytes += res["total_rank"]  # the bits table
     sq, n2 = artifact.stats()
+    nothing = (n2 > 0) & (sq >= n2 * (1 - 1e-9))
     tags = sorted({"/".join(map(str, m["shared_bits"])) for m in artifact.modules if m.get("shared_bits")})
     return {"histogram": {str(b): hist[b] for b in sorted(hist)}, "numbers": numbers, "bytes": nbytes,
             "bits_per_number": 8 * nbytes / numbers if numbers else 0.0, "shared": tags,
             "low_residual": any((m.get("residual") or {}).get("bits") for m in artifact.modules),
-            "pairs_at_nothing": int(((n2 > 0) & (sq >= n2 * (1 - 1e-9))).sum()), "pairs": int((n2 > 0).sum())}
+            "pairs_at_nothing": int(nothing.sum()), "pairs": int((n2 > 0).sum()),
+            "adapters_at_nothing": [artifact.names[i] for i in
+                                    torch.nonzero(((n2 > 0) & ~nothing).sum(1) == 0).flatten().tolist() if n2[i].sum() > 0],
+            "zero_update": [artifact.names[i] for i in torch.nonzero((n2 > 0).sum(1) == 0).flatten().tolist()]}
 
 
 def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str, Any] | None:
@@ -328,7 +334,7 @@ def evaluate(
         "baseline": baseline,
         "storage": st,
         "bits": {k: stored[k] for k in ("histogram", "bits_per_number", "pairs_at_nothing", "pairs", "shared",
-                                        "low_residual")},
+                                        "low_residual", "adapters_at_nothing", "zero_update")},
         "split_modules": split_modules(artifact.modules, [artifact.meta["adapters"][i] for i in rows]),
         "adapters": _adapter_rows(artifact, rows, adapter_err, weight_err, base_same, nn2, assign),
         "modules": _module_rows(artifact, relative(sq, nn2), nn2),

@@ -103,6 +103,7 @@ def export(
     dtype: str = "float32",
     overwrite: bool = False,
     memory_limit: int | None = None,
+    empty: list[str] | None = None,
 ) -> list[Path]:
     """Write adapters as PEFT folders ``outdir/<name>/`` (all adapters when ``names`` is None).
 
@@ -112,6 +113,9 @@ def export(
     are read once for all the adapters (up to about 256 MiB of exported tensors at a time, or half of
     ``memory_limit`` bytes).
     ``lorazip export`` writes the same bytes without torch (:func:`lorazip.export_core.export_numpy`).
+    An adapter stored at nothing in every module (a budget may leave one so) is written as a zero LoRA of
+    rank 1 on its first module, which PEFT and vLLM load and which computes the base model; ``empty``
+    (a list) is filled with their names.
     """
     return export_folders(artifact, outdir, names, dtype=dtype, overwrite=overwrite,
-                          source=lambda rows: _TorchSource(artifact), memory_limit=memory_limit)
+                          source=lambda rows: _TorchSource(artifact), memory_limit=memory_limit, empty=empty)

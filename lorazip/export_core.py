@@ -91,9 +91,12 @@ def peft_parts(src, meta: dict[str, Any], rows: list[int], dtype: str) -> list[t
     limit = EXPORT_MAX[dtype]
     metas = [meta["adapters"][i] for i in rows]
     parts: list[tuple[dict, dict[str, int]]] = [({}, {}) for _ in rows]
+    first: dict[int, dict[str, Any]] = {}  # each adapter's first module (for one stored at nothing anywhere)
     for mod in meta["modules"]:
         m = mod["name"]
         sel = [j for j, am in enumerate(metas) if m in am["ranks"]]
+        for j in sel:
+            first.setdefault(j, mod)
         if not sel:
             continue  # no requested adapter adapted this module: its delta is zero
         sub = [rows[j] for j in sel]
@@ -128,15 +131,12 @@ def peft_parts(src, meta: dict[str, Any], rows: list[int], dtype: str) -> list[t
             Bp, Ap = Bs[t], At[int(assign[t])]
             if k:
                 Bp, Ap = src.cat([Bp, b[t, :, :k]], 1), src.cat([Ap, a[t, :k]], 0)
-            state, ranks = parts[j]
-            path = module_path(mod)  # a shape group is written under its module's path
-            if mod.get("layout", "linear") == "embedding":
-                state[f"{PREFIX}{path}.lora_embedding_A"] = src.cast(Bp.T, dtype)
-                state[f"{PREFIX}{path}.lora_embedding_B"] = src.cast(Ap.T, dtype)
-            else:
-                state[f"{PREFIX}{path}.lora_A.weight"] = src.cast(Ap, dtype)
-                state[f"{PREFIX}{path}.lora_B.weight"] = src.cast(Bp, dtype)
-            ranks[path] = r + k
+            _put(parts[j], mod, Bp, Ap, src, dtype)
+    for j, mod in first.items():
+        if not parts[j][1]:  # stored at nothing in every module: a zero LoRA of rank 1 on its first one (PEFT
+            # refuses a LoRA with no target module; this one computes the base model, as the artifact does)
+            parts[j] = (parts[j][0], ZeroFilled())
+            _put(parts[j], mod, src.zeros((mod["d_out"], 1)), src.zeros((1, mod["d_in"])), src, dtype)
     for j, i in enumerate(rows):
         orig = metas[j].get("extras_dtypes", {})  # extras converted at compression (--extras-dtype)
         for key in metas[j].get("extras", []):
@@ -144,6 +144,23 @@ def peft_parts(src, meta: dict[str, Any], rows: list[int], dtype: str) -> list[t
             if t is not None:
                 parts[j][0][key] = t
     return parts
+
+
+class ZeroFilled(dict):
+    """The per-module ranks of an adapter stored at nothing anywhere, exported as a zero LoRA (:func:`peft_parts`)."""
+
+
+def _put(part: tuple[dict, dict[str, int]], mod: dict[str, Any], Bp, Ap, src, dtype: str) -> None:
+    """Adapter's module ``mod`` with factors ``Bp`` (d_out, r), ``Ap`` (r, d_in) into its ``(state, ranks)``."""
+    state, ranks = part
+    path = module_path(mod)  # a shape group is written under its module's path
+    if mod.get("layout", "linear") == "embedding":
+        state[f"{PREFIX}{path}.lora_embedding_A"] = src.cast(Bp.T, dtype)
+        state[f"{PREFIX}{path}.lora_embedding_B"] = src.cast(Ap.T, dtype)
+    else:
+        state[f"{PREFIX}{path}.lora_A.weight"] = src.cast(Ap, dtype)
+        state[f"{PREFIX}{path}.lora_B.weight"] = src.cast(Bp, dtype)
+    ranks[path] = Bp.shape[1]
 
 
 # the heads PEFT's task types add to modules_to_save when it loads an adapter (suffix-matched)
@@ -228,13 +245,17 @@ def export_folders(
     overwrite: bool,
     source: Callable[[list[int]], Any],
     memory_limit: int | None = None,
+    empty: list[str] | None = None,
 ) -> list[Path]:
     """Write adapters as PEFT folders ``outdir/<name>/`` (all adapters when ``names`` is None), each
     atomically (:func:`write_folder`); returns the folders written. Dtype, names and output folders
     are checked before anything is computed; ``source(rows)`` is a context manager giving what
     :func:`peft_parts` computes with and a ``save(state, tmp, final)`` for the weights file (it is
     entered before any folder is created, so an :class:`Unsupported` one leaves no trace). Adapters are
-    built and written a chunk at a time (:func:`chunk_bytes` of ``memory_limit``)."""
+    built and written a chunk at a time (:func:`chunk_bytes` of ``memory_limit``). ``empty``: filled with
+    the names of adapters the artifact stores at nothing in every module, written as a zero LoRA of rank 1
+    on their first module (PEFT loads no LoRA without a target module; this one computes the base model,
+    as the artifact does)."""
     check_dtype(dtype)
     limit = chunk_bytes(memory_limit)
     names = list(dict.fromkeys(artifact.names if names is None else names))  # each adapter once
@@ -253,6 +274,8 @@ def export_folders(
         written = []
         for chunk in chunks(artifact.meta, rows, dtype, limit):
             for i, (state, ranks) in zip(chunk, peft_parts(src, artifact.meta, chunk, dtype)):
+                if empty is not None and isinstance(ranks, ZeroFilled):
+                    empty.append(artifact.names[i])
                 written.append(write_folder(out, artifact.names[i], lambda tmp, final: src.save(state, tmp, final),
                                             peft_config(artifact.meta, i, state, ranks), overwrite))
     return written
@@ -617,10 +640,11 @@ def export_numpy(
     dtype: str = "float32",
     overwrite: bool = False,
     memory_limit: int | None = None,
+    empty: list[str] | None = None,
 ) -> list[Path]:
     """:func:`lorazip.export.export` without torch, for an artifact opened from a file: the same
     folders, byte for byte. Raises :class:`Unsupported` (nothing written) for artifacts it cannot
     read; export those with torch."""
 
     return export_folders(artifact, outdir, names, dtype=dtype, overwrite=overwrite,
-                          source=lambda rows: NumpySource(artifact, rows), memory_limit=memory_limit)
+                          source=lambda rows: NumpySource(artifact, rows), memory_limit=memory_limit, empty=empty)

@@ -771,17 +771,23 @@ def _pack_residuals(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> Non
 
 
 def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
-    """Zero each logical spectrum beyond its adapter's LoRA rank (round-off of a padded factor),
-    in place: an artifact in memory then equals what its file reads back."""
+    """Zero each logical spectrum beyond its adapter's LoRA rank (round-off of a padded factor), and
+    keep no column beyond the largest of those ranks (removing the adapter of the largest rank leaves
+    them), in place: an artifact in memory then equals what its file reads back, and its spectra are
+    of the shape :func:`pack` packs (one tensor, or codes in format v7), not a tensor per module."""
     import torch
 
     n = len(meta["adapters"])
     for j, mod in enumerate(meta["modules"]):
-        t = tensors.get(f"spectra/{mod['name']}")
+        key = f"spectra/{mod['name']}"
+        t = tensors.get(key)
         if t is None or t.shape[0] != n:
             continue
         rs = torch.tensor([a["ranks"].get(mod["name"], 0) for a in meta["adapters"]])
         t[torch.arange(t.shape[1])[None, :] >= rs[:, None]] = 0
+        width = int(rs.max()) if n else 0
+        if t.shape[1] > width:
+            tensors[key] = t[:, :width].contiguous()
 
 
 def _dtype_name(t: "torch.Tensor") -> str:

@@ -358,3 +358,73 @@ def test_a_memory_limit_writes_in_chunks_and_the_same_bytes(colls, tmp_path, cap
     assert _tree(tmp_path / "small") == _tree(tmp_path / "whole")
     with pytest.raises(OptionError, match="memory limit must be a positive number"):
         export_numpy(load_artifact(path), tmp_path / "bad", memory_limit=0)
+
+
+def test_an_adapter_stored_at_nothing_exports_as_a_zero_lora(tmp_path, capsys):
+    """An adapter the artifact stores at nothing in every module (here its update is zero: PEFT's
+    initialisation, B = 0) is written as a zero LoRA of rank 1 on its first module, which PEFT loads
+    (a folder with no target module it refuses), by both exports, byte for byte; the CLI names it, and
+    compress's report lists it among the adapters with a zero update."""
+    from safetensors.numpy import load_file
+
+    src = tmp_path / "src"
+    write_collection(src, n=3, seed=3)
+    zero = {k: np.zeros_like(v) if ".lora_B." in k else v
+            for k, v in load_file(str(src / "a1" / "adapter_model.safetensors")).items()}
+    from safetensors.numpy import save_file
+
+    save_file(zero, str(src / "a1" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    art_path = tmp_path / "z.lorazip.safetensors"
+    rc, _, err = run_cli(capsys, "compress", str(src), "-o", str(art_path))
+    assert rc == 0 and "zero update in every module" in err and "a1" in err
+    art = load_artifact(art_path)
+    assert lorazip.evaluate(art)["bits"]["zero_update"] == ["a1"]
+    empty_np, empty_t = [], []
+    export_numpy(art, tmp_path / "np", empty=empty_np)
+    lorazip.export(art, tmp_path / "t", empty=empty_t)
+    assert empty_np == empty_t == ["a1"]
+    for name in ("a0", "a1", "a2"):
+        assert (tmp_path / "np" / name / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "t" / name / "adapter_model.safetensors").read_bytes()
+    cfg = json.loads((tmp_path / "np" / "a1" / "adapter_config.json").read_text())
+    first = min(art.meta["adapters"][1]["ranks"], key=[m["name"] for m in art.modules].index)
+    assert cfg["target_modules"] == [first] and cfg["r"] == 1
+    tensors = load_file(str(tmp_path / "np" / "a1" / "adapter_model.safetensors"))
+    assert len(tensors) == 2 and all(not t.any() for t in tensors.values())
+    rc, _, err = run_cli(capsys, "export", str(art_path), str(tmp_path / "cli"))
+    assert rc == 0 and "stored at nothing in every module" in err and "a1" in err
+    # the report names adapters stored at nothing where they do have an update (a budget left them out)
+    gone = tmp_path / "gone.lorazip.safetensors"
+    from helpers import resave_artifact
+
+    def edit(t):  # every error made the norm: each adapter with an update is then stored at nothing
+        key = "stats" if "stats" in t else None
+        if key:
+            t[key][0] = t[key][1]
+        else:
+            t["stats/sq_error"][:] = t["stats/norm2"]
+
+    resave_artifact(art_path, gone, tensor_edit=edit)
+    bits = lorazip.evaluate(load_artifact(gone))["bits"]
+    assert bits["adapters_at_nothing"] == ["a0", "a2"] and bits["zero_update"] == ["a1"]
+
+
+def test_heads_left_out_are_said_and_not_counted(tmp_path, capsys):
+    """``--no-extras``: the report says the heads are left out (not "stored uncompressed") and its ratio
+    compares with the originals less them; export names the adapters whose heads it cannot write."""
+    heads = {"base_model.model.classifier.modules_to_save.default.weight": torch.randn(32, 64)}
+    write_collection(tmp_path / "src", n=2, seed=4, extra_tensors=heads)
+    art_path = tmp_path / "h.lorazip.safetensors"
+    rc, out, err = run_cli(capsys, "compress", str(tmp_path / "src"), "-o", str(art_path), "--rank", "2",
+                           "--no-extras", "--json")
+    rep = json.loads(out)
+    files = sum((tmp_path / "src" / a / "adapter_model.safetensors").stat().st_size for a in ("a0", "a1"))
+    assert rc == 0 and "left out (--no-extras" in err and "stored uncompressed" not in err
+    assert rep["storage"]["original_bytes"] == files - 2 * 32 * 64 * 4
+    rc, _, err = run_cli(capsys, "export", str(art_path), str(tmp_path / "out"))
+    assert rc == 0 and "had non-LoRA tensors" in err and "a0, a1" in err
+    kept = tmp_path / "k.lorazip.safetensors"
+    rc, out, _ = run_cli(capsys, "compress", str(tmp_path / "src"), "-o", str(kept), "--rank", "2", "--json")
+    assert json.loads(out)["storage"]["original_bytes"] == files  # heads kept: the files whole
+    rc, _, err = run_cli(capsys, "export", str(kept), str(tmp_path / "out2"))
+    assert rc == 0 and "had non-LoRA tensors" not in err

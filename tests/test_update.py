@@ -397,3 +397,24 @@ def test_failed_write_leaves_artifact_intact(built, tmp_path, capsys, monkeypatc
     rc, out, err = run(capsys, "remove", path, "a0")
     assert rc == (130 if exc is KeyboardInterrupt else 1)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kw", [{"rank": 2}, {"budget": 60_000}])
+def test_removing_the_adapter_of_the_largest_rank_keeps_the_spectra_packed(tmp_path, kw):
+    """The spectra of the other adapters lose the columns only the removed one had: the file keeps them
+    in its packed form (one tensor; codes with low-bit parts), no tensor per module, so it shrinks."""
+    from safetensors import safe_open
+
+    for i, r in enumerate((2, 4, 16)):
+        write_adapter(tmp_path / "src" / f"a{i}", GPT2_LIKE, r=r, seed=i)
+    art = lorazip.compress(lorazip.load_collection(tmp_path / "src"), hash_sources=False, **kw)
+    art.save(tmp_path / "a.lorazip.safetensors")
+    out, _ = remove_adapters(tmp_path / "a.lorazip.safetensors", ["a2"])
+    out.save(tmp_path / "b.lorazip.safetensors")
+    with safe_open(str(tmp_path / "b.lorazip.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("spectra/")]
+    assert (tmp_path / "b.lorazip.safetensors").stat().st_size < (tmp_path / "a.lorazip.safetensors").stat().st_size
+    back = lorazip.load_artifact(tmp_path / "b.lorazip.safetensors")
+    for mod in back.modules:  # the kept adapters' spectra as they were
+        key = f"spectra/{mod['name']}"
+        assert torch.equal(back.get(key), art.get(key)[:2, :4])

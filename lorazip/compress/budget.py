@@ -511,7 +511,10 @@ def _allocate_to_size(collection: Collection, opts: CompressOptions, fits: list[
 def _too_small(dry: Artifact, budget: int, fixed: int) -> None:
     """The error of a budget that cannot hold even the header and statistics."""
     extras = sum(t.numel() * t.element_size() for k, t in dry.tensors().items() if k.startswith("extras/"))
-    hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors (modules_to_save): "
+    embeddings = any(k.endswith("base_layer.weight") for k in dry.tensors() if k.startswith("extras/"))
+    what = "modules_to_save heads" + ("; embedding weights PEFT saved with a LoRA on an embedding, the base "
+                                      "model's own unless its vocabulary was resized" if embeddings else "")
+    hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors ({what}): "
             "store them in int8 (--extras-dtype int8) or leave them out (--no-extras)") if extras else ""
     raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
                       f"statistics ({int(fixed):,} bytes{hint})")

@@ -75,4 +75,5 @@ def adapter_meta(adapter, hashes: SourceHashes) -> dict[str, Any]:
         "dtype": adapter.dtype,
         "ranks": {m: spec.rank for m, spec in adapter.modules.items()},
         "extras": adapter.extras,
+        **({"extras_bytes": adapter.extras_bytes} if adapter.extras and adapter.extras_bytes else {}),
     }

@@ -90,6 +90,7 @@ class Adapter:
     weights_file: Path
     pickled: bool = False
     source: dict[str, Any] = field(default_factory=dict)
+    extras_bytes: int = 0  # bytes of the non-LoRA tensors (``extras``) in the weights file
     _state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _stat: tuple[int, int] | None = field(default=None, repr=False)  # (size, mtime_ns) of the weights at load
 
@@ -214,6 +215,17 @@ class Adapter:
 
 _NP_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}  # factors NumPy reads and converts
 _NP_STORED = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # read by NumPy (bfloat16: its bits)
+
+
+def _stored_bytes(header: dict[str, Any], keys) -> int:
+    """Bytes the tensors ``keys`` take in a safetensors file, from its header (0 for those it does not place:
+    pickled weights)."""
+    total = 0
+    for k in keys:
+        offsets = header.get(k, {}).get("data_offsets") if isinstance(header.get(k), dict) else None
+        if isinstance(offsets, (list, tuple)) and len(offsets) == 2:
+            total += int(offsets[1]) - int(offsets[0])
+    return total
 
 
 def _np_values(buf: np.ndarray, dt: str, shape: list[int]) -> np.ndarray:
@@ -573,6 +585,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
         config=cfg,
         modules=modules,
         extras=sorted(extras),
+        extras_bytes=_stored_bytes(header, extras),
         dtype="/".join(sorted(dtypes)),
         weights_file=weights,
         pickled=pickled,
