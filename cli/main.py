@@ -139,7 +139,8 @@ _SOURCES = typer.Argument(
 _RANK = typer.Option(
         None, "--rank", "-r", help="Shared rank per module, shared parts only (the paper's fixed-rank mode). "
         "Default: with no --budget / --target-error, a target mean error of 0.03 (about 99% of the adapters' "
-        "task gain kept, docs/task_eval.md); rank 16 for --method jd-diag / svd and where --clusters groups.")
+        "task gain kept, docs/task_eval.md); rank 16 for --method jd-diag / svd, and for finding the groups of "
+        "--clusters (the target's allocation then chooses shared ranks and residuals on them).")
 _DTYPE = typer.Option(
         "auto", "--dtype", help="Storage dtype: auto (the adapters' own; with --budget/--target-error int8 where "
         "that does better) | float32 | float16 | bfloat16 | int8 (per-row int8 with one scale per row: about half "

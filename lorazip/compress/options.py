@@ -119,7 +119,8 @@ class CompressOptions:
         if self.weighting not in WEIGHTINGS:
             raise OptionError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
         if self.storage_dtype not in STORAGE_DTYPES and self.storage_dtype != "auto":
-            raise OptionError(f"unknown dtype {self.storage_dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+            raise OptionError(f"unknown dtype {self.storage_dtype!r}; choose from auto, {', '.join(STORAGE_DTYPES)} "
+                              "(auto: bits of 1-8 per part under a budget or a target)")
         if self.extras_dtype not in EXTRAS_DTYPES:
             raise OptionError(f"unknown extras dtype {self.extras_dtype!r}; choose from {', '.join(EXTRAS_DTYPES)}")
         if self.objective not in OBJECTIVES:
