@@ -123,7 +123,7 @@ def test_export_one_adapter(built, tmp_path, capsys):
     out = tmp_path / "exp"
     rc, stdout, err = run(capsys, "export", art, out, "--adapter", "a1", "--json")
     assert rc == 0, err
-    assert json.loads(stdout) == {"report_version": 1, "exported": [str(out / "a1")]}
+    assert json.loads(stdout) == {"report_version": 1, "exported": [str(out / "a1")], "zero": [], "extras_left_out": []}
     assert os.listdir(out) == ["a1"]
     assert sorted(os.listdir(out / "a1")) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((out / "a1" / "adapter_config.json").read_text())
