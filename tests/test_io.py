@@ -601,3 +601,20 @@ def test_cli_records_the_sources_sha256_when_hashed_early(tmp_path):
         folder = tmp_path / "coll" / a["name"]
         for name, rec in a["source"]["files"].items():
             assert rec["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_b_rows_reads_the_same_values_in_the_solvers_layout(tmp_path, dtype):
+    """``b_rows``: the same ``B`` (padding of lower ranks included), the transpose of an (n, r, d_out)
+    array, so that the chunk's ``B_i^T`` rows are a view of it, not a copy of the module."""
+    from lorazip.solvers.factors import Factors
+
+    for i, r in enumerate((2, 4, 3)):
+        write_adapter(tmp_path / f"a{i}", GPT2_LIKE, r=r, seed=i)
+    coll = lorazip.load_collection(tmp_path)
+    for name in GPT2_LIKE:
+        plain, rows = coll.module_factors(name, dtype=dtype), coll.module_factors(name, dtype=dtype, b_rows=True)
+        assert torch.equal(plain.B, rows.B) and torch.equal(plain.A, rows.A)
+        assert rows.B.transpose(1, 2).is_contiguous()
+        chunk = Factors.stacked(rows.B, rows.A)._held()
+        assert chunk.Bt2.data_ptr() == rows.B.data_ptr()  # no copy

@@ -89,7 +89,8 @@ class FactorReads:
                 j != now + 1 or not self._plan.prefetch(now)))):
             return
         if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
-            self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32)
+            self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32,
+                                               b_rows=True)
 
     def get(self, j: int):
         self._submit(j)

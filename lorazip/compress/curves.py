@@ -135,7 +135,7 @@ def task_factors(collection: Collection, name: str, chunk: int | None, factors) 
     if chunk is not None:
         return streamed_factors(collection, name, chunk, torch.float32)
     if factors is None:
-        f = collection.module_factors(name, dtype=torch.float32)
+        f = collection.module_factors(name, dtype=torch.float32, b_rows=True)
         factors = (f.B, f.A)
     return Factors.stacked(*factors)
 

@@ -51,7 +51,7 @@ class _FactorCache:
         self._pool = None
 
     def _read(self, j: int):
-        return self.collection.module_factors(self.collection.modules[j].name, dtype=self.dtype)
+        return self.collection.module_factors(self.collection.modules[j].name, dtype=self.dtype, b_rows=True)
 
     def prefetch(self, j: int) -> None:
         if j in self._cpu or j in self._pending:
@@ -108,7 +108,7 @@ class ModuleResult:
 def _read_module(collection: Collection, name: str, dtype: torch.dtype, dev,
                  clock: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Module ``name``'s stacked factors on ``dev``; ``clock["module_reads"]`` counts the reads."""
-    f = collection.module_factors(name, dtype=dtype)
+    f = collection.module_factors(name, dtype=dtype, b_rows=True)
     clock["module_reads"] = clock.get("module_reads", 0) + 1
     return f.B.to(dev), f.A.to(dev)
 

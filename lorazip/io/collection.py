@@ -200,15 +200,21 @@ class Collection:
 
     def module_factors(
         self, name: str, indices: Iterable[int] | None = None, dtype: torch.dtype = torch.float64,
-        width: int | None = None,
+        width: int | None = None, b_rows: bool = False,
     ) -> ModuleFactors:
         """Read the factors of module ``name`` for all adapters (or ``indices``) in ``dtype``,
-        zero-padded to the largest rank among them (or to ``width``, if larger)."""
+        zero-padded to the largest rank among them (or to ``width``, if larger). ``b_rows``: ``B``
+        (n, d_out, r) is the transpose of an (n, r, d_out) array, so that each ``B_i^T`` is rows of
+        one (n r, d_out) matrix, the layout the JD solvers' sums over adapters take (a view then,
+        not a copy of the module: :attr:`~lorazip.solvers.factors.Chunk.Bt2`)."""
         info = self._index[name]
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
         r_max = max(max(ranks, default=0), width or 0, 1)
-        B = _empty((len(idx), info.d_out, r_max), dtype)  # written once; only padding is zeroed
+        if b_rows:  # written once; only padding is zeroed
+            B = _empty((len(idx), r_max, info.d_out), dtype).transpose(1, 2)
+        else:
+            B = _empty((len(idx), info.d_out, r_max), dtype)
         A = _empty((len(idx), r_max, info.d_in), dtype)
         # float32/64: the padding zeroed through NumPy (and the factors read by it, Adapter.factors), so a
         # read in a background thread runs no torch operator beside the solver
