@@ -297,10 +297,15 @@ def print_allocation(con: Console, alloc: dict[str, Any]) -> None:
         how = storage_words(alloc.get("storage_dtype"), _low_bits(alloc.get("bits")),
                             (alloc.get("bits") or {}).get("shared"), list(alloc["ranks"].values()))
         con.print(f"stored as {how}; tried (predicted {alloc.get('target_stat', 'mean')} "
-                  "error): " + ", ".join([f"K = {t['K']} {t.get('dtype', '')} {t['predicted']:.4g}"
+                  "error): " + ", ".join([f"K = {t['K']} {t.get('dtype', '')} {_predicted(t['predicted'])}"
                                           + (" (re-aimed)" if t.get("retarget") is not None else "") for t in tried]
                                          + [f"K = {t['K']} {t['dtype']} not allocated ({_deferred_why(t)})"
                                             for t in deferred]))
+
+
+def _predicted(e: float) -> str:
+    """A candidate's predicted error; 1 (or more) is a candidate that stores nothing in the bytes."""
+    return f"{e:.4g}" if e < 1 else "1 (stores nothing)"
 
 
 def _deferred_why(t: dict[str, Any]) -> str:
