@@ -300,3 +300,9 @@ def test_console_script_subprocess(tmp_path):
                          timeout=60, env=env)
     assert res.returncode == 1 and res.stdout == ""
     assert_one_error_line(res.stderr, "already exists")
+
+
+def test_a_candidate_storing_nothing_is_said_so():
+    from lorazip.cli.report import _predicted
+
+    assert _predicted(0.029871) == "0.02987" and _predicted(1.0) == "1 (stores nothing)"
