@@ -281,11 +281,6 @@ def _ray_executor(ray: bool, address: Optional[str], workers: Optional[int]):
     return RayExecutor(address=address, workers=workers).start()
 
 
-def _listed(names: list[str], most: int = 5) -> str:
-    """``a, b, c`` (the first ``most`` names, then `` ...``)."""
-    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
-
-
 def _run_with_progress(what: str, run):
     """``run(progress)`` under a progress bar titled ``what``."""
     with _progress() as bar:
@@ -478,11 +473,11 @@ def export(
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")
     if empty:
         err.print(f"note: {len(empty)} adapter(s) are stored at nothing in every module (a budget left them out, or their update is zero), "
-                  f"exported as a zero LoRA that computes the base model: {escape(_listed(empty))}")
+                  f"exported as a zero LoRA that computes the base model: {fmt.names(empty)}")
     if dropped:
         err.print(f"note: {len(dropped)} adapter(s) had non-LoRA tensors (modules_to_save heads) that the artifact "
                   f"does not keep (compressed with --no-extras); their folders lack them, so PEFT keeps the base "
-                  f"model's: {escape(_listed(dropped))}")
+                  f"model's: {fmt.names(dropped)}")
 
 
 @app.command()

@@ -115,8 +115,9 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
     con.print(t)
 
 
-def _names(names: list[str], most: int = 5) -> str:
-    return escape(", ".join(names[:most]) + (" ..." if len(names) > most else ""))
+def names(items: list[str], most: int = 5) -> str:
+    """``a, b, c`` (the first ``most`` names, then `` ...``), escaped for rich."""
+    return escape(", ".join(items[:most]) + (" ..." if len(items) > most else ""))
 
 
 def print_notes(con: Console, rep: dict[str, Any]) -> None:
@@ -124,11 +125,11 @@ def print_notes(con: Console, rep: dict[str, Any]) -> None:
     if bits.get("adapters_at_nothing"):
         gone = bits["adapters_at_nothing"]
         con.print(f"note: {len(gone)} adapter(s) stored at nothing in every module (error 1: the base model's "
-                  f"outputs; export writes them as zero LoRAs): {_names(gone)}")
+                  f"outputs; export writes them as zero LoRAs): {names(gone)}")
     if bits.get("zero_update"):
         zero = bits["zero_update"]
         con.print(f"note: {len(zero)} adapter(s) have a zero update in every module (LoRA B or A all zero: "
-                  f"untrained?); their error is 0 and counts in the statistics: {_names(zero)}")
+                  f"untrained?); their error is 0 and counts in the statistics: {names(zero)}")
     capped = [m for m in rep.get("modules", []) if "rank_capped" in m]
     if capped:
         parts = [f"{escape(m['name'])} {m['rank_capped']['requested']} -> "

@@ -86,8 +86,9 @@ def peft_parts(src, meta: dict[str, Any], rows: list[int], dtype: str) -> list[t
     array operations and cast to the export dtype): one pass over the modules, bases read once per
     module, the cores and residual rows of all ``rows`` together. Adapter ``i``, module ``m`` (cluster
     ``c``): ``lora_B = [U_c S_i, b_i]``, ``lora_A = [V_c^T; a_i]`` in float64, then cast; a module
-    where neither part has rank is left out (zero delta), and factors beyond the dtype's range are
-    one :class:`ArtifactError`."""
+    where neither part has rank is left out (zero delta), an adapter with no part anywhere is a zero LoRA
+    of rank 1 on its first module (its ranks a :class:`ZeroFilled`), and factors beyond the dtype's
+    range are one :class:`ArtifactError`."""
     limit = EXPORT_MAX[dtype]
     metas = [meta["adapters"][i] for i in rows]
     parts: list[tuple[dict, dict[str, int]]] = [({}, {}) for _ in rows]
