@@ -415,6 +415,7 @@ def eval_(
     if as_json:
         _emit_json(rep)
     fmt.print_summary(err, rep, title=f"lorazip eval {artifact}")
+    fmt.print_notes(err, rep)
     fmt.print_worst(err, rep, top)
     if plot is not None:
         err.print(f"plot written to {escape(str(plot))}")

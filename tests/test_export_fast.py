@@ -393,6 +393,8 @@ def test_an_adapter_stored_at_nothing_exports_as_a_zero_lora(tmp_path, capsys):
     assert len(tensors) == 2 and all(not t.any() for t in tensors.values())
     rc, _, err = run_cli(capsys, "export", str(art_path), str(tmp_path / "cli"))
     assert rc == 0 and "stored at nothing in every module" in err and "a1" in err
+    rc, _, err = run_cli(capsys, "eval", str(art_path))  # eval says it too
+    assert rc == 0 and "zero update in every module" in err and "a1" in err
     # the report names adapters stored at nothing where they do have an update (a budget left them out)
     gone = tmp_path / "gone.lorazip.safetensors"
     from helpers import resave_artifact
