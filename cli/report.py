@@ -157,6 +157,10 @@ def print_notes(con: Console, rep: dict[str, Any]) -> None:
                    "the ratio compares without them)")
         con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, {how}: "
                   f"{escape(', '.join(keys[:4]))}{' ...' if len(keys) > 4 else ''}")
+        if rep.get("extras_kept", True) and any(k.endswith("base_layer.weight") for k in keys):
+            con.print("note: the *.base_layer.weight tensors are the embedding weights PEFT saves with a LoRA on an "
+                      "embedding, one copy per adapter: --no-extras drops them, and PEFT then uses the base model's "
+                      "own (the same unless its vocabulary was resized)")
 
 
 def print_worst(con: Console, rep: dict[str, Any], top: int) -> None:

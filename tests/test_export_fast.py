@@ -430,3 +430,16 @@ def test_heads_left_out_are_said_and_not_counted(tmp_path, capsys):
     assert json.loads(out)["storage"]["original_bytes"] == files  # heads kept: the files whole
     rc, _, err = run_cli(capsys, "export", str(kept), str(tmp_path / "out2"))
     assert rc == 0 and "had non-LoRA tensors" not in err
+
+
+def test_embedding_weights_peft_saves_are_named(tmp_path, capsys):
+    """A LoRA on an embedding makes PEFT save the embedding's weights in every adapter: compress says what
+    those are and how to drop them (not once they are dropped)."""
+    saved = {"base_model.model.transformer.wte.base_layer.weight": torch.randn(50, 16)}
+    write_collection(tmp_path / "src", n=2, seed=5, extra_tensors=saved)
+    rc, _, err = run_cli(capsys, "compress", str(tmp_path / "src"), "-o", str(tmp_path / "a.lorazip.safetensors"),
+                         "--rank", "2")
+    assert rc == 0 and "base_layer.weight tensors are the embedding weights PEFT saves" in " ".join(err.split())
+    rc, _, err = run_cli(capsys, "compress", str(tmp_path / "src"), "-o", str(tmp_path / "b.lorazip.safetensors"),
+                         "--rank", "2", "--no-extras")
+    assert rc == 0 and "PEFT saves" not in " ".join(err.split())
