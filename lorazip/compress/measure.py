@@ -75,7 +75,8 @@ class StoredBases:
         return (n2 - 2 * inner + recon).clamp_min(0), n2
 
 
-def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_dtype: str, chunk: int):
+def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_dtype: str, chunk: int,
+                      spectra: torch.Tensor | None = None):
     """Round a module's solution to the storage dtype and measure it: with ``refine`` (JD bases
     solved in float32), the bases are re-orthonormalised in float64 and each adapter's core is the
     least-squares optimum for the bases as stored; then the exact errors of what is stored (from
@@ -86,6 +87,9 @@ def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_d
     are measured again in float64 (``chunk`` at a time), so every error is exact to ~3e-5 of itself.
     Otherwise (clusters, float64 factors) one float64 pass, ``chunk`` adapters at a time.
 
+    ``spectra``: the adapters' singular values (n, r_i) where the solver made them from the same Grams
+    (:attr:`~lorazip.solvers.jd_full.JDResult.spectra`): taken instead of made again (float32 factors).
+
     Returns ``(U, V, cores, errors2, norms2, spectra)`` with ``U``, ``V``, ``cores``
     :class:`~lorazip.quantize.Stored` in ``storage_dtype`` (int8: data and row scales).
     """
@@ -93,7 +97,7 @@ def round_and_measure(fac: Factors, U, V, cores, assign, refine: bool, storage_d
         U, V = orth(U.double().cpu()), orth(V.double().cpu())
     Us, Vs = to_storage(U.cpu(), storage_dtype), to_storage(V.cpu(), storage_dtype)
     if U.shape[0] == 1 and fac.like.dtype == torch.float32:
-        return (Us, Vs, *_measure_shared(fac, Us.values, Vs.values, cores, refine, storage_dtype, chunk))
+        return (Us, Vs, *_measure_shared(fac, Us.values, Vs.values, cores, refine, storage_dtype, chunk, spectra))
     Ur, Vr = Us.values.double(), Vs.values.double()
     bases = StoredBases(Ur, Vr)
     assign = None if assign is None else assign.long().cpu()
@@ -122,8 +126,9 @@ def _products(ch: Chunk, U, V):
     return tuple(x.cpu().double() for x in (D, C, ch.GB, ch.GA))
 
 
-def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: str, chunk: int):
-    """:func:`round_and_measure` for one shared basis and float32 factors (see there)."""
+def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: str, chunk: int, spectra=None):
+    """:func:`round_and_measure` for one shared basis and float32 factors (see there; ``spectra`` from the
+    solver: each chunk's from the same Grams, but those of the adapters measured again in float64)."""
     bases = StoredBases(Ur, Vr)
     U, V = Ur[0], Vr[0]
     out: dict[str, list] = {"c": [], "e": [], "n": [], "s": []}
@@ -141,7 +146,13 @@ def _measure_shared(fac: Factors, Ur, Vr, cores, refine: bool, storage_dtype: st
                 c[idx] = bases.cores(p[0].transpose(1, 2) @ p[1])
         stored = to_storage(c, storage_dtype)
         e2, n2 = bases.errors(D, C, GB, GA, stored.values.double())
-        for key, x in zip("cens", (stored, e2, n2, spectra_from_grams(GB, GA))):
+        if spectra is None:
+            sv = spectra_from_grams(GB, GA)
+        else:
+            sv = spectra[ch.start : ch.stop].double().clone()
+            if len(low):
+                sv[low] = spectra_from_grams(GB[low], GA[low])
+        for key, x in zip("cens", (stored, e2, n2, sv)):
             out[key].append(x)
         del ch  # a streamed chunk is freed before the next one is read
     e2, n2, sv = (torch.cat(out[key]) for key in "ens")

@@ -148,18 +148,20 @@ def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple
     clock["read_s"] += t1 - t0
     clock["solve_s"] += time.perf_counter() - t1
     return finish_module(fac_t, info, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged, opts,
-                         clock, collection)
+                         clock, collection, spectra=None if sol.spectra is None else to_torch(sol.spectra))
 
 
 def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converged: bool, opts: CompressOptions,
-                  clock: dict[str, float], collection: Collection | None = None) -> ModuleResult:
-    """A solved module rounded to the storage dtype, with its exact errors (see :func:`round_and_measure`)."""
+                  clock: dict[str, float], collection: Collection | None = None,
+                  spectra: torch.Tensor | None = None) -> ModuleResult:
+    """A solved module rounded to the storage dtype, with its exact errors (see :func:`round_and_measure`;
+    ``spectra``: the adapters' singular values where the solver made them)."""
     t0 = time.perf_counter()
     refine = (opts.method in ("jd-full", "jd-clustered") and U.dtype != torch.float64) or cores is None
     wsq = wn2 = None
     if whitening_of(collection) is None:
         U, V, cores, sq, n2, sv = round_and_measure(fac, U, V, cores, assign, refine, opts.storage_dtype,
-                                          adapter_chunk(fac))
+                                                    adapter_chunk(fac), spectra)
     else:  # calibration: a solution in whitened coordinates, mapped back (lorazip.compress.whiten)
         U, V, cores, sq, n2, sv, wsq, wn2 = finish_whitened(collection, info.name, fac, U, V, cores, assign, refine,
                                                             opts.storage_dtype, adapter_chunk(fac))

@@ -25,7 +25,8 @@ __all__ = [
 
 @dataclass
 class ModuleSolution:
-    """Bases and cores of one module in artifact layout; ``assignment`` is None when K = 1."""
+    """Bases and cores of one module in artifact layout; ``assignment`` is None when K = 1; ``spectra``:
+    each adapter's singular values where the solver made them (:attr:`JDResult.spectra`)."""
 
     U: torch.Tensor
     V: torch.Tensor
@@ -33,6 +34,7 @@ class ModuleSolution:
     assignment: torch.Tensor | None
     n_iters: int
     converged: bool
+    spectra: torch.Tensor | None = None
 
 
 def solve_module(method: str, B: torch.Tensor, A: torch.Tensor, rank: int, **kw) -> ModuleSolution:
@@ -50,4 +52,5 @@ def solve_factors(method: str, fac: Factors, rank: int, **kw) -> ModuleSolution:
         return ModuleSolution(res.U, res.V, res.S, torch.arange(fac.n), 1, True)
     solver = {"jd-full": jd_full_factors, "jd-diag": jd_diag_factors}[method]
     res = solver(fac, rank, **kw)
-    return ModuleSolution(res.U[None, ...], res.V[None, ...], res.cores, None, res.n_iters, res.converged)
+    return ModuleSolution(res.U[None, ...], res.V[None, ...], res.cores, None, res.n_iters, res.converged,
+                          getattr(res, "spectra", None))

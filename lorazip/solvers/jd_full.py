@@ -54,6 +54,8 @@ class JDResult:
     ``U``: (d_out, r), ``V``: (d_in, r), ``cores``: (n, r, r) (JD-Full) or (n, r) (JD-Diag).
     ``objective``: weighted captured fraction ``sum w_i ||U^T M_i V||^2 / sum w_i ||M_i||^2``.
     ``stopped``: the ascent ended early, where its ``stop`` said it held enough (:func:`jd_full_factors`).
+    ``spectra``: each adapter's singular values (n, r_i), float64 from its Grams, where the start made them
+    (:func:`_individual_or_start`), else None: the error pass takes them instead of making them again.
     """
 
     U: torch.Tensor
@@ -64,6 +66,7 @@ class JDResult:
     objective: float
     history: list[float] = field(default_factory=list)
     stopped: bool = False
+    spectra: torch.Tensor | None = None
 
 
 def _F2(ch, side: str):
@@ -245,8 +248,9 @@ def _start_v(fac: Factors, wc, rank: int, generator, n_power: int | None):
 
 
 def _individual_or_start(fac: Factors, wc, energies, rank: int, generator, n_power: int | None, captured):
-    """``(U, K, V, L)``: :func:`_individual_start` where its components hold :data:`_INDIVIDUAL_GAIN`
-    times what :func:`_start` does, else :func:`_start` (the same result as deciding after both).
+    """``((U, K, V, L), spectra)``: :func:`_individual_start` where its components hold :data:`_INDIVIDUAL_GAIN`
+    times what :func:`_start` does, else :func:`_start` (the same result as deciding after both), and every
+    adapter's singular values (n, r_i) where they were made to choose components (else None).
     ``energies``: ``w_i ||M_i||^2`` (n,).
 
     The data-driven ``V`` holds at most ``tr(V^T G_V V)`` whatever ``U`` (``||U^T M_i V|| <= ||M_i V||``):
@@ -258,19 +262,23 @@ def _individual_or_start(fac: Factors, wc, energies, rank: int, generator, n_pow
     def enough(held: float, than: float) -> bool:
         return held > 0 and held >= _INDIVIDUAL_GAIN * than
 
+    def spectra(chosen):
+        parts = [S for S, _, _ in chosen[0]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     chosen = None
     if most >= _INDIVIDUAL_GAIN * bound:
         chosen = _best_components(fac, wc, rank)
         alt = _individual_start(fac, chosen, rank, None, V) if enough(chosen[3], bound) else None
         if alt is not None:
-            return alt
+            return alt, spectra(chosen)
     U, K, _ = _init_side(fac, "B", _coefficients(L, wc), fac.d_out, rank, generator, 0)
     c0 = captured(K, L)
     if most < _INDIVIDUAL_GAIN * c0:
-        return U, K, V, L
+        return (U, K, V, L), None if chosen is None else spectra(chosen)
     chosen = chosen if chosen is not None else _best_components(fac, wc, rank)
     alt = _individual_start(fac, chosen, rank, U, V) if enough(chosen[3], c0) else None
-    return (U, K, V, L) if alt is None else alt
+    return ((U, K, V, L) if alt is None else alt), spectra(chosen)
 
 
 def jd_full(
@@ -464,9 +472,10 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
     def captured(K, L):
         return sum(float(xp.sum(wi[:, None, None] * (mT(Ki) @ Li) ** 2)) for Ki, Li, wi in zip(K, L, wc))
 
+    sv = None
     if individual and total:
-        U, K, V, L = _individual_or_start(fac, wc, w * norms2, rank, torch.Generator().manual_seed(seed), n_power,
-                                          captured)
+        (U, K, V, L), sv = _individual_or_start(fac, wc, w * norms2, rank, torch.Generator().manual_seed(seed),
+                                                n_power, captured)
     elif U0 is None or V0 is None:
         U, K, V, L = _start(fac, wc, rank, torch.Generator().manual_seed(seed), n_power)
     else:
@@ -498,4 +507,4 @@ def _ascend(fac: Factors, rank: int, *, weights, weighting: str, max_iters: int,
             break
     parts = [mT(Ki) @ Li for Ki, Li in zip(K, L)]
     cores = parts[0] if len(parts) == 1 else xp.concat(parts)
-    return JDResult(U, V, cores, it, converged, history[-1], history, stopped)
+    return JDResult(U, V, cores, it, converged, history[-1], history, stopped, sv)
