@@ -772,9 +772,11 @@ def _pack_residuals(out: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> Non
 
 def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> None:
     """Zero each logical spectrum beyond its adapter's LoRA rank (round-off of a padded factor), and
-    keep no column beyond the largest of those ranks (removing the adapter of the largest rank leaves
-    them), in place: an artifact in memory then equals what its file reads back, and its spectra are
-    of the shape :func:`pack` packs (one tensor, or codes in format v7), not a tensor per module."""
+    make it as wide as the largest of those ranks (removing the adapter of the largest rank leaves
+    columns no adapter has; adding one of a rank above the module's smaller side, whose singular values
+    are fewer than its rank, leaves too few), in place: an artifact in memory then equals what its file
+    reads back, and its spectra are of the shape :func:`pack` packs (one tensor, or codes in format v7),
+    not a tensor per module."""
     import torch
 
     n = len(meta["adapters"])
@@ -788,6 +790,8 @@ def trim_spectra(tensors: dict[str, "torch.Tensor"], meta: dict[str, Any]) -> No
         width = int(rs.max()) if n else 0
         if t.shape[1] > width:
             tensors[key] = t[:, :width].contiguous()
+        elif t.shape[1] < width:
+            tensors[key] = torch.cat([t, t.new_zeros(n, width - t.shape[1])], 1)
 
 
 def _dtype_name(t: "torch.Tensor") -> str:

@@ -418,3 +418,26 @@ def test_removing_the_adapter_of_the_largest_rank_keeps_the_spectra_packed(tmp_p
     for mod in back.modules:  # the kept adapters' spectra as they were
         key = f"spectra/{mod['name']}"
         assert torch.equal(back.get(key), art.get(key)[:2, :4])
+
+
+def test_adding_an_adapter_of_a_rank_above_a_module_s_side_keeps_the_spectra_packed(tmp_path):
+    """An added adapter whose rank is above a module's smaller side has fewer singular values there than
+    its rank: the spectra are padded to the largest rank, packed in one tensor, not a tensor per module."""
+    from safetensors import safe_open
+
+    mods = {"l0.q": (32, 48), "l0.k": (16, 48)}
+    for i in range(3):
+        write_adapter(tmp_path / "src" / f"a{i}", mods, r=4, seed=i)
+    write_adapter(tmp_path / "new" / "big", mods, r=24, seed=9)  # 24 > 16, l0.k's smaller side
+    art = lorazip.compress(lorazip.load_collection(tmp_path / "src"), rank=2, hash_sources=False)
+    art.save(tmp_path / "a.lorazip.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UpdateWarning)
+        out, _ = add_adapters(tmp_path / "a.lorazip.safetensors", [tmp_path / "new"])
+    out.save(tmp_path / "b.lorazip.safetensors")
+    with safe_open(str(tmp_path / "b.lorazip.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("spectra/")]
+    back = lorazip.load_artifact(tmp_path / "b.lorazip.safetensors")
+    sv = back.get("spectra/l0.k")
+    assert sv.shape == (4, 24) and not sv[3, 16:].any() and sv[3, :16].all()
+    assert torch.equal(sv[:3, :4], art.get("spectra/l0.k")[:, :4])
