@@ -225,6 +225,9 @@ def compress(
     ray_address: Optional[str] = _RAY_ADDRESS,
 ) -> None:
     """Compress a collection of PEFT LoRA adapters (local or from the Hub) into one artifact."""
+    if output.is_dir():
+        raise lorazip.OutputError(f"{output}: is a folder; give the artifact's file path "
+                                  f"(e.g. {output / 'collection.lorazip.safetensors'})")
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
     if not (ray or ray_address or hub_author or hub_search or hub_collection or hub_list):
@@ -251,6 +254,7 @@ def compress(
         storage_dtype=dtype, keep_extras=not no_extras, extras_dtype=extras_dtype, weighting=weighting,
         objective=objective, calibration_lambda=calibration_lambda, device=device, backend=backend, compute_dtype=compute_dtype, seed=seed,
         max_iters=max_iters, tol=tol, memory_limit=limit)
+    opts.check_collection(len(coll))  # before the run says anything
     if opts.is_default_run:  # the library aims at the same target; said here once
         err.print(f"no --rank, --budget or --target-error: the least storage for mean error {opts.goal} "
                   "(about 99% of the adapters' task gain kept; --rank 16 is the paper's fixed-rank mode)")

@@ -258,7 +258,8 @@ def print_info(con: Console, d: dict[str, Any]) -> None:
         sb = mod.get("shared_bits")  # format v6: bits of the bases / of the cores
         rank = str(mod["rank"]) + (f" at {sb[0]}/{sb[1]} bits" if sb else "") + (
             f", res {res['min_rank']}-{res['max_rank']}" if res else "")
-        mt.add_row(escape(mod["name"]), f"{mod['d_out']} x {mod['d_in']}", rank, str(mod["n_clusters"]), str(mod["iters"]))
+        sweeps = str(mod["iters"]) if mod["rank"] else "-"  # a rank-0 module stores no solved part
+        mt.add_row(escape(mod["name"]), f"{mod['d_out']} x {mod['d_in']}", rank, str(mod["n_clusters"]), sweeps)
     con.print(mt)
     if len(d["modules"]) > 40:
         con.print(f"... and {len(d['modules']) - 40} more (use --json for all)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, Union
 
@@ -44,7 +45,7 @@ from .artifact import Artifact, load_artifact, module_path
 from .errors import OptionError, ValidationError
 
 __all__ = [
-    "apply", "detach", "use_adapters", "set_adapters", "adapter_names", "is_applied",
+    "apply", "detach", "HeadsNotServed", "use_adapters", "set_adapters", "adapter_names", "is_applied",
     "BatchedLoraLinear", "BatchedLoraEmbedding",
 ]
 
@@ -559,7 +560,9 @@ def apply(
     Where adapters differ in a module's shape (heads with different label counts), the shape group
     that matches the model is served: by default only the adapters that fit the model are loaded
     (asking for another says why it cannot run), and requesting one that does not fit is an error.
-    Non-LoRA tensors stored with the adapters (``modules_to_save`` heads) are not served.
+    Non-LoRA tensors stored with the adapters (``modules_to_save`` heads) are not served: where the
+    served adapters carry some, a :class:`HeadsNotServed` warning names them (their rows get the model's
+    own head; export the adapters to PEFT to use theirs).
 
     Raises
     ------
@@ -583,7 +586,25 @@ def apply(
         _set_submodule(model, m, layer)
     serving.layers = wrappers
     setattr(model, _ATTR, serving)
+    _warn_heads(artifact, names)
     return model
+
+
+class HeadsNotServed(UserWarning):
+    """Adapters served by :func:`apply` carry non-LoRA tensors (``modules_to_save`` heads) it does not serve."""
+
+
+def _warn_heads(artifact: Artifact, names: list[str]) -> None:
+    """A :class:`HeadsNotServed` warning where adapters ``names`` carry non-LoRA tensors."""
+    metas = [artifact.meta["adapters"][artifact.index(n)] for n in names]
+    carry = [m["name"] for m in metas if m.get("extras")]
+    if carry:
+        keys = sorted({k.rsplit(".", 2)[0] if k.endswith((".weight", ".bias")) else k
+                       for m in metas for k in m.get("extras", [])})
+        warnings.warn(f"{len(carry)} served adapter(s) carry non-LoRA tensors that lorazip.apply does not serve "
+                      f"({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): their rows use the model's own "
+                      f"head there, not theirs; export them (lorazip export) for PEFT to use them "
+                      f"(e.g. {', '.join(carry[:3])})", HeadsNotServed, stacklevel=2)
 
 
 def _requested(artifact: Artifact, adapters: Sequence[str] | str | None) -> list[str]:

@@ -306,3 +306,27 @@ def test_a_candidate_storing_nothing_is_said_so():
     from lorazip.cli.report import _predicted
 
     assert _predicted(0.029871) == "0.02987" and _predicted(1.0) == "1 (stores nothing)"
+
+
+def test_compress_refuses_a_folder_output_and_too_many_clusters_before_any_work(tmp_path, capsys):
+    write_collection(tmp_path / "src", n=3, seed=2)
+    (tmp_path / "od").mkdir()
+    rc, out, err = run(capsys, "compress", tmp_path / "src", "-o", tmp_path / "od", "--overwrite")
+    assert rc == 1 and out == ""
+    assert_one_error_line(err, "is a folder")
+    rc, out, err = run(capsys, "compress", tmp_path / "src", "-o", tmp_path / "x.lorazip.safetensors", "--clusters", "9")
+    assert rc == 1 and out == ""
+    assert_one_error_line(err, "--clusters 9", "(3)")  # no preamble before it
+    assert not (tmp_path / "x.lorazip.safetensors").exists()
+
+
+def test_rank_with_a_budget_or_target_is_refused_unless_clusters_group_at_it(tmp_path, capsys):
+    write_collection(tmp_path / "src", n=4, seed=3)
+    for extra in (["--target-error", "0.1"], ["--budget", "20%"]):
+        rc, out, err = run(capsys, "compress", tmp_path / "src", "-o", tmp_path / "x.lorazip.safetensors",
+                           "--rank", "4", *extra)
+        assert rc == 1 and out == ""
+        assert_one_error_line(err, "--rank fixes the shared rank", "--max-rank")
+    rc, _, err = run(capsys, "compress", tmp_path / "src", "-o", tmp_path / "k.lorazip.safetensors", "--rank", "2",
+                     "--clusters", "2", "--target-error", "0.3")  # the rank the clusters group at
+    assert rc == 0, err

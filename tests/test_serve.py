@@ -377,3 +377,23 @@ def test_layer_matches_dense_reference(K, diag, conv1d, seq, batch, seed):
     assert torch.allclose(layer(x, adapter_ids=a).double(), one, rtol=1e-5, atol=1e-5)
     layer.double()  # the folded product follows the buffers
     assert torch.allclose(layer(x.double(), adapter_ids=a), one, rtol=1e-9, atol=1e-9)
+
+
+def test_apply_warns_of_heads_it_does_not_serve(tmp_path):
+    """Adapters carrying non-LoRA tensors (modules_to_save heads): apply serves their LoRA parts and says
+    that their rows use the model's own head; adapters without any: no warning."""
+    from helpers import write_collection
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorazip.serve import HeadsNotServed
+
+    modules = {"transformer.h.0.attn.c_attn": (96, 32)}
+    heads = {"base_model.model.score.modules_to_save.default.weight": torch.randn(3, 32)}
+    write_collection(tmp_path / "h", n=2, modules=modules, seed=1, extra_tensors=heads, fan_in_fan_out=True)
+    write_collection(tmp_path / "p", n=2, modules=modules, seed=1, fan_in_fan_out=True)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.warns(HeadsNotServed, match="score"):
+        lorazip.apply(copy.deepcopy(base), lorazip.compress(lorazip.load_collection(tmp_path / "h"), rank=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadsNotServed)
+        lorazip.apply(copy.deepcopy(base), lorazip.compress(lorazip.load_collection(tmp_path / "p"), rank=2))

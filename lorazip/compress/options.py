@@ -114,6 +114,11 @@ class CompressOptions:
     def _check_what(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise OptionError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.rank is not None and (self.budget is not None or self.target_error is not None) \
+                and self.clusters == 1:  # (with clusters the rank is the one they group the adapters at)
+            raise OptionError("--rank fixes the shared rank (shared parts only), while --budget / --target-error "
+                              "let the allocator choose the ranks: give one of them (--max-rank caps the ranks "
+                              "it tries)")
         if self.method not in METHODS:
             raise OptionError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.weighting not in WEIGHTINGS:
@@ -178,6 +183,12 @@ class CompressOptions:
             raise OptionError(f"unknown compute dtype {self.compute_dtype!r}; choose float64 or float32")
         if self.max_iters < 1 or not self.tol > 0:
             raise OptionError("max_iters must be >= 1 and tol > 0")
+
+    def check_collection(self, n_adapters: int) -> None:
+        """What the settings ask of a collection of ``n_adapters``, checked before any work: one
+        :class:`OptionError` (a number of clusters above the adapters')."""
+        if isinstance(self.clusters, int) and not 1 <= self.clusters <= n_adapters:
+            raise OptionError(f"--clusters {self.clusters} must be between 1 and the number of adapters ({n_adapters})")
 
     # -- what the settings mean ----------------------------------------------------------------
 
