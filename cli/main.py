@@ -239,6 +239,11 @@ def compress(
     from .parse import parse_size
 
     limit = parse_size(memory_limit, what="memory limit") if memory_limit is not None else None
+    if rank is not None and (budget or target_error is not None) and clusters in (None, 1, "1"):
+        # (the library takes the rank as the one clusters group the adapters at, and ignores it otherwise)
+        raise lorazip.OptionError("--rank fixes the shared rank (shared parts only), while --budget / --target-error "
+                                  "let the allocator choose the ranks: give one of them (--max-rank caps the ranks "
+                                  "it tries)")
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise lorazip.OptionError(f"--workers must be at least 1, got {workers}")

@@ -114,11 +114,6 @@ class CompressOptions:
     def _check_what(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise OptionError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.rank is not None and (self.budget is not None or self.target_error is not None) \
-                and self.clusters == 1:  # (with clusters the rank is the one they group the adapters at)
-            raise OptionError("--rank fixes the shared rank (shared parts only), while --budget / --target-error "
-                              "let the allocator choose the ranks: give one of them (--max-rank caps the ranks "
-                              "it tries)")
         if self.method not in METHODS:
             raise OptionError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.weighting not in WEIGHTINGS:
