@@ -82,8 +82,10 @@ def print_summary(con: Console, rep: dict[str, Any], title: str) -> None:
                   f"{ex['n_adapters']} adapter(s))")
     sr, sm = base["svd_same_rank"], base["svd_matched_storage"]
     if sr.get("per_pair"):  # ranks chosen per module (and per adapter): the SVD at each pair's own rank
+        why = ": they reach the adapters' own, so it is exact; the error above is the rounding's" \
+            if sr["max"] == 0 else ""
         t.add_row("SVD, same ranks", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (each adapter x module at "
-                  f"its stored rank, mean {sr['mean_rank']:.1f}, before rounding)")
+                  f"its stored rank, mean {sr['mean_rank']:.1f}, before rounding{why})")
     else:
         t.add_row("SVD, same rank", f"mean {sr['mean']:.4f}  max {sr['max']:.4f}  (rank {sr['rank']}, per adapter)")
     if "scheme" in sm:  # the best of per-adapter SVD at 2-16 bits and LoRAQuant-style mixed precision

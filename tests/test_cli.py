@@ -330,3 +330,14 @@ def test_rank_with_a_budget_or_target_is_refused_unless_clusters_group_at_it(tmp
     rc, _, err = run(capsys, "compress", tmp_path / "src", "-o", tmp_path / "k.lorazip.safetensors", "--rank", "2",
                      "--clusters", "2", "--target-error", "0.3")  # the rank the clusters group at
     assert rc == 0, err
+
+
+def test_svd_at_the_stored_ranks_says_why_it_is_exact(tmp_path, capsys):
+    """Where the stored ranks reach the adapters' own, per-adapter SVD at them is exact: the report says
+    so (the artifact's error is then its rounding's), not a bare 0.0000."""
+    write_collection(tmp_path / "src", n=3, seed=6)
+    rc, _, err = run(capsys, "compress", tmp_path / "src", "-o", tmp_path / "t.lorazip.safetensors",
+                     "--target-error", "0.0005")
+    assert rc == 0, err
+    flat = " ".join(err.split())
+    assert "SVD, same ranks" in flat and "max 0.0000" in flat and "so it is exact" in flat
