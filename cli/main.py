@@ -299,13 +299,14 @@ def _run_with_progress(what: str, run):
 
 def _compress_report(art, coll, got, timing: dict, executor, budget: Optional[str]) -> dict:
     """The report of ``lorazip compress``: the evaluation of the artifact with what was chosen and how."""
+    from lorazip.artifact import extras_kept
     from lorazip.evaluate import evaluate
 
     rep = evaluate(art)
     rep["timing"] = timing
     rep["missing_modules"] = coll.missing_modules()
     rep["extras"] = coll.extras()
-    rep["extras_kept"] = any(k.startswith("extras/") for k in art.keys())
+    rep["extras_kept"] = bool(extras_kept(art))
     rep["skipped"] = [{"repo": r, "reason": why} for r, why in got.skipped]
     if art.cluster_choice is not None:
         rep["k_selection"] = {**art.cluster_choice, "budget": budget}  # as given
@@ -458,7 +459,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the written folders as JSON on stdout."),
 ) -> None:
     """Export adapters back to standard PEFT folders (loadable by PEFT and vLLM)."""
-    from lorazip.artifact import load_artifact
+    from lorazip.artifact import extras_kept, load_artifact
     from lorazip.export_core import Unsupported, export_numpy
 
     from .parse import parse_size
@@ -475,9 +476,9 @@ def export(
 
         empty.clear()
         paths = run_export(art, outdir, adapter or None, **kw)
-    written, kept = {p.name for p in paths}, {k.split("/")[1] for k in art.keys() if k.startswith("extras/")}
+    written, kept = {p.name for p in paths}, extras_kept(art)
     dropped = [a["name"] for i, a in enumerate(art.meta["adapters"])
-               if a.get("extras") and a["name"] in written and str(i) not in kept]
+               if a.get("extras") and a["name"] in written and i not in kept]
     if as_json:
         _emit_json({"report_version": 1, "exported": [str(p) for p in paths], "zero": empty, "extras_left_out": dropped})
     err.print(f"exported {len(paths)} adapter(s) to {outdir}")

@@ -157,8 +157,7 @@ def print_notes(con: Console, rep: dict[str, Any]) -> None:
         if not rep.get("extras_kept", True):
             how = ("left out (--no-extras: exported adapters lack them and PEFT keeps the base model's; "
                    "the ratio compares without them)")
-        con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, {how}: "
-                  f"{escape(', '.join(keys[:4]))}{' ...' if len(keys) > 4 else ''}")
+        con.print(f"note: {len(extras)} adapter(s) carry non-LoRA tensors, {how}: {names(keys, most=4)}")
         if rep.get("extras_kept", True) and any(k.endswith("base_layer.weight") for k in keys):
             con.print("note: the *.base_layer.weight tensors are the embedding weights PEFT saves with a LoRA on an "
                       "embedding, one copy per adapter: --no-extras drops them, and PEFT then uses the base model's "

@@ -126,6 +126,12 @@ def file_checksum(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
         return h.hexdigest()
 
 
+def extras_kept(artifact: "Artifact") -> set[int]:
+    """The adapters (indices) whose non-LoRA tensors the artifact stores (none after ``--no-extras``);
+    from the tensor keys alone (no torch)."""
+    return {int(k.split("/")[1]) for k in artifact.keys() if k.startswith("extras/")}
+
+
 def storage_summary(artifact: "Artifact") -> dict[str, Any]:
     """Numbers and bytes: originals versus the artifact's bases and cores. Reads the metadata
     alone (no tensor, no torch), so ``lorazip info`` can report it; ``lorazip.evaluate.storage``."""
@@ -147,9 +153,8 @@ def storage_summary(artifact: "Artifact") -> dict[str, Any]:
     )
     if any(a.get("extras_bytes") for a in artifact.meta["adapters"]):  # heads left out (--no-extras) are
         # compared with nothing: the originals' bytes are then those of what the artifact represents
-        kept = {k.split("/")[1] for k in artifact.keys() if k.startswith("extras/")}
-        orig_bytes -= sum(a.get("extras_bytes", 0) for i, a in enumerate(artifact.meta["adapters"])
-                          if str(i) not in kept)
+        kept = extras_kept(artifact)
+        orig_bytes -= sum(a.get("extras_bytes", 0) for i, a in enumerate(artifact.meta["adapters"]) if i not in kept)
     art_bytes = os.path.getsize(artifact.path) if artifact.path else artifact.nbytes_tensors()
     return {
         "original_params": orig,

@@ -147,8 +147,10 @@ def solve_module_task(collection: Collection, j: int, rank: int, one_side: tuple
         sol.U, sol.V, sol.cores = to_torch(sol.U), to_torch(sol.V), to_torch(sol.cores)
     clock["read_s"] += t1 - t0
     clock["solve_s"] += time.perf_counter() - t1
+    # the solver's spectra are made from the Grams the error pass takes only where it ran on those factors
+    spectra = sol.spectra if opts.backend == "torch" else None
     return finish_module(fac_t, info, sol.U, sol.V, sol.cores, sol.assignment, sol.n_iters, sol.converged, opts,
-                         clock, collection, spectra=None if sol.spectra is None else to_torch(sol.spectra))
+                         clock, collection, spectra=spectra)
 
 
 def finish_module(fac: Factors, info, U, V, cores, assign, n_iters: int, converged: bool, opts: CompressOptions,
