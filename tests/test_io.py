@@ -342,6 +342,29 @@ def test_load_collection_reads_no_tensor_data(tmp_path, monkeypatch):
     assert _close(fac.B[1] @ fac.A[1], deltas["a1"]["transformer.h.0.attn.c_attn"])
 
 
+def test_unchecked_rereads_are_the_checked_values_and_a_changed_file_is_checked(tmp_path):
+    """A build's second read (``checked=False``) gives the first read's values bit for bit, without
+    the value checks; a weights file rewritten since load (NaN now) is checked as on a first read."""
+    from safetensors.torch import load_file, save_file
+
+    write_collection(tmp_path / "src", n=2, seed=0)
+    coll = lorazip.load_collection(tmp_path / "src")
+    name = coll.modules[0].name
+    first = coll.module_factors(name, dtype=torch.float32, b_rows=True)
+    again = coll.module_factors(name, dtype=torch.float32, b_rows=True, checked=False)
+    assert torch.equal(first.B, again.B) and torch.equal(first.A, again.A)
+    f = coll.adapters[1].weights_file
+    st = load_file(str(f))
+    key = next(k for k in st if "lora_A" in k and coll.adapters[1].modules[name].key_A == k)
+    st[key] = st[key].clone()
+    st[key][0, 0] = float("nan")
+    save_file(st, str(f))
+    os.utime(f, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    for checked in (True, False):
+        with pytest.raises(AdapterFormatError, match="NaN or Inf"):
+            coll.module_factors(name, dtype=torch.float32, checked=checked)
+
+
 def test_module_factors_reads_only_that_module(tmp_path, monkeypatch):
     write_collection(tmp_path / "src", n=2, seed=0)
     coll = lorazip.load_collection(tmp_path / "src")

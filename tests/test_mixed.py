@@ -74,6 +74,9 @@ def test_residual_svd_both_routes_match_dense(seed, spread, shared, inside, d_ou
     S = (B.transpose(1, 2) @ U).transpose(1, 2) @ (A @ V)
     P, s, Q = res.residual_svd(B, A, U, V, S)
     assert s.shape == (n, min(d_out, d_in, r_i + shared)) and P.shape[2] == Q.shape[2] == s.shape[1]
+    L, Rt = res._stack_factors(B, A, U, V, S)  # the same decompositions from Grams the caller gives
+    given = res.factor_svd(L, Rt, (L.transpose(1, 2) @ L, Rt.transpose(1, 2) @ Rt))
+    assert all(torch.equal(x, y) for x, y in zip(given, (P, s, Q)))
     eye = torch.eye(r_i + shared, dtype=torch.float64)
     for i in range(n):
         R = B[i] @ A[i] - U @ S[i] @ V.T

@@ -71,6 +71,23 @@ def test_profile_of_each_class_against_a_dense_float64_reference():
     assert prof[0, 0] < 0.05 < 0.3 < prof[1, 0]  # flat leading vectors: exact at 1 bit; Gaussian ones are not
 
 
+def test_profile_in_the_solvers_layout_and_from_given_grams_is_the_same():
+    """The profile of factors read in the solvers' layout (``B`` the transpose of (n, r, d_out)), with or
+    without pass 1's float64 Grams, is the profile of the plain layout (the same decompositions, to the
+    last bits); an ill-conditioned adapter (columns over 9 decades) takes the QR route either way."""
+    from lorazip.solvers.residual import factor_products
+
+    B, A = _planted(n=6, r=4)
+    B[1] = B[1] * torch.logspace(0, -9, 4)
+    plain = quant_profile(B, A)
+    rows = B.transpose(1, 2).contiguous().transpose(1, 2)
+    assert rows.stride(1) == 1 and torch.equal(rows, B)
+    GB, GA = factor_products(B, A)
+    for got in (quant_profile(rows, A), quant_profile(rows, A, grams=(GB, GA)), quant_profile(B, A, grams=(GB, GA))):
+        assert got == pytest.approx(plain, rel=1e-6, abs=1e-12)
+    assert not np.array_equal(plain, quant_profile(B * 1.001 + 0.01 * B.roll(1, 1), A))  # the check can fail
+
+
 def test_later_components_are_measured_in_their_own_class():
     """Components 5-8 of each adapter with heavy-tailed singular vectors (a few large entries: one scale per
     row then rounds the rest coarsely) are predicted to quantise worse than the second ones, as measured."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lorazip
@@ -163,3 +166,14 @@ def test_nested_fit_kept_energies_are_those_of_its_bases():
     assert sorted(XY) == sorted(kept) == list(range(R + 1))
     for r, (X, Y) in XY.items():
         assert torch.allclose(kept[r], (X.T @ S @ Y).square().sum((1, 2)), rtol=1e-12, atol=1e-15), r
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from([1, 7, 1000, 1 << 16, (1 << 16) + 5]), steps=st.integers(0, 3000), seed=st.integers(0, 2**31 - 1))
+def test_steps_by_adapter_are_the_stable_sort(n, steps, seed):
+    """Each adapter's steps in their global order (the allocator's ``by_adapter``, a radix sort where
+    the adapters' indices fit 16 bits) are the stable argsort of the steps' adapters, ties in order."""
+    from lorazip.compress.allocate import by_adapter
+
+    who = np.random.default_rng(seed).integers(0, min(n, 50) if seed % 2 else n, steps).astype(np.int32)
+    assert np.array_equal(by_adapter(who, n), np.argsort(who, kind="stable"))

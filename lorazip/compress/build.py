@@ -63,10 +63,12 @@ class FactorReads:
 
     Pass 1 may ``keep`` modules (up to ``limit`` bytes in all): a later pass 1 (another grouping)
     takes them from ``keep`` as they are, and pass 2 from ``kept`` (freeing each) instead of
-    reading them again."""
+    reading them again. ``checked=False``: the reads of pass 2, whose values pass 1 checked
+    (:meth:`~lorazip.io.peft.Adapter.factors`)."""
 
     def __init__(self, collection: Collection, *, keep: dict | None = None, limit: int = 0,
-                 kept: dict | None = None, plan: MemoryPlan | None = None, order: list[int] | None = None):
+                 kept: dict | None = None, plan: MemoryPlan | None = None, order: list[int] | None = None,
+                 checked: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
         self.collection = collection
@@ -79,6 +81,7 @@ class FactorReads:
         self._keep = keep
         self._room = limit - sum(_nbytes(f) for f in (keep or {}).values())
         self._plan = plan  # under a memory limit: streamed modules are not read here, nor read ahead
+        self._checked = checked
         if order:  # the first module is read from now on: a build does other work first (modules storing nothing)
             self._submit(order[0])
 
@@ -90,7 +93,7 @@ class FactorReads:
             return
         if j < len(self.names) and j not in self._next and j not in self._kept and j not in (self._keep or {}):
             self._next[j] = self._pool.submit(self.collection.module_factors, self.names[j], dtype=torch.float32,
-                                               b_rows=True)
+                                               b_rows=True, checked=self._checked)
 
     def get(self, j: int):
         self._submit(j)
@@ -394,7 +397,7 @@ def build_allocation(collection: Collection, opts: CompressOptions, fits: list[M
         for j in unread if kept is not None else ():
             kept.pop(j, None)  # pass 1's factors of a module not read again: freed now
         # whitened modules are re-read by their task
-        reads = FactorReads(collection, kept=kept, plan=memory, order=todo) \
+        reads = FactorReads(collection, kept=kept, plan=memory, order=todo, checked=False) \
             if executor is None and not out.whitened else None
         tasks = map_modules(executor, build_module_task, collection, [args[j] for j in todo],
                             labels=[collection.modules[j].name for j in todo],

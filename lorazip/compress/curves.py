@@ -30,7 +30,7 @@ from ..io.collection import Collection
 from ..solvers import Factors
 from ..solvers.jd_full import jd_full_factors
 from ..solvers.linalg import adapter_weights, factor_norms2
-from ..solvers.residual import factor_products, nested_residual_spectra, qr_svd
+from ..solvers.residual import factor_products, factor_svd, nested_residual_spectra
 from ..solvers.svd import spectra_from_grams
 from .executor import map_modules
 from .options import CompressOptions
@@ -210,7 +210,8 @@ def fit_factors(fac: Factors, name: str, R: int, *, weighting: str, seed: int, t
                   functools.partial(lambda r, err: cores.__setitem__(r, np.tile(err, (n, 1))), r))
     if quant is None and profile:
         quant = np.zeros((lowbit.N_CLASSES, len(lowbit.BITS)))
-        batch.add(_quant_profile_steps(first.B, first.A, _PROFILE_ROWS, spectra.get(0)),
+        m = first.B.shape[0]  # the profile measures the first chunk's adapters, whose Grams these are
+        batch.add(_quant_profile_steps(first.B, first.A, _PROFILE_ROWS, spectra.get(0), (GB[:m], GA[:m])),
                   functools.partial(np.copyto, quant))
     if now:
         batch.run()
@@ -380,7 +381,8 @@ def _profile(B, A, spectra: dict, quant: np.ndarray | None, measure: bool) -> np
 
 
 def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
-                  spectra: torch.Tensor | None = None) -> np.ndarray:
+                  spectra: torch.Tensor | None = None, grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ) -> np.ndarray:
     """(N_CLASSES, len(BITS)) relative squared error of a residual component stored at each of
     :data:`lowbit.BITS`, by its class (:func:`lorazip.lowbit.component_class`: each adapter's leading
     component, the second, the 3rd-4th, the 5th-8th, the rest; later singular vectors quantise worse,
@@ -391,12 +393,15 @@ def quant_profile(B: torch.Tensor, A: torch.Tensor, rows: int = _PROFILE_ROWS,
     ``err = ||x y^T - x_hat y_hat^T||^2`` of the stored rows ``x = sqrt(sigma) u``, ``y = sqrt(sigma) v``.
     The rows never decrease with the class (:func:`_classes`). ``spectra`` (n, m): the adapters'
     squared singular values where the caller has them (pass 1's residual spectra at shared rank 0);
-    they choose the components, and only the adapters holding them are decomposed."""
-    return run_quantised(_quant_profile_steps(B, A, rows, spectra))
+    they choose the components, and only the adapters holding them are decomposed; ``grams``: their
+    float64 ``(B^T B, A A^T)`` (n, r, r) where the caller has them (pass 1: the decompositions start
+    from them)."""
+    return run_quantised(_quant_profile_steps(B, A, rows, spectra, grams))
 
 
-def _quant_profile_steps(B, A, rows: int, spectra):
-    """:func:`quant_profile` as quantiser steps (:func:`run_quantised`)."""
+def _quant_profile_steps(B, A, rows: int, spectra, grams=None):
+    """:func:`quant_profile` as quantiser steps (:func:`run_quantised`); ``grams``: float64 ``(B^T B,
+    A A^T)`` where the caller has them."""
     n, T, C = B.shape[0], len(lowbit.BITS), lowbit.N_CLASSES
     if n == 0 or B.shape[2] == 0:
         return np.zeros((C, T))
@@ -407,10 +412,10 @@ def _quant_profile_steps(B, A, rows: int, spectra):
         sel = torch.unique(torch.cat([_leading(sq, rows, c) for c in range(C)]) // sq.shape[1])
         if len(sel) == 0:
             return np.zeros((C, T))
-    # the selected adapters' SVDs a block at a time, keeping only the rows measured (the QR factors of up to
-    # N_CLASSES * rows adapters in float64 at once were a few hundred MB at Lots-of-LoRAs shapes)
-    parts = [qr_svd(B[blk].double(), A[blk].double().transpose(1, 2)) for blk in torch.split(sel, _PROFILE_BLOCK)]
-    sv = torch.cat([p[2] for p in parts])
+    # the selected adapters' SVDs a block at a time, keeping only the rows measured (the singular vectors of
+    # up to N_CLASSES * rows adapters in float64 at once were a few hundred MB at Lots-of-LoRAs shapes)
+    parts = [_block_svd(B, A, blk, grams) for blk in torch.split(sel, _PROFILE_BLOCK)]
+    sv = torch.cat([p[1] for p in parts])
     n2 = sv.square().sum(1).clamp_min(1e-300)
     tops = [_leading(sv.square(), rows, c) for c in range(C)]
     top = torch.cat(tops)
@@ -420,11 +425,11 @@ def _quant_profile_steps(B, A, rows: int, spectra):
     root = sv[i, q].sqrt()[:, None]
     first = torch.cumsum(torch.tensor([0] + [len(p[2]) for p in parts]), 0)  # each block's first adapter
     x, y = torch.empty(len(top), B.shape[1], dtype=torch.float64), torch.empty(len(top), A.shape[2], dtype=torch.float64)
-    for k, (Qb, W, _, Zh, Qa) in enumerate(parts):  # each row's one singular vector, from its block
+    for k, (P, _, Q) in enumerate(parts):  # each row's one singular vector, from its block
         mine = torch.nonzero((i >= first[k]) & (i < first[k + 1])).flatten()
         il, ql = i[mine] - first[k], q[mine]
-        x[mine] = (Qb[il] @ W[il, :, ql, None])[..., 0] * root[mine]
-        y[mine] = (Qa[il] @ Zh[il, ql, :, None])[..., 0] * root[mine]
+        x[mine] = P[il, :, ql] * root[mine]
+        y[mine] = Q[il, :, ql] * root[mine]
     w = 1.0 / n2[i]
     ref = w * sv[i, q].square()
     lens = [len(t) for t in tops]
@@ -444,6 +449,16 @@ def _quant_profile_steps(B, A, rows: int, spectra):
 
 
 _PROFILE_BLOCK = 32  # adapters decomposed at a time by the profile
+
+
+def _block_svd(B, A, idx: torch.Tensor, grams):
+    """``(P, s, Q)`` (:func:`~lorazip.solvers.residual.factor_svd`) of the adapters ``idx`` of factors
+    ``B`` (n, d_out, r), ``A`` (n, r, d_in) in float64, from the Grams ``grams`` (float64 ``(B^T B,
+    A A^T)`` of all n) where given. ``B`` in the solvers' layout (the transpose of (n, r, d_out)) is
+    gathered in that layout (4x faster than gathering the transposed view)."""
+    rows = B.stride(1) == 1 and B.shape[1] > 1  # B_i^T are the rows of an (n, r, d_out) array
+    b = B.transpose(1, 2)[idx].double().transpose(1, 2) if rows else B[idx].double()
+    return factor_svd(b, A[idx].double().transpose(1, 2), None if grams is None else (grams[0][idx], grams[1][idx]))
 
 
 def run_quantised(steps):

@@ -187,11 +187,12 @@ class WhitenedCollection(Collection):
         self.__dict__.update(collection.__dict__)
         self.original, self.whitening = collection, whitening
 
-    def module_factors(self, name, indices=None, dtype=torch.float64, width=None, b_rows=False):
+    def module_factors(self, name, indices=None, dtype=torch.float64, width=None, b_rows=False, checked=True):
         wm = self.whitening.module(name)
         if wm.identity:  # read as today (the scale folded into B in ``dtype``): bit for bit
-            return self.original.module_factors(name, indices, dtype=dtype, width=width, b_rows=b_rows)
-        f = self.original.module_factors(name, indices, dtype=torch.float64, width=width)
+            return self.original.module_factors(name, indices, dtype=dtype, width=width, b_rows=b_rows,
+                                                checked=checked)
+        f = self.original.module_factors(name, indices, dtype=torch.float64, width=width, checked=checked)
         B, A = wm.factors(f.B, f.A)
         f.B, f.A = B.to(dtype), A.to(dtype)
         return f

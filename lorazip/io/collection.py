@@ -200,13 +200,14 @@ class Collection:
 
     def module_factors(
         self, name: str, indices: Iterable[int] | None = None, dtype: torch.dtype = torch.float64,
-        width: int | None = None, b_rows: bool = False,
+        width: int | None = None, b_rows: bool = False, checked: bool = True,
     ) -> ModuleFactors:
         """Read the factors of module ``name`` for all adapters (or ``indices``) in ``dtype``,
         zero-padded to the largest rank among them (or to ``width``, if larger). ``b_rows``: ``B``
         (n, d_out, r) is the transpose of an (n, r, d_out) array, so that each ``B_i^T`` is rows of
         one (n r, d_out) matrix, the layout the JD solvers' sums over adapters take (a view then,
-        not a copy of the module: :attr:`~lorazip.solvers.factors.Chunk.Bt2`)."""
+        not a copy of the module: :attr:`~lorazip.solvers.factors.Chunk.Bt2`). ``checked=False``: a
+        re-read of values checked before (:meth:`~lorazip.io.peft.Adapter.factors`)."""
         info = self._index[name]
         idx = list(range(len(self.adapters))) if indices is None else list(indices)
         ranks = [self.adapters[i].modules[name].rank if name in self.adapters[i].modules else 0 for i in idx]
@@ -221,10 +222,10 @@ class Collection:
         Bz, Az = (B.numpy(), A.numpy()) if dtype in (torch.float32, torch.float64) else (B, A)
         for j, i in enumerate(idx):
             if ranks[j] == r_max:  # read straight into place
-                self.adapters[i].factors(name, dtype, out=(B[j], A[j]))
+                self.adapters[i].factors(name, dtype, out=(B[j], A[j]), checked=checked)
                 continue
             if ranks[j]:
-                self.adapters[i].factors(name, dtype, out=(B[j, :, : ranks[j]], A[j, : ranks[j], :]))
+                self.adapters[i].factors(name, dtype, out=(B[j, :, : ranks[j]], A[j, : ranks[j], :]), checked=checked)
             Bz[j, :, ranks[j] :] = 0
             Az[j, ranks[j] :, :] = 0
         return ModuleFactors(info, B, A, torch.tensor(ranks, dtype=torch.int64))

@@ -54,14 +54,21 @@ def residual_svd(B, A, U, V, S):
     singular vectors are one product of each factor with an ``m x m`` matrix: a third of the time of
     two thin QRs and the products with ``Q``; elsewhere two thin QRs.
     """
-    L, Rt = _stack_factors(B, A, U, V, S)
+    return factor_svd(*_stack_factors(B, A, U, V, S))
+
+
+def factor_svd(L, Rt, grams: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``(P, s, Q)``: the SVD of every ``L_i Rt_i^T`` from its factors ``L`` (n, d_out, m), ``Rt`` (n,
+    d_in, m), float64, ``k = min(d_out, d_in, m)`` columns (:func:`residual_svd`'s routes: the Grams'
+    eigendecompositions where both factors are well conditioned, two thin QRs elsewhere). ``grams``:
+    ``(L^T L, Rt^T Rt)`` where the caller has them (not made again)."""
     n, m = L.shape[0], L.shape[2]
     k = min(L.shape[1], Rt.shape[1], m)
     if n == 0 or k == 0:
         return L.new_empty(n, L.shape[1], k), L.new_empty(n, k), Rt.new_empty(n, Rt.shape[1], k)
     if k < m:  # more columns than rows: the Grams are singular
         return _qr_route(L, Rt, k)
-    good, (eL, VL, eR, VR) = _gram_eigs(L, Rt)
+    good, (eL, VL, eR, VR) = _gram_eigs(L, Rt, grams)
     if bool(good.all()):  # the common case: no copies of the factors
         return _gram_route(L, Rt, eL, VL, eR, VR)
     if not bool(good.any()):
@@ -75,11 +82,13 @@ def residual_svd(B, A, U, V, S):
     return out
 
 
-def _gram_eigs(L, Rt):
-    """``(good, (eL, VL, eR, VR))``: the eigendecompositions of the stacked factors' Grams and which
-    adapters may take the Gram route (both Grams conditioned within :data:`_GRAM_COND`, neither zero)."""
-    eL, VL = torch.linalg.eigh(L.transpose(1, 2) @ L)
-    eR, VR = torch.linalg.eigh(Rt.transpose(1, 2) @ Rt)
+def _gram_eigs(L, Rt, grams: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``(good, (eL, VL, eR, VR))``: the eigendecompositions of the stacked factors' Grams (``grams``
+    where given) and which adapters may take the Gram route (both Grams conditioned within
+    :data:`_GRAM_COND`, neither zero)."""
+    GL, GR = (L.transpose(1, 2) @ L, Rt.transpose(1, 2) @ Rt) if grams is None else grams
+    eL, VL = torch.linalg.eigh(GL)
+    eR, VR = torch.linalg.eigh(GR)
     good = (eL[:, 0] >= _GRAM_COND * eL[:, -1]) & (eR[:, 0] >= _GRAM_COND * eR[:, -1]) & (eL[:, -1] > 0) & (
         eR[:, -1] > 0)
     return good, (eL, VL, eR, VR)
@@ -100,19 +109,12 @@ def _gram_route(L, Rt, eL, VL, eR, VR):
     return L @ ML, s, Rt @ MR
 
 
-def qr_svd(L, Rt):
-    """``(Q_1, W, s, Z^T, Q_2)``: thin Householder QRs ``L = Q_1 R_1``, ``Rt = Q_2 R_2`` (batched, any
-    conditioning) and the SVD ``R_1 R_2^T = W diag(s) Z^T``; the singular vectors of ``L Rt^T`` are
-    ``Q_1 W`` and ``Q_2 Z``."""
+def _qr_route(L, Rt, k: int):
+    """:func:`residual_svd` from two thin Householder QRs ``L = Q_1 R_1``, ``Rt = Q_2 R_2`` (any
+    conditioning) and the SVD ``R_1 R_2^T = W diag(s) Z^T``: ``Q_1 W``, ``s``, ``Q_2 Z``, ``k`` columns."""
     Q1, R1 = torch.linalg.qr(L)
     Q2, R2 = torch.linalg.qr(Rt)
     W, s, Zh = torch.linalg.svd(R1 @ R2.transpose(1, 2))
-    return Q1, W, s, Zh, Q2
-
-
-def _qr_route(L, Rt, k: int):
-    """:func:`residual_svd` from two thin Householder QRs (any conditioning), ``k`` columns."""
-    Q1, W, s, Zh, Q2 = qr_svd(L, Rt)
     return Q1 @ W[:, :, :k], s[:, :k], Q2 @ Zh.transpose(1, 2)[:, :, :k]
 
 
