@@ -132,22 +132,21 @@ class Adapter:
         beside a solver's (on two cores that slowed the solver by 30-50%)."""
         spec = self.modules[module]
         t, as_loaded = self._stored(spec, [spec.key_A, spec.key_B])
-        if not checked and as_loaded:
-            with np.errstate(over="ignore", invalid="ignore"):
-                b_out, a_out = (None, None) if out is None else out
-                return (_oriented(spec, "B", t[_stored_key(spec, "B")], dtype, b_out),
-                        _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, a_out))
+        check = checked or not as_loaded
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked, and refused, below
-            # Sums of squares of the stored values in float64 (an exact conversion): one pass that NaN
-            # or Inf would make non-finite; isfinite runs only then, to name the problem.
-            ss = [float(np.square(t[key], dtype=np.float64).sum()) for key in (spec.key_A, spec.key_B)]
-            if not all(map(math.isfinite, ss)):
-                for key in (spec.key_A, spec.key_B):
-                    if not np.isfinite(t[key]).all():
-                        raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
+            if check:
+                # Sums of squares of the stored values in float64 (an exact conversion): one pass that NaN
+                # or Inf would make non-finite; isfinite runs only then, to name the problem.
+                ss = [float(np.square(t[key], dtype=np.float64).sum()) for key in (spec.key_A, spec.key_B)]
+                if not all(map(math.isfinite, ss)):
+                    for key in (spec.key_A, spec.key_B):
+                        if not np.isfinite(t[key]).all():
+                            raise AdapterFormatError(f"{self.weights_file}: tensor {key} has NaN or Inf values")
             b_out, a_out = (None, None) if out is None else out
             b = _oriented(spec, "B", t[_stored_key(spec, "B")], dtype, b_out)
             a = _oriented(spec, "A", t[_stored_key(spec, "A")], dtype, a_out)
+            if not check:
+                return b, a
             # ||M||^2 <= ||B||^2 ||A||^2: refuse values whose squares overflow (finite but absurd, e.g. 1e200),
             # which would turn norms, weights and errors into inf/NaN downstream.
             bound = ss[0] * ss[1] * float(spec.scale) * float(spec.scale)  # (inf, not OverflowError)
