@@ -77,6 +77,8 @@ def _hash_early(sources: list[Path]) -> None:
     left to the load, which reports them."""
     from lorazip.io.files import CONFIG_NAME, WEIGHTS_NAME, hash_early, resolve_sources
 
+    if not sources:  # the load says what is missing
+        return
     try:
         found = resolve_sources(sources)
     except lorazip.LorazipError:
@@ -230,6 +232,7 @@ def compress(
                                   f"(e.g. {output / 'collection.lorazip.safetensors'})")
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    _writable(output)
     if not (ray or ray_address or hub_author or hub_search or hub_collection or hub_list):
         _hash_early(sources)
     _load_torch()
@@ -341,6 +344,7 @@ def calibrate(
     (docs/calibration.md; needs the eval extra: transformers)."""
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    _writable(output)
     _load_torch()
     from lorazip.calibrate import calibrate as run_calibrate
 
@@ -606,7 +610,15 @@ def _update_target(artifact: Path, output: Optional[Path], overwrite: bool) -> P
         return artifact
     if output.exists() and not overwrite:
         raise lorazip.OutputError(f"{output}: already exists (pass --overwrite to replace it)")
+    _writable(output)
     return output
+
+
+def _writable(output: Path) -> None:
+    """Refuse, before any work, an output whose nearest existing folder above it is a file."""
+    from lorazip.artifact import missing_folders
+
+    missing_folders(output)
 
 
 @app.command()

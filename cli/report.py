@@ -400,6 +400,10 @@ def print_analysis(con: Console, rep: dict[str, Any]) -> None:
         if p:
             con.print(f"pick for mean error <= {rep['target_error']}: rank {p['rank']}, K = {p['K']} "
                       f"(mean {p['mean']:.4f}, {p['params']:,} numbers, {p['ratio_params']:.1f}x smaller)")
+            if p.get("larger_than_originals"):
+                con.print(f"note: that stores more numbers than the adapters' own factors ({rep['original_params']:,}): "
+                          "shared parts do not pay here at this error; compress with --target-error (the allocator "
+                          "keeps per-adapter parts where they cost less) or keep the originals")
         else:
             con.print(f"no rank / K tried meets mean error <= {rep['target_error']}: try larger --ranks or --clusters")
         if ps:

@@ -345,8 +345,11 @@ def _params(collection: Collection, r: int, K: int) -> int:
 
 
 def _svd_params(collection: Collection, r: int) -> int:
-    """Numbers stored by every adapter's own truncated SVD at rank ``r``."""
-    return sum(len(collection) * min(r, cap) * d for d, cap in _dims(collection))
+    """Numbers stored by every adapter's own truncated SVD at rank ``r``: in each module it adapts,
+    ``min(r, r_i) (d_in + d_out)`` (its delta has rank at most its own ``r_i``; a rank above that
+    stores nothing more), so never more than the adapters' own factors."""
+    dims = {m.name: m.d_in + m.d_out for m in collection.modules}
+    return sum(min(r, spec.rank) * dims[name] for a in collection.adapters for name, spec in a.modules.items())
 
 
 def _rank_curve(collection: Collection, s: _Settings, sweep: _Sweep, nbytes: int) -> list[dict[str, Any]]:
@@ -430,7 +433,8 @@ def _picks(target_error: float | None, rank_curve: list[dict[str, Any]], cluster
     ok = [row for row in rows if row["mean"] <= target_error]
     if ok:
         best = min(ok, key=lambda row: (row["params"], row["mean"], row["K"]))
-        pick = {**best, "ratio_params": orig_params / best["params"] if best["params"] else 0.0}
+        pick = {**best, "ratio_params": orig_params / best["params"] if best["params"] else 0.0,
+                "larger_than_originals": best["params"] > orig_params}
     svd_ok = [row for row in rank_curve if row["svd"]["mean"] <= target_error]
     if svd_ok:
         row = min(svd_ok, key=lambda row: row["rank"])

@@ -219,16 +219,24 @@ def atomic_path(final: Path, overwrite: bool) -> Iterator[Path]:
             _remove_empty(made)
 
 
-def _make_parents(final: Path, parent: Path) -> list[Path]:
-    """Create the missing folders above ``final`` (as ``hf download --local-dir`` does); returns
-    them, deepest first, so that a failed write can remove them again."""
+def missing_folders(final: Path, parent: Path | None = None) -> list[Path]:
+    """The folders above ``final`` (from ``parent``, by default its own) that do not exist yet,
+    deepest first; :class:`OutputError` where the nearest existing one is not a folder (a file
+    there: checked before a long run, not after it)."""
     made = []
-    p = parent
+    p = Path(final).parent if parent is None else parent
     while not p.exists() and p != p.parent:
         made.append(p)
         p = p.parent
     if not p.is_dir():
         raise OutputError(f"{final}: {p} is not a folder")
+    return made
+
+
+def _make_parents(final: Path, parent: Path) -> list[Path]:
+    """Create the missing folders above ``final`` (as ``hf download --local-dir`` does); returns
+    them, deepest first, so that a failed write can remove them again."""
+    made = missing_folders(final, parent)
     for d in reversed(made):
         try:
             d.mkdir()

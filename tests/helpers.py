@@ -76,7 +76,9 @@ def write_adapter(
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}),
+        # the modules of the LoRA tensors written, those among extra_tensors too (embedding LoRA)
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules} |
+                                 {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in extra_tensors or {} if ".lora_" in k}),
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": use_rslora,

@@ -141,3 +141,25 @@ def test_cli_analyze_bad_input(coll_dir, capsys, args, part):
 def test_cli_analyze_missing_source(tmp_path, capsys):
     rc, out, err = run(capsys, "analyze", tmp_path / "nope")
     assert rc == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_per_adapter_svd_counts_each_adapters_own_modules_and_rank(tmp_path, capsys):
+    """Per-adapter SVD at rank ``r`` stores ``min(r, r_i) (d_in + d_out)`` in each module an adapter adapts
+    (adapters of ranks 2 and 6, one without a module): never more than the adapters' own factors; a pick
+    of shared parts storing more than those is flagged, in the JSON and in one note."""
+    mods = {"l0.q": (12, 10), "l0.v": (10, 12)}
+    write_collection(tmp_path / "src", n=2, modules=mods, r=2, seed=1)
+    write_collection(tmp_path / "big", n=1, modules={"l0.q": (12, 10)}, r=6, seed=5)
+    (tmp_path / "big" / "a0").rename(tmp_path / "src" / "b0")
+    coll = lorazip.load_collection(tmp_path / "src")
+    rep = analyze(coll, [1, 4, 8], [1, 3], target_error=0.05, frontier=False)
+    assert rep["original_params"] == 2 * 2 * 22 * 2 + 6 * 22
+    for row in rep["rank_curve"]:
+        want = sum(min(row["rank"], r) * 22 for r in (2, 2, 2, 2, 6))  # two adapters x two modules, and b0's one
+        assert row["svd_params"] == want <= rep["original_params"]
+    pick = rep["pick"]
+    assert pick is not None and pick["larger_than_originals"] == (pick["params"] > rep["original_params"])
+    assert pick["larger_than_originals"]  # three adapters sharing nothing: shared parts cost more here
+    rc, _, err = run(capsys, "analyze", tmp_path / "src", "--ranks", "1,4,8", "--clusters", "1,3",
+                     "--target-error", "0.05", "--no-frontier")
+    assert rc == 0 and "stores more numbers than the adapters' own factors" in err

@@ -45,6 +45,25 @@ def test_compress_writes_artifact(tmp_path, capsys):
     assert os.listdir(out.parent) == ["x.lorazip.safetensors"]  # no temp files left
 
 
+def test_compress_without_sources_is_one_error_line(tmp_path, capsys):
+    for extra in ([], ["--json"]):
+        rc, _, err = run(capsys, "compress", "-o", tmp_path / "x.lorazip.safetensors", *extra)
+        assert rc == 1
+        assert_one_error_line(err, "no sources given")
+        assert not (tmp_path / "x.lorazip.safetensors").exists()
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """``-o FILE/x`` (a file where a folder must be) is one error line before the collection is read."""
+    import lorazip.io.collection as io_collection
+
+    (tmp_path / "f").write_text("")
+    monkeypatch.setattr(io_collection, "load_collection", lambda *a, **k: pytest.fail("read before the check"))
+    rc, _, err = run(capsys, "compress", tmp_path / "nowhere", "-o", tmp_path / "f" / "sub" / "x.lorazip.safetensors")
+    assert rc == 1
+    assert_one_error_line(err, "is not a folder", tmp_path / "f")
+
+
 def test_compress_json(tmp_path, capsys):
     write_collection(tmp_path / "src", n=3, seed=0, extra_tensors={"base_model.model.score.weight": torch.ones(2, 8)})
     out = tmp_path / "x.lorazip.safetensors"

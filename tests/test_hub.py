@@ -265,6 +265,20 @@ def test_offline_uncached_repo_fails_clearly(hub, monkeypatch):
         search_hub("org", None, endpoint=hub.url)
 
 
+def test_a_mistyped_local_path_that_fails_as_a_repo_says_no_such_folder(hub, tmp_path, monkeypatch):
+    """``runs/missing`` beside a folder ``runs`` is tried as a Hub repo id (it is one), and where that
+    fails the error says no such local folder exists either; an ``org`` that is no local folder keeps
+    the Hub's message alone."""
+    from lorazip.io.sources import gather_sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with raises_source_error(r"^runs/missing: no such local folder, and as a Hub repo: runs/missing: not in the Hub"):
+        gather_sources(["runs/missing"], offline=True)
+    with raises_source_error(r"^org/missing: not in the Hub cache"):
+        gather_sources(["org/missing"], offline=True)
+
+
 def test_defaults_follow_standard_env_vars(hub, monkeypatch):
     from huggingface_hub import constants
 

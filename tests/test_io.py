@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import GPT2_LIKE, write_adapter, write_collection
+from helpers import GPT2_LIKE, edit_config, write_adapter, write_collection
 from safetensors import safe_open
 
 import lorazip
@@ -304,6 +304,7 @@ def test_embedding_layout(tmp_path):
     st["base_model.model.model.embed_tokens.lora_embedding_A"] = ea
     st["base_model.model.model.embed_tokens.lora_embedding_B"] = eb
     save_file(st, str(folder / "adapter_model.safetensors"))
+    edit_config(folder, target_modules=["embed_tokens", "q_proj"])
     ad = load_adapter(folder)
     spec = ad.modules["model.embed_tokens"]
     assert (spec.layout, spec.rank, spec.d_out, spec.d_in) == ("embedding", 4, 20, 6)
@@ -641,3 +642,69 @@ def test_b_rows_reads_the_same_values_in_the_solvers_layout(tmp_path, dtype):
         assert rows.B.transpose(1, 2).is_contiguous()
         chunk = Factors.stacked(rows.B, rows.A)._held()
         assert chunk.Bt2.data_ptr() == rows.B.data_ptr()  # no copy
+
+
+# ----------------------------------------------------------------------------------------------
+# Which modules a config targets (PEFT's check_target_module_exists)
+# ----------------------------------------------------------------------------------------------
+
+_NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.v_proj",
+          "model.layers.1.mlp.experts.0.down_proj", "encoder.block.1.layer.0.SelfAttention.q",
+          "decoder.block.0.layer.1.EncDecAttention.k", "score", "classifier.dense", "transformer.h.2.attn.c_attn"]
+_CONFIGS = [
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"target_modules": ["q_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": 1},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 11], "layers_pattern": "layers"},
+    {"target_modules": ["q", "k"], "layers_to_transform": [1], "layers_pattern": ["block"]},
+    {"target_modules": ["q_proj", "k"], "layers_to_transform": [], "layers_pattern": ""},
+    {"target_modules": r".*\.(0|11)\..*(q_proj|v_proj)"},
+    {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "v_proj", "score", "dense"], "exclude_modules": ["v_proj"],
+     "modules_to_save": ["classifier"]},
+    {"target_modules": ["q_proj", "c_attn"], "exclude_modules": r".*layers\.1\..*"},
+    {"target_modules": ["model.layers.1.self_attn.q_proj"], "layers_to_transform": [0]},  # a whole name: no layer test
+]
+
+
+@pytest.mark.parametrize("cfg", _CONFIGS)
+def test_targeted_modules_are_peft_s(cfg):
+    """lorazip's reading of target_modules, layers_to_transform / layers_pattern, exclude_modules and
+    modules_to_save is PEFT's ``check_target_module_exists`` on every name (PEFT 0.22 and later)."""
+    peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
+    from types import SimpleNamespace
+
+    from lorazip.io.peft import _targeted
+
+    full = SimpleNamespace(**{"target_modules": None, "layers_to_transform": None, "layers_pattern": None,
+                              "exclude_modules": None, "modules_to_save": None, "target_parameters": None, **cfg})
+    for name in _NAMES:
+        want = peft_utils.check_target_module_exists(full, name)
+        want = bool(want) and type(want).__name__ != "_ExcludedModule"
+        if cfg["target_modules"] == "all-linear":
+            want = True  # PEFT expands it against the model's linear layers first; lorazip keeps every module
+        assert _targeted(cfg, name) == want, (cfg, name)
+
+
+def test_lora_tensors_the_config_does_not_target_are_one_error(tmp_path):
+    """Tensors of modules the config does not select (a layer outside layers_to_transform, a module
+    outside target_modules): PEFT would ignore them and other loaders apply them, so the adapter is
+    refused, naming the weights file, one such module and the config's selection; a config selecting
+    them loads."""
+    mods = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.1.self_attn.q_proj": (8, 8),
+            "model.layers.0.self_attn.v_proj": (8, 8)}
+    write_adapter(tmp_path / "a", mods, seed=0, config_overrides={"layers_to_transform": [0]})
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors: LoRA tensors of 1 module\(s\) its "
+                       r"config does not target \(target_modules \['q_proj', 'v_proj'\], layers_to_transform \[0\]\), "
+                       r"e\.g\. 'model\.layers\.1\.self_attn\.q_proj': PEFT ignores them"):
+        load_adapter(tmp_path / "a")
+    edit_config(tmp_path / "a", layers_to_transform=[0, 1])
+    assert len(load_adapter(tmp_path / "a").modules) == 3
+    edit_config(tmp_path / "a", target_modules=["q_proj"], layers_to_transform=...)
+    with pytest.raises(AdapterFormatError, match=r"e\.g\. 'model\.layers\.0\.self_attn\.v_proj'"):
+        load_adapter(tmp_path / "a")
+    edit_config(tmp_path / "a", target_modules=r".*\.(q|v)_proj")
+    assert len(load_adapter(tmp_path / "a").modules) == 3
+    edit_config(tmp_path / "a", layers_to_transform="0")
+    with pytest.raises(AdapterFormatError, match="'layers_to_transform' must be an integer or a list of integers"):
+        load_adapter(tmp_path / "a")

@@ -300,6 +300,9 @@ def test_a_budget_below_the_kept_heads_says_so(tmp_path):
     # whole bytes, and the two ways out by their flags
     assert re.search(r"\(\d[\d,]* bytes, of which", str(err.value)) and ".0 bytes" not in str(err.value)
     assert "--extras-dtype int8" in str(err.value) and "--no-extras" in str(err.value)
+    with pytest.raises(lorazip.OptionError, match="modules_to_save") as err:  # int8 already: one way out
+        compress_mixed(coll, CompressOptions(budget=6_000, extras_dtype="int8", hash_sources=False))
+    assert "--extras-dtype" not in str(err.value) and "--no-extras" in str(err.value)
     art, _ = compress_mixed(coll, CompressOptions(budget=20_000, keep_extras=False, hash_sources=False))
     assert art.serialized_size() <= 20_000
 

@@ -462,6 +462,22 @@ case("cfg-targets-match-nothing", "target_modules name modules the file has no t
      AdapterFormatError, "target_modules ['k_proj'] match none of the modules")(
     lambda tmp: one_adapter(tmp, config_overrides={"target_modules": ["k_proj"]}))
 
+case("cfg-targets-leave-some-out", "layers_to_transform leaves out a layer the file has LoRA tensors for", "adapter",
+     AdapterFormatError, "its config does not target")(
+    lambda tmp: _two_layers(tmp, config_overrides={"layers_to_transform": [0]}))
+
+case("cfg-layers-to-transform-str", "adapter_config.json: layers_to_transform = \"0\"", "adapter", AdapterFormatError,
+     "'layers_to_transform' must be an integer or a list of integers")(
+    lambda tmp: one_adapter(tmp, config_overrides={"layers_to_transform": "0"}))
+
+
+def _two_layers(tmp: Path, **kw) -> Path:
+    folder = tmp / "src" / "a"
+    write_adapter(folder, {"model.layers.0.q_proj": MOD["model.layers.0.q_proj"],
+                           "model.layers.1.q_proj": MOD["model.layers.0.q_proj"]}, seed=0, **kw)
+    return folder
+
+
 case("cfg-target-regex-matches-nothing", "target_modules regex that matches no adapted module", "adapter",
      AdapterFormatError, "match none of the modules")(
     lambda tmp: one_adapter(tmp, config_overrides={"target_modules": r".*\.k_proj"}))

@@ -514,8 +514,9 @@ def _too_small(dry: Artifact, budget: int, fixed: int) -> None:
     embeddings = any(k.endswith("base_layer.weight") for k in dry.tensors() if k.startswith("extras/"))
     what = "modules_to_save heads" + ("; embedding weights PEFT saved with a LoRA on an embedding, the base "
                                       "model's own unless its vocabulary was resized" if embeddings else "")
-    hint = (f", of which {extras:,} are the adapters' kept non-LoRA tensors ({what}): "
-            "store them in int8 (--extras-dtype int8) or leave them out (--no-extras)") if extras else ""
+    how = "leave them out (--no-extras)" if dry.meta.get("extras_dtype") == "int8" else \
+        "store them in int8 (--extras-dtype int8) or leave them out (--no-extras)"
+    hint = f", of which {extras:,} are the adapters' kept non-LoRA tensors ({what}): {how}" if extras else ""
     raise OptionError(f"a budget of {budget:,} bytes cannot hold even the artifact's header and "
                       f"statistics ({int(fixed):,} bytes{hint})")
 

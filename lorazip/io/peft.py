@@ -303,6 +303,10 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -318,6 +322,10 @@ _CONFIG_TYPES = (
     ("task_type", lambda v: isinstance(v, str), "a string"),
     ("target_modules", lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
     ("modules_to_save", _is_str_list, "a list of strings"),
+    ("exclude_modules", lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    ("layers_to_transform", lambda v: _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+     "an integer or a list of integers"),
+    ("layers_pattern", lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
 )
 
 
@@ -416,11 +424,59 @@ def _check_regex(pattern: str, what: str) -> None:
         raise AdapterFormatError(f"{what} is not a valid regular expression") from None
 
 
-def _targeted(targets: str | list[str], module: str) -> bool:
-    """PEFT's ``check_target_module_exists`` for ``target_modules`` (a regex or a list of names)."""
+def _targeted(cfg: dict[str, Any], module: str) -> bool:
+    """PEFT's ``check_target_module_exists``: whether PEFT puts a LoRA layer on ``module`` under ``cfg``:
+    ``exclude_modules`` (a regex or names) and the ``modules_to_save`` heads never; ``target_modules`` a
+    regex (``"all-linear"``: every module, which ones are linear needs the model) or names, matched whole
+    or as the name's end, and then, with ``layers_to_transform``, only in those layers (the first
+    ``<layers_pattern>.<index>.`` of the name, or the first numbered segment without a pattern)."""
+    excluded = cfg.get("exclude_modules")
+    if isinstance(excluded, str) and _fullmatch(excluded, module):
+        return False
+    if isinstance(excluded, list) and (module in excluded or any(module.endswith(f".{e}") for e in excluded)):
+        return False
+    if any(_match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or []):
+        return False
+    targets = cfg.get("target_modules")
     if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module) is not None
-    return module in targets or any(module.endswith(f".{t}") for t in targets)
+        return targets == "all-linear" or _fullmatch(targets, module)
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{t}") for t in targets):
+        return False
+    layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if layers is None or layers == []:
+        return True
+    if not pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        found = next((m for p in ([pattern] if isinstance(pattern, str) else pattern)
+                      if (m := _match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    if found is None:
+        return False
+    index = int(found.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _selection(cfg: dict[str, Any]) -> str:
+    """The config fields that select the modules, as the refusal names them."""
+    return ", ".join(f"{k} {short(cfg[k])}" for k in ("target_modules", "layers_to_transform", "layers_pattern",
+                                                         "exclude_modules", "modules_to_save") if cfg.get(k))
+
+
+def _match(pattern: str, text: str):
+    """``re.match``, None for a pattern that is no regular expression (PEFT would fail on it)."""
+    try:
+        return re.match(pattern, text)
+    except (re.error, RecursionError, OverflowError):
+        return None
+
+
+def _fullmatch(pattern: str, text: str) -> bool:
+    try:
+        return re.fullmatch(pattern, text) is not None
+    except (re.error, RecursionError, OverflowError):
+        return False
 
 
 def parse_safetensors(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
@@ -581,11 +637,19 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, allow_pick
     modules = {mod: _lora_module(cfg, header, weights, mod, slot, None if pickled else data_start)
                for mod, slot in sorted(pairs.items())}
     targets = cfg.get("target_modules")
-    if targets and not any(_targeted(targets, mod) for mod in modules):
+    untargeted = [mod for mod in modules if not _targeted(cfg, mod)] if targets else []
+    if untargeted and len(untargeted) == len(modules):
         # PEFT would wrap other modules and ignore every tensor of the file: the adapter would load as a no-op.
         raise AdapterFormatError(
             f"{path / CONFIG_NAME}: target_modules {short(targets)} match none of the modules adapted in "
             f"{weights.name} (e.g. {short(next(iter(modules)))})"
+        )
+    if untargeted:
+        # PEFT ignores these tensors (no LoRA layer there: "unexpected keys"); other loaders may apply them
+        raise AdapterFormatError(
+            f"{weights}: LoRA tensors of {len(untargeted)} module(s) its config does not target "
+            f"({_selection(cfg)}), e.g. {short(untargeted[0])}: PEFT ignores them, other loaders may apply "
+            "them; correct the config or remove those tensors"
         )
 
     return Adapter(

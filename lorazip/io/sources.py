@@ -39,7 +39,9 @@ def gather_sources(
     """Resolve every named source; Hub repos are downloaded (cached, verified) in parallel.
 
     A positional spec that exists on disk is a local folder; otherwise it must look like
-    a Hub repo id (``org/name`` or ``org/name@rev``).
+    a Hub repo id (``org/name`` or ``org/name@rev``); where one that is also a missing entry of a
+    local folder (``runs/x`` beside a folder ``runs``: perhaps a mistyped path) fails to download,
+    the error says that no such local folder exists either.
     """
     local: list[tuple[int, Path]] = []
     refs: list[tuple[int, hub.HubRef]] = []
@@ -68,10 +70,16 @@ def gather_sources(
     ordered: list[tuple[int, object]] = list(local)
     out = GatheredSources()
     if refs:
-        report = hub.download_adapters(
-            [r for _, r in refs], token=token, skip_failed=skip_failed, max_workers=max_workers,
-            offline=offline, progress=progress,
-        )
+        try:
+            report = hub.download_adapters(
+                [r for _, r in refs], token=token, skip_failed=skip_failed, max_workers=max_workers,
+                offline=offline, progress=progress,
+            )
+        except SourceError as exc:
+            for i, r in refs:
+                if i < len(specs) and _local_parent(specs[i]) and str(exc).startswith(r.repo_id):
+                    raise SourceError(f"{specs[i]}: no such local folder, and as a Hub repo: {exc}") from None
+            raise
         by_ref = {a.ref: a for a in report.adapters}
         ordered += [(i, by_ref[r]) for i, r in refs if r in by_ref]
         out.skipped = [(str(r.repo_id) + (f"@{r.revision}" if r.revision else ""), why) for r, why in report.skipped]
@@ -79,3 +87,9 @@ def gather_sources(
     if not out.sources:
         raise SourceError("every Hub repo failed to download; nothing to compress")
     return out
+
+
+def _local_parent(spec: str) -> bool:
+    """Whether ``spec`` (``a/b``, perhaps ``@rev``) names a missing entry of an existing local folder."""
+    head = spec.split("@", 1)[0].split("/", 1)[0]
+    return bool(head) and "://" not in spec and Path(head).is_dir()
