@@ -661,7 +661,7 @@ _CONFIGS = [
     {"target_modules": r".*\.(0|11)\..*(q_proj|v_proj)"},
     {"target_modules": "all-linear"},
     {"target_modules": ["q_proj", "v_proj", "score", "dense"], "exclude_modules": ["v_proj"],
-     "modules_to_save": ["classifier"]},
+     "modules_to_save": ["classifier"]},  # (current PEFT excludes the head's LoRA; lorazip reads it: below)
     {"target_modules": ["q_proj", "c_attn"], "exclude_modules": r".*layers\.1\..*"},
     {"target_modules": ["model.layers.1.self_attn.q_proj"], "layers_to_transform": [0]},  # a whole name: no layer test
 ]
@@ -669,15 +669,16 @@ _CONFIGS = [
 
 @pytest.mark.parametrize("cfg", _CONFIGS)
 def test_targeted_modules_are_peft_s(cfg):
-    """lorazip's reading of target_modules, layers_to_transform / layers_pattern, exclude_modules and
-    modules_to_save is PEFT's ``check_target_module_exists`` on every name (PEFT 0.22 and later)."""
+    """lorazip's reading of target_modules, layers_to_transform / layers_pattern and exclude_modules is
+    PEFT's ``check_target_module_exists`` on every name (PEFT 0.22 and later); LoRA on a head in
+    modules_to_save, which current PEFT never creates and PEFT up to 0.12 saved, is read."""
     peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
     from types import SimpleNamespace
 
     from lorazip.io.peft import _targeted
 
     full = SimpleNamespace(**{"target_modules": None, "layers_to_transform": None, "layers_pattern": None,
-                              "exclude_modules": None, "modules_to_save": None, "target_parameters": None, **cfg})
+                              "exclude_modules": None, "target_parameters": None, **cfg, "modules_to_save": None})
     for name in _NAMES:
         want = peft_utils.check_target_module_exists(full, name)
         want = bool(want) and type(want).__name__ != "_ExcludedModule"
@@ -708,3 +709,7 @@ def test_lora_tensors_the_config_does_not_target_are_one_error(tmp_path):
     edit_config(tmp_path / "a", layers_to_transform="0")
     with pytest.raises(AdapterFormatError, match="'layers_to_transform' must be an integer or a list of integers"):
         load_adapter(tmp_path / "a")
+    # LoRA on a head that is also in modules_to_save (PEFT <= 0.12 saved such adapters): read
+    write_adapter(tmp_path / "h", {"model.layers.0.q_proj": (8, 8), "score": (3, 8)}, seed=0,
+                  config_overrides={"modules_to_save": ["score"]})
+    assert sorted(load_adapter(tmp_path / "h").modules) == ["model.layers.0.q_proj", "score"]

@@ -426,16 +426,15 @@ def _check_regex(pattern: str, what: str) -> None:
 
 def _targeted(cfg: dict[str, Any], module: str) -> bool:
     """PEFT's ``check_target_module_exists``: whether PEFT puts a LoRA layer on ``module`` under ``cfg``:
-    ``exclude_modules`` (a regex or names) and the ``modules_to_save`` heads never; ``target_modules`` a
-    regex (``"all-linear"``: every module, which ones are linear needs the model) or names, matched whole
-    or as the name's end, and then, with ``layers_to_transform``, only in those layers (the first
-    ``<layers_pattern>.<index>.`` of the name, or the first numbered segment without a pattern)."""
+    ``exclude_modules`` (a regex or names) never; ``target_modules`` a regex (``"all-linear"``: every
+    module, which ones are linear needs the model) or names, matched whole or as the name's end, and
+    then, with ``layers_to_transform``, only in those layers (the first ``<layers_pattern>.<index>.`` of
+    the name, or the first numbered segment without a pattern). Unlike current PEFT, a head in
+    ``modules_to_save`` may carry LoRA: PEFT up to 0.12 wrote such adapters, read as it computed them."""
     excluded = cfg.get("exclude_modules")
     if isinstance(excluded, str) and _fullmatch(excluded, module):
         return False
     if isinstance(excluded, list) and (module in excluded or any(module.endswith(f".{e}") for e in excluded)):
-        return False
-    if any(_match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or []):
         return False
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
@@ -461,7 +460,7 @@ def _targeted(cfg: dict[str, Any], module: str) -> bool:
 def _selection(cfg: dict[str, Any]) -> str:
     """The config fields that select the modules, as the refusal names them."""
     return ", ".join(f"{k} {short(cfg[k])}" for k in ("target_modules", "layers_to_transform", "layers_pattern",
-                                                         "exclude_modules", "modules_to_save") if cfg.get(k))
+                                                         "exclude_modules") if cfg.get(k))
 
 
 def _match(pattern: str, text: str):
