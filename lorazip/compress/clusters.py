@@ -17,7 +17,7 @@ from ..artifact import Artifact
 from ..errors import OptionError
 from ..evaluate import evaluate, storage
 from ..io.collection import Collection
-from .options import CompressOptions
+from .options import CompressOptions, check_clusters
 from .plan import Clusters
 
 def candidate_ks(n: int) -> list[int]:
@@ -148,8 +148,7 @@ def cluster_adapters(collection: Collection, K: int, opts: CompressOptions, exec
     ``compress --clusters K``), as :class:`~lorazip.compress.plan.Clusters`."""
     from .modules import compress_modules
 
-    if not 1 <= K <= len(collection):
-        raise OptionError(f"--clusters {K} must be between 1 and the number of adapters ({len(collection)})")
+    check_clusters(K, len(collection))
     art = compress_modules(collection, opts.fixed(method="jd-clustered", clusters=K, keep_extras=False,
                                                   hash_sources=False, backend="torch", extras_dtype="auto"),
                            executor=executor)

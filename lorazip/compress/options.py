@@ -33,6 +33,12 @@ DEFAULT_RANK = 16  # the paper's fixed-rank mode, and the rank at which --cluste
 DEFAULT_TARGET_ERROR = 0.03
 
 
+def check_clusters(K: int, n_adapters: int) -> None:
+    """:class:`OptionError` unless ``1 <= K <= n_adapters`` (every cluster needs an adapter)."""
+    if not 1 <= K <= n_adapters:
+        raise OptionError(f"--clusters {K} must be between 1 and the number of adapters ({n_adapters})")
+
+
 @dataclass(frozen=True)
 class CompressOptions:
     """Every setting of a compression run, checked when made (:class:`~lorazip.errors.OptionError`
@@ -182,8 +188,8 @@ class CompressOptions:
     def check_collection(self, n_adapters: int) -> None:
         """What the settings ask of a collection of ``n_adapters``, checked before any work: one
         :class:`OptionError` (a number of clusters above the adapters')."""
-        if isinstance(self.clusters, int) and not 1 <= self.clusters <= n_adapters:
-            raise OptionError(f"--clusters {self.clusters} must be between 1 and the number of adapters ({n_adapters})")
+        if isinstance(self.clusters, int):
+            check_clusters(self.clusters, n_adapters)
 
     # -- what the settings mean ----------------------------------------------------------------
 

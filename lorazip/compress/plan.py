@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError
+from .options import check_clusters
 
 
 def _cap_record(m, requested: int, r_out: int, r_in: int) -> dict[str, Any]:
@@ -99,8 +100,8 @@ def fixed_rank_plan(collection, method: str, storage_dtype: str, rank: int, rank
         raise OptionError(f"ranks given for modules not in the collection: {', '.join(sorted(unknown)[:3])}")
     if ranks and method == "jd-clustered":
         raise OptionError("per-module ranks are not supported with jd-clustered yet; use one --rank")
-    if method == "jd-clustered" and not 1 <= clusters <= len(collection):
-        raise OptionError(f"--clusters {clusters} must be between 1 and the number of adapters ({len(collection)})")
+    if method == "jd-clustered":
+        check_clusters(clusters, len(collection))
     out = []
     for m in collection.modules:
         r_m = ranks.get(m.name, rank)
