@@ -252,6 +252,8 @@ def recompute_errors(artifact: Artifact, sources, allow_pickle: bool, check_hash
     sha256 must match the artifact's record when ``check_hashes``). ``spectra_out``, when given,
     receives each module's weight-space singular values of the originals."""
     coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
+    # the artifact's shape groups (sources of other shapes beside these would key the modules otherwise)
+    coll.align(artifact.modules)
     by_name = {a.name: a for a in coll.adapters}
     rows = [i for i, name in enumerate(artifact.names) if name in by_name]
     if not rows:

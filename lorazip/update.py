@@ -42,7 +42,7 @@ from .layout import round_small, trim_spectra
 from .solvers.linalg import factor_norms2
 from .errors import ArtifactError, OptionError, SourceError, ValidationError
 from .io.base_models import same_base_model
-from .io.collection import Collection, ModuleInfo, load_collection
+from .io.collection import Collection, load_collection
 from .io.peft import Adapter, load_adapter, sha256_file, short
 from .metrics import per_adapter, squared_errors, summary
 from .lowbit import packed_bytes
@@ -116,10 +116,6 @@ def project_cores(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Te
 
 # -- sources --------------------------------------------------------------------------------
 
-def _module_infos(modules: list[dict[str, Any]]) -> list[ModuleInfo]:
-    return [ModuleInfo(m["name"], m["d_out"], m["d_in"], m.get("layout", "linear"), m.get("target")) for m in modules]
-
-
 def _check_compatible(art: Artifact, coll: Collection, base_model: str | None) -> None:
     """Same base model (unless overridden) and every new module present with the same shape."""
     mine = (art.meta.get("base_model") or "").rstrip("/")
@@ -132,7 +128,7 @@ def _check_compatible(art: Artifact, coll: Collection, base_model: str | None) -
                     "(pass --base-model to override)"
                 )
     mods = {m["name"]: m for m in art.modules}
-    coll.align(_module_infos(art.modules))
+    coll.align(art.modules)
     paths = {module_path(m) for m in art.modules}
     for info in coll.modules:
         who = next(a for a in coll.adapters if info.name in a.modules)
@@ -721,7 +717,7 @@ def _refit(out: Artifact, art: Artifact, coll: Collection, weighting: str, allow
     settings = _refit_settings(out.meta.get("solver") or {}, max_iters, tol, compute_dtype)
     olds = original_adapters(art, allow_pickle=allow_pickle)
     full = Collection(olds + list(coll.adapters), base_model=out.meta.get("base_model") or coll.base_model or "")
-    full.align(_module_infos(out.modules))  # the artifact's shape groups, not a new keying
+    full.align(out.modules)  # the artifact's shape groups, not a new keying
     names_full = {m.name for m in full.modules}
     tensors = dict(out.tensors())
     info = {"refit": 0, "kept_projection": 0, "skipped": 0}

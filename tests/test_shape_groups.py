@@ -177,3 +177,23 @@ def test_artifact_refuses_two_groups_of_one_shape(heads, tmp_path):
     next(m for m in bad["modules"] if m["name"] == "classifier@3x12")["target"] = "classifier@3x12"
     with pytest.raises(ArtifactError, match="target must be a module path other than its name"):
         check_meta(bad, header or {}, path)
+
+
+def test_errors_recomputed_after_add_started_a_group_are_the_recorded_ones(heads, tmp_path):
+    """Sources of several shapes beside an artifact whose module was keyed by its path (one shape when
+    compressed, another group added since) are keyed as the artifact keys them: the errors recomputed
+    against all of them are those recorded (they were 0 for the first adapters' heads, a module missed)."""
+    src, _ = heads
+    art = lorazip.compress(lorazip.load_collection([src / "a2", src / "b2"]), rank=4, hash_sources=False)
+    assert "classifier" in {m["name"] for m in art.modules}
+    write_adapter(tmp_path / "new" / "g6", {**BODY, "classifier": (6, 12)}, r=4, seed=41)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UpdateWarning)
+        out, _ = lorazip.add_adapters(art, [tmp_path / "new"], refit=False)
+    recorded = {a["name"]: a["error"] for a in lorazip.evaluate(out)["adapters"]}
+    again = {a["name"]: a["error"] for a in lorazip.evaluate(out, [src / "a2", src / "b2", tmp_path / "new" / "g6"],
+                                                             check_hashes=False)["adapters"]}
+    assert again.keys() == recorded.keys() == {"a2", "b2", "g6"}
+    for name in recorded:
+        assert again[name] == pytest.approx(recorded[name], rel=1e-6, abs=1e-12), name
+    assert min(recorded.values()) > 1e-3  # rank 4 of rank-4 bodies and heads shared by several: lossy

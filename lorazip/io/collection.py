@@ -131,9 +131,12 @@ class Collection:
         self.modules = _module_union(adapters)
         self._index = {m.name: m for m in self.modules}
 
-    def align(self, known: Sequence[ModuleInfo]) -> None:
-        """Key the modules as ``known`` (an artifact's modules) does: an adapter whose module has
-        the shape of a known group joins it; a new shape of a known module starts its own group."""
+    def align(self, known: Sequence[ModuleInfo] | Sequence[dict]) -> None:
+        """Key the modules as ``known`` (an artifact's modules, as :class:`ModuleInfo` or its metadata's
+        module dicts) does: an adapter whose module has the shape of a known group joins it; a new
+        shape of a known module starts its own group."""
+        known = [ModuleInfo(m["name"], m["d_out"], m["d_in"], m.get("layout", "linear"), m.get("target"))
+                 if isinstance(m, dict) else m for m in known]
         self.modules = _module_union(self.adapters, known)
         self._index = {m.name: m for m in self.modules}
 
