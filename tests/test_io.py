@@ -709,6 +709,11 @@ def test_lora_tensors_the_config_does_not_target_are_one_error(tmp_path):
     edit_config(tmp_path / "a", layers_to_transform="0")
     with pytest.raises(AdapterFormatError, match="'layers_to_transform' must be an integer or a list of integers"):
         load_adapter(tmp_path / "a")
+    # an expert's LoRA in a layer outside layers_to_transform whose expert index is in it: PEFT before
+    # huggingface/peft#3318 read the last number as the layer and wrote such adapters: read
+    write_adapter(tmp_path / "m", {"model.layers.1.mlp.experts.0.up_proj": (8, 8)}, seed=0,
+                  config_overrides={"layers_to_transform": [0]})
+    assert list(load_adapter(tmp_path / "m").modules) == ["model.layers.1.mlp.experts.0.up_proj"]
     # LoRA on a head that is also in modules_to_save (PEFT <= 0.12 saved such adapters): read
     write_adapter(tmp_path / "h", {"model.layers.0.q_proj": (8, 8), "score": (3, 8)}, seed=0,
                   config_overrides={"modules_to_save": ["score"]})

@@ -429,7 +429,8 @@ def _targeted(cfg: dict[str, Any], module: str) -> bool:
     ``exclude_modules`` (a regex or names) never; ``target_modules`` a regex (``"all-linear"``: every
     module, which ones are linear needs the model) or names, matched whole or as the name's end, and
     then, with ``layers_to_transform``, only in those layers (the first ``<layers_pattern>.<index>.`` of
-    the name, or the first numbered segment without a pattern). Unlike current PEFT, a head in
+    the name, or the first numbered segment without a pattern; or the last, as earlier PEFT read it).
+    Unlike current PEFT, a head in
     ``modules_to_save`` may carry LoRA: PEFT up to 0.12 wrote such adapters, read as it computed them."""
     excluded = cfg.get("exclude_modules")
     if isinstance(excluded, str) and _fullmatch(excluded, module):
@@ -446,15 +447,18 @@ def _targeted(cfg: dict[str, Any], module: str) -> bool:
     layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     if layers is None or layers == []:
         return True
-    if not pattern:
-        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        found = next((m for p in ([pattern] if isinstance(pattern, str) else pattern)
-                      if (m := _match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
-    if found is None:
-        return False
-    index = int(found.group("idx"))
-    return index == layers if isinstance(layers, int) else index in layers
+    # the layer index: the first numbered segment (PEFT since huggingface/peft#3318) or the last (PEFT
+    # before it: a greedy match, which in a mixture of experts took the expert's index); either one
+    # selecting the module accepts it (an adapter an older PEFT wrote is not refused)
+    found = []
+    for lazy in ("?", ""):
+        if not pattern:
+            found.append(re.match(rf".*{lazy}\.[^.]*\.(?P<idx>\d+)\.", module))
+        else:
+            found.append(next((m for p in ([pattern] if isinstance(pattern, str) else pattern)
+                               if (m := _match(rf"(?:^|.*{lazy}\.){p}\.(?P<idx>\d+)\.", module))), None))
+    wanted = [layers] if isinstance(layers, int) else layers
+    return any(m is not None and int(m.group("idx")) in wanted for m in found)
 
 
 def _selection(cfg: dict[str, Any]) -> str:
