@@ -123,6 +123,9 @@ def names(items: list[str], most: int = 5) -> str:
 
 
 def print_notes(con: Console, rep: dict[str, Any]) -> None:
+    if rep.get("sources_not_in_artifact"):
+        left = rep["sources_not_in_artifact"]
+        con.print(f"note: {len(left)} source adapter(s) are not in the artifact, left out of the errors: {names(left)}")
     bits = rep.get("bits") or {}
     if bits.get("adapters_at_nothing"):
         gone = bits["adapters_at_nothing"]

@@ -246,16 +246,20 @@ def extras_error(artifact: Artifact, rows: list[int] | None = None) -> dict[str,
 
 
 def recompute_errors(artifact: Artifact, sources, allow_pickle: bool, check_hashes: bool,
-                     spectra_out: dict[int, torch.Tensor] | None = None):
+                     spectra_out: dict[int, torch.Tensor] | None = None, skipped_out: list[str] | None = None):
     """``(rows, sq, nn2)``: the artifact's rows of the adapters found in ``sources`` and their exact
     squared errors and squared norms (rows, modules), float64, against the re-read originals (whose
     sha256 must match the artifact's record when ``check_hashes``). ``spectra_out``, when given,
-    receives each module's weight-space singular values of the originals."""
+    receives each module's weight-space singular values of the originals; ``skipped_out`` the names
+    of the source adapters the artifact does not hold (left out)."""
     coll = load_collection(sources, base_model=artifact.meta.get("base_model"), allow_pickle=allow_pickle)
     # the artifact's shape groups (sources of other shapes beside these would key the modules otherwise)
     coll.align(artifact.modules)
     by_name = {a.name: a for a in coll.adapters}
     rows = [i for i, name in enumerate(artifact.names) if name in by_name]
+    if skipped_out is not None:
+        held = set(artifact.names)
+        skipped_out.extend(name for name in coll.names if name not in held)
     if not rows:
         raise ValidationError(f"none of the source adapters ({', '.join(coll.names[:3])}...) are in the artifact")
     if check_hashes:
@@ -302,12 +306,13 @@ def evaluate(
     """
     calibration = artifact.meta.get("calibration")
     weight_spectra = {} if calibration and sources is not None else None
+    skipped: list[str] = []  # source adapters the artifact does not hold
     if sources is None:
         rows = list(range(len(artifact.names)))
         sq, nn2 = artifact.stats()
         sq, nn2 = sq.double(), nn2.double()
     else:
-        rows, sq, nn2 = recompute_errors(artifact, sources, allow_pickle, check_hashes, weight_spectra)
+        rows, sq, nn2 = recompute_errors(artifact, sources, allow_pickle, check_hashes, weight_spectra, skipped)
     weight_err = _recorded_weight_errors(artifact) if calibration and sources is None else None
     adapter_err = per_adapter(sq, nn2)
     st = storage(artifact)
@@ -319,6 +324,7 @@ def evaluate(
         "artifact": str(artifact.path) if artifact.path else None,
         "extras_error": extras_error(artifact, rows),
         "recomputed": sources is not None,
+        **({"sources_not_in_artifact": skipped} if sources is not None else {}),
         "method": artifact.method,
         "rank": artifact.meta.get("rank"),
         "weighting": artifact.meta.get("weighting"),

@@ -514,7 +514,8 @@ def _targets(model: nn.Module, artifact: Artifact, names: list[str]) -> tuple[li
 
     A module split into shape groups (heads of different label counts) is served in the group
     whose shape is the model's; adapters that adapt it in another shape cannot run on this model.
-    A module with no group of the model's shape is an error.
+    A module with no group of the model's shape (or not in the model) is an error where a served
+    adapter adapts it, and left unwrapped where none does.
     """
     base = artifact.meta.get("base_model")
     by_path: dict[str, list[dict]] = {}
@@ -523,8 +524,16 @@ def _targets(model: nn.Module, artifact: Artifact, names: list[str]) -> tuple[li
     ranks = {a: artifact.meta["adapters"][artifact.index(a)].get("ranks", {}) for a in names}
     out, wrong = [], {}
     for path, group in by_path.items():
-        sub, shape = _model_shape(model, group[0], base)
+        used = any(mod["name"] in ranks[a] for mod in group for a in names)
+        try:
+            sub, shape = _model_shape(model, group[0], base)
+        except ValidationError:
+            if used:
+                raise
+            continue  # a module none of the served adapters adapts (another base's, added with --base-model)
         fits = [mod for mod in group if (mod["d_out"], mod["d_in"]) == shape]
+        if not fits and not used:
+            continue
         if not fits:
             raise ValidationError(
                 f"{path}: the model's layer is {shape[0]} x {shape[1]} (d_out x d_in) but the artifact's is "
@@ -599,12 +608,24 @@ def _warn_heads(artifact: Artifact, names: list[str]) -> None:
     metas = [artifact.meta["adapters"][artifact.index(n)] for n in names]
     carry = [m["name"] for m in metas if m.get("extras")]
     if carry:
-        keys = sorted({k.rsplit(".", 2)[0] if k.endswith((".weight", ".bias")) else k
-                       for m in metas for k in m.get("extras", [])})
+        keys = sorted({_head_name(k) for m in metas for k in m.get("extras", [])})
         warnings.warn(f"{len(carry)} served adapter(s) carry non-LoRA tensors that lorazip.apply does not serve "
                       f"({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): their rows use the model's own "
                       f"head there, not theirs; export them (lorazip export) for PEFT to use them "
                       f"(e.g. {', '.join(carry[:3])})", HeadsNotServed, stacklevel=2)
+
+
+def _head_name(key: str) -> str:
+    """The module a non-LoRA tensor belongs to, as the model names it: ``base_model.model.classifier.weight``
+    (or its ``modules_to_save.default`` copy) -> ``classifier``."""
+    name = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
+    for wrapper in (".original_module", ".modules_to_save."):
+        if wrapper in name:
+            name = name.split(wrapper, 1)[0]
+    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+
+
+_PEFT_PREFIX = "base_model.model."
 
 
 def _requested(artifact: Artifact, adapters: Sequence[str] | str | None) -> list[str]:

@@ -105,6 +105,23 @@ def test_eval_recorded_and_recomputed_agree(built, capsys):
     assert "recomputed" in err2
 
 
+def test_eval_names_source_adapters_the_artifact_does_not_hold(built, tmp_path, capsys):
+    """After ``remove``, eval against the original folder leaves the removed adapter out of the errors and
+    says so (JSON ``sources_not_in_artifact``, one note), as verify refuses it."""
+    src, art = built
+    fewer = tmp_path / "fewer.lorazip.safetensors"
+    rc, _, err = run(capsys, "remove", art, "a1", "-o", fewer)
+    assert rc == 0, err
+    rc, out, err = run(capsys, "eval", fewer, src, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["sources_not_in_artifact"] == ["a1"] and [a["name"] for a in rep["adapters"]] == ["a0", "a2"]
+    assert "1 source adapter(s) are not in the artifact, left out of the errors: a1" in err
+    rc, out, err = run(capsys, "eval", art, src, "--json")
+    assert rc == 0 and json.loads(out)["sources_not_in_artifact"] == [] and "not in the artifact" not in err
+    assert "sources_not_in_artifact" not in json.loads(run(capsys, "eval", art, "--json")[1])
+
+
 def test_eval_detects_modified_source(built, tmp_path, capsys):
     src, art = built
     copy = tmp_path / "copy"

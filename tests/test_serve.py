@@ -392,8 +392,13 @@ def test_apply_warns_of_heads_it_does_not_serve(tmp_path):
     write_collection(tmp_path / "h", n=2, modules=modules, seed=1, extra_tensors=heads, fan_in_fan_out=True)
     write_collection(tmp_path / "p", n=2, modules=modules, seed=1, fan_in_fan_out=True)
     base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.warns(HeadsNotServed, match="score"):
+    with pytest.warns(HeadsNotServed, match=r"does not serve \(score\)"):
         lorazip.apply(copy.deepcopy(base), lorazip.compress(lorazip.load_collection(tmp_path / "h"), rank=2))
+    plain = {"base_model.model.classifier.weight": torch.randn(3, 32), "base_model.model.classifier.bias": torch.randn(3),
+             "base_model.model.bert.pooler.dense.weight": torch.randn(32, 32)}
+    write_collection(tmp_path / "c", n=1, modules=modules, seed=1, extra_tensors=plain, fan_in_fan_out=True)
+    with pytest.warns(HeadsNotServed, match=r"does not serve \(bert\.pooler\.dense, classifier\)"):  # the modules
+        lorazip.apply(copy.deepcopy(base), lorazip.compress(lorazip.load_collection(tmp_path / "c"), rank=2))
     with warnings.catch_warnings():
         warnings.simplefilter("error", HeadsNotServed)
         lorazip.apply(copy.deepcopy(base), lorazip.compress(lorazip.load_collection(tmp_path / "p"), rank=2))

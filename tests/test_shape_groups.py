@@ -197,3 +197,34 @@ def test_errors_recomputed_after_add_started_a_group_are_the_recorded_ones(heads
     for name in recorded:
         assert again[name] == pytest.approx(recorded[name], rel=1e-6, abs=1e-12), name
     assert min(recorded.values()) > 1e-3  # rank 4 of rank-4 bodies and heads shared by several: lossy
+
+
+def test_apply_leaves_out_a_module_no_served_adapter_adapts(heads, tmp_path):
+    """A module whose every shape group differs from the model's is not wrapped where none of the
+    adapters served adapts it (an adapter of another base added with --base-model); serving an adapter
+    that adapts it is still an error."""
+    src, deltas = heads
+    write_adapter(tmp_path / "body" / "p0", BODY, r=4, seed=50)  # no head at all
+    art = lorazip.compress(lorazip.load_collection([src / "d6", tmp_path / "body" / "p0"]), rank=16,
+                           hash_sources=False)
+    model = _Tiny(3)  # the 3-label model: the artifact's head is 6 x 12 only
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        base = [model.l[0].q(x), model.l[1].q(x), model.classifier(x)]
+    lorazip.apply(model, art, adapters=["p0"])
+    assert isinstance(model.classifier, nn.Linear)  # not wrapped
+    with torch.no_grad(), use_adapters(model, ["p0", None]):
+        y = model(x)
+    want = [b[0] + (x[0] @ deltas_of(tmp_path / "body" / "p0")[m].T if m != "classifier" else 0)
+            for b, m in zip(base, ["l.0.q", "l.1.q", "classifier"])]
+    torch.testing.assert_close(y[0], torch.cat(want, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[1], torch.cat([b[1] for b in base], -1))
+    lorazip.serve.detach(model)
+    with pytest.raises(ValidationError, match=r"classifier: the model's layer is 3 x 12 .* 6 x 12"):
+        lorazip.apply(model, art, adapters=["d6"])
+
+
+def deltas_of(folder):
+    """The dense deltas of the adapter at ``folder`` (float64), as :func:`write_adapter` returned them."""
+    ad = lorazip.io.peft.load_adapter(folder)
+    return {m: (lambda B, A: B @ A)(*ad.factors(m)) for m in ad.modules}
