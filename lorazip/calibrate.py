@@ -41,7 +41,7 @@ import torch
 
 from . import __version__
 from .errors import ArtifactError, LorazipError, OptionError, SourceError, ValidationError
-from .models import check_dtype, load_base_model, load_tokenizer_for, require_hf, resolve_device
+from .models import check_dtype, load_base_model, load_tokenizer_for, position_limit, require_hf, resolve_device
 
 FORMAT_NAME = "lorazip-calibration"
 FORMAT_VERSION = 1
@@ -438,6 +438,7 @@ def calibrate(
     dev = resolve_device(device)
     docs, files = read_documents(data)
     model, model_id = load_base_model(transformers, base_model, tokenizer, dtype)
+    max_length = min(max_length, position_limit(model) or max_length)  # windows the model takes
     tok = load_tokenizer_for(transformers, tokenizer, model_id)
     targets = target_modules(model, transformers, adapters, modules, allow_pickle)
     encoded = [list(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]

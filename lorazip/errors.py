@@ -42,6 +42,13 @@ class ClusterError(LorazipError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    """The first line of an exception's message (its type name when the message is empty); where that
+    line only introduces what follows (it ends with a colon, as torch's state-dict errors do), the
+    next line too, shortened to 200 characters."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        more = lines[1] if len(lines[1]) <= 200 else lines[1][:197] + "..."
+        return f"{lines[0]} {more}"
+    return lines[0]

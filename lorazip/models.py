@@ -65,6 +65,9 @@ def load_model(transformers, ident: str, dtype: torch.dtype):
     p = Path(ident)
     if not p.exists() and (ident.startswith((".", "/", "~")) or ident.count("/") != 1):
         raise SourceError(f"{ident}: no such base model folder")
+    if not p.exists() and Path(ident.split("/", 1)[0]).is_dir():  # `models/x` beside a folder `models`
+        raise SourceError(f"{ident}: no such base model folder (not taken as a Hub id: ./{ident.split('/', 1)[0]} "
+                          "is a local folder)")
     hf_logging = transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # lorazip reports progress itself
@@ -121,3 +124,23 @@ class quiet_warnings(warnings.catch_warnings):
         super().__enter__()
         warnings.simplefilter("ignore")
         return self
+
+
+def position_limit(model) -> int | None:
+    """The longest sequence ``model`` takes (its config's ``max_position_embeddings`` or ``n_positions``;
+    None where it states none, as models with rotary positions may not)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def causal_lm_or_error(model, ident: str) -> None:
+    """SourceError where ``model`` was saved as something other than a causal language model (a
+    sequence or token classifier loaded as one gets a random prediction head: its loss means nothing)."""
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise SourceError(f"{ident}: a {archs[0]}, not a causal language model: task evaluation measures the "
+                          "loss of next-token prediction, which its head does not make")

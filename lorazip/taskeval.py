@@ -42,7 +42,8 @@ import torch
 from .artifact import Artifact
 from .errors import AdapterFormatError, OptionError, SourceError, ValidationError, first_line
 from .metrics import summary
-from .models import check_dtype, load_base_model, load_tokenizer_for, quiet_warnings, require_hf, resolve_device
+from .models import (causal_lm_or_error, check_dtype, load_base_model, load_tokenizer_for, position_limit,
+                     quiet_warnings, require_hf, resolve_device)
 from .models import MissingDependencyError  # noqa: F401  (raised here: importable from taskeval as before)
 
 REPORT_VERSION = 1
@@ -174,6 +175,8 @@ class TaskEvaluator:
         self.dtype = dtype
         t0 = time.perf_counter()
         self.model, self.base_model_id = load_base_model(transformers, base_model, tokenizer, dtype)
+        causal_lm_or_error(self.model, self.base_model_id)
+        self.max_length = min(max_length, position_limit(self.model) or max_length)  # texts the model takes
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.tokenizer = load_tokenizer_for(transformers, tokenizer, self.base_model_id)

@@ -545,3 +545,12 @@ def test_artifact_missing_tensor(tmp_path, artifact_file):
     f = _resave(artifact_file, tmp_path / "stats2.safetensors",
                 tensor_edit=lambda t: t.update(stats=t["stats"][:, 1:].clone()))
     expect(ArtifactError, lambda: lorazip.load_artifact(f), f, "tensor 'stats' not of shape")
+
+
+def test_first_line_of_an_error_keeps_what_a_colon_introduces():
+    """An error whose first line only introduces the next (torch's state-dict errors) keeps that line too."""
+    from lorazip.errors import first_line
+
+    exc = RuntimeError("Error(s) in loading state_dict for M:\n\tsize mismatch for a.weight: shape [2] vs [3].\nmore")
+    assert first_line(exc) == "Error(s) in loading state_dict for M: size mismatch for a.weight: shape [2] vs [3]."
+    assert first_line(ValueError("one\ntwo")) == "one" and first_line(ValueError("")) == "ValueError"

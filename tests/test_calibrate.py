@@ -177,6 +177,9 @@ def test_output_is_deterministic_and_max_tokens_is_exact(world, tmp_path):
         assert torch.allclose(a.moment(name), b.moment(name), rtol=1e-9, atol=1e-9)
     with pytest.raises(lorazip.OutputError, match="exists"):
         c.save(tmp_path / "c.safetensors")
+    # windows longer than the model's positions (max_position_embeddings 64) are cut to them
+    long = lorazip.calibrate(world.llama, world.data, adapters=world.llama_adapters, max_tokens=50, max_length=10_000)
+    assert long.meta["max_length"] == 64
 
 
 def test_every_module_by_default_and_text_files(world, tmp_path):

@@ -245,9 +245,13 @@ def test_bad_jsonl(tmp_path):
         taskeval.read_texts(p)
 
 
-def test_missing_base_model_and_options(world, tmp_path):
+def test_missing_base_model_and_options(world, tmp_path, monkeypatch):
     with pytest.raises(lorazip.SourceError, match="no such base model folder"):
         taskeval.TaskEvaluator(tmp_path / "nobase", world.data)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # `models/nope` beside a folder `models`: a missing folder, not a Hub id
+    with pytest.raises(lorazip.SourceError, match=r"models/nope: no such base model folder \(not taken as a Hub id"):
+        taskeval.TaskEvaluator("models/nope", world.data)
     with pytest.raises(lorazip.OptionError, match="max_texts"):
         taskeval.TaskEvaluator(world.base_dir, world.data, max_texts=0)
 
@@ -376,3 +380,19 @@ def test_retention_ratio_run(world, tmp_path):
     assert {p["config"] for p in res["paired"]} == {"m", "q"} and all(p["n"] <= 2 for p in res["paired"])
     rr.plot(res, str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 0 and "| m | e |" in rr.markdown(res)
+
+
+def test_base_model_limits_and_kind(world, tmp_path):
+    """Texts are cut to the positions the base model takes (its max_position_embeddings, below
+    --max-length); a base saved as a classifier is refused (its head predicts no next token)."""
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(world.base_dir, short)
+    cfg = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 8}))
+    assert taskeval.TaskEvaluator(short, world.data, max_length=128).max_length == 8
+    assert taskeval.TaskEvaluator(world.base_dir, world.data, max_length=32).max_length == 32
+    (short / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(lorazip.SourceError, match="a LlamaForSequenceClassification, not a causal language model"):
+        taskeval.TaskEvaluator(short, world.data)
