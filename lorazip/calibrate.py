@@ -303,10 +303,11 @@ def target_modules(model, transformers, adapters=None, modules: Sequence[str] | 
             # lorazip's embedding delta is (num_embeddings, embedding_dim): d_out is the token side
             want = (info.d_in, info.d_out) if layout == "linear" else (info.d_out, info.d_in)
             if layout != kind or (dim, other) != want:
+                shape = f"{other}x{dim}" if kind == "linear" else f"{dim}x{other}"  # as lorazip writes d_out x d_in
                 raise ValidationError(
-                    f"module {name!r}: the adapters see a {layout} {info.d_out}x{info.d_in}, the base model "
-                    f"has a {type(mod).__name__} ({kind}, {'d_in' if kind == 'linear' else 'num_embeddings'} "
-                    f"{dim}): calibrate the base model the adapters were trained on")
+                    f"module {name!r}: the adapters see a {layout} {info.d_out}x{info.d_in} (d_out x d_in), the "
+                    f"base model has a {type(mod).__name__} of {shape} ({kind}): calibrate the base model the "
+                    "adapters were trained on")
         found[name] = (kind, dim)
     return found
 

@@ -206,6 +206,13 @@ def test_modules_the_base_model_lacks_and_bad_inputs(world, tmp_path):
         lorazip.calibrate(world.llama, world.data, modules=["model.layers.7.self_attn.q_proj"])
     with pytest.raises(lorazip.ValidationError, match="LayerNorm|RMSNorm|not a Linear"):
         lorazip.calibrate(world.llama, world.data, modules=["model.layers.0.input_layernorm"])
+    from helpers import write_adapter
+
+    q = lorazip.load_collection(world.llama_adapters).modules[0]
+    write_adapter(tmp_path / "odd" / "a", {q.name: (q.d_out + 3, q.d_in)}, seed=0)  # another shape, one name
+    with pytest.raises(lorazip.ValidationError, match=rf"see a linear {q.d_out + 3}x{q.d_in} \(d_out x d_in\), the "
+                       rf"base model has a Linear of {q.d_out}x{q.d_in} \(linear\)"):
+        lorazip.calibrate(world.llama, world.data, adapters=tmp_path / "odd")
     with pytest.raises(lorazip.SourceError, match="no such file"):
         lorazip.calibrate(world.llama, tmp_path / "missing.jsonl")
     (tmp_path / "x.csv").write_text("a,b\n")
