@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import LorazipError, OptionError, SourceError, first_line
+from .io.files import local_parent
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model compute dtypes
 
@@ -65,7 +66,7 @@ def load_model(transformers, ident: str, dtype: torch.dtype):
     p = Path(ident)
     if not p.exists() and (ident.startswith((".", "/", "~")) or ident.count("/") != 1):
         raise SourceError(f"{ident}: no such base model folder")
-    if not p.exists() and Path(ident.split("/", 1)[0]).is_dir():  # `models/x` beside a folder `models`
+    if local_parent(ident):  # `models/x` beside a folder `models`
         raise SourceError(f"{ident}: no such base model folder (not taken as a Hub id: ./{ident.split('/', 1)[0]} "
                           "is a local folder)")
     hf_logging = transformers.utils.logging

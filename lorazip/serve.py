@@ -43,6 +43,7 @@ from torch import nn
 
 from .artifact import Artifact, load_artifact, module_path
 from .errors import OptionError, ValidationError
+from .export_core import PREFIX
 
 __all__ = [
     "apply", "detach", "HeadsNotServed", "use_adapters", "set_adapters", "adapter_names", "is_applied",
@@ -622,10 +623,7 @@ def _head_name(key: str) -> str:
     for wrapper in (".original_module", ".modules_to_save."):
         if wrapper in name:
             name = name.split(wrapper, 1)[0]
-    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-
-
-_PEFT_PREFIX = "base_model.model."
+    return name.removeprefix(PREFIX)
 
 
 def _requested(artifact: Artifact, adapters: Sequence[str] | str | None) -> list[str]:

@@ -159,3 +159,10 @@ def resolve_sources(sources) -> list[tuple[str, Path, dict]]:
             raise SourceError(f"{d}: adapter name {name!r} is used twice (also {seen[name]})")
         seen[name] = d
     return [(name, d, p) for name, (d, _r), p in zip(names, pairs, prov)]
+
+
+def local_parent(spec: str) -> bool:
+    """Whether ``spec`` (``a/b``, perhaps ``@rev``), which does not exist, starts with an existing local
+    folder: a mistyped path rather than a Hub id (``runs/x`` beside a folder ``runs``)."""
+    head = spec.split("@", 1)[0].split("/", 1)[0]
+    return bool(head) and "://" not in spec and not Path(spec).exists() and Path(head).is_dir()

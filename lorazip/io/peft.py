@@ -430,8 +430,8 @@ def _targeted(cfg: dict[str, Any], module: str) -> bool:
     module, which ones are linear needs the model) or names, matched whole or as the name's end, and
     then, with ``layers_to_transform``, only in those layers (the first ``<layers_pattern>.<index>.`` of
     the name, or the first numbered segment without a pattern; or the last, as earlier PEFT read it).
-    Unlike current PEFT, a head in
-    ``modules_to_save`` may carry LoRA: PEFT up to 0.12 wrote such adapters, read as it computed them."""
+    Unlike current PEFT, a head in ``modules_to_save`` may carry LoRA: PEFT up to 0.12 wrote such
+    adapters, read as it computed them."""
     excluded = cfg.get("exclude_modules")
     if isinstance(excluded, str) and _fullmatch(excluded, module):
         return False

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from ..errors import SourceError
 from . import hub
+from .files import local_parent
 
 
 @dataclass
@@ -77,7 +78,7 @@ def gather_sources(
             )
         except SourceError as exc:
             for i, r in refs:
-                if i < len(specs) and _local_parent(specs[i]) and str(exc).startswith(r.repo_id):
+                if i < len(specs) and local_parent(specs[i]) and str(exc).startswith(r.repo_id):
                     raise SourceError(f"{specs[i]}: no such local folder, and as a Hub repo: {exc}") from None
             raise
         by_ref = {a.ref: a for a in report.adapters}
@@ -87,9 +88,3 @@ def gather_sources(
     if not out.sources:
         raise SourceError("every Hub repo failed to download; nothing to compress")
     return out
-
-
-def _local_parent(spec: str) -> bool:
-    """Whether ``spec`` (``a/b``, perhaps ``@rev``) names a missing entry of an existing local folder."""
-    head = spec.split("@", 1)[0].split("/", 1)[0]
-    return bool(head) and "://" not in spec and Path(head).is_dir()

@@ -53,4 +53,4 @@ def solve_factors(method: str, fac: Factors, rank: int, **kw) -> ModuleSolution:
     solver = {"jd-full": jd_full_factors, "jd-diag": jd_diag_factors}[method]
     res = solver(fac, rank, **kw)
     return ModuleSolution(res.U[None, ...], res.V[None, ...], res.cores, None, res.n_iters, res.converged,
-                          getattr(res, "spectra", None))
+                          res.spectra)
